@@ -1,0 +1,28 @@
+# Set-up and checks for glmrepl. `make install` then `make test` on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Installed before the package so that pip keeps this build and never pulls
+# a CUDA-flavoured torch as a dependency of transformers or accelerate.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_PIN)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m glmrepl.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

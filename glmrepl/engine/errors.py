@@ -1,0 +1,29 @@
+"""Errors the user sees as one line.
+
+Every message names what is wrong and, where there is one, the fix. The REPL
+prints ``str(error)`` and carries on with its model and conversation intact.
+"""
+
+
+class GlmreplError(Exception):
+    """Base class: ``str(error)`` is a complete one-line message."""
+
+
+class CheckpointError(GlmreplError):
+    """A checkpoint folder is missing, incomplete or unusable."""
+
+
+class ModelLoadError(GlmreplError):
+    """Loading failed for a reason other than the folder's layout."""
+
+
+class DeviceError(GlmreplError):
+    """A device mode cannot be used on this machine (no CUDA, too few GPUs, no room)."""
+
+
+class LoadCancelled(GlmreplError):
+    """The user interrupted a load; the previous model stays in place."""
+
+
+class GenerationError(GlmreplError):
+    """Generation failed (for example out of memory); the conversation is kept."""

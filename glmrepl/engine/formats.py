@@ -1,0 +1,87 @@
+"""Turning a conversation into prompt token ids, per kind of checkpoint.
+
+A *prompt format* knows how one family of checkpoints expects its
+conversation: the checkpoint's own chat template, plain text continuation for
+base language models, or a native family's format (ChatGLM's rounds, role
+tokens). Everything else (history, budgets, generation) is format-agnostic.
+
+Protocol every format follows::
+
+    name: str                       # shown in the toolbar and /model
+    is_chat: bool                   # False: completion mode (continue the text)
+    stop_token_ids: list[int]       # generation stops at any of these
+    sampling_defaults: dict         # the family's own defaults (top_p, ...)
+    build(messages) -> list[int]    # messages: [{"role", "content"}], system first if any
+    clean_reply(text) -> str        # final touch on a finished reply
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChatTemplateFormat:
+    """The checkpoint's own Jinja chat template (``tokenizer.apply_chat_template``)."""
+
+    name = "chat template"
+    is_chat = True
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = _eos_ids(tokenizer)
+        self.sampling_defaults: dict = {}
+
+    def build(self, messages: list[dict]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def clean_reply(self, text: str) -> str:
+        return text.strip()
+
+
+class CompletionFormat:
+    """Base language models: the conversation is one text that the model continues.
+
+    The system prompt, if any, is the beginning of the text; each user message
+    and each reply are appended as written, so ``/retry`` and history keep
+    working exactly as in chat mode.
+    """
+
+    name = "completion"
+    is_chat = False
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = _eos_ids(tokenizer)
+        self.sampling_defaults: dict = {}
+
+    def build(self, messages: list[dict]) -> list[int]:
+        text = "".join(message["content"] for message in messages)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if getattr(self.tokenizer, "add_bos_token", False) and bos is not None:
+            ids = [bos] + ids
+        return ids
+
+    def clean_reply(self, text: str) -> str:
+        return text
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def format_for(tokenizer: Any, mode: str | None = None):
+    """The generic format for a transformers tokenizer: chat when it has a template.
+
+    ``mode`` ("chat" or "complete") is the user's ``/mode`` override.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "complete" or (mode is None and not has_template):
+        return CompletionFormat(tokenizer)
+    return ChatTemplateFormat(tokenizer)
