@@ -1,0 +1,138 @@
+"""The conversation: messages, system prompt, undo/retry, save/load, context budget."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text_atomic
+from .errors import GlmreplError
+
+SAVE_FORMAT_VERSION = 1
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    content: str
+    cut: bool = False  # the reply was interrupted (Ctrl-C or length) before it ended
+
+
+@dataclass
+class FittedPrompt:
+    """Prompt ids that fit the context, and how many old turns had to go."""
+
+    ids: list[int]
+    dropped_turns: int
+
+
+class ChatSession:
+    def __init__(self, system: str | None = None):
+        self.system = system or None
+        self.messages: list[Message] = []
+
+    # -- editing -------------------------------------------------------------
+    def add_user(self, text: str) -> None:
+        self.messages.append(Message("user", text))
+
+    def add_assistant(self, text: str, cut: bool = False) -> None:
+        self.messages.append(Message("assistant", text, cut))
+
+    def clear(self) -> None:
+        self.messages.clear()
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m.role == "user")
+
+    @property
+    def last_reply(self) -> Message | None:
+        return self.messages[-1] if self.messages and self.messages[-1].role == "assistant" else None
+
+    def undo(self) -> int:
+        """Remove the last exchange (the reply and the message it answered); returns messages removed."""
+        removed = 0
+        if self.last_reply:
+            self.messages.pop()
+            removed += 1
+        if self.messages and self.messages[-1].role == "user":
+            self.messages.pop()
+            removed += 1
+        return removed
+
+    def prepare_retry(self) -> str:
+        """Drop the last reply so it can be generated again; returns the message it answers."""
+        if self.last_reply:
+            self.messages.pop()
+        if not self.messages or self.messages[-1].role != "user":
+            raise GlmreplError("nothing to retry: send a message first")
+        return self.messages[-1].content
+
+    # -- prompt building -----------------------------------------------------
+    def as_dicts(self, messages: list[Message] | None = None) -> list[dict]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        out += [{"role": m.role, "content": m.content} for m in (self.messages if messages is None else messages)]
+        return out
+
+    def fit(self, prompt_format: Any, context_length: int | None, max_new_tokens: int) -> FittedPrompt:
+        """Build prompt ids for the current conversation within the context budget.
+
+        Oldest turns are dropped first (the system prompt stays); the caller
+        tells the user how many. The conversation itself is not changed, so a
+        later model with a longer context sees everything again.
+        """
+        messages = list(self.messages)
+        dropped = 0
+        while True:
+            ids = prompt_format.build(self.as_dicts(messages))
+            if context_length is None or len(ids) + max_new_tokens <= context_length:
+                return FittedPrompt(ids, dropped)
+            if sum(1 for m in messages if m.role == "user") <= 1:
+                raise GlmreplError(
+                    f"the message needs {len(ids)} tokens and the reply up to {max_new_tokens}, "
+                    f"but the context holds {context_length}: shorten it or /set max_new_tokens lower"
+                )
+            messages = _drop_oldest_turn(messages)
+            dropped += 1
+
+    # -- persistence ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"system": self.system, "messages": [asdict(m) for m in self.messages]}
+
+    def restore(self, data: dict) -> None:
+        messages = [Message(m["role"], m["content"], bool(m.get("cut", False))) for m in data.get("messages", [])]
+        if any(m.role not in ("user", "assistant") for m in messages):
+            raise GlmreplError("the file has messages with unknown roles; it was not written by glmrepl")
+        self.system = data.get("system") or None
+        self.messages = messages
+
+
+def _drop_oldest_turn(messages: list[Message]) -> list[Message]:
+    """Remove the first user message and the reply that followed it."""
+    rest = messages[1:]
+    if rest and rest[0].role == "assistant":
+        rest = rest[1:]
+    return rest
+
+
+def save_conversation(path: str | Path, session: ChatSession, settings: dict, model: str | None) -> Path:
+    payload = {"glmrepl": SAVE_FORMAT_VERSION, "model": model, "settings": settings, **session.to_dict()}
+    return write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+
+
+def read_conversation(path: str | Path) -> dict:
+    """Read a saved conversation; one-line errors for missing or foreign files."""
+    file = Path(path).expanduser()
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GlmreplError(f"{file}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GlmreplError(f"{file}: not a glmrepl conversation (invalid JSON: {error})") from None
+    except OSError as error:
+        raise GlmreplError(f"{file}: cannot read it ({error.strerror})") from None
+    if not isinstance(data, dict) or "messages" not in data or not isinstance(data["messages"], list):
+        raise GlmreplError(f"{file}: not a glmrepl conversation (no 'messages' list)")
+    return data

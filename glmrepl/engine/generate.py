@@ -1,0 +1,241 @@
+"""Streaming generation with cancellation and timing.
+
+``model.generate`` runs in a worker thread; tokens come back through a queue
+and are turned into text deltas here, in the caller's thread. Cancelling sets
+an event that a stopping criterion checks after every token, so Ctrl-C stops
+a reply within one decoding step and leaves the model ready for the next.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import GenerationError
+
+_DONE = object()
+
+
+class IncrementalDecoder:
+    """Token ids in, new text out, one step at a time, in O(1) per token.
+
+    Decodes a short window of recent tokens twice (with and without the new
+    ones) and emits the difference, so spacing rules of the tokenizer (e.g.
+    sentencepiece's leading "▁") come out right. A window that ends in an
+    incomplete multi-byte character decodes to U+FFFD; it is held back until
+    the following tokens complete it.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return full_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back when generation ends (even if incomplete)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full_text[len(prefix_text) :].rstrip("\ufffd")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_s: float | None = None  # time to first token (prefill)
+    total_s: float = 0.0
+    stop_reason: str = "end"  # "end" (a stop token), "length", "cancelled"
+    new_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Speed after the first token, the figure that compares across prompt lengths."""
+        if self.first_token_s is None or self.new_tokens < 2:
+            return None
+        decode_time = self.total_s - self.first_token_s
+        return (self.new_tokens - 1) / decode_time if decode_time > 0 else None
+
+
+class _QueueStreamer:
+    """transformers streamer protocol: ``put`` gets the prompt first, then each new token."""
+
+    def __init__(self, sink: queue.Queue):
+        self.sink = sink
+        self.saw_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self.saw_prompt:
+            self.saw_prompt = True
+            return
+        self.sink.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def _cancel_criterion(cancel: threading.Event):
+    from transformers import StoppingCriteria
+
+    class CancelOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return CancelOnEvent()
+
+
+class GenerationRun:
+    """One reply being generated. Iterate it for text deltas; ``stats`` after."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompt_ids: list[int], generate_kwargs: dict,
+                 stop_ids: list[int], seed: int | None = None):
+        self.model = model
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.prompt_ids = prompt_ids
+        self.generate_kwargs = generate_kwargs
+        self.stop_ids = stop_ids
+        self.seed = seed
+        self.cancel_event = threading.Event()
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self._tokens: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="glmrepl-generate", daemon=True)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def __iter__(self) -> Iterator[str]:
+        self._started = time.perf_counter()
+        self._thread.start()
+        try:
+            yield from self._deltas()
+        finally:
+            # Reached on normal end, on an error in the consumer and on
+            # KeyboardInterrupt: the worker must stop before the model is reused.
+            self._stop_worker()
+        if self._error is not None:
+            raise self._error
+
+    _finished = False
+    _started = 0.0
+
+    def _stop_worker(self) -> None:
+        if not self._finished:
+            self.cancel_event.set()
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt:  # a second Ctrl-C: the worker is already stopping
+                continue
+        self.stats.total_s = time.perf_counter() - self._started
+        if not self._finished:
+            self._classify_stop()
+
+    def text(self) -> str:
+        """The whole reply so far, decoded at once (authoritative over the deltas)."""
+        kept = [t for t in self.stats.new_ids if t not in self.stop_ids]
+        return self.decoder.tokenizer.decode(kept, skip_special_tokens=True)
+
+    def _deltas(self) -> Iterator[str]:
+        while True:
+            item = self._tokens.get()
+            if item is _DONE:
+                self._finished = True
+                break
+            if self.stats.first_token_s is None:
+                self.stats.first_token_s = time.perf_counter() - self._started
+            self.stats.new_ids.extend(item)
+            self.stats.new_tokens += len(item)
+            delta = self.decoder.push([t for t in item if t not in self.stop_ids])
+            if delta:
+                yield delta
+        tail = self.decoder.flush()
+        if tail:
+            yield tail
+        self._classify_stop()
+
+    def _classify_stop(self) -> None:
+        if self.cancel_event.is_set():
+            self.stats.stop_reason = "cancelled"
+        elif self.stats.new_ids and self.stats.new_ids[-1] in self.stop_ids:
+            self.stats.stop_reason = "end"
+        elif self.stats.new_tokens >= self.generate_kwargs.get("max_new_tokens", float("inf")):
+            self.stats.stop_reason = "length"
+
+    def _work(self) -> None:
+        try:
+            self._generate()
+        except BaseException as error:  # handed to the consumer thread
+            self._error = _translate_error(error)
+        finally:
+            self._tokens.put(_DONE)
+
+    def _generate(self) -> None:
+        import torch
+
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        device = _input_device(self.model)
+        input_ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
+        pad = self.stop_ids[0] if self.stop_ids else None
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=_QueueStreamer(self._tokens),
+                stopping_criteria=[_cancel_criterion(self.cancel_event)],
+                eos_token_id=self.stop_ids or None,
+                pad_token_id=pad,
+                **self.generate_kwargs,
+            )
+
+
+def _input_device(model: Any):
+    """Inputs go where the embeddings are (the first device of a sharded model)."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device if embeddings is not None else model.device
+
+
+def _translate_error(error: BaseException) -> BaseException:
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return GenerationError("out of memory while generating: /set max_new_tokens lower, /clear, or /device cpu")
+    if isinstance(error, (RuntimeError, ValueError, IndexError)):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return GenerationError(f"generation failed: {first_line}")
+    return error
+
+
+def next_token_distribution(model: Any, tokenizer: Any, prompt_ids: list[int], k: int) -> list[tuple[str, int, float]]:
+    """The k most likely next tokens after ``prompt_ids``: (text, id, probability)."""
+    import torch
+
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=_input_device(model))
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids).logits[0, -1].float()
+    probs = torch.softmax(logits, dim=-1)
+    top = torch.topk(probs, k=min(k, probs.shape[-1]))
+    return [
+        (tokenizer.decode([int(i)], skip_special_tokens=False), int(i), float(p))
+        for p, i in zip(top.values.tolist(), top.indices.tolist())
+    ]

@@ -1,0 +1,328 @@
+"""ModelManager: load, swap and free models; loads run in the background.
+
+The load pipeline is a sequence of small public steps (validate -> place ->
+tokenizer -> weights -> prompt format), so each can be tested and reused.
+A load never disturbs the current model: it is built beside it and swapped
+in only when complete, so a failed or cancelled load keeps the old one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import formats
+from .checkpoint import CheckpointInfo, inspect_checkpoint
+from .devices import Placement, plan_placement, torch_dtype
+from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError
+from .families import load_family
+
+# Offline, always: a hub download must fail at once, never hang or leak.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class LoadRequest:
+    path: Path
+    name: str
+    mode: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    family: str | None = None  # the user's --family override
+    prompt_mode: str | None = None  # "chat" / "complete" override
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    architecture: str
+    family: str | None
+    family_reason: str | None
+    placement: Placement
+    context_length: int | None
+    param_count: int | None
+    checkpoint_defaults: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    prompt_format: Any
+    info: ModelInfo
+    native_format: Any = None  # a native family's own chat format, kept for /mode chat
+
+
+class LoadJob:
+    """A load running in a background thread; the REPL shows ``status`` meanwhile."""
+
+    def __init__(self, request: LoadRequest):
+        self.request = request
+        self.stage = "starting"
+        self.fraction: float | None = None
+        self.cancel_event = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.result: LoadedModel | None = None
+
+    @property
+    def status(self) -> str:
+        percent = f" {self.fraction:.0%}" if self.fraction is not None else ""
+        return f"loading {self.request.name}: {self.stage}{percent}"
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    def check_cancelled(self) -> None:
+        if self.cancel_event.is_set():
+            raise LoadCancelled(f"loading {self.request.name} was cancelled")
+
+
+class ModelManager:
+    def __init__(self) -> None:
+        self.current: LoadedModel | None = None
+        self.job: LoadJob | None = None
+        self._lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------
+    def start_load(self, request: LoadRequest) -> LoadJob:
+        """Begin loading in the background; the current model stays usable meanwhile."""
+        with self._lock:
+            if self.job is not None and not self.job.done.is_set():
+                raise GlmreplError(f"already {self.job.status}; wait or press Ctrl-C to cancel it")
+            job = self.job = LoadJob(request)
+        threading.Thread(target=self._run_job, args=(job,), name="glmrepl-load", daemon=True).start()
+        return job
+
+    def load(self, request: LoadRequest) -> LoadedModel:
+        """Load synchronously (non-interactive use); raises GlmreplError subclasses."""
+        job = self.start_load(request)
+        job.wait()
+        if job.error:
+            raise job.error
+        return self.current
+
+    def _run_job(self, job: LoadJob) -> None:
+        try:
+            loaded = load_model(job.request, job)
+            job.check_cancelled()
+            self._install(loaded)
+            job.result = loaded
+        except BaseException as error:  # handed to whoever waits on the job
+            job.error = error if isinstance(error, GlmreplError) else _as_load_error(error, job.request)
+        finally:
+            job.stage = "done"
+            job.done.set()
+            if job.error:
+                free_memory()
+
+    def _install(self, loaded: LoadedModel) -> None:
+        with self._lock:
+            old, self.current = self.current, loaded
+        del old
+        free_memory()
+
+    def unload(self) -> None:
+        with self._lock:
+            self.current = None
+        free_memory()
+
+    # -- changes to the loaded model -----------------------------------------
+    def set_prompt_mode(self, mode: str | None) -> str:
+        """Switch between the checkpoint's chat format and plain completion."""
+        loaded = self._require_model()
+        loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode)
+        return loaded.prompt_format.name
+
+    def move(self, mode: str, dtype: str = "auto", gpu: int = 0) -> Placement:
+        """Move the loaded model to another placement without reading the disk again."""
+        loaded = self._require_model()
+        placement = plan_placement(mode, dtype, loaded.info.placement.dtype, gpu)
+        if placement.mode == "sharded":
+            raise DeviceError("moving into sharded mode needs a reload: /model with --device sharded")
+        before = loaded.info.placement
+        try:
+            loaded.model.to(device=placement.device_map, dtype=torch_dtype(placement.dtype))
+        except Exception as error:
+            loaded.model.to(device=before.device_map, dtype=torch_dtype(before.dtype))
+            raise DeviceError(f"could not move the model to {placement.describe()}: {_first_line(error)}") from None
+        loaded.info.placement = placement
+        free_memory()
+        return placement
+
+    def _require_model(self) -> LoadedModel:
+        if self.current is None:
+            raise GlmreplError("no model is loaded: choose one with /model")
+        return self.current
+
+
+# -- the load pipeline, one public step each ----------------------------------
+
+
+def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
+    job = job or LoadJob(request)
+    job.stage = "checking files"
+    info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
+                              family_override=request.family)
+    placement = plan_placement(request.mode, request.dtype, info.dtype)
+    job.check_cancelled()
+    if info.family is not None:
+        job.stage = "loading weights"
+        with _weight_progress(job):
+            parts = load_family(info.path, info.family, dtype=torch_dtype(placement.dtype),
+                                device_map=placement.device_map)
+        model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
+    else:
+        job.stage = "loading tokenizer"
+        tokenizer = load_tokenizer(info, request.trust_remote_code)
+        job.check_cancelled()
+        job.stage = "loading weights"
+        with _weight_progress(job):
+            model = load_weights(info, placement, request.trust_remote_code)
+        native_format = None
+    prompt_format = choose_format(tokenizer, native_format, request.prompt_mode)
+    return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format)
+
+
+def load_tokenizer(info: CheckpointInfo, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(info.path), local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def load_weights(info: CheckpointInfo, placement: Placement, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(info.path),
+        dtype=torch_dtype(placement.dtype),
+        device_map=placement.device_map,
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=info.weights_format == "safetensors",
+    )
+    model.eval()
+    return model
+
+
+def describe(request: LoadRequest, info: CheckpointInfo, placement: Placement) -> ModelInfo:
+    family = info.family
+    return ModelInfo(
+        name=request.name,
+        path=info.path,
+        architecture=info.architecture,
+        family=family.family if family else None,
+        family_reason=family.reason if family else None,
+        placement=placement,
+        context_length=info.context_length,
+        param_count=info.param_count,
+        checkpoint_defaults=read_generation_defaults(info.path),
+    )
+
+
+def read_generation_defaults(path: Path) -> dict:
+    """Sampling values the checkpoint's authors recommend (generation_config.json), if any."""
+    try:
+        data = json.loads((Path(path) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+    return {k: data[k] for k in keys if k in data and data[k] is not None}
+
+
+def choose_format(tokenizer: Any, native_format: Any, mode: str | None):
+    """The prompt format for a chat/complete choice (None: the checkpoint's natural one)."""
+    if mode == "complete":
+        return formats.CompletionFormat(tokenizer)
+    if native_format is not None:
+        return native_format
+    if mode == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise GlmreplError("this checkpoint has no chat template, so it can only continue text (/mode complete)")
+    return formats.format_for(tokenizer, mode)
+
+
+def free_memory() -> None:
+    """Return freed tensors' memory: collect cycles, then release CUDA's cache."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _weight_progress:
+    """Report weight-loading progress on the job, and stop the load on cancel.
+
+    transformers reports its loading loops through a tqdm hook; wrapping the
+    iterable lets us update the job and raise LoadCancelled between tensors.
+    """
+
+    def __init__(self, job: LoadJob):
+        self.job = job
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._previous = hf_logging.set_tqdm_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_tqdm_hook(self._previous)
+        self.job.fraction = None
+
+    def _hook(self, factory, args, kwargs):
+        iterable = args[0] if args else kwargs.get("iterable")
+        total = kwargs.get("total") or (len(iterable) if hasattr(iterable, "__len__") else None)
+        return _ProgressIterable(iterable, total, self.job)
+
+
+class _ProgressIterable:
+    def __init__(self, iterable, total, job: LoadJob):
+        self.iterable, self.total, self.job, self.count = iterable, total, job, 0
+
+    def __iter__(self):
+        for item in self.iterable if self.iterable is not None else ():
+            self.job.check_cancelled()
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self.total:
+            self.job.fraction = min(1.0, self.count / self.total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):  # close(), set_postfix(), refresh() ...: nothing to do
+        return lambda *args, **kwargs: None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return DeviceError(f"out of memory loading {request.name} in {request.mode} mode: try cpu or a smaller dtype")
+    if isinstance(error, KeyboardInterrupt):
+        return LoadCancelled(f"loading {request.name} was cancelled")
+    return ModelLoadError(f"could not load {request.name}: {_first_line(error)}")

@@ -1,0 +1,145 @@
+"""Generation settings: one table of keys, types and valid ranges.
+
+The same table validates `--temperature 0.7` on the command line, `/set
+temperature 0.7` in the REPL, and the settings stored by `/save`. Values come
+in layers: glmrepl's defaults, then the checkpoint's generation_config.json,
+then the family's own defaults (e.g. ChatGLM's top_p 0.8), then whatever the
+user set; a later layer wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: str  # "int", "float", "bool", "seed"
+    default: Any
+    low: float | None
+    high: float | None
+    help: str
+
+    def parse(self, text: str) -> Any:
+        """Turn user text into a value, or raise ValueError naming the valid range."""
+        parser: Callable[[str], Any] = _PARSERS[self.kind]
+        try:
+            value = parser(text)
+        except ValueError:
+            raise ValueError(f"{self.key} must be {self.describe_range()}, not {text!r}") from None
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"{self.key} must be {self.describe_range()}, not {value}")
+
+    def describe_range(self) -> str:
+        if self.kind == "bool":
+            return "on or off"
+        if self.kind == "seed":
+            return f"an integer from {int(self.low)} to {int(self.high)}, or 'none'"
+        noun = "an integer" if self.kind == "int" else "a number"
+        return f"{noun} from {_fmt(self.low)} to {_fmt(self.high)}"
+
+
+def _fmt(number: float | None) -> str:
+    return "-inf" if number is None else f"{number:g}"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(text)
+
+
+def _parse_seed(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "off", "random") else int(text)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "bool": _parse_bool,
+    "seed": _parse_seed,
+}
+
+SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in (
+        Setting("max_new_tokens", "int", 512, 1, 1_000_000, "most tokens in one reply"),
+        Setting("temperature", "float", 0.7, 0.0, 10.0, "sampling temperature; 0 means greedy"),
+        Setting("top_p", "float", 0.9, 0.0, 1.0, "nucleus sampling: keep this probability mass"),
+        Setting("top_k", "int", 0, 0, 1_000_000, "keep the K most likely tokens; 0 means no limit"),
+        Setting("repetition_penalty", "float", 1.0, 0.01, 10.0, "above 1 discourages repeats"),
+        Setting("seed", "seed", None, 0, 2**32 - 1, "fixed random seed for every reply, or none"),
+        Setting("do_sample", "bool", True, None, None, "sample (on) or always pick the top token (off)"),
+        Setting("stats", "bool", True, None, None, "show the tokens and speed line after replies"),
+    )
+}
+
+# Keys of generation_config.json / family defaults that map onto our settings.
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+class Settings:
+    """Layered settings: defaults < checkpoint < family < user."""
+
+    def __init__(self, user: dict[str, Any] | None = None):
+        self.user: dict[str, Any] = {}
+        self.model_layer: dict[str, Any] = {}
+        for key, value in (user or {}).items():
+            self.set(key, value)
+
+    def set(self, key: str, value: Any) -> Any:
+        """Set a value given as text or as a typed value; raises KeyError/ValueError."""
+        setting = SETTINGS[key]
+        if isinstance(value, str):
+            value = setting.parse(value)
+        else:
+            setting.check(value)
+        self.user[key] = value
+        return value
+
+    def set_model_defaults(self, checkpoint_defaults: dict, family_defaults: dict) -> None:
+        """Replace the layer a loaded model contributes (on every load or swap)."""
+        layer = {k: v for k, v in checkpoint_defaults.items() if k in SETTINGS and v is not None}
+        layer.update({k: v for k, v in family_defaults.items() if k in SETTINGS})
+        self.model_layer = layer
+
+    def get(self, key: str) -> Any:
+        if key in self.user:
+            return self.user[key]
+        if key in self.model_layer:
+            return self.model_layer[key]
+        return SETTINGS[key].default
+
+    def source(self, key: str) -> str:
+        if key in self.user:
+            return "set"
+        return "model" if key in self.model_layer else "default"
+
+    def effective(self) -> dict[str, Any]:
+        return {key: self.get(key) for key in SETTINGS}
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``; temperature 0 means greedy."""
+        values = self.effective()
+        greedy = not values["do_sample"] or values["temperature"] == 0
+        kwargs: dict[str, Any] = {"max_new_tokens": values["max_new_tokens"], "do_sample": not greedy}
+        if values["repetition_penalty"] != 1.0:
+            kwargs["repetition_penalty"] = values["repetition_penalty"]
+        if not greedy:
+            kwargs.update(temperature=values["temperature"], top_p=values["top_p"], top_k=values["top_k"])
+        else:
+            # Clear sampling values a checkpoint's generation_config may carry,
+            # so transformers does not warn about unused flags on every reply.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs

@@ -1,0 +1,168 @@
+"""Writing replies and command results to the terminal.
+
+Replies stream as deltas: each piece of text is written once and never
+re-rendered. Fenced code blocks are highlighted line by line with pygments as
+each line completes. When the output is not a terminal, everything is plain
+text without escape codes, so piping glmrepl into a file gives clean text.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import TextIO
+
+from .results import Error, Table, Text
+
+DIM, RED, YELLOW, BOLD, RESET = "\x1b[2m", "\x1b[31m", "\x1b[33m", "\x1b[1m", "\x1b[0m"
+FENCE = "```"
+
+
+class Renderer:
+    def __init__(self, out: TextIO, color: bool, err: TextIO | None = None):
+        self.out = out
+        self.err = err or out  # piped use sends errors to stderr, replies to stdout
+        self.color = color
+
+    # -- one-line messages -------------------------------------------------
+    def text(self, text: str, style: str = "info") -> None:
+        codes = {"dim": DIM, "warning": YELLOW, "error": RED}.get(style, "")
+        # Notices (dim, warning) are not part of the conversation: piped use
+        # keeps them off stdout so that it carries the replies alone.
+        self._line(text, codes, self.err if style in ("dim", "warning") else self.out)
+
+    def error(self, message: str) -> None:
+        self._line(f"error: {message}", RED, self.err)
+
+    def _line(self, text: str, codes: str = "", stream: TextIO | None = None) -> None:
+        stream = stream or self.out
+        if self.color and codes:
+            text = f"{codes}{text}{RESET}"
+        stream.write(text + "\n")
+        stream.flush()
+
+    def result(self, result: object) -> None:
+        """Render a command's Text / Error / Table result (lists render in order)."""
+        if isinstance(result, list):
+            for item in result:
+                self.result(item)
+        elif isinstance(result, Text):
+            self.text(result.text, result.style)
+        elif isinstance(result, Error):
+            self.error(result.message)
+        elif isinstance(result, Table):
+            self.table(result)
+
+    def table(self, table: Table) -> None:
+        width = shutil.get_terminal_size((100, 24)).columns
+        if table.title:
+            self._line(table.title, BOLD)
+        columns = list(zip(table.headers, *table.rows)) if table.rows else [(h,) for h in table.headers]
+        widths = [min(max(len(str(cell)) for cell in column), 48) for column in columns]
+        header = "  ".join(h.ljust(w) for h, w in zip(table.headers, widths))
+        self._line(header[:width], DIM)
+        for row in table.rows:
+            line = "  ".join(_clip(str(cell), w).ljust(w) for cell, w in zip(row, widths))
+            self.out.write(line.rstrip()[: max(width, 20)] + "\n")
+        self.out.flush()
+
+    # -- streamed replies --------------------------------------------------
+    def reply_stream(self) -> "ReplyStream":
+        return ReplyStream(self.out, self.color)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class ReplyStream:
+    """Writes a reply as it arrives; highlights fenced code once each line is complete."""
+
+    def __init__(self, out: TextIO, color: bool):
+        self.out = out
+        self.color = color
+        self.at_line_start = True
+        self.held = ""  # text at a line start that might become a fence
+        self.code_language: str | None = None  # set while inside a fenced block
+        self.code_line = ""
+        self.wrote_anything = False
+        self.ends_with_newline = True
+
+    def write(self, delta: str) -> None:
+        if not self.color:
+            self._emit(delta)
+            return
+        for char in delta:
+            self._feed(char)
+        self.out.flush()
+
+    def _feed(self, char: str) -> None:
+        if self.code_language is not None:
+            self._feed_code(char)
+        elif self.at_line_start or self.held:
+            self._feed_line_start(char)
+        else:
+            self._emit(char)
+            self.at_line_start = char == "\n"
+
+    def _feed_line_start(self, char: str) -> None:
+        self.held += char
+        stripped = self.held.lstrip(" ")
+        if char == "\n":
+            if stripped.startswith(FENCE):
+                self._open_fence(stripped)
+            else:
+                self._emit(self.held)
+            self.held, self.at_line_start = "", True
+        elif not (FENCE.startswith(stripped) or stripped.startswith(FENCE)):
+            self._emit(self.held)  # not a fence after all: show it now
+            self.held, self.at_line_start = "", False
+
+    def _open_fence(self, fence_line: str) -> None:
+        self.code_language = fence_line[len(FENCE):].strip() or "text"
+        self._emit(f"{DIM}{fence_line}{RESET}")
+
+    def _feed_code(self, char: str) -> None:
+        self.code_line += char
+        if char != "\n":
+            return
+        if self.code_line.strip().startswith(FENCE):
+            self._emit(f"{DIM}{self.code_line}{RESET}")
+            self.code_language = None
+        else:
+            self._emit(highlight_line(self.code_line, self.code_language))
+        self.code_line = ""
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.wrote_anything = True
+            self.ends_with_newline = text.endswith("\n") or text.endswith(f"\n{RESET}")
+
+    def finish(self) -> None:
+        """Write what is held (an unfinished code line or fence) and end the line."""
+        pending = self.held + self.code_line
+        if pending:
+            self._emit(highlight_line(pending, self.code_language) if self.code_language else pending)
+        self.held = self.code_line = ""
+        if self.wrote_anything and not self.ends_with_newline:
+            self.out.write("\n")
+        self.out.flush()
+
+
+_LEXERS: dict[str, object] = {}
+
+
+def highlight_line(line: str, language: str | None) -> str:
+    """One line of code in terminal colours (per-line lexing: good enough, and streamable)."""
+    from pygments import highlight
+    from pygments.formatters import Terminal256Formatter
+    from pygments.lexers import TextLexer, get_lexer_by_name
+    from pygments.util import ClassNotFound
+
+    key = language or "text"
+    if key not in _LEXERS:
+        try:
+            _LEXERS[key] = get_lexer_by_name(key, stripnl=False, ensurenl=False)
+        except ClassNotFound:
+            _LEXERS[key] = TextLexer(stripnl=False, ensurenl=False)
+    return highlight(line, _LEXERS[key], Terminal256Formatter(style="monokai"))

@@ -1,0 +1,231 @@
+"""The interactive loop: read a line, dispatch a command or send a message, render.
+
+Input and output are injectable (as in ptpython), so tests drive the real
+PromptSession through a pipe and read a recording output.
+
+Ctrl-C policy: at the prompt it clears the line; while a reply streams it
+stops the reply (kept, marked as cut); while waiting for a load it cancels the
+load (the previous model stays). Ctrl-D on an empty line exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from typing import TextIO
+
+from .app import App
+from .commands import TABLE, format_stats
+from .engine.errors import GlmreplError, LoadCancelled
+from .render import Renderer
+from .results import Exit, Generate, TerminalEscape, WaitForLoad
+
+
+class LineHandler:
+    """Everything that happens to one submitted line; shared by the REPL and piped input."""
+
+    def __init__(self, app: App, renderer: Renderer, interactive: bool):
+        self.app = app
+        self.renderer = renderer
+        self.interactive = interactive
+        self.reported_job = None
+
+    def handle(self, line: str) -> bool:
+        """Handle one line; False means the user asked to leave."""
+        text = line.strip()
+        if not text:
+            return True
+        if text.startswith("/") and not text.startswith("//"):
+            return self.act(TABLE.dispatch(self.app, text))
+        self.send(text[1:] if text.startswith("//") else line.strip("\n"))
+        return True
+
+    def act(self, result: object) -> bool:
+        if isinstance(result, list):
+            return all([self.act(item) for item in result])
+        if isinstance(result, Exit):
+            return False
+        if isinstance(result, Generate):
+            self.reply()
+        elif isinstance(result, WaitForLoad):
+            if self.wait_for_load(result.job):
+                return self.act(result.then)
+        elif isinstance(result, TerminalEscape):
+            self.copy_to_clipboard(result)
+        else:
+            self.renderer.result(result)
+        return True
+
+    # -- messages ------------------------------------------------------------
+    def send(self, text: str) -> None:
+        job = self.app.manager.job
+        if job is not None and not job.done.is_set() and not self.wait_for_load(job):
+            return
+        try:
+            self.app.require_model()
+        except GlmreplError as error:
+            self.renderer.error(str(error))
+            return
+        self.app.session.add_user(text)
+        if not self.reply():
+            self.app.session.messages.pop()  # it was never answered: keep the conversation as it was
+
+    def reply(self) -> bool:
+        """Stream a reply to the conversation; False if none could be started."""
+        try:
+            plan = self.app.plan_reply()
+        except GlmreplError as error:
+            self.renderer.error(str(error))
+            return False
+        if plan.dropped_turns:
+            self.renderer.text(f"(the oldest {plan.dropped_turns} turn(s) no longer fit the context and were left out)", "warning")
+        run, stream = plan.run, self.renderer.reply_stream()
+        deltas = iter(run)
+        failed = None
+        try:
+            for delta in deltas:
+                stream.write(delta)
+        except KeyboardInterrupt:
+            deltas.close()  # stops the worker within one token
+        except GlmreplError as error:
+            failed = error
+        stream.finish()
+        if failed is not None:
+            self.renderer.error(f"{failed} (the conversation is kept: /retry tries again)")
+            return True
+        self.app.last_stats = run.stats
+        self.app.record_reply(run)
+        self.after_reply(run.stats)
+        return True
+
+    def after_reply(self, stats) -> None:
+        if stats.stop_reason == "cancelled":
+            self.renderer.text("[reply cut: /retry generates it again]", "dim")
+        elif stats.stop_reason == "length":
+            self.renderer.text(f"[reply reached max_new_tokens={stats.new_tokens}: /set max_new_tokens to allow more]", "dim")
+        if self.app.settings.get("stats"):
+            self.renderer.text(format_stats(stats), "dim")
+
+    # -- loads -----------------------------------------------------------------
+    def wait_for_load(self, job) -> bool:
+        """Wait for a load with progress; Ctrl-C cancels it. True if it succeeded."""
+        shown = ""
+        try:
+            while not job.wait(0.1):
+                shown = self._show_progress(job, shown)
+        except KeyboardInterrupt:
+            job.cancel()
+            self._wait_ignoring_interrupts(job)
+        if self.interactive and shown:
+            self.renderer.out.write("\r\x1b[K" if self.renderer.color else "\n")
+        return self.report_job(job)
+
+    def _show_progress(self, job, shown: str) -> str:
+        status = job.status + " (Ctrl-C cancels)"
+        if status != shown and self.interactive and self.renderer.color:
+            self.renderer.out.write("\r\x1b[K" + status)
+            self.renderer.out.flush()
+        return status
+
+    @staticmethod
+    def _wait_ignoring_interrupts(job) -> None:
+        while True:
+            try:
+                job.wait()
+                return
+            except KeyboardInterrupt:
+                continue
+
+    def report_job(self, job) -> bool:
+        """Say once how a load ended; True when it succeeded."""
+        if job is self.reported_job:
+            return job.error is None
+        self.reported_job = job
+        if isinstance(job.error, LoadCancelled):
+            current = self.app.manager.current
+            keep = f"; still using {current.info.name}" if current else ""
+            self.renderer.text(f"{job.error}{keep}", "warning")
+            return False
+        if job.error is not None:
+            current = self.app.manager.current
+            keep = f" (still using {current.info.name})" if current else ""
+            self.renderer.error(f"{job.error}{keep}")
+            return False
+        info = job.result.info
+        family = f", {info.family}" if info.family else ""
+        self.renderer.text(f"loaded {info.name} ({info.architecture}{family}, {info.placement.describe()}, "
+                           f"{job.result.prompt_format.name})", "dim")
+        return True
+
+    def copy_to_clipboard(self, escape: TerminalEscape) -> None:
+        if not self.renderer.color:
+            self.renderer.error("/copy needs a terminal (it sends the text to the terminal's clipboard)")
+            return
+        self.renderer.out.write(escape.sequence)
+        self.renderer.text(escape.done_message, "dim")
+
+
+class Repl:
+    """The prompt_toolkit loop around a LineHandler."""
+
+    def __init__(self, app: App, out: TextIO | None = None, input=None, output=None,
+                 history_path=None, color: bool | None = None):
+        out = out or sys.stdout
+        self.renderer = Renderer(out, color if color is not None else out.isatty())
+        self.handler = LineHandler(app, self.renderer, interactive=True)
+        self.app = app
+        self.session = self._build_session(input, output, history_path)
+
+    def _build_session(self, input, output, history_path):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        from .completer import CommandCompleter
+        from .keys import key_bindings
+        from .toolbar import Toolbar
+
+        history = FileHistory(str(history_path)) if history_path else InMemoryHistory()
+        return PromptSession(
+            input=input,
+            output=output,
+            history=history,
+            completer=CommandCompleter(TABLE, self.app),
+            auto_suggest=AutoSuggestFromHistory(),
+            key_bindings=key_bindings(),
+            bottom_toolbar=Toolbar(self.app),
+            refresh_interval=0.5,
+            complete_while_typing=False,
+            enable_open_in_editor=True,
+        )
+
+    def run(self) -> None:
+        while True:
+            self._report_finished_load()
+            try:
+                line = self.session.prompt("> ")
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line
+            except EOFError:
+                break
+            try:
+                if not self.handler.handle(line):
+                    break
+            except KeyboardInterrupt:
+                self.renderer.text("(interrupted)", "dim")
+
+    def _report_finished_load(self) -> None:
+        job = self.app.manager.job
+        if job is not None and job.done.is_set():
+            self.handler.report_job(job)
+
+
+def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
+    """Non-interactive: each input line is a message (or a /command); plain text out."""
+    handler = LineHandler(app, Renderer(out, color=False, err=err), interactive=False)
+    for line in lines:
+        if not handler.handle(line):
+            break
+    return 0
+
+

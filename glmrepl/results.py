@@ -1,0 +1,50 @@
+"""What command handlers return; the REPL (or one-shot mode) renders or acts on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Text:
+    text: str
+    style: str = "info"  # "info", "dim", "warning"
+
+
+@dataclass
+class Error:
+    message: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    title: str | None = None
+
+
+@dataclass
+class Exit:
+    pass
+
+
+@dataclass
+class Generate:
+    """Generate a reply to the conversation as it stands (used by /retry)."""
+
+
+@dataclass
+class WaitForLoad:
+    """A model load was started; wait for it with progress (Ctrl-C cancels)."""
+
+    job: Any
+    then: list = field(default_factory=list)  # results to handle once the load succeeded
+
+
+@dataclass
+class TerminalEscape:
+    """Raw bytes for the terminal itself (OSC 52 clipboard), never for a pipe."""
+
+    sequence: str
+    done_message: str
