@@ -59,7 +59,7 @@ class Renderer:
         columns = list(zip(table.headers, *table.rows)) if table.rows else [(h,) for h in table.headers]
         widths = [min(max(len(str(cell)) for cell in column), 48) for column in columns]
         header = "  ".join(h.ljust(w) for h, w in zip(table.headers, widths))
-        self._line(header[:width], DIM)
+        self._line(header.rstrip()[:width], DIM)
         for row in table.rows:
             line = "  ".join(_clip(str(cell), w).ljust(w) for cell, w in zip(row, widths))
             self.out.write(line.rstrip()[: max(width, 20)] + "\n")
@@ -119,14 +119,14 @@ class ReplyStream:
 
     def _open_fence(self, fence_line: str) -> None:
         self.code_language = fence_line[len(FENCE):].strip() or "text"
-        self._emit(f"{DIM}{fence_line}{RESET}")
+        self._emit(_dim_line(fence_line))
 
     def _feed_code(self, char: str) -> None:
         self.code_line += char
         if char != "\n":
             return
         if self.code_line.strip().startswith(FENCE):
-            self._emit(f"{DIM}{self.code_line}{RESET}")
+            self._emit(_dim_line(self.code_line))
             self.code_language = None
         else:
             self._emit(highlight_line(self.code_line, self.code_language))
@@ -136,7 +136,7 @@ class ReplyStream:
         if text:
             self.out.write(text)
             self.wrote_anything = True
-            self.ends_with_newline = text.endswith("\n") or text.endswith(f"\n{RESET}")
+            self.ends_with_newline = text.endswith("\n")
 
     def finish(self) -> None:
         """Write what is held (an unfinished code line or fence) and end the line."""
@@ -147,6 +147,10 @@ class ReplyStream:
         if self.wrote_anything and not self.ends_with_newline:
             self.out.write("\n")
         self.out.flush()
+
+
+def _dim_line(line: str) -> str:
+    return f"{DIM}{line.rstrip(chr(10))}{RESET}" + ("\n" if line.endswith("\n") else "")
 
 
 _LEXERS: dict[str, object] = {}

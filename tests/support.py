@@ -1,0 +1,39 @@
+"""Helpers shared by the engine, REPL and CLI tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from glmrepl.app import App, LoadOptions
+from glmrepl.engine.chat import ChatSession
+from glmrepl.engine.manager import ModelManager
+from glmrepl.engine.settings import Settings
+
+
+def make_app(models_dir: Path | None = None, **settings) -> App:
+    """An App on CPU with greedy, short replies unless told otherwise."""
+    values = {"temperature": 0, "max_new_tokens": 8, "stats": True}
+    values.update(settings)
+    return App(ModelManager(), Settings(values), ChatSession(), models_dir, LoadOptions(mode="cpu"))
+
+
+def loaded_app(path: Path, **settings) -> App:
+    app = make_app(**settings)
+    app.manager.load(app.load_request(str(path)))
+    return app
+
+
+def drive_repl(app: App, keys: str, color: bool = False) -> str:
+    """Type ``keys`` into a real PromptSession (pipe input) and return what glmrepl wrote."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from glmrepl.repl import Repl
+
+    out = io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_text(keys)
+        pipe.close()
+        Repl(app, out=out, input=pipe, output=DummyOutput(), color=color).run()
+    return out.getvalue()

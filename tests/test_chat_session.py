@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from glmrepl.engine.chat import ChatSession, read_conversation, save_conversation
+from glmrepl.engine.errors import GlmreplError
+
+
+class WordFormat:
+    """A prompt format counting one token per word: budgets become easy to reason about."""
+
+    name = "words"
+
+    def build(self, messages):
+        return [w for m in messages for w in m["content"].split()]
+
+
+def conversation(*pairs, system=None):
+    session = ChatSession(system)
+    for user, reply in pairs:
+        session.add_user(user)
+        if reply is not None:
+            session.add_assistant(reply)
+    return session
+
+
+def test_undo_removes_reply_and_its_message():
+    session = conversation(("a", "b"), ("c", "d"))
+    assert session.undo() == 2
+    assert [m.content for m in session.messages] == ["a", "b"]
+    assert conversation().undo() == 0
+
+
+def test_prepare_retry_drops_the_reply_and_keeps_the_question():
+    session = conversation(("first", "one"), ("second", "two"))
+    assert session.prepare_retry() == "second"
+    assert [m.content for m in session.messages] == ["first", "one", "second"]
+    with pytest.raises(GlmreplError, match="nothing to retry"):
+        ChatSession().prepare_retry()
+
+
+def test_fit_drops_oldest_turns_but_keeps_system_and_reports_how_many():
+    session = conversation(("one two three", "four five"), ("six seven", "eight"), ("nine ten", None), system="sys")
+    fitted = session.fit(WordFormat(), context_length=10, max_new_tokens=4)
+    assert fitted.dropped_turns == 1
+    assert fitted.ids == ["sys", "six", "seven", "eight", "nine", "ten"]
+    assert len(session.messages) == 5  # the conversation itself is untouched
+
+
+def test_fit_refuses_a_single_message_too_long():
+    session = conversation(("a b c d e f", None))
+    with pytest.raises(GlmreplError, match="context holds 5"):
+        session.fit(WordFormat(), context_length=5, max_new_tokens=2)
+
+
+def test_save_and_read_round_trip(tmp_path):
+    session = conversation(("hi", "hello"), system="be brief")
+    session.add_user("more")
+    session.add_assistant("partial", cut=True)
+    path = save_conversation(tmp_path / "sub" / "chat.json", session, {"temperature": 0.2}, "some/model")
+    data = read_conversation(path)
+    restored = ChatSession()
+    restored.restore(data)
+    assert restored.system == "be brief"
+    assert [(m.role, m.content, m.cut) for m in restored.messages] == [
+        ("user", "hi", False), ("assistant", "hello", False), ("user", "more", False), ("assistant", "partial", True)]
+    assert data["settings"] == {"temperature": 0.2} and data["model"] == "some/model"
+    assert [p.name for p in path.parent.iterdir()] == ["chat.json"]  # no temporary file left behind
+
+
+def test_save_failure_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "chat.json"
+    save_conversation(path, conversation(("old", "reply")), {}, None)
+    before = path.read_text()
+
+    def explode(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", explode)
+    with pytest.raises(OSError):
+        save_conversation(path, conversation(("new", "reply")), {}, None)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"hello": 1}), "no 'messages' list"),
+])
+def test_read_rejects_foreign_files(tmp_path, content, message):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(GlmreplError, match=message):
+        read_conversation(path)
+    with pytest.raises(GlmreplError, match="no such file"):
+        read_conversation(tmp_path / "missing.json")

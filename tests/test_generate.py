@@ -1,0 +1,86 @@
+import threading
+
+import pytest
+import torch
+
+from glmrepl.engine.errors import GenerationError
+from glmrepl.engine.generate import GenerationRun, IncrementalDecoder, next_token_distribution
+from support import loaded_app
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_checkpoint):
+    return loaded_app(qwen_checkpoint).manager.current
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_checkpoint):
+    return loaded_app(gpt2_checkpoint).manager.current
+
+
+def test_incremental_decoder_never_splits_a_character(gpt2):
+    tokenizer = gpt2.tokenizer
+    text = "Grüße aus München. 日本の東京は大きな都市です。 café"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = [decoder.push([i]) for i in ids] + [decoder.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_streamed_greedy_reply_equals_raw_generate(qwen):
+    prompt = qwen.prompt_format.build([{"role": "user", "content": "Hello there"}])
+    run = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 12, "do_sample": False},
+                        qwen.prompt_format.stop_token_ids)
+    streamed = "".join(run)
+    raw = qwen.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=qwen.prompt_format.stop_token_ids, pad_token_id=0)
+    raw_ids = raw[0, len(prompt):].tolist()
+    assert run.stats.new_ids == raw_ids
+    stop = set(qwen.prompt_format.stop_token_ids)
+    assert streamed == qwen.tokenizer.decode([i for i in raw_ids if i not in stop], skip_special_tokens=True)
+    assert run.stats.prompt_tokens == len(prompt) and run.stats.new_tokens == len(raw_ids)
+    assert run.stats.first_token_s is not None and run.stats.total_s >= run.stats.first_token_s
+
+
+def test_cancel_stops_within_a_token_and_the_model_is_reusable(qwen):
+    prompt = qwen.prompt_format.build([{"role": "user", "content": "Tell me everything"}])
+    run = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 400, "do_sample": False}, [])
+    pieces = []
+    for delta in run:
+        pieces.append(delta)
+        if len(pieces) == 3:
+            run.cancel()
+    assert run.stats.stop_reason == "cancelled"
+    assert run.stats.new_tokens < 20
+    assert not any(t.name == "glmrepl-generate" and t.is_alive() for t in threading.enumerate())
+    again = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 3, "do_sample": False}, [])
+    "".join(again)
+    assert again.stats.new_tokens == 3 and again.stats.stop_reason == "length"
+
+
+def test_closing_the_stream_early_stops_the_worker(qwen):
+    """What the REPL does on Ctrl-C: it closes the delta iterator."""
+    prompt = qwen.prompt_format.build([{"role": "user", "content": "Go on"}])
+    run = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 400, "do_sample": False}, [])
+    deltas = iter(run)
+    next(deltas)
+    deltas.close()
+    assert run.stats.stop_reason == "cancelled" and run.stats.new_tokens < 400
+    assert run.text()  # the partial reply is available
+
+
+def test_a_failure_in_generate_becomes_a_one_line_generation_error(qwen):
+    run = GenerationRun(qwen.model, qwen.tokenizer, [10**9], {"max_new_tokens": 2, "do_sample": False}, [])
+    with pytest.raises(GenerationError, match="^generation failed: "):
+        list(run)
+
+
+def test_next_token_distribution_matches_the_model(qwen):
+    prompt = qwen.prompt_format.build([{"role": "user", "content": "Hi"}])
+    top = next_token_distribution(qwen.model, qwen.tokenizer, prompt, 5)
+    logits = qwen.model(torch.tensor([prompt])).logits[0, -1]
+    assert [token_id for _, token_id, _ in top] == torch.topk(logits, 5).indices.tolist()
+    probabilities = [p for _, _, p in top]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1

@@ -1,0 +1,112 @@
+import socket
+
+import pytest
+import torch
+
+from glmrepl.engine.errors import CheckpointError, DeviceError, LoadCancelled
+from glmrepl.engine.formats import ChatTemplateFormat, CompletionFormat
+from glmrepl.engine.manager import LoadJob, LoadRequest, load_model
+from support import loaded_app, make_app
+
+
+def test_loads_a_chat_model_and_a_base_model_with_the_right_format(qwen_checkpoint, gpt2_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    loaded = app.manager.current
+    assert isinstance(loaded.prompt_format, ChatTemplateFormat)
+    assert loaded.info.context_length == 512 and loaded.info.placement.describe() == "cpu float32"
+    app.manager.load(app.load_request(str(gpt2_checkpoint)))
+    assert isinstance(app.manager.current.prompt_format, CompletionFormat)
+    assert app.manager.current.model.dtype == torch.float32
+
+
+def test_a_failed_load_keeps_the_current_model_working(qwen_checkpoint, gpt2_checkpoint, copy_checkpoint):
+    app = loaded_app(gpt2_checkpoint)
+    broken = copy_checkpoint(qwen_checkpoint)
+    next(broken.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        app.manager.load(app.load_request(str(broken)))
+    assert app.manager.current.info.path == gpt2_checkpoint
+    app.session.add_user("Once upon a time")
+    run = app.plan_reply().run
+    assert "".join(run) is not None and run.stats.new_tokens == 8
+
+
+class CancelWhenWeightsStart(LoadJob):
+    """Presses Ctrl-C the moment weights start loading, i.e. inside transformers' own loop."""
+
+    @property
+    def stage(self):
+        return self._stage
+
+    @stage.setter
+    def stage(self, value):
+        self._stage = value
+        if value == "loading weights":
+            self.cancel()
+
+
+def test_cancel_inside_the_weight_loading_loop(qwen_checkpoint):
+    request = LoadRequest(path=qwen_checkpoint, name="q", mode="cpu")
+    job = CancelWhenWeightsStart(request)
+    with pytest.raises(LoadCancelled, match="cancelled"):
+        load_model(request, job)
+
+
+def test_cancelled_background_load_keeps_the_previous_model(qwen_checkpoint, gpt2_checkpoint, monkeypatch):
+    app = loaded_app(gpt2_checkpoint)
+    monkeypatch.setattr("glmrepl.engine.manager.LoadJob", CancelWhenWeightsStart)
+    job = app.start_load(str(qwen_checkpoint))
+    job.wait(60)
+    assert isinstance(job.error, LoadCancelled)
+    assert app.manager.current.info.path == gpt2_checkpoint
+
+
+def test_move_between_float32_and_bfloat16_on_cpu(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    manager = app.manager
+    assert manager.move("cpu", "bfloat16").dtype == "bfloat16"
+    assert {p.dtype for p in manager.current.model.parameters()} == {torch.bfloat16}
+    app.session.add_user("hi")
+    run = app.plan_reply().run
+    "".join(run)
+    assert run.stats.new_tokens > 0
+    manager.move("cpu", "float32")
+    assert {p.dtype for p in manager.current.model.parameters()} == {torch.float32}
+    assert manager.current.info.placement.describe() == "cpu float32"
+
+
+def test_gpu_modes_without_cuda_give_a_clear_error(qwen_checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    app = loaded_app(qwen_checkpoint)
+    for mode in ("gpu", "sharded"):
+        with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+            app.manager.move(mode)
+    with pytest.raises(DeviceError, match="float16 is not supported on CPU"):
+        app.manager.move("cpu", "float16")
+    assert app.manager.current.info.placement.mode == "cpu"
+
+
+def test_switching_prompt_mode(qwen_checkpoint, gpt2_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    assert app.manager.set_prompt_mode("complete") == "completion"
+    assert app.manager.set_prompt_mode("chat") == "chat template"
+    app.manager.load(app.load_request(str(gpt2_checkpoint)))
+    with pytest.raises(Exception, match="no chat template"):
+        app.manager.set_prompt_mode("chat")
+
+
+def test_loading_and_chatting_open_no_network_connection(qwen_checkpoint, monkeypatch):
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    app = make_app()
+    app.manager.load(app.load_request(str(qwen_checkpoint)))
+    app.session.add_user("hello")
+    "".join(app.plan_reply().run)
+    assert attempts == []

@@ -1,0 +1,47 @@
+import io
+
+from glmrepl.render import Renderer, ReplyStream
+from glmrepl.results import Table
+
+
+def stream_text(deltas, color=True):
+    out = io.StringIO()
+    stream = ReplyStream(out, color)
+    for delta in deltas:
+        stream.write(delta)
+    stream.finish()
+    return out.getvalue()
+
+
+def test_plain_output_has_no_escape_codes_even_with_code():
+    text = "Here:\n```python\nprint('hi')\n```\ndone"
+    assert stream_text([text[i:i + 3] for i in range(0, len(text), 3)], color=False) == text + "\n"
+
+
+def test_code_block_is_highlighted_and_prose_is_not():
+    text = "Say:\n```python\ndef f(x):\n    return x\n```\nbye\n"
+    rendered = stream_text(list(text))  # one character at a time, as tokens arrive
+    prose, _, rest = rendered.partition("```")
+    assert prose.startswith("Say:\n") and "\x1b" not in prose[: len("Say:\n")]
+    assert "\x1b[" in rest  # pygments colours inside the block
+    plain = __import__("re").sub(r"\x1b\[[0-9;]*m", "", rendered)
+    assert plain == text
+
+
+def test_backticks_that_are_not_a_fence_are_written_through():
+    assert stream_text(["`x` and ``y``\n"], color=True) == "`x` and ``y``\n"
+
+
+def test_unfinished_code_line_is_flushed_at_the_end():
+    rendered = stream_text(["```\nlast line without newline"])
+    assert "last line without newline" in __import__("re").sub(r"\x1b\[[0-9;]*m", "", rendered)
+
+
+def test_table_and_errors_go_where_they_belong():
+    out, err = io.StringIO(), io.StringIO()
+    renderer = Renderer(out, color=False, err=err)
+    renderer.table(Table(["a", "b"], [["1", "two"]], title="T"))
+    renderer.error("bad")
+    renderer.text("note", "dim")
+    assert out.getvalue().splitlines() == ["T", "a  b", "1  two"]
+    assert err.getvalue().splitlines() == ["error: bad", "note"]
