@@ -54,9 +54,18 @@ class CommandTable:
             return Error(str(error))
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name.lower(), self.names(), n=1, cutoff=0.5)
-        hint = f" — did you mean /{close[0]}?" if close else ""
+        close = closest(name.lower(), self.names())
+        hint = f" — did you mean /{close}?" if close else ""
         return f"unknown command /{name}{hint} (/help lists them)"
+
+
+def closest(word: str, candidates: list[str]) -> str | None:
+    """The likeliest intended word: swapped letters first (/modle is /model, not /mode)."""
+    swapped = [c for c in candidates if sorted(c) == sorted(word)]
+    if swapped:
+        return swapped[0]
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    return close[0] if close else None
 
 
 # -- handlers -----------------------------------------------------------------
@@ -162,8 +171,8 @@ def cmd_set(app: App, args: str):
         return Table(["setting", "value", "from", "meaning"], rows)
     key, _, value = args.partition(" ")
     if key not in SETTINGS:
-        close = difflib.get_close_matches(key, list(SETTINGS), n=1)
-        hint = f" — did you mean {close[0]}?" if close else ""
+        close = closest(key, list(SETTINGS))
+        hint = f" — did you mean {close}?" if close else ""
         return Error(f"unknown setting {key!r}{hint} (settings: {', '.join(SETTINGS)})")
     if not value.strip():
         return Error(f"/set {key} needs a value: {SETTINGS[key].describe_range()}")

@@ -74,6 +74,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+# A model can emit any byte, ESC and carriage return included; written raw to
+# a terminal they would move the cursor, recolour or retitle it. Show them as
+# control pictures instead (tab and newline stay as they are).
+_CONTROL_TO_VISIBLE = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
+
+
 class ReplyStream:
     """Writes a reply as it arrives; highlights fenced code once each line is complete."""
 
@@ -91,7 +97,7 @@ class ReplyStream:
         if not self.color:
             self._emit(delta)
             return
-        for char in delta:
+        for char in delta.translate(_CONTROL_TO_VISIBLE):
             self._feed(char)
         self.out.flush()
 

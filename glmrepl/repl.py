@@ -32,6 +32,7 @@ class LineHandler:
 
     def handle(self, line: str) -> bool:
         """Handle one line; False means the user asked to leave."""
+        self.report_finished_load()
         text = line.strip()
         if not text:
             return True
@@ -136,6 +137,11 @@ class LineHandler:
             except KeyboardInterrupt:
                 continue
 
+    def report_finished_load(self) -> None:
+        job = self.app.manager.job
+        if job is not None and job.done.is_set():
+            self.report_job(job)
+
     def report_job(self, job) -> bool:
         """Say once how a load ended; True when it succeeded."""
         if job is self.reported_job:
@@ -163,6 +169,9 @@ class LineHandler:
             return
         self.renderer.out.write(escape.sequence)
         self.renderer.text(escape.done_message, "dim")
+
+
+PROMPT = ">>> "
 
 
 class Repl:
@@ -201,9 +210,9 @@ class Repl:
 
     def run(self) -> None:
         while True:
-            self._report_finished_load()
+            self.handler.report_finished_load()
             try:
-                line = self.session.prompt("> ")
+                line = self.session.prompt(PROMPT)
             except KeyboardInterrupt:
                 continue  # Ctrl-C at the prompt clears the line
             except EOFError:
@@ -214,10 +223,6 @@ class Repl:
             except KeyboardInterrupt:
                 self.renderer.text("(interrupted)", "dim")
 
-    def _report_finished_load(self) -> None:
-        job = self.app.manager.job
-        if job is not None and job.done.is_set():
-            self.handler.report_job(job)
 
 
 def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:

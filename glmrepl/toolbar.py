@@ -20,7 +20,7 @@ class Toolbar:
         parts = [info.name]
         if info.family:
             parts.append(info.family)
-        parts += [info.placement.describe(), loaded.prompt_format.name, f"{self.app.session.turns} turns"]
+        parts += [info.placement.describe(), loaded.prompt_format.name, _plural(self.app.session.turns, "turn")]
         usage = self._context_usage(loaded)
         if usage is not None:
             used, limit = usage
@@ -36,3 +36,7 @@ class Toolbar:
         if key != self._usage_key:
             self._usage_key, self._usage = key, self.app.context_usage()
         return self._usage
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -45,3 +45,9 @@ def test_table_and_errors_go_where_they_belong():
     renderer.text("note", "dim")
     assert out.getvalue().splitlines() == ["T", "a  b", "1  two"]
     assert err.getvalue().splitlines() == ["error: bad", "note"]
+
+
+def test_control_characters_from_the_model_cannot_drive_the_terminal():
+    rendered = stream_text(["evil\x1b]0;title\x07 and\r back\x08\tok\n"])
+    assert "\x1b]" not in rendered and "\r" not in rendered and "\x08" not in rendered
+    assert "evil\u241b]0;title\u2407 and\u240d back\u2408\tok\n" == rendered

@@ -171,6 +171,7 @@ class ModelManager:
 
 def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     job = job or LoadJob(request)
+    quiet_transformers()
     job.stage = "checking files"
     info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
                               family_override=request.family)
@@ -192,6 +193,17 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         native_format = None
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode)
     return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format)
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' advice (aimed at library users) off the chat screen.
+
+    Its warnings would be printed over the prompt from a background thread;
+    glmrepl reports what matters itself (context budget, load errors).
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
 
 
 def load_tokenizer(info: CheckpointInfo, trust_remote_code: bool = False):

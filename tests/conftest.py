@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny real checkpoints and an isolated, offline environment.
+
+The environment is set up in ``pytest_configure``, before any test module is
+imported, because huggingface_hub and transformers read these variables once
+at import time. The user's real caches, history and models are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_ISOLATED_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_TOKEN", "GLMREPL_MODELS")
+_sandbox: Path | None = None
+
+
+def pytest_configure(config):
+    global _sandbox
+    _sandbox = Path(tempfile.mkdtemp(prefix="glmrepl-tests-"))
+    for variable in _ISOLATED_VARIABLES:
+        os.environ.pop(variable, None)
+    os.environ.update({
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HOME": str(_sandbox / "hf"),
+        "XDG_DATA_HOME": str(_sandbox / "data"),
+        "XDG_CONFIG_HOME": str(_sandbox / "config"),
+        "XDG_CACHE_HOME": str(_sandbox / "cache"),
+        "XDG_STATE_HOME": str(_sandbox / "state"),
+    })
+
+
+def pytest_unconfigure(config):
+    if _sandbox is not None:
+        shutil.rmtree(_sandbox, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch  # only when gpu tests were collected: it takes seconds
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def isolated_home() -> Path:
+    """The temporary folder holding this session's HF_HOME and XDG directories."""
+    assert _sandbox is not None
+    return _sandbox
+
+
+@pytest.fixture(scope="session")
+def gpt2_checkpoint(tmp_path_factory) -> Path:
+    """A tiny GPT-2 base LM (pytorch_model.bin, vocab.json + merges.txt). Read-only: copy to break it."""
+    from glmrepl.tiny import build_gpt2
+
+    return build_gpt2(tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Qwen2 chat model (tokenizer.json, ChatML, sharded safetensors). Read-only: copy to break it."""
+    from glmrepl.tiny import build_qwen2_chat
+
+    return build_qwen2_chat(tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2-chat")
+
+
+@pytest.fixture
+def copy_checkpoint(tmp_path):
+    """``copy_checkpoint(src, name=None) -> Path``: a private copy of a checkpoint folder to modify."""
+
+    def copy(src: Path, name: str | None = None) -> Path:
+        dest = tmp_path / (name or Path(src).name)
+        counter = 1
+        while dest.exists():
+            counter += 1
+            dest = tmp_path / f"{name or Path(src).name}-{counter}"
+        return Path(shutil.copytree(src, dest))
+
+    return copy

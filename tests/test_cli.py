@@ -1,0 +1,66 @@
+"""The installed console script, non-interactively: -p, piped stdin, exit codes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GLMREPL = str(Path(sys.executable).with_name("glmrepl"))
+
+
+def run(*args, stdin: str = "", env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([GLMREPL, *args], input=stdin, capture_output=True, text=True, timeout=240, env=env)
+
+
+def test_version_and_module_entry_point_agree():
+    from glmrepl import __version__
+
+    assert run("--version").stdout.strip() == f"glmrepl {__version__}"
+    module = subprocess.run([sys.executable, "-m", "glmrepl", "--version"], capture_output=True, text=True)
+    assert module.stdout.strip() == f"glmrepl {__version__}"
+
+
+def test_one_shot_prints_one_plain_reply(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "-p", "hello", "--temperature", "0", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "\x1b" not in result.stdout
+    again = run(str(qwen_checkpoint), "-p", "hello", "--temperature", "0", "--max-new-tokens", "6")
+    assert again.stdout == result.stdout  # greedy: the same reply
+
+
+def test_piped_lines_are_one_conversation_and_commands_work(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4",
+                 stdin="first\nsecond\n/history\n")
+    assert result.returncode == 0, result.stderr
+    assert "user: first" in result.stdout and "user: second" in result.stdout
+    assert result.stdout.count("assistant: ") == 2
+    assert "\x1b" not in result.stdout
+
+
+def test_model_that_cannot_load_exits_1_with_the_reason_on_stderr(qwen_checkpoint, copy_checkpoint):
+    broken = copy_checkpoint(qwen_checkpoint)
+    (broken / "config.json").unlink()
+    result = run(str(broken), "-p", "hello")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--temperature", "99"], "temperature must be a number from 0 to 10"),
+    (["--device", "warp"], "invalid choice: 'warp'"),
+    (["--max-new-tokens", "many"], "invalid int value"),
+])
+def test_bad_usage_exits_2(args, expected):
+    result = run(*args, "-p", "x")
+    assert result.returncode == 2 and expected in result.stderr
+
+
+def test_unknown_model_name_suggests_where_it_looked(tmp_path):
+    result = run("no-such-model", "-p", "hi", "--models-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "no-such-model" in result.stderr and str(tmp_path) in result.stderr

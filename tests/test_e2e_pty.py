@@ -1,0 +1,115 @@
+"""End to end: the installed console script in a pseudo-terminal, read like a person reads it.
+
+pexpect runs glmrepl in a pty; pyte plays the terminal (it keeps the screen
+and answers prompt_toolkit's cursor-position requests). A needle counts as
+seen when it is on the emulated screen (the toolbar is drawn there by cursor
+moves) or in the output stripped of escape codes (streamed text that pyte's
+width rules for random bytes can misplace).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import re
+
+import pexpect
+import pyte
+import pytest
+
+GLMREPL = str(Path(sys.executable).with_name("glmrepl"))
+ROWS, COLS = 40, 120
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
+class Terminal:
+    def __init__(self, args, home: Path):
+        env = dict(os.environ, XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
+                   TERM="xterm-256color")
+        self.child = pexpect.spawn(GLMREPL, args, env=env, dimensions=(ROWS, COLS), encoding="utf-8")
+        self.screen = pyte.Screen(COLS, ROWS)
+        self.screen.write_process_input = self.child.send  # answers cursor-position requests
+        self.stream = pyte.Stream(self.screen)
+        self.transcript = ""
+
+    def seen(self, needle: str) -> bool:
+        return needle in self.text() or needle in self.transcript
+
+    def text(self) -> str:
+        return "\n".join(line.rstrip() for line in self.screen.display)
+
+    def pump(self, seconds: float = 0.1) -> None:
+        try:
+            data = self.child.read_nonblocking(100_000, timeout=seconds)
+        except pexpect.TIMEOUT:
+            return
+        self.stream.feed(data)
+        self.transcript += ESCAPES.sub("", data)
+
+    def wait_for(self, needle: str, timeout: float = 120) -> float:
+        start = time.monotonic()
+        while not self.seen(needle):
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"{needle!r} never appeared; screen:\n{self.text()}")
+            if not self.child.isalive():
+                self.pump(0.2)
+                if self.seen(needle):
+                    break
+                raise AssertionError(f"glmrepl exited before {needle!r}; screen:\n{self.text()}")
+            self.pump()
+        return time.monotonic() - start
+
+    def type(self, keys: str) -> None:
+        self.transcript = ""  # later needles must come from what follows
+        self.child.send(keys)
+
+
+@pytest.fixture
+def long_context_qwen(qwen_checkpoint, tmp_path):
+    """The tiny chat model with room for thousands of tokens, so a reply runs long enough to interrupt."""
+    folder = tmp_path / "long-qwen"
+    shutil.copytree(qwen_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 32768
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_prompt_first_then_chat_interrupt_retry_and_exit(long_context_qwen, tmp_path):
+    term = Terminal([str(long_context_qwen), "--temperature", "0", "--max-new-tokens", "20000"], tmp_path)
+    term.wait_for(">>>")
+    term.wait_for("loading long-qwen")  # the prompt is up while the model still loads
+    term.wait_for("chat template · 0 turns")  # the toolbar once it is ready
+    term.type("tell me a long story\r")
+    term.wait_for("tell me a long story")
+    time.sleep(1.0)  # the reply is streaming (20000 tokens would take minutes)
+    term.type("\x03")
+    term.wait_for("[reply cut: /retry generates it again]", timeout=30)
+    term.wait_for("1 turn ·")
+    term.type("/history\r")
+    term.wait_for("[cut]")
+    term.type("/set max_new_tokens 5\r")
+    term.wait_for("max_new_tokens = 5")
+    term.type("/retry\r")
+    term.wait_for("5 tokens · first token")
+    term.type("\x04")
+    term.child.expect(pexpect.EOF, timeout=30)
+    term.child.close()
+    assert term.child.exitstatus == 0
+    assert "tell me a long story" in (tmp_path / "data" / "glmrepl" / "history").read_text()
+
+
+def test_tab_completes_commands_and_ctrl_c_clears_the_line(qwen_checkpoint, tmp_path):
+    term = Terminal([str(qwen_checkpoint), "--no-history"], tmp_path)
+    term.wait_for("chat template · 0 turns")
+    term.type("/hi\t")
+    term.wait_for(">>> /history")
+    term.type("\x03")  # clears the line, glmrepl stays
+    term.type("/help\r")
+    term.wait_for("/retry")
+    term.type("/quit\r")
+    term.child.expect(pexpect.EOF, timeout=30)
+    assert not (tmp_path / "data" / "glmrepl" / "history").exists()

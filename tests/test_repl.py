@@ -1,0 +1,184 @@
+"""The REPL through a real PromptSession fed by pipe input."""
+
+import json
+
+import pytest
+
+from glmrepl.commands import TABLE
+from glmrepl.completer import CommandCompleter
+from support import drive_repl, loaded_app, make_app
+
+ENTER = "\r"
+
+
+def test_multi_turn_chat_streams_replies_and_keeps_history(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "hello" + ENTER + "and again" + ENTER + "/history" + ENTER)
+    assert app.session.turns == 2
+    first, second = app.session.messages[1].content, app.session.messages[3].content
+    assert first and second in out
+    assert "user: hello" in out and "user: and again" in out
+    assert out.count("tokens · first token") == 2  # one stats line per reply
+
+
+def test_undo_retry_save_load_round_trip(qwen_checkpoint, tmp_path):
+    app = loaded_app(qwen_checkpoint, temperature=0.9, seed=7)
+    saved = tmp_path / "chat.json"
+    drive_repl(app, "first" + ENTER + "second" + ENTER + "/undo" + ENTER + "/retry" + ENTER + f"/save {saved}" + ENTER)
+    assert [m.content for m in app.session.messages if m.role == "user"] == ["first"]
+    assert json.loads(saved.read_text())["messages"][0]["content"] == "first"
+    reply_after_retry = app.session.messages[1].content
+
+    other = make_app()
+    out = drive_repl(other, f"/load {saved}" + ENTER + "/history" + ENTER)
+    assert other.manager.current.info.path == qwen_checkpoint  # the model came with the conversation
+    assert other.settings.get("seed") == 7
+    assert f"assistant: {reply_after_retry}" in out
+
+
+def test_retry_regenerates_with_a_different_seed(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint, temperature=1.0, max_new_tokens=12)
+    drive_repl(app, "/set seed 1" + ENTER + "hi" + ENTER + "/set seed 2" + ENTER + "/retry" + ENTER)
+    with_seed_2 = app.session.messages[-1].content
+    drive_repl(app, "/set seed 1" + ENTER + "/retry" + ENTER)
+    with_seed_1 = app.session.messages[-1].content
+    assert app.session.turns == 1 and with_seed_1 != with_seed_2
+
+
+def test_model_swap_keeps_the_conversation(qwen_checkpoint, gpt2_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "hello" + ENTER + f"/model {gpt2_checkpoint}" + ENTER + "continue" + ENTER)
+    assert app.manager.current.info.path == gpt2_checkpoint
+    assert app.session.turns == 2
+    assert "loaded tiny-gpt2 (GPT2LMHeadModel, cpu float32, completion)" in out
+
+
+def test_broken_model_swap_reports_and_keeps_everything(qwen_checkpoint, copy_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    broken = copy_checkpoint(qwen_checkpoint)
+    (broken / "config.json").write_text("{oops")
+    out = drive_repl(app, "hello" + ENTER + f"/model {broken}" + ENTER + "still here?" + ENTER)
+    error_lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "config.json" in error_lines[0] and "still using" in error_lines[0]
+    assert app.manager.current.info.path == qwen_checkpoint and app.session.turns == 2
+
+
+def test_unknown_command_suggests_the_closest(qwen_checkpoint):
+    out = drive_repl(make_app(), "/modle" + ENTER + "/set temperature hot" + ENTER + "/set tempreature 1" + ENTER)
+    assert "unknown command /modle — did you mean /model?" in out
+    assert "temperature must be a number from 0 to 10, not 'hot'" in out
+    assert "did you mean temperature?" in out
+
+
+def test_double_slash_sends_a_message_starting_with_slash(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "//etc/passwd is a file" + ENTER)
+    assert app.session.messages[0].content == "/etc/passwd is a file"
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_exits(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "this is discarded\x03" + "kept" + ENTER + "\x04" + "never read" + ENTER)
+    assert [m.content for m in app.session.messages if m.role == "user"] == ["kept"]
+
+
+def test_alt_enter_inserts_a_newline_instead_of_sending(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "line one\x1b\rline two" + ENTER)
+    assert app.session.messages[0].content == "line one\nline two"
+
+
+def test_bracketed_paste_never_submits_line_by_line(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "\x1b[200~first line\nsecond line\n\x1b[201~" + ENTER)
+    assert app.session.turns == 1
+    assert app.session.messages[0].content == "first line\nsecond line"
+
+
+def test_a_message_typed_while_loading_waits_for_the_load(qwen_checkpoint):
+    app = make_app()
+    app.start_load(str(qwen_checkpoint))
+    drive_repl(app, "are you there?" + ENTER)
+    assert app.session.turns == 1 and app.session.messages[1].role == "assistant"
+
+
+def test_without_a_model_messages_get_a_clear_error_and_commands_work():
+    app = make_app()
+    out = drive_repl(app, "hello" + ENTER + "/help" + ENTER)
+    assert "error: no model is loaded: choose one with /model" in out
+    assert "/retry" in out and app.session.turns == 0
+
+
+def test_help_and_completion_read_the_same_table(qwen_checkpoint):
+    from prompt_toolkit.document import Document
+
+    app = make_app()
+    out = drive_repl(app, "/help" + ENTER + "/help set" + ENTER)
+    for command in TABLE.commands:
+        assert command.usage in out
+    completer = CommandCompleter(TABLE, app)
+    complete = lambda text: [c.text for c in completer.get_completions(Document(text), None)]
+    assert complete("/de") == ["device"]
+    assert set(complete("/device ")) == {"cpu", "gpu", "sharded", "auto"}
+    assert complete("/set temp") == ["temperature"]
+    assert complete("hello /de") == []
+
+
+def test_model_names_complete_from_the_models_dir(qwen_checkpoint, tmp_path):
+    import shutil
+
+    from prompt_toolkit.document import Document
+
+    shutil.copytree(qwen_checkpoint, tmp_path / "my-qwen")
+    app = make_app(models_dir=tmp_path)
+    completer = CommandCompleter(TABLE, app)
+    assert [c.text for c in completer.get_completions(Document("/model my"), None)] == ["my-qwen"]
+    out = drive_repl(app, "/model" + ENTER + "/model my-qwen" + ENTER)
+    assert "my-qwen" in out and app.manager.current.info.name == "my-qwen"
+
+
+def test_context_budget_drops_old_turns_and_says_so(qwen_checkpoint, copy_checkpoint):
+    short = copy_checkpoint(qwen_checkpoint)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 48
+    (short / "config.json").write_text(json.dumps(config))
+    app = loaded_app(short, max_new_tokens=8)
+    out = drive_repl(app, "one two three four" + ENTER + "five six seven eight" + ENTER + "nine ten eleven" + ENTER)
+    assert "turn(s) no longer fit the context" in out
+    assert app.session.turns == 3  # history itself is kept
+
+
+def test_copy_needs_a_terminal_and_sends_osc52_on_one(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    assert "/copy needs a terminal" in drive_repl(app, "hi" + ENTER + "/copy" + ENTER)
+    out = drive_repl(app, "/copy" + ENTER, color=True)
+    import base64
+
+    payload = base64.b64encode(app.session.messages[-1].content.encode()).decode()
+    assert f"\x1b]52;c;{payload}\x07" in out
+
+
+def test_next_lists_likely_tokens_without_changing_the_conversation(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "hello" + ENTER + "/next 4" + ENTER + "/next 0" + ENTER)
+    assert "4 most likely next tokens" in out and "probability" in out
+    assert "from 1 to 100, not 0" in out
+    assert app.session.turns == 1
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("/device gpu", "needs a CUDA GPU"),
+    ("/device warp", "unknown device argument 'warp'"),
+    ("/mode banana", "usage: /mode chat|complete"),
+    ("/save", "usage: /save FILE"),
+    ("/load /nonexistent/chat.json", "no such file"),
+])
+def test_bad_commands_give_one_line_errors_and_the_repl_goes_on(qwen_checkpoint, line, expected):
+    import torch
+
+    if "gpu" in line and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "hello" + ENTER + line + ENTER + "still fine" + ENTER)
+    assert expected in out
+    assert app.session.turns == 2
