@@ -104,12 +104,17 @@ def load_or_report(app, target: str | None) -> bool:
     return True
 
 
+def quiet_for_scripts(app) -> None:
+    """Scripts read stdout; keep the stats line off unless the user turns it on with /set."""
+    app.settings.user["stats"] = False
+
+
 def run_one_shot(app, args) -> int:
     from .repl import run_piped
 
     if not load_or_report(app, args.model):
         return 1
-    app.settings.user.setdefault("stats", False)
+    quiet_for_scripts(app)
     return run_piped(app, ["//" + args.prompt if args.prompt.startswith("/") else args.prompt], sys.stdout, sys.stderr)
 
 
@@ -118,7 +123,7 @@ def run_piped_input(app, args) -> int:
 
     if not load_or_report(app, args.model):
         return 1
-    app.settings.user.setdefault("stats", False)
+    quiet_for_scripts(app)
     return run_piped(app, sys.stdin, sys.stdout, sys.stderr)
 
 

@@ -157,6 +157,8 @@ class LineHandler:
             keep = f" (still using {current.info.name})" if current else ""
             self.renderer.error(f"{job.error}{keep}")
             return False
+        if not self.interactive:
+            return True  # scripts asked for this model; no need to say it loaded
         info = job.result.info
         family = f", {info.family}" if info.family else ""
         self.renderer.text(f"loaded {info.name} ({info.architecture}{family}, {info.placement.describe()}, "
