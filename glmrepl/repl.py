@@ -224,6 +224,8 @@ class Repl:
                     break
             except KeyboardInterrupt:
                 self.renderer.text("(interrupted)", "dim")
+            except Exception as error:  # a bug must not cost the user the session
+                self.renderer.error(f"unexpected {type(error).__name__}: {error} (the conversation is kept)")
 
 
 

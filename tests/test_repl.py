@@ -182,3 +182,21 @@ def test_bad_commands_give_one_line_errors_and_the_repl_goes_on(qwen_checkpoint,
     out = drive_repl(app, "hello" + ENTER + line + ENTER + "still fine" + ENTER)
     assert expected in out
     assert app.session.turns == 2
+
+
+def test_an_unexpected_failure_is_reported_and_the_session_goes_on(qwen_checkpoint, monkeypatch):
+    app = loaded_app(qwen_checkpoint)
+    real_plan = app.plan_reply
+    calls = []
+
+    def flaky_plan():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("template exploded")
+        return real_plan()
+
+    monkeypatch.setattr(app, "plan_reply", flaky_plan)
+    out = drive_repl(app, "one" + ENTER + "two" + ENTER + "three" + ENTER)
+    assert "error: unexpected RuntimeError: template exploded (the conversation is kept)" in out
+    assert [m.content for m in app.session.messages if m.role == "user"] == ["one", "two", "three"]
+    assert app.session.messages[-1].role == "assistant"

@@ -1,0 +1,181 @@
+"""Load a ChatGLM checkpoint natively: model, tokenizer and prompt format.
+
+The folder's own ``.py`` files are never imported: ChatGLM-6B runs on
+glmrepl's implementation (glm1_model), ChatGLM2/3 and GLM-4 on transformers'
+``GlmForCausalLM``. The model is built on the meta device and every tensor is
+placed straight onto its device from the checkpoint (see weights.py).
+
+``device_map``: "cpu", a device string such as "cuda:0", an accelerate
+strategy ("auto", "balanced", "balanced_low_0", "sequential") or a
+{module name: device} dict. Module names are the native model's
+(``transformer.layers.3`` for ChatGLM-6B, ``model.layers.3`` for the others).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ...errors import CheckpointError
+from .. import FamilyMatch, LoadedParts
+from . import weights
+
+
+def load_chatglm(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any) -> LoadedParts:
+    """Model (in eval mode, generation_config stopping like the family's chat()), tokenizer and
+    prompt format for ``match.family``; CheckpointError names what the folder lacks or has unsupported."""
+    path = Path(path)
+    config = _read_config(path)
+    if match.family == "chatglm1":
+        model, tokenizer, prompt_format = _load_glm1(path, config, dtype, device_map)
+    elif match.family in ("chatglm2", "chatglm3", "glm4"):
+        model, tokenizer, prompt_format = _load_glm2(path, config, match.family, dtype, device_map)
+    else:
+        raise CheckpointError(f"{path.name}: unknown ChatGLM family {match.family!r}")
+    model.eval()
+    _set_generation_defaults(model, prompt_format, tokenizer)
+    return LoadedParts(model=model, tokenizer=tokenizer, prompt_format=prompt_format)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path.name}: cannot read config.json ({error})") from None
+
+
+def _read_tokenizer_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _vocabulary_file(path: Path, name: str) -> Path:
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{path.name}: tokenizer file {name} is missing")
+    return file
+
+
+# -- ChatGLM-6B ----------------------------------------------------------------
+
+
+def _load_glm1(path: Path, config: dict, dtype, device_map):
+    from .glm1_model import ChatGLM1ForCausalLM
+    from .prompts import ChatGLM1Format
+    from .tokenizers import ChatGLM1Tokenizer
+
+    num_image_tokens = _read_tokenizer_config(path).get("num_image_tokens", 20000)
+    tokenizer = ChatGLM1Tokenizer(_vocabulary_file(path, "ice_text.model"), num_image_tokens=num_image_tokens)
+    model = _build_and_fill(path, ChatGLM1ForCausalLM, glm1_config(config, path.name, dtype),
+                            _glm1_converter, dtype, device_map)
+    return model, tokenizer, ChatGLM1Format(tokenizer)
+
+
+def glm1_config(config: dict, folder: str, dtype):
+    from .glm1_model import ChatGLM1Config
+
+    unsupported = [f"{name}={config[name]!r}" for name in ("quantization_bit", "pre_seq_len") if config.get(name)]
+    if not config.get("position_encoding_2d", True):
+        unsupported.append("position_encoding_2d=false")
+    if unsupported:
+        raise CheckpointError(f"{folder}: unsupported ChatGLM-6B settings: {', '.join(unsupported)}")
+    defaults = ChatGLM1Config()
+    return ChatGLM1Config(
+        vocab_size=config.get("vocab_size", defaults.vocab_size),
+        hidden_size=config.get("hidden_size", defaults.hidden_size),
+        num_hidden_layers=config.get("num_layers", defaults.num_hidden_layers),
+        num_attention_heads=config.get("num_attention_heads", defaults.num_attention_heads),
+        inner_hidden_size=config.get("inner_hidden_size", 4 * config.get("hidden_size", defaults.hidden_size)),
+        layernorm_epsilon=config.get("layernorm_epsilon", defaults.layernorm_epsilon),
+        max_sequence_length=config.get("max_sequence_length", defaults.max_sequence_length),
+        bos_token_id=config.get("bos_token_id", defaults.bos_token_id),
+        eos_token_id=config.get("eos_token_id", defaults.eos_token_id),
+        pad_token_id=config.get("pad_token_id", defaults.pad_token_id),
+        mask_token_id=config.get("mask_token_id", defaults.mask_token_id),
+        gmask_token_id=config.get("gmask_token_id", defaults.gmask_token_id),
+        dtype=dtype,
+    )
+
+
+def _glm1_converter(name: str, tensor):
+    # Module names equal the checkpoint's; the stored rotary frequencies are recomputed.
+    return [] if name.endswith("rotary_emb.inv_freq") else [(name, tensor)]
+
+
+# -- ChatGLM2 / ChatGLM3 / GLM-4 -----------------------------------------------
+
+
+def _glm2_tokenizer_and_format(path: Path, family: str):
+    from .prompts import ChatGLM2Format, ChatGLM3Format, GLM4Format
+
+    vocabulary = _vocabulary_file(path, "tokenizer.model")
+    if family == "glm4":
+        from .glm4_tokenizer import GLM4Tokenizer
+
+        try:
+            tokenizer = GLM4Tokenizer(vocabulary)
+        except ValueError:  # also binascii.Error: not "<base64> <rank>" lines
+            raise CheckpointError(f"{path.name}: tokenizer.model is not GLM-4's tiktoken vocabulary") from None
+        return tokenizer, GLM4Format(tokenizer)
+    from .tokenizers import ChatGLM2Tokenizer
+
+    if family == "chatglm3":
+        tokenizer = ChatGLM2Tokenizer(vocabulary, role_tokens=True)
+        return tokenizer, ChatGLM3Format(tokenizer)
+    tokenizer = ChatGLM2Tokenizer(vocabulary)
+    return tokenizer, ChatGLM2Format(tokenizer)
+
+
+def _load_glm2(path: Path, config: dict, family: str, dtype, device_map):
+    from transformers import GlmForCausalLM
+
+    from . import glm2_mapping
+
+    glm2_mapping.check_supported(config, path.name)
+    tokenizer, prompt_format = _glm2_tokenizer_and_format(path, family)
+    glm_cfg = glm2_mapping.glm_config(config, prompt_format.stop_token_ids, dtype)
+    model = _build_and_fill(path, GlmForCausalLM, glm_cfg, glm2_mapping.tensor_converter(glm_cfg), dtype, device_map)
+    return model, tokenizer, prompt_format
+
+
+# -- shared --------------------------------------------------------------------
+
+
+def _build_and_fill(path: Path, model_class, model_config, convert, dtype, device_map):
+    """Build on the meta device, stream the weights in, dispatch if split across devices."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = model_class(model_config)
+    placement = weights.resolve_device_map(model, device_map, dtype)
+    loaded = weights.load_into(model, path, convert, placement, dtype)
+    _fill_missing_head(model, loaded, placement, path)
+    weights.place_buffers(model, placement)
+    weights.dispatch_if_split(model, placement)
+    return model
+
+
+def _fill_missing_head(model, loaded: set[str], placement: dict, path: Path) -> None:
+    """A checkpoint without its output layer shares the word embeddings, as tied models do;
+    any other missing weight is an incomplete checkpoint."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    missing = [name for name, _ in model.named_parameters() if name not in loaded]
+    if missing == ["lm_head.weight"]:
+        embeddings = model.get_input_embeddings().weight
+        set_module_tensor_to_device(model, "lm_head.weight", weights.device_for("lm_head.weight", placement),
+                                    value=embeddings)
+    elif missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{path.name}: weights missing from the checkpoint: {shown}")
+
+
+def _set_generation_defaults(model, prompt_format, tokenizer) -> None:
+    """generate() without arguments stops where chat() did and never warns about padding."""
+    config = model.generation_config
+    config.eos_token_id = list(prompt_format.stop_token_ids)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = getattr(tokenizer, "bos_token_id", None)

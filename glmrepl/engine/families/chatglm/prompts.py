@@ -1,0 +1,138 @@
+"""Each ChatGLM generation's own conversation format (see glmrepl.engine.formats).
+
+``build(messages)`` reproduces the ids the released ``chat()`` fed its model
+for the same conversation:
+
+* ChatGLM-6B: the first question bare, later turns as
+  ``[Round i]\\n问：…\\n答：…\\n`` numbered from 0, then ``[gMASK]`` ``<sop>``.
+* ChatGLM2: ``[gMASK]`` ``sop``, then ``[Round i]\\n\\n问：…\\n\\n答：…\\n\\n``
+  numbered from 1.
+* ChatGLM3: ``[gMASK]`` ``sop``, then per message its role token, a metadata
+  line and the content; the prompt ends with ``<|assistant|>``. GLM-4 is the
+  same with ``<sop>``.
+
+ChatGLM-6B and ChatGLM2 have no system role: a system message is put on its
+own line(s) at the start of the prompt text.
+"""
+
+from __future__ import annotations
+
+import re
+
+# The chat() defaults of the released code.
+GLM1_SAMPLING = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
+GLM2_SAMPLING = {"do_sample": True, "top_p": 0.8, "temperature": 0.8}
+
+
+def split_rounds(messages: list[dict]) -> tuple[str, list[tuple[str, str]], str]:
+    """(system text, [(question, answer), ...], the question to answer now).
+
+    A question without an answer (two user turns in a row) gets an empty
+    answer, so the round numbering stays that of a normal conversation.
+    """
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    rounds: list[tuple[str, str]] = []
+    question: str | None = None
+    for message in messages:
+        if message["role"] == "user":
+            if question is not None:
+                rounds.append((question, ""))
+            question = message["content"]
+        elif message["role"] == "assistant":
+            rounds.append((question or "", message["content"]))
+            question = None
+    return system, rounds, question or ""
+
+
+class ChatGLM1Format:
+    name = "ChatGLM-6B rounds"
+    is_chat = True
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [tokenizer.eos_token_id]  # <eop>
+        self.sampling_defaults = dict(GLM1_SAMPLING)
+
+    def build(self, messages: list[dict]) -> list[int]:
+        system, rounds, question = split_rounds(messages)
+        if rounds:
+            prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(rounds))
+            prompt += f"[Round {len(rounds)}]\n问：{question}\n答："
+        else:
+            prompt = question
+        if system:
+            prompt = f"{system}\n{prompt}"
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def clean_reply(self, text: str) -> str:
+        """The released chat() post-processing: strip, and full-width punctuation next to Chinese."""
+        text = text.strip().replace("[[训练时间]]", "2023年")
+        for half, full in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
+            text = re.sub(rf"([\u4e00-\u9fff]){half}", rf"\1{full}", text)
+            text = re.sub(rf"{half}([\u4e00-\u9fff])", rf"{full}\1", text)
+        return text
+
+
+class ChatGLM2Format:
+    name = "ChatGLM2 rounds"
+    is_chat = True
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [tokenizer.eos_token_id]
+        self.sampling_defaults = dict(GLM2_SAMPLING)
+
+    def build(self, messages: list[dict]) -> list[int]:
+        system, rounds, question = split_rounds(messages)
+        prompt = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(rounds, start=1))
+        prompt += f"[Round {len(rounds) + 1}]\n\n问：{question}\n\n答："
+        if system:
+            prompt = f"{system}\n\n{prompt}"
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def clean_reply(self, text: str) -> str:
+        return text.strip().replace("[[训练时间]]", "2023年")
+
+
+class ChatGLM3Format:
+    """Role tokens. An assistant message may carry a ``metadata`` key (the
+    first line ChatGLM3 writes before a tool call); it is empty otherwise."""
+
+    name = "ChatGLM3 roles"
+    is_chat = True
+    prefix_tokens = ("[gMASK]", "sop")
+    stop_roles = ("<|user|>", "<|observation|>")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [tokenizer.eos_token_id] + [tokenizer.get_command(r) for r in self.stop_roles]
+        self.sampling_defaults = dict(GLM2_SAMPLING)
+
+    def build(self, messages: list[dict]) -> list[int]:
+        ids = [self.tokenizer.get_command(token) for token in self.prefix_tokens]
+        for message in messages:
+            ids += self._message_ids(message["role"], message.get("metadata", ""), message["content"])
+        ids.append(self.tokenizer.get_command("<|assistant|>"))
+        return ids
+
+    def _message_ids(self, role: str, metadata: str, content: str) -> list[int]:
+        role_id = self.tokenizer.get_command(f"<|{role}|>")
+        # Encoded in two pieces, as the released build_chat_input does.
+        return [role_id] + self.tokenizer.encode(f"{metadata}\n") + self.tokenizer.encode(content)
+
+    def clean_reply(self, text: str) -> str:
+        """Drop a stop role token's text left at the end (seen when decoding
+        with special tokens kept) and surrounding whitespace, including the
+        empty metadata line ChatGLM3 starts an ordinary reply with."""
+        text = text.rstrip()
+        for role in self.stop_roles:
+            if text.endswith(role):
+                text = text[: -len(role)]
+        return text.strip()
+
+
+class GLM4Format(ChatGLM3Format):
+    """GLM-4 chat: ChatGLM3's roles, with its own prefix token names."""
+
+    name = "GLM-4 roles"
+    prefix_tokens = ("[gMASK]", "<sop>")
