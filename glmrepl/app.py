@@ -83,6 +83,7 @@ class App:
         loaded = self.require_model()
         kwargs = self.settings.generation_kwargs()
         fitted = self.session.fit(loaded.prompt_format, loaded.info.context_length, kwargs["max_new_tokens"])
+        kwargs["max_new_tokens"] = fitted.max_new_tokens
         run = GenerationRun(loaded.model, loaded.tokenizer, fitted.ids, kwargs,
                             loaded.prompt_format.stop_token_ids, seed=self.settings.get("seed"))
         return ReplyPlan(run, fitted.dropped_turns)

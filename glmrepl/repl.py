@@ -96,12 +96,15 @@ class LineHandler:
             return True
         self.app.last_stats = run.stats
         self.app.record_reply(run)
-        self.after_reply(run.stats)
+        self.after_reply(run)
         return True
 
-    def after_reply(self, stats) -> None:
+    def after_reply(self, run) -> None:
+        stats = run.stats
         if stats.stop_reason == "cancelled":
             self.renderer.text("[reply cut: /retry generates it again]", "dim")
+        elif stats.stop_reason == "length" and run.generate_kwargs["max_new_tokens"] < self.app.settings.get("max_new_tokens"):
+            self.renderer.text("[reply stopped at the end of the model's context: /clear or /undo makes room]", "dim")
         elif stats.stop_reason == "length":
             self.renderer.text(f"[reply reached max_new_tokens={stats.new_tokens}: /set max_new_tokens to allow more]", "dim")
         if self.app.settings.get("stats"):

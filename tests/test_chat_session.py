@@ -49,8 +49,15 @@ def test_fit_drops_oldest_turns_but_keeps_system_and_reports_how_many():
 
 def test_fit_refuses_a_single_message_too_long():
     session = conversation(("a b c d e f", None))
-    with pytest.raises(GlmreplError, match="context holds 5"):
+    with pytest.raises(GlmreplError, match="needs 6 tokens but the context holds 5"):
         session.fit(WordFormat(), context_length=5, max_new_tokens=2)
+
+
+def test_fit_shortens_the_reply_budget_when_one_message_leaves_less_room():
+    session = conversation(("a b c d e f", None))
+    fitted = session.fit(WordFormat(), context_length=8, max_new_tokens=512)
+    assert fitted.max_new_tokens == 2 and fitted.dropped_turns == 0
+    assert session.fit(WordFormat(), context_length=None, max_new_tokens=512).max_new_tokens == 512
 
 
 def test_save_and_read_round_trip(tmp_path):

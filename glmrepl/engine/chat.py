@@ -26,6 +26,7 @@ class FittedPrompt:
 
     ids: list[int]
     dropped_turns: int
+    max_new_tokens: int  # the reply budget, shortened when one long message leaves less room
 
 
 class ChatSession:
@@ -80,22 +81,26 @@ class ChatSession:
         """Build prompt ids for the current conversation within the context budget.
 
         Oldest turns are dropped first (the system prompt stays); the caller
-        tells the user how many. The conversation itself is not changed, so a
-        later model with a longer context sees everything again.
+        tells the user how many. When only the newest message is left and it
+        still leaves less room than max_new_tokens, the reply gets the room
+        there is. The conversation itself is not changed, so a later model
+        with a longer context sees everything again.
         """
         messages = list(self.messages)
         dropped = 0
         while True:
             ids = prompt_format.build(self.as_dicts(messages))
             if context_length is None or len(ids) + max_new_tokens <= context_length:
-                return FittedPrompt(ids, dropped)
-            if sum(1 for m in messages if m.role == "user") <= 1:
-                raise GlmreplError(
-                    f"the message needs {len(ids)} tokens and the reply up to {max_new_tokens}, "
-                    f"but the context holds {context_length}: shorten it or /set max_new_tokens lower"
-                )
-            messages = _drop_oldest_turn(messages)
-            dropped += 1
+                return FittedPrompt(ids, dropped, max_new_tokens)
+            if sum(1 for m in messages if m.role == "user") > 1:
+                messages = _drop_oldest_turn(messages)
+                dropped += 1
+                continue
+            if len(ids) < context_length:
+                return FittedPrompt(ids, dropped, context_length - len(ids))
+            raise GlmreplError(
+                f"the message needs {len(ids)} tokens but the context holds {context_length}: shorten it"
+            )
 
     # -- persistence ---------------------------------------------------------
     def to_dict(self) -> dict:
