@@ -113,3 +113,16 @@ def test_tab_completes_commands_and_ctrl_c_clears_the_line(qwen_checkpoint, tmp_
     term.type("/quit\r")
     term.child.expect(pexpect.EOF, timeout=30)
     assert not (tmp_path / "data" / "glmrepl" / "history").exists()
+
+
+def test_a_chatglm_fixture_in_a_real_terminal(tmp_path):
+    folder = Path(__file__).parent / "data" / "chatglm" / "chatglm3-tiny"
+    term = Terminal([str(folder), "--temperature", "0", "--max-new-tokens", "6", "--no-history"], tmp_path)
+    term.wait_for("chatglm3 · cpu float32 · ChatGLM3 roles · 0 turns")
+    term.type("你好\r")
+    term.wait_for("6 tokens · first token")
+    term.wait_for("1 turn ·")
+    term.type("/clear\r")
+    term.wait_for("new conversation")
+    term.type("\x04")
+    term.child.expect(pexpect.EOF, timeout=30)

@@ -1,0 +1,43 @@
+"""The ChatGLM fixtures in the REPL: they chat like any other model, and the toolbar names the generation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmrepl.toolbar import Toolbar
+from support import drive_repl, loaded_app
+
+DATA = Path(__file__).parent / "data" / "chatglm"
+ENTER = "\r"
+FAMILIES = ["chatglm1", "chatglm2", "chatglm3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_retry_clear_and_toolbar(family):
+    app = loaded_app(DATA / f"{family}-tiny", max_new_tokens=6)
+    assert family in Toolbar(app)()
+    drive_repl(app, "你好" + ENTER + "再来一次" + ENTER)
+    assert app.session.turns == 2 and all(m.content for m in app.session.messages)
+    second_reply = app.session.messages[-1].content
+    drive_repl(app, "/retry" + ENTER)
+    assert app.session.turns == 2 and app.session.messages[-1].content == second_reply  # greedy
+    drive_repl(app, "/clear" + ENTER + "hello" + ENTER)
+    assert app.session.turns == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_cpu_mode_replies(family):
+    app = loaded_app(DATA / f"{family}-tiny", max_new_tokens=4)
+    for dtype in ("bfloat16", "float32"):
+        app.manager.move("cpu", dtype)
+        assert {p.dtype for p in app.manager.current.model.parameters()} == {getattr(torch, dtype)}
+        drive_repl(app, "hi" + ENTER)
+        assert app.session.last_reply is not None
+    assert app.session.turns == 2
+
+
+def test_no_python_file_is_needed_or_run():
+    assert not list(DATA.glob("*/*.py"))
+    app = loaded_app(DATA / "chatglm2-tiny")
+    assert app.manager.current.info.family == "chatglm2"
