@@ -20,16 +20,20 @@ from __future__ import annotations
 from typing import Any
 
 
-class ChatTemplateFormat:
-    """The checkpoint's own Jinja chat template (``tokenizer.apply_chat_template``)."""
-
-    name = "chat template"
-    is_chat = True
+class _TransformersTokenizerFormat:
+    """Shared by the generic formats: stop at the tokenizer's eos, no family defaults."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.stop_token_ids = _eos_ids(tokenizer)
         self.sampling_defaults: dict = {}
+
+
+class ChatTemplateFormat(_TransformersTokenizerFormat):
+    """The checkpoint's own Jinja chat template (``tokenizer.apply_chat_template``)."""
+
+    name = "chat template"
+    is_chat = True
 
     def build(self, messages: list[dict]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(
@@ -41,7 +45,7 @@ class ChatTemplateFormat:
         return text.strip()
 
 
-class CompletionFormat:
+class CompletionFormat(_TransformersTokenizerFormat):
     """Base language models: the conversation is one text that the model continues.
 
     The system prompt, if any, is the beginning of the text; each user message
@@ -51,11 +55,6 @@ class CompletionFormat:
 
     name = "completion"
     is_chat = False
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.stop_token_ids = _eos_ids(tokenizer)
-        self.sampling_defaults: dict = {}
 
     def build(self, messages: list[dict]) -> list[int]:
         text = "".join(message["content"] for message in messages)
