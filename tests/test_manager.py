@@ -110,3 +110,17 @@ def test_loading_and_chatting_open_no_network_connection(qwen_checkpoint, monkey
     app.session.add_user("hello")
     "".join(app.plan_reply().run)
     assert attempts == []
+
+
+def test_generation_config_end_of_turn_ids_also_stop_replies(qwen_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(qwen_checkpoint)
+    import json
+
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [0, 1]  # as Llama 3 lists <|eot_id|> beside the tokenizer's eos
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    app = loaded_app(folder)
+    eos = app.manager.current.tokenizer.eos_token_id
+    assert app.manager.current.prompt_format.stop_token_ids == [eos, 0, 1]
+    app.manager.set_prompt_mode("complete")
+    assert app.manager.current.prompt_format.stop_token_ids == [eos, 0, 1]

@@ -23,9 +23,11 @@ from typing import Any
 class _TransformersTokenizerFormat:
     """Shared by the generic formats: stop at the tokenizer's eos, no family defaults."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, extra_stop_ids: list[int] | None = None):
         self.tokenizer = tokenizer
-        self.stop_token_ids = _eos_ids(tokenizer)
+        # Instruct checkpoints often end turns with a token other than the
+        # tokenizer's eos (Llama 3's <|eot_id|>), listed in generation_config.
+        self.stop_token_ids = list(dict.fromkeys(_eos_ids(tokenizer) + list(extra_stop_ids or [])))
         self.sampling_defaults: dict = {}
 
 
@@ -75,12 +77,12 @@ def _eos_ids(tokenizer: Any) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def format_for(tokenizer: Any, mode: str | None = None):
+def format_for(tokenizer: Any, mode: str | None = None, extra_stop_ids: list[int] | None = None):
     """The generic format for a transformers tokenizer: chat when it has a template.
 
     ``mode`` ("chat" or "complete") is the user's ``/mode`` override.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if mode == "complete" or (mode is None and not has_template):
-        return CompletionFormat(tokenizer)
-    return ChatTemplateFormat(tokenizer)
+        return CompletionFormat(tokenizer, extra_stop_ids)
+    return ChatTemplateFormat(tokenizer, extra_stop_ids)

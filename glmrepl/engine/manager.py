@@ -58,6 +58,7 @@ class LoadedModel:
     prompt_format: Any
     info: ModelInfo
     native_format: Any = None  # a native family's own chat format, kept for /mode chat
+    extra_stop_ids: list = field(default_factory=list)  # generation_config's eos ids
 
 
 class LoadJob:
@@ -141,7 +142,7 @@ class ModelManager:
     def set_prompt_mode(self, mode: str | None) -> str:
         """Switch between the checkpoint's chat format and plain completion."""
         loaded = self._require_model()
-        loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode)
+        loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
         return loaded.prompt_format.name
 
     def move(self, mode: str, dtype: str = "auto", gpu: int = 0) -> Placement:
@@ -191,8 +192,17 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         with _weight_progress(job):
             model = load_weights(info, placement, request.trust_remote_code)
         native_format = None
-    prompt_format = choose_format(tokenizer, native_format, request.prompt_mode)
-    return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format)
+    stop_ids = generation_stop_ids(model)
+    prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
+    return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids)
+
+
+def generation_stop_ids(model: Any) -> list[int]:
+    """The end-of-turn ids the checkpoint's generation_config names (one id or a list)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(i) for i in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 def quiet_transformers() -> None:
@@ -252,15 +262,15 @@ def read_generation_defaults(path: Path) -> dict:
     return {k: data[k] for k in keys if k in data and data[k] is not None}
 
 
-def choose_format(tokenizer: Any, native_format: Any, mode: str | None):
+def choose_format(tokenizer: Any, native_format: Any, mode: str | None, extra_stop_ids: list[int] | None = None):
     """The prompt format for a chat/complete choice (None: the checkpoint's natural one)."""
     if mode == "complete":
-        return formats.CompletionFormat(tokenizer)
+        return formats.CompletionFormat(tokenizer, extra_stop_ids)
     if native_format is not None:
         return native_format
     if mode == "chat" and not getattr(tokenizer, "chat_template", None):
         raise GlmreplError("this checkpoint has no chat template, so it can only continue text (/mode complete)")
-    return formats.format_for(tokenizer, mode)
+    return formats.format_for(tokenizer, mode, extra_stop_ids)
 
 
 def free_memory() -> None:
