@@ -206,7 +206,7 @@ class Repl:
             history=history,
             completer=CommandCompleter(TABLE, self.app),
             auto_suggest=AutoSuggestFromHistory(),
-            key_bindings=key_bindings(),
+            key_bindings=key_bindings(self.app),
             bottom_toolbar=Toolbar(self.app),
             refresh_interval=0.5,
             complete_while_typing=False,

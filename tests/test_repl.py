@@ -200,3 +200,18 @@ def test_an_unexpected_failure_is_reported_and_the_session_goes_on(qwen_checkpoi
     assert "error: unexpected RuntimeError: template exploded (the conversation is kept)" in out
     assert [m.content for m in app.session.messages if m.role == "user"] == ["one", "two", "three"]
     assert app.session.messages[-1].role == "assistant"
+
+
+def test_ctrl_c_on_an_empty_line_cancels_a_load_in_progress(qwen_checkpoint, gpt2_checkpoint):
+    import threading
+
+    from glmrepl.engine.manager import LoadJob
+
+    app = loaded_app(gpt2_checkpoint)
+    job = LoadJob(app.load_request(str(qwen_checkpoint)))  # a load that is "running" until we finish it
+    app.manager.job = job
+    cancelled = threading.Event()
+    threading.Thread(target=lambda: (job.cancel_event.wait(30), cancelled.set())).start()
+    drive_repl(app, "typed\x03" + "\x03")  # the first Ctrl-C only clears the line
+    assert cancelled.wait(5) and job.cancel_event.is_set()
+    assert app.manager.current.info.path == gpt2_checkpoint
