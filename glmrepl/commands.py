@@ -13,6 +13,7 @@ from typing import Callable
 
 from .app import App
 from .engine.errors import GlmreplError
+from .units import human_bytes, human_count
 from .results import Error, Exit, Generate, TerminalEscape, Table, Text, WaitForLoad
 
 Handler = Callable[[App, str], object]
@@ -110,8 +111,8 @@ def _model_table(app: App):
     for e in entries:
         mark = "*" if current is not None and current.info.path == e.path else ""
         state = "ready" if e.ready else f"broken: {e.problem}"
-        rows.append([mark + e.name, e.family or e.architecture or "?", _params(e.param_count),
-                     _size(e.size_bytes), state])
+        rows.append([mark + e.name, e.family or e.architecture or "?", human_count(e.param_count),
+                     human_bytes(e.size_bytes) if e.size_bytes else "?", state])
     return Table(["name", "architecture", "params", "size", "state"], rows, title="Local checkpoints (/model NAME loads one)")
 
 
@@ -120,18 +121,6 @@ def no_models_message(app: App) -> str:
 
     return (f"no checkpoints found in {default_models_dir(app.models_dir)} or the Hugging Face cache: "
             "put a checkpoint folder there, or start glmrepl with a folder path")
-
-
-def _params(count: int | None) -> str:
-    if not count:
-        return "?"
-    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
-
-
-def _size(size: int | None) -> str:
-    from .engine.devices import human_bytes
-
-    return human_bytes(size) if size else "?"
 
 
 def cmd_device(app: App, args: str):

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("download", "check", "list"):
+        from . import tools
+
+        return tools.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import load_config

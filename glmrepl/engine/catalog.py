@@ -34,6 +34,7 @@ class CatalogEntry:
     param_count: int | None
     ready: bool
     problem: str | None
+    dtype: str | None = None
 
 
 def default_models_dir(cli_value: str | os.PathLike | None = None) -> Path:
@@ -202,6 +203,7 @@ def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> Ca
         param_count=scan.param_count,
         ready=scan.ready,
         problem=scan.problems[0] if scan.problems else None,
+        dtype=scan.dtype,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..units import human_bytes
 from .errors import DeviceError
 
 MODES = ("cpu", "gpu", "sharded", "auto")
@@ -104,11 +105,3 @@ def memory_report() -> list[tuple[str, str]]:
             used = torch.cuda.memory_allocated(index)
             lines.append((f"cuda:{index}", f"{human_bytes(used)} allocated, {human_bytes(free)} free of {human_bytes(total)}"))
     return lines
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"

@@ -1,0 +1,131 @@
+"""The folder tools: ``glmrepl download``, ``glmrepl check`` and ``glmrepl list``.
+
+They share the checks the loader makes (:mod:`glmrepl.engine.checkpoint`) and
+the catalog the REPL's ``/model`` listing shows (:mod:`glmrepl.engine.catalog`).
+Nothing heavy is imported at module level: ``glmrepl --help`` stays instant,
+and ``check`` and ``list`` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .units import human_bytes, human_count
+
+COMMANDS = ("download", "check", "list")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmrepl", description="Get, verify and list checkpoint folders.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    download = commands.add_parser("download", help="download what offline use of a hub repository needs")
+    download.add_argument("repo_id", metavar="REPO_ID", help="the repository, e.g. THUDM/chatglm3-6b")
+    download.add_argument("--to", metavar="DIR", help="destination folder (default: the models dir, "
+                          "under the repository's name)")
+    download.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
+    download.add_argument("--weights", choices=("safetensors", "bin", "all"), default="safetensors",
+                          help="weights format to fetch: safetensors when present, else .bin (default); "
+                          ".bin first; or every format")
+    download.add_argument("--models-dir", metavar="DIR", help="models dir for the default destination")
+
+    check = commands.add_parser("check", help="verify a checkpoint folder offline (exit 1 when not ready)")
+    check.add_argument("folder", metavar="DIR")
+    check.add_argument("--trust-remote-code", action="store_true",
+                       help="accept a checkpoint that needs its own Python code")
+
+    listing = commands.add_parser("list", help="list local checkpoints (models dir and Hugging Face cache)")
+    listing.add_argument("--models-dir", metavar="DIR", help="where checkpoints are kept "
+                         "(default: $GLMREPL_MODELS, else the XDG data dir)")
+    listing.add_argument("--trust-remote-code", action="store_true",
+                         help="count checkpoints that need their own Python code as ready")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"download": run_download, "check": run_check, "list": run_list}[args.command]
+    return handler(args, sys.stdout, sys.stderr)
+
+
+# -- download --------------------------------------------------------------------
+
+
+def run_download(args, out, err) -> int:
+    from .engine.download import download_checkpoint
+    from .engine.errors import GlmreplError
+
+    try:
+        result = download_checkpoint(args.repo_id, args.to, revision=args.revision, weights=args.weights,
+                                     models_dir=args.models_dir)
+    except GlmreplError as error:
+        print(f"error: {error}", file=err)
+        return 1
+    print(f"downloaded {len(result.files)} files of {result.repo_id} at {result.revision[:12]} "
+          f"to {result.path}", file=out)
+    return run_check(argparse.Namespace(folder=str(result.path), trust_remote_code=True), out, err)
+
+
+# -- check -----------------------------------------------------------------------
+
+
+def folder_problems(folder, *, trust_remote_code: bool = False) -> list[str]:
+    """The manifest's verdict on every file, then the loader's structural checks, without repeats."""
+    from .engine.checkpoint import find_problems
+    from .engine.download import manifest_problems
+
+    problems = manifest_problems(folder) + find_problems(folder, trust_remote_code=trust_remote_code)
+    return list(dict.fromkeys(problems))
+
+
+def run_check(args, out, err) -> int:
+    problems = folder_problems(args.folder, trust_remote_code=args.trust_remote_code)
+    for problem in problems:
+        print(problem, file=out)
+    if problems:
+        return 1
+    print("ready", file=out)
+    return 0
+
+
+# -- list ------------------------------------------------------------------------
+
+LIST_HEADINGS = ("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "STATUS", "PATH")
+
+
+def run_list(args, out, err) -> int:
+    from .engine.catalog import default_models_dir, find_checkpoints
+
+    models_dir = default_models_dir(args.models_dir)
+    entries = find_checkpoints(models_dir, trust_remote_code=args.trust_remote_code)
+    if not entries:
+        print(f"no checkpoints in {models_dir} or the Hugging Face cache", file=out)
+        return 0
+    rows = [LIST_HEADINGS] + [list_row(entry) for entry in entries]
+    for line in format_table(rows):
+        print(line, file=out)
+    return 0
+
+
+def list_row(entry) -> tuple[str, ...]:
+    return (
+        entry.name,
+        entry.family or entry.architecture or "?",
+        human_count(entry.param_count),
+        entry.dtype or "-",
+        human_bytes(entry.size_bytes),
+        "ready" if entry.ready else f"not ready: {entry.problem}",
+        str(entry.path),
+    )
+
+
+def format_table(rows) -> list[str]:
+    """Left-aligned columns; the last column (the path) is never padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
+
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
