@@ -25,6 +25,10 @@ class LoadOptions:
     trust_remote_code: bool = False
     family: str | None = None
     prompt_mode: str | None = None
+    gpu: int = 0
+    gpus: list[int] | None = None
+    max_gpu_memory: str | None = None
+    offload: bool = False
 
 
 @dataclass
@@ -61,7 +65,8 @@ class App:
         path = resolve_model(target, self.models_dir)
         o = self.options
         return LoadRequest(path=path, name=_display_name(target, path), mode=o.mode, dtype=o.dtype,
-                           trust_remote_code=o.trust_remote_code, family=o.family, prompt_mode=o.prompt_mode)
+                           trust_remote_code=o.trust_remote_code, family=o.family, prompt_mode=o.prompt_mode,
+                           gpu=o.gpu, gpus=o.gpus, max_gpu_memory=o.max_gpu_memory, offload=o.offload)
 
     def start_load(self, target: str):
         return self.manager.start_load(self.load_request(target))

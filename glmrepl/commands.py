@@ -131,6 +131,8 @@ def cmd_device(app: App, args: str):
         loaded = app.require_model()
         placement = loaded.info.placement
         lines = [f"{placement.describe()}" + (f" ({placement.reason})" if placement.reason else "")]
+        if placement.summary:
+            lines.append(f"  layers: {placement.summary}")
         lines += [f"  {device}: {figures}" for device, figures in memory_report()]
         return Text("\n".join(lines))
     mode = next((w for w in words if w in MODES), None)

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $GLMREPL_MODELS, else the XDG data dir)")
     parser.add_argument("--device", choices=("cpu", "gpu", "sharded", "auto"), help="where the model runs (default auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weight precision")
+    parser.add_argument("--gpu", type=int, default=0, metavar="N", help="gpu mode: which GPU (default 0)")
+    parser.add_argument("--gpus", type=_gpu_list, metavar="0,1,...", help="sharded mode: which GPUs (default all)")
+    parser.add_argument("--max-gpu-memory", metavar="SIZE", help="sharded mode: budget per GPU, "
+                        "e.g. 20GiB, or per GPU 0:20GiB,1:10GiB (default: 90%% of what is free)")
+    parser.add_argument("--offload", action="store_true",
+                        help="sharded mode: put layers that fit on no GPU on the CPU (slower)")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -47,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow a checkpoint's own Python code to run (only for folders you trust)")
     parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
     return parser
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of GPU numbers like 0,1") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +103,12 @@ def build_app(args, config):
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = LoadOptions(mode=args.device or config.get("model", "device", "auto"),
                           dtype=args.dtype or config.get("model", "dtype", "auto"),
-                          trust_remote_code=args.trust_remote_code, family=args.family)
+                          trust_remote_code=args.trust_remote_code, family=args.family,
+                          gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload)
+    if args.max_gpu_memory:
+        from .engine.placement import parse_gpu_memory
+
+        parse_gpu_memory(args.max_gpu_memory, args.gpus or [0])  # ValueError -> usage error
     return App(ModelManager(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
 
 

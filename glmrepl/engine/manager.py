@@ -18,7 +18,7 @@ from typing import Any
 
 from . import formats
 from .checkpoint import CheckpointInfo, inspect_checkpoint
-from .devices import Placement, plan_placement, torch_dtype
+from .devices import Placement, move_model, plan_placement, torch_dtype, weights_bytes_at
 from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError
 from .families import load_family
 
@@ -36,6 +36,10 @@ class LoadRequest:
     trust_remote_code: bool = False
     family: str | None = None  # the user's --family override
     prompt_mode: str | None = None  # "chat" / "complete" override
+    gpu: int = 0  # gpu mode: which GPU
+    gpus: list[int] | None = None  # sharded mode: which GPUs (None: all)
+    max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
+    offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
 
 
 @dataclass
@@ -59,6 +63,7 @@ class LoadedModel:
     info: ModelInfo
     native_format: Any = None  # a native family's own chat format, kept for /mode chat
     extra_stop_ids: list = field(default_factory=list)  # generation_config's eos ids
+    request: LoadRequest | None = None  # how it was loaded: /device reuses the GPU choices
 
 
 class LoadJob:
@@ -114,18 +119,43 @@ class ModelManager:
         return self.current
 
     def _run_job(self, job: LoadJob) -> None:
+        unloaded = None
         try:
+            unloaded = self._make_room(job)
             loaded = load_model(job.request, job)
             job.check_cancelled()
             self._install(loaded)
             job.result = loaded
         except BaseException as error:  # handed to whoever waits on the job
             job.error = error if isinstance(error, GlmreplError) else _as_load_error(error, job.request)
+            if unloaded is not None:
+                self._restore(unloaded, job)
         finally:
             job.stage = "done"
             job.done.set()
             if job.error:
                 free_memory()
+
+    def _make_room(self, job: LoadJob) -> LoadRequest | None:
+        """Swap policy: keep the current model while the new one loads when both fit
+        (so a failed load changes nothing); otherwise unload it first, and reload it
+        if the new load fails. Returns the request to reload with, if it was unloaded."""
+        current = self.current
+        if current is None or current.request is None:
+            return None
+        needed = estimated_bytes(job.request)
+        if needed is None or needed <= available_bytes(current.info.placement) * ROOM_FACTOR:
+            return None
+        job.stage = f"unloading {current.info.name} to make room"
+        self.unload()
+        return current.request
+
+    def _restore(self, request: LoadRequest, job: LoadJob) -> None:
+        job.stage = f"reloading {request.name}"
+        try:
+            self._install(load_model(request))
+        except BaseException:  # the user is told no model is loaded; the conversation stays
+            self.current = None
 
     def _install(self, loaded: LoadedModel) -> None:
         with self._lock:
@@ -146,25 +176,66 @@ class ModelManager:
         return loaded.prompt_format.name
 
     def move(self, mode: str, dtype: str = "auto", gpu: int = 0) -> Placement:
-        """Move the loaded model to another placement without reading the disk again."""
+        """Move the loaded model to another placement without reading the disk again.
+
+        The old placement's memory is given back (hooks removed, caches
+        emptied); if the move fails the model returns to where it was.
+        """
         loaded = self._require_model()
-        placement = plan_placement(mode, dtype, loaded.info.placement.dtype, gpu)
-        if placement.mode == "sharded":
-            raise DeviceError("moving into sharded mode needs a reload: /model with --device sharded")
         before = loaded.info.placement
-        try:
-            loaded.model.to(device=placement.device_map, dtype=torch_dtype(placement.dtype))
-        except Exception as error:
-            loaded.model.to(device=before.device_map, dtype=torch_dtype(before.dtype))
-            raise DeviceError(f"could not move the model to {placement.describe()}: {_first_line(error)}") from None
-        loaded.info.placement = placement
+        request = loaded.request
+        after = plan_placement(mode, dtype, before.dtype, gpu, needed_bytes=_needed_bytes(loaded.model, dtype, mode),
+                               gpus=request.gpus if request else None,
+                               max_gpu_memory=request.max_gpu_memory if request else None,
+                               offload=request.offload if request else False)
+        move_model(loaded.model, before, after)
+        loaded.info.placement = after
         free_memory()
-        return placement
+        return after
 
     def _require_model(self) -> LoadedModel:
         if self.current is None:
             raise GlmreplError("no model is loaded: choose one with /model")
         return self.current
+
+
+# A new model may load beside the current one when it takes at most this share
+# of the memory available now (the rest is for activations and the allocator).
+ROOM_FACTOR = 0.8
+
+
+def estimated_bytes(request: LoadRequest) -> int | None:
+    """Bytes the request's weights will take, from headers only; None when unknown."""
+    try:
+        info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
+                                  family_override=request.family)
+    except GlmreplError:
+        return None  # the load itself will report the problem, with the old model untouched
+    target = request.dtype if request.dtype in ("float32", "bfloat16", "float16") else (
+        "float32" if request.mode == "cpu" else "float16")
+    return weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, target)
+
+
+def available_bytes(placement: Placement) -> int:
+    """Memory free for a second model where this one lives: RAM, or the GPUs' free memory."""
+    if placement.mode == "cpu":
+        return memory_available_bytes()
+    import torch
+
+    gpus = placement.budgets or {int(str(placement.device_map).split(":")[-1]): 0}
+    return sum(torch.cuda.mem_get_info(gpu)[0] for gpu in gpus)
+
+
+def memory_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere assume there is room."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
 
 
 # -- the load pipeline, one public step each ----------------------------------
@@ -176,25 +247,81 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     job.stage = "checking files"
     info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
                               family_override=request.family)
-    placement = plan_placement(request.mode, request.dtype, info.dtype)
+    placement = placement_for(request, info)
     job.check_cancelled()
     if info.family is not None:
         job.stage = "loading weights"
         with _weight_progress(job):
             parts = load_family(info.path, info.family, dtype=torch_dtype(placement.dtype),
-                                device_map=placement.device_map)
+                                device_map=_family_device_map(placement))
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
     else:
         job.stage = "loading tokenizer"
         tokenizer = load_tokenizer(info, request.trust_remote_code)
         job.check_cancelled()
+        if placement.mode == "sharded":
+            placement.device_map = plan_generic_shards(info, placement, request.trust_remote_code)
         job.stage = "loading weights"
         with _weight_progress(job):
             model = load_weights(info, placement, request.trust_remote_code)
         native_format = None
     stop_ids = generation_stop_ids(model)
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
-    return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids)
+    placement.summary = describe_layout(model, placement)
+    return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids,
+                       request)
+
+
+def placement_for(request: LoadRequest, info: CheckpointInfo) -> Placement:
+    """The placement for a load, sized from the checkpoint's headers (nothing loaded yet)."""
+    target = request.dtype if request.dtype in ("float32", "bfloat16", "float16") else (
+        "float32" if request.mode == "cpu" else "float16")
+    needed = weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, target)
+    return plan_placement(request.mode, request.dtype, info.dtype, request.gpu, needed_bytes=needed,
+                          gpus=request.gpus, max_gpu_memory=request.max_gpu_memory, offload=request.offload)
+
+
+def plan_generic_shards(info: CheckpointInfo, placement: Placement, trust_remote_code: bool) -> dict:
+    """Plan the split on an empty (meta-device) copy of the model, before any weight is read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .placement import plan_shards
+
+    config = AutoConfig.from_pretrained(str(info.path), local_files_only=True, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    empty.tie_weights()  # a tied head shares the embeddings' tensor: plan it once
+    return plan_shards(empty, placement.budgets, torch_dtype(placement.dtype), placement.offload).device_map
+
+
+def _family_device_map(placement: Placement):
+    """Native families build their own empty model; the sharded plan is made on it."""
+    if placement.mode != "sharded":
+        return placement.device_map
+
+    def plan(empty_model):
+        from .placement import plan_shards
+
+        placement.device_map = plan_shards(empty_model, placement.budgets, torch_dtype(placement.dtype),
+                                           placement.offload).device_map
+        return placement.device_map
+
+    return plan
+
+
+def describe_layout(model: Any, placement: Placement) -> str:
+    if placement.mode == "sharded":
+        from .placement import summarize
+
+        return summarize(model, placement.device_map)
+    return f"{placement.device_map}: all layers"
+
+
+def _needed_bytes(model: Any, dtype: str, mode: str) -> int:
+    target = dtype if dtype in ("float32", "bfloat16", "float16") else ("float32" if mode == "cpu" else "float16")
+    count = sum(p.numel() for p in model.parameters())
+    return weights_bytes_at(count, 0, None, target)
 
 
 def generation_stop_ids(model: Any) -> list[int]:

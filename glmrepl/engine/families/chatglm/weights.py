@@ -98,6 +98,8 @@ def _load_pickled(shard: Path) -> dict:
 def resolve_device_map(model: torch.nn.Module, device_map, dtype: torch.dtype) -> dict[str, str]:
     """A {module name: device} dict from "cpu", "cuda:0", a torch.device, an accelerate
     strategy ("auto", "balanced", ...) or a dict (GPU indices become "cuda:N")."""
+    if callable(device_map):  # a planner: it decides on the empty model
+        device_map = device_map(model)
     if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
         device_map = _infer_device_map(model, device_map, dtype)
     elif isinstance(device_map, (str, torch.device)):
