@@ -96,7 +96,7 @@ def test_models_dir_listing(models_dir):
     assert qwen.architecture == "Qwen2ForCausalLM"
     assert qwen.param_count and qwen.param_count > 0
     assert qwen.size_bytes == sum(f.stat().st_size for f in qwen.path.glob("*.safetensors"))
-    assert gpt2.ready and gpt2.architecture == "GPT2LMHeadModel" and gpt2.param_count is None
+    assert gpt2.ready and gpt2.architecture == "GPT2LMHeadModel" and gpt2.param_count > 0
     assert broken.ready is False
     assert "no weights" in broken.problem and "\n" not in broken.problem
     assert broken.size_bytes > 0

@@ -55,7 +55,10 @@ def test_gpt2_folder_is_described(gpt2_checkpoint):
     assert info.weights_format == "bin"
     assert info.weight_files == [gpt2_checkpoint / "pytorch_model.bin"]
     assert info.weight_bytes == (gpt2_checkpoint / "pytorch_model.bin").stat().st_size
-    assert info.param_count is None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_checkpoint, local_files_only=True)
+    assert info.param_count == model.num_parameters()  # read from the pickle's shapes, tied head once
     assert info.has_chat_template is False
     assert {"vocab.json", "merges.txt"} <= set(info.tokenizer_files)
     assert info.context_length == 256

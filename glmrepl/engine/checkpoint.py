@@ -22,6 +22,7 @@ from pathlib import Path
 from . import families
 from .errors import CheckpointError
 from .families import FamilyMatch
+from .pickled import count_pickled_parameters
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 
@@ -63,7 +64,7 @@ class CheckpointInfo:
     weights_format: str  # "safetensors" or "bin"
     weight_files: list[Path]
     weight_bytes: int
-    param_count: int | None  # from safetensors headers; None for pickled weights
+    param_count: int | None  # from safetensors headers or the .bin's pickled shapes; None if unknown
     dtype: str | None
     has_chat_template: bool
     tokenizer_files: list[str]
@@ -387,7 +388,8 @@ def _check_weight_files(scan: CheckpointScan, weights_format: str, files: list[P
             params += _check_safetensors(scan, file)
         else:
             _check_pickle(scan, file)
-    if weights_format == "safetensors" and complete and len(scan.problems) == problems_before:
+            params += count_pickled_parameters(file) or 0
+    if complete and len(scan.problems) == problems_before and params:
         scan.param_count = params
 
 
