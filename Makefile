@@ -24,5 +24,8 @@ test: install
 demo: install
 	$(PY) -m glmrepl.demo
 
+bench: install
+	$(PY) benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

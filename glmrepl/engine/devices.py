@@ -120,6 +120,13 @@ def gpu_budgets(gpus: list[int], max_gpu_memory: str | None) -> dict[int, int]:
     return {gpu: int(torch.cuda.mem_get_info(gpu)[0] * GPU_HEADROOM) for gpu in gpus}
 
 
+def sizing_dtype(mode: str, dtype: str) -> str:
+    """The precision to size a model for before its placement is resolved."""
+    if dtype in ("float32", "bfloat16", "float16"):
+        return dtype
+    return "float32" if mode == "cpu" else "float16"
+
+
 def weights_bytes_at(param_count: int | None, weight_bytes: int, stored_dtype: str | None, dtype: str) -> int:
     """What the weights will take at ``dtype`` (from the parameter count when known)."""
     size = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import formats
 from .checkpoint import CheckpointInfo, inspect_checkpoint
-from .devices import Placement, move_model, plan_placement, torch_dtype, weights_bytes_at
+from .devices import Placement, move_model, plan_placement, sizing_dtype, torch_dtype, weights_bytes_at
 from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError
 from .families import load_family
 
@@ -211,9 +211,7 @@ def estimated_bytes(request: LoadRequest) -> int | None:
                                   family_override=request.family)
     except GlmreplError:
         return None  # the load itself will report the problem, with the old model untouched
-    target = request.dtype if request.dtype in ("float32", "bfloat16", "float16") else (
-        "float32" if request.mode == "cpu" else "float16")
-    return weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, target)
+    return weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, sizing_dtype(request.mode, request.dtype))
 
 
 def available_bytes(placement: Placement) -> int:
@@ -274,9 +272,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
 
 def placement_for(request: LoadRequest, info: CheckpointInfo) -> Placement:
     """The placement for a load, sized from the checkpoint's headers (nothing loaded yet)."""
-    target = request.dtype if request.dtype in ("float32", "bfloat16", "float16") else (
-        "float32" if request.mode == "cpu" else "float16")
-    needed = weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, target)
+    needed = weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, sizing_dtype(request.mode, request.dtype))
     return plan_placement(request.mode, request.dtype, info.dtype, request.gpu, needed_bytes=needed,
                           gpus=request.gpus, max_gpu_memory=request.max_gpu_memory, offload=request.offload)
 
@@ -319,9 +315,8 @@ def describe_layout(model: Any, placement: Placement) -> str:
 
 
 def _needed_bytes(model: Any, dtype: str, mode: str) -> int:
-    target = dtype if dtype in ("float32", "bfloat16", "float16") else ("float32" if mode == "cpu" else "float16")
     count = sum(p.numel() for p in model.parameters())
-    return weights_bytes_at(count, 0, None, target)
+    return weights_bytes_at(count, 0, None, sizing_dtype(mode, dtype))
 
 
 def generation_stop_ids(model: Any) -> list[int]:
