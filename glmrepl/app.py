@@ -29,6 +29,7 @@ class LoadOptions:
     gpus: list[int] | None = None
     max_gpu_memory: str | None = None
     offload: bool = False
+    quantize: int | None = None  # 4 or 8: quantize a float ChatGLM checkpoint while loading it
 
 
 @dataclass
@@ -66,7 +67,8 @@ class App:
         o = self.options
         return LoadRequest(path=path, name=_display_name(target, path), mode=o.mode, dtype=o.dtype,
                            trust_remote_code=o.trust_remote_code, family=o.family, prompt_mode=o.prompt_mode,
-                           gpu=o.gpu, gpus=o.gpus, max_gpu_memory=o.max_gpu_memory, offload=o.offload)
+                           gpu=o.gpu, gpus=o.gpus, max_gpu_memory=o.max_gpu_memory, offload=o.offload,
+                           quantize=o.quantize)
 
     def start_load(self, target: str):
         return self.manager.start_load(self.load_request(target))

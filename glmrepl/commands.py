@@ -146,6 +146,14 @@ def cmd_device(app: App, args: str):
     return Text(f"model now on {placement.describe()}; conversation kept")
 
 
+def cmd_quantize(app: App, args: str):
+    if args.strip() not in ("4", "8"):
+        return Error("/quantize needs 4 or 8 (bits per weight)")
+    app.require_model()
+    placement = app.manager.quantize(int(args))
+    return Text(f"model now on {placement.describe()}; conversation kept")
+
+
 def cmd_system(app: App, args: str):
     if not args:
         return Text(f"system prompt: {app.session.system}" if app.session.system else "no system prompt (/system TEXT sets one)")
@@ -323,6 +331,8 @@ for _command in (
             cmd_model, (), complete_model),
     Command("device", "/device [MODE] [DTYPE]", "show placement and memory, or move the model (cpu, gpu, sharded, auto)",
             cmd_device, (), complete_device),
+    Command("quantize", "/quantize 4|8", "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
+            cmd_quantize, (), lambda app, prefix: ["4", "8"]),
     Command("system", "/system [TEXT|none]", "show or set the system prompt", cmd_system),
     Command("set", "/set [KEY VALUE]", "list generation settings, or change one", cmd_set, (), complete_setting),
     Command("mode", "/mode chat|complete", "chat with the template, or continue plain text", cmd_mode, (),

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 20GiB, or per GPU 0:20GiB,1:10GiB (default: 90%% of what is free)")
     parser.add_argument("--offload", action="store_true",
                         help="sharded mode: put layers that fit on no GPU on the CPU (slower)")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="{4,8}",
+                        help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -104,7 +106,8 @@ def build_app(args, config):
     options = LoadOptions(mode=args.device or config.get("model", "device", "auto"),
                           dtype=args.dtype or config.get("model", "dtype", "auto"),
                           trust_remote_code=args.trust_remote_code, family=args.family,
-                          gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload)
+                          gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload,
+                          quantize=args.quantize)
     if args.max_gpu_memory:
         from .engine.placement import parse_gpu_memory
 

@@ -31,9 +31,11 @@ class Placement:
     budgets: dict[int, int] = field(default_factory=dict)  # sharded: bytes per GPU index
     offload: bool = False  # sharded: layers that fit on no GPU may go to the CPU
     summary: str = ""  # where the layers ended up, once loaded
+    quant_bits: int = 0  # 4 or 8 when the layers are quantized (int4/int8), else 0
 
     def describe(self) -> str:
-        return f"{self.mode} {self.dtype}"
+        quantized = f" int{self.quant_bits}" if self.quant_bits else ""
+        return f"{self.mode} {self.dtype}{quantized}"
 
 
 def cuda_device_count() -> int:

@@ -40,6 +40,7 @@ class LoadRequest:
     gpus: list[int] | None = None  # sharded mode: which GPUs (None: all)
     max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
     offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
+    quantize: int | None = None  # --quantize: 4 or 8 bits for a float ChatGLM checkpoint
 
 
 @dataclass
@@ -188,10 +189,21 @@ class ModelManager:
                                gpus=request.gpus if request else None,
                                max_gpu_memory=request.max_gpu_memory if request else None,
                                offload=request.offload if request else False)
+        after.quant_bits = before.quant_bits
         move_model(loaded.model, before, after)
         loaded.info.placement = after
         free_memory()
         return after
+
+    def quantize(self, bits: int) -> Placement:
+        """Quantize the loaded model's layers in place (as ChatGLM's ``model.quantize(bits)``)."""
+        from .families.chatglm.quantized import quantize_in_place
+
+        loaded = self._require_model()
+        quantize_in_place(loaded.model, bits)
+        loaded.info.placement.quant_bits = bits
+        free_memory()
+        return loaded.info.placement
 
     def _require_model(self) -> LoadedModel:
         if self.current is None:
@@ -251,9 +263,14 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         job.stage = "loading weights"
         with _weight_progress(job):
             parts = load_family(info.path, info.family, dtype=torch_dtype(placement.dtype),
-                                device_map=_family_device_map(placement))
+                                device_map=_family_device_map(placement), quantize=request.quantize)
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
+        placement.quant_bits = _quant_bits(model)
     else:
+        if request.quantize:  # only native ChatGLM layers have a quantized form
+            from .quant import unsupported_architecture
+
+            raise unsupported_architecture(info.architecture)
         job.stage = "loading tokenizer"
         tokenizer = load_tokenizer(info, request.trust_remote_code)
         job.check_cancelled()
@@ -268,6 +285,12 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     placement.summary = describe_layout(model, placement)
     return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids,
                        request)
+
+
+def _quant_bits(model: Any) -> int:
+    from .quant import model_bits  # torch is imported only once a model loads
+
+    return model_bits(model)
 
 
 def placement_for(request: LoadRequest, info: CheckpointInfo) -> Placement:

@@ -45,8 +45,9 @@ def detect_family(path: Path, config: dict, override: str | None = None) -> Fami
     return detect_chatglm(path, config, override)
 
 
-def load_family(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any) -> LoadedParts:
-    """Load a recognised family's model, tokenizer and prompt format."""
+def load_family(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any,
+                quantize: int | None = None) -> LoadedParts:
+    """Load a recognised family's model, tokenizer and prompt format (``quantize``: 4 or 8 bits)."""
     from .chatglm.load import load_chatglm
 
-    return load_chatglm(path, match, dtype=dtype, device_map=device_map)
+    return load_chatglm(path, match, dtype=dtype, device_map=device_map, quantize=quantize)

@@ -33,11 +33,16 @@ _RENAMES = (
     (r"transformer\.output_layer\.weight", "lm_head.weight"),
     (r"transformer\.encoder\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
      r"model.layers.\1.\2.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", r"model.layers.\1.mlp.gate_up_proj.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    # weight_scale: the per-row scales of quantized (int4/int8) checkpoints
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.(weight|weight_scale)",
+     r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|weight_scale)",
+     r"model.layers.\1.mlp.gate_up_proj.\2"),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|weight_scale)",
+     r"model.layers.\1.mlp.down_proj.\2"),
 )
-_FUSED_QKV = re.compile(r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)")
+_FUSED_QKV = re.compile(
+    r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias|weight_scale)")
 _IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed by the model
 
 
@@ -50,7 +55,7 @@ def check_supported(config: dict, folder: str) -> None:
                    if name in config and config[name] != wanted]
     if config.get("pre_seq_len"):
         unsupported.append(f"pre_seq_len={config['pre_seq_len']!r} (P-tuning prefix)")
-    if config.get("quantization_bit"):
+    if config.get("quantization_bit") not in (None, 0, 4, 8):
         unsupported.append(f"quantization_bit={config['quantization_bit']!r}")
     if unsupported:
         raise CheckpointError(f"{folder}: unsupported ChatGLM2-style settings: {', '.join(unsupported)}")
@@ -83,8 +88,11 @@ def glm_config(config: dict, eos_token_ids: list[int], dtype: torch.dtype):
     )
 
 
-def tensor_converter(glm_cfg):
-    """A conversion from ChatGLM2-style weight names to ``GlmForCausalLM`` ones."""
+def tensor_converter(glm_cfg, folder: str = "checkpoint"):
+    """A conversion from ChatGLM2-style weight names to ``GlmForCausalLM`` ones.
+
+    The fused query_key_value rows are q, then k, then v; a quantized one's
+    weight and weight_scale are split at the same rows (scales are per row)."""
     q_size = glm_cfg.num_attention_heads * glm_cfg.head_dim
     kv_size = glm_cfg.num_key_value_heads * glm_cfg.head_dim
 
@@ -94,6 +102,9 @@ def tensor_converter(glm_cfg):
         fused = _FUSED_QKV.fullmatch(name)
         if fused:
             layer, kind = fused.groups()
+            if tensor.shape[0] != q_size + 2 * kv_size:
+                raise CheckpointError(f"{folder}: {name} has {tensor.shape[0]} rows, the config implies "
+                                      f"{q_size + 2 * kv_size} (query {q_size} + key and value {kv_size} each)")
             q, k, v = tensor.split([q_size, kv_size, kv_size], dim=0)
             prefix = f"model.layers.{layer}.self_attn"
             return [(f"{prefix}.q_proj.{kind}", q), (f"{prefix}.k_proj.{kind}", k), (f"{prefix}.v_proj.{kind}", v)]

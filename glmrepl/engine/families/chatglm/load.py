@@ -9,6 +9,9 @@ placed straight onto its device from the checkpoint (see weights.py).
 strategy ("auto", "balanced", "balanced_low_0", "sequential") or a
 {module name: device} dict. Module names are the native model's
 (``transformer.layers.3`` for ChatGLM-6B, ``model.layers.3`` for the others).
+
+Quantized checkpoints (``quantization_bit`` 4 or 8) and ``quantize`` (quantize a
+float checkpoint while loading it) get glmrepl's quantized linears; see quantized.py.
 """
 
 from __future__ import annotations
@@ -19,18 +22,21 @@ from typing import Any
 
 from ...errors import CheckpointError
 from .. import FamilyMatch, LoadedParts
-from . import weights
+from . import quantized, weights
 
 
-def load_chatglm(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any) -> LoadedParts:
+def load_chatglm(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any,
+                 quantize: int | None = None) -> LoadedParts:
     """Model (in eval mode, generation_config stopping like the family's chat()), tokenizer and
-    prompt format for ``match.family``; CheckpointError names what the folder lacks or has unsupported."""
+    prompt format for ``match.family``; CheckpointError names what the folder lacks or has unsupported.
+    ``quantize`` (4 or 8) quantizes a float checkpoint's layers as they are loaded."""
     path = Path(path)
     config = _read_config(path)
+    bits = quantized.load_bits(config, path.name, quantize)
     if match.family == "chatglm1":
-        model, tokenizer, prompt_format = _load_glm1(path, config, dtype, device_map)
+        model, tokenizer, prompt_format = _load_glm1(path, config, dtype, device_map, bits)
     elif match.family in ("chatglm2", "chatglm3", "glm4"):
-        model, tokenizer, prompt_format = _load_glm2(path, config, match.family, dtype, device_map)
+        model, tokenizer, prompt_format = _load_glm2(path, config, match.family, dtype, device_map, bits)
     else:
         raise CheckpointError(f"{path.name}: unknown ChatGLM family {match.family!r}")
     model.eval()
@@ -62,7 +68,7 @@ def _vocabulary_file(path: Path, name: str) -> Path:
 # -- ChatGLM-6B ----------------------------------------------------------------
 
 
-def _load_glm1(path: Path, config: dict, dtype, device_map):
+def _load_glm1(path: Path, config: dict, dtype, device_map, bits: int = 0):
     from .glm1_model import ChatGLM1ForCausalLM
     from .prompts import ChatGLM1Format
     from .tokenizers import ChatGLM1Tokenizer
@@ -70,14 +76,15 @@ def _load_glm1(path: Path, config: dict, dtype, device_map):
     num_image_tokens = _read_tokenizer_config(path).get("num_image_tokens", 20000)
     tokenizer = ChatGLM1Tokenizer(_vocabulary_file(path, "ice_text.model"), num_image_tokens=num_image_tokens)
     model = _build_and_fill(path, ChatGLM1ForCausalLM, glm1_config(config, path.name, dtype),
-                            _glm1_converter, dtype, device_map)
+                            _glm1_converter, dtype, device_map, bits, quantized.config_bits(config, path.name))
     return model, tokenizer, ChatGLM1Format(tokenizer)
 
 
 def glm1_config(config: dict, folder: str, dtype):
     from .glm1_model import ChatGLM1Config
 
-    unsupported = [f"{name}={config[name]!r}" for name in ("quantization_bit", "pre_seq_len") if config.get(name)]
+    unsupported = [f"{name}={config[name]!r}" for name in ("pre_seq_len", "quantization_embeddings")
+                   if config.get(name)]
     if not config.get("position_encoding_2d", True):
         unsupported.append("position_encoding_2d=false")
     if unsupported:
@@ -129,7 +136,7 @@ def _glm2_tokenizer_and_format(path: Path, family: str):
     return tokenizer, ChatGLM2Format(tokenizer)
 
 
-def _load_glm2(path: Path, config: dict, family: str, dtype, device_map):
+def _load_glm2(path: Path, config: dict, family: str, dtype, device_map, bits: int = 0):
     from transformers import GlmForCausalLM
 
     from . import glm2_mapping
@@ -137,24 +144,33 @@ def _load_glm2(path: Path, config: dict, family: str, dtype, device_map):
     glm2_mapping.check_supported(config, path.name)
     tokenizer, prompt_format = _glm2_tokenizer_and_format(path, family)
     glm_cfg = glm2_mapping.glm_config(config, prompt_format.stop_token_ids, dtype)
-    model = _build_and_fill(path, GlmForCausalLM, glm_cfg, glm2_mapping.tensor_converter(glm_cfg), dtype, device_map)
+    convert = glm2_mapping.tensor_converter(glm_cfg, path.name)
+    model = _build_and_fill(path, GlmForCausalLM, glm_cfg, convert, dtype, device_map, bits,
+                            quantized.config_bits(config, path.name))
     return model, tokenizer, prompt_format
 
 
 # -- shared --------------------------------------------------------------------
 
 
-def _build_and_fill(path: Path, model_class, model_config, convert, dtype, device_map):
-    """Build on the meta device, stream the weights in, dispatch if split across devices."""
+def _build_and_fill(path: Path, model_class, model_config, convert, dtype, device_map, bits: int = 0,
+                    stored_bits: int = 0):
+    """Build on the meta device, stream the weights in, dispatch if split across devices.
+    ``bits``: the layers' quantization (0: float); ``stored_bits``: the checkpoint's own."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = model_class(model_config)
+    if bits:  # before the device map is planned, so that it sizes the layers as stored
+        quantized.replace_with_empty(model, bits, dtype)
+        convert = quantized.quantizing_converter(model, convert, path.name, stored_bits)
     placement = weights.resolve_device_map(model, device_map, dtype)
     loaded = weights.load_into(model, path, convert, placement, dtype)
     _fill_missing_head(model, loaded, placement, path)
     weights.place_buffers(model, placement)
     weights.dispatch_if_split(model, placement)
+    if bits:
+        quantized.release_freed_memory()
     return model
 
 

@@ -1,0 +1,318 @@
+"""int4 / int8 layers: the layout bit for bit, the reference quantized checkpoints, quantizing
+float checkpoints on load and in place, and the errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data" / "chatglm"
+QUANTIZED = ("chatglm2-int4", "chatglm2-int8")
+
+
+def load(name: str, quantize=None, device_map="cpu", dtype=None):
+    import torch
+
+    from glmrepl.engine.families import detect_family, load_family
+
+    folder = DATA / f"{name}-tiny" if not isinstance(name, Path) else name
+    match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    return load_family(folder, match, dtype=dtype or torch.float32, device_map=device_map, quantize=quantize)
+
+
+def expected(name: str) -> dict:
+    return json.loads((DATA / f"{name}-tiny.expected.json").read_text(encoding="utf-8"))
+
+
+def reference_logits(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(DATA / f"{name}-tiny.logits.safetensors"))
+
+
+def as_messages(case: dict) -> list[dict]:
+    messages = []
+    for question, answer in case["history"]:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": case["query"]}]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {name: load(name) for name in QUANTIZED}
+
+
+# -- the layout -----------------------------------------------------------------
+
+
+def test_int4_dequantizes_hand_built_bytes():
+    import torch
+
+    from glmrepl.engine.quant import dequantize, unpacked_values
+
+    # high nibble first: 0x7F = (7, -1), 0x80 = (-8, 0), 0x08 = (0, -8), 0xF7 = (-1, 7)
+    packed = torch.tensor([[0x7F, 0x80 - 256], [0x08, 0xF7 - 256]], dtype=torch.int8)
+    assert unpacked_values(packed, 4).tolist() == [[7, -1, -8, 0], [0, -8, -1, 7]]
+    scale = torch.tensor([0.5, 2.0])
+    assert dequantize(packed, scale, 4).tolist() == [[3.5, -0.5, -4.0, 0.0], [0.0, -16.0, -2.0, 14.0]]
+
+
+def test_int8_dequantizes_hand_built_bytes():
+    import torch
+
+    from glmrepl.engine.quant import dequantize
+
+    packed = torch.tensor([[-128, 127, 0, -1]], dtype=torch.int8)
+    assert dequantize(packed, torch.tensor([0.25]), 8).tolist() == [[-32.0, 31.75, 0.0, -0.25]]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_round_trips_the_layout(bits):
+    import torch
+
+    from glmrepl.engine.quant import dequantize, quantize_weight, unpacked_values
+
+    limit = 2 ** (bits - 1) - 1
+    values = torch.randint(-limit, limit + 1, (6, 16), dtype=torch.int8)
+    values[:, 0] = limit  # the row maximum fixes the scale
+    scale = torch.rand(6) + 0.5
+    packed, found = quantize_weight(values.float() * scale[:, None], bits)
+    assert torch.equal(unpacked_values(packed, bits), values)
+    assert torch.allclose(found, scale)
+    assert torch.allclose(dequantize(packed, found, bits), values.float() * scale[:, None])
+
+
+def test_quantized_linear_matches_dequantized_matmul():
+    import torch
+
+    from glmrepl.engine.quant import QuantizedLinear
+
+    torch.manual_seed(0)
+    for bits in (4, 8):
+        linear = torch.nn.Linear(64, 3000, bias=True)  # more rows than one CPU block
+        layer = QuantizedLinear.from_linear(linear, bits)
+        x = torch.randn(2, 5, 64)
+        reference = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
+        assert torch.allclose(layer(x), reference, atol=1e-5, rtol=1e-5)
+        assert layer.weight.dtype == torch.int8 and layer.weight.shape == (3000, 64 * bits // 8)
+
+
+# -- the reference quantized checkpoints --------------------------------------------
+
+
+def cases():
+    return [pytest.param(name, index, id=f"{name}-case{index}")
+            for name in QUANTIZED for index in range(len(expected(name)["cases"]))]
+
+
+@pytest.mark.parametrize("name,index", cases())
+def test_prompt_greedy_and_decoded(loaded, name, index):
+    import torch
+
+    case = expected(name)["cases"][index]
+    parts = loaded[name]
+    prompt_ids = parts.prompt_format.build(as_messages(case))
+    assert prompt_ids == case["prompt_ids"]
+    with torch.inference_mode():
+        output = parts.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24,
+                                      eos_token_id=parts.prompt_format.stop_token_ids)
+    greedy_ids = output[0, len(prompt_ids):].tolist()
+    assert greedy_ids == case["greedy_ids"]
+    assert parts.tokenizer.decode(greedy_ids, skip_special_tokens=False) == case["decoded"]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_logits_match_reference(loaded, name):
+    import torch
+
+    reference = reference_logits(name)
+    with torch.inference_mode():
+        logits = loaded[name].model(input_ids=reference["input_ids"]).logits
+    assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_layers_stay_quantized_in_memory(loaded, name):
+    import torch
+
+    from glmrepl.engine.quant import QuantizedLinear, model_bits
+
+    model = loaded[name].model
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 2 * 6 and all(m.weight.dtype == torch.int8 for m in layers)
+    assert model_bits(model) == int(name[-1])
+
+
+# -- quantizing float checkpoints -----------------------------------------------------
+
+
+def quantized_state(model) -> dict:
+    from glmrepl.engine.quant import QuantizedLinear
+
+    return {name: (m.weight, m.weight_scale) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_on_load_equals_the_quantized_checkpoint(loaded, bits):
+    import torch
+
+    name = f"chatglm2-int{bits}"
+    parts = load("chatglm2", quantize=bits)
+    ours, theirs = quantized_state(parts.model), quantized_state(loaded[name].model)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key][0], theirs[key][0]), key
+        assert torch.equal(ours[key][1], theirs[key][1]), key
+    reference = reference_logits(name)
+    with torch.inference_mode():
+        logits = parts.model(input_ids=reference["input_ids"]).logits
+    assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_quantize_in_place_equals_the_quantized_checkpoint(loaded):
+    import torch
+
+    from glmrepl.engine.families.chatglm.quantized import quantize_in_place
+
+    model = load("chatglm2").model
+    assert quantize_in_place(model, 4) == 2 * 6
+    theirs = quantized_state(loaded["chatglm2-int4"].model)
+    for key, (weight, scale) in quantized_state(model).items():
+        assert torch.equal(weight, theirs[key][0]) and torch.equal(scale, theirs[key][1]), key
+    assert quantize_in_place(model, 4) == 0  # already done: nothing to do
+
+
+@pytest.mark.parametrize("family", ["chatglm1", "chatglm3"])
+def test_quantize_other_generations_on_load(family):
+    """ChatGLM-6B's and ChatGLM3's layers quantize too, and compute what the float model
+    computes with the dequantized weights in place of its own."""
+    import torch
+
+    from glmrepl.engine.quant import QuantizedLinear
+
+    quantized = load(family, quantize=4).model
+    float_model = load(family).model
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantizedLinear):
+            float_model.get_submodule(name).weight.data = module.dequantized()
+    ids = reference_logits(family)["input_ids"]
+    with torch.inference_mode():
+        assert torch.allclose(quantized(input_ids=ids).logits, float_model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_chatglm1_quantized_checkpoint_round_trip(tmp_path):
+    """A ChatGLM-6B int4 folder in the released layout loads with the same layers."""
+    import torch
+
+    parts = load("chatglm1", quantize=4)
+    folder = tmp_path / "chatglm1-int4"
+    shutil.copytree(DATA / "chatglm1-tiny", folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["quantization_bit"] = 4
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (folder / "pytorch_model.bin").unlink(missing_ok=True)
+    for stale in folder.glob("*.safetensors"):
+        stale.unlink()
+    state = {name: tensor for name, tensor in parts.model.state_dict().items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    reloaded = load(folder)
+    ids = reference_logits("chatglm1")["input_ids"]
+    with torch.inference_mode():
+        assert torch.equal(reloaded.model(input_ids=ids).logits, parts.model(input_ids=ids).logits)
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def test_quantized_weight_shape_not_matching_config(tmp_path):
+    from glmrepl.engine.errors import CheckpointError
+
+    folder = Path(shutil.copytree(DATA / "chatglm2-int4-tiny", tmp_path / "chatglm2-int4-tiny"))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["quantization_bit"] = 8  # int4 bytes read as int8: half the columns
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(CheckpointError) as error:
+        load(folder)
+    message = str(error.value)
+    assert "\n" not in message and "chatglm2-int4-tiny" in message and "shape" in message
+
+
+def test_quantize_cannot_requantize_a_quantized_checkpoint():
+    from glmrepl.engine.quant import QuantizeError
+
+    with pytest.raises(QuantizeError, match="already quantized to int4"):
+        load("chatglm2-int4", quantize=8)
+
+
+def test_quantize_refuses_other_architectures(gpt2_checkpoint):
+    from glmrepl.engine.manager import LoadRequest, load_model
+    from glmrepl.engine.quant import QuantizeError
+
+    request = LoadRequest(path=gpt2_checkpoint, name="tiny-gpt2", mode="cpu", quantize=4)
+    with pytest.raises(QuantizeError, match="cannot quantize GPT2LMHeadModel"):
+        load_model(request)
+
+
+def test_manager_quantize_in_place_and_describe():
+    from glmrepl.engine.manager import LoadRequest, ModelManager
+
+    manager = ModelManager()
+    manager.load(LoadRequest(path=DATA / "chatglm2-tiny", name="chatglm2-tiny", mode="cpu"))
+    assert manager.current.info.placement.describe() == "cpu float32"
+    assert manager.quantize(4).describe() == "cpu float32 int4"
+    manager.load(LoadRequest(path=DATA / "chatglm2-tiny", name="chatglm2-tiny", mode="cpu", quantize=8))
+    assert manager.current.info.placement.describe() == "cpu float32 int8"
+
+
+def test_cpm_kernels_failure_warns_once_and_falls_back(monkeypatch):
+    import torch
+
+    from glmrepl.engine import quant
+
+    class Broken:
+        calls = 0
+
+        def dequantize(self, packed, scale, bits):
+            Broken.calls += 1
+            raise RuntimeError("CUDA Runtime Error: Library cudart is not initialized\nmore")
+
+    quant.reset_kernels()
+    monkeypatch.setattr(quant, "CpmDequantizer", Broken)
+    packed = torch.tensor([[0x7F]], dtype=torch.int8)
+    scale = torch.tensor([1.0], dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="cpm_kernels failed .*cudart is not initialized.*torch") as caught:
+        first = quant.gpu_dequantize(packed, scale, 4, torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = quant.gpu_dequantize(packed, scale, 4, torch.float16)
+    assert len(caught) == 1 and Broken.calls == 1
+    assert first.tolist() == second.tolist() == [[7.0, -1.0]]
+    quant.reset_kernels()
+
+
+def test_cpm_kernels_import_failure_warns_and_missing_is_silent(monkeypatch):
+    import torch
+
+    from glmrepl.engine import quant
+
+    def broken():
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    def missing():
+        raise ImportError("No module named 'cpm_kernels'")
+
+    packed, scale = torch.tensor([[1, -2]], dtype=torch.int8), torch.tensor([2.0], dtype=torch.float16)
+    quant.reset_kernels()
+    monkeypatch.setattr(quant, "CpmDequantizer", broken)
+    with pytest.warns(RuntimeWarning, match="driver version is insufficient"):
+        assert quant.gpu_dequantize(packed, scale, 8, torch.float16).tolist() == [[2.0, -4.0]]
+    quant.reset_kernels()
+    monkeypatch.setattr(quant, "CpmDequantizer", missing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quant.gpu_dequantize(packed, scale, 8, torch.float16).tolist() == [[2.0, -4.0]]
+    quant.reset_kernels()
