@@ -85,7 +85,8 @@ class _QueueStreamer:
         if not self.saw_prompt:
             self.saw_prompt = True
             return
-        self.sink.put(value.reshape(-1).tolist())
+        # Stamped here, where the token is made: the consumer may wake later.
+        self.sink.put((time.perf_counter(), value.reshape(-1).tolist()))
 
     def end(self) -> None:
         pass
@@ -103,6 +104,33 @@ def _cancel_criterion(cancel: threading.Event):
     return CancelOnEvent()
 
 
+class _Worker:
+    """One long-lived thread that runs every generation.
+
+    torch keeps a pool of compute threads per calling thread; a fresh thread
+    per reply would build that pool again before each first token.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def submit(self, job) -> None:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._serve, name="glmrepl-generate", daemon=True)
+                self.thread.start()
+        self.jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            self.jobs.get()()
+
+
+_WORKER = _Worker()
+
+
 class GenerationRun:
     """One reply being generated. Iterate it for text deltas; ``stats`` after."""
 
@@ -118,14 +146,14 @@ class GenerationRun:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self._tokens: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="glmrepl-generate", daemon=True)
+        self._worker_done = threading.Event()
 
     def cancel(self) -> None:
         self.cancel_event.set()
 
     def __iter__(self) -> Iterator[str]:
         self._started = time.perf_counter()
-        self._thread.start()
+        _WORKER.submit(self._work)
         try:
             yield from self._deltas()
         finally:
@@ -137,16 +165,20 @@ class GenerationRun:
 
     _finished = False
     _started = 0.0
+    _last_token_at = 0.0
 
     def _stop_worker(self) -> None:
         if not self._finished:
             self.cancel_event.set()
-        while self._thread.is_alive():
+        while not self._worker_done.is_set():
             try:
-                self._thread.join()
+                self._worker_done.wait()
             except KeyboardInterrupt:  # a second Ctrl-C: the worker is already stopping
                 continue
-        self.stats.total_s = time.perf_counter() - self._started
+        if self._finished and self._last_token_at:
+            self.stats.total_s = self._last_token_at - self._started
+        else:
+            self.stats.total_s = time.perf_counter() - self._started
         if not self._finished:
             self._classify_stop()
 
@@ -161,8 +193,10 @@ class GenerationRun:
             if item is _DONE:
                 self._finished = True
                 break
+            made_at, item = item
             if self.stats.first_token_s is None:
-                self.stats.first_token_s = time.perf_counter() - self._started
+                self.stats.first_token_s = made_at - self._started
+            self._last_token_at = made_at
             self.stats.new_ids.extend(item)
             self.stats.new_tokens += len(item)
             delta = self.decoder.push([t for t in item if t not in self.stop_ids])
@@ -188,6 +222,7 @@ class GenerationRun:
             self._error = _translate_error(error)
         finally:
             self._tokens.put(_DONE)
+            self._worker_done.set()
 
     def _generate(self) -> None:
         import torch

@@ -18,7 +18,8 @@ from typing import Any
 
 from . import formats
 from .checkpoint import CheckpointInfo, inspect_checkpoint
-from .devices import Placement, move_model, plan_placement, sizing_dtype, torch_dtype, weights_bytes_at
+from .devices import (Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, torch_dtype,
+                      weights_bytes_at)
 from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError
 from .families import load_family
 
@@ -338,8 +339,10 @@ def describe_layout(model: Any, placement: Placement) -> str:
 
 
 def _needed_bytes(model: Any, dtype: str, mode: str) -> int:
-    count = sum(p.numel() for p in model.parameters())
-    return weights_bytes_at(count, 0, None, sizing_dtype(mode, dtype))
+    """Bytes after a move: float tensors at the target width, quantized ones as they are."""
+    width = weights_bytes_at(1, 0, None, sizing_dtype(mode, dtype))
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * (width if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
 def generation_stop_ids(model: Any) -> list[int]:
@@ -419,8 +422,9 @@ def choose_format(tokenizer: Any, native_format: Any, mode: str | None, extra_st
 
 
 def free_memory() -> None:
-    """Return freed tensors' memory: collect cycles, then release CUDA's cache."""
+    """Return freed tensors' memory: collect cycles, trim the C heap, release CUDA's cache."""
     gc.collect()
+    release_freed_memory()
     import torch
 
     if torch.cuda.is_available():

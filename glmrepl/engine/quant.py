@@ -87,18 +87,6 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torc
     return unpacked_values(packed, bits).to(dtype) * scale.to(dtype)[:, None]
 
 
-def release_freed_memory() -> None:
-    """Hand the float temporaries of quantizing back to the OS. glibc keeps freed
-    chunks of this size in its heap, which kept resident memory near the float size."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def model_bits(model: nn.Module) -> int:
     """The bits of a model's quantized layers, 0 when it has none (shown by /device)."""
     return next((m.bits for m in model.modules() if isinstance(m, QuantizedLinear)), 0)

@@ -17,9 +17,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ...devices import release_freed_memory
 from ...errors import CheckpointError
 from ...quant import (SUPPORTED_BITS, QuantizedLinear, QuantizeError, model_bits, quantize_weight,
-                      release_freed_memory, unsupported_architecture)
+                      unsupported_architecture)
 
 # The quantized linears of each model, as (layer list, linears within a layer).
 _GLM_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
