@@ -1,0 +1,129 @@
+"""glmrepl against raw transformers on a Qwen2-0.5B-shaped checkpoint: `make bench`.
+
+Prints a table with the targets beside the figures and writes them as JSON
+to benchmarks/results/<date>-<cpu|gpu>.json. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the helper modules beside this script
+
+import checkpoint  # noqa: E402
+import machine  # noqa: E402
+import report  # noqa: E402
+import speed  # noqa: E402
+import switch  # noqa: E402
+import terminal  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Mode:
+    mode: str  # glmrepl's device mode
+    dtype: str
+    device_map: str  # what raw from_pretrained is given for the same placement
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} {self.dtype}"
+
+
+CPU_MODES = (Mode("cpu", "float32", "cpu"), Mode("cpu", "bfloat16", "cpu"))
+GPU_MODES = (Mode("gpu", "bfloat16", "cuda:0"), Mode("gpu", "float16", "cuda:0"))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side for each timing (median taken)")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the checkpoint is built")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
+    return parser.parse_args()
+
+
+def available_modes() -> tuple[Mode, ...]:
+    import torch
+
+    return CPU_MODES + GPU_MODES if torch.cuda.is_available() else CPU_MODES
+
+
+def measure_mode(mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, repeats: int) -> dict:
+    print(f"[{mode.label}] generation ...", flush=True)
+    figures = {"generation": generation_figures(mode, model_path, bandwidth, repeats)}
+    print(f"[{mode.label}] loading ...", flush=True)
+    figures["load"] = speed.compare_load(model_path, mode.mode, mode.dtype, mode.device_map, repeats)
+    print(f"[{mode.label}] /device switch ...", flush=True)
+    figures["switch"] = switch.compare_switch(model_path, mode.mode, mode.dtype, repeats)
+    print(f"[{mode.label}] memory over swaps ...", flush=True)
+    figures["memory"] = memory_in_fresh_process(model_path, twin_path, mode)
+    return figures
+
+
+def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: int) -> dict:
+    from glmrepl.engine.manager import LoadRequest, free_memory, load_model
+
+    loaded = load_model(LoadRequest(path=model_path, name=model_path.name, mode=mode.mode, dtype=mode.dtype))
+    result = speed.compare_generation(loaded, repeats)
+    weight_bytes = machine.weight_bytes_per_token(loaded.model)
+    result["roof"] = {"bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": weight_bytes,
+                      "ceiling_tokens_per_s": bandwidth / weight_bytes}
+    del loaded
+    free_memory()
+    return result
+
+
+def memory_in_fresh_process(model_path: Path, twin_path: Path, mode: Mode) -> dict:
+    """A new interpreter, so only what glmrepl itself keeps is counted."""
+    script = HERE / "memory.py"
+    output = subprocess.run([sys.executable, str(script), str(model_path), str(twin_path), mode.dtype, mode.mode],
+                            check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def write_results(results: dict, folder: Path, kind: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{datetime.date.today().isoformat()}-{kind}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def main() -> int:
+    args = parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # raw loads would draw bars; glmrepl's hook still runs without them
+    model_path = checkpoint.ensure_checkpoint(args.cache)
+    twin_path = checkpoint.ensure_twin(model_path)
+    results = {"machine": machine.describe_machine(), "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
+               # Other processes on the machine skew timings: the load average tells.
+               "load_average_before": os.getloadavg(), "prompt_tokens": speed.PROMPT_TOKENS, "new_tokens": speed.NEW_TOKENS, "modes": {}}
+    print("measuring start-up in a terminal ...", flush=True)
+    results["startup"] = terminal.measure_startup(model_path, "float32", max(args.repeats, 5))
+    modes = available_modes()
+    bandwidth = {"cpu": machine.read_bandwidth("cpu")}
+    if any(mode.mode == "gpu" for mode in modes):
+        bandwidth["gpu"] = machine.read_bandwidth("cuda:0")
+    results["bandwidth_bytes_per_s"] = bandwidth
+    for mode in modes:
+        results["modes"][mode.label] = measure_mode(mode, model_path, twin_path, bandwidth[mode.mode], args.repeats)
+    print()
+    print(report.table(results))
+    kind = "gpu" if "gpu" in bandwidth else "cpu"
+    results["load_average_after"] = os.getloadavg()
+    print(f"\nwritten: {write_results(results, args.results, kind)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
