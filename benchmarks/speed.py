@@ -58,10 +58,11 @@ def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int =
             "new_tokens": len(streamer.times)}
 
 
-def glmrepl_generation(loaded, ids: list[int]) -> dict:
+def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
     from glmrepl.engine.generate import GenerationRun
 
-    run = GenerationRun(loaded.model, loaded.tokenizer, ids, greedy_kwargs(), loaded.prompt_format.stop_token_ids)
+    run = GenerationRun(loaded.model, loaded.tokenizer, ids, greedy_kwargs(new_tokens),
+                        loaded.prompt_format.stop_token_ids)
     for _delta in run:  # the REPL prints these; consuming them is the work it does
         pass
     return {"first_token_s": run.stats.first_token_s, "decode_tokens_per_s": run.stats.decode_tokens_per_s,
@@ -72,7 +73,10 @@ def compare_generation(loaded, repeats: int) -> dict:
     """Decode speed and time to first token, raw vs glmrepl, alternating."""
     ids = prompt_ids(loaded.model.config.vocab_size)
     stop_ids = loaded.prompt_format.stop_token_ids
-    raw_generation(loaded.model, ids, stop_ids, new_tokens=8)  # warm-up: kernels chosen, weights paged in
+    # Warm-up of both sides: kernels chosen, weights paged in, and the compute
+    # thread pool of glmrepl's generation thread built, as in a running REPL.
+    raw_generation(loaded.model, ids, stop_ids, new_tokens=8)
+    glmrepl_generation(loaded, ids, new_tokens=8)
     raw, ours = [], []
     for _ in range(repeats):
         raw.append(raw_generation(loaded.model, ids, stop_ids))

@@ -166,6 +166,10 @@ class LineHandler:
         family = f", {info.family}" if info.family else ""
         self.renderer.text(f"loaded {info.name} ({info.architecture}{family}, {info.placement.describe()}, "
                            f"{job.result.prompt_format.name})", "dim")
+        if info.family_reason:
+            self.renderer.text(f"  {info.family}: {info.family_reason}", "dim")
+        if info.placement.reason:
+            self.renderer.text(f"  {info.placement.mode}: {info.placement.reason}", "dim")
         return True
 
     def copy_to_clipboard(self, escape: TerminalEscape) -> None:

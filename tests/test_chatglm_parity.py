@@ -6,76 +6,26 @@ exactly, and the logits of a plain forward pass within 1e-4 in float32.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-DATA = Path(__file__).parent / "data" / "chatglm"
+from chatglm_reference import assert_logits_match, assert_matches_case, expected, load_reference, reference_cases
+
 FAMILIES = ("chatglm1", "chatglm2", "chatglm3")
-
-
-def expected(family: str) -> dict:
-    return json.loads((DATA / f"{family}-tiny.expected.json").read_text(encoding="utf-8"))
-
-
-def cases():
-    return [pytest.param(family, index, id=f"{family}-case{index}")
-            for family in FAMILIES for index in range(len(expected(family)["cases"]))]
-
-
-def as_messages(case: dict) -> list[dict]:
-    """The reference history as glmrepl messages (ChatGLM3's already are)."""
-    messages = []
-    for item in case["history"]:
-        if isinstance(item, dict):
-            messages.append(item)
-        else:
-            question, answer = item
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return messages + [{"role": "user", "content": case["query"]}]
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    import torch
-
-    from glmrepl.engine.families import detect_family, load_family
-
-    parts = {}
-    for family in FAMILIES:
-        folder = DATA / f"{family}-tiny"
-        match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-        parts[family] = load_family(folder, match, dtype=torch.float32, device_map="cpu")
-    return parts
+    return {family: load_reference(family) for family in FAMILIES}
 
 
-@pytest.mark.parametrize("family,index", cases())
+@pytest.mark.parametrize("family,index", reference_cases(FAMILIES))
 def test_prompt_greedy_and_decoded(loaded, family, index):
-    import torch
-
-    case = expected(family)["cases"][index]
-    parts = loaded[family]
-    prompt_ids = parts.prompt_format.build(as_messages(case))
-    assert prompt_ids == case["prompt_ids"]
-    with torch.inference_mode():
-        output = parts.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24,
-                                      eos_token_id=parts.prompt_format.stop_token_ids)
-    greedy_ids = output[0, len(prompt_ids):].tolist()
-    assert greedy_ids == case["greedy_ids"]
-    assert parts.tokenizer.decode(greedy_ids, skip_special_tokens=False) == case["decoded"]
+    assert_matches_case(loaded[family], expected(family)["cases"][index])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_reference(loaded, family):
-    import torch
-    from safetensors.torch import load_file
-
-    reference = load_file(str(DATA / f"{family}-tiny.logits.safetensors"))
-    with torch.inference_mode():
-        logits = loaded[family].model(input_ids=reference["input_ids"]).logits
-    assert logits.shape == reference["logits"].shape
-    assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+    assert_logits_match(loaded[family], family)
 
 
 @pytest.mark.parametrize("family", ["chatglm1", "chatglm2"])

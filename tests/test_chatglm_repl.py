@@ -41,3 +41,14 @@ def test_no_python_file_is_needed_or_run():
     assert not list(DATA.glob("*/*.py"))
     app = loaded_app(DATA / "chatglm2-tiny")
     assert app.manager.current.info.family == "chatglm2"
+
+
+def test_the_load_line_says_which_generation_and_why():
+    from support import make_app
+
+    app = make_app()
+    out = drive_repl(app, f"/model {DATA / 'chatglm3-tiny'}" + ENTER)
+    lines = out.splitlines()
+    loaded = next(i for i, line in enumerate(lines) if line.startswith("loaded chatglm3-tiny"))
+    assert "chatglm3" in lines[loaded] and lines[loaded + 1].startswith("  chatglm3: ")
+    assert app.manager.current.info.family_reason in lines[loaded + 1]

@@ -10,35 +10,11 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).parent / "data" / "chatglm"
+from chatglm_reference import (DATA, assert_logits_match, assert_matches_case, expected, load_reference,
+                               reference_cases, reference_logits)
+
 QUANTIZED = ("chatglm2-int4", "chatglm2-int8")
-
-
-def load(name: str, quantize=None, device_map="cpu", dtype=None):
-    import torch
-
-    from glmrepl.engine.families import detect_family, load_family
-
-    folder = DATA / f"{name}-tiny" if not isinstance(name, Path) else name
-    match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    return load_family(folder, match, dtype=dtype or torch.float32, device_map=device_map, quantize=quantize)
-
-
-def expected(name: str) -> dict:
-    return json.loads((DATA / f"{name}-tiny.expected.json").read_text(encoding="utf-8"))
-
-
-def reference_logits(name: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(DATA / f"{name}-tiny.logits.safetensors"))
-
-
-def as_messages(case: dict) -> list[dict]:
-    messages = []
-    for question, answer in case["history"]:
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return messages + [{"role": "user", "content": case["query"]}]
+load = load_reference
 
 
 @pytest.fixture(scope="module")
@@ -104,35 +80,14 @@ def test_quantized_linear_matches_dequantized_matmul():
 # -- the reference quantized checkpoints --------------------------------------------
 
 
-def cases():
-    return [pytest.param(name, index, id=f"{name}-case{index}")
-            for name in QUANTIZED for index in range(len(expected(name)["cases"]))]
-
-
-@pytest.mark.parametrize("name,index", cases())
+@pytest.mark.parametrize("name,index", reference_cases(QUANTIZED))
 def test_prompt_greedy_and_decoded(loaded, name, index):
-    import torch
-
-    case = expected(name)["cases"][index]
-    parts = loaded[name]
-    prompt_ids = parts.prompt_format.build(as_messages(case))
-    assert prompt_ids == case["prompt_ids"]
-    with torch.inference_mode():
-        output = parts.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24,
-                                      eos_token_id=parts.prompt_format.stop_token_ids)
-    greedy_ids = output[0, len(prompt_ids):].tolist()
-    assert greedy_ids == case["greedy_ids"]
-    assert parts.tokenizer.decode(greedy_ids, skip_special_tokens=False) == case["decoded"]
+    assert_matches_case(loaded[name], expected(name)["cases"][index])
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_logits_match_reference(loaded, name):
-    import torch
-
-    reference = reference_logits(name)
-    with torch.inference_mode():
-        logits = loaded[name].model(input_ids=reference["input_ids"]).logits
-    assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+    assert_logits_match(loaded[name], name)
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

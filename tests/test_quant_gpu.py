@@ -6,7 +6,9 @@ import warnings
 
 import pytest
 
-from test_quant import QUANTIZED, as_messages, expected, load, reference_logits
+from chatglm_reference import as_messages, expected, reference_logits
+from chatglm_reference import load_reference as load
+from test_quant import QUANTIZED
 
 pytestmark = pytest.mark.gpu
 
