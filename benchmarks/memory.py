@@ -15,7 +15,6 @@ SWAPS = 10
 
 
 def measure(first: Path, second: Path, dtype: str, mode: str = "cpu", swaps: int = SWAPS) -> dict:
-    import torch  # imported before the baseline so it measures the libraries, not the model
 
     from glmrepl.engine.devices import resident_memory_bytes
     from glmrepl.engine.manager import LoadRequest, ModelManager

@@ -42,7 +42,7 @@ def time_to_prompt(model: Path, dtype: str, timeout: float = 60) -> float:
         try:
             while not any(PROMPT in line for line in screen.display):
                 if time.perf_counter() - started > timeout or not child.isalive():
-                    raise RuntimeError(f"no prompt from glmrepl:\n" + "\n".join(screen.display))
+                    raise RuntimeError("no prompt from glmrepl:\n" + "\n".join(screen.display))
                 try:
                     stream.feed(child.read_nonblocking(100_000, timeout=0.005))
                 except pexpect.TIMEOUT:
