@@ -124,3 +124,24 @@ def test_generation_config_end_of_turn_ids_also_stop_replies(qwen_checkpoint, co
     assert app.manager.current.prompt_format.stop_token_ids == [eos, 0, 1]
     app.manager.set_prompt_mode("complete")
     assert app.manager.current.prompt_format.stop_token_ids == [eos, 0, 1]
+
+
+def test_a_failed_move_with_an_empty_error_message_still_rolls_back(qwen_checkpoint, monkeypatch):
+    from glmrepl.engine import devices
+
+    app = loaded_app(qwen_checkpoint)
+    real_place = devices.place_model
+    calls = []
+
+    def fail_once(model, placement):
+        calls.append(placement.dtype)
+        if len(calls) == 1:
+            raise RuntimeError()  # no message at all
+        real_place(model, placement)
+
+    monkeypatch.setattr(devices, "place_model", fail_once)
+    with pytest.raises(DeviceError, match=r"could not move the model to cpu bfloat16 \(RuntimeError\); "
+                                          r"it stays on cpu float32"):
+        app.manager.move("cpu", "bfloat16")
+    assert calls == ["bfloat16", "float32"]
+    assert app.manager.current.info.placement.describe() == "cpu float32"

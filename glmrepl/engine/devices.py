@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import human_bytes
-from .errors import DeviceError
+from .errors import DeviceError, first_line
 
 MODES = ("cpu", "gpu", "sharded", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -231,7 +231,7 @@ def move_model(model: Any, before: Placement, after: Placement) -> None:
             _release_cuda_cache()
         if isinstance(error, DeviceError):
             raise
-        reason = "out of memory" if type(error).__name__ == "OutOfMemoryError" else str(error).strip().splitlines()[0]
+        reason = "out of memory" if type(error).__name__ == "OutOfMemoryError" else first_line(error)
         raise DeviceError(f"could not move the model to {after.describe()} ({reason}); it stays on {before.describe()}") from None
 
 

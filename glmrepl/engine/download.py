@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from ..atomic import write_text_atomic
 from .catalog import default_models_dir
-from .errors import GlmreplError
+from .errors import GlmreplError, first_line
 
 MANIFEST_NAME = "glmrepl-manifest.json"
 MANIFEST_FORMAT = 1
@@ -195,8 +195,7 @@ def _hub_errors_as_download_errors(repo_id: str, revision: str | None):
     except RevisionNotFoundError:
         raise DownloadError(f"{repo_id} has no revision {revision!r}: check the branch, tag or commit") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DownloadError(f"downloading {repo_id} failed ({first_line}): check the network "
+        raise DownloadError(f"downloading {repo_id} failed ({first_line(error)}): check the network "
                             "and run the same command again to resume") from None
 
 

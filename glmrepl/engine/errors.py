@@ -5,6 +5,12 @@ prints ``str(error)`` and carries on with its model and conversation intact.
 """
 
 
+def first_line(error: BaseException, fallback: str | None = None) -> str:
+    """The first line of an exception's message (library errors can span pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else (fallback or type(error).__name__)
+
+
 class GlmreplError(Exception):
     """Base class: ``str(error)`` is a complete one-line message."""
 

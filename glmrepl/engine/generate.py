@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import GenerationError
+from .errors import GenerationError, first_line
 
 _DONE = object()
 
@@ -256,8 +256,7 @@ def _translate_error(error: BaseException) -> BaseException:
     if isinstance(error, torch.OutOfMemoryError):
         return GenerationError("out of memory while generating: /set max_new_tokens lower, /clear, or /device cpu")
     if isinstance(error, (RuntimeError, ValueError, IndexError)):
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return GenerationError(f"generation failed: {first_line}")
+        return GenerationError(f"generation failed: {first_line(error)}")
     return error
 
 

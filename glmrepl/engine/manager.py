@@ -14,7 +14,7 @@ from typing import Any
 
 from .checkpoint import inspect_checkpoint
 from .devices import Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, weights_bytes_at
-from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError
+from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError, first_line
 from .loading import (LoadedModel, LoadJob, LoadRequest, ModelInfo, choose_format,  # noqa: F401 (re-exported)
                       load_model)
 
@@ -191,11 +191,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
     import torch
 
@@ -203,4 +198,4 @@ def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
         return DeviceError(f"out of memory loading {request.name} in {request.mode} mode: try cpu or a smaller dtype")
     if isinstance(error, KeyboardInterrupt):
         return LoadCancelled(f"loading {request.name} was cancelled")
-    return ModelLoadError(f"could not load {request.name}: {_first_line(error)}")
+    return ModelLoadError(f"could not load {request.name}: {first_line(error)}")

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ...errors import CheckpointError, ModelLoadError
+from ...errors import CheckpointError, ModelLoadError, first_line
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -87,9 +87,8 @@ def _load_pickled(shard: Path) -> dict:
                 raise
             return torch.load(shard, map_location="cpu", weights_only=True)  # a legacy, non-zip pickle
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "not plain tensors"
         raise CheckpointError(f"{shard.parent.name}: {shard.name} holds more than tensors, "
-                              f"so it is not unpickled ({first_line})") from None
+                              f"so it is not unpickled ({first_line(error, 'not plain tensors')})") from None
 
 
 # -- placement ----------------------------------------------------------------
