@@ -13,7 +13,6 @@ from typing import Callable
 
 from .app import App
 from .engine.errors import GlmreplError
-from .units import human_bytes, human_count
 from .results import Error, Exit, Generate, TerminalEscape, Table, Text, WaitForLoad
 
 Handler = Callable[[App, str], object]
@@ -101,19 +100,19 @@ def cmd_model(app: App, args: str):
 
 
 def _model_table(app: App):
-    from .engine.catalog import find_checkpoints
+    from .engine.catalog import LISTING_COLUMNS, find_checkpoints, listing_cells
 
     entries = find_checkpoints(app.models_dir)
     current = app.manager.current
     if not entries:
         return Text(no_models_message(app))
     rows = []
-    for e in entries:
-        mark = "*" if current is not None and current.info.path == e.path else ""
-        state = "ready" if e.ready else f"broken: {e.problem}"
-        rows.append([mark + e.name, e.family or e.architecture or "?", human_count(e.param_count),
-                     human_bytes(e.size_bytes) if e.size_bytes else "?", state])
-    return Table(["name", "architecture", "params", "size", "state"], rows, title="Local checkpoints (/model NAME loads one)")
+    for entry in entries:
+        cells = listing_cells(entry)
+        if current is not None and current.info.path == entry.path:
+            cells[0] = "*" + cells[0]  # the loaded one
+        rows.append(cells)
+    return Table(list(LISTING_COLUMNS), rows, title="Local checkpoints (/model NAME loads one)")
 
 
 def no_models_message(app: App) -> str:

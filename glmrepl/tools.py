@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .units import human_bytes, human_count
-
 COMMANDS = ("download", "check", "list")
 
 
@@ -91,33 +89,19 @@ def run_check(args, out, err) -> int:
 
 # -- list ------------------------------------------------------------------------
 
-LIST_HEADINGS = ("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "STATUS", "PATH")
-
-
 def run_list(args, out, err) -> int:
-    from .engine.catalog import default_models_dir, find_checkpoints
+    from .engine.catalog import LISTING_COLUMNS, default_models_dir, find_checkpoints, listing_cells
 
     models_dir = default_models_dir(args.models_dir)
     entries = find_checkpoints(models_dir, trust_remote_code=args.trust_remote_code)
     if not entries:
         print(f"no checkpoints in {models_dir} or the Hugging Face cache", file=out)
         return 0
-    rows = [LIST_HEADINGS] + [list_row(entry) for entry in entries]
+    headings = [column.upper() for column in LISTING_COLUMNS] + ["PATH"]
+    rows = [headings] + [listing_cells(entry) + [str(entry.path)] for entry in entries]
     for line in format_table(rows):
         print(line, file=out)
     return 0
-
-
-def list_row(entry) -> tuple[str, ...]:
-    return (
-        entry.name,
-        entry.family or entry.architecture or "?",
-        human_count(entry.param_count),
-        entry.dtype or "-",
-        human_bytes(entry.size_bytes),
-        "ready" if entry.ready else f"not ready: {entry.problem}",
-        str(entry.path),
-    )
 
 
 def format_table(rows) -> list[str]:

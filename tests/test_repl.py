@@ -215,3 +215,29 @@ def test_ctrl_c_on_an_empty_line_cancels_a_load_in_progress(qwen_checkpoint, gpt
     drive_repl(app, "typed\x03" + "\x03")  # the first Ctrl-C only clears the line
     assert cancelled.wait(5) and job.cancel_event.is_set()
     assert app.manager.current.info.path == gpt2_checkpoint
+
+
+def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp_path):
+    import io
+    import shutil
+    from contextlib import redirect_stdout
+
+    from glmrepl import tools
+
+    shutil.copytree(qwen_checkpoint, tmp_path / "my-qwen")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    app = loaded_app(tmp_path / "my-qwen")
+    app.models_dir = tmp_path
+    listing = drive_repl(app, "/model" + ENTER)
+    cli = io.StringIO()
+    with redirect_stdout(cli):
+        tools.main(["list", "--models-dir", str(tmp_path)])
+    repl_rows = {line.split()[0].lstrip("*"): line.split(None, 5)[1:] for line in listing.splitlines()
+                 if line.startswith(("*my-qwen", "broken"))}
+    cli_rows = {line.split()[0]: line for line in cli.getvalue().splitlines()[1:]}
+    assert listing.count("*my-qwen") == 1  # the loaded one is marked
+    for name, cells in repl_rows.items():
+        for cell in cells[:4]:  # architecture, params, dtype, size
+            assert cell in cli_rows[name]
+    assert "not ready:" in listing

@@ -37,6 +37,23 @@ class CatalogEntry:
     dtype: str | None = None
 
 
+LISTING_COLUMNS = ("name", "architecture", "params", "dtype", "size", "status")
+
+
+def listing_cells(entry: CatalogEntry) -> list[str]:
+    """One entry as the listings show it (`glmrepl list` and /model read the same cells)."""
+    from ..units import human_bytes, human_count
+
+    return [
+        entry.name,
+        entry.family or entry.architecture or "?",
+        human_count(entry.param_count),
+        entry.dtype or "-",
+        human_bytes(entry.size_bytes),
+        "ready" if entry.ready else f"not ready: {entry.problem}",
+    ]
+
+
 def default_models_dir(cli_value: str | os.PathLike | None = None) -> Path:
     """``--models-dir``, else ``$GLMREPL_MODELS``, else ``$XDG_DATA_HOME/glmrepl/models``."""
     if cli_value:
