@@ -186,3 +186,16 @@ def test_model_moves_to_another_dtype_and_still_generates():
     with torch.inference_mode():
         output = parts.model.generate(torch.tensor([[439, 5, 8]]), do_sample=False, max_new_tokens=4)
     assert output.shape == (1, 7)
+
+
+def test_the_loader_reads_the_weights_the_validator_checked(tmp_path):
+    """A single model.safetensors beside a stale .bin index: both pick the safetensors file."""
+    import shutil
+
+    from glmrepl.engine.checkpoint import inspect_checkpoint
+    from glmrepl.engine.families.chatglm.weights import checkpoint_shards
+
+    folder = Path(shutil.copytree(Path(__file__).parent / "data" / "chatglm" / "chatglm3-tiny", tmp_path / "c3"))
+    (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": {"x": "pytorch_model-00001-of-00002.bin"}}')
+    assert inspect_checkpoint(folder).weight_files == [folder / "model.safetensors"]
+    assert checkpoint_shards(folder) == ([folder / "model.safetensors"], None)

@@ -328,16 +328,24 @@ def _has_chat_template(path: Path, names: set[str]) -> bool:
 # -- weights -------------------------------------------------------------------
 
 
+# The weights a loader reads, first present wins: safetensors before pickles,
+# a single file before an index.
+WEIGHT_PREFERENCE = (("safetensors", SAFETENSORS_FILE), ("safetensors", SAFETENSORS_INDEX),
+                     ("bin", BIN_FILE), ("bin", BIN_INDEX))
+
+
+def preferred_weights(names: set[str]) -> tuple[str, str] | None:
+    """(format, file name) of the weights to load among a folder's file names, or None."""
+    return next(((fmt, name) for fmt, name in WEIGHT_PREFERENCE if name in names), None)
+
+
 def _check_weights(scan: CheckpointScan, names: set[str]) -> None:
     path = scan.path
-    if SAFETENSORS_FILE in names:
-        _check_weight_files(scan, "safetensors", [path / SAFETENSORS_FILE])
-    elif SAFETENSORS_INDEX in names:
-        _check_sharded(scan, "safetensors", path / SAFETENSORS_INDEX)
-    elif BIN_FILE in names:
-        _check_weight_files(scan, "bin", [path / BIN_FILE])
-    elif BIN_INDEX in names:
-        _check_sharded(scan, "bin", path / BIN_INDEX)
+    chosen = preferred_weights(names)
+    if chosen and chosen[1].endswith(".index.json"):
+        _check_sharded(scan, chosen[0], path / chosen[1])
+    elif chosen:
+        _check_weight_files(scan, chosen[0], [path / chosen[1]])
     elif any(name in names for name in TENSORFLOW_FILES):
         scan.add_problem(
             f"{path / TENSORFLOW_FILES[0]} holds TensorFlow weights only, which transformers 5 cannot load: "

@@ -18,28 +18,28 @@ import torch
 from ...errors import CheckpointError, ModelLoadError, first_line
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # A conversion turns one checkpoint tensor into zero or more (model name, tensor) pairs.
 Conversion = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
 
 def checkpoint_shards(path: Path) -> tuple[list[Path], int | None]:
-    """The weight files of a checkpoint folder, and the tensor count when an index gives it."""
-    for index_name in _INDEX_FILES:
-        index_file = path / index_name
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-            missing = [name for name in shards if not (path / name).is_file()]
-            if missing:
-                raise CheckpointError(f"{path.name}: shard {missing[0]} listed in {index_name} is missing")
-            return [path / name for name in shards], len(weight_map)
-    for single in _SINGLE_FILES:
-        if (path / single).is_file():
-            return [path / single], None
-    raise CheckpointError(f"{path.name}: no weights found (model.safetensors or pytorch_model.bin)")
+    """The weight files of a checkpoint folder (the ones the validator checked), and the
+    tensor count when an index gives it."""
+    from ...checkpoint import preferred_weights
+
+    chosen = preferred_weights({entry.name for entry in path.iterdir() if entry.is_file()})
+    if chosen is None:
+        raise CheckpointError(f"{path.name}: no weights found (model.safetensors or pytorch_model.bin)")
+    name = chosen[1]
+    if not name.endswith(".index.json"):
+        return [path / name], None
+    weight_map = json.loads((path / name).read_text(encoding="utf-8"))["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not (path / shard).is_file()]
+    if missing:
+        raise CheckpointError(f"{path.name}: shard {missing[0]} listed in {name} is missing")
+    return [path / shard for shard in shards], len(weight_map)
 
 
 def iter_checkpoint_tensors(path: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
