@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.problem:
         print(f"warning: {config.problem}", file=sys.stderr)
     if args.prompt is not None:
-        return run_one_shot(app, args)
+        # -p text is always a message, even when it starts with "/".
+        return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
     if not sys.stdin.isatty():
-        return run_piped_input(app, args)
+        return run_script(app, args, sys.stdin)
     return run_interactive(app, args, config)
 
 
@@ -130,27 +131,15 @@ def load_or_report(app, target: str | None) -> bool:
     return True
 
 
-def quiet_for_scripts(app) -> None:
-    """Scripts read stdout; keep the stats line off unless the user turns it on with /set."""
+def run_script(app, args, lines) -> int:
+    """Non-interactive use (-p, piped stdin): plain replies on stdout, no stats line
+    unless a /set in the input turns it on."""
+    from .repl import run_piped
+
+    if not load_or_report(app, args.model):
+        return 1
     app.settings.user["stats"] = False
-
-
-def run_one_shot(app, args) -> int:
-    from .repl import run_piped
-
-    if not load_or_report(app, args.model):
-        return 1
-    quiet_for_scripts(app)
-    return run_piped(app, ["//" + args.prompt if args.prompt.startswith("/") else args.prompt], sys.stdout, sys.stderr)
-
-
-def run_piped_input(app, args) -> int:
-    from .repl import run_piped
-
-    if not load_or_report(app, args.model):
-        return 1
-    quiet_for_scripts(app)
-    return run_piped(app, sys.stdin, sys.stdout, sys.stderr)
+    return run_piped(app, lines, sys.stdout, sys.stderr)
 
 
 def run_interactive(app, args, config) -> int:

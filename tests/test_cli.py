@@ -64,3 +64,12 @@ def test_unknown_model_name_suggests_where_it_looked(tmp_path):
     result = run("no-such-model", "-p", "hi", "--models-dir", str(tmp_path))
     assert result.returncode == 1
     assert "no-such-model" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_one_shot_text_starting_with_a_slash_is_a_message_not_a_command(qwen_checkpoint):
+    greedy = ("--temperature", "0", "--max-new-tokens", "6")
+    as_prompt = run(str(qwen_checkpoint), "-p", "/history", *greedy)
+    as_piped_message = run(str(qwen_checkpoint), *greedy, stdin="//history\n")
+    assert as_prompt.returncode == 0 and as_prompt.stdout.strip()
+    assert "conversation is empty" not in as_prompt.stdout
+    assert as_prompt.stdout == as_piped_message.stdout  # the same message "/history", the same greedy reply
