@@ -100,16 +100,16 @@ def cmd_model(app: App, args: str):
 
 
 def _model_table(app: App):
-    from .engine.catalog import LISTING_COLUMNS, find_checkpoints, listing_cells
+    from .engine.catalog import LISTING_COLUMNS, listing_cells
 
-    entries = find_checkpoints(app.models_dir)
-    current = app.manager.current
+    entries = app.backend.list_models(app.models_dir)
+    current = app.status()
     if not entries:
         return Text(no_models_message(app))
     rows = []
     for entry in entries:
         cells = listing_cells(entry)
-        if current is not None and current.info.path == entry.path:
+        if current is not None and current.path == entry.path:
             cells[0] = "*" + cells[0]  # the loaded one
         rows.append(cells)
     return Table(list(LISTING_COLUMNS), rows, title="Local checkpoints (/model NAME loads one)")
@@ -123,24 +123,25 @@ def no_models_message(app: App) -> str:
 
 
 def cmd_device(app: App, args: str):
-    from .engine.devices import DTYPES, MODES, memory_report
+    from .engine.devices import DTYPES, MODES
 
     words = args.split()
     if not words:
-        loaded = app.require_model()
-        placement = loaded.info.placement
+        placement = app.require_model().placement
         lines = [f"{placement.describe()}" + (f" ({placement.reason})" if placement.reason else "")]
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
-        lines += [f"  {device}: {figures}" for device, figures in memory_report()]
+        if hasattr(app.backend, "memory_report"):
+            lines += [f"  {device}: {figures}" for device, figures in app.backend.memory_report()]
         return Text("\n".join(lines))
     mode = next((w for w in words if w in MODES), None)
     dtype = next((w for w in words if w in DTYPES), "auto")
     unknown = [w for w in words if w not in MODES and w not in DTYPES]
     if unknown:
         return Error(f"unknown device argument {unknown[0]!r}: modes are {', '.join(MODES)}; dtypes {', '.join(DTYPES)}")
-    loaded = app.require_model()
-    placement = app.manager.move(mode or loaded.info.placement.mode, dtype)
+    status = app.require_model()
+    _require_ability(app, "move", "/device")
+    placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=_waiting_message(app, "moving"))
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
 
@@ -149,8 +150,19 @@ def cmd_quantize(app: App, args: str):
     if args.strip() not in ("4", "8"):
         return Error("/quantize needs 4 or 8 (bits per weight)")
     app.require_model()
-    placement = app.manager.quantize(int(args))
+    _require_ability(app, "quantize", "/quantize")
+    placement = app.backend.quantize(int(args), on_wait=_waiting_message(app, "quantizing"))
     return Text(f"model now on {placement.describe()}; conversation kept")
+
+
+def _require_ability(app: App, ability: str, command: str) -> None:
+    if not hasattr(app.backend, ability):
+        raise GlmreplError(f"{command} is not available here: the model runs in another process that does not offer it")
+
+
+def _waiting_message(app: App, doing: str):
+    return lambda running: app.notify(f"waiting for {running} running repl{'y' if running == 1 else 'ies'} "
+                                      f"to finish before {doing} the model")
 
 
 def cmd_system(app: App, args: str):
@@ -164,7 +176,7 @@ def cmd_set(app: App, args: str):
     from .engine.settings import SETTINGS
 
     if not args:
-        app.model  # apply the loaded model's defaults so the listing is what replies use
+        app.status()  # apply the loaded model's defaults so the listing is what replies use
         rows = [[key, _show(app.settings.get(key)), app.settings.source(key), s.help] for key, s in SETTINGS.items()]
         return Table(["setting", "value", "from", "meaning"], rows)
     key, _, value = args.partition(" ")
@@ -212,8 +224,8 @@ def cmd_save(app: App, args: str):
 
     if not args:
         return Error("usage: /save FILE")
-    loaded = app.manager.current
-    model = str(loaded.info.path) if loaded else None
+    loaded = app.status()
+    model = str(loaded.path) if loaded else None
     try:
         path = save_conversation(args, app.session, app.settings.user, model)
     except OSError as error:
@@ -235,8 +247,8 @@ def cmd_load(app: App, args: str):
             pass  # a setting from another version: skip it, keep the conversation
     message = Text(f"loaded {app.session.turns} turns from {args}", "dim")
     saved_model = data.get("model")
-    loaded = app.manager.current
-    if saved_model and (loaded is None or str(loaded.info.path) != saved_model):
+    loaded = app.status()
+    if saved_model and (loaded is None or str(loaded.path) != saved_model):
         try:
             return WaitForLoad(app.start_load(saved_model), then=[message])
         except GlmreplError as error:
@@ -262,20 +274,15 @@ def format_stats(stats) -> str:
 
 
 def cmd_next(app: App, args: str):
-    from .engine.generate import next_token_distribution
-
     try:
         k = int(args) if args else 10
     except ValueError:
         return Error(f"/next takes a number of tokens from 1 to 100, not {args!r}")
     if not 1 <= k <= 100:
         return Error(f"/next takes a number of tokens from 1 to 100, not {k}")
-    loaded = app.require_model()
-    ids = app.session.fit(loaded.prompt_format, loaded.info.context_length, 1).ids
-    if not ids:
-        return Error("the conversation is empty: there is nothing to continue")
-    rows = [[repr(text), str(token_id), f"{p:.2%}"] for text, token_id, p in
-            next_token_distribution(loaded.model, loaded.tokenizer, ids, k)]
+    app.require_model()
+    _require_ability(app, "next_tokens", "/next")
+    rows = [[repr(text), str(token_id), f"{p:.2%}"] for text, token_id, p in app.backend.next_tokens(app.session, k)]
     return Table(["token", "id", "probability"], rows, title=f"{k} most likely next tokens")
 
 
@@ -291,9 +298,10 @@ def cmd_mode(app: App, args: str):
     if args not in ("chat", "complete"):
         return Error("usage: /mode chat|complete")
     app.options.prompt_mode = args
-    if app.manager.current is None:
+    if app.status() is None:
         return Text(f"{args} mode will apply when a model is loaded", "dim")
-    name = app.manager.set_prompt_mode(args)
+    _require_ability(app, "set_prompt_mode", "/mode")
+    name = app.backend.set_prompt_mode(args)
     return Text(f"{args} mode ({name})", "dim")
 
 
@@ -301,9 +309,7 @@ def cmd_mode(app: App, args: str):
 
 
 def complete_model(app: App, prefix: str) -> list[str]:
-    from .engine.catalog import find_checkpoints
-
-    return [e.name for e in find_checkpoints(app.models_dir)]
+    return [e.name for e in app.backend.list_models(app.models_dir)]
 
 
 def complete_device(app: App, prefix: str) -> list[str]:

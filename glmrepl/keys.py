@@ -17,12 +17,13 @@ def key_bindings(app) -> KeyBindings:
     def loading_with_empty_line() -> bool:
         from prompt_toolkit.application import get_app
 
-        job = app.manager.job
-        return job is not None and not job.done.is_set() and not get_app().current_buffer.text
+        return app.loading_job() is not None and not get_app().current_buffer.text
 
     def cancel_load(event) -> None:
         """Ctrl-C on an empty line while a model loads: cancel the load (the previous model stays)."""
-        app.manager.job.cancel()
+        job = app.loading_job()
+        if job is not None:
+            job.cancel()
         event.app.exit(exception=KeyboardInterrupt())
 
     table = (

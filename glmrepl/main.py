@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 def build_app(args, config):
     from pathlib import Path
 
-    from .app import App, LoadOptions
+    from .app import App
+    from .engine.backend import LocalBackend
     from .engine.chat import ChatSession
-    from .engine.manager import ModelManager
     from .engine.settings import Settings
 
     settings = Settings({"max_new_tokens": config.get("generation", "max_new_tokens", 512),
@@ -104,6 +104,14 @@ def build_app(args, config):
         if value is not None:
             settings.set(key, value)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
+    options = load_options(args, config)
+    return App(LocalBackend(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+
+
+def load_options(args, config):
+    """The one LoadOptions of a front end, from the command line and the config file."""
+    from .engine.loading import LoadOptions
+
     options = LoadOptions(mode=args.device or config.get("model", "device", "auto"),
                           dtype=args.dtype or config.get("model", "dtype", "auto"),
                           trust_remote_code=args.trust_remote_code, family=args.family,
@@ -113,7 +121,7 @@ def build_app(args, config):
         from .engine.placement import parse_gpu_memory
 
         parse_gpu_memory(args.max_gpu_memory, args.gpus or [0])  # ValueError -> usage error
-    return App(ModelManager(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+    return options
 
 
 def load_or_report(app, target: str | None) -> bool:
@@ -124,7 +132,7 @@ def load_or_report(app, target: str | None) -> bool:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)
         return False
     try:
-        app.manager.load(app.load_request(target))
+        app.backend.load_and_wait(app.load_request(target))
     except GlmreplError as error:
         print(f"error: {error}", file=sys.stderr)
         return False

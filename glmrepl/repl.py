@@ -17,6 +17,7 @@ from typing import TextIO
 from .app import App
 from .commands import TABLE, format_stats
 from .engine.errors import GlmreplError, LoadCancelled
+from .engine.service import record_reply
 from .render import Renderer
 from .results import Exit, Generate, TerminalEscape, WaitForLoad
 
@@ -29,6 +30,7 @@ class LineHandler:
         self.renderer = renderer
         self.interactive = interactive
         self.reported_job = None
+        app.notify = lambda message: renderer.text(message, "dim")
 
     def handle(self, line: str) -> bool:
         """Handle one line; False means the user asked to leave."""
@@ -59,8 +61,8 @@ class LineHandler:
 
     # -- messages ------------------------------------------------------------
     def send(self, text: str) -> None:
-        job = self.app.manager.job
-        if job is not None and not job.done.is_set() and not self.wait_for_load(job):
+        job = self.app.loading_job()
+        if job is not None and not self.wait_for_load(job):
             return
         try:
             self.app.require_model()
@@ -80,32 +82,32 @@ class LineHandler:
             return False
         if plan.dropped_turns:
             self.renderer.text(f"(the oldest {plan.dropped_turns} turn(s) no longer fit the context and were left out)", "warning")
-        run, stream = plan.run, self.renderer.reply_stream()
-        deltas = iter(run)
+        stream = self.renderer.reply_stream()
         failed = None
-        try:
-            for delta in deltas:
-                stream.write(delta)
-        except KeyboardInterrupt:
-            deltas.close()  # stops the worker within one token
-        except GlmreplError as error:
-            failed = error
+        with plan:
+            try:
+                for delta in plan:
+                    stream.write(delta)
+            except KeyboardInterrupt:
+                plan.close()  # stops the worker within one token
+            except GlmreplError as error:
+                failed = error
         stream.finish()
         if failed is not None:
             self.renderer.error(f"{failed} (the conversation is kept: /retry tries again)")
             return True
-        self.app.last_stats = run.stats
-        self.app.record_reply(run)
-        self.after_reply(run)
+        self.app.last_stats = plan.stats
+        record_reply(self.app.session, plan)
+        self.after_reply(plan)
         return True
 
-    def after_reply(self, run) -> None:
-        stats = run.stats
-        if stats.stop_reason == "cancelled":
+    def after_reply(self, reply) -> None:
+        stats = reply.stats
+        if reply.finish_reason == "cancelled":
             self.renderer.text("[reply cut: /retry generates it again]", "dim")
-        elif stats.stop_reason == "length" and run.generate_kwargs["max_new_tokens"] < self.app.settings.get("max_new_tokens"):
+        elif reply.hit_context_end:
             self.renderer.text("[reply stopped at the end of the model's context: /clear or /undo makes room]", "dim")
-        elif stats.stop_reason == "length":
+        elif reply.finish_reason == "length":
             self.renderer.text(f"[reply reached max_new_tokens={stats.new_tokens}: /set max_new_tokens to allow more]", "dim")
         if self.app.settings.get("stats"):
             self.renderer.text(format_stats(stats), "dim")
@@ -141,7 +143,7 @@ class LineHandler:
                 continue
 
     def report_finished_load(self) -> None:
-        job = self.app.manager.job
+        job = self.app.backend.job
         if job is not None and job.done.is_set():
             self.report_job(job)
 
@@ -151,21 +153,23 @@ class LineHandler:
             return job.error is None
         self.reported_job = job
         if isinstance(job.error, LoadCancelled):
-            current = self.app.manager.current
-            keep = f"; still using {current.info.name}" if current else ""
+            current = self.app.status()
+            keep = f"; still using {current.name}" if current else ""
             self.renderer.text(f"{job.error}{keep}", "warning")
             return False
         if job.error is not None:
-            current = self.app.manager.current
-            keep = f" (still using {current.info.name})" if current else ""
+            current = self.app.status()
+            keep = f" (still using {current.name})" if current else ""
             self.renderer.error(f"{job.error}{keep}")
             return False
         if not self.interactive:
             return True  # scripts asked for this model; no need to say it loaded
-        info = job.result.info
+        info = self.app.status()
+        if info is None:  # unloaded again since (a later failed swap)
+            return False
         family = f", {info.family}" if info.family else ""
         self.renderer.text(f"loaded {info.name} ({info.architecture}{family}, {info.placement.describe()}, "
-                           f"{job.result.prompt_format.name})", "dim")
+                           f"{info.format_name})", "dim")
         if info.family_reason:
             self.renderer.text(f"  {info.family}: {info.family_reason}", "dim")
         if info.placement.reason:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from glmrepl.app import App, LoadOptions
+from glmrepl.app import App
+from glmrepl.engine.backend import LocalBackend
 from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.manager import ModelManager
+from glmrepl.engine.loading import LoadOptions
 from glmrepl.engine.settings import Settings
 
 
@@ -15,7 +16,7 @@ def make_app(models_dir: Path | None = None, **settings) -> App:
     """An App on CPU with greedy, short replies unless told otherwise."""
     values = {"temperature": 0, "max_new_tokens": 8, "stats": True}
     values.update(settings)
-    return App(ModelManager(), Settings(values), ChatSession(), models_dir, LoadOptions(mode="cpu"))
+    return App(LocalBackend(), Settings(values), ChatSession(), models_dir, LoadOptions(mode="cpu"))
 
 
 def loaded_app(path: Path, **settings) -> App:

@@ -147,7 +147,7 @@ def test_ten_model_swaps_give_the_memory_back(qwen_checkpoint, gpt2_checkpoint):
     for target in targets[2:]:
         app.manager.load(app.load_request(str(target)))
         app.session.add_user("hi")
-        "".join(app.plan_reply().run)
+        "".join(app.plan_reply())
         app.session.undo()
     growth = rss() - after_first
     assert growth < 40 * MiB, f"RSS grew by {growth / MiB:.1f} MiB over 10 swaps"

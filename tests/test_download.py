@@ -175,4 +175,4 @@ def test_downloaded_folder_loads_and_chats_with_the_network_blocked(hub, tmp_pat
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     app = loaded_app(result.path)
     app.session.add_user("hello")
-    assert "".join(app.plan_reply().run)
+    assert "".join(app.plan_reply())

@@ -12,10 +12,12 @@ DATA = Path(__file__).parent / "data" / "chatglm"
 
 def reply(app, text="hello"):
     app.session.add_user(text)
-    run = app.plan_reply().run
-    "".join(run)
-    app.record_reply(run)
-    return run.stats
+    from glmrepl.engine.service import record_reply
+
+    reply = app.plan_reply()
+    "".join(reply)
+    record_reply(app.session, reply)
+    return reply.stats
 
 
 def test_gpu_half_then_back_to_cpu_frees_the_gpu(qwen_checkpoint):

@@ -33,3 +33,24 @@ class LoadCancelled(GlmreplError):
 
 class GenerationError(GlmreplError):
     """Generation failed (for example out of memory); the conversation is kept."""
+
+
+class NoModelLoaded(GlmreplError):
+    """A reply was asked for while no model is loaded."""
+
+
+class ContextLengthExceeded(GlmreplError):
+    """The prompt (and the reply asked for) does not fit the model's context."""
+
+    def __init__(self, message: str, prompt_tokens: int, context_length: int):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class QueueFull(GlmreplError):
+    """As many replies wait for the generation worker as the front end allows."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @dataclass
-class LoadRequest:
-    path: Path
-    name: str
-    mode: str = "cpu"
+class LoadOptions:
+    """How a model is loaded: one type from the command line (and /device, /mode) to the loader.
+
+    Front ends keep one without ``path``/``name`` as their defaults and give
+    the loader a copy for one checkpoint (``for_model``).
+    """
+
+    path: Path | None = None
+    name: str = ""
+    mode: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
     family: str | None = None  # the user's --family override
@@ -39,6 +45,13 @@ class LoadRequest:
     max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
     offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
     quantize: int | None = None  # --quantize: 4 or 8 bits for a float ChatGLM checkpoint
+
+    def for_model(self, path: Path, name: str) -> "LoadOptions":
+        return replace(self, path=Path(path), name=name)
+
+
+# The name the load pipeline's callers know; the same type, not a copy of it.
+LoadRequest = LoadOptions
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """ModelManager: load, swap, move and free models; loads run in the background.
 
+Replies share the loaded model through a lease (``lease.shared()``); a move,
+quantize, format change or swap takes it exclusively, so it waits for the
+replies that are running and never changes weights under one.
+
 The steps of a load live in loading.py. A load never disturbs the current
 model unless memory forces it (see the swap policy below): it is built beside
 it and swapped in only when complete, so a failed or cancelled load keeps the
@@ -10,19 +14,85 @@ from __future__ import annotations
 
 import gc
 import threading
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Callable, Iterator
 
 from .checkpoint import inspect_checkpoint
 from .devices import Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, weights_bytes_at
 from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError, first_line
-from .loading import (LoadedModel, LoadJob, LoadRequest, ModelInfo, choose_format,  # noqa: F401 (re-exported)
-                      load_model)
+from .loading import (LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo,  # noqa: F401 (re-exported)
+                      choose_format, load_model)
+
+
+class ModelLease:
+    """A readers-writer lock on the loaded model.
+
+    Replies hold it shared for as long as they stream; changes to the model
+    hold it alone. A change that is waiting stops new replies from starting,
+    so a steady stream of requests cannot put it off for ever.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @property
+    def readers(self) -> int:
+        return self._readers
+
+    def acquire_shared(self) -> None:
+        with self._changed:
+            while self._writing or self._writers_waiting:
+                self._changed.wait()
+            self._readers += 1
+
+    def release_shared(self) -> None:
+        with self._changed:
+            self._readers -= 1
+            self._changed.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextmanager
+    def exclusive(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
+        """Wait for running replies to end, then hold the model alone.
+
+        ``on_wait(n)`` is called once, before waiting, when n replies are running.
+        """
+        running = self._readers
+        if running and on_wait is not None:
+            on_wait(running)
+        with self._changed:
+            self._writers_waiting += 1
+            try:
+                while self._readers or self._writing:
+                    self._changed.wait()
+                self._writing = True
+            finally:
+                self._writers_waiting -= 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
 
 
 class ModelManager:
     def __init__(self) -> None:
         self.current: LoadedModel | None = None
         self.job: LoadJob | None = None
+        self.lease = ModelLease()
+        self.serial = 0  # counts installed models, so front ends notice a swap
         self._lock = threading.Lock()
 
     # -- loading -------------------------------------------------------------
@@ -80,52 +150,63 @@ class ModelManager:
         try:
             self._install(load_model(request))
         except BaseException:  # the user is told no model is loaded; the conversation stays
-            self.current = None
+            self.unload()
 
     def _install(self, loaded: LoadedModel) -> None:
-        with self._lock:
-            old, self.current = self.current, loaded
-        del old
+        with self.lease.exclusive():
+            with self._lock:
+                old, self.current = self.current, loaded
+                self.serial += 1
+            del old
         free_memory()
 
     def unload(self) -> None:
-        with self._lock:
-            self.current = None
+        with self.lease.exclusive():
+            with self._lock:
+                self.current = None
+                self.serial += 1
         free_memory()
 
     # -- changes to the loaded model -----------------------------------------
     def set_prompt_mode(self, mode: str | None) -> str:
         """Switch between the checkpoint's chat format and plain completion."""
-        loaded = self._require_model()
-        loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
-        return loaded.prompt_format.name
+        with self.lease.exclusive():
+            loaded = self._require_model()
+            loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
+            return loaded.prompt_format.name
 
-    def move(self, mode: str, dtype: str = "auto", gpu: int = 0) -> Placement:
+    def move(self, mode: str, dtype: str = "auto", gpu: int | None = None,
+             on_wait: Callable[[int], None] | None = None) -> Placement:
         """Move the loaded model to another placement without reading the disk again.
 
+        The GPU defaults to the one the model was loaded for (``--gpu N``).
         The old placement's memory is given back (hooks removed, caches
         emptied); if the move fails the model returns to where it was.
         """
-        loaded = self._require_model()
-        before = loaded.info.placement
-        request = loaded.request
-        after = plan_placement(mode, dtype, before.dtype, gpu, needed_bytes=_needed_bytes(loaded.model, dtype, mode),
-                               gpus=request.gpus if request else None,
-                               max_gpu_memory=request.max_gpu_memory if request else None,
-                               offload=request.offload if request else False)
-        after.quant_bits = before.quant_bits
-        move_model(loaded.model, before, after)
-        loaded.info.placement = after
+        with self.lease.exclusive(on_wait):
+            loaded = self._require_model()
+            before = loaded.info.placement
+            request = loaded.request or LoadOptions()
+            gpu = request.gpu if gpu is None else gpu
+            after = plan_placement(mode, dtype, before.dtype, gpu,
+                                   needed_bytes=_needed_bytes(loaded.model, dtype, mode), gpus=request.gpus,
+                                   max_gpu_memory=request.max_gpu_memory, offload=request.offload)
+            after.quant_bits = before.quant_bits
+            move_model(loaded.model, before, after)
+            loaded.info.placement = after
+            if loaded.request is not None:  # a reload after a failed swap comes back here
+                loaded.request = replace(loaded.request, mode=after.mode, dtype=dtype, gpu=gpu)
         free_memory()
         return after
 
-    def quantize(self, bits: int) -> Placement:
+    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Placement:
         """Quantize the loaded model's layers in place (as ChatGLM's ``model.quantize(bits)``)."""
         from .families.chatglm.quantized import quantize_in_place
 
-        loaded = self._require_model()
-        quantize_in_place(loaded.model, bits)
-        loaded.info.placement.quant_bits = bits
+        with self.lease.exclusive(on_wait):
+            loaded = self._require_model()
+            quantize_in_place(loaded.model, bits)
+            loaded.info.placement.quant_bits = bits
         free_memory()
         return loaded.info.placement
 

@@ -1,0 +1,120 @@
+"""What a front end (the REPL, the HTTP server) may ask of the engine.
+
+``Backend`` is the protocol; ``LocalBackend`` serves it from a ModelManager
+in this process. Front ends talk to a backend only: they never hold the model,
+its tokenizer or its prompt format. Optional abilities (moving the model,
+quantizing it, the next-token table) are methods a backend may lack; front
+ends check with ``hasattr`` and say why when one is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+from .chat import ChatSession
+from .errors import GlmreplError
+from .loading import LoadJob, LoadOptions
+from .service import GenerationQueue, ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
+from .settings import Settings
+
+
+@runtime_checkable
+class Backend(Protocol):
+    def list_models(self, models_dir: Path | None = None) -> list: ...
+
+    def load(self, request: LoadOptions) -> LoadJob: ...
+
+    @property
+    def job(self) -> LoadJob | None: ...
+
+    def status(self) -> ModelStatus | None: ...
+
+    def plan_reply(self, conversation: ChatSession, settings: Settings, **policy) -> Reply: ...
+
+    def context_usage(self, conversation: ChatSession) -> tuple[int, int | None] | None: ...
+
+
+class LocalBackend:
+    """The engine in this process: one ModelManager, one generation worker behind a queue."""
+
+    def __init__(self, manager: Any = None, max_queue: int | None = None):
+        if manager is None:
+            from .manager import ModelManager
+
+            manager = ModelManager()
+        self.manager = manager
+        self.queue = GenerationQueue(max_queue)
+
+    # -- models ----------------------------------------------------------------
+    def list_models(self, models_dir: Path | None = None) -> list:
+        from .catalog import find_checkpoints
+
+        return find_checkpoints(models_dir)
+
+    def load(self, request: LoadOptions) -> LoadJob:
+        """Start loading in the background; the current model serves meanwhile."""
+        return self.manager.start_load(request)
+
+    def load_and_wait(self, request: LoadOptions) -> ModelStatus:
+        """Load synchronously; raises the load's GlmreplError."""
+        self.manager.load(request)
+        return self.status()
+
+    @property
+    def job(self) -> LoadJob | None:
+        return self.manager.job
+
+    def status(self) -> ModelStatus | None:
+        loaded = self.manager.current
+        return status_of(loaded, self.manager.serial) if loaded is not None else None
+
+    def loading(self) -> bool:
+        job = self.manager.job
+        return job is not None and not job.done.is_set()
+
+    # -- replies ---------------------------------------------------------------
+    def plan_reply(self, conversation: ChatSession, settings: Settings, **policy) -> Reply:
+        """See service.plan_reply for the policy keywords."""
+        return plan_reply(self.manager, self.queue, conversation, settings, **policy)
+
+    def context_usage(self, conversation: ChatSession) -> tuple[int, int | None] | None:
+        return context_usage(self.manager.current, conversation)
+
+    def count_tokens(self, texts: Iterable[str]) -> int:
+        """Tokens of plain texts with the loaded tokenizer (no special tokens)."""
+        tokenizer = self._require_model().tokenizer
+        return sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in texts)
+
+    # -- optional abilities ----------------------------------------------------
+    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None):
+        """Move the model (waits for running replies first); returns the new Placement."""
+        return self.manager.move(mode, dtype, on_wait=on_wait)
+
+    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None):
+        return self.manager.quantize(bits, on_wait=on_wait)
+
+    def set_prompt_mode(self, mode: str | None) -> str:
+        return self.manager.set_prompt_mode(mode)
+
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, int, float]]:
+        """The k most likely next tokens after the conversation: (text, id, probability)."""
+        from .generate import next_token_distribution
+
+        with self.manager.lease.shared():
+            loaded = self._require_model()
+            ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
+            if not ids:
+                raise GlmreplError("the conversation is empty: there is nothing to continue")
+            return next_token_distribution(loaded.model, loaded.tokenizer, ids, k)
+
+    def memory_report(self) -> list[tuple[str, str]]:
+        from .devices import memory_report
+
+        return memory_report()
+
+    def _require_model(self):
+        loaded = self.manager.current
+        if loaded is None:
+            raise GlmreplError("no model is loaded")
+        return loaded

@@ -1,0 +1,309 @@
+"""One chat turn, the same for every front end: plan a reply, stream it, record it.
+
+``plan_reply`` formats a conversation with the loaded model's prompt format,
+fits it into the context (policy chosen by the front end: the REPL drops the
+oldest turns, the API refuses), turns settings into generation arguments,
+takes a place in the generation queue and a shared lease on the model. The
+returned ``Reply`` streams text deltas (stop strings applied), can be
+cancelled from any thread, and gives back its queue place and lease when it
+ends. ``record_reply`` keeps the finished reply in a ChatSession.
+
+Nothing here knows about terminals or HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .chat import ChatSession, FittedPrompt
+from .errors import ContextLengthExceeded, GlmreplError, NoModelLoaded, QueueFull
+from .settings import Settings
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What a front end may know about the loaded model (never the model object itself)."""
+
+    serial: int  # changes on every load, swap or unload
+    name: str
+    path: Any
+    architecture: str
+    family: str | None
+    family_reason: str | None
+    placement: Any  # devices.Placement
+    format_name: str
+    is_chat: bool
+    context_length: int | None
+    checkpoint_defaults: dict = field(default_factory=dict)
+    sampling_defaults: dict = field(default_factory=dict)
+
+
+def status_of(loaded: Any, serial: int) -> ModelStatus:
+    info, prompt_format = loaded.info, loaded.prompt_format
+    return ModelStatus(serial, info.name, info.path, info.architecture, info.family, info.family_reason,
+                       info.placement, prompt_format.name, prompt_format.is_chat, info.context_length,
+                       dict(info.checkpoint_defaults), dict(getattr(prompt_format, "sampling_defaults", {}) or {}))
+
+
+class GenerationQueue:
+    """Admission to the one generation worker: one reply runs, at most ``max_waiting`` wait.
+
+    ``max_waiting=None`` admits everyone (the REPL); the server bounds it and
+    answers 503 with Retry-After instead of queueing without end.
+    """
+
+    def __init__(self, max_waiting: int | None = None):
+        self.max_waiting = max_waiting
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    @property
+    def admitted(self) -> int:
+        """Replies planned and not yet finished (the running one included)."""
+        return self._admitted
+
+    def admit(self) -> None:
+        with self._lock:
+            if self.max_waiting is not None and self._admitted > self.max_waiting:
+                raise QueueFull(f"{self._admitted - 1} requests are already waiting for the model; retry shortly")
+            self._admitted += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+
+class StopStrings:
+    """Cut streamed text at the first stop string; hold back text that may begin one."""
+
+    def __init__(self, stops: list[str] | tuple[str, ...] = ()):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, delta: str) -> str:
+        if not self.stops:
+            return delta
+        text = self.pending + delta
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self.pending = True, ""
+            return text[: min(found)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.pending = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        tail, self.pending = self.pending, ""
+        return tail
+
+
+class Reply:
+    """One reply being generated: iterate for text deltas, then read the results.
+
+    Iterate it in one thread; ``cancel`` may come from any thread and stops
+    generation within one token. Ending the iteration (or ``close``) gives the
+    queue place and the model lease back.
+    """
+
+    def __init__(self, run: Any, fitted: FittedPrompt, requested_max_new_tokens: int, prompt_format: Any,
+                 stop: list[str] | tuple[str, ...], release):
+        self.run = run
+        self.prompt_tokens = len(fitted.ids)
+        self.dropped_turns = fitted.dropped_turns
+        self.max_new_tokens = fitted.max_new_tokens
+        self.requested_max_new_tokens = requested_max_new_tokens
+        self.prompt_format = prompt_format
+        self._stops = StopStrings(stop)
+        self._emitted: list[str] = []
+        self._release = release
+        self._closed = False
+        self._deltas: Iterator[str] | None = None
+
+    # -- streaming -----------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        if self._deltas is not None or self._closed:
+            raise GlmreplError("a reply can be streamed only once")
+        self._deltas = iter(self.run)
+        try:
+            for delta in self._deltas:
+                delta = self._stops.push(delta)
+                if delta:
+                    self._emitted.append(delta)
+                    yield delta
+                if self._stops.hit:
+                    self.run.cancel()
+                    break
+            tail = "" if self._stops.hit else self._stops.flush()
+            if tail:
+                self._emitted.append(tail)
+                yield tail
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        self.run.cancel()
+
+    def close(self) -> None:
+        """Stop generating (if it still runs) and give the lease and queue place back."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._deltas is not None:
+                self._deltas.close()  # waits for the worker to stop: the model is free after this
+        finally:
+            self._release()
+
+    def __enter__(self) -> "Reply":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- results ---------------------------------------------------------------
+    @property
+    def stats(self):
+        return self.run.stats
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self._stops.hit
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop" (end of turn or a stop string), "length", or "cancelled"."""
+        if self._stops.hit or self.stats.stop_reason == "end":
+            return "stop"
+        return self.stats.stop_reason
+
+    @property
+    def hit_context_end(self) -> bool:
+        """The reply stopped because the context was full, not at the asked length."""
+        return self.finish_reason == "length" and self.max_new_tokens < self.requested_max_new_tokens
+
+    @property
+    def text(self) -> str:
+        """The whole reply, decoded at once (authoritative over the deltas)."""
+        raw = "".join(self._emitted) if self._stops.hit else self.run.text()
+        return self.prompt_format.clean_reply(raw)
+
+
+# -- planning -------------------------------------------------------------------
+
+
+def plan_reply(manager: Any, queue: GenerationQueue, conversation: ChatSession, settings: Settings, *,
+               drop_oldest: bool = True, shorten_reply: bool = True, stop: list[str] | tuple[str, ...] = (),
+               completion: bool = False) -> Reply:
+    """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
+
+    ``drop_oldest``: leave out the oldest turns that do not fit (else raise
+    ContextLengthExceeded). ``shorten_reply``: give the reply the room that is
+    left when max_new_tokens does not fit (else raise). ``completion``:
+    continue the text as written, whatever the model's chat format.
+    """
+    queue.admit()
+    try:
+        manager.lease.acquire_shared()
+    except BaseException:
+        queue.leave()
+        raise
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            manager.lease.release_shared()
+            queue.leave()
+
+    try:
+        return _plan(manager.current, conversation, settings, drop_oldest, shorten_reply, stop, completion, release)
+    except BaseException:
+        release()
+        raise
+
+
+def _plan(loaded, conversation, settings, drop_oldest, shorten_reply, stop, completion, release) -> Reply:
+    from .generate import GenerationRun
+
+    if loaded is None:
+        raise NoModelLoaded("no model is loaded")
+    prompt_format = completion_format(loaded) if completion else loaded.prompt_format
+    kwargs = settings.generation_kwargs()
+    requested = kwargs["max_new_tokens"]
+    fitted = fit_prompt(conversation, prompt_format, loaded.info.context_length, requested,
+                        drop_oldest=drop_oldest, shorten_reply=shorten_reply)
+    kwargs["max_new_tokens"] = fitted.max_new_tokens
+    run = GenerationRun(loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids,
+                        seed=settings.get("seed"))
+    return Reply(run, fitted, requested, prompt_format, stop, release)
+
+
+def completion_format(loaded: Any):
+    from .loading import choose_format
+
+    if not loaded.prompt_format.is_chat:
+        return loaded.prompt_format
+    return choose_format(loaded.tokenizer, loaded.native_format, "complete", loaded.extra_stop_ids)
+
+
+def fit_prompt(conversation: ChatSession, prompt_format: Any, context_length: int | None, max_new_tokens: int, *,
+               drop_oldest: bool = True, shorten_reply: bool = True) -> FittedPrompt:
+    """Prompt ids for the conversation within the context, by the front end's policy."""
+    if drop_oldest and shorten_reply:
+        return conversation.fit(prompt_format, context_length, max_new_tokens)
+    ids = prompt_format.build(conversation.as_dicts())
+    if context_length is None or len(ids) + max_new_tokens <= context_length:
+        return FittedPrompt(ids, 0, max_new_tokens)
+    if shorten_reply and len(ids) < context_length:
+        return FittedPrompt(ids, 0, context_length - len(ids))
+    asked = f"{len(ids) + max_new_tokens} tokens ({len(ids)} in the messages, {max_new_tokens} in the completion)"
+    if len(ids) >= context_length:
+        asked = f"{len(ids)} tokens in the messages"
+    raise ContextLengthExceeded(f"This model's maximum context length is {context_length} tokens. However, you "
+                                f"requested {asked}. Please reduce the length of the messages or completion.",
+                                len(ids), context_length)
+
+
+def record_reply(session: ChatSession, reply: Reply) -> str:
+    """Keep what was generated; an interrupted reply stays, marked as cut."""
+    text = reply.text
+    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"))
+    return text
+
+
+def context_usage(loaded: Any, session: ChatSession) -> tuple[int, int | None] | None:
+    """(prompt tokens of the conversation so far, context length), or None when unknown."""
+    if loaded is None:
+        return None
+    try:
+        ids = loaded.prompt_format.build(session.as_dicts()) if session.messages else []
+    except Exception:  # a template that rejects a partial conversation: show nothing rather than fail
+        return None
+    return len(ids), loaded.info.context_length
+
+
+def conversation_from_messages(messages: list[dict]) -> ChatSession:
+    """A ChatSession from API-style messages; system messages become the system prompt."""
+    session = ChatSession()
+    systems = []
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise GlmreplError(f"messages[{index}].role must be one of {', '.join(ROLES)}, not {role!r}")
+        if not isinstance(content, str):
+            raise GlmreplError(f"messages[{index}].content must be a string")
+        if role == "system":
+            systems.append(content)
+        elif role == "user":
+            session.add_user(content)
+        else:
+            session.add_assistant(content)
+    session.system = "\n".join(systems) or None
+    if not session.messages:
+        raise GlmreplError("messages must contain at least one user or assistant message")
+    return session

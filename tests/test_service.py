@@ -1,0 +1,147 @@
+"""The chat turn in the engine (service.py, backend.py): the policy of each front end,
+the queue bound, stop strings, and the lease that keeps moves away from running replies."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from glmrepl.engine.chat import ChatSession
+from glmrepl.engine.errors import ContextLengthExceeded, GlmreplError, QueueFull
+from glmrepl.engine.service import StopStrings, conversation_from_messages, record_reply
+from glmrepl.engine.settings import Settings
+from support import loaded_app
+
+UI_MODULES = ("repl.py", "commands.py", "toolbar.py", "keys.py", "completer.py", "app.py")
+
+
+def test_front_end_modules_never_reach_into_the_loaded_model():
+    package = Path(__file__).parent.parent / "glmrepl"
+    for name in UI_MODULES:
+        source = (package / name).read_text(encoding="utf-8")
+        for internal in ("manager.current", ".prompt_format", ".tokenizer", "loaded.model", "manager.move"):
+            assert internal not in source, f"{name} uses {internal}"
+
+
+@pytest.fixture(scope="module")
+def qwen_app(qwen_checkpoint):
+    return loaded_app(qwen_checkpoint)
+
+
+def conversation(*texts):
+    session = ChatSession()
+    for text in texts:
+        session.add_user(text)
+    return session
+
+
+def test_stop_strings_cut_the_text_and_hold_back_a_possible_start():
+    stops = StopStrings(["END", "xy"])
+    assert stops.push("abc E") == "abc "  # "E" may begin END
+    assert stops.push("N") == ""
+    assert stops.push("D and more") == "" and stops.hit
+    plain = StopStrings(["zz"])
+    assert plain.push("a z") == "a " and plain.flush() == "z" and not plain.hit
+
+
+def test_a_stop_string_ends_the_reply_with_finish_reason_stop(qwen_app):
+    backend = qwen_app.backend
+    free = backend.plan_reply(conversation("hello"), Settings({"temperature": 0, "max_new_tokens": 12}))
+    full = "".join(free)
+    assert free.finish_reason == "length" and len(full) > 4
+    stop = full[2:4]
+    reply = backend.plan_reply(conversation("hello"), Settings({"temperature": 0, "max_new_tokens": 12}), stop=[stop])
+    streamed = "".join(reply)
+    assert streamed == full[: full.index(stop)] == reply.text
+    assert reply.finish_reason == "stop" and reply.stats.new_tokens < 12
+
+
+def test_the_api_policy_refuses_what_the_repl_policy_shortens(qwen_app):
+    backend = qwen_app.backend
+    long_text = "word " * 600  # more than the tiny model's 512-token context
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 512 tokens") as caught:
+        backend.plan_reply(conversation(long_text), Settings(), drop_oldest=False, shorten_reply=False)
+    assert caught.value.prompt_tokens > 512
+    settings = Settings({"max_new_tokens": 500})
+    with pytest.raises(ContextLengthExceeded, match="in the completion"):
+        backend.plan_reply(conversation("hi"), settings, drop_oldest=False, shorten_reply=False)
+    shortened = backend.plan_reply(conversation("hi"), settings, drop_oldest=False, shorten_reply=True)
+    with shortened:
+        assert shortened.max_new_tokens == 512 - shortened.prompt_tokens
+    kept = backend.plan_reply(conversation("word " * 300, "hi"), Settings({"max_new_tokens": 8}))
+    with kept:
+        assert kept.dropped_turns == 1  # the REPL's policy
+    assert backend.queue.admitted == 0 and backend.manager.lease.readers == 0  # every plan gave its place back
+
+
+def test_the_queue_bound_refuses_the_next_request_until_one_ends(qwen_checkpoint):
+    from glmrepl.engine.backend import LocalBackend
+
+    app = loaded_app(qwen_checkpoint)
+    backend = LocalBackend(app.manager, max_queue=1)
+    running = backend.plan_reply(conversation("a"), app.settings)
+    waiting = backend.plan_reply(conversation("b"), app.settings)
+    with pytest.raises(QueueFull, match="1 requests are already waiting"):
+        backend.plan_reply(conversation("c"), app.settings)
+    "".join(running)
+    third = backend.plan_reply(conversation("c"), app.settings)
+    "".join(waiting), "".join(third)
+    assert backend.queue.admitted == 0
+
+
+def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint, max_new_tokens=40)
+    backend = app.backend
+    reply = backend.plan_reply(conversation("hello"), app.settings)
+    said, moved = [], threading.Event()
+    mover = threading.Thread(target=lambda: (backend.move("cpu", "bfloat16", on_wait=said.append), moved.set()))
+    mover.start()
+    time.sleep(0.3)
+    assert not moved.is_set() and said == [1]  # waits for the reply, and said it does
+    deltas = list(reply)
+    assert deltas and reply.stats.new_tokens == 40  # the reply was not disturbed
+    assert moved.wait(30)
+    mover.join()
+    assert backend.status().placement.describe() == "cpu bfloat16"
+    assert "".join(backend.plan_reply(conversation("again"), app.settings))
+
+
+def test_device_keeps_the_gpu_chosen_at_load(qwen_checkpoint, monkeypatch):
+    from glmrepl.commands import TABLE
+    from glmrepl.engine import manager as manager_module
+
+    app = loaded_app(qwen_checkpoint)
+    app.manager.current.request.gpu = 1  # as if loaded with --gpu 1
+    asked = []
+    real_plan = manager_module.plan_placement
+
+    def recording_plan(mode, dtype, stored, gpu, **kwargs):
+        asked.append(gpu)
+        return real_plan("cpu", dtype, stored, gpu, **kwargs)
+
+    monkeypatch.setattr(manager_module, "plan_placement", recording_plan)
+    assert "model now on cpu float32" in TABLE.dispatch(app, "/device gpu").text
+    assert asked == [1]
+
+
+def test_messages_from_an_api_become_a_conversation():
+    session = conversation_from_messages([{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "hello"},
+                                          {"role": "user", "content": "more"}])
+    assert session.system == "be brief" and [m.role for m in session.messages] == ["user", "assistant", "user"]
+    with pytest.raises(GlmreplError, match=r"messages\[0\].role must be one of system, user, assistant"):
+        conversation_from_messages([{"role": "robot", "content": "x"}])
+    with pytest.raises(GlmreplError, match="at least one user"):
+        conversation_from_messages([{"role": "system", "content": "x"}])
+
+
+def test_a_cancelled_reply_is_recorded_as_cut(qwen_app):
+    session = conversation("hello")
+    reply = qwen_app.backend.plan_reply(session, Settings({"temperature": 0, "max_new_tokens": 50}))
+    for _ in reply:
+        reply.cancel()
+    assert reply.finish_reason == "cancelled" and reply.stats.new_tokens < 50
+    record_reply(session, reply)
+    assert session.messages[-1].cut and session.messages[-1].content == reply.text
