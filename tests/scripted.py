@@ -1,0 +1,57 @@
+"""A tiny Qwen2 chat checkpoint whose weights make it give one known answer.
+
+Page tests need a reply with exact content (markup that must show as text),
+which random weights never produce. This checkpoint is an ordinary Qwen2
+folder loaded by the real transformers code; only its weights are chosen:
+every attention and MLP block writes nothing (output projections are zero),
+so the last hidden state is the current token's embedding, and the output
+head maps each token of a chain to the next one. After the generation prompt
+ends ("assistant\\n") the model answers ``pieces`` in order, then <|im_end|>.
+Each piece is added to the tokenizer as one token, so the chain never
+repeats a token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from glmrepl.tiny import IM_END, build_qwen2_chat
+
+LOGIT_SCALE = 200.0  # large enough that sampling at any sane temperature picks the scripted token
+
+
+def build_scripted_qwen2(dest: Path, pieces: list[str]) -> Path:
+    import torch
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    dest = build_qwen2_chat(dest)
+    tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in pieces])
+    tokenizer.save(str(dest / "tokenizer.json"))
+    newline = tokenizer.encode("\n", add_special_tokens=False).ids
+    assert len(newline) == 1, newline
+    chain = [newline[0], *(tokenizer.token_to_id(piece) for piece in pieces), tokenizer.token_to_id(IM_END)]
+    assert len(set(chain)) == len(chain), "a scripted reply may not repeat a token"
+
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    model.resize_token_embeddings(tokenizer.get_vocab_size(), mean_resizing=False)
+    hidden = model.config.hidden_size
+    assert len(chain) <= hidden
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embeddings = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        for step, (token, following) in enumerate(zip(chain, chain[1:])):
+            direction = torch.zeros(hidden)
+            direction[step] = 1.0
+            embeddings[token] = direction
+            head[following] = LOGIT_SCALE * direction
+    for stale in [*dest.glob("*.safetensors"), *dest.glob("*.safetensors.index.json")]:
+        stale.unlink()  # the resized weights are written afresh
+    model.save_pretrained(dest, max_shard_size="200KB")
+    return dest

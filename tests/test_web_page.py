@@ -1,0 +1,234 @@
+"""The chat page of `glmrepl serve`, in a real browser (Debian's chromium driven by Playwright).
+
+The server is a real `glmrepl serve` process on a free loopback port; the
+browser starts with the flags that keep it off the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from scripted import build_scripted_qwen2
+from serving import ServerProcess, request
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-quic"]
+MARKUP = ["<img src=x onerror=\"document.title='pwned'\">", " and ", "<script>document.title='pwned'</script>"]
+API_KEY = "page-test-key"
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("GLMREPL_REQUIRE_BROWSER"):
+        raise RuntimeError(f"the page tests need chromium at {CHROMIUM}")
+    pytest.skip("chromium is not installed (the page tests need a browser)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="glmrepl-browser-"), executable_path=CHROMIUM, headless=True,
+            args=BROWSER_FLAGS, viewport={"width": 1100, "height": 720})
+        yield context
+        context.close()
+
+
+def _serve(checkpoint: Path, log: Path, *extra: str) -> ServerProcess:
+    server = ServerProcess([str(checkpoint), "--device", "cpu", *extra], log)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def chat_server(qwen_checkpoint, tmp_path_factory):
+    server = _serve(qwen_checkpoint, tmp_path_factory.mktemp("logs") / "serve.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def markup_server(tmp_path_factory):
+    checkpoint = build_scripted_qwen2(tmp_path_factory.mktemp("checkpoints") / "tiny-markup", MARKUP)
+    server = _serve(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log", "--api-key", API_KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: (errors.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    page.errors = errors
+    yield page
+    page.close()
+
+
+def _open(page, server: ServerProcess) -> None:
+    page.goto(server.base_url + "/")
+    page.evaluate("localStorage.clear(); sessionStorage.clear()")
+    page.reload()
+    sync_api.expect(page.locator("#status")).not_to_have_text("connecting…")
+
+
+def _send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def _assistant(page):
+    return page.locator(".msg.assistant")
+
+
+def _wait_reply_done(page, count: int) -> None:
+    sync_api.expect(_assistant(page)).to_have_count(count)
+    sync_api.expect(_assistant(page).nth(count - 1).locator(".meta")).to_contain_text("tokens", timeout=60_000)
+
+
+def test_a_message_streams_a_reply_and_shows_its_speed_model_and_device(chat_server, page):
+    _open(page, chat_server)
+    sync_api.expect(page.locator("#status")).to_have_text("ready")
+    sync_api.expect(page.locator("#model")).to_contain_text("tiny-qwen2-chat")
+    sync_api.expect(page.locator("#device")).to_contain_text("cpu")
+    page.fill("#maxtokens", "12")
+    page.fill("#temperature", "0")
+    _send(page, "Hello, who are you?")
+    _wait_reply_done(page, 1)
+    reply = _assistant(page).first.locator(".body").inner_text()
+    assert reply.strip(), "the reply stayed empty"
+    assert "tok/s" in _assistant(page).first.locator(".meta").inner_text()
+    sync_api.expect(page.locator("#context")).to_contain_text("/512 tokens")
+
+    # The same request through the API gives the same greedy text: the page shows what the model said.
+    status, _, body = request(chat_server.port, "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hello, who are you?"}], "max_tokens": 12, "temperature": 0})
+    assert status == 200
+    assert json.loads(body)["choices"][0]["message"]["content"].strip() == reply.strip()
+
+    # A second turn sends the whole conversation; Shift-Enter adds a line instead of sending.
+    page.fill("#input", "first line")
+    page.press("#input", "Shift+Enter")
+    page.type("#input", "second line")
+    assert page.locator(".msg.user").count() == 1
+    page.press("#input", "Enter")
+    _wait_reply_done(page, 2)
+    assert page.locator(".msg.user").nth(1).inner_text() == "first line\nsecond line"
+    assert page.errors == []
+
+
+def test_reload_keeps_the_conversation_and_new_chat_clears_it(chat_server, page):
+    _open(page, chat_server)
+    page.fill("#maxtokens", "6")
+    page.fill("#system", "You are terse.")
+    _send(page, "remember me")
+    _wait_reply_done(page, 1)
+    reply = _assistant(page).first.locator(".body").inner_text()
+    page.reload()
+    sync_api.expect(page.locator(".msg.user")).to_have_text(["remember me"])
+    assert _assistant(page).first.locator(".body").inner_text() == reply
+    assert page.input_value("#system") == "You are terse."
+    assert page.input_value("#maxtokens") == "6"
+    page.click("#newchat")
+    sync_api.expect(page.locator(".msg")).to_have_count(0)
+    page.reload()
+    sync_api.expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_stop_aborts_a_long_reply_and_the_server_stops_generating(chat_server, page):
+    _open(page, chat_server)
+    page.fill("#maxtokens", "400")
+    page.fill("#temperature", "0")
+    for attempt in range(5):
+        before = chat_server.health()["replies"]["tokens_generated"]
+        _send(page, f"tell me a long story ({attempt})")
+        bubble = _assistant(page).last
+        sync_api.expect(bubble.locator(".body")).not_to_have_text("", timeout=60_000)
+        # Checked and clicked in one step of the page's own thread: no race with the reply's end.
+        stopped = page.evaluate("""() => {
+            if (document.getElementById('send').textContent !== 'Stop') return false;
+            document.getElementById('send').click();
+            return true;
+        }""")
+        sync_api.expect(bubble.locator(".meta")).to_contain_text("tokens")
+        if stopped:
+            break
+        page.click("#newchat")
+    assert stopped, "every reply ended before it could be stopped"
+    assert "stopped" in bubble.locator(".meta").inner_text()
+    sync_api.expect(page.locator("#send")).to_have_text("Send")
+    # The server notices the closed stream and ends the generation well before 400 tokens.
+    deadline_checks = 50
+    while chat_server.health()["replies"]["running"] and deadline_checks:
+        page.wait_for_timeout(100)
+        deadline_checks -= 1
+    assert chat_server.health()["replies"]["running"] == 0
+    generated = chat_server.health()["replies"]["tokens_generated"] - before
+    assert generated < 400, generated
+    # The stopped reply stays and the chat goes on.
+    _send(page, "and then?")
+    _wait_reply_done(page, 2)
+
+
+def test_a_wrong_key_is_asked_again_and_markup_in_a_reply_is_shown_not_run(markup_server, page):
+    _open(page, markup_server)
+    sync_api.expect(page.locator("#keyform")).to_be_visible()
+    sync_api.expect(page.locator("#status")).to_contain_text("API key")
+    page.fill("#keyinput", "not-the-key")
+    page.press("#keyinput", "Enter")
+    _send(page, "show me some html")
+    sync_api.expect(page.locator("#status")).to_contain_text("wrong or missing API key")
+    assert page.input_value("#input") == "show me some html", "the message must not be lost"
+    sync_api.expect(page.locator(".msg")).to_have_count(0)
+
+    page.fill("#keyinput", API_KEY)
+    page.press("#keyinput", "Enter")
+    sync_api.expect(page.locator("#status")).to_have_text("ready")
+    page.press("#input", "Enter")
+    _wait_reply_done(page, 1)
+    body = _assistant(page).first.locator(".body")
+    assert body.inner_text() == "".join(MARKUP)
+    assert body.locator("img, script").count() == 0
+    assert page.title() == "glmrepl", "the reply's markup ran"
+    # Also after a reload, from the stored conversation; and in a fenced code block.
+    page.reload()
+    assert _assistant(page).first.locator(".body").inner_text() == "".join(MARKUP)
+    page.evaluate("""() => {
+        const saved = JSON.parse(localStorage.getItem('glmrepl.chat'));
+        saved.messages.push({role: 'assistant', content: 'code:\\n```html\\n<b onmouseover=x>bold</b>\\n```\\nend'});
+        localStorage.setItem('glmrepl.chat', JSON.stringify(saved));
+    }""")
+    page.reload()
+    code = _assistant(page).last.locator("pre code")
+    sync_api.expect(code).to_have_text("<b onmouseover=x>bold</b>")
+    assert _assistant(page).last.locator("b").count() == 0
+    assert page.title() == "glmrepl"
+    # The key lives in the tab only: a new tab asks again.
+    other = page.context.new_page()
+    other.goto(markup_server.base_url + "/")
+    sync_api.expect(other.locator("#keyform")).to_be_visible()
+    other.close()
+    assert page.errors == []
+
+
+def test_an_unreachable_server_is_said_plainly(page, tmp_path, qwen_checkpoint):
+    server = _serve(qwen_checkpoint, tmp_path / "serve.log")
+    try:
+        _open(page, server)
+        sync_api.expect(page.locator("#status")).to_have_text("ready")
+    finally:
+        server.stop()
+    _send(page, "anyone there?")
+    sync_api.expect(page.locator(".msg.error")).to_contain_text("server unreachable")
+    assert page.input_value("#input") == "anyone there?"
+    assert page.locator(".msg.user").count() == 0
