@@ -30,6 +30,8 @@ class LoadOptions:
     max_gpu_memory: str | None = None
     offload: bool = False
     quantize: int | None = None  # 4 or 8: quantize a float ChatGLM checkpoint while loading it
+    adapter: Path | None = None  # --adapter: put on the model given on the command line
+    merge_adapter: bool = False
 
 
 @dataclass
@@ -65,10 +67,11 @@ class App:
 
         path = resolve_model(target, self.models_dir)
         o = self.options
+        adapter, o.adapter = o.adapter, None  # --adapter belongs to the first model only, not to /model switches
         return LoadRequest(path=path, name=_display_name(target, path), mode=o.mode, dtype=o.dtype,
                            trust_remote_code=o.trust_remote_code, family=o.family, prompt_mode=o.prompt_mode,
                            gpu=o.gpu, gpus=o.gpus, max_gpu_memory=o.max_gpu_memory, offload=o.offload,
-                           quantize=o.quantize)
+                           quantize=o.quantize, adapter=adapter, merge_adapter=o.merge_adapter)
 
     def start_load(self, target: str):
         return self.manager.start_load(self.load_request(target))

@@ -133,6 +133,8 @@ def cmd_device(app: App, args: str):
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
         lines += [f"  {device}: {figures}" for device, figures in memory_report()]
+        if loaded.adapter:
+            lines.append(f"  adapter: {loaded.adapter.describe()}")
         return Text("\n".join(lines))
     mode = next((w for w in words if w in MODES), None)
     dtype = next((w for w in words if w in DTYPES), "auto")
@@ -143,6 +145,21 @@ def cmd_device(app: App, args: str):
     placement = app.manager.move(mode or loaded.info.placement.mode, dtype)
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
+
+
+def cmd_adapter(app: App, args: str):
+    loaded = app.require_model()
+    if not args:
+        adapter = loaded.adapter
+        return Text(f"adapter: {adapter.describe()}" if adapter else "no adapter (/adapter DIR puts one on)")
+    if args == "off":
+        name = loaded.adapter.describe() if loaded.adapter else None
+        app.manager.set_adapter(None)
+        return Text(f"adapter {name} off: the base model again; conversation kept")
+    from pathlib import Path
+
+    adapter = app.manager.set_adapter(Path(args).expanduser())
+    return Text(f"adapter {adapter.describe()} on {loaded.info.name}; conversation kept")
 
 
 def cmd_quantize(app: App, args: str):
@@ -214,8 +231,9 @@ def cmd_save(app: App, args: str):
         return Error("usage: /save FILE")
     loaded = app.manager.current
     model = str(loaded.info.path) if loaded else None
+    adapter = str(loaded.adapter.info.path) if loaded and loaded.adapter else None
     try:
-        path = save_conversation(args, app.session, app.settings.user, model)
+        path = save_conversation(args, app.session, app.settings.user, model, adapter)
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")
@@ -330,6 +348,8 @@ for _command in (
             cmd_model, (), complete_model),
     Command("device", "/device [MODE] [DTYPE]", "show placement and memory, or move the model (cpu, gpu, sharded, auto)",
             cmd_device, (), complete_device),
+    Command("adapter", "/adapter [DIR|off]", "show the adapter, put a LoRA or P-tuning v2 adapter on the model, "
+            "or take it off (no reload)", cmd_adapter, (), lambda app, prefix: ["off"]),
     Command("quantize", "/quantize 4|8", "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
             cmd_quantize, (), lambda app, prefix: ["4", "8"]),
     Command("system", "/system [TEXT|none]", "show or set the system prompt", cmd_system),

@@ -226,3 +226,26 @@ def check_lora_fits(model: Any, state: dict, info: AdapterInfo) -> None:
         if expected != found:
             raise AdapterError(f"{info.path.name}{base}: {name} is {found[0]} -> {found[1]} in the adapter, "
                                f"{expected[0]} -> {expected[1]} in the loaded {architecture}: another model size")
+
+
+def swap_adapter(model: Any, current: AttachedAdapter | None, path, merge: bool = False) -> AttachedAdapter | None:
+    """Take ``current`` off and put the adapter at ``path`` on (``path`` None: only take it off).
+
+    If the new adapter does not fit, the previous one is put back: the model is
+    left as it was, and the error says why."""
+    if current is not None and current.merged:
+        raise AdapterError(f"{current.info.path.name} is merged into the weights; reload the model to change adapters")
+    if path is None:
+        if current is None:
+            raise AdapterError("no adapter is in use")
+        current.detach()
+        return None
+    info = inspect_adapter(path)  # a broken folder is reported before anything changes
+    if current is not None:
+        current.detach()
+    try:
+        return attach_adapter(model, info.path, merge)
+    except BaseException:
+        if current is not None:  # the same adapter object stays the one in use
+            current._remove = attach_adapter(model, current.info.path)._remove
+        raise

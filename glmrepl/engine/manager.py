@@ -129,6 +129,18 @@ class ModelManager:
         free_memory()
         return loaded.info.placement
 
+    def set_adapter(self, path, merge: bool = False):
+        """Put an adapter on the loaded model (``path`` None: take it off); the model stays as it
+        was when the adapter does not fit. Returns the adapter now in use, or None."""
+        from .adapters import swap_adapter
+
+        loaded = self._require_model()
+        loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
+        if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back
+            loaded.request.adapter = loaded.adapter.info.path if loaded.adapter else None
+            loaded.request.merge_adapter = bool(loaded.adapter and loaded.adapter.merged)
+        return loaded.adapter
+
     def _require_model(self) -> LoadedModel:
         if self.current is None:
             raise GlmreplError("no model is loaded: choose one with /model")
