@@ -47,7 +47,9 @@ class App:
         from .engine.catalog import resolve_model
 
         path = resolve_model(target, self.models_dir)
-        return self.options.for_model(path, _display_name(target, path))
+        request = self.options.for_model(path, _display_name(target, path))
+        self.options.adapter = None  # --adapter belongs to the first model only, not to /model switches
+        return request
 
     def start_load(self, target: str):
         return self.backend.load(self.load_request(target))

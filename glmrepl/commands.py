@@ -127,12 +127,15 @@ def cmd_device(app: App, args: str):
 
     words = args.split()
     if not words:
-        placement = app.require_model().placement
+        status = app.require_model()
+        placement = status.placement
         lines = [f"{placement.describe()}" + (f" ({placement.reason})" if placement.reason else "")]
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
         if hasattr(app.backend, "memory_report"):
             lines += [f"  {device}: {figures}" for device, figures in app.backend.memory_report()]
+        if status.adapter:
+            lines.append(f"  adapter: {status.adapter}")
         return Text("\n".join(lines))
     mode = next((w for w in words if w in MODES), None)
     dtype = next((w for w in words if w in DTYPES), "auto")
@@ -144,6 +147,20 @@ def cmd_device(app: App, args: str):
     placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=_waiting_message(app, "moving"))
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
+
+
+def cmd_adapter(app: App, args: str):
+    status = app.require_model()
+    if not args:
+        return Text(f"adapter: {status.adapter}" if status.adapter else "no adapter (/adapter DIR puts one on)")
+    _require_ability(app, "set_adapter", "/adapter")
+    if args == "off":
+        app.backend.set_adapter(None, on_wait=_waiting_message(app, "taking the adapter off"))
+        return Text(f"adapter {status.adapter} off: the base model again; conversation kept")
+    from pathlib import Path
+
+    adapter = app.backend.set_adapter(Path(args).expanduser(), on_wait=_waiting_message(app, "putting the adapter on"))
+    return Text(f"adapter {adapter} on {status.name}; conversation kept")
 
 
 def cmd_quantize(app: App, args: str):
@@ -226,8 +243,9 @@ def cmd_save(app: App, args: str):
         return Error("usage: /save FILE")
     loaded = app.status()
     model = str(loaded.path) if loaded else None
+    adapter = str(loaded.adapter_path) if loaded and loaded.adapter_path else None
     try:
-        path = save_conversation(args, app.session, app.settings.user, model)
+        path = save_conversation(args, app.session, app.settings.user, model, adapter)
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")
@@ -336,6 +354,8 @@ for _command in (
             cmd_model, (), complete_model),
     Command("device", "/device [MODE] [DTYPE]", "show placement and memory, or move the model (cpu, gpu, sharded, auto)",
             cmd_device, (), complete_device),
+    Command("adapter", "/adapter [DIR|off]", "show the adapter, put a LoRA or P-tuning v2 adapter on the model, "
+            "or take it off (no reload)", cmd_adapter, (), lambda app, prefix: ["off"]),
     Command("quantize", "/quantize 4|8", "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
             cmd_quantize, (), lambda app, prefix: ["4", "8"]),
     Command("system", "/system [TEXT|none]", "show or set the system prompt", cmd_system),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sharded mode: put layers that fit on no GPU on the CPU (slower)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="{4,8}",
                         help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it")
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model")
+    parser.add_argument("--merge-adapter", action="store_true",
+                        help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -90,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_app(args, config):
-    from pathlib import Path
 
     from .app import App
     from .engine.backend import LocalBackend
@@ -116,7 +120,8 @@ def load_options(args, config):
                           dtype=args.dtype or config.get("model", "dtype", "auto"),
                           trust_remote_code=args.trust_remote_code, family=args.family,
                           gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload,
-                          quantize=args.quantize)
+                          quantize=args.quantize, adapter=Path(args.adapter).expanduser() if args.adapter else None,
+                          merge_adapter=args.merge_adapter)
     if args.max_gpu_memory:
         from .engine.placement import parse_gpu_memory
 

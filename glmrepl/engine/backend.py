@@ -94,6 +94,12 @@ class LocalBackend:
     def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None):
         return self.manager.quantize(bits, on_wait=on_wait)
 
+    def set_adapter(self, path: Path | None, merge: bool = False,
+                    on_wait: Callable[[int], None] | None = None) -> str | None:
+        """Put an adapter on the model (None: take it off); returns its description, or None."""
+        adapter = self.manager.set_adapter(path, merge, on_wait=on_wait)
+        return adapter.describe() if adapter else None
+
     def set_prompt_mode(self, mode: str | None) -> str:
         return self.manager.set_prompt_mode(mode)
 

@@ -35,6 +35,7 @@ class CatalogEntry:
     ready: bool
     problem: str | None
     dtype: str | None = None
+    adapter_base: str | None = None  # an adapter folder: the base model it was trained on ("?" if unrecorded)
 
 
 LISTING_COLUMNS = ("name", "architecture", "params", "dtype", "size", "status")
@@ -44,6 +45,9 @@ def listing_cells(entry: CatalogEntry) -> list[str]:
     """One entry as the listings show it (`glmrepl list` and /model read the same cells)."""
     from ..units import human_bytes, human_count
 
+    if entry.adapter_base is not None:
+        return [entry.name, entry.architecture or "adapter", "-", "-", human_bytes(entry.size_bytes),
+                f"adapter for {entry.adapter_base}"]
     return [
         entry.name,
         entry.family or entry.architecture or "?",
@@ -195,8 +199,9 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _has_config(folder: Path) -> bool:
+    """A checkpoint's config.json, or a PEFT adapter's adapter_config.json."""
     try:
-        return (folder / "config.json").is_file()
+        return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
     except OSError:
         return False
 
@@ -205,6 +210,10 @@ def _has_config(folder: Path) -> bool:
 
 
 def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> CatalogEntry:
+    from .adapters import looks_like_adapter
+
+    if looks_like_adapter(path):
+        return _describe_adapter(name, path, source)
     try:
         scan = scan_checkpoint(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - one odd folder must not hide the others
@@ -222,6 +231,18 @@ def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> Ca
         problem=scan.problems[0] if scan.problems else None,
         dtype=scan.dtype,
     )
+
+
+def _describe_adapter(name: str, path: Path, source: str) -> CatalogEntry:
+    from .adapters import AdapterError, inspect_adapter
+
+    try:
+        info = inspect_adapter(path)
+    except AdapterError as error:
+        return CatalogEntry(name, path, source, "adapter", None, _folder_bytes(path), None, False, str(error))
+    kind = "LoRA adapter" if info.kind == "lora" else "P-tuning v2 adapter"
+    return CatalogEntry(name, path, source, kind, None, _folder_bytes(path), None, True, None,
+                        adapter_base=info.base or "?")
 
 
 def _folder_bytes(path: Path) -> int:

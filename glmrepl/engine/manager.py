@@ -210,6 +210,19 @@ class ModelManager:
         free_memory()
         return loaded.info.placement
 
+    def set_adapter(self, path, merge: bool = False, on_wait: Callable[[int], None] | None = None):
+        """Put an adapter on the loaded model (``path`` None: take it off); the model stays as it
+        was when the adapter does not fit. Waits for running replies. Returns the adapter now in use, or None."""
+        from .adapters import swap_adapter
+
+        with self.lease.exclusive(on_wait):
+            loaded = self._require_model()
+            loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
+            if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back
+                loaded.request = replace(loaded.request, adapter=loaded.adapter.info.path if loaded.adapter else None,
+                                         merge_adapter=bool(loaded.adapter and loaded.adapter.merged))
+        return loaded.adapter
+
     def _require_model(self) -> LoadedModel:
         if self.current is None:
             raise GlmreplError("no model is loaded: choose one with /model")

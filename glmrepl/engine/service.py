@@ -40,13 +40,16 @@ class ModelStatus:
     context_length: int | None
     checkpoint_defaults: dict = field(default_factory=dict)
     sampling_defaults: dict = field(default_factory=dict)
+    adapter: str | None = None  # the adapter in use, described
+    adapter_path: Any = None
 
 
 def status_of(loaded: Any, serial: int) -> ModelStatus:
-    info, prompt_format = loaded.info, loaded.prompt_format
+    info, prompt_format, adapter = loaded.info, loaded.prompt_format, getattr(loaded, "adapter", None)
     return ModelStatus(serial, info.name, info.path, info.architecture, info.family, info.family_reason,
                        info.placement, prompt_format.name, prompt_format.is_chat, info.context_length,
-                       dict(info.checkpoint_defaults), dict(getattr(prompt_format, "sampling_defaults", {}) or {}))
+                       dict(info.checkpoint_defaults), dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
+                       adapter.describe() if adapter else None, adapter.info.path if adapter else None)
 
 
 class GenerationQueue:
