@@ -50,8 +50,38 @@ def listing_cells(entry: CatalogEntry) -> list[str]:
         human_count(entry.param_count),
         entry.dtype or "-",
         human_bytes(entry.size_bytes),
-        "ready" if entry.ready else f"not ready: {entry.problem}",
+        "ready" if entry.ready else f"not ready: {short_problem(entry.problem or '', entry.path)}",
     ]
+
+
+def short_problem(problem: str, folder: Path) -> str:
+    """What is wrong, without the folder's path or the fix (`glmrepl check` gives both).
+
+    Problems read "PATH/FILE: what is wrong: how to fix it" or "PATH what is
+    wrong: how to fix it"; a listing row has room for the file and the fault.
+    """
+    text = problem
+    for prefix in (f"{folder}{os.sep}", f"{folder} ", str(folder)):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    head, _, rest = text.partition(": ")
+    if rest and " " not in head:  # "config.json: model type 'x' is not known: upgrade ..."
+        return f"{head}: {rest.partition(': ')[0]}"
+    return head
+
+
+def listing_dtype(config: dict | None, stored_dtype: str | None) -> str | None:
+    """The precision the weights are stored in: int4/int8 for quantized checkpoints."""
+    config = config or {}
+    bits = config.get("quantization_bit")  # ChatGLM's own quantized releases
+    quantization = config.get("quantization_config")
+    if not bits and isinstance(quantization, dict):  # GPTQ, AWQ, bitsandbytes
+        bits = quantization.get("bits") or (4 if quantization.get("load_in_4bit") else
+                                            8 if quantization.get("load_in_8bit") else None)
+    if isinstance(bits, int) and not isinstance(bits, bool) and bits > 0:
+        return f"int{bits}"
+    return stored_dtype
 
 
 def default_models_dir(cli_value: str | os.PathLike | None = None) -> Path:
@@ -220,7 +250,7 @@ def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> Ca
         param_count=scan.param_count,
         ready=scan.ready,
         problem=scan.problems[0] if scan.problems else None,
-        dtype=scan.dtype,
+        dtype=listing_dtype(scan.config, scan.dtype),
     )
 
 
