@@ -215,7 +215,7 @@ def cmd_save(app: App, args: str):
     loaded = app.manager.current
     model = str(loaded.info.path) if loaded else None
     try:
-        path = save_conversation(args, app.session, app.settings.user, model)
+        path = save_conversation(args, app.session, app.settings.chosen(), model)
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")

@@ -54,8 +54,8 @@ def configured_models_dir(err) -> str | None:
     from .config import load_config
 
     config = load_config()
-    if config.problem:
-        print(f"warning: {config.problem}", file=err)
+    for problem in config.problems:
+        print(f"warning: {problem}", file=err)
     return config.get("model", "models_dir") or None
 
 
