@@ -102,8 +102,8 @@ def cmd_model(app: App, args: str):
 def _model_table(app: App):
     from .engine.catalog import LISTING_COLUMNS, find_checkpoints, listing_cells
 
-    entries = find_checkpoints(app.models_dir)
     current = app.manager.current
+    entries = find_checkpoints(app.models_dir, beside=current.info.path if current else None)
     if not entries:
         return Text(no_models_message(app))
     rows = []

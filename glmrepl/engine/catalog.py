@@ -19,6 +19,7 @@ from .errors import CheckpointError
 
 MODELS_DIR = "models dir"
 HF_CACHE = "hf cache"
+BESIDE_LOADED = "beside the loaded model"
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,16 @@ def hf_cache_dir() -> Path:
     return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
-def find_checkpoints(models_dir: Path | None = None, *, trust_remote_code: bool = False) -> list[CatalogEntry]:
-    """Every checkpoint in the models dir (None: the default one) and the HF cache, sorted by name."""
+def find_checkpoints(models_dir: Path | None = None, *, trust_remote_code: bool = False,
+                     beside: Path | None = None) -> list[CatalogEntry]:
+    """Every checkpoint in the models dir (None: the default one) and the HF cache, sorted by name.
+
+    ``beside``: a checkpoint folder (the loaded one) whose sibling folders are
+    listed too, named by their path so that ``/model NAME`` finds them.
+    """
     located = _located_checkpoints(default_models_dir(models_dir))
+    if beside is not None:
+        located += _siblings(Path(beside), {_resolved(path) for _, path, _ in located})
     entries = [_describe(name, path, source, trust_remote_code) for name, path, source in located]
     return sorted(entries, key=lambda entry: (entry.name.lower(), entry.source))
 
@@ -161,6 +169,28 @@ def _located_checkpoints(root: Path) -> list[tuple[str, Path, str]]:
     models = [(name, path, MODELS_DIR) for name, path in _models_dir_checkpoints(root)]
     cached = [(name, path, HF_CACHE) for name, path in _hf_cache_checkpoints()]
     return models + cached
+
+
+def _siblings(folder: Path, known: set[Path]) -> list[tuple[str, Path, str]]:
+    """The checkpoint folders next to ``folder`` (itself included) not listed already."""
+    return [(_shown_path(child), child, BESIDE_LOADED) for child in _subfolders(folder.parent)
+            if _has_config(child) and _resolved(child) not in known]
+
+
+def _shown_path(path: Path) -> str:
+    """A path a user can type back: relative to the current folder when inside it, else with ~."""
+    absolute = Path(os.path.abspath(path))
+    for base, shown in ((Path.cwd(), "."), (Path.home(), "~")):
+        if absolute.is_relative_to(base) and absolute != base:
+            return f"{shown}/{absolute.relative_to(base)}"
+    return str(absolute)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path
 
 
 def _models_dir_checkpoints(root: Path) -> list[tuple[str, Path]]:
