@@ -258,3 +258,14 @@ def test_model_listing_includes_the_folders_beside_the_loaded_model(qwen_checkpo
     assert names == ["./elsewhere/base-model", "*./elsewhere/chat-model"]  # * marks the loaded one
     drive_repl(app, "/model ./elsewhere/base-model" + ENTER)  # a listed name loads as it is shown
     assert app.manager.current.info.path.resolve() == (elsewhere / "base-model").resolve()
+
+
+def test_auto_on_a_cpu_only_torch_does_not_talk_about_cuda(qwen_checkpoint):
+    import torch
+
+    app = make_app()
+    app.options.mode = "auto"
+    out = drive_repl(app, f"/model {qwen_checkpoint}" + ENTER)
+    assert "loaded tiny-qwen2-chat" in out
+    if torch.version.cuda is None:  # with a CUDA build the reason names the GPU it chose, or the missing device
+        assert "CUDA" not in out
