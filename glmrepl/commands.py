@@ -102,8 +102,8 @@ def cmd_model(app: App, args: str):
 def _model_table(app: App):
     from .engine.catalog import LISTING_COLUMNS, listing_cells
 
-    entries = app.backend.list_models(app.models_dir)
     current = app.status()
+    entries = app.backend.list_models(app.models_dir, beside=current.path if current else None)
     if not entries:
         return Text(no_models_message(app))
     rows = []
@@ -245,7 +245,7 @@ def cmd_save(app: App, args: str):
     model = str(loaded.path) if loaded else None
     adapter = str(loaded.adapter_path) if loaded and loaded.adapter_path else None
     try:
-        path = save_conversation(args, app.session, app.settings.user, model, adapter)
+        path = save_conversation(args, app.session, app.settings.chosen(), model, adapter)
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")

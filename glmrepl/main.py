@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(args, config)
     except ValueError as error:
         parser.error(str(error))  # exits with status 2
-    if config.problem:
-        print(f"warning: {config.problem}", file=sys.stderr)
+    for problem in config.problems:
+        print(f"warning: {problem}", file=sys.stderr)
     if args.prompt is not None:
         # -p text is always a message, even when it starts with "/".
         return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
@@ -101,12 +101,9 @@ def build_app(args, config):
     from .engine.chat import ChatSession
     from .engine.settings import Settings
 
-    settings = Settings({"max_new_tokens": config.get("generation", "max_new_tokens", 512),
-                         "stats": config.get("ui", "stats", True)})
-    for key in SETTING_FLAGS:
-        value = getattr(args, key)
-        if value is not None:
-            settings.set(key, value)  # ValueError names the valid range
+    flags = {key: getattr(args, key) for key in SETTING_FLAGS if getattr(args, key) is not None}
+    # ValueError (a flag out of range) names the valid range.
+    settings = Settings(defaults=config.settings("defaults"), config_file=config.settings("user"), command_line=flags)
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
     return App(LocalBackend(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
@@ -151,7 +148,7 @@ def run_script(app, args, lines) -> int:
 
     if not load_or_report(app, args.model):
         return 1
-    app.settings.user["stats"] = False
+    app.settings.set("stats", False, "command line")
     return run_piped(app, lines, sys.stdout, sys.stderr)
 
 

@@ -184,3 +184,16 @@ def test_device_without_argument_shows_mode_memory_and_layout(qwen_checkpoint):
     text = TABLE.dispatch(app, "/device").text
     assert text.startswith("cpu float32")
     assert "layers: cpu: all layers" in text and "resident" in text
+
+
+def test_no_cuda_is_mentioned_only_when_a_gpu_was_to_be_expected(monkeypatch):
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build of torch
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert devices.plan_placement("auto").reason == ""
+    assert devices.plan_placement("cpu").reason == ""
+    for asked in ({"gpus": [0, 1]}, {"max_gpu_memory": "8GiB"}, {"gpu": 1}):
+        assert devices.plan_placement("auto", **asked).reason == "no CUDA device found", asked
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # built for a GPU, and none found: worth saying
+    placement = devices.plan_placement("auto")
+    assert (placement.mode, placement.reason) == ("cpu", "no CUDA device found")

@@ -241,3 +241,31 @@ def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp
         for cell in cells[:4]:  # architecture, params, dtype, size
             assert cell in cli_rows[name]
     assert "not ready:" in listing
+
+
+def test_model_listing_includes_the_folders_beside_the_loaded_model(qwen_checkpoint, gpt2_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(qwen_checkpoint, elsewhere / "chat-model")
+    shutil.copytree(gpt2_checkpoint, elsewhere / "base-model")
+    (elsewhere / "notes").mkdir()  # not a checkpoint: not listed
+    monkeypatch.chdir(tmp_path)
+    app = make_app(models_dir=tmp_path / "empty-models-dir")
+    app.manager.load(app.load_request(str(elsewhere / "chat-model")))
+    names = [row[0] for row in TABLE.dispatch(app, "/model").rows]
+    assert names == ["./elsewhere/base-model", "*./elsewhere/chat-model"]  # * marks the loaded one
+    drive_repl(app, "/model ./elsewhere/base-model" + ENTER)  # a listed name loads as it is shown
+    assert app.manager.current.info.path.resolve() == (elsewhere / "base-model").resolve()
+
+
+def test_auto_on_a_cpu_only_torch_does_not_talk_about_cuda(qwen_checkpoint):
+    import torch
+
+    app = make_app()
+    app.options.mode = "auto"
+    out = drive_repl(app, f"/model {qwen_checkpoint}" + ENTER)
+    assert "loaded tiny-qwen2-chat" in out
+    if torch.version.cuda is None:  # with a CUDA build the reason names the GPU it chose, or the missing device
+        assert "CUDA" not in out

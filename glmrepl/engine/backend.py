@@ -21,7 +21,7 @@ from .settings import Settings
 
 @runtime_checkable
 class Backend(Protocol):
-    def list_models(self, models_dir: Path | None = None) -> list: ...
+    def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list: ...
 
     def load(self, request: LoadOptions) -> LoadJob: ...
 
@@ -47,10 +47,11 @@ class LocalBackend:
         self.queue = GenerationQueue(max_queue)
 
     # -- models ----------------------------------------------------------------
-    def list_models(self, models_dir: Path | None = None) -> list:
+    def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list:
+        """Local checkpoints, with the folders beside ``beside`` (the loaded model's) too."""
         from .catalog import find_checkpoints
 
-        return find_checkpoints(models_dir)
+        return find_checkpoints(models_dir, beside=beside)
 
     def load(self, request: LoadOptions) -> LoadJob:
         """Start loading in the background; the current model serves meanwhile."""

@@ -59,6 +59,8 @@ def plan_placement(mode: str, dtype: str = "auto", stored_dtype: str | None = No
     count = cuda_device_count()
     if mode == "auto":
         mode, reason = _choose_mode(count, gpu, gpus, needed_bytes, max_gpu_memory)
+        if count == 0 and not (_torch_has_cuda() or gpu or gpus or max_gpu_memory):
+            reason = ""  # a CPU-only torch with no GPU option given: the CPU is no surprise, say nothing
     else:
         reason = ""
     if mode == "cpu":
@@ -75,6 +77,13 @@ def plan_placement(mode: str, dtype: str = "auto", stored_dtype: str | None = No
         _check_gpu_exists(index, count)
     budgets = gpu_budgets(chosen, max_gpu_memory)
     return Placement("sharded", gpu_dtype, "plan", reason, budgets, offload)
+
+
+def _torch_has_cuda() -> bool:
+    """Whether this torch was built for a GPU (then finding none is worth saying)."""
+    import torch
+
+    return bool(torch.version.cuda or getattr(torch.version, "hip", None))
 
 
 def _choose_mode(count: int, gpu: int, gpus, needed_bytes: int | None, max_gpu_memory) -> tuple[str, str]:
