@@ -13,6 +13,7 @@ from typing import Callable
 
 from .app import App
 from .engine.errors import GlmreplError
+from .hints import explain, slash_words
 from .results import Error, Exit, Generate, TerminalEscape, Table, Text, WaitForLoad
 
 Handler = Callable[[App, str], object]
@@ -42,8 +43,8 @@ class CommandTable:
     def find(self, name: str) -> Command | None:
         return next((c for c in self.commands if name in (c.name, *c.aliases)), None)
 
-    def dispatch(self, app: App, line: str) -> object:
-        """Run one '/command args' line; unknown names get the closest match."""
+    def dispatch(self, app: App, line: str, words=slash_words) -> object:
+        """Run one '/command args' line; unknown names get the closest match (hints in ``words``)."""
         name, _, args = line[1:].strip().partition(" ")
         command = self.find(name.lower())
         if command is None:
@@ -51,7 +52,7 @@ class CommandTable:
         try:
             return command.handler(app, args.strip())
         except GlmreplError as error:
-            return Error(str(error))
+            return Error(explain(error, words))
 
     def unknown_message(self, name: str) -> str:
         close = closest(name.lower(), self.names())

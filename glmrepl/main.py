@@ -81,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # exits with status 2
     if config.problem:
         print(f"warning: {config.problem}", file=sys.stderr)
-    if args.prompt is not None:
-        # -p text is always a message, even when it starts with "/".
-        return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
-    if not sys.stdin.isatty():
-        return run_script(app, args, sys.stdin)
+    try:
+        if args.prompt is not None:
+            # -p text is always a message, even when it starts with "/".
+            return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
+        if not sys.stdin.isatty():
+            return run_script(app, args, sys.stdin)
+    except KeyboardInterrupt:  # Ctrl-C while loading: the shell's convention for an interrupted command
+        return 130
     return run_interactive(app, args, config)
 
 
@@ -127,6 +130,7 @@ def load_options(args, config):
 def load_or_report(app, target: str | None) -> bool:
     """Load synchronously for non-interactive use; the reason goes to stderr."""
     from .engine.errors import GlmreplError
+    from .hints import explain, flag_words
 
     if target is None:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)
@@ -134,7 +138,7 @@ def load_or_report(app, target: str | None) -> bool:
     try:
         app.backend.load_and_wait(app.load_request(target))
     except GlmreplError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {explain(error, flag_words)}", file=sys.stderr)
         return False
     return True
 
@@ -154,6 +158,7 @@ def run_interactive(app, args, config) -> int:
     from .commands import TABLE
     from .config import history_file
     from .engine.errors import GlmreplError
+    from .hints import explain
     from .repl import Repl
 
     keep_history = config.get("ui", "history", True) and not args.no_history
@@ -166,7 +171,7 @@ def run_interactive(app, args, config) -> int:
         try:
             app.start_load(args.model)
         except GlmreplError as error:
-            repl.renderer.error(str(error))
+            repl.renderer.error(explain(error))
     else:
         repl.renderer.result(TABLE.dispatch(app, "/model"))
     repl.run()

@@ -96,6 +96,7 @@ class ReplyStream:
     def write(self, delta: str) -> None:
         if not self.color:
             self._emit(delta)
+            self.out.flush()  # a pipe reads the reply as it comes, as a terminal does
             return
         for char in delta.translate(_CONTROL_TO_VISIBLE):
             self._feed(char)

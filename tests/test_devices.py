@@ -124,10 +124,15 @@ def test_auto_picks_gpu_then_sharded_then_cpu_and_says_why(fake_gpus):
 
 def test_gpu_mode_errors_name_the_figures_and_the_mode_that_fits(fake_gpus):
     fake_gpus(10 * 2**30, 10 * 2**30)
-    with pytest.raises(DeviceError, match=r"needs 12.0 GiB but GPU 0 has 9.0 GiB usable: /device sharded"):
+    from glmrepl.hints import explain
+
+    with pytest.raises(DeviceError) as fits_sharded:
         devices.plan_placement("gpu", needed_bytes=12 * 2**30)
-    with pytest.raises(DeviceError, match=r"use cpu \(or sharded with --offload\)"):
+    assert explain(fits_sharded.value).endswith("needs 12.0 GiB but GPU 0 has 9.0 GiB usable: /device sharded "
+                                                "across all GPUs would fit")
+    with pytest.raises(DeviceError) as fits_nowhere:
         devices.plan_placement("gpu", needed_bytes=30 * 2**30)
+    assert explain(fits_nowhere.value).endswith("use /device cpu (or sharded with offload)")
     with pytest.raises(DeviceError, match=r"GPU 3 does not exist: this machine has 2 GPU\(s\)"):
         devices.plan_placement("sharded", gpus=[0, 3])
     with pytest.raises(DeviceError, match="GPU 2 does not exist"):
