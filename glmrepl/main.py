@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # exits with status 2
     if config.problem:
         print(f"warning: {config.problem}", file=sys.stderr)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("-p needs a message: TEXT is empty")
+    if not args.model and (args.prompt is not None or not sys.stdin.isatty()):
+        parser.error("give a MODEL (a checkpoint folder or name) for non-interactive use")
     try:
         if args.prompt is not None:
             # -p text is always a message, even when it starts with "/".

@@ -248,11 +248,16 @@ class Repl:
 
 
 def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
-    """Non-interactive: each input line is a message (or a /command); plain text out."""
-    handler = LineHandler(app, Renderer(out, color=False, err=err), interactive=False)
+    """Non-interactive: each input line is a message (or a /command); plain text out.
+
+    Every line runs even when one fails; the status is 1 if any failed, 130 if Ctrl-C cut a reply."""
+    renderer = Renderer(out, color=False, err=err)
+    handler = LineHandler(app, renderer, interactive=False)
     for line in lines:
         if not handler.handle(line) or handler.interrupted:
             break
-    return 130 if handler.interrupted else 0
+    if handler.interrupted:
+        return 130
+    return 1 if renderer.errors else 0
 
 

@@ -109,3 +109,18 @@ def test_ctrl_c_during_a_one_shot_reply_exits_130(qwen_checkpoint, tmp_path):
     _, err = child.communicate(timeout=60)
     assert child.returncode == 130
     assert "[reply cut]" in err and "/retry" not in err
+
+
+@pytest.mark.parametrize("args", [["-p", "hi"], ["MODEL", "-p", ""], ["MODEL", "-p", "  "]])
+def test_one_shot_without_a_model_or_a_message_is_bad_usage(args, qwen_checkpoint):
+    result = run(*[str(qwen_checkpoint) if arg == "MODEL" else arg for arg in args])
+    assert result.returncode == 2, result.stderr
+    assert "usage: glmrepl" in result.stderr and result.stdout == ""
+
+
+def test_piped_input_runs_every_line_and_exits_1_if_one_failed(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4",
+                 stdin="/set temperature hot\nhello\n/history\n")
+    assert result.returncode == 1
+    assert "temperature must be a number" in result.stderr
+    assert "user: hello" in result.stdout  # the lines after the failed one ran
