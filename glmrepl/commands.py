@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .app import App
-from .engine.errors import GlmreplError
+from .engine.errors import GlmreplError, LoadCancelled
 from .hints import explain, slash_words
 from .results import Error, Exit, Generate, TerminalEscape, Table, Text, WaitForLoad
 
@@ -140,11 +140,31 @@ def cmd_device(app: App, args: str):
     unknown = [w for w in words if w not in MODES and w not in DTYPES]
     if unknown:
         return Error(f"unknown device argument {unknown[0]!r}: modes are {', '.join(MODES)}; dtypes {', '.join(DTYPES)}")
+    if app.status() is None and app.loading_job() is None:
+        return _device_for_next_load(app, mode, dtype)
     status = app.require_model()
+    if _already_on(status.placement, mode, dtype):
+        return Text(f"already on {status.placement.describe()}", "dim")
     _require_ability(app, "move", "/device")
     placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=_waiting_message(app, "moving"))
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
+
+
+def _already_on(placement, mode: str | None, dtype: str) -> bool:
+    if (mode or placement.mode) != placement.mode:
+        return False
+    return dtype == placement.dtype or (dtype == "auto" and placement.mode == "cpu" and placement.dtype == "float32")
+
+
+def _device_for_next_load(app: App, mode: str | None, dtype: str):
+    """No model: the choice is for the next load, and a load that failed (no GPU, no room) is tried with it."""
+    app.options.mode, app.options.dtype = mode or app.options.mode, dtype
+    job = app.backend.job
+    if job is not None and job.error is not None and not isinstance(job.error, LoadCancelled) and job.request.path:
+        return WaitForLoad(app.backend.load(app.options.for_model(job.request.path, job.request.name)))
+    chosen = app.options.mode + ("" if dtype == "auto" else f" {dtype}")
+    return Text(f"{chosen} will apply when a model is loaded", "dim")
 
 
 def cmd_quantize(app: App, args: str):

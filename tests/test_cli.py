@@ -124,3 +124,13 @@ def test_piped_input_runs_every_line_and_exits_1_if_one_failed(qwen_checkpoint):
     assert result.returncode == 1
     assert "temperature must be a number" in result.stderr
     assert "user: hello" in result.stdout  # the lines after the failed one ran
+
+
+def test_auto_device_with_float16_runs_on_a_cpu_only_machine(qwen_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run(str(qwen_checkpoint), "-p", "hi", "--device", "auto", "--dtype", "float16", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()

@@ -189,3 +189,12 @@ def test_device_without_argument_shows_mode_memory_and_layout(qwen_checkpoint):
     text = TABLE.dispatch(app, "/device").text
     assert text.startswith("cpu float32")
     assert "layers: cpu: all layers" in text and "resident" in text
+
+
+def test_auto_with_float16_on_a_machine_without_gpus_picks_a_cpu_dtype_and_says_so(fake_gpus):
+    fake_gpus()
+    placement = devices.plan_placement("auto", "float16")
+    assert placement.describe() == "cpu float32"
+    assert "float16 is GPU-only, so float32" in placement.reason
+    with pytest.raises(DeviceError, match="float16 is not supported on CPU"):
+        devices.plan_placement("cpu", "float16")  # asked for the CPU by name: say it cannot

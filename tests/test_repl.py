@@ -241,3 +241,26 @@ def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp
         for cell in cells[:4]:  # architecture, params, dtype, size
             assert cell in cli_rows[name]
     assert "not ready:" in listing
+
+
+def test_a_load_that_failed_on_a_missing_gpu_is_recovered_by_device_cpu(qwen_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    app = make_app()
+    app.options.mode = "gpu"  # as with --device gpu
+    app.start_load(str(qwen_checkpoint)).wait()
+    out = drive_repl(app, "/device cpu" + ENTER + "hello" + ENTER + "/device cpu float32" + ENTER)
+    assert "gpu mode needs a CUDA GPU and torch sees none on this machine: use /device cpu" in out
+    assert "loaded tiny-qwen2-chat (Qwen2ForCausalLM, cpu float32" in out
+    assert app.session.turns == 1 and app.options.mode == "cpu"
+    assert "already on cpu float32" in out
+
+
+def test_device_without_a_model_is_kept_for_the_next_load(qwen_checkpoint):
+    app = make_app()
+    app.options.mode = "auto"
+    out = drive_repl(app, "/device cpu bfloat16" + ENTER + f"/model {qwen_checkpoint}" + ENTER)
+    assert "cpu bfloat16 will apply when a model is loaded" in out
+    assert app.status().placement.describe() == "cpu bfloat16"

@@ -59,6 +59,8 @@ def plan_placement(mode: str, dtype: str = "auto", stored_dtype: str | None = No
     count = cuda_device_count()
     if mode == "auto":
         mode, reason = _choose_mode(count, gpu, gpus, needed_bytes, max_gpu_memory)
+        if mode == "cpu" and dtype == "float16":  # asked for the GPU's precision; the CPU's is the closest
+            dtype, reason = "float32", f"{reason}; float16 is GPU-only, so float32"
     else:
         reason = ""
     if mode == "cpu":
