@@ -206,12 +206,21 @@ def cmd_set(app: App, args: str):
         hint = f" — did you mean {close}?" if close else ""
         return Error(f"unknown setting {key!r}{hint} (settings: {', '.join(SETTINGS)})")
     if not value.strip():
-        return Error(f"/set {key} needs a value: {SETTINGS[key].describe_range()}")
+        app.status()
+        return Text(f"{key} = {_show(app.settings.get(key))} (from {app.settings.source(key)}; "
+                    f"{SETTINGS[key].describe_range()})")
     try:
         parsed = app.settings.set(key, value.strip())
     except ValueError as error:
         return Error(str(error))
-    return Text(f"{key} = {_show(parsed)}", "dim")
+    done = Text(f"{key} = {_show(parsed)}", "dim")
+    if key in UNUSUALLY_HIGH and parsed > UNUSUALLY_HIGH[key][0]:
+        return [done, Text(f"{key} {_show(parsed)} is unusually high: {UNUSUALLY_HIGH[key][1]}", "warning")]
+    return done
+
+
+# Values that are allowed but rarely what anyone wants: (above this, what happens).
+UNUSUALLY_HIGH = {"temperature": (2.0, "replies become close to random (0.1 to 1.5 is usual)")}
 
 
 def _show(value) -> str:
@@ -316,6 +325,11 @@ def cmd_copy(app: App, args: str):
 
 
 def cmd_mode(app: App, args: str):
+    if not args:
+        status = app.status()
+        if status is None:
+            return Text(f"{app.options.prompt_mode or 'chat'} mode when a model is loaded (/mode chat|complete)")
+        return Text(f"{'chat' if status.is_chat else 'complete'} mode ({status.format_name}); /mode chat|complete switches")
     if args not in ("chat", "complete"):
         return Error("usage: /mode chat|complete")
     app.options.prompt_mode = args
@@ -360,8 +374,9 @@ for _command in (
     Command("quantize", "/quantize 4|8", "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
             cmd_quantize, (), lambda app, prefix: ["4", "8"]),
     Command("system", "/system [TEXT|none]", "show or set the system prompt", cmd_system),
-    Command("set", "/set [KEY VALUE]", "list generation settings, or change one", cmd_set, (), complete_setting),
-    Command("mode", "/mode chat|complete", "chat with the template, or continue plain text", cmd_mode, (),
+    Command("set", "/set [KEY [VALUE]]", "list generation settings, show one, or change one", cmd_set, (),
+            complete_setting),
+    Command("mode", "/mode [chat|complete]", "chat with the template, or continue plain text", cmd_mode, (),
             lambda app, prefix: ["chat", "complete"]),
     Command("history", "/history", "show the conversation", cmd_history),
     Command("undo", "/undo", "remove the last message and its reply", cmd_undo),

@@ -229,12 +229,17 @@ class Repl:
         )
 
     def run(self) -> None:
+        hinted_exit = False
         while True:
             self.handler.report_finished_load()
+            loading = self.app.loading_job() is not None
             try:
                 line = self.session.prompt(PROMPT)
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line
+            except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+                if not hinted_exit and not loading and not self.session.default_buffer.text:
+                    hinted_exit = True  # once: someone pressing it on an empty line may be trying to leave
+                    self.renderer.text("(Ctrl-D or /exit leaves glmrepl)", "dim")
+                continue
             except EOFError:
                 break
             try:
