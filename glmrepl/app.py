@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .engine.chat import ChatSession
-from .engine.errors import GlmreplError
+from .engine.errors import GlmreplError, Hint
 from .engine.loading import LoadOptions
 from .engine.settings import Settings
 
@@ -65,7 +65,7 @@ class App:
             job = self.loading_job()
             if job is not None:
                 raise GlmreplError(f"still {job.status}")
-            raise GlmreplError("no model is loaded: choose one with /model NAME (or /model to list them)")
+            raise GlmreplError("no model is loaded", Hint("model", sentence="choose one with {}"))
         return status
 
     # -- replies -------------------------------------------------------------

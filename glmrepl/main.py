@@ -86,11 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # exits with status 2
     for problem in config.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    if args.prompt is not None:
-        # -p text is always a message, even when it starts with "/".
-        return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
-    if not sys.stdin.isatty():
-        return run_script(app, args, sys.stdin)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("-p needs a message: TEXT is empty")
+    if not args.model and (args.prompt is not None or not sys.stdin.isatty()):
+        parser.error("give a MODEL (a checkpoint folder or name) for non-interactive use")
+    try:
+        if args.prompt is not None:
+            # -p text is always a message, even when it starts with "/".
+            return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
+        if not sys.stdin.isatty():
+            return run_script(app, args, sys.stdin)
+    except KeyboardInterrupt:  # Ctrl-C while loading: the shell's convention for an interrupted command
+        return 130
     return run_interactive(app, args, config)
 
 
@@ -129,6 +136,7 @@ def load_options(args, config):
 def load_or_report(app, target: str | None) -> bool:
     """Load synchronously for non-interactive use; the reason goes to stderr."""
     from .engine.errors import GlmreplError
+    from .hints import explain, flag_words
 
     if target is None:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)
@@ -136,7 +144,7 @@ def load_or_report(app, target: str | None) -> bool:
     try:
         app.backend.load_and_wait(app.load_request(target))
     except GlmreplError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {explain(error, flag_words)}", file=sys.stderr)
         return False
     return True
 
@@ -156,6 +164,7 @@ def run_interactive(app, args, config) -> int:
     from .commands import TABLE
     from .config import history_file
     from .engine.errors import GlmreplError
+    from .hints import explain
     from .repl import Repl
 
     keep_history = config.get("ui", "history", True) and not args.no_history
@@ -168,7 +177,7 @@ def run_interactive(app, args, config) -> int:
         try:
             app.start_load(args.model)
         except GlmreplError as error:
-            repl.renderer.error(str(error))
+            repl.renderer.error(explain(error))
     else:
         repl.renderer.result(TABLE.dispatch(app, "/model"))
     repl.run()

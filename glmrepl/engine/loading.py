@@ -17,7 +17,7 @@ from typing import Any
 from . import formats
 from .checkpoint import CheckpointInfo, inspect_checkpoint
 from .devices import Placement, plan_placement, sizing_dtype, torch_dtype, weights_bytes_at
-from .errors import GlmreplError, LoadCancelled
+from .errors import GlmreplError, Hint, LoadCancelled
 from .families import load_family
 
 # Offline, always: a hub download must fail at once, never hang or leak.
@@ -288,7 +288,7 @@ def choose_format(tokenizer: Any, native_format: Any, mode: str | None, extra_st
     if native_format is not None:
         return native_format
     if mode == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise GlmreplError("this checkpoint has no chat template, so it can only continue text (/mode complete)")
+        raise GlmreplError("this checkpoint has no chat template, so it can only continue text", Hint("mode", "complete"))
     return formats.format_for(tokenizer, mode, extra_stop_ids)
 
 
