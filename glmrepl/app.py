@@ -47,7 +47,7 @@ class App:
         from .engine.catalog import resolve_model
 
         path = resolve_model(target, self.models_dir)
-        request = self.options.for_model(path, _display_name(target, path))
+        request = self.options.for_model(path, display_name(target, path))
         self.options.adapter = None  # --adapter belongs to the first model only, not to /model switches
         return request
 
@@ -78,6 +78,6 @@ class App:
         return self.backend.context_usage(self.session)
 
 
-def _display_name(target: str, path: Path) -> str:
+def display_name(target: str, path: Path) -> str:
     candidate = Path(target)
     return path.name if candidate.is_absolute() or target.startswith((".", "~")) or candidate.exists() else target

@@ -25,8 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmrepl",
         description="Chat in the terminal with a Hugging Face checkpoint on local disk (offline).",
-        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits.",
+        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits. "
+               "Other commands: glmrepl serve|download|check|list --help.",
     )
+    add_model_arguments(parser)
+    parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
+    parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt")
+    parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the load and generation options, shared by the REPL and `glmrepl serve`."""
     parser.add_argument("model", nargs="?", metavar="MODEL",
                         help="checkpoint folder, or a name in the models dir or the Hugging Face cache")
     parser.add_argument("--models-dir", metavar="DIR", help="where to look for checkpoints by name "
@@ -47,19 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
-    parser.add_argument("--system", metavar="TEXT", help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, metavar="N")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
     parser.add_argument("--top-p", type=float, metavar="P")
     parser.add_argument("--top-k", type=int, metavar="K")
     parser.add_argument("--repetition-penalty", type=float, metavar="R")
     parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
-    parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a checkpoint's own Python code to run (only for folders you trust)")
-    parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
-    return parser
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -75,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import tools
 
         return tools.main(argv)
+    if argv and argv[0] == "serve":
+        from .server.cli import main as serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import load_config
@@ -101,16 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_interactive(app, args, config)
 
 
-def build_app(args, config):
-
-    from .app import App
-    from .engine.backend import LocalBackend
-    from .engine.chat import ChatSession
+def generation_settings(args, config):
+    """Settings from the defaults, the config file and the command line; ValueError names the valid range."""
     from .engine.settings import Settings
 
     flags = {key: getattr(args, key) for key in SETTING_FLAGS if getattr(args, key) is not None}
-    # ValueError (a flag out of range) names the valid range.
-    settings = Settings(defaults=config.settings("defaults"), config_file=config.settings("user"), command_line=flags)
+    return Settings(defaults=config.settings("defaults"), config_file=config.settings("user"), command_line=flags)
+
+
+def build_app(args, config):
+    from .app import App
+    from .engine.backend import LocalBackend
+    from .engine.chat import ChatSession
+
+    settings = generation_settings(args, config)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
     return App(LocalBackend(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
