@@ -44,9 +44,10 @@ class ServerState:
     def settings_for(self, status: ModelStatus, *, max_tokens: int | None = None, temperature: float | None = None,
                      top_p: float | None = None, seed: int | None = None) -> Settings:
         """Generation settings: glmrepl's defaults < the model's < the command line's < the request's."""
-        settings = Settings()
+        chosen = self.defaults.layers
+        settings = Settings(chosen["/set"], defaults=chosen["default"], config_file=chosen["config file"],
+                            command_line=chosen["command line"])
         settings.set_model_defaults(status.checkpoint_defaults, status.sampling_defaults)
-        settings.user.update(self.defaults.user)
         if max_tokens is not None:  # beyond the table's range the context check answers, naming the context
             settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high))
         try:
