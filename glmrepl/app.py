@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .engine.chat import ChatSession
-from .engine.errors import GlmreplError
+from .engine.errors import GlmreplError, Hint
 from .engine.loading import LoadOptions
 from .engine.settings import Settings
 
@@ -47,7 +47,9 @@ class App:
         from .engine.catalog import resolve_model
 
         path = resolve_model(target, self.models_dir)
-        return self.options.for_model(path, _display_name(target, path))
+        request = self.options.for_model(path, display_name(target, path))
+        self.options.adapter = None  # --adapter belongs to the first model only, not to /model switches
+        return request
 
     def start_load(self, target: str):
         return self.backend.load(self.load_request(target))
@@ -63,7 +65,7 @@ class App:
             job = self.loading_job()
             if job is not None:
                 raise GlmreplError(f"still {job.status}")
-            raise GlmreplError("no model is loaded: choose one with /model NAME (or /model to list them)")
+            raise GlmreplError("no model is loaded", Hint("model", sentence="choose one with {}"))
         return status
 
     # -- replies -------------------------------------------------------------
@@ -76,6 +78,6 @@ class App:
         return self.backend.context_usage(self.session)
 
 
-def _display_name(target: str, path: Path) -> str:
+def display_name(target: str, path: Path) -> str:
     candidate = Path(target)
     return path.name if candidate.is_absolute() or target.startswith((".", "~")) or candidate.exists() else target

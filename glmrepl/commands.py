@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .app import App
-from .engine.errors import GlmreplError
+from .engine.errors import GlmreplError, LoadCancelled
+from .hints import explain, slash_words
 from .results import Error, Exit, Generate, TerminalEscape, Table, Text, WaitForLoad
 
 Handler = Callable[[App, str], object]
@@ -42,8 +43,8 @@ class CommandTable:
     def find(self, name: str) -> Command | None:
         return next((c for c in self.commands if name in (c.name, *c.aliases)), None)
 
-    def dispatch(self, app: App, line: str) -> object:
-        """Run one '/command args' line; unknown names get the closest match."""
+    def dispatch(self, app: App, line: str, words=slash_words) -> object:
+        """Run one '/command args' line; unknown names get the closest match (hints in ``words``)."""
         name, _, args = line[1:].strip().partition(" ")
         command = self.find(name.lower())
         if command is None:
@@ -51,7 +52,7 @@ class CommandTable:
         try:
             return command.handler(app, args.strip())
         except GlmreplError as error:
-            return Error(str(error))
+            return Error(explain(error, words))
 
     def unknown_message(self, name: str) -> str:
         close = closest(name.lower(), self.names())
@@ -102,8 +103,8 @@ def cmd_model(app: App, args: str):
 def _model_table(app: App):
     from .engine.catalog import LISTING_COLUMNS, listing_cells
 
-    entries = app.backend.list_models(app.models_dir)
     current = app.status()
+    entries = app.backend.list_models(app.models_dir, beside=current.path if current else None)
     if not entries:
         return Text(no_models_message(app))
     rows = []
@@ -127,23 +128,60 @@ def cmd_device(app: App, args: str):
 
     words = args.split()
     if not words:
-        placement = app.require_model().placement
+        status = app.require_model()
+        placement = status.placement
         lines = [f"{placement.describe()}" + (f" ({placement.reason})" if placement.reason else "")]
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
         if hasattr(app.backend, "memory_report"):
             lines += [f"  {device}: {figures}" for device, figures in app.backend.memory_report()]
+        if status.adapter:
+            lines.append(f"  adapter: {status.adapter}")
         return Text("\n".join(lines))
     mode = next((w for w in words if w in MODES), None)
     dtype = next((w for w in words if w in DTYPES), "auto")
     unknown = [w for w in words if w not in MODES and w not in DTYPES]
     if unknown:
         return Error(f"unknown device argument {unknown[0]!r}: modes are {', '.join(MODES)}; dtypes {', '.join(DTYPES)}")
+    if app.status() is None and app.loading_job() is None:
+        return _device_for_next_load(app, mode, dtype)
     status = app.require_model()
+    if _already_on(status.placement, mode, dtype):
+        return Text(f"already on {status.placement.describe()}", "dim")
     _require_ability(app, "move", "/device")
     placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=_waiting_message(app, "moving"))
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
+
+
+def cmd_adapter(app: App, args: str):
+    status = app.require_model()
+    if not args:
+        return Text(f"adapter: {status.adapter}" if status.adapter else "no adapter (/adapter DIR puts one on)")
+    _require_ability(app, "set_adapter", "/adapter")
+    if args == "off":
+        app.backend.set_adapter(None, on_wait=_waiting_message(app, "taking the adapter off"))
+        return Text(f"adapter {status.adapter} off: the base model again; conversation kept")
+    from pathlib import Path
+
+    adapter = app.backend.set_adapter(Path(args).expanduser(), on_wait=_waiting_message(app, "putting the adapter on"))
+    return Text(f"adapter {adapter} on {status.name}; conversation kept")
+
+
+def _already_on(placement, mode: str | None, dtype: str) -> bool:
+    if (mode or placement.mode) != placement.mode:
+        return False
+    return dtype == placement.dtype or (dtype == "auto" and placement.mode == "cpu" and placement.dtype == "float32")
+
+
+def _device_for_next_load(app: App, mode: str | None, dtype: str):
+    """No model: the choice is for the next load, and a load that failed (no GPU, no room) is tried with it."""
+    app.options.mode, app.options.dtype = mode or app.options.mode, dtype
+    job = app.backend.job
+    if job is not None and job.error is not None and not isinstance(job.error, LoadCancelled) and job.request.path:
+        return WaitForLoad(app.backend.load(app.options.for_model(job.request.path, job.request.name)))
+    chosen = app.options.mode + ("" if dtype == "auto" else f" {dtype}")
+    return Text(f"{chosen} will apply when a model is loaded", "dim")
 
 
 def cmd_quantize(app: App, args: str):
@@ -185,12 +223,21 @@ def cmd_set(app: App, args: str):
         hint = f" — did you mean {close}?" if close else ""
         return Error(f"unknown setting {key!r}{hint} (settings: {', '.join(SETTINGS)})")
     if not value.strip():
-        return Error(f"/set {key} needs a value: {SETTINGS[key].describe_range()}")
+        app.status()
+        return Text(f"{key} = {_show(app.settings.get(key))} (from {app.settings.source(key)}; "
+                    f"{SETTINGS[key].describe_range()})")
     try:
         parsed = app.settings.set(key, value.strip())
     except ValueError as error:
         return Error(str(error))
-    return Text(f"{key} = {_show(parsed)}", "dim")
+    done = Text(f"{key} = {_show(parsed)}", "dim")
+    if key in UNUSUALLY_HIGH and parsed > UNUSUALLY_HIGH[key][0]:
+        return [done, Text(f"{key} {_show(parsed)} is unusually high: {UNUSUALLY_HIGH[key][1]}", "warning")]
+    return done
+
+
+# Values that are allowed but rarely what anyone wants: (above this, what happens).
+UNUSUALLY_HIGH = {"temperature": (2.0, "replies become close to random (0.1 to 1.5 is usual)")}
 
 
 def _show(value) -> str:
@@ -226,8 +273,9 @@ def cmd_save(app: App, args: str):
         return Error("usage: /save FILE")
     loaded = app.status()
     model = str(loaded.path) if loaded else None
+    adapter = str(loaded.adapter_path) if loaded and loaded.adapter_path else None
     try:
-        path = save_conversation(args, app.session, app.settings.user, model)
+        path = save_conversation(args, app.session, app.settings.chosen(), model, adapter)
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")
@@ -295,6 +343,11 @@ def cmd_copy(app: App, args: str):
 
 
 def cmd_mode(app: App, args: str):
+    if not args:
+        status = app.status()
+        if status is None:
+            return Text(f"{app.options.prompt_mode or 'chat'} mode when a model is loaded (/mode chat|complete)")
+        return Text(f"{'chat' if status.is_chat else 'complete'} mode ({status.format_name}); /mode chat|complete switches")
     if args not in ("chat", "complete"):
         return Error("usage: /mode chat|complete")
     app.options.prompt_mode = args
@@ -336,11 +389,14 @@ for _command in (
             cmd_model, (), complete_model),
     Command("device", "/device [MODE] [DTYPE]", "show placement and memory, or move the model (cpu, gpu, sharded, auto)",
             cmd_device, (), complete_device),
+    Command("adapter", "/adapter [DIR|off]", "show the adapter, put a LoRA or P-tuning v2 adapter on the model, "
+            "or take it off (no reload)", cmd_adapter, (), lambda app, prefix: ["off"]),
     Command("quantize", "/quantize 4|8", "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
             cmd_quantize, (), lambda app, prefix: ["4", "8"]),
     Command("system", "/system [TEXT|none]", "show or set the system prompt", cmd_system),
-    Command("set", "/set [KEY VALUE]", "list generation settings, or change one", cmd_set, (), complete_setting),
-    Command("mode", "/mode chat|complete", "chat with the template, or continue plain text", cmd_mode, (),
+    Command("set", "/set [KEY [VALUE]]", "list generation settings, show one, or change one", cmd_set, (),
+            complete_setting),
+    Command("mode", "/mode [chat|complete]", "chat with the template, or continue plain text", cmd_mode, (),
             lambda app, prefix: ["chat", "complete"]),
     Command("history", "/history", "show the conversation", cmd_history),
     Command("undo", "/undo", "remove the last message and its reply", cmd_undo),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -24,8 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmrepl",
         description="Chat in the terminal with a Hugging Face checkpoint on local disk (offline).",
-        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits.",
+        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits. "
+               "Other commands: glmrepl serve|download|check|list --help.",
     )
+    add_model_arguments(parser)
+    parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
+    parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt")
+    parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the load and generation options, shared by the REPL and `glmrepl serve`."""
     parser.add_argument("model", nargs="?", metavar="MODEL",
                         help="checkpoint folder, or a name in the models dir or the Hugging Face cache")
     parser.add_argument("--models-dir", metavar="DIR", help="where to look for checkpoints by name "
@@ -40,21 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sharded mode: put layers that fit on no GPU on the CPU (slower)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="{4,8}",
                         help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it")
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model")
+    parser.add_argument("--merge-adapter", action="store_true",
+                        help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
-    parser.add_argument("--system", metavar="TEXT", help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, metavar="N")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
     parser.add_argument("--top-p", type=float, metavar="P")
     parser.add_argument("--top-k", type=int, metavar="K")
     parser.add_argument("--repetition-penalty", type=float, metavar="R")
     parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
-    parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a checkpoint's own Python code to run (only for folders you trust)")
-    parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
-    return parser
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -70,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import tools
 
         return tools.main(argv)
+    if argv and argv[0] == "serve":
+        from .server.cli import main as serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import load_config
@@ -79,30 +94,37 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(args, config)
     except ValueError as error:
         parser.error(str(error))  # exits with status 2
-    if config.problem:
-        print(f"warning: {config.problem}", file=sys.stderr)
-    if args.prompt is not None:
-        # -p text is always a message, even when it starts with "/".
-        return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
-    if not sys.stdin.isatty():
-        return run_script(app, args, sys.stdin)
+    for problem in config.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("-p needs a message: TEXT is empty")
+    if not args.model and (args.prompt is not None or not sys.stdin.isatty()):
+        parser.error("give a MODEL (a checkpoint folder or name) for non-interactive use")
+    try:
+        if args.prompt is not None:
+            # -p text is always a message, even when it starts with "/".
+            return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
+        if not sys.stdin.isatty():
+            return run_script(app, args, sys.stdin)
+    except KeyboardInterrupt:  # Ctrl-C while loading: the shell's convention for an interrupted command
+        return 130
     return run_interactive(app, args, config)
 
 
-def build_app(args, config):
-    from pathlib import Path
+def generation_settings(args, config):
+    """Settings from the defaults, the config file and the command line; ValueError names the valid range."""
+    from .engine.settings import Settings
 
+    flags = {key: getattr(args, key) for key in SETTING_FLAGS if getattr(args, key) is not None}
+    return Settings(defaults=config.settings("defaults"), config_file=config.settings("user"), command_line=flags)
+
+
+def build_app(args, config):
     from .app import App
     from .engine.backend import LocalBackend
     from .engine.chat import ChatSession
-    from .engine.settings import Settings
 
-    settings = Settings({"max_new_tokens": config.get("generation", "max_new_tokens", 512),
-                         "stats": config.get("ui", "stats", True)})
-    for key in SETTING_FLAGS:
-        value = getattr(args, key)
-        if value is not None:
-            settings.set(key, value)  # ValueError names the valid range
+    settings = generation_settings(args, config)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
     return App(LocalBackend(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
@@ -116,7 +138,8 @@ def load_options(args, config):
                           dtype=args.dtype or config.get("model", "dtype", "auto"),
                           trust_remote_code=args.trust_remote_code, family=args.family,
                           gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload,
-                          quantize=args.quantize)
+                          quantize=args.quantize, adapter=Path(args.adapter).expanduser() if args.adapter else None,
+                          merge_adapter=args.merge_adapter)
     if args.max_gpu_memory:
         from .engine.placement import parse_gpu_memory
 
@@ -127,6 +150,7 @@ def load_options(args, config):
 def load_or_report(app, target: str | None) -> bool:
     """Load synchronously for non-interactive use; the reason goes to stderr."""
     from .engine.errors import GlmreplError
+    from .hints import explain, flag_words
 
     if target is None:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)
@@ -134,7 +158,7 @@ def load_or_report(app, target: str | None) -> bool:
     try:
         app.backend.load_and_wait(app.load_request(target))
     except GlmreplError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {explain(error, flag_words)}", file=sys.stderr)
         return False
     return True
 
@@ -146,7 +170,7 @@ def run_script(app, args, lines) -> int:
 
     if not load_or_report(app, args.model):
         return 1
-    app.settings.user["stats"] = False
+    app.settings.set("stats", False, "command line")
     return run_piped(app, lines, sys.stdout, sys.stderr)
 
 
@@ -154,6 +178,7 @@ def run_interactive(app, args, config) -> int:
     from .commands import TABLE
     from .config import history_file
     from .engine.errors import GlmreplError
+    from .hints import explain
     from .repl import Repl
 
     keep_history = config.get("ui", "history", True) and not args.no_history
@@ -166,7 +191,7 @@ def run_interactive(app, args, config) -> int:
         try:
             app.start_load(args.model)
         except GlmreplError as error:
-            repl.renderer.error(str(error))
+            repl.renderer.error(explain(error))
     else:
         repl.renderer.result(TABLE.dispatch(app, "/model"))
     repl.run()

@@ -22,6 +22,7 @@ class Renderer:
         self.out = out
         self.err = err or out  # piped use sends errors to stderr, replies to stdout
         self.color = color
+        self.errors = 0  # error lines written: non-interactive use exits 1 when there were any
 
     # -- one-line messages -------------------------------------------------
     def text(self, text: str, style: str = "info") -> None:
@@ -31,6 +32,7 @@ class Renderer:
         self._line(text, codes, self.err if style in ("dim", "warning") else self.out)
 
     def error(self, message: str) -> None:
+        self.errors += 1
         self._line(f"error: {message}", RED, self.err)
 
     def _line(self, text: str, codes: str = "", stream: TextIO | None = None) -> None:
@@ -96,6 +98,7 @@ class ReplyStream:
     def write(self, delta: str) -> None:
         if not self.color:
             self._emit(delta)
+            self.out.flush()  # a pipe reads the reply as it comes, as a terminal does
             return
         for char in delta.translate(_CONTROL_TO_VISIBLE):
             self._feed(char)

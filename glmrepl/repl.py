@@ -16,8 +16,9 @@ from typing import TextIO
 
 from .app import App
 from .commands import TABLE, format_stats
-from .engine.errors import GlmreplError, LoadCancelled
+from .engine.errors import GlmreplError, Hint, LoadCancelled
 from .engine.service import record_reply
+from .hints import explain, flag_words, slash_words
 from .render import Renderer
 from .results import Exit, Generate, TerminalEscape, WaitForLoad
 
@@ -29,6 +30,8 @@ class LineHandler:
         self.app = app
         self.renderer = renderer
         self.interactive = interactive
+        self.words = slash_words if interactive else flag_words  # how hints are worded for this user
+        self.interrupted = False  # a reply was cut by Ctrl-C (non-interactive use then stops)
         self.reported_job = None
         app.notify = lambda message: renderer.text(message, "dim")
 
@@ -39,7 +42,7 @@ class LineHandler:
         if not text:
             return True
         if text.startswith("/") and not text.startswith("//"):
-            return self.act(TABLE.dispatch(self.app, text))
+            return self.act(TABLE.dispatch(self.app, text, self.words))
         self.send(text[1:] if text.startswith("//") else line.strip("\n"))
         return True
 
@@ -67,7 +70,7 @@ class LineHandler:
         try:
             self.app.require_model()
         except GlmreplError as error:
-            self.renderer.error(str(error))
+            self.renderer.error(explain(error, self.words))
             return
         self.app.session.add_user(text)
         if not self.reply():
@@ -78,7 +81,7 @@ class LineHandler:
         try:
             plan = self.app.plan_reply()
         except GlmreplError as error:
-            self.renderer.error(str(error))
+            self.renderer.error(explain(error, self.words))
             return False
         if plan.dropped_turns:
             self.renderer.text(f"(the oldest {plan.dropped_turns} turn(s) no longer fit the context and were left out)", "warning")
@@ -94,7 +97,8 @@ class LineHandler:
                 failed = error
         stream.finish()
         if failed is not None:
-            self.renderer.error(f"{failed} (the conversation is kept: /retry tries again)")
+            kept = " (the conversation is kept: /retry tries again)" if self.interactive else ""
+            self.renderer.error(explain(failed, self.words) + kept)
             return True
         self.app.last_stats = plan.stats
         record_reply(self.app.session, plan)
@@ -104,11 +108,14 @@ class LineHandler:
     def after_reply(self, reply) -> None:
         stats = reply.stats
         if reply.finish_reason == "cancelled":
-            self.renderer.text("[reply cut: /retry generates it again]", "dim")
+            self.interrupted = True
+            self.renderer.text("[reply cut: /retry generates it again]" if self.interactive else "[reply cut]", "dim")
         elif reply.hit_context_end:
-            self.renderer.text("[reply stopped at the end of the model's context: /clear or /undo makes room]", "dim")
+            room = ": /clear or /undo makes room" if self.interactive else ""
+            self.renderer.text(f"[reply stopped at the end of the model's context{room}]", "dim")
         elif reply.finish_reason == "length":
-            self.renderer.text(f"[reply reached max_new_tokens={stats.new_tokens}: /set max_new_tokens to allow more]", "dim")
+            more = Hint("setting", "max_new_tokens", "{} allows more").worded(self.words)
+            self.renderer.text(f"[reply reached max_new_tokens={stats.new_tokens}: {more}]", "dim")
         if self.app.settings.get("stats"):
             self.renderer.text(format_stats(stats), "dim")
 
@@ -155,12 +162,12 @@ class LineHandler:
         if isinstance(job.error, LoadCancelled):
             current = self.app.status()
             keep = f"; still using {current.name}" if current else ""
-            self.renderer.text(f"{job.error}{keep}", "warning")
+            self.renderer.text(f"{explain(job.error, self.words)}{keep}", "warning")
             return False
         if job.error is not None:
             current = self.app.status()
             keep = f" (still using {current.name})" if current else ""
-            self.renderer.error(f"{job.error}{keep}")
+            self.renderer.error(f"{explain(job.error, self.words)}{keep}")
             return False
         if not self.interactive:
             return True  # scripts asked for this model; no need to say it loaded
@@ -222,12 +229,17 @@ class Repl:
         )
 
     def run(self) -> None:
+        hinted_exit = False
         while True:
             self.handler.report_finished_load()
+            loading = self.app.loading_job() is not None
             try:
                 line = self.session.prompt(PROMPT)
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line
+            except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+                if not hinted_exit and not loading and not self.session.default_buffer.text:
+                    hinted_exit = True  # once: someone pressing it on an empty line may be trying to leave
+                    self.renderer.text("(Ctrl-D or /exit leaves glmrepl)", "dim")
+                continue
             except EOFError:
                 break
             try:
@@ -241,11 +253,16 @@ class Repl:
 
 
 def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
-    """Non-interactive: each input line is a message (or a /command); plain text out."""
-    handler = LineHandler(app, Renderer(out, color=False, err=err), interactive=False)
+    """Non-interactive: each input line is a message (or a /command); plain text out.
+
+    Every line runs even when one fails; the status is 1 if any failed, 130 if Ctrl-C cut a reply."""
+    renderer = Renderer(out, color=False, err=err)
+    handler = LineHandler(app, renderer, interactive=False)
     for line in lines:
-        if not handler.handle(line):
+        if not handler.handle(line) or handler.interrupted:
             break
-    return 0
+    if handler.interrupted:
+        return 130
+    return 1 if renderer.errors else 0
 
 

@@ -11,6 +11,7 @@ builders so that importing this module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def build_qwen2_chat(dest: Path) -> Path:
     )
     model = _random_model(Qwen2ForCausalLM, config)
     # A small shard size forces an index and several shards, as in real releases.
-    model.save_pretrained(dest, max_shard_size="200KB")
+    with _no_progress_bars():  # transformers draws one for writing the shards: noise on `make demo`
+        model.save_pretrained(dest, max_shard_size="200KB")
     GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot).save_pretrained(dest)
     return dest
 
@@ -122,6 +124,19 @@ def build_demo(dest: Path) -> Path:
     dest = build_qwen2_chat(dest)
     (dest / "README.md").write_text(DEMO_README, encoding="utf-8")
     return dest
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _fresh_folder(dest: Path) -> Path:

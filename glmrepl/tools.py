@@ -43,8 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "models_dir", None) is None and args.command in ("download", "list"):
+        args.models_dir = configured_models_dir(sys.stderr)
     handler = {"download": run_download, "check": run_check, "list": run_list}[args.command]
     return handler(args, sys.stdout, sys.stderr)
+
+
+def configured_models_dir(err) -> str | None:
+    """config.toml's models_dir, as the REPL reads it (the command line's --models-dir wins)."""
+    from .config import load_config
+
+    config = load_config()
+    for problem in config.problems:
+        print(f"warning: {problem}", file=err)
+    return config.get("model", "models_dir") or None
 
 
 # -- download --------------------------------------------------------------------
@@ -101,6 +113,8 @@ def run_list(args, out, err) -> int:
     rows = [headings] + [listing_cells(entry) + [str(entry.path)] for entry in entries]
     for line in format_table(rows):
         print(line, file=out)
+    if not all(entry.ready for entry in entries):
+        print("`glmrepl check PATH` says what is wrong with a checkpoint and how to fix it", file=err)
     return 0
 
 

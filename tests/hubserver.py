@@ -59,6 +59,8 @@ class LocalHub:
     drop_next_get_after: dict[str, int] = field(default_factory=dict)
     # file names answered with a 500 on every GET, until removed
     failing: set[str] = field(default_factory=set)
+    # file name -> bytes to send before dropping the connection, on every GET until removed
+    always_drop_after: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -84,7 +86,8 @@ class LocalHub:
 
     def take_drop(self, name: str) -> int | None:
         with self._lock:
-            return self.drop_next_get_after.pop(name, None)
+            once = self.drop_next_get_after.pop(name, None)
+            return once if once is not None else self.always_drop_after.get(name)
 
 
 _INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")

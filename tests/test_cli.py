@@ -73,3 +73,64 @@ def test_one_shot_text_starting_with_a_slash_is_a_message_not_a_command(qwen_che
     assert as_prompt.returncode == 0 and as_prompt.stdout.strip()
     assert "conversation is empty" not in as_prompt.stdout
     assert as_prompt.stdout == as_piped_message.stdout  # the same message "/history", the same greedy reply
+
+
+def test_one_shot_words_hints_as_command_line_options(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "-p", "hello", "--temperature", "0", "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "[reply reached max_new_tokens=2: --max-new-tokens allows more]" in result.stderr
+    assert "/set" not in result.stderr
+
+
+def test_a_gpu_that_is_missing_is_worded_as_a_flag(qwen_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run(str(qwen_checkpoint), "-p", "hello", "--device", "gpu")
+    assert result.returncode == 1
+    assert "gpu mode needs a CUDA GPU" in result.stderr and "use --device cpu" in result.stderr
+    assert "/device" not in result.stderr
+
+
+def test_ctrl_c_during_a_one_shot_reply_exits_130(qwen_checkpoint, tmp_path):
+    import json
+    import shutil
+    import signal
+
+    folder = Path(shutil.copytree(qwen_checkpoint, tmp_path / "long-qwen"))
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 32768
+    (folder / "config.json").write_text(json.dumps(config))
+    child = subprocess.Popen([GLMREPL, str(folder), "-p", "tell me a story", "--max-new-tokens", "20000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.read(1)  # the reply is streaming (20000 tokens would take minutes)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert "[reply cut]" in err and "/retry" not in err
+
+
+@pytest.mark.parametrize("args", [["-p", "hi"], ["MODEL", "-p", ""], ["MODEL", "-p", "  "]])
+def test_one_shot_without_a_model_or_a_message_is_bad_usage(args, qwen_checkpoint):
+    result = run(*[str(qwen_checkpoint) if arg == "MODEL" else arg for arg in args])
+    assert result.returncode == 2, result.stderr
+    assert "usage: glmrepl" in result.stderr and result.stdout == ""
+
+
+def test_piped_input_runs_every_line_and_exits_1_if_one_failed(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4",
+                 stdin="/set temperature hot\nhello\n/history\n")
+    assert result.returncode == 1
+    assert "temperature must be a number" in result.stderr
+    assert "user: hello" in result.stdout  # the lines after the failed one ran
+
+
+def test_auto_device_with_float16_runs_on_a_cpu_only_machine(qwen_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run(str(qwen_checkpoint), "-p", "hi", "--device", "auto", "--dtype", "float16", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()

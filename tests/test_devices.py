@@ -124,10 +124,15 @@ def test_auto_picks_gpu_then_sharded_then_cpu_and_says_why(fake_gpus):
 
 def test_gpu_mode_errors_name_the_figures_and_the_mode_that_fits(fake_gpus):
     fake_gpus(10 * 2**30, 10 * 2**30)
-    with pytest.raises(DeviceError, match=r"needs 12.0 GiB but GPU 0 has 9.0 GiB usable: /device sharded"):
+    from glmrepl.hints import explain
+
+    with pytest.raises(DeviceError) as fits_sharded:
         devices.plan_placement("gpu", needed_bytes=12 * 2**30)
-    with pytest.raises(DeviceError, match=r"use cpu \(or sharded with --offload\)"):
+    assert explain(fits_sharded.value).endswith("needs 12.0 GiB but GPU 0 has 9.0 GiB usable: /device sharded "
+                                                "across all GPUs would fit")
+    with pytest.raises(DeviceError) as fits_nowhere:
         devices.plan_placement("gpu", needed_bytes=30 * 2**30)
+    assert explain(fits_nowhere.value).endswith("use /device cpu (or sharded with offload)")
     with pytest.raises(DeviceError, match=r"GPU 3 does not exist: this machine has 2 GPU\(s\)"):
         devices.plan_placement("sharded", gpus=[0, 3])
     with pytest.raises(DeviceError, match="GPU 2 does not exist"):
@@ -184,3 +189,25 @@ def test_device_without_argument_shows_mode_memory_and_layout(qwen_checkpoint):
     text = TABLE.dispatch(app, "/device").text
     assert text.startswith("cpu float32")
     assert "layers: cpu: all layers" in text and "resident" in text
+
+
+def test_no_cuda_is_mentioned_only_when_a_gpu_was_to_be_expected(monkeypatch):
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build of torch
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert devices.plan_placement("auto").reason == ""
+    assert devices.plan_placement("cpu").reason == ""
+    for asked in ({"gpus": [0, 1]}, {"max_gpu_memory": "8GiB"}, {"gpu": 1}):
+        assert devices.plan_placement("auto", **asked).reason == "no CUDA device found", asked
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # built for a GPU, and none found: worth saying
+    placement = devices.plan_placement("auto")
+    assert (placement.mode, placement.reason) == ("cpu", "no CUDA device found")
+
+
+def test_auto_with_float16_on_a_machine_without_gpus_picks_a_cpu_dtype_and_says_so(fake_gpus):
+    fake_gpus()
+    placement = devices.plan_placement("auto", "float16")
+    assert placement.describe() == "cpu float32"
+    assert "float16 is GPU-only, so float32" in placement.reason
+    with pytest.raises(DeviceError, match="float16 is not supported on CPU"):
+        devices.plan_placement("cpu", "float16")  # asked for the CPU by name: say it cannot

@@ -1,5 +1,6 @@
 """File selection, downloads from a local stand-in hub, resuming, the manifest, loading offline."""
 
+import errno
 import hashlib
 import json
 import socket
@@ -176,3 +177,53 @@ def test_downloaded_folder_loads_and_chats_with_the_network_blocked(hub, tmp_pat
     app = loaded_app(result.path)
     app.session.add_user("hello")
     assert "".join(app.plan_reply())
+
+
+# -- failures are one line, exit 1, and keep what arrived ----------------------------
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert main(["download", "tiny/sharded", "--to", str(tmp_path / "u")]) == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port}: ")
+
+
+def test_no_network_is_one_line(hub, tmp_path, monkeypatch, capsys):
+    def unreachable(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    assert main(["download", "tiny/sharded", "--to", str(tmp_path / "n")]) == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach {hub.url}: ")
+    assert "unreachable" in lines[0]
+
+
+@pytest.mark.parametrize("repo_id", ["bad repo!!", "a/b/c", "../escape"])
+def test_an_invalid_repo_id_is_one_line_and_asks_nothing(hub, tmp_path, capsys, repo_id):
+    assert main(["download", repo_id, "--to", str(tmp_path / "v")]) == 1
+    assert _error_lines(capsys) == [
+        f"error: not a repository id: {repo_id!r} (expected NAME or ORG/NAME, letters, digits, '-', '_' and '.')"]
+    assert not hub.requests and not (tmp_path / "v").exists()
+
+
+def test_a_connection_lost_for_good_keeps_the_finished_files_for_the_rerun(hub, tmp_path, capsys):
+    dest = tmp_path / "p"
+    hub.always_drop_after["model.safetensors"] = 0  # the client's own retries all fail
+    assert main(["download", "tiny/multi-format", "--to", str(dest)]) == 1
+    errors = [line for line in _error_lines(capsys) if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot reach {hub.url}: ")
+    assert (dest / "config.json").is_file() and not (dest / MANIFEST_NAME).exists()
+    hub.always_drop_after.clear()
+    hub.requests.clear()
+    assert main(["download", "tiny/multi-format", "--to", str(dest)]) == 0
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.requests if r.method == "GET" and "/resolve/" in r.path}
+    assert fetched == {"model.safetensors"}

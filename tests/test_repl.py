@@ -241,3 +241,72 @@ def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp
         for cell in cells[:4]:  # architecture, params, dtype, size
             assert cell in cli_rows[name]
     assert "not ready:" in listing
+
+
+def test_model_listing_includes_the_folders_beside_the_loaded_model(qwen_checkpoint, gpt2_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(qwen_checkpoint, elsewhere / "chat-model")
+    shutil.copytree(gpt2_checkpoint, elsewhere / "base-model")
+    (elsewhere / "notes").mkdir()  # not a checkpoint: not listed
+    monkeypatch.chdir(tmp_path)
+    app = make_app(models_dir=tmp_path / "empty-models-dir")
+    app.manager.load(app.load_request(str(elsewhere / "chat-model")))
+    names = [row[0] for row in TABLE.dispatch(app, "/model").rows]
+    assert names == ["./elsewhere/base-model", "*./elsewhere/chat-model"]  # * marks the loaded one
+    drive_repl(app, "/model ./elsewhere/base-model" + ENTER)  # a listed name loads as it is shown
+    assert app.manager.current.info.path.resolve() == (elsewhere / "base-model").resolve()
+
+
+def test_auto_on_a_cpu_only_torch_does_not_talk_about_cuda(qwen_checkpoint):
+    import torch
+
+    app = make_app()
+    app.options.mode = "auto"
+    out = drive_repl(app, f"/model {qwen_checkpoint}" + ENTER)
+    assert "loaded tiny-qwen2-chat" in out
+    if torch.version.cuda is None:  # with a CUDA build the reason names the GPU it chose, or the missing device
+        assert "CUDA" not in out
+
+
+def test_a_load_that_failed_on_a_missing_gpu_is_recovered_by_device_cpu(qwen_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    app = make_app()
+    app.options.mode = "gpu"  # as with --device gpu
+    app.start_load(str(qwen_checkpoint)).wait()
+    out = drive_repl(app, "/device cpu" + ENTER + "hello" + ENTER + "/device cpu float32" + ENTER)
+    assert "gpu mode needs a CUDA GPU and torch sees none on this machine: use /device cpu" in out
+    assert "loaded tiny-qwen2-chat (Qwen2ForCausalLM, cpu float32" in out
+    assert app.session.turns == 1 and app.options.mode == "cpu"
+    assert "already on cpu float32" in out
+
+
+def test_device_without_a_model_is_kept_for_the_next_load(qwen_checkpoint):
+    app = make_app()
+    app.options.mode = "auto"
+    out = drive_repl(app, "/device cpu bfloat16" + ENTER + f"/model {qwen_checkpoint}" + ENTER)
+    assert "cpu bfloat16 will apply when a model is loaded" in out
+    assert app.status().placement.describe() == "cpu bfloat16"
+
+
+def test_mode_and_set_without_a_value_show_the_current_one(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "/mode" + ENTER + "/set top_k" + ENTER + "/set temperature 5" + ENTER
+                     + "/set temperature 0.8" + ENTER)
+    assert "chat mode (chat template); /mode chat|complete switches" in out
+    assert f"top_k = {app.settings.get('top_k')} (from " in out and "needs a value" not in out
+    assert "temperature 5.0 is unusually high" in out and app.settings.get("temperature") == 0.8
+    assert out.count("unusually high") == 1  # 0.8 is not
+
+
+def test_ctrl_c_on_an_empty_prompt_hints_how_to_leave_once(qwen_checkpoint):
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "typed\x03" + "hello" + ENTER + "\x03" + "\x03")
+    assert out.count("Ctrl-D or /exit leaves glmrepl") == 1
+    assert out.index("Ctrl-D or /exit") > out.index("tokens · first token")  # not for the line with text
+    assert app.session.turns == 1

@@ -23,10 +23,10 @@ def test_layers_user_beats_family_beats_checkpoint_beats_default():
     settings = Settings()
     assert settings.get("top_p") == SETTINGS["top_p"].default
     settings.set_model_defaults({"top_p": 0.5, "temperature": 0.3}, {"top_p": 0.8})
-    assert settings.get("top_p") == 0.8 and settings.source("top_p") == "model"
-    assert settings.get("temperature") == 0.3
+    assert settings.get("top_p") == 0.8 and settings.source("top_p") == "family"
+    assert settings.get("temperature") == 0.3 and settings.source("temperature") == "checkpoint"
     settings.set("top_p", "0.95")
-    assert settings.get("top_p") == 0.95 and settings.source("top_p") == "set"
+    assert settings.get("top_p") == 0.95 and settings.source("top_p") == "/set"
     settings.set_model_defaults({}, {})  # another model: its own layer only
     assert settings.get("temperature") == SETTINGS["temperature"].default
 
@@ -39,3 +39,43 @@ def test_temperature_zero_means_greedy_and_clears_sampling_flags():
     settings.set("temperature", "0.7")
     kwargs = settings.generation_kwargs()
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.7
+
+
+def test_the_file_and_the_command_line_sit_between_the_model_and_set():
+    settings = Settings({"seed": 1}, defaults={"max_new_tokens": 512}, config_file={"top_p": 0.5, "top_k": 3},
+                        command_line={"top_k": 7})
+    settings.set_model_defaults({"top_p": 0.6, "repetition_penalty": 1.2}, {"temperature": 0.8})
+    assert {key: (settings.get(key), settings.source(key)) for key in SETTINGS} == {
+        "max_new_tokens": (512, "default"), "temperature": (0.8, "family"), "top_p": (0.5, "config file"),
+        "top_k": (7, "command line"), "repetition_penalty": (1.2, "checkpoint"), "seed": (1, "/set"),
+        "do_sample": (True, "default"), "stats": (True, "default")}
+    assert settings.user == {"seed": 1} and settings.chosen() == {"top_p": 0.5, "top_k": 7, "seed": 1}
+
+
+def test_set_lists_where_each_value_comes_from(tmp_path, monkeypatch, copy_checkpoint):
+    import json
+    from pathlib import Path
+
+    from glmrepl.commands import TABLE
+    from glmrepl.config import load_config
+    from glmrepl.main import build_app, build_parser
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))
+    checkpoint = copy_checkpoint(Path(__file__).parent / "data" / "chatglm" / "chatglm2-tiny")
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    (checkpoint / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 1.1}))
+
+    def sources(app) -> dict[str, str]:
+        return {row[0]: row[2] for row in TABLE.dispatch(app, "/set").rows}
+
+    fresh = build_app(build_parser().parse_args([]), load_config())
+    assert set(sources(fresh).values()) == {"default"}  # nothing is "set" in a fresh session
+
+    (tmp_path / "config-home" / "glmrepl").mkdir(parents=True)
+    (tmp_path / "config-home" / "glmrepl" / "config.toml").write_text("[generation]\nmax_new_tokens = 64\n")
+    app = build_app(build_parser().parse_args(["--device", "cpu", "--top-k", "5"]), load_config())
+    app.manager.load(app.load_request(str(checkpoint)))
+    TABLE.dispatch(app, "/set seed 3")
+    assert sources(app) == {"max_new_tokens": "config file", "temperature": "family", "top_p": "family",
+                            "top_k": "command line", "repetition_penalty": "checkpoint", "seed": "/set",
+                            "do_sample": "family", "stats": "default"}

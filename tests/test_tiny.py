@@ -79,3 +79,17 @@ def test_demo_says_it_is_random(tmp_path):
     readme = (demo / "README.md").read_text()
     assert "random" in readme.lower() and "gibberish" in readme
     assert (demo / "model.safetensors.index.json").exists()
+
+
+def test_the_first_demo_run_builds_quietly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    result = subprocess.run([sys.executable, "-m", "glmrepl.demo"], input="/exit\n", capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cache" / "glmrepl" / "demo-checkpoint" / "model.safetensors.index.json").is_file()
+    assert "building a tiny random checkpoint" in result.stdout
+    assert "Writing model shards" not in result.stderr and "it/s" not in result.stderr

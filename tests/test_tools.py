@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,76 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["download", "x/y", "--weights", "gguf"])
     assert exit_info.value.code == 2
+
+
+def write_config_toml(monkeypatch, tmp_path, text: str) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    (tmp_path / "xdg-config" / "glmrepl").mkdir(parents=True)
+    (tmp_path / "xdg-config" / "glmrepl" / "config.toml").write_text(text, encoding="utf-8")
+
+
+def test_list_reads_the_models_dir_from_config_toml(gpt2_checkpoint, tmp_path, monkeypatch, capsys):
+    models = tmp_path / "configured"
+    shutil.copytree(gpt2_checkpoint, models / "from-config")
+    write_config_toml(monkeypatch, tmp_path, f'[model]\nmodels_dir = "{models}"\n')
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["from-config"]
+    # The command line still wins over the file.
+    assert main(["list", "--models-dir", str(tmp_path / "none")]) == 0
+    assert "no checkpoints in" in capsys.readouterr().out
+
+
+def test_list_keeps_the_status_short_and_points_at_check(downloaded, tmp_path, monkeypatch, capsys):
+    models = tmp_path / "models"
+    broken = Path(shutil.copytree(downloaded["multi-format"], models / "broken"))
+    (broken / "model.safetensors").unlink()
+    config = json.loads((broken / "config.json").read_text())
+    shutil.copytree(downloaded["multi-format"], models / "future")
+    (models / "future" / "config.json").write_text(json.dumps({**config, "model_type": "gpt9000"}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["list", "--models-dir", str(models)]) == 0
+    captured = capsys.readouterr()
+    rows = {line.split()[0]: line for line in captured.out.splitlines()[1:]}
+    assert _status(rows["broken"]) == "not ready: has no weights"
+    assert _status(rows["future"]) == (
+        "not ready: config.json: model type 'gpt9000' is not known to transformers " + _transformers_version())
+    assert all(len(row.rsplit(str(models), 1)[0]) < 150 for row in rows.values())  # before the PATH column
+    assert "glmrepl check PATH" in captured.err
+
+
+def _status(row: str) -> str:
+    """The STATUS cell: the text after the size column, up to the padding before the path."""
+    return re.search(r"  ((?:not )?ready.*?)\s{2,}/", row)[1]
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def test_list_judges_an_unknown_model_type_without_importing_transformers(downloaded, tmp_path):
+    models = tmp_path / "models"
+    for model_type in ("gpt9000", "gpt-sw3"):  # gpt-sw3: an alias transformers adds on import
+        folder = Path(shutil.copytree(downloaded["multi-format"], models / model_type))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    code = ("import sys; from glmrepl.main import main; status = main(['list', '--models-dir', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+            "sys.exit(status)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    result = subprocess.run([sys.executable, "-c", code, str(models)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert " ready " in rows["gpt-sw3"] and "not ready: config.json: model type 'gpt9000'" in rows["gpt9000"]
+
+
+def test_list_names_the_precision_of_quantized_checkpoints(tmp_path, monkeypatch, capsys):
+    data = Path(__file__).parent / "data" / "chatglm"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["list", "--models-dir", str(data)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["chatglm2-int4-tiny"][3] == "int4" and rows["chatglm2-int8-tiny"][3] == "int8"
+    assert rows["chatglm1-tiny"][3] != "int4"

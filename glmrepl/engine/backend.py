@@ -21,7 +21,7 @@ from .settings import Settings
 
 @runtime_checkable
 class Backend(Protocol):
-    def list_models(self, models_dir: Path | None = None) -> list: ...
+    def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list: ...
 
     def load(self, request: LoadOptions) -> LoadJob: ...
 
@@ -47,10 +47,11 @@ class LocalBackend:
         self.queue = GenerationQueue(max_queue)
 
     # -- models ----------------------------------------------------------------
-    def list_models(self, models_dir: Path | None = None) -> list:
+    def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list:
+        """Local checkpoints, with the folders beside ``beside`` (the loaded model's) too."""
         from .catalog import find_checkpoints
 
-        return find_checkpoints(models_dir)
+        return find_checkpoints(models_dir, beside=beside)
 
     def load(self, request: LoadOptions) -> LoadJob:
         """Start loading in the background; the current model serves meanwhile."""
@@ -93,6 +94,12 @@ class LocalBackend:
 
     def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None):
         return self.manager.quantize(bits, on_wait=on_wait)
+
+    def set_adapter(self, path: Path | None, merge: bool = False,
+                    on_wait: Callable[[int], None] | None = None) -> str | None:
+        """Put an adapter on the model (None: take it off); returns its description, or None."""
+        adapter = self.manager.set_adapter(path, merge, on_wait=on_wait)
+        return adapter.describe() if adapter else None
 
     def set_prompt_mode(self, mode: str | None) -> str:
         return self.manager.set_prompt_mode(mode)

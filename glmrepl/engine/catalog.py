@@ -19,6 +19,7 @@ from .errors import CheckpointError
 
 MODELS_DIR = "models dir"
 HF_CACHE = "hf cache"
+BESIDE_LOADED = "beside the loaded model"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class CatalogEntry:
     ready: bool
     problem: str | None
     dtype: str | None = None
+    adapter_base: str | None = None  # an adapter folder: the base model it was trained on ("?" if unrecorded)
 
 
 LISTING_COLUMNS = ("name", "architecture", "params", "dtype", "size", "status")
@@ -44,14 +46,47 @@ def listing_cells(entry: CatalogEntry) -> list[str]:
     """One entry as the listings show it (`glmrepl list` and /model read the same cells)."""
     from ..units import human_bytes, human_count
 
+    if entry.adapter_base is not None:
+        return [entry.name, entry.architecture or "adapter", "-", "-", human_bytes(entry.size_bytes),
+                f"adapter for {entry.adapter_base}"]
     return [
         entry.name,
         entry.family or entry.architecture or "?",
         human_count(entry.param_count),
         entry.dtype or "-",
         human_bytes(entry.size_bytes),
-        "ready" if entry.ready else f"not ready: {entry.problem}",
+        "ready" if entry.ready else f"not ready: {short_problem(entry.problem or '', entry.path)}",
     ]
+
+
+def short_problem(problem: str, folder: Path) -> str:
+    """What is wrong, without the folder's path or the fix (`glmrepl check` gives both).
+
+    Problems read "PATH/FILE: what is wrong: how to fix it" or "PATH what is
+    wrong: how to fix it"; a listing row has room for the file and the fault.
+    """
+    text = problem
+    for prefix in (f"{folder}{os.sep}", f"{folder} ", str(folder)):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    head, _, rest = text.partition(": ")
+    if rest and " " not in head:  # "config.json: model type 'x' is not known: upgrade ..."
+        return f"{head}: {rest.partition(': ')[0]}"
+    return head
+
+
+def listing_dtype(config: dict | None, stored_dtype: str | None) -> str | None:
+    """The precision the weights are stored in: int4/int8 for quantized checkpoints."""
+    config = config or {}
+    bits = config.get("quantization_bit")  # ChatGLM's own quantized releases
+    quantization = config.get("quantization_config")
+    if not bits and isinstance(quantization, dict):  # GPTQ, AWQ, bitsandbytes
+        bits = quantization.get("bits") or (4 if quantization.get("load_in_4bit") else
+                                            8 if quantization.get("load_in_8bit") else None)
+    if isinstance(bits, int) and not isinstance(bits, bool) and bits > 0:
+        return f"int{bits}"
+    return stored_dtype
 
 
 def default_models_dir(cli_value: str | os.PathLike | None = None) -> Path:
@@ -74,9 +109,16 @@ def hf_cache_dir() -> Path:
     return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
-def find_checkpoints(models_dir: Path | None = None, *, trust_remote_code: bool = False) -> list[CatalogEntry]:
-    """Every checkpoint in the models dir (None: the default one) and the HF cache, sorted by name."""
+def find_checkpoints(models_dir: Path | None = None, *, trust_remote_code: bool = False,
+                     beside: Path | None = None) -> list[CatalogEntry]:
+    """Every checkpoint in the models dir (None: the default one) and the HF cache, sorted by name.
+
+    ``beside``: a checkpoint folder (the loaded one) whose sibling folders are
+    listed too, named by their path so that ``/model NAME`` finds them.
+    """
     located = _located_checkpoints(default_models_dir(models_dir))
+    if beside is not None:
+        located += _siblings(Path(beside), {_resolved(path) for _, path, _ in located})
     entries = [_describe(name, path, source, trust_remote_code) for name, path, source in located]
     return sorted(entries, key=lambda entry: (entry.name.lower(), entry.source))
 
@@ -131,6 +173,28 @@ def _located_checkpoints(root: Path) -> list[tuple[str, Path, str]]:
     models = [(name, path, MODELS_DIR) for name, path in _models_dir_checkpoints(root)]
     cached = [(name, path, HF_CACHE) for name, path in _hf_cache_checkpoints()]
     return models + cached
+
+
+def _siblings(folder: Path, known: set[Path]) -> list[tuple[str, Path, str]]:
+    """The checkpoint folders next to ``folder`` (itself included) not listed already."""
+    return [(_shown_path(child), child, BESIDE_LOADED) for child in _subfolders(folder.parent)
+            if _has_config(child) and _resolved(child) not in known]
+
+
+def _shown_path(path: Path) -> str:
+    """A path a user can type back: relative to the current folder when inside it, else with ~."""
+    absolute = Path(os.path.abspath(path))
+    for base, shown in ((Path.cwd(), "."), (Path.home(), "~")):
+        if absolute.is_relative_to(base) and absolute != base:
+            return f"{shown}/{absolute.relative_to(base)}"
+    return str(absolute)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path
 
 
 def _models_dir_checkpoints(root: Path) -> list[tuple[str, Path]]:
@@ -195,8 +259,9 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _has_config(folder: Path) -> bool:
+    """A checkpoint's config.json, or a PEFT adapter's adapter_config.json."""
     try:
-        return (folder / "config.json").is_file()
+        return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
     except OSError:
         return False
 
@@ -205,6 +270,10 @@ def _has_config(folder: Path) -> bool:
 
 
 def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> CatalogEntry:
+    from .adapters import looks_like_adapter
+
+    if looks_like_adapter(path):
+        return _describe_adapter(name, path, source)
     try:
         scan = scan_checkpoint(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - one odd folder must not hide the others
@@ -220,8 +289,20 @@ def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> Ca
         param_count=scan.param_count,
         ready=scan.ready,
         problem=scan.problems[0] if scan.problems else None,
-        dtype=scan.dtype,
+        dtype=listing_dtype(scan.config, scan.dtype),
     )
+
+
+def _describe_adapter(name: str, path: Path, source: str) -> CatalogEntry:
+    from .adapters import AdapterError, inspect_adapter
+
+    try:
+        info = inspect_adapter(path)
+    except AdapterError as error:
+        return CatalogEntry(name, path, source, "adapter", None, _folder_bytes(path), None, False, str(error))
+    kind = "LoRA adapter" if info.kind == "lora" else "P-tuning v2 adapter"
+    return CatalogEntry(name, path, source, kind, None, _folder_bytes(path), None, True, None,
+                        adapter_base=info.base or "?")
 
 
 def _folder_bytes(path: Path) -> int:

@@ -122,8 +122,11 @@ def _drop_oldest_turn(messages: list[Message]) -> list[Message]:
     return rest
 
 
-def save_conversation(path: str | Path, session: ChatSession, settings: dict, model: str | None) -> Path:
+def save_conversation(path: str | Path, session: ChatSession, settings: dict, model: str | None,
+                      adapter: str | None = None) -> Path:
     payload = {"glmrepl": SAVE_FORMAT_VERSION, "model": model, "settings": settings, **session.to_dict()}
+    if adapter:
+        payload["adapter"] = adapter
     return write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
 
 

@@ -10,6 +10,7 @@ It never loads weights and never imports torch.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
 import json
@@ -169,10 +170,10 @@ def scan_checkpoint(path, *, trust_remote_code: bool = False, family_override: s
 
 def transformers_knows(model_type: str) -> bool:
     """Whether the installed transformers has a config class for ``model_type``."""
-    if model_type in _config_names_from_file():
-        return True
-    # The generated table misses a few aliases transformers adds when its
-    # auto module is imported; confirm a miss there (slow, imports torch, rare).
+    known = _config_names_from_file()
+    if known:
+        return model_type in known
+    # transformers' files moved: ask its auto module (seconds, imports torch).
     return model_type in _config_names_from_import()
 
 
@@ -262,18 +263,33 @@ def _check_architecture(scan: CheckpointScan, config_path: Path, trust_remote_co
 
 @functools.lru_cache(maxsize=1)
 def _config_names_from_file() -> frozenset[str]:
-    # Importing transformers' auto module takes seconds and pulls in torch;
-    # the table of model types is a generated file that imports nothing,
-    # so it is read on its own.
+    # Importing transformers' auto module takes seconds and pulls in torch.
+    # The table of model types is a generated file that imports nothing, so it
+    # is run on its own; the few aliases the auto module adds on import
+    # ("gpt-sw3", "mimi_encoder", ...) are read from its source without running it.
     try:
-        spec = importlib.util.find_spec("transformers")
-        table = Path(spec.origin).parent / "models" / "auto" / "auto_mappings.py"
-        module_spec = importlib.util.spec_from_file_location("_glmrepl_transformers_auto_mappings", table)
+        auto = Path(importlib.util.find_spec("transformers").origin).parent / "models" / "auto"
+        module_spec = importlib.util.spec_from_file_location("_glmrepl_transformers_auto_mappings",
+                                                             auto / "auto_mappings.py")
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
-        return frozenset(module.CONFIG_MAPPING_NAMES)
+        return frozenset(module.CONFIG_MAPPING_NAMES) | _config_aliases(auto / "configuration_auto.py")
     except Exception:  # noqa: BLE001 - a changed layout only costs speed
         return frozenset()
+
+
+def _config_aliases(source: Path) -> frozenset[str]:
+    """Model types mapped to a config class name in dict literals of ``source``."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Dict):
+            names.update(key.value for key, value in zip(node.keys, node.values)
+                         if _is_str(key) and _is_str(value) and value.value.endswith("Config"))
+    return frozenset(names)
+
+
+def _is_str(node) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import human_bytes
-from .errors import DeviceError, first_line
+from .errors import DeviceError, Hint, first_line
 
 MODES = ("cpu", "gpu", "sharded", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,12 +59,16 @@ def plan_placement(mode: str, dtype: str = "auto", stored_dtype: str | None = No
     count = cuda_device_count()
     if mode == "auto":
         mode, reason = _choose_mode(count, gpu, gpus, needed_bytes, max_gpu_memory)
+        if count == 0 and not (_torch_has_cuda() or gpu or gpus or max_gpu_memory):
+            reason = ""  # a CPU-only torch with no GPU option given: the CPU is no surprise, say nothing
+        if mode == "cpu" and dtype == "float16":  # asked for the GPU's precision; the CPU's is the closest
+            dtype, reason = "float32", "; ".join(filter(None, (reason, "float16 is GPU-only, so float32")))
     else:
         reason = ""
     if mode == "cpu":
         return Placement("cpu", _cpu_dtype(dtype), "cpu", reason)
     if count == 0:
-        raise DeviceError(f"/device {mode} needs a CUDA GPU and torch sees none on this machine; use cpu")
+        raise DeviceError(f"{mode} mode needs a CUDA GPU and torch sees none on this machine", Hint("device", "cpu"))
     gpu_dtype = _gpu_dtype(dtype, stored_dtype)
     if mode == "gpu":
         _check_gpu_exists(gpu, count)
@@ -75,6 +79,13 @@ def plan_placement(mode: str, dtype: str = "auto", stored_dtype: str | None = No
         _check_gpu_exists(index, count)
     budgets = gpu_budgets(chosen, max_gpu_memory)
     return Placement("sharded", gpu_dtype, "plan", reason, budgets, offload)
+
+
+def _torch_has_cuda() -> bool:
+    """Whether this torch was built for a GPU (then finding none is worth saying)."""
+    import torch
+
+    return bool(torch.version.cuda or getattr(torch.version, "hip", None))
 
 
 def _choose_mode(count: int, gpu: int, gpus, needed_bytes: int | None, max_gpu_memory) -> tuple[str, str]:
@@ -103,8 +114,9 @@ def _check_fits_one_gpu(gpu: int, needed_bytes: int | None, count: int) -> None:
     if needed_bytes <= usable:
         return
     total = sum(gpu_budgets(list(range(count)), None).values())
-    hint = "/device sharded across all GPUs would fit" if needed_bytes <= total else "use cpu (or sharded with --offload)"
-    raise DeviceError(f"the model needs {human_bytes(needed_bytes)} but GPU {gpu} has {human_bytes(usable)} usable: {hint}")
+    hint = (Hint("device", "sharded", "{} across all GPUs would fit") if needed_bytes <= total
+            else Hint("device", "cpu", "use {} (or sharded with offload)"))
+    raise DeviceError(f"the model needs {human_bytes(needed_bytes)} but GPU {gpu} has {human_bytes(usable)} usable", hint)
 
 
 def gpu_budgets(gpus: list[int], max_gpu_memory: str | None) -> dict[int, int]:

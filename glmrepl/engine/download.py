@@ -132,6 +132,8 @@ def download_checkpoint(repo_id: str, dest=None, *, revision: str | None = None,
     Files already complete in ``dest`` from the same commit are not fetched
     again, so rerunning an interrupted download finishes it.
     """
+    with _hub_errors_as_download_errors(repo_id, revision):
+        _check_repo_id(repo_id)
     dest = Path(dest).expanduser() if dest else default_destination(repo_id, models_dir)
     with _network_allowed(), _hub_errors_as_download_errors(repo_id, revision):
         commit, names = _repo_files(repo_id, revision)
@@ -179,13 +181,44 @@ def _network_allowed():
         constants.HF_HUB_OFFLINE = previous
 
 
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's network errors (huggingface_hub moved from httpx to httpx2)."""
+    import importlib
+
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _endpoint_shown() -> str:
+    from huggingface_hub import constants
+
+    return _endpoint() or constants.ENDPOINT
+
+
 @contextlib.contextmanager
 def _hub_errors_as_download_errors(repo_id: str, revision: str | None):
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         yield
+    except HFValidationError:
+        raise DownloadError(f"not a repository id: {repo_id!r} (expected NAME or ORG/NAME, "
+                            "letters, digits, '-', '_' and '.')") from None
+    except _transport_errors() as error:
+        raise DownloadError(f"cannot reach {_endpoint_shown()}: {first_line(error)} (check the network "
+                            "or HF_ENDPOINT; run the same command again: the files that arrived are kept)") from None
     except GatedRepoError:
         raise DownloadError(f"{repo_id} is gated: accept its terms on the hub and log in "
                             "(`hf auth login` or HF_TOKEN)") from None

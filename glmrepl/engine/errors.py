@@ -1,8 +1,15 @@
 """Errors the user sees as one line.
 
-Every message names what is wrong and, where there is one, the fix. The REPL
-prints ``str(error)`` and carries on with its model and conversation intact.
+Every message names what is wrong and, where there is one, the fix. The fix is
+a ``Hint`` kept apart from the message, because each front end words it for
+its own user: ``Hint("device", "cpu")`` is ``/device cpu`` in the REPL and
+``--device cpu`` on the command line. ``str(error)`` words it plainly.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 
 def first_line(error: BaseException, fallback: str | None = None) -> str:
@@ -11,8 +18,40 @@ def first_line(error: BaseException, fallback: str | None = None) -> str:
     return text.splitlines()[0] if text else (fallback or type(error).__name__)
 
 
+@dataclass(frozen=True)
+class Hint:
+    """What the user can do about an error: change ``action`` (device, setting, mode, model) to ``value``.
+
+    ``sentence`` places the front end's words for it: "use {}" becomes "use /device cpu".
+    """
+
+    action: str
+    value: str = ""
+    sentence: str = "use {}"
+
+    def worded(self, words: Callable[["Hint"], str]) -> str:
+        return self.sentence.format(words(self))
+
+
+def plain_words(hint: Hint) -> str:
+    """Words for no front end in particular: "device cpu"."""
+    return f"{hint.action} {hint.value}".strip()
+
+
 class GlmreplError(Exception):
     """Base class: ``str(error)`` is a complete one-line message."""
+
+    def __init__(self, message: str, hint: Hint | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.worded(plain_words)
+
+    def worded(self, words: Callable[[Hint], str]) -> str:
+        """The message with its hint in a front end's words."""
+        return self.message if self.hint is None else f"{self.message}: {self.hint.worded(words)}"
 
 
 class CheckpointError(GlmreplError):
@@ -37,6 +76,10 @@ class GenerationError(GlmreplError):
 
 class NoModelLoaded(GlmreplError):
     """A reply was asked for while no model is loaded."""
+
+
+class EmptyPrompt(GlmreplError):
+    """The conversation formats to no tokens at all: there is nothing to answer or continue."""
 
 
 class ContextLengthExceeded(GlmreplError):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import GenerationError, first_line
+from .errors import GenerationError, Hint, first_line
 
 _DONE = object()
 
@@ -254,7 +254,8 @@ def _translate_error(error: BaseException) -> BaseException:
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):
-        return GenerationError("out of memory while generating: /set max_new_tokens lower, /clear, or /device cpu")
+        return GenerationError("out of memory while generating",
+                               Hint("setting", "max_new_tokens", "lower {}, start a new conversation, or use the cpu device"))
     if isinstance(error, (RuntimeError, ValueError, IndexError)):
         return GenerationError(f"generation failed: {first_line(error)}")
     return error

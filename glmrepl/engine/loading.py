@@ -17,7 +17,7 @@ from typing import Any
 from . import formats
 from .checkpoint import CheckpointInfo, inspect_checkpoint
 from .devices import Placement, plan_placement, sizing_dtype, torch_dtype, weights_bytes_at
-from .errors import GlmreplError, LoadCancelled
+from .errors import GlmreplError, Hint, LoadCancelled
 from .families import load_family
 
 # Offline, always: a hub download must fail at once, never hang or leak.
@@ -45,6 +45,8 @@ class LoadOptions:
     max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
     offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
     quantize: int | None = None  # --quantize: 4 or 8 bits for a float ChatGLM checkpoint
+    adapter: Path | None = None  # --adapter: a LoRA or P-tuning v2 folder put on the model (see adapters.py)
+    merge_adapter: bool = False  # --merge-adapter: fold a LoRA into the weights
 
     def for_model(self, path: Path, name: str) -> "LoadOptions":
         return replace(self, path=Path(path), name=name)
@@ -76,6 +78,7 @@ class LoadedModel:
     native_format: Any = None  # a native family's own chat format, kept for /mode chat
     extra_stop_ids: list = field(default_factory=list)  # generation_config's eos ids
     request: LoadRequest | None = None  # how it was loaded: /device reuses the GPU choices
+    adapter: Any = None  # the adapters.AttachedAdapter in use, if any
 
 
 class LoadJob:
@@ -110,6 +113,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     job = job or LoadJob(request)
     quiet_transformers()
     job.stage = "checking files"
+    refuse_adapter_folder(request.path)
     info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
                               family_override=request.family)
     placement = placement_for(request, info)
@@ -135,11 +139,31 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         with _weight_progress(job):
             model = load_weights(info, placement, request.trust_remote_code)
         native_format = None
+    adapter = attach_requested_adapter(model, request, job)
     stop_ids = generation_stop_ids(model)
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
     placement.summary = describe_layout(model, placement)
     return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids,
-                       request)
+                       request, adapter)
+
+
+def refuse_adapter_folder(path: Path) -> None:
+    """An adapter is not a model: say how to use it instead of what files it lacks."""
+    from .adapters import AdapterError, inspect_adapter, looks_like_adapter
+
+    if looks_like_adapter(path):
+        info = inspect_adapter(path)
+        raise AdapterError(f"{path.name} is an adapter ({info.detail}) for {info.base or 'an unrecorded base'}: "
+                           f"load the base model with --adapter {path}, or /adapter {path} once it is loaded")
+
+
+def attach_requested_adapter(model: Any, request: LoadRequest, job: LoadJob):
+    if request.adapter is None:
+        return None
+    from .adapters import attach_adapter
+
+    job.stage = "applying the adapter"
+    return attach_adapter(model, request.adapter, request.merge_adapter)
 
 
 def _quant_bits(model: Any) -> int:
@@ -264,7 +288,7 @@ def choose_format(tokenizer: Any, native_format: Any, mode: str | None, extra_st
     if native_format is not None:
         return native_format
     if mode == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise GlmreplError("this checkpoint has no chat template, so it can only continue text (/mode complete)")
+        raise GlmreplError("this checkpoint has no chat template, so it can only continue text", Hint("mode", "complete"))
     return formats.format_for(tokenizer, mode, extra_stop_ids)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from .checkpoint import inspect_checkpoint
 from .devices import Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, weights_bytes_at
-from .errors import DeviceError, GlmreplError, LoadCancelled, ModelLoadError, first_line
+from .errors import DeviceError, GlmreplError, Hint, LoadCancelled, ModelLoadError, first_line
 from .loading import (LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo,  # noqa: F401 (re-exported)
                       choose_format, load_model)
 
@@ -210,9 +210,22 @@ class ModelManager:
         free_memory()
         return loaded.info.placement
 
+    def set_adapter(self, path, merge: bool = False, on_wait: Callable[[int], None] | None = None):
+        """Put an adapter on the loaded model (``path`` None: take it off); the model stays as it
+        was when the adapter does not fit. Waits for running replies. Returns the adapter now in use, or None."""
+        from .adapters import swap_adapter
+
+        with self.lease.exclusive(on_wait):
+            loaded = self._require_model()
+            loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
+            if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back
+                loaded.request = replace(loaded.request, adapter=loaded.adapter.info.path if loaded.adapter else None,
+                                         merge_adapter=bool(loaded.adapter and loaded.adapter.merged))
+        return loaded.adapter
+
     def _require_model(self) -> LoadedModel:
         if self.current is None:
-            raise GlmreplError("no model is loaded: choose one with /model")
+            raise GlmreplError("no model is loaded", Hint("model", sentence="choose one with {}"))
         return self.current
 
 
@@ -276,7 +289,8 @@ def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):
-        return DeviceError(f"out of memory loading {request.name} in {request.mode} mode: try cpu or a smaller dtype")
+        return DeviceError(f"out of memory loading {request.name} in {request.mode} mode",
+                           Hint("device", "cpu", "try {} or a smaller dtype"))
     if isinstance(error, KeyboardInterrupt):
         return LoadCancelled(f"loading {request.name} was cancelled")
     return ModelLoadError(f"could not load {request.name}: {first_line(error)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .chat import ChatSession, FittedPrompt
-from .errors import ContextLengthExceeded, GlmreplError, NoModelLoaded, QueueFull
+from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull
 from .settings import Settings
 
 ROLES = ("system", "user", "assistant")
@@ -40,13 +40,16 @@ class ModelStatus:
     context_length: int | None
     checkpoint_defaults: dict = field(default_factory=dict)
     sampling_defaults: dict = field(default_factory=dict)
+    adapter: str | None = None  # the adapter in use, described
+    adapter_path: Any = None
 
 
 def status_of(loaded: Any, serial: int) -> ModelStatus:
-    info, prompt_format = loaded.info, loaded.prompt_format
+    info, prompt_format, adapter = loaded.info, loaded.prompt_format, getattr(loaded, "adapter", None)
     return ModelStatus(serial, info.name, info.path, info.architecture, info.family, info.family_reason,
                        info.placement, prompt_format.name, prompt_format.is_chat, info.context_length,
-                       dict(info.checkpoint_defaults), dict(getattr(prompt_format, "sampling_defaults", {}) or {}))
+                       dict(info.checkpoint_defaults), dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
+                       adapter.describe() if adapter else None, adapter.info.path if adapter else None)
 
 
 class GenerationQueue:
@@ -58,6 +61,7 @@ class GenerationQueue:
 
     def __init__(self, max_waiting: int | None = None):
         self.max_waiting = max_waiting
+        self.tokens_generated = 0  # by the replies that ended, for /health and the tests
         self._admitted = 0
         self._lock = threading.Lock()
 
@@ -72,9 +76,10 @@ class GenerationQueue:
                 raise QueueFull(f"{self._admitted - 1} requests are already waiting for the model; retry shortly")
             self._admitted += 1
 
-    def leave(self) -> None:
+    def leave(self, tokens: int = 0) -> None:
         with self._lock:
             self._admitted -= 1
+            self.tokens_generated += tokens
 
 
 class StopStrings:
@@ -157,7 +162,7 @@ class Reply:
             if self._deltas is not None:
                 self._deltas.close()  # waits for the worker to stop: the model is free after this
         finally:
-            self._release()
+            self._release(self.stats.new_tokens)
 
     def __enter__(self) -> "Reply":
         return self
@@ -214,11 +219,11 @@ def plan_reply(manager: Any, queue: GenerationQueue, conversation: ChatSession, 
         raise
     released = threading.Event()
 
-    def release() -> None:
+    def release(tokens: int = 0) -> None:
         if not released.is_set():
             released.set()
             manager.lease.release_shared()
-            queue.leave()
+            queue.leave(tokens)
 
     try:
         return _plan(manager.current, conversation, settings, drop_oldest, shorten_reply, stop, completion, release)
@@ -237,6 +242,8 @@ def _plan(loaded, conversation, settings, drop_oldest, shorten_reply, stop, comp
     requested = kwargs["max_new_tokens"]
     fitted = fit_prompt(conversation, prompt_format, loaded.info.context_length, requested,
                         drop_oldest=drop_oldest, shorten_reply=shorten_reply)
+    if not fitted.ids:
+        raise EmptyPrompt("the prompt is empty: there is nothing to continue")
     kwargs["max_new_tokens"] = fitted.max_new_tokens
     run = GenerationRun(loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids,
                         seed=settings.get("seed"))

@@ -3,8 +3,9 @@
 The same table validates `--temperature 0.7` on the command line, `/set
 temperature 0.7` in the REPL, and the settings stored by `/save`. Values come
 in layers: glmrepl's defaults, then the checkpoint's generation_config.json,
-then the family's own defaults (e.g. ChatGLM's top_p 0.8), then whatever the
-user set; a later layer wins.
+then the family's own defaults (e.g. ChatGLM's top_p 0.8), then the user's
+config file, the command line and /set; a later layer wins, and /set with no
+argument names the layer each value comes from.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class Setting:
 
 
 def _fmt(number: float | None) -> str:
-    return "-inf" if number is None else f"{number:g}"
+    if number is None:
+        return "-inf"
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"  # 1000000, not 1e+06
 
 
 def _parse_bool(text: str) -> bool:
@@ -89,42 +92,52 @@ SETTINGS: dict[str, Setting] = {
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
 
+# Where a value can come from, lowest first: a later layer wins. /set shows the name.
+LAYERS = ("default", "checkpoint", "family", "config file", "command line", "/set")
+MODEL_LAYERS = ("checkpoint", "family")  # replaced on every load or swap
+
+
 class Settings:
-    """Layered settings: defaults < checkpoint < family < user."""
+    """Layered settings: default < checkpoint < family < config file < command line < /set."""
 
-    def __init__(self, user: dict[str, Any] | None = None):
-        self.user: dict[str, Any] = {}
-        self.model_layer: dict[str, Any] = {}
-        for key, value in (user or {}).items():
-            self.set(key, value)
+    def __init__(self, user: dict[str, Any] | None = None, *, defaults: dict[str, Any] | None = None,
+                 config_file: dict[str, Any] | None = None, command_line: dict[str, Any] | None = None):
+        self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
+        for layer, values in (("default", defaults), ("config file", config_file),
+                              ("command line", command_line), ("/set", user)):
+            for key, value in (values or {}).items():
+                self.set(key, value, layer)
 
-    def set(self, key: str, value: Any) -> Any:
+    @property
+    def user(self) -> dict[str, Any]:
+        """The values changed with /set (or restored by /load) in this session."""
+        return self.layers["/set"]
+
+    def chosen(self) -> dict[str, Any]:
+        """Every value the user chose (config file, command line, /set), as /save keeps them."""
+        return {**self.layers["config file"], **self.layers["command line"], **self.layers["/set"]}
+
+    def set(self, key: str, value: Any, layer: str = "/set") -> Any:
         """Set a value given as text or as a typed value; raises KeyError/ValueError."""
         setting = SETTINGS[key]
         if isinstance(value, str):
             value = setting.parse(value)
         else:
             setting.check(value)
-        self.user[key] = value
+        self.layers[layer][key] = value
         return value
 
     def set_model_defaults(self, checkpoint_defaults: dict, family_defaults: dict) -> None:
-        """Replace the layer a loaded model contributes (on every load or swap)."""
-        layer = {k: v for k, v in checkpoint_defaults.items() if k in SETTINGS and v is not None}
-        layer.update({k: v for k, v in family_defaults.items() if k in SETTINGS})
-        self.model_layer = layer
+        """Replace the layers a loaded model contributes (on every load or swap)."""
+        self.layers["checkpoint"] = {k: v for k, v in checkpoint_defaults.items() if k in SETTINGS and v is not None}
+        self.layers["family"] = {k: v for k, v in family_defaults.items() if k in SETTINGS}
 
     def get(self, key: str) -> Any:
-        if key in self.user:
-            return self.user[key]
-        if key in self.model_layer:
-            return self.model_layer[key]
-        return SETTINGS[key].default
+        return self.layers[self.source(key)].get(key, SETTINGS[key].default)
 
     def source(self, key: str) -> str:
-        if key in self.user:
-            return "set"
-        return "model" if key in self.model_layer else "default"
+        """The layer the value comes from (one of LAYERS)."""
+        return next((layer for layer in reversed(LAYERS) if key in self.layers[layer]), "default")
 
     def effective(self) -> dict[str, Any]:
         return {key: self.get(key) for key in SETTINGS}

@@ -2,10 +2,12 @@
 
 The three share one architecture, which ``GlmConfig`` describes exactly:
 multi-query groups are key/value heads, ``kv_channels`` the head size,
-rotary embeddings cover half of each head (interleaved pairs) with base
-10000 x ``rope_ratio``, RMSNorm, SwiGLU with the gate first in the fused
-``dense_h_to_4h``. Only the weight names differ, and the fused
-``query_key_value`` is split into q, k and v.
+rotary embeddings cover half of each head (interleaved pairs), RMSNorm, SwiGLU
+with the gate first in the fused ``dense_h_to_4h``. Only the weight names
+differ, and the fused ``query_key_value`` is split into q, k and v.
+
+``rope_ratio`` (the long-context releases) means two things, by generation, as
+their reference code applies it (see ``rope_parameters``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,21 @@ def check_supported(config: dict, folder: str) -> None:
         raise CheckpointError(f"{folder}: unsupported ChatGLM2-style settings: {', '.join(unsupported)}")
 
 
-def glm_config(config: dict, eos_token_ids: list[int], dtype: torch.dtype):
+def rope_parameters(config: dict, family: str) -> dict:
+    """The rotary settings of ``family`` for a config with or without ``rope_ratio``.
+
+    chatglm2-6b-32k divides the position index by ``rope_ratio`` and keeps base
+    10000 (position interpolation: transformers' "linear" scaling, which divides
+    the inverse frequencies by the same factor). chatglm3-6b-32k/-128k and GLM-4
+    keep the positions and scale the base to 10000 x ``rope_ratio``. The family
+    (from the tokenizer, see detect.py; ``--family`` overrides) decides which."""
+    ratio = config.get("rope_ratio") or 1
+    if family == "chatglm2" and ratio != 1:
+        return {"rope_type": "linear", "factor": float(ratio), "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    return {"rope_type": "default", "rope_theta": 10000.0 * ratio, "partial_rotary_factor": 0.5}
+
+
+def glm_config(config: dict, family: str, eos_token_ids: list[int], dtype: torch.dtype):
     """The ``GlmConfig`` equivalent to a ChatGLM2/3 / GLM-4 ``config.json``."""
     from transformers import GlmConfig
 
@@ -78,8 +94,7 @@ def glm_config(config: dict, eos_token_ids: list[int], dtype: torch.dtype):
         rms_norm_eps=config.get("layernorm_epsilon", 1e-5),
         attention_bias=bool(config.get("add_qkv_bias", False)),
         max_position_embeddings=config.get("seq_length", 8192),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * config.get("rope_ratio", 1),
-                         "partial_rotary_factor": 0.5},
+        rope_parameters=rope_parameters(config, family),
         pad_token_id=config.get("pad_token_id", 0),
         eos_token_id=eos_token_ids,
         tie_word_embeddings=False,

@@ -76,18 +76,21 @@ class GLM4Tokenizer:
         return tuple(self.ranks[part] for part in parts)
 
     def decode(self, ids, skip_special_tokens: bool = True, **_ignored) -> str:
+        """As the released tokenizer decodes: skipped special tokens leave the bytes around them
+        joined; kept ones split the text into parts, each decoded alone, joined by single spaces."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         ids = [ids] if isinstance(ids, int) else ids
-        text, pending = "", b""
+        parts, pending = [], b""
         for index in map(int, ids):
-            if index in self.special_token_names:
-                text += pending.decode("utf-8", errors="replace")
-                pending = b""
-                text += "" if skip_special_tokens else self.special_token_names[index]
-            else:
+            if index not in self.special_token_names:
                 pending += self.tokens.get(index, b"")
-        return text + pending.decode("utf-8", errors="replace")
+            elif not skip_special_tokens:
+                parts += [pending.decode("utf-8", errors="replace")] if pending else []
+                parts.append(self.special_token_names[index])
+                pending = b""
+        parts += [pending.decode("utf-8", errors="replace")] if pending else []
+        return " ".join(parts)
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         if isinstance(ids, int):

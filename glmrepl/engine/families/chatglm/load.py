@@ -143,7 +143,7 @@ def _load_glm2(path: Path, config: dict, family: str, dtype, device_map, bits: i
 
     glm2_mapping.check_supported(config, path.name)
     tokenizer, prompt_format = _glm2_tokenizer_and_format(path, family)
-    glm_cfg = glm2_mapping.glm_config(config, prompt_format.stop_token_ids, dtype)
+    glm_cfg = glm2_mapping.glm_config(config, family, prompt_format.stop_token_ids, dtype)
     convert = glm2_mapping.tensor_converter(glm_cfg, path.name)
     model = _build_and_fill(path, GlmForCausalLM, glm_cfg, convert, dtype, device_map, bits,
                             quantized.config_bits(config, path.name))
