@@ -112,8 +112,9 @@ def test_a_message_streams_a_reply_and_shows_its_speed_model_and_device(chat_ser
 
     # The same request through the API gives the same greedy text: the page shows what the model said.
     status, _, body = request(chat_server.port, "POST", "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "Hello, who are you?"}], "max_tokens": 12, "temperature": 0})
-    assert status == 200
+        "model": "tiny-qwen2-chat", "messages": [{"role": "user", "content": "Hello, who are you?"}],
+        "max_tokens": 12, "temperature": 0})
+    assert status == 200, body
     assert json.loads(body)["choices"][0]["message"]["content"].strip() == reply.strip()
 
     # A second turn sends the whole conversation; Shift-Enter adds a line instead of sending.

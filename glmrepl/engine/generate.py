@@ -183,9 +183,14 @@ class GenerationRun:
             self._classify_stop()
 
     def text(self) -> str:
-        """The whole reply so far, decoded at once (authoritative over the deltas)."""
+        """The whole reply so far, decoded at once (authoritative over the deltas).
+
+        A reply cut inside a multi-byte character ends without its fragment, as
+        the streamed deltas do (``IncrementalDecoder.flush``), so a streamed and
+        a whole reply are the same text.
+        """
         kept = [t for t in self.stats.new_ids if t not in self.stop_ids]
-        return self.decoder.tokenizer.decode(kept, skip_special_tokens=True)
+        return self.decoder.tokenizer.decode(kept, skip_special_tokens=True).rstrip("\ufffd")
 
     def _deltas(self) -> Iterator[str]:
         while True:

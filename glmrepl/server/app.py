@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from importlib import resources
 from typing import Any, TextIO
 
 from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 
 from .. import __version__
 from . import chatglm_api, openai_api
@@ -23,6 +26,7 @@ def create_app(state: ServerState, api_key: str | None = None, max_body_bytes: i
     app.include_router(openai_api.router)
     app.include_router(chatglm_api.router)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
     install_error_handlers(app)
     # Added last is outermost: the log sees every answer, including 401 and 413.
     app.add_middleware(LimitBody, limit=max_body_bytes)
@@ -40,5 +44,23 @@ async def health(request: Request) -> dict[str, Any]:
     return {"status": "ready" if ready else "loading",
             "model": status.name if status else None,
             "device": status.placement.describe() if status else None,
+            "context_length": status.context_length if status else None,
             "replies": {"running": min(queue.admitted, 1), "waiting": max(queue.admitted - 1, 0),
                         "max_waiting": queue.max_waiting, "tokens_generated": queue.tokens_generated}}
+
+
+async def chat_page() -> HTMLResponse:
+    """The self-contained chat page shipped in the package (no CDN, no build step)."""
+    return HTMLResponse(_page_html(), headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+                                               "Cache-Control": "no-cache"})
+
+
+# The page's own inline style and script, and requests to this server only: even if a reply's
+# text ever reached the DOM as markup, nothing from elsewhere could load or run.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@lru_cache(maxsize=1)
+def _page_html() -> str:
+    return resources.files("glmrepl").joinpath("web/index.html").read_text(encoding="utf-8")

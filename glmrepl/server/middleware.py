@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException
 from .errors import error_body
 
 OPEN_PATHS = ("/health",)  # answered without a key: load balancers and `curl /health` need no secret
+# The chat page holds no data and asks for the key itself; POST / (api.py) still needs the key.
+OPEN_PAGES = ("/",)
 
 
 async def send_error(send, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
@@ -42,7 +44,8 @@ class RequireApiKey:
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS or (
+                scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PAGES):
             return await self.app(scope, receive, send)
         given = header(scope, b"authorization")
         if given is None:
