@@ -253,3 +253,58 @@ def test_prefix_cannot_be_merged(chatglm2):
 def test_not_an_adapter_folder():
     with pytest.raises(AdapterError, match="is not an adapter folder"):
         inspect_adapter(DATA / "chatglm2-tiny")
+
+
+# -- remote-layout LoRA on GLM-4 and ChatGLM-6B, against the adapter merged by hand ----------
+
+REMOTE_LINEARS = {
+    "glm4": ("transformer.encoder.layers.{}.self_attention.query_key_value",
+             "transformer.encoder.layers.{}.mlp.dense_4h_to_h"),
+    "chatglm1": ("transformer.layers.{}.attention.query_key_value", "transformer.layers.{}.mlp.dense_h_to_4h"),
+}
+
+
+def write_remote_lora_and_merged_twin(family: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A random LoRA on the remote-code layout (peft's file format), and a copy of the checkpoint
+    with ``W + alpha/r * B @ A`` written into its weights: loading the copy is the expected result,
+    computed without glmrepl's adapter code."""
+    from safetensors.torch import load_file, save_file
+
+    source = DATA / f"{family}-tiny"
+    twin = Path(shutil.copytree(source, tmp_path / f"{family}-merged"))
+    weights_file = next(f for f in ("model.safetensors", "pytorch_model.bin") if (source / f).is_file())
+    weights = (load_file(source / weights_file) if weights_file.endswith("safetensors")
+               else torch.load(source / weights_file, weights_only=True))
+    r, alpha, generator, lora = 2, 4, torch.Generator().manual_seed(7), {}
+    for layer in range(2):
+        for pattern in REMOTE_LINEARS[family]:
+            name = pattern.format(layer)
+            out_features, in_features = weights[f"{name}.weight"].shape
+            a = torch.randn(r, in_features, generator=generator) * 0.3
+            b = torch.randn(out_features, r, generator=generator) * 0.3
+            lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"] = a, b
+            weights[f"{name}.weight"] = weights[f"{name}.weight"] + alpha / r * b @ a
+    if weights_file.endswith("safetensors"):
+        save_file(weights, twin / weights_file)
+    else:
+        torch.save(weights, twin / weights_file)
+    adapter = tmp_path / f"{family}-lora"
+    adapter.mkdir()
+    save_file(lora, adapter / "adapter_model.safetensors")
+    targets = sorted({pattern.rsplit(".", 1)[-1] for pattern in REMOTE_LINEARS[family]})
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+         "target_modules": targets, "base_model_name_or_path": f"THUDM/{family}"}), encoding="utf-8")
+    return adapter, twin
+
+
+@pytest.mark.parametrize("family", ["glm4", "chatglm1"])
+def test_remote_layout_lora_equals_merged_weights(tmp_path, family):
+    adapter, twin = write_remote_lora_and_merged_twin(family, tmp_path)
+    input_ids = reference_logits(family)["input_ids"]
+    model = load_reference(family).model
+    base = forward(model, input_ids)
+    attach_adapter(model, adapter)
+    with_adapter = forward(model, input_ids)
+    assert (with_adapter - base).abs().max() > 1e-2
+    assert torch.allclose(with_adapter, forward(load_reference(twin).model, input_ids), atol=1e-4, rtol=0)

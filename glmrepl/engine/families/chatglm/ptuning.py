@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...adapters import AdapterError
+from ...adapters import AdapterError, architecture_name
 
 ATTENTION_NAME = "glmrepl_prefix_sdpa"
 _PREFIX = "transformer.prefix_encoder."
@@ -57,15 +57,15 @@ def _check_fits(model, info) -> None:
         raise AdapterError(f"{folder}: P-tuning v2 of ChatGLM-6B (first generation) is not supported; "
                            "ChatGLM2/3 prefixes are")
     if getattr(model.config, "model_type", None) != "glm" or not hasattr(model, "model"):
-        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        raise AdapterError(f"{folder} is a ChatGLM2/3 P-tuning prefix; the loaded model is {architecture}")
+        raise AdapterError(f"{folder} is a ChatGLM2/3 P-tuning prefix; the loaded model is {architecture_name(model)}")
     kv_heads = config.get("multi_query_group_num", config.get("num_attention_heads")) \
         if config.get("multi_query_attention") else config.get("num_attention_heads")
     wanted = {"layers": config.get("num_layers"), "head size": config.get("kv_channels"),
               "key/value heads": kv_heads}
     loaded = {"layers": model.config.num_hidden_layers, "head size": model.config.head_dim,
               "key/value heads": model.config.num_key_value_heads}
-    differ = [f"{name} {wanted[name]} (loaded model: {loaded[name]})" for name in wanted if wanted[name] != loaded[name]]
+    differ = [f"{name} {wanted[name]} (loaded model: {loaded[name]})"
+              for name in wanted if wanted[name] != loaded[name]]
     if differ:
         raise AdapterError(f"{folder} was trained for another model size: {', '.join(differ)}")
 
@@ -81,8 +81,9 @@ def compute_prefix(state: dict, info, glm_config) -> torch.Tensor:
         prefix = weights["embedding.weight"][:length]
         if info.config.get("prefix_projection"):
             try:
-                hidden = torch.tanh(torch.nn.functional.linear(prefix, weights["trans.0.weight"], weights["trans.0.bias"]))
-                prefix = torch.nn.functional.linear(hidden, weights["trans.2.weight"], weights["trans.2.bias"])
+                linear = torch.nn.functional.linear
+                hidden = torch.tanh(linear(prefix, weights["trans.0.weight"], weights["trans.0.bias"]))
+                prefix = linear(hidden, weights["trans.2.weight"], weights["trans.2.bias"])
             except (KeyError, RuntimeError) as error:
                 raise AdapterError(f"{folder}: the prefix projection weights are missing or do not fit "
                                    f"({str(error).splitlines()[0]})") from None
