@@ -36,6 +36,7 @@ def attach_prefix(model, info, state: dict) -> Callable[[], None]:
     for index, layer in enumerate(layers):
         attention = layer.self_attn
         device = attention.o_proj.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device  # offloaded: moved when used
         keys, values = prefix[:, 2 * index], prefix[:, 2 * index + 1]  # [prefix, groups, head]
         attention.register_buffer("prefix_key", keys.permute(1, 0, 2).to(device, dtype), persistent=False)
         attention.register_buffer("prefix_value", values.permute(1, 0, 2).to(device, dtype), persistent=False)
@@ -110,8 +111,8 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     if prefix_key is not None:
         batch, length = query.shape[0], prefix_key.shape[1]
         mask = _causal_or_given(attention_mask, query.shape[2], key.shape[2], query.device)
-        key = torch.cat([prefix_key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([module.prefix_value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        key = torch.cat([prefix_key.to(key.device, key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([module.prefix_value.to(value.device, value.dtype).expand(batch, -1, -1, -1), value], dim=2)
         visible = torch.ones(*mask.shape[:-1], length, dtype=mask.dtype, device=mask.device)
         attention_mask = torch.cat([visible if mask.dtype == torch.bool else visible.zero_(), mask], dim=-1)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
