@@ -1,8 +1,8 @@
 """Adapters on a loaded model: PEFT LoRA (any model), ChatGLM remote-layout LoRA, P-tuning v2.
 
-The ChatGLM fixtures (tests/data/chatglm/chatglm2-{lora,ptuning,ptuning-projection}-tiny) were
-built and answered by the released ChatGLM2 code (with peft for the LoRA); the Qwen2 LoRA is
-trained here with peft, and compared with peft's own PeftModel.
+The ChatGLM fixtures (tests/data/chatglm/chatglm2-{lora,ptuning,ptuning-projection}-tiny and
+chatglm1-ptuning-tiny) were built and answered by the released ChatGLM2 / ChatGLM-6B code (with
+peft for the LoRA); the Qwen2 LoRA is trained here with peft, and compared with peft's own PeftModel.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from chatglm_reference import DATA, as_messages, expected, load_reference, reference_logits
 from glmrepl.engine.adapters import AdapterError, attach_adapter, inspect_adapter, looks_like_adapter
 
-CHATGLM_ADAPTERS = ("chatglm2-lora", "chatglm2-ptuning", "chatglm2-ptuning-projection")
+CHATGLM_ADAPTERS = (("chatglm2", "chatglm2-lora"), ("chatglm2", "chatglm2-ptuning"),
+                    ("chatglm2", "chatglm2-ptuning-projection"), ("chatglm1", "chatglm1-ptuning"))
 
 
 def adapter_dir(name: str) -> Path:
@@ -89,28 +90,34 @@ def test_merged_lora_matches_unmerged_and_cannot_come_off(qwen_lora, qwen_model)
 
 
 @pytest.fixture(scope="module")
-def chatglm2():
-    return load_reference("chatglm2")
+def bases():
+    return {family: load_reference(family) for family in ("chatglm1", "chatglm2")}
 
 
-@pytest.mark.parametrize("name", CHATGLM_ADAPTERS)
-def test_chatglm2_adapter_matches_reference(chatglm2, name):
+@pytest.fixture(scope="module")
+def chatglm2(bases):
+    return bases["chatglm2"]
+
+
+@pytest.mark.parametrize("base,name", CHATGLM_ADAPTERS)
+def test_chatglm_adapter_matches_reference(bases, base, name):
     """Logits within 1e-4, and the prompt and greedy ids of each case exactly; off again, the base."""
-    adapter = attach_adapter(chatglm2.model, adapter_dir(name))
+    parts = bases[base]
+    adapter = attach_adapter(parts.model, adapter_dir(name))
     try:
         reference = reference_logits(name)
-        logits = forward(chatglm2.model, reference["input_ids"])
-        assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+        assert torch.allclose(forward(parts.model, reference["input_ids"]), reference["logits"], atol=1e-4, rtol=0)
         for case in expected(name)["cases"]:
-            prompt = chatglm2.prompt_format.build(as_messages(case))
+            prompt = parts.prompt_format.build(as_messages(case))
             assert prompt == case["prompt_ids"]
             with torch.inference_mode():
-                output = chatglm2.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24)
+                output = parts.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24,
+                                              eos_token_id=parts.prompt_format.stop_token_ids)
             assert output[0, len(prompt):].tolist() == case["greedy_ids"]
     finally:
         adapter.detach()
-    base = reference_logits("chatglm2")
-    assert torch.allclose(forward(chatglm2.model, base["input_ids"]), base["logits"], atol=1e-4, rtol=0)
+    base_logits = reference_logits(base)
+    assert torch.allclose(forward(parts.model, base_logits["input_ids"]), base_logits["logits"], atol=1e-4, rtol=0)
 
 
 def test_remote_layout_lora_is_split_onto_q_k_v(chatglm2):
@@ -198,8 +205,9 @@ BAD_ADAPTERS = {
                        "adapter_config.json is not valid JSON"),
     "other peft type": ("chatglm2-lora", lambda f: edit_json(f / "adapter_config.json", peft_type="PREFIX_TUNING"),
                         "LoRA adapters only"),
-    "ptuning for chatglm-6b": ("chatglm2-ptuning", lambda f: edit_json(f / "config.json", position_encoding_2d=True),
-                               "ChatGLM-6B .first generation. is not supported"),
+    "ptuning of another generation": ("chatglm2-ptuning",
+                                      lambda f: edit_json(f / "config.json", position_encoding_2d=True),
+                                      "a ChatGLM-6B P-tuning prefix; the loaded model is GlmForCausalLM"),
     "ptuning for a bigger model": ("chatglm2-ptuning", lambda f: edit_json(f / "config.json", num_layers=28),
                                    "another model size: layers 28 .loaded model: 2."),
 }
@@ -243,6 +251,13 @@ def test_lora_for_another_model_size(chatglm2, tmp_path):
     with pytest.raises(AdapterError, match="query_key_value.lora_B.weight has 160 rows, the loaded model's "
                                            "query_key_value 128"):
         attach_adapter(chatglm2.model, folder)
+
+
+def test_prefix_of_the_other_generation(bases):
+    with pytest.raises(AdapterError, match="a ChatGLM2/3 P-tuning prefix; the loaded model is ChatGLM1ForCausalLM"):
+        attach_adapter(bases["chatglm1"].model, adapter_dir("chatglm2-ptuning"))
+    with pytest.raises(AdapterError, match="a ChatGLM-6B P-tuning prefix; the loaded model is GlmForCausalLM"):
+        attach_adapter(bases["chatglm2"].model, adapter_dir("chatglm1-ptuning"))
 
 
 def test_prefix_cannot_be_merged(chatglm2):
