@@ -1,8 +1,8 @@
 """Adapters on a loaded model: PEFT LoRA (any model), ChatGLM remote-layout LoRA, P-tuning v2.
 
-The ChatGLM fixtures (tests/data/chatglm/chatglm2-{lora,ptuning,ptuning-projection}-tiny) were
-built and answered by the released ChatGLM2 code (with peft for the LoRA); the Qwen2 LoRA is
-trained here with peft, and compared with peft's own PeftModel.
+The ChatGLM fixtures (tests/data/chatglm/chatglm2-{lora,ptuning,ptuning-projection}-tiny and
+chatglm1-ptuning-tiny) were built and answered by the released ChatGLM2 / ChatGLM-6B code (with
+peft for the LoRA); the Qwen2 LoRA is trained here with peft, and compared with peft's own PeftModel.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from chatglm_reference import DATA, as_messages, expected, load_reference, reference_logits
 from glmrepl.engine.adapters import AdapterError, attach_adapter, inspect_adapter, looks_like_adapter
 
-CHATGLM_ADAPTERS = ("chatglm2-lora", "chatglm2-ptuning", "chatglm2-ptuning-projection")
+CHATGLM_ADAPTERS = (("chatglm2", "chatglm2-lora"), ("chatglm2", "chatglm2-ptuning"),
+                    ("chatglm2", "chatglm2-ptuning-projection"), ("chatglm1", "chatglm1-ptuning"))
 
 
 def adapter_dir(name: str) -> Path:
@@ -89,28 +90,34 @@ def test_merged_lora_matches_unmerged_and_cannot_come_off(qwen_lora, qwen_model)
 
 
 @pytest.fixture(scope="module")
-def chatglm2():
-    return load_reference("chatglm2")
+def bases():
+    return {family: load_reference(family) for family in ("chatglm1", "chatglm2")}
 
 
-@pytest.mark.parametrize("name", CHATGLM_ADAPTERS)
-def test_chatglm2_adapter_matches_reference(chatglm2, name):
+@pytest.fixture(scope="module")
+def chatglm2(bases):
+    return bases["chatglm2"]
+
+
+@pytest.mark.parametrize("base,name", CHATGLM_ADAPTERS)
+def test_chatglm_adapter_matches_reference(bases, base, name):
     """Logits within 1e-4, and the prompt and greedy ids of each case exactly; off again, the base."""
-    adapter = attach_adapter(chatglm2.model, adapter_dir(name))
+    parts = bases[base]
+    adapter = attach_adapter(parts.model, adapter_dir(name))
     try:
         reference = reference_logits(name)
-        logits = forward(chatglm2.model, reference["input_ids"])
-        assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+        assert torch.allclose(forward(parts.model, reference["input_ids"]), reference["logits"], atol=1e-4, rtol=0)
         for case in expected(name)["cases"]:
-            prompt = chatglm2.prompt_format.build(as_messages(case))
+            prompt = parts.prompt_format.build(as_messages(case))
             assert prompt == case["prompt_ids"]
             with torch.inference_mode():
-                output = chatglm2.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24)
+                output = parts.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24,
+                                              eos_token_id=parts.prompt_format.stop_token_ids)
             assert output[0, len(prompt):].tolist() == case["greedy_ids"]
     finally:
         adapter.detach()
-    base = reference_logits("chatglm2")
-    assert torch.allclose(forward(chatglm2.model, base["input_ids"]), base["logits"], atol=1e-4, rtol=0)
+    base_logits = reference_logits(base)
+    assert torch.allclose(forward(parts.model, base_logits["input_ids"]), base_logits["logits"], atol=1e-4, rtol=0)
 
 
 def test_remote_layout_lora_is_split_onto_q_k_v(chatglm2):
@@ -198,8 +205,9 @@ BAD_ADAPTERS = {
                        "adapter_config.json is not valid JSON"),
     "other peft type": ("chatglm2-lora", lambda f: edit_json(f / "adapter_config.json", peft_type="PREFIX_TUNING"),
                         "LoRA adapters only"),
-    "ptuning for chatglm-6b": ("chatglm2-ptuning", lambda f: edit_json(f / "config.json", position_encoding_2d=True),
-                               "ChatGLM-6B .first generation. is not supported"),
+    "ptuning of another generation": ("chatglm2-ptuning",
+                                      lambda f: edit_json(f / "config.json", position_encoding_2d=True),
+                                      "a ChatGLM-6B P-tuning prefix; the loaded model is GlmForCausalLM"),
     "ptuning for a bigger model": ("chatglm2-ptuning", lambda f: edit_json(f / "config.json", num_layers=28),
                                    "another model size: layers 28 .loaded model: 2."),
 }
@@ -245,6 +253,13 @@ def test_lora_for_another_model_size(chatglm2, tmp_path):
         attach_adapter(chatglm2.model, folder)
 
 
+def test_prefix_of_the_other_generation(bases):
+    with pytest.raises(AdapterError, match="a ChatGLM2/3 P-tuning prefix; the loaded model is ChatGLM1ForCausalLM"):
+        attach_adapter(bases["chatglm1"].model, adapter_dir("chatglm2-ptuning"))
+    with pytest.raises(AdapterError, match="a ChatGLM-6B P-tuning prefix; the loaded model is GlmForCausalLM"):
+        attach_adapter(bases["chatglm2"].model, adapter_dir("chatglm1-ptuning"))
+
+
 def test_prefix_cannot_be_merged(chatglm2):
     with pytest.raises(AdapterError, match="no weights to merge"):
         attach_adapter(chatglm2.model, adapter_dir("chatglm2-ptuning"), merge=True)
@@ -253,3 +268,58 @@ def test_prefix_cannot_be_merged(chatglm2):
 def test_not_an_adapter_folder():
     with pytest.raises(AdapterError, match="is not an adapter folder"):
         inspect_adapter(DATA / "chatglm2-tiny")
+
+
+# -- remote-layout LoRA on GLM-4 and ChatGLM-6B, against the adapter merged by hand ----------
+
+REMOTE_LINEARS = {
+    "glm4": ("transformer.encoder.layers.{}.self_attention.query_key_value",
+             "transformer.encoder.layers.{}.mlp.dense_4h_to_h"),
+    "chatglm1": ("transformer.layers.{}.attention.query_key_value", "transformer.layers.{}.mlp.dense_h_to_4h"),
+}
+
+
+def write_remote_lora_and_merged_twin(family: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A random LoRA on the remote-code layout (peft's file format), and a copy of the checkpoint
+    with ``W + alpha/r * B @ A`` written into its weights: loading the copy is the expected result,
+    computed without glmrepl's adapter code."""
+    from safetensors.torch import load_file, save_file
+
+    source = DATA / f"{family}-tiny"
+    twin = Path(shutil.copytree(source, tmp_path / f"{family}-merged"))
+    weights_file = next(f for f in ("model.safetensors", "pytorch_model.bin") if (source / f).is_file())
+    weights = (load_file(source / weights_file) if weights_file.endswith("safetensors")
+               else torch.load(source / weights_file, weights_only=True))
+    r, alpha, generator, lora = 2, 4, torch.Generator().manual_seed(7), {}
+    for layer in range(2):
+        for pattern in REMOTE_LINEARS[family]:
+            name = pattern.format(layer)
+            out_features, in_features = weights[f"{name}.weight"].shape
+            a = torch.randn(r, in_features, generator=generator) * 0.3
+            b = torch.randn(out_features, r, generator=generator) * 0.3
+            lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"] = a, b
+            weights[f"{name}.weight"] = weights[f"{name}.weight"] + alpha / r * b @ a
+    if weights_file.endswith("safetensors"):
+        save_file(weights, twin / weights_file)
+    else:
+        torch.save(weights, twin / weights_file)
+    adapter = tmp_path / f"{family}-lora"
+    adapter.mkdir()
+    save_file(lora, adapter / "adapter_model.safetensors")
+    targets = sorted({pattern.rsplit(".", 1)[-1] for pattern in REMOTE_LINEARS[family]})
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+         "target_modules": targets, "base_model_name_or_path": f"THUDM/{family}"}), encoding="utf-8")
+    return adapter, twin
+
+
+@pytest.mark.parametrize("family", ["glm4", "chatglm1"])
+def test_remote_layout_lora_equals_merged_weights(tmp_path, family):
+    adapter, twin = write_remote_lora_and_merged_twin(family, tmp_path)
+    input_ids = reference_logits(family)["input_ids"]
+    model = load_reference(family).model
+    base = forward(model, input_ids)
+    attach_adapter(model, adapter)
+    with_adapter = forward(model, input_ids)
+    assert (with_adapter - base).abs().max() > 1e-2
+    assert torch.allclose(with_adapter, forward(load_reference(twin).model, input_ids), atol=1e-4, rtol=0)

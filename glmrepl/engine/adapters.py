@@ -51,7 +51,7 @@ def looks_like_adapter(path: Path) -> bool:
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         return True
-    return bool(_read_json(path / "config.json", required=False).get("pre_seq_len"))
+    return bool(_checkpoint_config(path).get("pre_seq_len"))
 
 
 def inspect_adapter(path) -> AdapterInfo:
@@ -61,7 +61,7 @@ def inspect_adapter(path) -> AdapterInfo:
         raise AdapterError(f"adapter {path}: no such folder")
     if (path / "adapter_config.json").is_file():
         return _inspect_peft(path)
-    config = _read_json(path / "config.json", required=False)
+    config = _checkpoint_config(path)
     if config.get("pre_seq_len"):
         return _inspect_ptuning(path, config)
     raise AdapterError(f"{path.name} is not an adapter folder: it has neither adapter_config.json (PEFT) nor a "
@@ -94,22 +94,28 @@ def _first_file(path: Path, names: tuple[str, ...]) -> Path:
     raise AdapterError(f"{path.name}: adapter weights missing (expected {' or '.join(names)})")
 
 
-def _read_json(file: Path, required: bool = True) -> dict:
+def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        if required:
-            raise AdapterError(f"{file.parent.name}: {file.name} is missing") from None
-        return {}
+        raise AdapterError(f"{file.parent.name}: {file.name} is missing") from None
     except (OSError, ValueError) as error:
-        if required:
-            raise AdapterError(f"{file.parent.name}: {file.name} is not valid JSON ({first_line(error)})") from None
-        return {}
+        raise AdapterError(f"{file.parent.name}: {file.name} is not valid JSON ({first_line(error)})") from None
     if not isinstance(data, dict):
-        if required:
-            raise AdapterError(f"{file.parent.name}: {file.name} does not hold a JSON object")
-        return {}
+        raise AdapterError(f"{file.parent.name}: {file.name} does not hold a JSON object")
     return data
+
+
+def _checkpoint_config(path: Path) -> dict:
+    """config.json, or {} when it is missing or unreadable (then the folder is no P-tuning checkpoint)."""
+    try:
+        return _read_json(path / "config.json")
+    except AdapterError:
+        return {}
+
+
+def architecture_name(model: Any) -> str:
+    return (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
 
 
 def read_adapter_tensors(file: Path) -> dict:
@@ -209,7 +215,7 @@ def _attach_lora(model: Any, info: AdapterInfo, merge: bool) -> AttachedAdapter:
 
 def check_lora_fits(model: Any, state: dict, info: AdapterInfo) -> None:
     """Every LoRA pair names a linear the model has, with the model's input and output sizes."""
-    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    architecture = architecture_name(model)
     base = f" (trained on {info.base})" if info.base else ""
     for key, lora_a in state.items():
         if not key.endswith(".lora_A.weight"):

@@ -15,6 +15,11 @@ stays cheap (no torch, no sentencepiece).
   which ChatGLM3-era configs carry (some ChatGLM2 revisions got it later, so
   it only breaks a tie). When signals disagree the strongest wins and the
   reason says so; ``--family`` overrides.
+
+The generation found here also decides how a long-context ``rope_ratio`` is
+read (glm2_mapping.rope_parameters): chatglm2-6b-32k ships ChatGLM2's tokenizer
+and interpolates positions; chatglm3-6b-32k/-128k and GLM-4 ship role tokens
+or the tiktoken vocabulary and scale the rotary base.
 """
 
 from __future__ import annotations

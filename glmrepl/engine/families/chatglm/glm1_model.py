@@ -140,6 +140,10 @@ class GLM1Attention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if getattr(self, "prefix_key", None) is not None:  # a P-tuning v2 prefix, see ptuning.py
+            from .ptuning import prepend_prefix
+
+            key, value, visible = prepend_prefix(self, key, value, visible)
         context = self._attend(query, key, value, visible)
         return self.dense(context.transpose(1, 2).reshape(batch, length, -1))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import re
 
-from ...adapters import AdapterError
+from ...adapters import AdapterError, architecture_name
 
 _REMOTE_PREFIX = "base_model.model.transformer.encoder.layers."
 _KEY = re.compile(r"base_model\.model\.transformer\.encoder\.layers\.(\d+)\."
@@ -36,9 +36,9 @@ def to_native(config, state: dict, model, info):
     """(LoraConfig, state dict) for the native model; AdapterError names what does not fit."""
     folder = info.path.name
     if getattr(model.config, "model_type", None) != "glm":
-        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        raise AdapterError(f"{folder} was trained on ChatGLM2/3 or GLM-4 (remote-code layout"
-                           f"{', base ' + info.base if info.base else ''}); the loaded model is {architecture}")
+        base = f", base {info.base}" if info.base else ""
+        raise AdapterError(f"{folder} was trained on ChatGLM2/3 or GLM-4 (remote-code layout{base}); "
+                           f"the loaded model is {architecture_name(model)}")
     used = [name for name in _UNTRANSLATED if getattr(config, name, None)]
     if used:
         raise AdapterError(f"{folder}: LoRA settings {', '.join(used)} are not supported on ChatGLM's layout")
