@@ -17,6 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+EPILOG = """\
+other commands (each has --help):
+  glmrepl list               list the local checkpoints and whether each is ready
+  glmrepl check DIR          verify a checkpoint folder offline; say what to fix
+  glmrepl download REPO_ID   fetch what offline use of a hub repository needs (needs network)
+  glmrepl serve MODEL        serve a model over HTTP (an OpenAI-style chat API)
+
+In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits."""
+
 SETTING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
@@ -24,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmrepl",
         description="Chat in the terminal with a Hugging Face checkpoint on local disk (offline).",
-        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", nargs="?", metavar="MODEL",
                         help="checkpoint folder, or a name in the models dir or the Hugging Face cache")
@@ -81,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # exits with status 2
     for problem in config.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if args.family and args.model:
+        _warn_if_family_ignored(app, args.model, args.family)
     if args.prompt is not None:
         # -p text is always a message, even when it starts with "/".
         return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
@@ -111,6 +123,22 @@ def build_app(args, config):
 
         parse_gpu_memory(args.max_gpu_memory, args.gpus or [0])  # ValueError -> usage error
     return App(ModelManager(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+
+
+def _warn_if_family_ignored(app, target: str, family: str) -> None:
+    import json
+
+    from .engine.catalog import resolve_model
+    from .engine.errors import GlmreplError
+    from .engine.families import ignored_family_override
+
+    try:
+        config = json.loads((resolve_model(target, app.models_dir) / "config.json").read_text(encoding="utf-8"))
+    except (GlmreplError, OSError, ValueError):
+        return  # the load itself says what is wrong with the folder
+    note = ignored_family_override(config, family)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def load_or_report(app, target: str | None) -> bool:
