@@ -263,6 +263,7 @@ def format_stats(stats) -> str:
 
 def cmd_next(app: App, args: str):
     from .engine.generate import next_token_distribution
+    from .engine.tokens import token_label
 
     try:
         k = int(args) if args else 10
@@ -274,7 +275,7 @@ def cmd_next(app: App, args: str):
     ids = app.session.fit(loaded.prompt_format, loaded.info.context_length, 1).ids
     if not ids:
         return Error("the conversation is empty: there is nothing to continue")
-    rows = [[repr(text), str(token_id), f"{p:.2%}"] for text, token_id, p in
+    rows = [[repr(token_label(loaded.tokenizer, token_id, text)), str(token_id), f"{p:.2%}"] for text, token_id, p in
             next_token_distribution(loaded.model, loaded.tokenizer, ids, k)]
     return Table(["token", "id", "probability"], rows, title=f"{k} most likely next tokens")
 
