@@ -285,7 +285,27 @@ def cmd_copy(app: App, args: str):
     if reply is None:
         return Error("no reply to copy yet")
     payload = base64.b64encode(reply.content.encode("utf-8")).decode("ascii")
-    return TerminalEscape(f"\x1b]52;c;{payload}\x07", f"copied the last reply ({len(reply.content)} characters)")
+    # Whether the terminal took it cannot be known (OSC 52 has no answer): say what was done, not "copied".
+    message = f"sent the last reply ({len(reply.content)} characters) to the terminal's clipboard (OSC 52)"
+    return TerminalEscape(f"\x1b]52;c;{payload}\x07", message + tmux_clipboard_hint())
+
+
+def tmux_clipboard_hint() -> str:
+    """Inside tmux, OSC 52 reaches the outer terminal only with set-clipboard on: say so unless it is."""
+    import os
+    import subprocess
+
+    if not os.environ.get("TMUX"):
+        return ""
+    try:
+        setting = subprocess.run(["tmux", "show-options", "-gv", "set-clipboard"], capture_output=True,
+                                 text=True, timeout=2).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        setting = ""
+    if setting == "on":
+        return ""
+    return ("; inside tmux it reaches your terminal only with `set -g set-clipboard on` in ~/.tmux.conf"
+            + (f" (it is {setting} now)" if setting else ""))
 
 
 def cmd_mode(app: App, args: str):
@@ -344,7 +364,7 @@ for _command in (
     Command("load", "/load FILE", "load a saved conversation (and its model)", cmd_load),
     Command("stats", "/stats", "figures of the last reply", cmd_stats),
     Command("next", "/next [K]", "the K most likely next tokens, without generating", cmd_next),
-    Command("copy", "/copy", "copy the last reply to the clipboard (OSC 52, works over SSH)", cmd_copy),
+    Command("copy", "/copy", "send the last reply to the terminal's clipboard (OSC 52, works over SSH)", cmd_copy),
     Command("exit", "/exit", "leave glmrepl (Ctrl-D does too)", cmd_exit, ("quit", "q")),
 ):
     TABLE.add(_command)

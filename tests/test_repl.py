@@ -269,3 +269,26 @@ def test_auto_on_a_cpu_only_torch_does_not_talk_about_cuda(qwen_checkpoint):
     assert "loaded tiny-qwen2-chat" in out
     if torch.version.cuda is None:  # with a CUDA build the reason names the GPU it chose, or the missing device
         assert "CUDA" not in out
+
+
+def test_copy_says_what_it_sent_and_how_tmux_lets_it_through(qwen_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "hello" + ENTER)
+    size = len(app.session.last_reply.content)
+    monkeypatch.delenv("TMUX", raising=False)
+    sent = f"sent the last reply ({size} characters) to the terminal's clipboard (OSC 52)"
+    assert TABLE.dispatch(app, "/copy").done_message == sent
+
+    fake_tmux = tmp_path / "bin" / "tmux"  # answers `tmux show-options -gv set-clipboard`
+    fake_tmux.parent.mkdir()
+    monkeypatch.setenv("PATH", f"{fake_tmux.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TMUX", "/tmp/tmux-0/default,1,0")
+    for setting, expected in (("external", sent + "; inside tmux it reaches your terminal only with "
+                               "`set -g set-clipboard on` in ~/.tmux.conf (it is external now)"), ("on", sent)):
+        fake_tmux.write_text(f"#!/bin/sh\necho {setting}\n")
+        fake_tmux.chmod(0o755)
+        assert TABLE.dispatch(app, "/copy").done_message == expected
+    out = drive_repl(app, "/copy" + ENTER, color=True)
+    assert "\x1b]52;c;" in out and "copied" not in out
