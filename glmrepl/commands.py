@@ -207,11 +207,20 @@ def cmd_retry(app: App, args: str):
     return Generate()
 
 
-def cmd_save(app: App, args: str):
+def cmd_save(app: App, args: str, overwrite: bool = False):
+    from pathlib import Path
+
     from .engine.chat import save_conversation
 
     if not args:
         return Error("usage: /save FILE")
+    target = Path(args).expanduser()
+    if not target.parent.is_dir():
+        return Error(f"{target.parent} is not a folder: create it first, or save somewhere else")
+    if target.is_dir():
+        return Error(f"{target} is a folder: give a file name")
+    if target.exists() and not overwrite:
+        return Error(f"{target} exists: /save! {args} replaces it")
     loaded = app.manager.current
     model = str(loaded.info.path) if loaded else None
     try:
@@ -219,6 +228,10 @@ def cmd_save(app: App, args: str):
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")
+
+
+def cmd_save_over(app: App, args: str):
+    return cmd_save(app, args, overwrite=True)
 
 
 def cmd_load(app: App, args: str):
@@ -360,7 +373,8 @@ for _command in (
     Command("history", "/history", "show the conversation", cmd_history),
     Command("undo", "/undo", "remove the last message and its reply", cmd_undo),
     Command("retry", "/retry", "generate the last reply again", cmd_retry),
-    Command("save", "/save FILE", "save conversation, settings and model name as JSON", cmd_save),
+    Command("save", "/save FILE", "save conversation, settings and model name as JSON (a new file)", cmd_save),
+    Command("save!", "/save! FILE", "save, replacing FILE if it exists", cmd_save_over),
     Command("load", "/load FILE", "load a saved conversation (and its model)", cmd_load),
     Command("stats", "/stats", "figures of the last reply", cmd_stats),
     Command("next", "/next [K]", "the K most likely next tokens, without generating", cmd_next),

@@ -292,3 +292,20 @@ def test_copy_says_what_it_sent_and_how_tmux_lets_it_through(qwen_checkpoint, tm
         assert TABLE.dispatch(app, "/copy").done_message == expected
     out = drive_repl(app, "/copy" + ENTER, color=True)
     assert "\x1b]52;c;" in out and "copied" not in out
+
+
+def test_save_writes_only_new_files_in_existing_folders(qwen_checkpoint, tmp_path):
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "hello" + ENTER)
+    missing = tmp_path / "no-such-folder" / "chat.json"
+    out = drive_repl(app, f"/save {missing}" + ENTER)
+    assert f"error: {missing.parent} is not a folder: create it first" in out and not missing.parent.exists()
+    existing = tmp_path / "chat.json"
+    existing.write_text("keep me")
+    out = drive_repl(app, f"/save {existing}" + ENTER)
+    assert f"error: {existing} exists: /save! {existing} replaces it" in out
+    assert existing.read_text() == "keep me"
+    drive_repl(app, f"/save! {existing}" + ENTER)
+    assert json.loads(existing.read_text())["messages"][0]["content"] == "hello"
+    out = drive_repl(app, f"/save {tmp_path}" + ENTER)
+    assert "is a folder: give a file name" in out
