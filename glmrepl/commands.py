@@ -47,16 +47,20 @@ class CommandTable:
         name, _, args = line[1:].strip().partition(" ")
         command = self.find(name.lower())
         if command is None:
-            return Error(self.unknown_message(name))
+            return Error(self.unknown_message(name, line.strip()))
         try:
             return command.handler(app, args.strip())
         except GlmreplError as error:
             return Error(str(error))
 
-    def unknown_message(self, name: str) -> str:
+    def unknown_message(self, name: str, line: str | None = None) -> str:
+        if "/" in name:  # a path such as /usr/bin/ls, meant as text
+            return f"/{name} is not a command: type /{line or '/' + name} to send text that starts with / " \
+                   "(/help lists the commands)"
         close = closest(name.lower(), self.names())
-        hint = f" — did you mean /{close}?" if close else ""
-        return f"unknown command /{name}{hint} (/help lists them)"
+        if close:
+            return f"unknown command /{name} — did you mean /{close}? (/help lists them)"
+        return f"unknown command /{name} (/help lists them; //text sends text that starts with /)"
 
 
 def closest(word: str, candidates: list[str]) -> str | None:

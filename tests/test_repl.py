@@ -309,3 +309,11 @@ def test_save_writes_only_new_files_in_existing_folders(qwen_checkpoint, tmp_pat
     assert json.loads(existing.read_text())["messages"][0]["content"] == "hello"
     out = drive_repl(app, f"/save {tmp_path}" + ENTER)
     assert "is a folder: give a file name" in out
+
+
+def test_a_path_typed_at_the_prompt_gets_the_double_slash_hint():
+    app = make_app()
+    out = drive_repl(app, "/usr/bin/ls -la" + ENTER + "/frobnicate" + ENTER)
+    assert ("error: /usr/bin/ls is not a command: type //usr/bin/ls -la to send text that starts with / "
+            "(/help lists the commands)") in out
+    assert "error: unknown command /frobnicate (/help lists them; //text sends text that starts with /)" in out
