@@ -16,7 +16,7 @@ def test_multi_turn_chat_streams_replies_and_keeps_history(qwen_checkpoint):
     out = drive_repl(app, "hello" + ENTER + "and again" + ENTER + "/history" + ENTER)
     assert app.session.turns == 2
     first, second = app.session.messages[1].content, app.session.messages[3].content
-    assert first and second in out
+    assert first and second and first in out and second in out
     assert "user: hello" in out and "user: and again" in out
     assert out.count("tokens · first token") == 2  # one stats line per reply
 
