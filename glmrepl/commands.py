@@ -48,16 +48,20 @@ class CommandTable:
         name, _, args = line[1:].strip().partition(" ")
         command = self.find(name.lower())
         if command is None:
-            return Error(self.unknown_message(name))
+            return Error(self.unknown_message(name, line.strip()))
         try:
             return command.handler(app, args.strip())
         except GlmreplError as error:
             return Error(explain(error, words))
 
-    def unknown_message(self, name: str) -> str:
+    def unknown_message(self, name: str, line: str | None = None) -> str:
+        if "/" in name:  # a path such as /usr/bin/ls, meant as text
+            return f"/{name} is not a command: type /{line or '/' + name} to send text that starts with / " \
+                   "(/help lists the commands)"
         close = closest(name.lower(), self.names())
-        hint = f" — did you mean /{close}?" if close else ""
-        return f"unknown command /{name}{hint} (/help lists them)"
+        if close:
+            return f"unknown command /{name} — did you mean /{close}? (/help lists them)"
+        return f"unknown command /{name} (/help lists them; //text sends text that starts with /)"
 
 
 def closest(word: str, candidates: list[str]) -> str | None:
@@ -266,11 +270,20 @@ def cmd_retry(app: App, args: str):
     return Generate()
 
 
-def cmd_save(app: App, args: str):
+def cmd_save(app: App, args: str, overwrite: bool = False):
+    from pathlib import Path
+
     from .engine.chat import save_conversation
 
     if not args:
         return Error("usage: /save FILE")
+    target = Path(args).expanduser()
+    if not target.parent.is_dir():
+        return Error(f"{target.parent} is not a folder: create it first, or save somewhere else")
+    if target.is_dir():
+        return Error(f"{target} is a folder: give a file name")
+    if target.exists() and not overwrite:
+        return Error(f"{target} exists: /save! {args} replaces it")
     loaded = app.status()
     model = str(loaded.path) if loaded else None
     adapter = str(loaded.adapter_path) if loaded and loaded.adapter_path else None
@@ -279,6 +292,10 @@ def cmd_save(app: App, args: str):
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
     return Text(f"saved {app.session.turns} turns to {path}", "dim")
+
+
+def cmd_save_over(app: App, args: str):
+    return cmd_save(app, args, overwrite=True)
 
 
 def cmd_load(app: App, args: str):
@@ -339,7 +356,27 @@ def cmd_copy(app: App, args: str):
     if reply is None:
         return Error("no reply to copy yet")
     payload = base64.b64encode(reply.content.encode("utf-8")).decode("ascii")
-    return TerminalEscape(f"\x1b]52;c;{payload}\x07", f"copied the last reply ({len(reply.content)} characters)")
+    # Whether the terminal took it cannot be known (OSC 52 has no answer): say what was done, not "copied".
+    message = f"sent the last reply ({len(reply.content)} characters) to the terminal's clipboard (OSC 52)"
+    return TerminalEscape(f"\x1b]52;c;{payload}\x07", message + tmux_clipboard_hint())
+
+
+def tmux_clipboard_hint() -> str:
+    """Inside tmux, OSC 52 reaches the outer terminal only with set-clipboard on: say so unless it is."""
+    import os
+    import subprocess
+
+    if not os.environ.get("TMUX"):
+        return ""
+    try:
+        setting = subprocess.run(["tmux", "show-options", "-gv", "set-clipboard"], capture_output=True,
+                                 text=True, timeout=2).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        setting = ""
+    if setting == "on":
+        return ""
+    return ("; inside tmux it reaches your terminal only with `set -g set-clipboard on` in ~/.tmux.conf"
+            + (f" (it is {setting} now)" if setting else ""))
 
 
 def cmd_mode(app: App, args: str):
@@ -401,11 +438,12 @@ for _command in (
     Command("history", "/history", "show the conversation", cmd_history),
     Command("undo", "/undo", "remove the last message and its reply", cmd_undo),
     Command("retry", "/retry", "generate the last reply again", cmd_retry),
-    Command("save", "/save FILE", "save conversation, settings and model name as JSON", cmd_save),
+    Command("save", "/save FILE", "save conversation, settings and model name as JSON (a new file)", cmd_save),
+    Command("save!", "/save! FILE", "save, replacing FILE if it exists", cmd_save_over),
     Command("load", "/load FILE", "load a saved conversation (and its model)", cmd_load),
     Command("stats", "/stats", "figures of the last reply", cmd_stats),
     Command("next", "/next [K]", "the K most likely next tokens, without generating", cmd_next),
-    Command("copy", "/copy", "copy the last reply to the clipboard (OSC 52, works over SSH)", cmd_copy),
+    Command("copy", "/copy", "send the last reply to the terminal's clipboard (OSC 52, works over SSH)", cmd_copy),
     Command("exit", "/exit", "leave glmrepl (Ctrl-D does too)", cmd_exit, ("quit", "q")),
 ):
     TABLE.add(_command)

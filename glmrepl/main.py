@@ -18,6 +18,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+EPILOG = """\
+other commands (each has --help):
+  glmrepl list               list the local checkpoints and whether each is ready
+  glmrepl check DIR          verify a checkpoint folder offline; say what to fix
+  glmrepl download REPO_ID   fetch what offline use of a hub repository needs (needs network)
+  glmrepl serve MODEL        serve a model over HTTP (an OpenAI-style chat API)
+
+In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits."""
+
 SETTING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
@@ -25,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmrepl",
         description="Chat in the terminal with a Hugging Face checkpoint on local disk (offline).",
-        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits. "
-               "Other commands: glmrepl serve|download|check|list --help.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
@@ -96,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # exits with status 2
     for problem in config.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if args.family and args.model:
+        _warn_if_family_ignored(app, args.model, args.family)
     if args.prompt is not None and not args.prompt.strip():
         parser.error("-p needs a message: TEXT is empty")
     if not args.model and (args.prompt is not None or not sys.stdin.isatty()):
@@ -145,6 +156,22 @@ def load_options(args, config):
 
         parse_gpu_memory(args.max_gpu_memory, args.gpus or [0])  # ValueError -> usage error
     return options
+
+
+def _warn_if_family_ignored(app, target: str, family: str) -> None:
+    import json
+
+    from .engine.catalog import resolve_model
+    from .engine.errors import GlmreplError
+    from .engine.families import ignored_family_override
+
+    try:
+        config = json.loads((resolve_model(target, app.models_dir) / "config.json").read_text(encoding="utf-8"))
+    except (GlmreplError, OSError, ValueError):
+        return  # the load itself says what is wrong with the folder
+    note = ignored_family_override(config, family)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def load_or_report(app, target: str | None) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from typing import TextIO
 
+from wcwidth import wcwidth
+
 from .results import Error, Table, Text
 
 DIM, RED, YELLOW, BOLD, RESET = "\x1b[2m", "\x1b[31m", "\x1b[33m", "\x1b[1m", "\x1b[0m"
@@ -55,16 +57,17 @@ class Renderer:
             self.table(result)
 
     def table(self, table: Table) -> None:
+        """Columns aligned by display width (CJK takes two cells); the last column wraps to the terminal."""
         width = shutil.get_terminal_size((100, 24)).columns
         if table.title:
             self._line(table.title, BOLD)
         columns = list(zip(table.headers, *table.rows)) if table.rows else [(h,) for h in table.headers]
-        widths = [min(max(len(str(cell)) for cell in column), 48) for column in columns]
-        header = "  ".join(h.ljust(w) for h, w in zip(table.headers, widths))
-        self._line(header.rstrip()[:width], DIM)
+        widths = [min(max(display_width(str(cell)) for cell in column), MAX_COLUMN) for column in columns[:-1]]
+        last = max(width - sum(widths) - 2 * len(widths), MIN_LAST_COLUMN)
+        self._line(_row(table.headers, widths, last)[0], DIM)
         for row in table.rows:
-            line = "  ".join(_clip(str(cell), w).ljust(w) for cell, w in zip(row, widths))
-            self.out.write(line.rstrip()[: max(width, 20)] + "\n")
+            for line in _row([str(cell) for cell in row], widths, last):
+                self.out.write(line + "\n")
         self.out.flush()
 
     # -- streamed replies --------------------------------------------------
@@ -72,8 +75,59 @@ class Renderer:
         return ReplyStream(self.out, self.color)
 
 
+MAX_COLUMN = 48  # a column other than the last is cut (with …) beyond this
+MIN_LAST_COLUMN = 20
+
+
+def display_width(text: str) -> int:
+    """Terminal cells the text takes: two for wide (CJK) characters, none for combining ones."""
+    return sum(max(wcwidth(char), 0) for char in text)
+
+
+def _row(cells: list[str], widths: list[int], last: int) -> list[str]:
+    """One table row as lines: the leading cells padded, the last one wrapped under its column."""
+    lead = "  ".join(_pad(_clip(cell, w), w) for cell, w in zip(cells, widths))
+    indent = " " * (sum(widths) + 2 * len(widths))
+    wrapped = _wrap(cells[-1], last) or [""]
+    first = f"{lead}  {wrapped[0]}" if widths else wrapped[0]
+    return [first.rstrip()] + [f"{indent}{line}".rstrip() for line in wrapped[1:]]
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(width - display_width(text), 0)
+
+
 def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    if display_width(text) <= width:
+        return text
+    kept, used = [], 0
+    for char in text:
+        used += max(wcwidth(char), 0)
+        if used > width - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Words in lines of at most ``width`` cells; a word longer than a line is cut into pieces."""
+    lines, current = [], ""
+    for word in text.split(" "):
+        while display_width(word) > width:
+            if current:
+                lines.append(current)
+                current = ""
+            piece = _clip(word, width + 1)[:-1]  # the longest start that fits
+            lines.append(piece)
+            word = word[len(piece):]
+        candidate = f"{current} {word}" if current else word
+        if display_width(candidate) <= width:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+    lines.append(current)
+    return lines
 
 
 # A model can emit any byte, ESC and carriage return included; written raw to

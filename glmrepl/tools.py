@@ -24,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "under the repository's name)")
     download.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
     download.add_argument("--weights", choices=("safetensors", "bin", "all"), default="safetensors",
-                          help="weights format to fetch: safetensors when present, else .bin (default); "
-                          ".bin first; or every format")
+                          help="which weight files to fetch: 'safetensors' (default) takes the .safetensors "
+                          "files, or the .bin files when the repository has none; 'bin' prefers the .bin files "
+                          "the same way; 'all' takes every weights file in every format (TensorFlow, Flax, "
+                          "ONNX and GGUF too)")
     download.add_argument("--models-dir", metavar="DIR", help="models dir for the default destination")
 
     check = commands.add_parser("check", help="verify a checkpoint folder offline (exit 1 when not ready)")

@@ -134,3 +134,50 @@ def test_auto_device_with_float16_runs_on_a_cpu_only_machine(qwen_checkpoint):
     result = run(str(qwen_checkpoint), "-p", "hi", "--device", "auto", "--dtype", "float16", "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_help_names_the_other_commands(capsys):
+    from glmrepl.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("glmrepl list", "glmrepl check DIR", "glmrepl download REPO_ID", "glmrepl serve"):
+        assert command in out
+
+
+def test_download_help_says_what_each_weights_choice_takes(capsys):
+    from glmrepl.main import main
+
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "'safetensors' (default) takes the .safetensors files, or the .bin files when the repository has none" in out
+    assert "'bin' prefers the .bin files" in out and "'all' takes every weights file in every format" in out
+
+
+def test_the_readme_documents_every_option_and_command():
+    from glmrepl.commands import TABLE
+    from glmrepl.main import build_parser
+    from glmrepl.tools import build_parser as build_tools_parser
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    tools = build_tools_parser()
+    subparsers = next(action for action in tools._actions if action.choices and isinstance(action.choices, dict))
+    parsers = [build_parser(), *subparsers.choices.values()]
+    options = {option for parser in parsers for action in parser._actions for option in action.option_strings
+               if option.startswith("--") and option != "--help"}
+    assert sorted(option for option in options if option not in readme) == []
+    assert sorted(f"/{c.name}" for c in TABLE.commands if f"`/{c.name}" not in readme) == []
+
+
+def test_family_on_a_checkpoint_that_is_not_chatglm_is_said_to_be_ignored(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "--family", "chatglm3", "-p", "hi", "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert ("warning: --family chatglm3 is ignored: it chooses the ChatGLM generation, and this checkpoint is not "
+            "a ChatGLM one (model_type 'qwen2')") in result.stderr.splitlines()
+    chatglm = Path(__file__).parent / "data" / "chatglm" / "chatglm2-tiny"
+    result = run(str(chatglm), "--family", "chatglm2", "-p", "hi", "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "ignored" not in result.stderr

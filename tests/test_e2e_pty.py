@@ -50,15 +50,25 @@ class Terminal:
         self.transcript += ESCAPES.sub("", data)
 
     def wait_for(self, needle: str, timeout: float = 120) -> float:
+        return self.wait_until(lambda: self.seen(needle), repr(needle), timeout)
+
+    def wait_for_output_after(self, needle: str, chars: int, timeout: float = 120) -> float:
+        """Wait until ``chars`` visible characters have arrived after ``needle`` (e.g. a reply streaming)."""
+        def arrived() -> bool:
+            _, found, after = self.transcript.rpartition(needle)
+            return bool(found) and len("".join(after.split())) >= chars
+        return self.wait_until(arrived, f"{chars} characters after {needle!r}", timeout)
+
+    def wait_until(self, condition, what: str, timeout: float) -> float:
         start = time.monotonic()
-        while not self.seen(needle):
+        while not condition():
             if time.monotonic() - start > timeout:
-                raise AssertionError(f"{needle!r} never appeared; screen:\n{self.text()}")
+                raise AssertionError(f"{what} never appeared; screen:\n{self.text()}")
             if not self.child.isalive():
                 self.pump(0.2)
-                if self.seen(needle):
+                if condition():
                     break
-                raise AssertionError(f"glmrepl exited before {needle!r}; screen:\n{self.text()}")
+                raise AssertionError(f"glmrepl exited before {what}; screen:\n{self.text()}")
             self.pump()
         return time.monotonic() - start
 
@@ -84,8 +94,7 @@ def test_prompt_first_then_chat_interrupt_retry_and_exit(long_context_qwen, tmp_
     term.wait_for("loading long-qwen")  # the prompt is up while the model still loads
     term.wait_for("chat template · 0 turns")  # the toolbar once it is ready
     term.type("tell me a long story\r")
-    term.wait_for("tell me a long story")
-    time.sleep(1.0)  # the reply is streaming (20000 tokens would take minutes)
+    term.wait_for_output_after("tell me a long story", chars=20)  # the reply is streaming (20000 tokens: minutes)
     term.type("\x03")
     term.wait_for("[reply cut: /retry generates it again]", timeout=30)
     term.wait_for("1 turn ·")

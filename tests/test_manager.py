@@ -28,7 +28,7 @@ def test_a_failed_load_keeps_the_current_model_working(qwen_checkpoint, gpt2_che
     assert app.manager.current.info.path == gpt2_checkpoint
     app.session.add_user("Once upon a time")
     run = app.plan_reply()  # a Reply: iterating it gives the model lease back
-    assert "".join(run) is not None and run.stats.new_tokens == 8
+    assert "".join(run) and run.stats.new_tokens == 8  # the old model still replies
 
 
 class CancelWhenWeightsStart(LoadJob):

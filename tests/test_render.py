@@ -51,3 +51,32 @@ def test_control_characters_from_the_model_cannot_drive_the_terminal():
     rendered = stream_text(["evil\x1b]0;title\x07 and\r back\x08\tok\n"])
     assert "\x1b]" not in rendered and "\r" not in rendered and "\x08" not in rendered
     assert "evil\u241b]0;title\u2407 and\u240d back\u2408\tok\n" == rendered
+
+
+def rendered_table(table, monkeypatch, columns: int) -> list[str]:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    out = io.StringIO()
+    Renderer(out, color=False).table(table)
+    return out.getvalue().splitlines()
+
+
+def test_help_wraps_to_the_terminal_instead_of_cutting(monkeypatch):
+    from glmrepl.commands import TABLE, cmd_help
+    from glmrepl.render import display_width
+
+    long_help = max((c.help for c in TABLE.commands), key=len)
+    assert len(long_help) > 60
+    wide = rendered_table(cmd_help(None, ""), monkeypatch, 220)
+    assert any(line.endswith(long_help) for line in wide) and not any("…" in line for line in wide)
+    narrow = rendered_table(cmd_help(None, ""), monkeypatch, 60)
+    assert all(display_width(line) <= 60 for line in narrow) and not any("…" in line for line in narrow)
+    assert " ".join(" ".join(narrow).split()).count(long_help) == 1  # every word is there, in order
+
+
+def test_columns_align_by_display_width_with_wide_characters(monkeypatch):
+    from glmrepl.render import display_width
+
+    lines = rendered_table(Table(["token", "id"], [["'日本語'", "1"], ["'ab'", "22"], ["'<0xE4>'", "3"]]),
+                           monkeypatch, 80)
+    id_columns = {display_width(line[:line.rindex(" ") + 1]) for line in lines}
+    assert id_columns == {display_width("'<0xE4>'  ")}

@@ -16,7 +16,7 @@ def test_multi_turn_chat_streams_replies_and_keeps_history(qwen_checkpoint):
     out = drive_repl(app, "hello" + ENTER + "and again" + ENTER + "/history" + ENTER)
     assert app.session.turns == 2
     first, second = app.session.messages[1].content, app.session.messages[3].content
-    assert first and second in out
+    assert first and second and first in out and second in out
     assert "user: hello" in out and "user: and again" in out
     assert out.count("tokens · first token") == 2  # one stats line per reply
 
@@ -310,3 +310,51 @@ def test_ctrl_c_on_an_empty_prompt_hints_how_to_leave_once(qwen_checkpoint):
     assert out.count("Ctrl-D or /exit leaves glmrepl") == 1
     assert out.index("Ctrl-D or /exit") > out.index("tokens · first token")  # not for the line with text
     assert app.session.turns == 1
+
+
+def test_copy_says_what_it_sent_and_how_tmux_lets_it_through(qwen_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "hello" + ENTER)
+    size = len(app.session.last_reply.content)
+    monkeypatch.delenv("TMUX", raising=False)
+    sent = f"sent the last reply ({size} characters) to the terminal's clipboard (OSC 52)"
+    assert TABLE.dispatch(app, "/copy").done_message == sent
+
+    fake_tmux = tmp_path / "bin" / "tmux"  # answers `tmux show-options -gv set-clipboard`
+    fake_tmux.parent.mkdir()
+    monkeypatch.setenv("PATH", f"{fake_tmux.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TMUX", "/tmp/tmux-0/default,1,0")
+    for setting, expected in (("external", sent + "; inside tmux it reaches your terminal only with "
+                               "`set -g set-clipboard on` in ~/.tmux.conf (it is external now)"), ("on", sent)):
+        fake_tmux.write_text(f"#!/bin/sh\necho {setting}\n")
+        fake_tmux.chmod(0o755)
+        assert TABLE.dispatch(app, "/copy").done_message == expected
+    out = drive_repl(app, "/copy" + ENTER, color=True)
+    assert "\x1b]52;c;" in out and "copied" not in out
+
+
+def test_save_writes_only_new_files_in_existing_folders(qwen_checkpoint, tmp_path):
+    app = loaded_app(qwen_checkpoint)
+    drive_repl(app, "hello" + ENTER)
+    missing = tmp_path / "no-such-folder" / "chat.json"
+    out = drive_repl(app, f"/save {missing}" + ENTER)
+    assert f"error: {missing.parent} is not a folder: create it first" in out and not missing.parent.exists()
+    existing = tmp_path / "chat.json"
+    existing.write_text("keep me")
+    out = drive_repl(app, f"/save {existing}" + ENTER)
+    assert f"error: {existing} exists: /save! {existing} replaces it" in out
+    assert existing.read_text() == "keep me"
+    drive_repl(app, f"/save! {existing}" + ENTER)
+    assert json.loads(existing.read_text())["messages"][0]["content"] == "hello"
+    out = drive_repl(app, f"/save {tmp_path}" + ENTER)
+    assert "is a folder: give a file name" in out
+
+
+def test_a_path_typed_at_the_prompt_gets_the_double_slash_hint():
+    app = make_app()
+    out = drive_repl(app, "/usr/bin/ls -la" + ENTER + "/frobnicate" + ENTER)
+    assert ("error: /usr/bin/ls is not a command: type //usr/bin/ls -la to send text that starts with / "
+            "(/help lists the commands)") in out
+    assert "error: unknown command /frobnicate (/help lists them; //text sends text that starts with /)" in out

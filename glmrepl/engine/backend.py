@@ -105,15 +105,18 @@ class LocalBackend:
         return self.manager.set_prompt_mode(mode)
 
     def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, int, float]]:
-        """The k most likely next tokens after the conversation: (text, id, probability)."""
+        """The k most likely next tokens after the conversation: (text, id, probability); a token
+        that is part of a character shows its bytes (``<0xE4>``)."""
         from .generate import next_token_distribution
+        from .tokens import token_label
 
         with self.manager.lease.shared():
             loaded = self._require_model()
             ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
             if not ids:
                 raise GlmreplError("the conversation is empty: there is nothing to continue")
-            return next_token_distribution(loaded.model, loaded.tokenizer, ids, k)
+            return [(token_label(loaded.tokenizer, token_id, text), token_id, p)
+                    for text, token_id, p in next_token_distribution(loaded.model, loaded.tokenizer, ids, k)]
 
     def memory_report(self) -> list[tuple[str, str]]:
         from .devices import memory_report

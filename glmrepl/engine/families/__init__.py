@@ -45,6 +45,15 @@ def detect_family(path: Path, config: dict, override: str | None = None) -> Fami
     return detect_chatglm(path, config, override)
 
 
+def ignored_family_override(config: dict, override: str | None) -> str | None:
+    """Why ``--family`` does not apply to a checkpoint, or None when it does (or was not given)."""
+    if not override or not isinstance(config, dict) or config.get("model_type") == "chatglm":
+        return None
+    model_type = config.get("model_type")
+    return (f"--family {override} is ignored: it chooses the ChatGLM generation, and this checkpoint is not a "
+            f"ChatGLM one (model_type {model_type!r})")
+
+
 def load_family(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any,
                 quantize: int | None = None) -> LoadedParts:
     """Load a recognised family's model, tokenizer and prompt format (``quantize``: 4 or 8 bits)."""
