@@ -282,3 +282,27 @@ def test_ctrl_c_on_an_empty_prompt_hints_how_to_leave_once(qwen_checkpoint):
     assert out.count("Ctrl-D or /exit leaves glmrepl") == 1
     assert out.index("Ctrl-D or /exit") > out.index("tokens · first token")  # not for the line with text
     assert app.session.turns == 1
+
+
+def test_toolbar_counts_the_tokens_that_will_be_sent_not_the_whole_history(qwen_checkpoint, copy_checkpoint):
+    import re
+
+    from glmrepl.toolbar import Toolbar
+
+    short = copy_checkpoint(qwen_checkpoint)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 48
+    (short / "config.json").write_text(json.dumps(config))
+    app = loaded_app(short, max_new_tokens=8)
+    drive_repl(app, "one two three four" + ENTER + "five six seven eight" + ENTER + "nine ten eleven" + ENTER)
+    used, limit = map(int, re.search(r"(\d+)/(\d+) tokens", Toolbar(app)()).groups())
+    whole_history = len(app.manager.current.prompt_format.build(app.session.as_dicts()))
+    assert limit == 48 and 0 < used <= limit < whole_history
+    from glmrepl.engine.chat import ChatSession
+
+    plain = ChatSession()
+    for index, text in enumerate(("one two", "three", "four five", "six", "seven eight", "nine")):
+        (plain.add_user if index % 2 == 0 else plain.add_assistant)(text)
+    fitted = plain.fit(app.manager.current.prompt_format, 48, 8)
+    assert fitted.dropped_turns > 0  # the case where old turns are left out
+    assert app.backend.context_usage(plain, 8) == (len(fitted.ids), 48)
