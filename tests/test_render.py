@@ -51,3 +51,17 @@ def test_control_characters_from_the_model_cannot_drive_the_terminal():
     rendered = stream_text(["evil\x1b]0;title\x07 and\r back\x08\tok\n"])
     assert "\x1b]" not in rendered and "\r" not in rendered and "\x08" not in rendered
     assert "evil\u241b]0;title\u2407 and\u240d back\u2408\tok\n" == rendered
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_plain_output_to_a_terminal_shows_control_characters_a_file_keeps_them():
+    for out, expected in ((FakeTerminal(), "a\u240db\u240bc\n"), (io.StringIO(), "a\rb\x0bc\n")):
+        renderer = Renderer(out, color=False)  # as -p writes
+        stream = renderer.reply_stream()
+        stream.write("a\rb\x0bc")
+        stream.finish()
+        assert out.getvalue() == expected

@@ -306,3 +306,12 @@ def test_toolbar_counts_the_tokens_that_will_be_sent_not_the_whole_history(qwen_
     fitted = plain.fit(app.manager.current.prompt_format, 48, 8)
     assert fitted.dropped_turns > 0  # the case where old turns are left out
     assert app.backend.context_usage(plain, 8) == (len(fitted.ids), 48)
+
+
+def test_history_shows_control_characters_instead_of_sending_them(qwen_checkpoint):
+    app = make_app()
+    app.session.add_user("carriage\rreturn")
+    app.session.add_assistant("vertical\x0btab and \x1b[2J")
+    out = drive_repl(app, "/history" + ENTER, color=True)
+    assert "user: carriage\u240dreturn" in out and "vertical\u240btab and \u241b[2J" in out
+    assert "\r" not in out and "\x0b" not in out and "\x1b[2J" not in out
