@@ -134,3 +134,15 @@ def test_auto_device_with_float16_runs_on_a_cpu_only_machine(qwen_checkpoint):
     result = run(str(qwen_checkpoint), "-p", "hi", "--device", "auto", "--dtype", "float16", "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_demo_with_a_read_only_cache_builds_in_a_temporary_folder(unwritable_dir):
+    result = subprocess.run([sys.executable, "-m", "glmrepl.demo", "-p", "hi", "--max-new-tokens", "3"],
+                            capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(unwritable_dir)))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "building the demo in" in warnings[0]
+    assert "Traceback" not in result.stderr and result.stdout.strip()
+    temporary = Path(warnings[0].split("building the demo in ")[1].split(" for this run")[0])
+    assert not temporary.exists()  # removed at exit

@@ -1,6 +1,7 @@
 """The REPL through a real PromptSession fed by pipe input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -315,3 +316,15 @@ def test_history_shows_control_characters_instead_of_sending_them(qwen_checkpoin
     out = drive_repl(app, "/history" + ENTER, color=True)
     assert "user: carriage\u240dreturn" in out and "vertical\u240btab and \u241b[2J" in out
     assert "\r" not in out and "\x0b" not in out and "\x1b[2J" not in out
+
+
+def test_a_history_file_on_a_full_disk_turns_history_off_with_one_warning(qwen_checkpoint, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    full = tmp_path / "history"
+    full.symlink_to("/dev/full")  # every write fails with ENOSPC
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "hello" + ENTER + "again" + ENTER, history_path=full)
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "history is off" in warnings[0]
+    assert app.session.turns == 2
