@@ -75,7 +75,8 @@ class App:
         return self.backend.plan_reply(self.session, self.settings)
 
     def context_usage(self) -> tuple[int, int | None] | None:
-        return self.backend.context_usage(self.session)
+        """Tokens of the conversation as the next reply will send it (old turns that no longer fit left out)."""
+        return self.backend.context_usage(self.session, self.settings.get("max_new_tokens"))
 
 
 def display_name(target: str, path: Path) -> str:

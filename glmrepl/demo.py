@@ -6,8 +6,12 @@ glmrepl itself working (streaming, commands, Ctrl-C) in seconds, offline.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from .config import xdg_dir
 
@@ -18,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building a tiny random checkpoint in {folder} ...", flush=True)
         from .tiny import build_demo
 
-        build_demo(folder)
+        try:
+            build_demo(folder)
+        except OSError as error:  # a read-only or full cache: a folder that lasts for this run will do
+            folder = Path(tempfile.mkdtemp(prefix="glmrepl-demo-")) / "demo-checkpoint"
+            atexit.register(shutil.rmtree, folder.parent, ignore_errors=True)
+            print(f"warning: cannot write the cache ({error.strerror or error}); "
+                  f"building the demo in {folder} for this run", file=sys.stderr, flush=True)
+            build_demo(folder)
     print("This demo model has RANDOM weights: it answers gibberish. It shows the program, not a model.",
           flush=True)
     from .main import main as glmrepl_main

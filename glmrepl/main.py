@@ -211,7 +211,12 @@ def run_interactive(app, args, config) -> int:
     keep_history = config.get("ui", "history", True) and not args.no_history
     history_path = history_file() if keep_history else None
     if history_path:
-        history_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a read-only or full disk costs the history, not the session
+            print(f"warning: cannot keep the input history in {history_path.parent} ({error.strerror or error}); "
+                  "history is off", file=sys.stderr)
+            history_path = None
     repl = Repl(app, history_path=history_path)
     repl.renderer.text(f"glmrepl {__version__} · /help for commands · Ctrl-C stops a reply · Ctrl-D exits", "dim")
     if args.model:

@@ -39,6 +39,8 @@ class Renderer:
 
     def _line(self, text: str, codes: str = "", stream: TextIO | None = None) -> None:
         stream = stream or self.out
+        if self._is_terminal(stream):
+            text = text.translate(_CONTROL_TO_VISIBLE)
         if self.color and codes:
             text = f"{codes}{text}{RESET}"
         stream.write(text + "\n")
@@ -67,12 +69,21 @@ class Renderer:
         self._line(_row(table.headers, widths, last)[0], DIM)
         for row in table.rows:
             for line in _row([str(cell) for cell in row], widths, last):
+                if self._is_terminal(self.out):
+                    line = line.translate(_CONTROL_TO_VISIBLE)
                 self.out.write(line + "\n")
         self.out.flush()
 
     # -- streamed replies --------------------------------------------------
     def reply_stream(self) -> "ReplyStream":
-        return ReplyStream(self.out, self.color)
+        return ReplyStream(self.out, self.color, self._is_terminal(self.out))
+
+    def _is_terminal(self, stream: TextIO) -> bool:
+        """Control characters written here would move the cursor: show them instead."""
+        if self.color:
+            return True
+        isatty = getattr(stream, "isatty", None)
+        return bool(isatty and isatty())
 
 
 MAX_COLUMN = 48  # a column other than the last is cut (with …) beyond this
@@ -139,9 +150,10 @@ _CONTROL_TO_VISIBLE = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}
 class ReplyStream:
     """Writes a reply as it arrives; highlights fenced code once each line is complete."""
 
-    def __init__(self, out: TextIO, color: bool):
+    def __init__(self, out: TextIO, color: bool, terminal: bool | None = None):
         self.out = out
         self.color = color
+        self.terminal = color if terminal is None else terminal  # show control characters, never send them
         self.at_line_start = True
         self.held = ""  # text at a line start that might become a fence
         self.code_language: str | None = None  # set while inside a fenced block
@@ -151,7 +163,7 @@ class ReplyStream:
 
     def write(self, delta: str) -> None:
         if not self.color:
-            self._emit(delta)
+            self._emit(delta.translate(_CONTROL_TO_VISIBLE) if self.terminal else delta)
             self.out.flush()  # a pipe reads the reply as it comes, as a terminal does
             return
         for char in delta.translate(_CONTROL_TO_VISIBLE):

@@ -204,17 +204,19 @@ class Repl:
         self.handler = LineHandler(app, self.renderer, interactive=True)
         self.app = app
         self.session = self._build_session(input, output, history_path)
+        self._history_problem_reported = False
 
     def _build_session(self, input, output, history_path):
         from prompt_toolkit import PromptSession
         from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.history import InMemoryHistory
 
         from .completer import CommandCompleter
+        from .history import SafeFileHistory
         from .keys import key_bindings
         from .toolbar import Toolbar
 
-        history = FileHistory(str(history_path)) if history_path else InMemoryHistory()
+        history = SafeFileHistory(str(history_path)) if history_path else InMemoryHistory()
         return PromptSession(
             input=input,
             output=output,
@@ -235,6 +237,7 @@ class Repl:
             loading = self.app.loading_job() is not None
             try:
                 line = self.session.prompt(PROMPT)
+                self._report_history_problem()
             except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
                 if not hinted_exit and not loading and not self.session.default_buffer.text:
                     hinted_exit = True  # once: someone pressing it on an empty line may be trying to leave
@@ -249,6 +252,12 @@ class Repl:
                 self.renderer.text("(interrupted)", "dim")
             except Exception as error:  # a bug must not cost the user the session
                 self.renderer.error(f"unexpected {type(error).__name__}: {error} (the conversation is kept)")
+
+    def _report_history_problem(self) -> None:
+        history = self.session.history
+        if getattr(history, "problem", None) and not self._history_problem_reported:
+            self._history_problem_reported = True
+            self.renderer.text(f"warning: {history.problem}", "warning")
 
 
 

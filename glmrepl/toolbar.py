@@ -31,7 +31,7 @@ class Toolbar:
         # conversation or the model changed.
         session = self.app.session
         key = (status.serial, status.format_name, len(session.messages), session.system,
-               session.messages[-1].content if session.messages else None)
+               session.messages[-1].content if session.messages else None, self.app.settings.get("max_new_tokens"))
         if key != self._usage_key:
             self._usage_key, self._usage = key, self.app.context_usage()
         return self._usage

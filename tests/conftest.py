@@ -90,3 +90,18 @@ def copy_checkpoint(tmp_path):
         return Path(shutil.copytree(src, dest))
 
     return copy
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A directory nothing can be created in: read-only, or (for root, whom modes do not stop) a regular file."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if not os.access(folder, os.W_OK):
+        yield folder
+        folder.chmod(0o700)
+        return
+    folder.rmdir()
+    folder.write_text("a file where a directory should be\n")
+    yield folder

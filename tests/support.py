@@ -25,7 +25,7 @@ def loaded_app(path: Path, **settings) -> App:
     return app
 
 
-def drive_repl(app: App, keys: str, color: bool = False) -> str:
+def drive_repl(app: App, keys: str, color: bool = False, history_path: Path | None = None) -> str:
     """Type ``keys`` into a real PromptSession (pipe input) and return what glmrepl wrote."""
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
@@ -36,5 +36,5 @@ def drive_repl(app: App, keys: str, color: bool = False) -> str:
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
         pipe.close()
-        Repl(app, out=out, input=pipe, output=DummyOutput(), color=color).run()
+        Repl(app, out=out, input=pipe, output=DummyOutput(), color=color, history_path=history_path).run()
     return out.getvalue()

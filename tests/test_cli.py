@@ -181,3 +181,15 @@ def test_family_on_a_checkpoint_that_is_not_chatglm_is_said_to_be_ignored(qwen_c
     result = run(str(chatglm), "--family", "chatglm2", "-p", "hi", "--max-new-tokens", "2")
     assert result.returncode == 0, result.stderr
     assert "ignored" not in result.stderr
+
+
+def test_demo_with_a_read_only_cache_builds_in_a_temporary_folder(unwritable_dir):
+    result = subprocess.run([sys.executable, "-m", "glmrepl.demo", "-p", "hi", "--max-new-tokens", "3"],
+                            capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(unwritable_dir)))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "building the demo in" in warnings[0]
+    assert "Traceback" not in result.stderr and result.stdout.strip()
+    temporary = Path(warnings[0].split("building the demo in ")[1].split(" for this run")[0])
+    assert not temporary.exists()  # removed at exit

@@ -26,9 +26,10 @@ ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 class Terminal:
-    def __init__(self, args, home: Path):
+    def __init__(self, args, home: Path, **env_overrides):
         env = dict(os.environ, XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
                    TERM="xterm-256color")
+        env.update(env_overrides)
         self.child = pexpect.spawn(GLMREPL, args, env=env, dimensions=(ROWS, COLS), encoding="utf-8")
         self.screen = pyte.Screen(COLS, ROWS)
         self.screen.write_process_input = self.child.send  # answers cursor-position requests
@@ -135,3 +136,16 @@ def test_a_chatglm_fixture_in_a_real_terminal(tmp_path):
     term.wait_for("new conversation")
     term.type("\x04")
     term.child.expect(pexpect.EOF, timeout=30)
+
+
+def test_a_read_only_data_dir_costs_the_history_not_the_session(qwen_checkpoint, tmp_path, unwritable_dir):
+    term = Terminal([str(qwen_checkpoint), "--max-new-tokens", "3"], tmp_path, XDG_DATA_HOME=str(unwritable_dir))
+    term.wait_for("chat template · 0 turns")
+    assert term.text().count("warning: cannot keep the input history") == 1
+    assert "history is off" in term.text()
+    term.type("hello\r")
+    term.wait_for("3 tokens · first token")
+    term.type("\x04")
+    term.child.expect(pexpect.EOF, timeout=30)
+    term.child.close()
+    assert term.child.exitstatus == 0 and "Traceback" not in term.transcript

@@ -80,3 +80,17 @@ def test_columns_align_by_display_width_with_wide_characters(monkeypatch):
                            monkeypatch, 80)
     id_columns = {display_width(line[:line.rindex(" ") + 1]) for line in lines}
     assert id_columns == {display_width("'<0xE4>'  ")}
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_plain_output_to_a_terminal_shows_control_characters_a_file_keeps_them():
+    for out, expected in ((FakeTerminal(), "a\u240db\u240bc\n"), (io.StringIO(), "a\rb\x0bc\n")):
+        renderer = Renderer(out, color=False)  # as -p writes
+        stream = renderer.reply_stream()
+        stream.write("a\rb\x0bc")
+        stream.finish()
+        assert out.getvalue() == expected

@@ -1,6 +1,7 @@
 """The REPL through a real PromptSession fed by pipe input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -358,3 +359,48 @@ def test_a_path_typed_at_the_prompt_gets_the_double_slash_hint():
     assert ("error: /usr/bin/ls is not a command: type //usr/bin/ls -la to send text that starts with / "
             "(/help lists the commands)") in out
     assert "error: unknown command /frobnicate (/help lists them; //text sends text that starts with /)" in out
+
+
+def test_toolbar_counts_the_tokens_that_will_be_sent_not_the_whole_history(qwen_checkpoint, copy_checkpoint):
+    import re
+
+    from glmrepl.toolbar import Toolbar
+
+    short = copy_checkpoint(qwen_checkpoint)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 48
+    (short / "config.json").write_text(json.dumps(config))
+    app = loaded_app(short, max_new_tokens=8)
+    drive_repl(app, "one two three four" + ENTER + "five six seven eight" + ENTER + "nine ten eleven" + ENTER)
+    used, limit = map(int, re.search(r"(\d+)/(\d+) tokens", Toolbar(app)()).groups())
+    whole_history = len(app.manager.current.prompt_format.build(app.session.as_dicts()))
+    assert limit == 48 and 0 < used <= limit < whole_history
+    from glmrepl.engine.chat import ChatSession
+
+    plain = ChatSession()
+    for index, text in enumerate(("one two", "three", "four five", "six", "seven eight", "nine")):
+        (plain.add_user if index % 2 == 0 else plain.add_assistant)(text)
+    fitted = plain.fit(app.manager.current.prompt_format, 48, 8)
+    assert fitted.dropped_turns > 0  # the case where old turns are left out
+    assert app.backend.context_usage(plain, 8) == (len(fitted.ids), 48)
+
+
+def test_history_shows_control_characters_instead_of_sending_them(qwen_checkpoint):
+    app = make_app()
+    app.session.add_user("carriage\rreturn")
+    app.session.add_assistant("vertical\x0btab and \x1b[2J")
+    out = drive_repl(app, "/history" + ENTER, color=True)
+    assert "user: carriage\u240dreturn" in out and "vertical\u240btab and \u241b[2J" in out
+    assert "\r" not in out and "\x0b" not in out and "\x1b[2J" not in out
+
+
+def test_a_history_file_on_a_full_disk_turns_history_off_with_one_warning(qwen_checkpoint, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    full = tmp_path / "history"
+    full.symlink_to("/dev/full")  # every write fails with ENOSPC
+    app = loaded_app(qwen_checkpoint)
+    out = drive_repl(app, "hello" + ENTER + "again" + ENTER, history_path=full)
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "history is off" in warnings[0]
+    assert app.session.turns == 2

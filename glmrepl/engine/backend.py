@@ -32,7 +32,7 @@ class Backend(Protocol):
 
     def plan_reply(self, conversation: ChatSession, settings: Settings, **policy) -> Reply: ...
 
-    def context_usage(self, conversation: ChatSession) -> tuple[int, int | None] | None: ...
+    def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None: ...
 
 
 class LocalBackend:
@@ -79,8 +79,8 @@ class LocalBackend:
         """See service.plan_reply for the policy keywords."""
         return plan_reply(self.manager, self.queue, conversation, settings, **policy)
 
-    def context_usage(self, conversation: ChatSession) -> tuple[int, int | None] | None:
-        return context_usage(self.manager.current, conversation)
+    def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
+        return context_usage(self.manager.current, conversation, max_new_tokens)
 
     def count_tokens(self, texts: Iterable[str]) -> int:
         """Tokens of plain texts with the loaded tokenizer (no special tokens)."""

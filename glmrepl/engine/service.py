@@ -283,15 +283,23 @@ def record_reply(session: ChatSession, reply: Reply) -> str:
     return text
 
 
-def context_usage(loaded: Any, session: ChatSession) -> tuple[int, int | None] | None:
-    """(prompt tokens of the conversation so far, context length), or None when unknown."""
+def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
+    """(prompt tokens the next reply would be given, context length), or None when unknown.
+
+    Counted as the REPL sends it: the oldest turns that leave no room for
+    ``max_new_tokens`` are left out, so the figure never exceeds the context.
+    """
     if loaded is None:
         return None
+    context_length = loaded.info.context_length
+    if not session.messages:
+        return 0, context_length
     try:
-        ids = loaded.prompt_format.build(session.as_dicts()) if session.messages else []
+        return len(session.fit(loaded.prompt_format, context_length, max_new_tokens).ids), context_length
+    except GlmreplError:  # even the newest turn alone leaves no room: the context is full
+        return context_length, context_length
     except Exception:  # a template that rejects a partial conversation: show nothing rather than fail
         return None
-    return len(ids), loaded.info.context_length
 
 
 def conversation_from_messages(messages: list[dict]) -> ChatSession:
