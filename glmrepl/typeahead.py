@@ -9,8 +9,8 @@ raises KeyboardInterrupt (signals stay on) without flushing the queue.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 @contextmanager
