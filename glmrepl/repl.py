@@ -21,6 +21,7 @@ from .engine.service import record_reply
 from .hints import explain, flag_words, slash_words
 from .render import Renderer
 from .results import Exit, Generate, TerminalEscape, WaitForLoad
+from .typeahead import keys_wait_for_the_prompt
 
 
 class LineHandler:
@@ -205,6 +206,7 @@ class Repl:
         self.app = app
         self.session = self._build_session(input, output, history_path)
         self._history_problem_reported = False
+        self._keyboard = sys.stdin if input is None else None  # the terminal whose type-ahead is kept
 
     def _build_session(self, input, output, history_path):
         from prompt_toolkit import PromptSession
@@ -225,7 +227,6 @@ class Repl:
             auto_suggest=AutoSuggestFromHistory(),
             key_bindings=key_bindings(self.app),
             bottom_toolbar=Toolbar(self.app),
-            refresh_interval=0.5,
             complete_while_typing=False,
             enable_open_in_editor=True,
         )
@@ -236,7 +237,7 @@ class Repl:
             self.handler.report_finished_load()
             loading = self.app.loading_job() is not None
             try:
-                line = self.session.prompt(PROMPT)
+                line = self.session.prompt(PROMPT, pre_run=self._watch_load)
                 self._report_history_problem()
             except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
                 if not hinted_exit and not loading and not self.session.default_buffer.text:
@@ -246,12 +247,36 @@ class Repl:
             except EOFError:
                 break
             try:
-                if not self.handler.handle(line):
-                    break
+                with keys_wait_for_the_prompt(self._keyboard):
+                    if not self.handler.handle(line):
+                        break
             except KeyboardInterrupt:
                 self.renderer.text("(interrupted)", "dim")
             except Exception as error:  # a bug must not cost the user the session
                 self.renderer.error(f"unexpected {type(error).__name__}: {error} (the conversation is kept)")
+
+    def _watch_load(self) -> None:
+        """At the prompt, a load in the background keeps the toolbar current and says
+        how it ended as soon as it does, above the prompt. (The prompt is otherwise
+        redrawn only on keys: an idle prompt writes nothing.)"""
+        job = self.app.loading_job()
+        if job is not None:
+            self.session.app.create_background_task(self._follow(job))
+
+    async def _follow(self, job) -> None:
+        import asyncio
+
+        from prompt_toolkit.application import run_in_terminal
+
+        shown = job.status
+        while not job.done.is_set():
+            await asyncio.sleep(0.1)
+            if job.status != shown:
+                shown = job.status
+                self.session.app.invalidate()
+        # Ended with the prompt (a line was entered, /exit): the task is cancelled
+        # before this point, and the next prompt or line reports the load instead.
+        await run_in_terminal(lambda: self.handler.report_job(job))
 
     def _report_history_problem(self) -> None:
         history = self.session.history

@@ -35,6 +35,7 @@ class Terminal:
         self.screen.write_process_input = self.child.send  # answers cursor-position requests
         self.stream = pyte.Stream(self.screen)
         self.transcript = ""
+        self.received = 0  # characters read from glmrepl in all
 
     def seen(self, needle: str) -> bool:
         return needle in self.text() or needle in self.transcript
@@ -49,6 +50,21 @@ class Terminal:
             return
         self.stream.feed(data)
         self.transcript += ESCAPES.sub("", data)
+        self.received += len(data)
+
+    def received_within(self, seconds: float) -> int:
+        """Characters glmrepl writes in the next ``seconds`` (nothing typed meanwhile)."""
+        before, end = self.received, time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.pump(end - time.monotonic())
+        return self.received - before
+
+    def wait_for_more_output(self, characters: int, timeout: float = 120) -> None:
+        """Wait until glmrepl has written ``characters`` more (a reply is streaming)."""
+        target, end = len(self.transcript) + characters, time.monotonic() + timeout
+        while len(self.transcript) < target:
+            assert time.monotonic() < end, f"output stopped; screen:\n{self.text()}"
+            self.pump()
 
     def wait_for(self, needle: str, timeout: float = 120) -> float:
         return self.wait_until(lambda: self.seen(needle), repr(needle), timeout)
@@ -149,3 +165,42 @@ def test_a_read_only_data_dir_costs_the_history_not_the_session(qwen_checkpoint,
     term.child.expect(pexpect.EOF, timeout=30)
     term.child.close()
     assert term.child.exitstatus == 0 and "Traceback" not in term.transcript
+
+
+def test_load_is_reported_at_once_the_idle_prompt_is_quiet_and_typed_keys_wait(long_context_qwen, tmp_path):
+    term = Terminal([str(long_context_qwen), "--temperature", "0", "--max-new-tokens", "20000", "--no-history"],
+                    tmp_path)
+    term.wait_for("loaded long-qwen (")  # above the prompt, without a key pressed
+    term.wait_for("chat template · 0 turns")
+    term.received_within(0.5)  # the last repaint
+    assert term.received_within(2.0) == 0  # an idle prompt writes nothing
+
+    term.type("tell me a long story\r")
+    term.wait_for_more_output(300)  # the reply streams
+    term.type("TYPEDAHEAD")
+    term.type("\x03")  # stops the reply; what was typed is kept
+    term.wait_for("[reply cut: /retry generates it again]", timeout=30)
+    term.wait_for(">>> TYPEDAHEAD")
+    assert term.text().count("TYPEDAHEAD") == 1  # at the prompt only, not echoed into the reply
+
+    term.type("\x15/retry\r")  # Ctrl-U clears the line
+    term.wait_for_more_output(300)
+    term.type("\x04")  # Ctrl-D during a reply: honoured at the next prompt
+    term.type("\x03")
+    term.child.expect(pexpect.EOF, timeout=30)
+    term.child.close()
+    assert term.child.exitstatus == 0
+
+
+def test_a_gpu_load_on_a_machine_without_one_says_why_at_once_and_device_cpu_recovers(qwen_checkpoint, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    term = Terminal([str(qwen_checkpoint), "--device", "gpu", "--no-history"], tmp_path)
+    term.wait_for("gpu mode needs a CUDA GPU and torch sees none on this machine: use /device cpu")  # no key pressed
+    term.type("/device cpu\r")
+    term.wait_for("loaded tiny-qwen2-chat (Qwen2ForCausalLM, cpu float32")
+    term.wait_for("chat template · 0 turns")
+    term.type("/exit\r")
+    term.child.expect(pexpect.EOF, timeout=30)

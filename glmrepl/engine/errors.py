@@ -8,8 +8,8 @@ its own user: ``Hint("device", "cpu")`` is ``/device cpu`` in the REPL and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 def first_line(error: BaseException, fallback: str | None = None) -> str:
@@ -29,7 +29,7 @@ class Hint:
     value: str = ""
     sentence: str = "use {}"
 
-    def worded(self, words: Callable[["Hint"], str]) -> str:
+    def worded(self, words: Callable[[Hint], str]) -> str:
         return self.sentence.format(words(self))
 
 
