@@ -124,6 +124,8 @@ class ModelManager:
         from .families.chatglm.quantized import quantize_in_place
 
         loaded = self._require_model()
+        if loaded.adapter and loaded.adapter.info.kind == "lora" and not loaded.adapter.merged:
+            raise GlmreplError("a LoRA adapter is on the layers: /adapter off, /quantize, then /adapter DIR again")
         quantize_in_place(loaded.model, bits)
         loaded.info.placement.quant_bits = bits
         free_memory()
@@ -136,7 +138,7 @@ class ModelManager:
 
         loaded = self._require_model()
         loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
-        if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back
+        if loaded.request is not None:  # reloading this model (after a failed switch) brings it back as it is
             loaded.request.adapter = loaded.adapter.info.path if loaded.adapter else None
             loaded.request.merge_adapter = bool(loaded.adapter and loaded.adapter.merged)
         return loaded.adapter
