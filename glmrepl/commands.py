@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .app import App
@@ -156,8 +157,6 @@ def cmd_adapter(app: App, args: str):
         name = loaded.adapter.describe() if loaded.adapter else None
         app.manager.set_adapter(None)
         return Text(f"adapter {name} off: the base model again; conversation kept")
-    from pathlib import Path
-
     adapter = app.manager.set_adapter(Path(args).expanduser())
     return Text(f"adapter {adapter.describe()} on {loaded.info.name}; conversation kept")
 
@@ -252,13 +251,22 @@ def cmd_load(app: App, args: str):
         except (KeyError, ValueError):
             pass  # a setting from another version: skip it, keep the conversation
     message = Text(f"loaded {app.session.turns} turns from {args}", "dim")
-    saved_model = data.get("model")
+    saved_model, saved_adapter = data.get("model"), data.get("adapter")
     loaded = app.manager.current
     if saved_model and (loaded is None or str(loaded.info.path) != saved_model):
+        app.options.adapter = Path(saved_adapter) if saved_adapter else None  # goes on with the model
         try:
             return WaitForLoad(app.start_load(saved_model), then=[message])
         except GlmreplError as error:
+            app.options.adapter = None
             return [message, Error(f"the conversation's model is not available ({error}); keeping the current one")]
+    current_adapter = str(loaded.adapter.info.path) if loaded is not None and loaded.adapter else None
+    if saved_adapter and loaded is not None and current_adapter != saved_adapter:
+        try:
+            app.manager.set_adapter(Path(saved_adapter))
+        except GlmreplError as error:
+            return [message, Error(f"the conversation's adapter is not available ({error})")]
+        return [message, Text(f"adapter {loaded.adapter.describe()} on, as when it was saved", "dim")]
     return message
 
 

@@ -74,6 +74,19 @@ def test_adapter_command_on_off_and_back(tmp_path):
     assert isinstance(TABLE.dispatch(app, "/adapter off"), Error)
 
 
+def test_load_puts_the_saved_adapter_back(tmp_path):
+    from glmrepl.commands import TABLE
+
+    app = loaded_app(BASE)
+    TABLE.dispatch(app, f"/adapter {PTUNING}")
+    TABLE.dispatch(app, f"/save {tmp_path / 'chat.json'}")
+    fresh = loaded_app(BASE)
+    results = TABLE.dispatch(fresh, f"/load {tmp_path / 'chat.json'}")
+    assert "as when it was saved" in results[-1].text
+    assert fresh.manager.current.adapter.info.path == PTUNING
+    assert torch.allclose(logits_of(fresh), reference_logits("chatglm2-ptuning")["logits"], atol=1e-4, rtol=0)
+
+
 def test_quantize_waits_for_the_lora_to_come_off():
     from glmrepl.commands import TABLE
 
