@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .app import App
@@ -166,8 +167,6 @@ def cmd_adapter(app: App, args: str):
     if args == "off":
         app.backend.set_adapter(None, on_wait=_waiting_message(app, "taking the adapter off"))
         return Text(f"adapter {status.adapter} off: the base model again; conversation kept")
-    from pathlib import Path
-
     adapter = app.backend.set_adapter(Path(args).expanduser(), on_wait=_waiting_message(app, "putting the adapter on"))
     return Text(f"adapter {adapter} on {status.name}; conversation kept")
 
@@ -271,7 +270,6 @@ def cmd_retry(app: App, args: str):
 
 
 def cmd_save(app: App, args: str, overwrite: bool = False):
-    from pathlib import Path
 
     from .engine.chat import save_conversation
 
@@ -311,13 +309,22 @@ def cmd_load(app: App, args: str):
         except (KeyError, ValueError):
             pass  # a setting from another version: skip it, keep the conversation
     message = Text(f"loaded {app.session.turns} turns from {args}", "dim")
-    saved_model = data.get("model")
+    saved_model, saved_adapter = data.get("model"), data.get("adapter")
     loaded = app.status()
     if saved_model and (loaded is None or str(loaded.path) != saved_model):
+        app.options.adapter = Path(saved_adapter) if saved_adapter else None  # goes on with the model
         try:
             return WaitForLoad(app.start_load(saved_model), then=[message])
         except GlmreplError as error:
+            app.options.adapter = None
             return [message, Error(f"the conversation's model is not available ({error}); keeping the current one")]
+    current_adapter = str(loaded.adapter_path) if loaded is not None and loaded.adapter_path else None
+    if saved_adapter and loaded is not None and current_adapter != saved_adapter and hasattr(app.backend, "set_adapter"):
+        try:
+            adapter = app.backend.set_adapter(Path(saved_adapter), on_wait=_waiting_message(app, "putting the adapter on"))
+        except GlmreplError as error:
+            return [message, Error(f"the conversation's adapter is not available ({error})")]
+        return [message, Text(f"adapter {adapter} on, as when it was saved", "dim")]
     return message
 
 

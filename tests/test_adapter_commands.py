@@ -74,6 +74,34 @@ def test_adapter_command_on_off_and_back(tmp_path):
     assert isinstance(TABLE.dispatch(app, "/adapter off"), Error)
 
 
+def test_load_puts_the_saved_adapter_back(tmp_path):
+    from glmrepl.commands import TABLE
+
+    app = loaded_app(BASE)
+    TABLE.dispatch(app, f"/adapter {PTUNING}")
+    TABLE.dispatch(app, f"/save {tmp_path / 'chat.json'}")
+    fresh = loaded_app(BASE)
+    results = TABLE.dispatch(fresh, f"/load {tmp_path / 'chat.json'}")
+    assert "as when it was saved" in results[-1].text
+    assert fresh.manager.current.adapter.info.path == PTUNING
+    assert torch.allclose(logits_of(fresh), reference_logits("chatglm2-ptuning")["logits"], atol=1e-4, rtol=0)
+
+
+def test_quantize_waits_for_the_lora_to_come_off():
+    from glmrepl.commands import TABLE
+
+    app = loaded_app(BASE)
+    TABLE.dispatch(app, f"/adapter {LORA}")
+    result = TABLE.dispatch(app, "/quantize 8")
+    assert isinstance(result, Error) and "take it off, quantize, then put it on again" in result.message
+    TABLE.dispatch(app, "/adapter off")
+    assert isinstance(TABLE.dispatch(app, "/quantize 8"), Text)
+    switched = TABLE.dispatch(app, f"/adapter {LORA}")  # LoRA beside the new int8 layers
+    assert isinstance(switched, Text), switched
+    # int8 rounding moves the logits a little; without the LoRA they would be 2.2 away (base vs adapter)
+    assert (logits_of(app) - reference_logits("chatglm2-lora")["logits"]).abs().max() < 0.5
+
+
 def test_failed_switch_keeps_the_adapter_in_use(tmp_path, qwen_checkpoint):
     from glmrepl.commands import TABLE
 

@@ -205,6 +205,8 @@ class ModelManager:
 
         with self.lease.exclusive(on_wait):
             loaded = self._require_model()
+            if loaded.adapter and loaded.adapter.info.kind == "lora" and not loaded.adapter.merged:
+                raise GlmreplError("a LoRA adapter is on the layers: take it off, quantize, then put it on again")
             quantize_in_place(loaded.model, bits)
             loaded.info.placement.quant_bits = bits
         free_memory()
