@@ -204,14 +204,14 @@ def table(figures: dict) -> str:
     single = figures["single"]
     served, repl = single["served"], single["repl"]
     rows = [("measure", "REPL path", "served", "result", "target"),
-            ("decode tok/s (streamed, 1 client)", f"{repl['decode_tokens_per_s']:.1f}",
-             f"{served['decode_tokens_per_s']:.1f}", f"ratio {single['decode_ratio']:.3f}", ">= 0.97"),
-            ("time to first token", f"{repl['first_token_s'] * 1000:.0f} ms", f"{served['first_token_s'] * 1000:.0f} ms",
-             "", ""),
+            ("decode tok/s (streamed, 1 client)", f"{repl['decode_tokens_per_s']:.2f}",
+             f"{served['decode_tokens_per_s']:.2f}", f"ratio {single['decode_ratio']:.3f}", ">= 0.97"),
+            ("time to first token", f"{repl['first_token_s'] * 1000:.0f} ms",
+             f"{served['first_token_s'] * 1000:.0f} ms", "", ""),
             ("time to first byte (role chunk)", "", f"{served['first_byte_s'] * 1000:.0f} ms",
              f"{served['first_token_s'] / served['first_byte_s']:.1f}x earlier than the first token", "")]
     for row in figures["concurrent"]:
-        rows.append((f"aggregate tok/s, {row['clients']} client(s)", "", f"{row['aggregate_tokens_per_s']:.1f}",
+        rows.append((f"aggregate tok/s, {row['clients']} client(s)", "", f"{row['aggregate_tokens_per_s']:.2f}",
                      f"first token median {row['median_first_token_s']:.2f} s, worst {row['max_first_token_s']:.2f} s",
                      "report"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

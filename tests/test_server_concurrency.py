@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from serving import InProcessServer, ServerProcess
 
 openai = pytest.importorskip("openai")

@@ -72,7 +72,10 @@ class ServerState:
             future.add_done_callback(_close_if_planned)
             raise
         except GlmreplError as error:
-            raise api_error_from_engine(error) from None
+            translated = api_error_from_engine(error)
+            if policy.get("completion") and translated.param == "messages":
+                translated.param = "prompt"  # /v1/completions has no messages
+            raise translated from None
 
     async def collect(self, reply: Reply, request: Request) -> str:
         """The whole reply (non-streaming responses)."""
