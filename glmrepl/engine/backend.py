@@ -59,7 +59,10 @@ class LocalBackend:
     def load_and_wait(self, request: LoadOptions) -> ModelStatus:
         """Load synchronously; raises the load's GlmreplError."""
         self.manager.load(request)
-        return self.status()
+        status = self.status()
+        if status is None:  # unloaded again at once by another thread's swap
+            raise GlmreplError(f"{request.name} was unloaded before it could be used")
+        return status
 
     @property
     def job(self) -> LoadJob | None:

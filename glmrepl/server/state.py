@@ -48,7 +48,7 @@ class ServerState:
         settings.set_model_defaults(status.checkpoint_defaults, status.sampling_defaults)
         settings.user.update(self.defaults.user)
         if max_tokens is not None:  # beyond the table's range the context check answers, naming the context
-            settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high))
+            settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high or max_tokens))
         try:
             if temperature is not None:
                 settings.set("temperature", temperature)
