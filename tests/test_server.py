@@ -13,14 +13,14 @@ import sys
 import time
 
 import pytest
-
 from serving import ServerProcess, error_of, request, sse_events
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 KEY = "test-key-7d1f"
-SEED_CURL = """curl -X POST http://127.0.0.1:8000 -H 'Content-Type: application/json' -d '{"prompt": "你好", "history": []}'"""
+SEED_CURL = ("""curl -X POST http://127.0.0.1:8000 -H 'Content-Type: application/json' """
+             """-d '{"prompt": "你好", "history": []}'""")
 LONG_PROMPT = "Tell me a long story"  # greedy on the tiny chat model: runs to max_tokens (checked below)
 
 
@@ -145,6 +145,9 @@ def test_completions_continue_a_base_models_text(base_server):
     for path, body in (("/v1/completions", {"model": "tiny-gpt2", "prompt": ""}), ("/", {"prompt": ""})):
         status, _, raw = request(base_server.port, "POST", path, body, auth)
         assert status == 400 and "empty" in error_of(raw)["message"], path  # nothing to continue
+    status, _, raw = request(base_server.port, "POST", "/v1/completions",
+                             {"model": "tiny-gpt2", "prompt": "word " * 300}, auth)
+    assert status == 400 and error_of(raw)["code"] == "context_length_exceeded" and error_of(raw)["param"] == "prompt"
 
 
 def test_an_api_key_guards_every_endpoint_but_health(base_server):

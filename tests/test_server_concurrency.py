@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from serving import InProcessServer, ServerProcess
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 CLIENTS = 8
+DATA = Path(__file__).parent / "data" / "chatglm"
 
 
 def test_eight_clients_get_their_own_replies_and_a_move_waits_for_them(qwen_checkpoint):
@@ -82,3 +82,31 @@ def test_schemathesis_finds_no_server_error(gpt2_checkpoint, tmp_path):
         assert "Traceback" not in server.output()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("family", ["chatglm1", "chatglm3"])
+def test_chatglm_families_serve_with_their_own_format_and_stop_ids(family):
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.service import conversation_from_messages
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(DATA / f"{family}-tiny", family))
+    assert backend.status().family == family
+    state = ServerState(backend)
+    messages = [{"role": "user", "content": "你好"}]
+    conversation = conversation_from_messages(messages)
+    settings = state.settings_for(backend.status(), max_tokens=6, temperature=0)
+    with backend.plan_reply(conversation, settings, drop_oldest=False) as reply:
+        expected = "".join(reply)
+        expected_text = reply.text
+    with InProcessServer(create_app(state)) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model=family, messages=messages, max_tokens=6, temperature=0)
+        assert answer.choices[0].message.content == expected_text
+        assert answer.usage.prompt_tokens == backend.context_usage(conversation)[0]  # the family's own prompt
+        stream = client.chat.completions.create(model=family, messages=messages, max_tokens=6, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == expected

@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
+from support import loaded_app
 
 from glmrepl.engine.chat import ChatSession
 from glmrepl.engine.errors import ContextLengthExceeded, GlmreplError, QueueFull
 from glmrepl.engine.service import StopStrings, conversation_from_messages, record_reply
 from glmrepl.engine.settings import Settings
-from support import loaded_app
 
 UI_MODULES = ("repl.py", "commands.py", "toolbar.py", "keys.py", "completer.py", "app.py")
 
@@ -154,3 +154,22 @@ def test_an_empty_prompt_is_refused_before_generating(gpt2_checkpoint):
     with pytest.raises(EmptyPrompt, match="the prompt is empty"):
         app.backend.plan_reply(conversation(""), app.settings)
     assert app.backend.queue.admitted == 0 and app.manager.lease.readers == 0
+
+
+def test_the_repl_says_that_a_move_waits_for_a_running_reply(qwen_checkpoint):
+    from glmrepl.commands import TABLE
+
+    app = loaded_app(qwen_checkpoint, max_new_tokens=30)
+    said = []
+    app.notify = said.append
+    reply = app.backend.plan_reply(conversation("hello"), app.settings)  # as a server's request would hold it
+    result = {}
+    command = threading.Thread(target=lambda: result.update(out=TABLE.dispatch(app, "/device cpu bfloat16")))
+    command.start()
+    deadline = time.monotonic() + 30
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert said == ["waiting for 1 running reply to finish before moving the model"] and "out" not in result
+    "".join(reply)
+    command.join(30)
+    assert result["out"].text == "model now on cpu bfloat16; conversation kept"

@@ -10,7 +10,7 @@ ends check with ``hasattr`` and say why when one is missing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from .chat import ChatSession
 from .errors import GlmreplError
@@ -60,7 +60,10 @@ class LocalBackend:
     def load_and_wait(self, request: LoadOptions) -> ModelStatus:
         """Load synchronously; raises the load's GlmreplError."""
         self.manager.load(request)
-        return self.status()
+        status = self.status()
+        if status is None:  # unloaded again at once by another thread's swap
+            raise GlmreplError(f"{request.name} was unloaded before it could be used")
+        return status
 
     @property
     def job(self) -> LoadJob | None:
@@ -81,11 +84,6 @@ class LocalBackend:
 
     def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
         return context_usage(self.manager.current, conversation, max_new_tokens)
-
-    def count_tokens(self, texts: Iterable[str]) -> int:
-        """Tokens of plain texts with the loaded tokenizer (no special tokens)."""
-        tokenizer = self._require_model().tokenizer
-        return sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in texts)
 
     # -- optional abilities ----------------------------------------------------
     def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None):

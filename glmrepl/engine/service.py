@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from .chat import ChatSession, FittedPrompt
 from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull
@@ -127,7 +127,7 @@ class Reply:
         self._emitted: list[str] = []
         self._release = release
         self._closed = False
-        self._deltas: Iterator[str] | None = None
+        self._deltas: Generator[str, None, None] | None = None
 
     # -- streaming -----------------------------------------------------------
     def __iter__(self) -> Iterator[str]:

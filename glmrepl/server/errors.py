@@ -8,7 +8,7 @@ queue is full, 500 what failed, in one line. No traceback ever reaches a client.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -97,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(error).__name__}: {first_line(error)}")
 
 
-def describe_validation_error(errors: list[dict]) -> tuple[str, str | None]:
+def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
     """One line for the first problem pydantic found, naming the parameter."""
     if not errors:
         return "invalid request", None

@@ -16,8 +16,15 @@ from ..engine.chat import ChatSession
 from ..engine.errors import GlmreplError, first_line
 from ..engine.service import Reply, conversation_from_messages
 from .errors import APIError, error_body
-from .protocol import (ChatCompletionRequest, CompletionRequest, ResponseShape, SamplingRequest, message_dicts,
-                       refuse_unsupported, stop_strings)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseShape,
+    SamplingRequest,
+    message_dicts,
+    refuse_unsupported,
+    stop_strings,
+)
 from .state import ServerState, state_of
 from .streaming import stream_deltas
 

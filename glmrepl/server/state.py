@@ -49,7 +49,7 @@ class ServerState:
                             command_line=chosen["command line"])
         settings.set_model_defaults(status.checkpoint_defaults, status.sampling_defaults)
         if max_tokens is not None:  # beyond the table's range the context check answers, naming the context
-            settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high))
+            settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high or max_tokens))
         try:
             if temperature is not None:
                 settings.set("temperature", temperature)
@@ -73,7 +73,10 @@ class ServerState:
             future.add_done_callback(_close_if_planned)
             raise
         except GlmreplError as error:
-            raise api_error_from_engine(error) from None
+            translated = api_error_from_engine(error)
+            if policy.get("completion") and translated.param == "messages":
+                translated.param = "prompt"  # /v1/completions has no messages
+            raise translated from None
 
     async def collect(self, reply: Reply, request: Request) -> str:
         """The whole reply (non-streaming responses)."""
