@@ -49,7 +49,9 @@ class App:
         path = resolve_model(target, self.models_dir)
         return self.options.for_model(path, _display_name(target, path))
 
-    def start_load(self, target: str):
+    def start_load(self, target: str | None):
+        if hasattr(self.backend, "select_model"):  # a server: choose among its models (None: the first)
+            return self.backend.select_model(target)
         return self.backend.load(self.load_request(target))
 
     def loading_job(self):

@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits.",
     )
     parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="checkpoint folder, or a name in the models dir or the Hugging Face cache")
+                        help="checkpoint folder, or a name in the models dir or the Hugging Face cache "
+                        "(with --connect: a model the server serves, default its first)")
+    parser.add_argument("--connect", metavar="URL", help="chat with a model on an OpenAI-compatible server "
+                        "(glmrepl serve, transformers serve, vLLM, Ollama, llama-server), e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key", metavar="KEY", help="--connect: the server's API key (default: $GLMREPL_API_KEY)")
     parser.add_argument("--models-dir", metavar="DIR", help="where to look for checkpoints by name "
                         "(default: $GLMREPL_MODELS, else the XDG data dir)")
     parser.add_argument("--device", choices=("cpu", "gpu", "sharded", "auto"), help="where the model runs (default auto)")
@@ -93,7 +97,6 @@ def build_app(args, config):
     from pathlib import Path
 
     from .app import App
-    from .engine.backend import LocalBackend
     from .engine.chat import ChatSession
     from .engine.settings import Settings
 
@@ -105,7 +108,27 @@ def build_app(args, config):
             settings.set(key, value)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
-    return App(LocalBackend(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+    return App(build_backend(args), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+
+
+# Flags about loading a model here, which a server decides for itself.
+LOCAL_ONLY_FLAGS = ("device", "dtype", "gpus", "max_gpu_memory", "offload", "quantize", "family", "trust_remote_code")
+
+
+def build_backend(args):
+    """The model here (LocalBackend), or on a server with --connect (RemoteBackend)."""
+    if not args.connect:
+        if args.api_key:
+            raise ValueError("--api-key goes with --connect URL")
+        from .engine.backend import LocalBackend
+
+        return LocalBackend()
+    used = [f"--{flag.replace('_', '-')}" for flag in LOCAL_ONLY_FLAGS if getattr(args, flag)]
+    if used:
+        raise ValueError(f"{used[0]} cannot be used with --connect: the server loads and places the model")
+    from .engine.remote import RemoteBackend
+
+    return RemoteBackend(args.connect, args.api_key or os.environ.get("GLMREPL_API_KEY"))
 
 
 def load_options(args, config):
@@ -128,6 +151,8 @@ def load_or_report(app, target: str | None) -> bool:
     """Load synchronously for non-interactive use; the reason goes to stderr."""
     from .engine.errors import GlmreplError
 
+    if hasattr(app.backend, "select_model"):
+        return _choose_on_server(app, target)
     if target is None:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)
         return False
@@ -135,6 +160,15 @@ def load_or_report(app, target: str | None) -> bool:
         app.backend.load_and_wait(app.load_request(target))
     except GlmreplError as error:
         print(f"error: {error}", file=sys.stderr)
+        return False
+    return True
+
+
+def _choose_on_server(app, target: str | None) -> bool:
+    job = app.start_load(target)
+    job.wait()
+    if job.error is not None:
+        print(f"error: {job.error}", file=sys.stderr)
         return False
     return True
 
@@ -162,7 +196,7 @@ def run_interactive(app, args, config) -> int:
         history_path.parent.mkdir(parents=True, exist_ok=True)
     repl = Repl(app, history_path=history_path)
     repl.renderer.text(f"glmrepl {__version__} · /help for commands · Ctrl-C stops a reply · Ctrl-D exits", "dim")
-    if args.model:
+    if args.model or args.connect:
         try:
             app.start_load(args.model)
         except GlmreplError as error:
