@@ -47,7 +47,7 @@ class App:
         from .engine.catalog import resolve_model
 
         path = resolve_model(target, self.models_dir)
-        return self.options.for_model(path, _display_name(target, path))
+        return self.options.for_model(path, display_name(target, path))
 
     def start_load(self, target: str | None):
         if hasattr(self.backend, "select_model"):  # a server: choose among its models (None: the first)
@@ -78,6 +78,6 @@ class App:
         return self.backend.context_usage(self.session)
 
 
-def _display_name(target: str, path: Path) -> str:
+def display_name(target: str, path: Path) -> str:
     candidate = Path(target)
     return path.name if candidate.is_absolute() or target.startswith((".", "~")) or candidate.exists() else target

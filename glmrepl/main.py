@@ -24,14 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmrepl",
         description="Chat in the terminal with a Hugging Face checkpoint on local disk (offline).",
-        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits.",
+        epilog="In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits. "
+               "Other commands: glmrepl serve|download|check|list --help.",
     )
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="checkpoint folder, or a name in the models dir or the Hugging Face cache "
-                        "(with --connect: a model the server serves, default its first)")
+    add_model_arguments(parser)
     parser.add_argument("--connect", metavar="URL", help="chat with a model on an OpenAI-compatible server "
-                        "(glmrepl serve, transformers serve, vLLM, Ollama, llama-server), e.g. http://127.0.0.1:8000/v1")
+                        "(glmrepl serve, transformers serve, vLLM, Ollama, llama-server), e.g. "
+                        "http://127.0.0.1:8000/v1; MODEL then names one of its models (default: the first)")
     parser.add_argument("--api-key", metavar="KEY", help="--connect: the server's API key (default: $GLMREPL_API_KEY)")
+    parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
+    parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt")
+    parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the load and generation options, shared by the REPL and `glmrepl serve`."""
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="checkpoint folder, or a name in the models dir or the Hugging Face cache")
     parser.add_argument("--models-dir", metavar="DIR", help="where to look for checkpoints by name "
                         "(default: $GLMREPL_MODELS, else the XDG data dir)")
     parser.add_argument("--device", choices=("cpu", "gpu", "sharded", "auto"), help="where the model runs (default auto)")
@@ -46,19 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
-    parser.add_argument("--system", metavar="TEXT", help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, metavar="N")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
     parser.add_argument("--top-p", type=float, metavar="P")
     parser.add_argument("--top-k", type=int, metavar="K")
     parser.add_argument("--repetition-penalty", type=float, metavar="R")
     parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
-    parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a checkpoint's own Python code to run (only for folders you trust)")
-    parser.add_argument("--version", action="version", version=f"glmrepl {__version__}")
-    return parser
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -74,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import tools
 
         return tools.main(argv)
+    if argv and argv[0] == "serve":
+        from .server.cli import main as serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import load_config
@@ -93,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_interactive(app, args, config)
 
 
-def build_app(args, config):
-    from pathlib import Path
-
-    from .app import App
-    from .engine.chat import ChatSession
+def generation_settings(args, config):
+    """Settings from the config file and the command line; ValueError names the valid range."""
     from .engine.settings import Settings
 
     settings = Settings({"max_new_tokens": config.get("generation", "max_new_tokens", 512),
@@ -105,7 +112,17 @@ def build_app(args, config):
     for key in SETTING_FLAGS:
         value = getattr(args, key)
         if value is not None:
-            settings.set(key, value)  # ValueError names the valid range
+            settings.set(key, value)
+    return settings
+
+
+def build_app(args, config):
+    from pathlib import Path
+
+    from .app import App
+    from .engine.chat import ChatSession
+
+    settings = generation_settings(args, config)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
     return App(build_backend(args), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)

@@ -167,8 +167,8 @@ def _http_date(seconds_from_now: int) -> str:
      r"^the server has no model 'stub-model' \(404: The model `stub-model` does not exist\.\): /model lists its models$"),
     (Canned(429, {"error": {"message": "Rate limit reached"}}, {"Retry-After": "7"}), None,
      r"is busy \(429: Rate limit reached\): retry in 7 s$"),
-    (Canned(503, {"detail": "queue full"}, {"Retry-After": _http_date(600)}), None,
-     r"is busy \(503: queue full\): retry in (9|10) min$"),  # an HTTP date, minutes ahead
+    (Canned(503, {"detail": "queue full"}, {"Retry-After": _http_date(3600)}), None,
+     r"is busy \(503: queue full\): retry in (5\d|60) min$"),  # an HTTP date an hour ahead (made at collection)
     (Canned(503, ""), None, r"is busy \(503\): retry shortly$"),
     (Canned(404, "<!doctype html><title>Not Found</title>"), None,
      r"is not an OpenAI-compatible API: it answered 404 with an HTML page"),

@@ -145,3 +145,12 @@ def test_a_cancelled_reply_is_recorded_as_cut(qwen_app):
     assert reply.finish_reason == "cancelled" and reply.stats.new_tokens < 50
     record_reply(session, reply)
     assert session.messages[-1].cut and session.messages[-1].content == reply.text
+
+
+def test_an_empty_prompt_is_refused_before_generating(gpt2_checkpoint):
+    from glmrepl.engine.errors import EmptyPrompt
+
+    app = loaded_app(gpt2_checkpoint)
+    with pytest.raises(EmptyPrompt, match="the prompt is empty"):
+        app.backend.plan_reply(conversation(""), app.settings)
+    assert app.backend.queue.admitted == 0 and app.manager.lease.readers == 0

@@ -39,6 +39,10 @@ class NoModelLoaded(GlmreplError):
     """A reply was asked for while no model is loaded."""
 
 
+class EmptyPrompt(GlmreplError):
+    """The conversation formats to no tokens at all: there is nothing to answer or continue."""
+
+
 class ContextLengthExceeded(GlmreplError):
     """The prompt (and the reply asked for) does not fit the model's context."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .chat import ChatSession, FittedPrompt
-from .errors import ContextLengthExceeded, GlmreplError, NoModelLoaded, QueueFull
+from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull
 from .settings import Settings
 
 ROLES = ("system", "user", "assistant")
@@ -58,6 +58,7 @@ class GenerationQueue:
 
     def __init__(self, max_waiting: int | None = None):
         self.max_waiting = max_waiting
+        self.tokens_generated = 0  # by the replies that ended, for /health and the tests
         self._admitted = 0
         self._lock = threading.Lock()
 
@@ -72,9 +73,10 @@ class GenerationQueue:
                 raise QueueFull(f"{self._admitted - 1} requests are already waiting for the model; retry shortly")
             self._admitted += 1
 
-    def leave(self) -> None:
+    def leave(self, tokens: int = 0) -> None:
         with self._lock:
             self._admitted -= 1
+            self.tokens_generated += tokens
 
 
 class StopStrings:
@@ -157,7 +159,7 @@ class Reply:
             if self._deltas is not None:
                 self._deltas.close()  # waits for the worker to stop: the model is free after this
         finally:
-            self._release()
+            self._release(self.stats.new_tokens)
 
     def __enter__(self) -> "Reply":
         return self
@@ -214,11 +216,11 @@ def plan_reply(manager: Any, queue: GenerationQueue, conversation: ChatSession, 
         raise
     released = threading.Event()
 
-    def release() -> None:
+    def release(tokens: int = 0) -> None:
         if not released.is_set():
             released.set()
             manager.lease.release_shared()
-            queue.leave()
+            queue.leave(tokens)
 
     try:
         return _plan(manager.current, conversation, settings, drop_oldest, shorten_reply, stop, completion, release)
@@ -237,6 +239,8 @@ def _plan(loaded, conversation, settings, drop_oldest, shorten_reply, stop, comp
     requested = kwargs["max_new_tokens"]
     fitted = fit_prompt(conversation, prompt_format, loaded.info.context_length, requested,
                         drop_oldest=drop_oldest, shorten_reply=shorten_reply)
+    if not fitted.ids:
+        raise EmptyPrompt("the prompt is empty: there is nothing to continue")
     kwargs["max_new_tokens"] = fitted.max_new_tokens
     run = GenerationRun(loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids,
                         seed=settings.get("seed"))

@@ -1,0 +1,44 @@
+"""The FastAPI application: routes, error handlers, middleware, over one backend."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+from fastapi import FastAPI, Request
+
+from .. import __version__
+from . import chatglm_api, openai_api
+from .errors import install_error_handlers
+from .middleware import AccessLog, LimitBody, RequireApiKey
+from .state import ServerState, state_of
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+def create_app(state: ServerState, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               log_stream: TextIO | None = None) -> FastAPI:
+    app = FastAPI(title="glmrepl", version=__version__, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible chat and completions, and ChatGLM's api.py, on one local model.")
+    app.state.glmrepl = state
+    app.include_router(openai_api.router)
+    app.include_router(chatglm_api.router)
+    app.add_api_route("/health", health, methods=["GET"])
+    install_error_handlers(app)
+    # Added last is outermost: the log sees every answer, including 401 and 413.
+    app.add_middleware(LimitBody, limit=max_body_bytes)
+    app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(AccessLog, stream=log_stream)
+    return app
+
+
+async def health(request: Request) -> dict[str, Any]:
+    """``ready`` with the model and its device, or ``loading``; open without a key."""
+    backend = state_of(request).backend
+    status = backend.status()
+    ready = status is not None and not backend.loading()
+    queue = backend.queue
+    return {"status": "ready" if ready else "loading",
+            "model": status.name if status else None,
+            "device": status.placement.describe() if status else None,
+            "replies": {"running": min(queue.admitted, 1), "waiting": max(queue.admitted - 1, 0),
+                        "max_waiting": queue.max_waiting, "tokens_generated": queue.tokens_generated}}

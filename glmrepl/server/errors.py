@@ -1,0 +1,121 @@
+"""Every error the server answers, as JSON in the OpenAI error shape.
+
+``{"error": {"message", "type", "param", "code"}}`` with the HTTP status that
+fits: 400 bad input, 401 key, 404 route or model, 413 body too large, 503 the
+queue is full, 500 what failed, in one line. No traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull, first_line
+
+log = logging.getLogger("glmrepl.server")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded",
+               500: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def api_error_from_engine(error: GlmreplError) -> APIError:
+    """Engine errors, worded by the engine, with the status each one means over HTTP."""
+    if isinstance(error, ContextLengthExceeded):
+        return APIError(400, str(error), param="messages", code="context_length_exceeded")
+    if isinstance(error, EmptyPrompt):
+        return APIError(400, str(error), param="prompt", code="empty_prompt")
+    if isinstance(error, QueueFull):
+        return APIError(503, str(error), code="queue_full", headers={"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, NoModelLoaded):
+        return APIError(503, "the model is not loaded yet; retry shortly", code="model_loading",
+                        headers={"Retry-After": "5"})
+    return APIError(500, first_line(error), code="generation_failed")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error_response(error.status, error.message, error.param, error.code, error.headers)
+
+    @app.exception_handler(GlmreplError)
+    async def engine_error(request: Request, error: GlmreplError):
+        translated = api_error_from_engine(error)
+        return error_response(translated.status, translated.message, translated.param, translated.code,
+                              translated.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        message, param = describe_validation_error(error.errors())
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+        if error.status_code == 405:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}",
+                                  code="method_not_allowed")
+        return error_response(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, first_line(error))
+        return error_response(500, f"internal error: {type(error).__name__}: {first_line(error)}")
+
+
+def describe_validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """One line for the first problem pydantic found, naming the parameter."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    kind = first.get("type", "")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if kind == "json_invalid":
+        return "We could not parse the JSON body of your request: it is not valid JSON", None
+    if not location:
+        return f"the request body must be a JSON object ({first.get('msg', 'invalid')})", None
+    param = _dotted(location)
+    if kind == "missing":
+        return f"missing required parameter '{param}'", param
+    return f"invalid value for '{param}': {first.get('msg', 'invalid')}", param
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+_TYPE_TAG_PREFIXES = ("list[", "dict[", "function-", "union[", "literal[")
+
+
+def _dotted(location: list[str]) -> str:
+    out = ""
+    for part in location:
+        if part.isdigit():
+            out += f"[{part}]"
+        elif not out:
+            out = part
+        elif part in _TYPE_TAGS or part.startswith(_TYPE_TAG_PREFIXES):
+            continue  # pydantic names the union member it tried; the client did not write it
+        else:
+            out += f".{part}"
+    return out

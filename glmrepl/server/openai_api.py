@@ -1,0 +1,112 @@
+"""The OpenAI routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+The API's conversation policy is OpenAI's: nothing is dropped to make room,
+a prompt that does not fit is a 400 ``context_length_exceeded``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..engine.chat import ChatSession
+from ..engine.errors import GlmreplError, first_line
+from ..engine.service import Reply, conversation_from_messages
+from .errors import APIError, error_body
+from .protocol import (ChatCompletionRequest, CompletionRequest, ResponseShape, SamplingRequest, message_dicts,
+                       refuse_unsupported, stop_strings)
+from .state import ServerState, state_of
+from .streaming import stream_deltas
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    state = state_of(request)
+    status = state.backend.status()
+    data = [_model_card(state, status.name)] if status is not None else []
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> dict:
+    state = state_of(request)
+    return _model_card(state, state.require_model(model).name)
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "glmrepl"}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    refuse_unsupported(body)
+    messages = message_dicts(body.messages)
+    try:
+        conversation = conversation_from_messages(messages)
+    except GlmreplError as error:
+        raise APIError(400, str(error), param="messages") from None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _respond(request, body, conversation, max_tokens, ResponseShape("chat", body.model), completion=False)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    refuse_unsupported(body)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise APIError(400, "'prompt' must be one string (glmrepl completes one prompt per request)", param="prompt")
+    if not prompts[0]:
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    conversation = ChatSession()
+    conversation.add_user(prompts[0])
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
+    return await _respond(request, body, conversation, max_tokens, ResponseShape("text", body.model), completion=True)
+
+
+async def _respond(request: Request, body: SamplingRequest, conversation: ChatSession, max_tokens: int | None,
+                   shape: ResponseShape, completion: bool):
+    state = state_of(request)
+    status = state.require_model(body.model)
+    stops = stop_strings(body.stop)
+    settings = state.settings_for(status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  seed=body.seed)
+    reply = await state.plan(conversation, settings, drop_oldest=False, shorten_reply=max_tokens is None,
+                             stop=stops, completion=completion)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # Generation starts now: the pump owns the reply even if the response is never sent.
+        deltas = stream_deltas(reply, state.executor)
+        return StreamingResponse(_events(request, reply, deltas, shape, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text = await state.collect(reply, request)
+    return shape.complete(text, reply.finish_reason, reply.prompt_tokens, reply.stats.new_tokens)
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(request: Request, reply: Reply, deltas: AsyncIterator[str], shape: ResponseShape,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked, [DONE]."""
+    try:
+        if shape.kind == "chat":
+            yield _event(shape.chunk(first=True, with_usage=include_usage))
+        try:
+            async for delta in deltas:
+                yield _event(shape.chunk(delta, with_usage=include_usage))
+        except GlmreplError as error:  # the status line is gone: say it in the stream, as OpenAI does
+            yield _event(error_body(500, first_line(error), code="generation_failed"))
+            return
+        yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
+        if include_usage:
+            yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        reply.cancel()  # the client went away (or it already ended): stop within one token
+        request.state.tokens = reply.stats.new_tokens

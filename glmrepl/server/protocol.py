@@ -1,0 +1,208 @@
+"""Request and response shapes of the OpenAI API (the subset glmrepl serves) and ChatGLM's api.py.
+
+Requests are pydantic models, so the app's OpenAPI document describes them.
+A parameter glmrepl does not implement gets a 400 naming it, never silence:
+unknown names land in ``model_extra`` and are refused by ``refuse_unsupported``,
+and the OpenAI parameters we accept only at their neutral value are checked
+there too. Responses are plain dicts shaped exactly as OpenAI's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import APIError
+
+MAX_STOP_STRINGS = 4
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What chat and completions share."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    user: str | None = None
+    # OpenAI parameters glmrepl accepts only at their neutral value (see NEUTRAL)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: Any = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+    echo: bool | None = None
+
+
+class ChatGLMRequest(BaseModel):
+    """ChatGLM's api.py: ``{"prompt", "history", "max_length", "top_p", "temperature"}``."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    history: list[list[str] | dict[str, str]] | None = None
+    max_length: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+# The value each of these may have; anything else is a feature glmrepl does not have.
+NEUTRAL: dict[str, tuple] = {
+    "n": (None, 1),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logprobs": (None, False, 0),
+    "echo": (None, False),
+}
+
+
+def refuse_unsupported(request: BaseModel) -> None:
+    for name, allowed in NEUTRAL.items():
+        value = getattr(request, name, None)
+        if value not in allowed:
+            reason = " (glmrepl generates one choice per request)" if name == "n" else ""
+            raise APIError(400, f"'{name}' = {value!r} is not supported{reason}", param=name,
+                           code="unsupported_parameter")
+    for name, value in (request.model_extra or {}).items():
+        if value is not None:
+            raise APIError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
+    stream_options = getattr(request, "stream_options", None)
+    for name in (stream_options.model_extra or {}) if stream_options else ():
+        raise APIError(400, f"unsupported parameter 'stream_options.{name}'", param=f"stream_options.{name}",
+                       code="unsupported_parameter")
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
+    if any(not s for s in stops):
+        raise APIError(400, "'stop' strings must not be empty", param="stop")
+    return stops
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """API messages as the engine's {"role", "content"} dicts; refuses what it cannot carry."""
+    if not messages:
+        raise APIError(400, "'messages' must contain at least one message", param="messages")
+    out = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        for name, value in (message.model_extra or {}).items():
+            if value is not None:
+                raise APIError(400, f"unsupported parameter '{where}.{name}'", param=f"{where}.{name}",
+                               code="unsupported_parameter")
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"'{where}.role' must be system, user or assistant, not {message.role!r}",
+                           param=f"{where}.role")
+        out.append({"role": role, "content": _text_content(message.content, where)})
+    return out
+
+
+def _text_content(content: str | list[TextPart] | None, where: str) -> str:
+    if content is None:
+        raise APIError(400, f"'{where}.content' is missing", param=f"{where}.content")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"'{where}.content' part of type {part.type!r} is not supported (text only)",
+                           param=f"{where}.content", code="unsupported_parameter")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+# -- responses ------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class ResponseShape:
+    """Builds the bodies and stream chunks of one chat or completions response."""
+
+    def __init__(self, kind: Literal["chat", "text"], model: str):
+        self.kind = kind
+        self.model = model
+        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = int(time.time())
+
+    def _envelope(self, object_name: str, choices: list) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def complete(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+            body = self._envelope("chat.completion", [choice])
+        else:
+            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
+                                                       "finish_reason": finish_reason}])
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+        return body
+
+    def chunk(self, delta: str | None = None, *, first: bool = False, finish_reason: str | None = None,
+              with_usage: bool = False) -> dict:
+        """One streamed chunk: the role first (chat), then content deltas, then the finish reason."""
+        if self.kind == "chat":
+            content: dict[str, Any] = {}
+            if first:
+                content = {"role": "assistant", "content": ""}
+            elif delta is not None:
+                content = {"content": delta}
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            body = self._envelope("chat.completion.chunk", [choice])
+        else:
+            body = self._envelope("text_completion", [{"index": 0, "text": delta or "", "logprobs": None,
+                                                       "finish_reason": finish_reason}])
+        if with_usage:
+            body["usage"] = None  # every chunk carries it when asked; only the last one has figures
+        return body
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = self._envelope(object_name, [])
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+        return body

@@ -1,0 +1,95 @@
+"""What every route shares: the backend, the defaults from the command line, the thread pool.
+
+Planning a reply can wait (for a move that holds the model, for the queue),
+and a Reply is iterated in a thread: both happen in the server's own pool,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from fastapi import Request
+
+from ..engine.chat import ChatSession
+from ..engine.errors import GlmreplError, NoModelLoaded
+from ..engine.service import ModelStatus, Reply
+from ..engine.settings import SETTINGS, Settings
+from .errors import APIError, api_error_from_engine
+from .streaming import stream_deltas
+
+
+@dataclass
+class ServerState:
+    backend: Any  # engine.backend.LocalBackend
+    defaults: Settings = field(default_factory=Settings)  # --temperature, --max-new-tokens ... of `glmrepl serve`
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(64, "glmrepl-request"))
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def require_model(self, name: str | None = None) -> ModelStatus:
+        """The loaded model; 404 when a request names another one."""
+        status = self.backend.status()
+        if status is None:
+            raise api_error_from_engine(NoModelLoaded("no model is loaded"))
+        if name is not None and name != status.name:
+            raise APIError(404, f"The model '{name}' does not exist: this server serves '{status.name}'",
+                           param="model", code="model_not_found")
+        return status
+
+    def settings_for(self, status: ModelStatus, *, max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None) -> Settings:
+        """Generation settings: glmrepl's defaults < the model's < the command line's < the request's."""
+        settings = Settings()
+        settings.set_model_defaults(status.checkpoint_defaults, status.sampling_defaults)
+        settings.user.update(self.defaults.user)
+        if max_tokens is not None:  # beyond the table's range the context check answers, naming the context
+            settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high))
+        try:
+            if temperature is not None:
+                settings.set("temperature", temperature)
+                settings.set("do_sample", temperature > 0)
+            if top_p is not None:
+                settings.set("top_p", top_p)
+                if top_p == 0:
+                    settings.set("do_sample", False)  # the limit of nucleus sampling: the top token
+            if seed is not None:
+                settings.set("seed", seed)
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+        return settings
+
+    async def plan(self, conversation: ChatSession, settings: Settings, **policy) -> Reply:
+        """Plan in the pool (it may wait for a move); a reply nobody will read is closed."""
+        future = self.executor.submit(partial(self.backend.plan_reply, conversation, settings, **policy))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_close_if_planned)
+            raise
+        except GlmreplError as error:
+            raise api_error_from_engine(error) from None
+
+    async def collect(self, reply: Reply, request: Request) -> str:
+        """The whole reply (non-streaming responses)."""
+        try:
+            async for _ in stream_deltas(reply, self.executor):
+                pass
+        except GlmreplError as error:
+            raise api_error_from_engine(error) from None
+        finally:
+            request.state.tokens = reply.stats.new_tokens
+        return reply.text
+
+
+def _close_if_planned(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.glmrepl

@@ -1,0 +1,84 @@
+"""Many clients on one model: each gets its own reply, and a move waits for them; the app's own
+OpenAPI document fuzzed by schemathesis never makes the server fail."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serving import InProcessServer, ServerProcess
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+CLIENTS = 8
+
+
+def test_eight_clients_get_their_own_replies_and_a_move_waits_for_them(qwen_checkpoint):
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(qwen_checkpoint, "tiny-qwen"))
+    with InProcessServer(create_app(ServerState(backend))) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(i: int) -> str:
+            messages = [{"role": "user", "content": f"Question number {i}: what is {i * 7} plus {i}?"}]
+            stream = client.chat.completions.create(model="tiny-qwen", messages=messages, max_tokens=24,
+                                                    temperature=0, stream=True)
+            return "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+
+        alone = [ask(i) for i in range(CLIENTS)]  # one at a time: what each conversation gets on its own
+        assert len(set(alone)) > 1
+
+        together: dict[int, str] = {}
+        clients = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(CLIENTS)]
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while backend.queue.admitted < CLIENTS:  # every request is in before the move is asked for
+            assert time.monotonic() < deadline, f"only {backend.queue.admitted} requests arrived"
+            time.sleep(0.005)
+        said, after_move = [], {}
+
+        def move() -> None:
+            backend.move("cpu", "bfloat16", on_wait=said.append)
+            after_move["admitted"] = backend.queue.admitted
+
+        mover = threading.Thread(target=move)
+        mover.start()
+        for thread in clients:
+            thread.join(120)
+        mover.join(120)
+        assert together == dict(enumerate(alone))  # nobody got another's text, none was disturbed by the move
+        assert said and said[0] >= 1 and after_move == {"admitted": 0}  # it waited, and ran once they were done
+        assert backend.status().placement.describe() == "cpu bfloat16"
+        assert ask(0)  # and the server goes on, on the moved model
+
+
+SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
+
+
+@pytest.mark.skipif(SCHEMATHESIS is None, reason="needs schemathesis (dev extra)")
+def test_schemathesis_finds_no_server_error(gpt2_checkpoint, tmp_path):
+    server = ServerProcess([str(gpt2_checkpoint), "--device", "cpu", "--api-key", "k", "--max-new-tokens", "8"],
+                           tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        command = [SCHEMATHESIS, "run", server.base_url + "/openapi.json",
+                   "--header", "Authorization: Bearer k", "--checks", "not_a_server_error", "--max-examples", "15",
+                   "--phases", "examples,fuzzing", "--seed", "1", "--no-shrink", "--workers", "1"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
