@@ -221,20 +221,28 @@ def test_an_unreachable_server_is_one_line_and_a_later_message_connects(stub):
 
 
 def test_choosing_models_by_id_or_folder_name_and_a_wrong_name_keeps_the_current(stub):
-    stub.models = ["/srv/models/tiny-qwen", "org/other"]
+    stub.models = ["/srv/models/tiny-qwen", "org/other", "qwen2.5:latest", "llama3:8b", "llama3:70b"]
     backend = connected(stub)
     assert backend.model == "/srv/models/tiny-qwen" and backend.status().name == "tiny-qwen"
-    assert backend.status().placement.reason == "2 models on the server: /model lists them"
+    assert backend.status().placement.reason == "5 models on the server: /model lists them"
     job = backend.select_model("org/other")
     job.wait(30)
     assert job.error is None and backend.model == "org/other"
     job = backend.select_model("tiny-qwen")
     job.wait(30)
     assert job.error is None and backend.model == "/srv/models/tiny-qwen"
+    job = backend.select_model("qwen2.5")
+    job.wait(30)
+    assert job.error is None and backend.model == "qwen2.5:latest"
+    job = backend.select_model("llama3")  # two tags: ambiguous
+    job.wait(30)
+    assert str(job.error).startswith("no model 'llama3'") and backend.model == "qwen2.5:latest"
+    job = backend.select_model("tiny-qwen")
+    job.wait(30)
     serial = backend.status().serial
     job = backend.select_model("nope")
     job.wait(30)
-    assert str(job.error).startswith("no model 'nope' on the server at ") and "(it serves: /srv/models/tiny-qwen, org/other)" in str(job.error)
+    assert str(job.error).startswith("no model 'nope' on the server at ") and "(it serves: /srv/models/tiny-qwen, org/other, qwen2.5:latest," in str(job.error)
     assert backend.model == "/srv/models/tiny-qwen" and backend.status().serial == serial
 
 

@@ -332,15 +332,25 @@ def _describe_body(content_type: str, text: str) -> str:
 
 
 def find_model(models: list[ServerModel], name: str, base_url: str) -> ServerModel:
-    """The served model called ``name``: its id, or the last part of its id when that is unique."""
+    """The served model called ``name``: its id, else its folder name or its name without a tag, when unique."""
     for model in models:
         if model.name == name:
             return model
-    tails = [m for m in models if m.name.rstrip("/").rsplit("/", 1)[-1].lower() == name.lower()]
-    if len(tails) == 1:
-        return tails[0]
+    wanted = name.lower()
+    for short in (_folder_name, _untagged):  # /srv/models/qwen as qwen; Ollama's qwen2.5:latest as qwen2.5
+        matches = [m for m in models if short(m.name).lower() == wanted]
+        if len(matches) == 1:
+            return matches[0]
     listed = ", ".join(m.name for m in models[:8]) + (", ..." if len(models) > 8 else "")
     raise RemoteError(f"no model {name!r} on the server at {base_url} (it serves: {listed})")
+
+
+def _folder_name(model_id: str) -> str:
+    return model_id.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _untagged(model_id: str) -> str:
+    return model_id.rsplit(":", 1)[0]
 
 
 def check_stream(stream, base_url: str) -> None:
