@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,8 +30,8 @@ TRANSFORMERS_CLI = Path(sys.executable).with_name("transformers")
 class ServerOnPort:
     """A server process on a fixed loopback port, which a test can kill and start again."""
 
-    def __init__(self, kind: str, model: Path, log_path: Path):
-        self.kind, self.model, self.log_path = kind, model, log_path
+    def __init__(self, kind: str, model: Path, log_path: Path, extra_args: tuple | list = ()):
+        self.kind, self.model, self.log_path, self.extra_args = kind, model, log_path, list(extra_args)
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -42,7 +43,8 @@ class ServerOnPort:
         if self.kind == "transformers":
             return [str(TRANSFORMERS_CLI), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
                     "--device", "cpu"]
-        return [sys.executable, "-m", "glmrepl", "serve", str(self.model), "--port", str(self.port), "--device", "cpu"]
+        return [sys.executable, "-m", "glmrepl", "serve", str(self.model), "--port", str(self.port), "--device", "cpu",
+                *self.extra_args]
 
     def start(self) -> ServerOnPort:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -57,6 +59,10 @@ class ServerOnPort:
                 with urllib.request.urlopen(f"{self.url}/models", timeout=5) as answer:
                     if json.loads(answer.read())["data"]:
                         return self
+            except urllib.error.HTTPError as error:
+                if error.code == 401:  # up, and wants a key
+                    return self
+                time.sleep(0.3)
             except OSError:
                 time.sleep(0.3)
         raise AssertionError(f"{self.kind} server not ready:\n{self.log_path.read_text()}")
@@ -142,3 +148,20 @@ def test_a_server_killed_mid_reply_then_started_again(server, tmp_path):
     term.type("\x04")
     term.child.expect(pexpect.EOF, timeout=30)
 
+
+
+
+def test_a_key_from_the_flag_or_the_environment_and_a_wrong_one(long_context_qwen, tmp_path):  # noqa: F811
+    server = ServerOnPort("glmrepl", long_context_qwen, tmp_path / "serve.log", ["--api-key", "right-key"]).start()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "GLMREPL_API_KEY": "right-key"}
+        base = [sys.executable, "-m", "glmrepl", "--connect", server.url, "--max-new-tokens", "2"]
+        wrong = subprocess.run([*base, "--api-key", "wrong-key", "-p", "hi"], capture_output=True, text=True,
+                               env=env, timeout=120)
+        assert wrong.returncode == 1
+        assert wrong.stderr == (f"error: the server at {server.url} refused the API key (401: Incorrect API key "
+                                "provided): check --api-key or $GLMREPL_API_KEY\n")
+        right = subprocess.run([*base, "-p", "hi"], capture_output=True, text=True, env=env, timeout=120)
+        assert right.returncode == 0 and "error" not in right.stderr
+    finally:
+        server.kill()
