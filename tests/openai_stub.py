@@ -48,6 +48,7 @@ class StubServer:
     usage: bool = True  # send usage when the request asks for it
     finish_reason: str = "stop"
     reject_stream_options: bool = False  # answer 400 to requests carrying stream_options
+    top_logprobs: list[tuple[str, float]] = field(default_factory=list)  # for non-streamed answers asking logprobs
     canned: dict[str, list[Canned]] = field(default_factory=dict)  # path -> answers, used first
     log: list[Logged] = field(default_factory=list)
 
@@ -104,6 +105,8 @@ def _handler_for(stub: StubServer):
                 if stub.reject_stream_options and "stream_options" in body:
                     return self._send(Canned(400, {"error": {"message": "Unrecognized request argument: stream_options",
                                                              "type": "invalid_request_error"}}))
+                if not body.get("stream"):
+                    return self._send(Canned(200, self._completion(body)))
                 return self._stream(body)
             return self._send(Canned(404, {"detail": "Not Found"}))
 
@@ -117,6 +120,17 @@ def _handler_for(stub: StubServer):
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+
+        def _completion(self, body) -> dict:
+            """A whole (non-streamed) answer: the first delta, with top_logprobs when scripted."""
+            logprobs = None
+            if body.get("logprobs") and stub.top_logprobs:
+                top = [{"token": token, "logprob": logprob, "bytes": None} for token, logprob in stub.top_logprobs]
+                logprobs = {"content": [{**top[0], "top_logprobs": top[: body.get("top_logprobs") or 0]}]}
+            choice = {"index": 0, "message": {"role": "assistant", "content": stub.deltas[0]},
+                      "finish_reason": "length", "logprobs": logprobs}
+            return {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [choice]}
 
         def _stream(self, body):
             self.send_response(200)

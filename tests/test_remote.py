@@ -15,6 +15,7 @@ from openai_stub import Canned, StubServer
 
 from glmrepl.app import App
 from glmrepl.engine.chat import ChatSession
+from glmrepl.engine.errors import GlmreplError
 from glmrepl.engine.remote import RemoteBackend, normalize_url
 from glmrepl.engine.remote_errors import RemoteError
 from glmrepl.engine.service import record_reply
@@ -254,9 +255,25 @@ def test_the_repl_on_a_server(stub):
     out = drive_repl(app, "hello\n/set top_k 5\n/device\n/quantize 4\n/next\n/model\n/stats\n/retry\n/history\n")
     assert "Hello there!" in out
     assert "top_k = 5 (not sent to a remote server: the OpenAI chat API has no field for it)" in out
-    for command in ("/device", "/quantize", "/next"):
+    for command in ("/device", "/quantize"):
         assert f"{command} is not available on a remote server" in out
+    assert f"/next is not available: the server at {stub.url} returns no top_logprobs" in out
     assert f"Models on {stub.url} (/model NAME picks one)" in out and "*stub-model" in out
     assert "3 tokens · first token" in out and "prompt 7 tokens · stopped: end · counts from the server" in out
     assert out.count("user: hello") == 1 and out.count("assistant: Hello there!") == 1  # /retry replaced the reply
-    assert len(stub.chat_requests()) == 2
+    assert [bool(entry.body.get("stream")) for entry in stub.chat_requests()] == [True, False, True]  # /next asked once
+
+
+def test_next_tokens_from_a_server_that_returns_top_logprobs(stub):
+    import math
+
+    stub.top_logprobs = [("Hello", math.log(0.5)), ("Hi", math.log(0.25)), ("Hey", math.log(0.125))]
+    backend = connected(stub)
+    assert backend.next_tokens(conversation(), 2) == [("Hello", "-", pytest.approx(0.5)), ("Hi", "-", pytest.approx(0.25))]
+    sent = stub.chat_requests()[-1].body
+    assert (sent["max_tokens"], sent["logprobs"], sent["top_logprobs"], sent.get("stream")) == (1, True, 2, None)
+    stub.queue(CHAT, Canned(400, {"error": {"message": "logprobs is not supported"}}))
+    with pytest.raises(RemoteError, match=r"^/next is not available: the server at .* returns no top_logprobs \(.*logprobs is not supported"):
+        backend.next_tokens(conversation(), 2)
+    with pytest.raises(GlmreplError, match="the conversation is empty"):
+        backend.next_tokens(ChatSession(), 2)

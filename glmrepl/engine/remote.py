@@ -14,6 +14,7 @@ environment proxies, netrc and OpenAI environment settings are ignored.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -281,6 +282,29 @@ class RemoteBackend:
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         count = sum(1 for m in messages if m["role"] != "system") + 1
         self._usage_mark = (count, reply_text, system, total_tokens)
+
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, str, float]]:
+        """/next from a server that returns top_logprobs (vLLM, llama-server...): (text, "-", probability)."""
+        if not conversation.messages:
+            raise GlmreplError("the conversation is empty: there is nothing to continue")
+        if self.model is None:
+            self._select(None, lambda: True)
+        unavailable = f"/next is not available: the server at {self.base_url} returns no top_logprobs"
+        try:
+            answer = self._call("asking for the next tokens", lambda: self.client.chat.completions.create(
+                model=self.model, messages=conversation.as_dicts(), max_tokens=1, temperature=0, logprobs=True,
+                top_logprobs=k, extra_headers=self._headers()))
+        except RemoteError as error:
+            if error.status in (400, 422):
+                raise RemoteError(f"{unavailable} ({error})", error.status) from None
+            raise
+        try:
+            top = answer.choices[0].logprobs.content[0].top_logprobs
+        except (AttributeError, IndexError, TypeError):
+            top = None
+        if not top:
+            raise RemoteError(unavailable)
+        return [(entry.token, "-", math.exp(entry.logprob)) for entry in top]  # token ids are the server's
 
     # -- what a server cannot do ------------------------------------------------------------
     @staticmethod
