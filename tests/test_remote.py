@@ -273,7 +273,7 @@ def test_next_tokens_from_a_server_that_returns_top_logprobs(stub):
     sent = stub.chat_requests()[-1].body
     assert (sent["max_tokens"], sent["logprobs"], sent["top_logprobs"], sent.get("stream")) == (1, True, 2, None)
     stub.queue(CHAT, Canned(400, {"error": {"message": "logprobs is not supported"}}))
-    with pytest.raises(RemoteError, match=r"^/next is not available: the server at .* returns no top_logprobs \(.*logprobs is not supported"):
+    with pytest.raises(RemoteError, match=r"^/next is not available: the server at .* returns no top_logprobs \(400: logprobs is not supported\)$"):
         backend.next_tokens(conversation(), 2)
     with pytest.raises(GlmreplError, match="the conversation is empty"):
         backend.next_tokens(ChatSession(), 2)

@@ -296,7 +296,7 @@ class RemoteBackend:
                 top_logprobs=k, extra_headers=self._headers()))
         except RemoteError as error:
             if error.status in (400, 422):
-                raise RemoteError(f"{unavailable} ({error})", error.status) from None
+                raise RemoteError(f"{unavailable} ({error.status}: {error.detail})", error.status) from None
             raise
         try:
             top = answer.choices[0].logprobs.content[0].top_logprobs

@@ -27,6 +27,7 @@ class RemoteError(GlmreplError):
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.detail = ""  # the server's own words, when it answered with an error
 
 
 def explain(error: BaseException, backend: Any, action: str) -> RemoteError:
@@ -39,7 +40,9 @@ def explain(error: BaseException, backend: Any, action: str) -> RemoteError:
     if isinstance(error, openai.APIConnectionError):
         return RemoteError(f"cannot reach the server at {url} ({_root_cause(error)}): is it running? ({RETRY_HINT})")
     if isinstance(error, openai.APIStatusError):
-        return _status_error(error, backend)
+        explained = _status_error(error, backend)
+        explained.detail = _detail(error)
+        return explained
     return RemoteError(f"{action} failed: {type(error).__name__}: {first_line(error)}")
 
 
