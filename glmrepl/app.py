@@ -51,7 +51,9 @@ class App:
         self.options.adapter = None  # --adapter belongs to the first model only, not to /model switches
         return request
 
-    def start_load(self, target: str):
+    def start_load(self, target: str | None):
+        if hasattr(self.backend, "select_model"):  # a server: choose among its models (None: the first)
+            return self.backend.select_model(target)
         return self.backend.load(self.load_request(target))
 
     def loading_job(self):

@@ -108,6 +108,8 @@ def cmd_model(app: App, args: str):
 def _model_table(app: App):
     from .engine.catalog import LISTING_COLUMNS, listing_cells
 
+    if hasattr(app.backend, "select_model"):
+        return _server_model_table(app)
     current = app.status()
     entries = app.backend.list_models(app.models_dir, beside=current.path if current else None)
     if not entries:
@@ -121,6 +123,16 @@ def _model_table(app: App):
     return Table(list(LISTING_COLUMNS), rows, title="Local checkpoints (/model NAME loads one)")
 
 
+def _server_model_table(app: App):
+    models = app.backend.list_models()
+    current = app.status().path
+    if not models:
+        return Text(f"the server at {app.backend.base_url} lists no models")
+    rows = [[("*" if m.name == current else "") + m.name, m.owned_by or "-",
+             str(m.context_length) if m.context_length else "-"] for m in models]
+    return Table(["name", "owned by", "context"], rows, title=f"Models on {app.backend.base_url} (/model NAME picks one)")
+
+
 def no_models_message(app: App) -> str:
     from .engine.catalog import default_models_dir
 
@@ -131,6 +143,7 @@ def no_models_message(app: App) -> str:
 def cmd_device(app: App, args: str):
     from .engine.devices import DTYPES, MODES
 
+    _require_ability(app, "move", "/device")
     words = args.split()
     if not words:
         status = app.require_model()
@@ -198,7 +211,8 @@ def cmd_quantize(app: App, args: str):
 
 def _require_ability(app: App, ability: str, command: str) -> None:
     if not hasattr(app.backend, ability):
-        raise GlmreplError(f"{command} is not available here: the model runs in another process that does not offer it")
+        where = getattr(app.backend, "missing_ability_reason", "here: the model runs in another process that does not offer it")
+        raise GlmreplError(f"{command} is not available {where}")
 
 
 def _waiting_message(app: App, doing: str):
@@ -233,7 +247,8 @@ def cmd_set(app: App, args: str):
         parsed = app.settings.set(key, value.strip())
     except ValueError as error:
         return Error(str(error))
-    done = Text(f"{key} = {_show(parsed)}", "dim")
+    note = app.backend.setting_note(key) if hasattr(app.backend, "setting_note") else None
+    done = Text(f"{key} = {_show(parsed)}" + (f" ({note})" if note else ""), "dim")
     if key in UNUSUALLY_HIGH and parsed > UNUSUALLY_HIGH[key][0]:
         return [done, Text(f"{key} {_show(parsed)} is unusually high: {UNUSUALLY_HIGH[key][1]}", "warning")]
     return done
@@ -332,7 +347,10 @@ def cmd_stats(app: App, args: str):
     stats = app.last_stats
     if stats is None:
         return Text("no reply yet", "dim")
-    return Text(format_stats(stats) + f" · prompt {stats.prompt_tokens} tokens · stopped: {stats.stop_reason}")
+    prompt = f" · prompt {stats.prompt_tokens} tokens" if stats.prompt_tokens is not None else ""
+    counted = getattr(stats, "usage_from_server", None)
+    source = "" if counted is None else " · counts from the server" if counted else " · tokens counted as streamed chunks"
+    return Text(format_stats(stats) + f"{prompt} · stopped: {stats.stop_reason}{source}")
 
 
 def format_stats(stats) -> str:

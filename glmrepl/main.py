@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
+    parser.add_argument("--connect", metavar="URL", help="chat with a model on an OpenAI-compatible server "
+                        "(glmrepl serve, transformers serve, vLLM, Ollama, llama-server), e.g. "
+                        "http://127.0.0.1:8000/v1; MODEL then names one of its models (default: the first)")
+    parser.add_argument("--api-key", metavar="KEY", help="--connect: the server's API key (default: $GLMREPL_API_KEY)")
     parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
     parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         _warn_if_family_ignored(app, args.model, args.family)
     if args.prompt is not None and not args.prompt.strip():
         parser.error("-p needs a message: TEXT is empty")
-    if not args.model and (args.prompt is not None or not sys.stdin.isatty()):
+    if not args.model and not args.connect and (args.prompt is not None or not sys.stdin.isatty()):
         parser.error("give a MODEL (a checkpoint folder or name) for non-interactive use")
     try:
         if args.prompt is not None:
@@ -132,13 +136,32 @@ def generation_settings(args, config):
 
 def build_app(args, config):
     from .app import App
-    from .engine.backend import LocalBackend
     from .engine.chat import ChatSession
 
     settings = generation_settings(args, config)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
-    return App(LocalBackend(), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+    return App(build_backend(args), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+
+
+# Flags about loading a model here, which a server decides for itself.
+LOCAL_ONLY_FLAGS = ("device", "dtype", "gpus", "max_gpu_memory", "offload", "quantize", "family", "trust_remote_code")
+
+
+def build_backend(args):
+    """The model here (LocalBackend), or on a server with --connect (RemoteBackend)."""
+    if not args.connect:
+        if args.api_key:
+            raise ValueError("--api-key goes with --connect URL")
+        from .engine.backend import LocalBackend
+
+        return LocalBackend()
+    used = [f"--{flag.replace('_', '-')}" for flag in LOCAL_ONLY_FLAGS if getattr(args, flag)]
+    if used:
+        raise ValueError(f"{used[0]} cannot be used with --connect: the server loads and places the model")
+    from .engine.remote import RemoteBackend
+
+    return RemoteBackend(args.connect, args.api_key or os.environ.get("GLMREPL_API_KEY"))
 
 
 def load_options(args, config):
@@ -179,6 +202,8 @@ def load_or_report(app, target: str | None) -> bool:
     from .engine.errors import GlmreplError
     from .hints import explain, flag_words
 
+    if hasattr(app.backend, "select_model"):
+        return _choose_on_server(app, target)
     if target is None:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)
         return False
@@ -186,6 +211,15 @@ def load_or_report(app, target: str | None) -> bool:
         app.backend.load_and_wait(app.load_request(target))
     except GlmreplError as error:
         print(f"error: {explain(error, flag_words)}", file=sys.stderr)
+        return False
+    return True
+
+
+def _choose_on_server(app, target: str | None) -> bool:
+    job = app.start_load(target)
+    job.wait()
+    if job.error is not None:
+        print(f"error: {job.error}", file=sys.stderr)
         return False
     return True
 
@@ -219,7 +253,7 @@ def run_interactive(app, args, config) -> int:
             history_path = None
     repl = Repl(app, history_path=history_path)
     repl.renderer.text(f"glmrepl {__version__} · /help for commands · Ctrl-C stops a reply · Ctrl-D exits", "dim")
-    if args.model:
+    if args.model or args.connect:
         try:
             app.start_load(args.model)
         except GlmreplError as error:

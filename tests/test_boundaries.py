@@ -28,3 +28,8 @@ def test_engine_never_imports_prompt_toolkit():
     assert not imported_after(statement) & {"prompt_toolkit", "fastapi", "starlette", "uvicorn"}
     # even once the heavy libraries are in
     assert "prompt_toolkit" not in imported_after(statement + "; import transformers, torch")
+
+
+def test_the_remote_backend_needs_neither_torch_nor_a_terminal_library():
+    loaded = imported_after("import glmrepl.engine.remote")
+    assert not loaded & {*HEAVY, "prompt_toolkit", "openai"}  # the client library loads when first used

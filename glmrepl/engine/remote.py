@@ -1,0 +1,501 @@
+"""A backend on an OpenAI-compatible server: glmrepl serve, transformers serve, vLLM, Ollama, llama-server.
+
+The same protocol as ``LocalBackend`` (see backend.py), so the REPL, its
+commands and its rendering do not change: ``plan_reply`` sends the
+conversation and returns a reply that streams text deltas, can be cancelled
+(the HTTP stream is closed, so the server stops), and records like a local one.
+
+HTTP and server-sent events go through the ``openai`` client library: it
+speaks this API to any base URL, lists ``/v1/models``, and gives typed errors
+that carry the status and headers (Retry-After). It is imported in the
+background, never at module level. Only the URL the user gave is contacted:
+environment proxies, netrc and OpenAI environment settings are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .chat import ChatSession
+from .errors import GlmreplError, LoadCancelled
+from .generate import GenerationStats
+from .remote_errors import RemoteError, explain, lost_mid_reply
+from .service import ModelStatus
+from .settings import Settings
+
+# Settings the OpenAI chat API has a field for; the others stay in this process.
+SENT_SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "do_sample")
+LOCAL_ONLY_SETTINGS = ("stats",)
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 300.0  # between two chunks: a busy CPU server may take long for a first token
+
+
+def normalize_url(url: str) -> str:
+    """The API base URL: ``host:port`` and ``http://host:port`` mean ``http://host:port/v1``."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--connect needs an http(s) URL like http://127.0.0.1:8000/v1, not {url!r}")
+    try:
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"--connect: {url!r} has an invalid port") from None
+    path = parts.path.rstrip("/") or "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    """One entry of the server's /v1/models."""
+
+    name: str
+    owned_by: str | None = None
+    context_length: int | None = None
+
+    @property
+    def path(self) -> str:  # listings compare entries with the current model by path
+        return self.name
+
+
+@dataclass
+class ServerPlacement:
+    """Where the model runs, as front ends show a placement."""
+
+    server: str
+    reason: str | None = None
+    mode: str = "remote"
+    summary: str | None = None
+
+    def describe(self) -> str:
+        return f"at {self.server}"
+
+
+@dataclass
+class RemoteStats(GenerationStats):
+    """Timings measured here; token counts from the server's usage when it sends one."""
+
+    usage_from_server: bool = False
+    chunks: int = 0
+
+
+class ServerJob:
+    """Choosing a model on the server in the background, shown like a load (Ctrl-C cancels)."""
+
+    def __init__(self, status: str, work: Callable[[Callable[[], bool]], None]):
+        self.status = status
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, args=(work,), name="glmrepl-connect", daemon=True).start()
+
+    def _run(self, work) -> None:
+        try:
+            work(self._still_wanted)
+        except BaseException as error:  # handed to the front end, which reports it in one line
+            with self._lock:
+                if not self.done.is_set():
+                    self.error = error
+        finally:
+            self.done.set()
+
+    def _still_wanted(self) -> bool:
+        """Called by the work just before it applies its result; False once cancelled."""
+        with self._lock:
+            return not self.done.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if not self.done.is_set():
+                self.error = LoadCancelled(f"{self.status} was cancelled")
+                self.done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+class RemoteBackend:
+    """The model of an OpenAI-compatible server; nothing is loaded in this process."""
+
+    missing_ability_reason = "on a remote server (the model runs in the server's process)"
+
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None):
+        self.base_url = normalize_url(url)
+        parts = urlsplit(self.base_url)
+        self.server = parts.netloc + ("" if parts.path == "/v1" else parts.path)
+        self.api_key = api_key or None
+        self.model = model
+        self.context_length: int | None = None
+        self.serial = 0
+        self._reason: str | None = None
+        self._job: ServerJob | None = None
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._usage_supported: bool | None = None  # stream_options.include_usage accepted?
+        self._usage_mark: tuple | None = None
+
+    # -- the client ----------------------------------------------------------------
+    @property
+    def client(self):
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._build_client()
+            return self._client
+
+    def _build_client(self):
+        import openai
+
+        timeout = openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        # trust_env=False: no proxy from the environment, no netrc: the given URL is the only host contacted.
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "unused", max_retries=0,
+                             timeout=timeout, http_client=openai.DefaultHttpxClient(trust_env=False, timeout=timeout))
+
+    def _headers(self) -> dict:
+        """Per-request headers: no Authorization without a key, no OpenAI account ids from the environment."""
+        import openai
+
+        omitted = ["OpenAI-Organization", "OpenAI-Project"] + ([] if self.api_key else ["Authorization"])
+        return {name: openai.Omit() for name in omitted}
+
+    def _call(self, action: str, request: Callable[[], Any]):
+        """Run one request; library errors become one-line RemoteErrors."""
+        try:
+            return request()
+        except GlmreplError:
+            raise
+        except KeyboardInterrupt:
+            raise RemoteError(f"{action} was interrupted before the server answered") from None
+        except Exception as error:
+            raise explain(error, self, action) from None
+
+    # -- models ---------------------------------------------------------------------
+    def list_models(self, models_dir: Any = None) -> list[ServerModel]:
+        """The server's /v1/models (``models_dir`` is a local notion and is ignored)."""
+        raw = self._call("listing the server's models",
+                         lambda: self.client.models.with_raw_response.list(extra_headers=self._headers()))
+        return parse_models(raw.headers.get("content-type", ""), raw.text, self.base_url)
+
+    def select_model(self, name: str | None = None) -> ServerJob:
+        """Check ``name`` against the server's list (the first listed when None) and use it."""
+        job = ServerJob(f"connecting to {self.server}", lambda still_wanted: self._select(name, still_wanted))
+        self._job = job
+        return job
+
+    def load(self, request: Any) -> ServerJob:
+        """The protocol's load: on a server it only chooses among the served models."""
+        return self.select_model(request.name or str(request.path))
+
+    def _select(self, name: str | None, still_wanted: Callable[[], bool]) -> None:
+        try:
+            models = self.list_models()
+        except RemoteError as error:
+            if name is not None and error.status is None and still_wanted():
+                self._use(name, None, None)  # unreachable for now: a later message asks for this model
+            raise
+        if not models:
+            raise RemoteError(f"the server at {self.base_url} lists no models")
+        chosen = models[0] if name is None else find_model(models, name, self.base_url)
+        reason = f"{len(models)} models on the server: /model lists them" if len(models) > 1 else None
+        if still_wanted():
+            self._use(chosen.name, chosen.context_length, reason)
+
+    def _use(self, name: str | None, context_length: int | None, reason: str | None) -> None:
+        if name != self.model:
+            self.serial += 1
+        self.model, self.context_length, self._reason = name, context_length, reason
+
+    @property
+    def job(self) -> ServerJob | None:
+        return self._job
+
+    def loading(self) -> bool:
+        return self._job is not None and not self._job.done.is_set()
+
+    def status(self) -> ModelStatus:
+        """Always a status: a server is there to ask even before it answered (a message retries)."""
+        # transformers serve names models by their folder: show the folder's name, keep the id as the path.
+        name = (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model.startswith("/") else self.model) \
+            if self.model else "no model chosen yet"
+        return ModelStatus(self.serial, name, self.model or "", "remote", None, None,
+                           ServerPlacement(self.server, self._reason), "server's chat template", True,
+                           self.context_length)
+
+    # -- replies ----------------------------------------------------------------------
+    def plan_reply(self, conversation: ChatSession, settings: Settings, *, drop_oldest: bool = True,
+                   shorten_reply: bool = True, stop: list[str] | tuple[str, ...] = (),
+                   completion: bool = False) -> RemoteReply:
+        """Send the conversation; the returned reply streams the answer.
+
+        The server applies its own context policy (an error when it does not
+        fit), so ``drop_oldest``/``shorten_reply`` do not apply here.
+        """
+        if completion:
+            raise RemoteError("completion mode is not available on a remote server")
+        if self.model is None:
+            self._select(None, lambda: True)
+        messages = conversation.as_dicts()
+        params = request_params(settings)
+        if stop:
+            params["stop"] = list(stop)
+        sent_at = time.perf_counter()
+        stream = self._open_stream(messages, params)
+        return RemoteReply(self, stream, sent_at, params["max_tokens"], messages)
+
+    def _open_stream(self, messages: list[dict], params: dict):
+        def create(with_usage: bool):
+            extra = {"stream_options": {"include_usage": True}} if with_usage else {}
+            return self.client.chat.completions.create(model=self.model, messages=messages, stream=True,
+                                                       extra_headers=self._headers(), **extra, **params)
+
+        if self._usage_supported is False:
+            stream = self._call("sending the message", lambda: create(False))
+        else:
+            try:
+                stream = self._call("sending the message", lambda: create(True))
+                self._usage_supported = True
+            except RemoteError as error:
+                if self._usage_supported or error.status not in (400, 422) or "stream_options" not in str(error):
+                    raise
+                # Some servers reject stream_options (and name it): ask again without it, and remember.
+                stream = self._call("sending the message", lambda: create(False))
+                self._usage_supported = False
+        check_stream(stream, self.base_url)
+        return stream
+
+    def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
+        """Tokens the server counted for the conversation as it stands after the last reply, if it did
+        (the server fits the context itself, so the reply's room changes nothing here)."""
+        if self._usage_mark is None or not conversation.messages:
+            return None
+        count, last, system, tokens = self._usage_mark
+        if (len(conversation.messages), conversation.messages[-1].content, conversation.system) != (count, last, system):
+            return None
+        return tokens, self.context_length
+
+    def note_usage(self, messages: list[dict], reply_text: str, total_tokens: int) -> None:
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        count = sum(1 for m in messages if m["role"] != "system") + 1
+        self._usage_mark = (count, reply_text, system, total_tokens)
+
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, str, float]]:
+        """/next from a server that returns top_logprobs (vLLM, llama-server...): (text, "-", probability)."""
+        if not conversation.messages:
+            raise GlmreplError("the conversation is empty: there is nothing to continue")
+        if self.model is None:
+            self._select(None, lambda: True)
+        unavailable = f"/next is not available: the server at {self.base_url} returns no top_logprobs"
+        try:
+            answer = self._call("asking for the next tokens", lambda: self.client.chat.completions.create(
+                model=self.model, messages=conversation.as_dicts(), max_tokens=1, temperature=0, logprobs=True,
+                top_logprobs=k, extra_headers=self._headers()))
+        except RemoteError as error:
+            if error.status in (400, 422):
+                raise RemoteError(f"{unavailable} ({error.status}: {error.detail})", error.status) from None
+            raise
+        try:
+            top = answer.choices[0].logprobs.content[0].top_logprobs
+        except (AttributeError, IndexError, TypeError):
+            top = None
+        if not top:
+            raise RemoteError(unavailable)
+        return [(entry.token, "-", math.exp(entry.logprob)) for entry in top]  # token ids are the server's
+
+    # -- what a server cannot do ------------------------------------------------------------
+    @staticmethod
+    def setting_note(key: str) -> str | None:
+        """One line for /set when a setting does not reach the server."""
+        if key in SENT_SETTINGS or key in LOCAL_ONLY_SETTINGS:
+            return None
+        return "not sent to a remote server: the OpenAI chat API has no field for it"
+
+
+def request_params(settings: Settings) -> dict:
+    """OpenAI chat parameters from the settings; temperature 0 (or do_sample off) means greedy."""
+    values = settings.effective()
+    params: dict[str, Any] = {"max_tokens": values["max_new_tokens"]}
+    if not values["do_sample"] or values["temperature"] == 0:
+        params["temperature"] = 0
+    else:
+        params.update(temperature=values["temperature"], top_p=values["top_p"])
+    if values["seed"] is not None:
+        params["seed"] = values["seed"]
+    return params
+
+
+def parse_models(content_type: str, text: str, base_url: str) -> list[ServerModel]:
+    """Entries of a /v1/models answer; anything else means the URL is not such a server."""
+    import json
+
+    not_api = RemoteError(f"{base_url} is not an OpenAI-compatible API: GET /models answered "
+                          f"{_describe_body(content_type, text)} (most servers serve the API under /v1)")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise not_api from None
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise not_api
+    models = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            length = entry.get("max_model_len") or entry.get("context_length")
+            models.append(ServerModel(entry["id"], entry.get("owned_by"), length if isinstance(length, int) else None))
+    return models
+
+
+def _describe_body(content_type: str, text: str) -> str:
+    if "html" in content_type or text.lstrip()[:1] == "<":
+        return "with an HTML page"
+    return f"with {content_type or 'an unknown content type'}, not a model list"
+
+
+def find_model(models: list[ServerModel], name: str, base_url: str) -> ServerModel:
+    """The served model called ``name``: its id, else its folder name or its name without a tag, when unique."""
+    for model in models:
+        if model.name == name:
+            return model
+    wanted = name.lower()
+    for short in (_folder_name, _untagged):  # /srv/models/qwen as qwen; Ollama's qwen2.5:latest as qwen2.5
+        matches = [m for m in models if short(m.name).lower() == wanted]
+        if len(matches) == 1:
+            return matches[0]
+    listed = ", ".join(m.name for m in models[:8]) + (", ..." if len(models) > 8 else "")
+    raise RemoteError(f"no model {name!r} on the server at {base_url} (it serves: {listed})")
+
+
+def _folder_name(model_id: str) -> str:
+    return model_id.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _untagged(model_id: str) -> str:
+    return model_id.rsplit(":", 1)[0]
+
+
+def check_stream(stream, base_url: str) -> None:
+    """A chat stream must be server-sent events; an HTML page means the URL is something else."""
+    content_type = stream.response.headers.get("content-type", "")
+    if "text/event-stream" in content_type:
+        return
+    text = ""
+    if "html" in content_type:
+        stream.close()
+    else:
+        text = stream.response.read().decode("utf-8", "replace")[:200]
+        stream.close()
+    raise RemoteError(f"{base_url} did not stream the reply: POST /chat/completions answered "
+                      f"{_describe_body(content_type, text)}")
+
+
+class RemoteReply:
+    """One reply streaming from the server: iterate for text deltas, then read the results.
+
+    Iterate it in one thread. Ctrl-C in that thread, ``close`` or ``cancel``
+    (from any thread) close the HTTP stream at once; the partial reply stays,
+    with finish_reason "cancelled".
+    """
+
+    dropped_turns = 0  # the server keeps or refuses the whole conversation
+    stopped_by_string = False
+
+    def __init__(self, backend: RemoteBackend, stream, sent_at: float, max_tokens: int, messages: list[dict]):
+        self.backend = backend
+        self.max_new_tokens = self.requested_max_new_tokens = max_tokens
+        self.stats = RemoteStats(prompt_tokens=None)  # type: ignore[arg-type]  # unknown until the server says
+        self._stream = stream
+        self._sent_at = sent_at
+        self._messages = messages
+        self._parts: list[str] = []
+        self._server_finish: str | None = None
+        self._cancelled = threading.Event()
+        self._started = self._ended = self._closed = False
+        self._last_chunk_at: float | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started or self._closed:
+            raise GlmreplError("a reply can be streamed only once")
+        self._started = True
+        try:
+            for chunk in self._stream:
+                yield from self._take(chunk)
+                if self._cancelled.is_set():
+                    return
+            self._ended = True
+        except Exception as error:  # transport and protocol errors alike: the stream is gone
+            if self._cancelled.is_set():
+                return  # closed from another thread: a cancel, not a failure
+            raise lost_mid_reply(error, self.backend) from None
+        finally:
+            self.close()
+        if self._server_finish is None:
+            raise lost_mid_reply(None, self.backend)
+
+    def _take(self, chunk) -> Iterator[str]:
+        usage = getattr(chunk, "usage", None)
+        if usage is not None and getattr(usage, "completion_tokens", None) is not None:
+            self.stats.usage_from_server = True
+            self.stats.new_tokens = usage.completion_tokens
+            self.stats.prompt_tokens = usage.prompt_tokens
+        for choice in getattr(chunk, "choices", None) or []:
+            if getattr(choice, "index", 0) != 0:
+                continue
+            text = getattr(getattr(choice, "delta", None), "content", None)
+            if text:
+                now = time.perf_counter()
+                if self.stats.first_token_s is None:
+                    self.stats.first_token_s = now - self._sent_at
+                self._last_chunk_at = now
+                self.stats.chunks += 1
+                self._parts.append(text)
+                yield text
+            if getattr(choice, "finish_reason", None):
+                self._server_finish = choice.finish_reason
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._stream.close()  # the server sees the disconnect and stops generating
+
+    def close(self) -> None:
+        """Close the HTTP stream (if still open) and settle the figures."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ended:
+            self._cancelled.set()
+        self._stream.close()
+        end = self._last_chunk_at if self._ended and self._last_chunk_at else time.perf_counter()
+        self.stats.total_s = end - self._sent_at
+        if not self.stats.usage_from_server:
+            self.stats.new_tokens = self.stats.chunks  # the best count there is: most servers send a token a chunk
+        self.stats.stop_reason = self.finish_reason if self.finish_reason != "stop" else "end"
+        if self.stats.usage_from_server and self.stats.prompt_tokens is not None:
+            self.backend.note_usage(self._messages, self.text, self.stats.prompt_tokens + self.stats.new_tokens)
+
+    def __enter__(self) -> RemoteReply:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop", "length", or "cancelled" (Ctrl-C, or the stream ended early)."""
+        if self._server_finish is not None:
+            return "length" if self._server_finish == "length" else "stop"
+        return "cancelled" if self._cancelled.is_set() else "stop"
+
+    @property
+    def hit_context_end(self) -> bool:
+        """Stopped for length with fewer tokens than asked: the server's context was full."""
+        return (self.finish_reason == "length" and self.stats.usage_from_server
+                and self.stats.new_tokens < self.requested_max_new_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
