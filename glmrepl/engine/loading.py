@@ -121,8 +121,9 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     if info.family is not None:
         job.stage = "loading weights"
         with _weight_progress(job):
-            parts = load_family(info.path, info.family, dtype=torch_dtype(placement.dtype),
-                                device_map=_family_device_map(placement), quantize=request.quantize)
+            parts = load_family(info.path, info.family, weight_files=info.weight_files,
+                                dtype=torch_dtype(placement.dtype), device_map=_family_device_map(placement),
+                                quantize=request.quantize)
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
     else:
