@@ -16,6 +16,7 @@ import torch
 
 from ...errors import CheckpointError, ModelLoadError, first_line
 from ...pickled import count_pickled_tensors
+from ...placement import device_for
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -121,18 +122,6 @@ def _infer_device_map(model, strategy: str, dtype) -> dict:
         max_memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split,
                                          low_zero=strategy == "balanced_low_0")
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
-
-
-def device_for(name: str, device_map: dict[str, str]) -> str:
-    """The device of the most specific device_map entry that contains ``name``."""
-    best = None
-    for prefix in device_map:
-        if prefix == "" or name == prefix or name.startswith(prefix + "."):
-            if best is None or len(prefix) > len(best):
-                best = prefix
-    if best is None:
-        raise ModelLoadError(f"the device_map places no module containing {name}")
-    return device_map[best]
 
 
 def load_into(model: torch.nn.Module, files: list[Path], convert: Conversion, device_map: dict[str, str],
