@@ -74,7 +74,8 @@ def measure_variant(folder: str, bits: int, device: str, threads: int) -> dict:
     match = detect_family(path, json.loads((path / "config.json").read_text(encoding="utf-8")))
     dtype = torch.float32 if device == "cpu" else torch.float16
     started = time.perf_counter()
-    model = load_family(path, match, dtype=dtype, device_map=device, quantize=bits or None).model
+    model = load_family(path, match, weight_files=[path / "model.safetensors"], dtype=dtype, device_map=device,
+                        quantize=bits or None).model
     load_s = time.perf_counter() - started
     ids = torch.randint(3, 400, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(7)).to(device)
     kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)

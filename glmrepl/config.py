@@ -11,8 +11,10 @@ from typing import Any
 
 
 def xdg_dir(variable: str, fallback: str) -> Path:
+    """glmrepl's folder in an XDG base directory: ``$variable``, else ``~/fallback``."""
     value = os.environ.get(variable)
-    base = Path(value) if value else Path.home() / fallback
+    # The XDG spec says relative values are invalid and must be ignored.
+    base = Path(value) if value and os.path.isabs(value) else Path.home() / fallback
     return base / "glmrepl"
 
 

@@ -7,16 +7,17 @@ glmrepl itself working (streaming, commands, Ctrl-C) in seconds, offline.
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from .config import xdg_dir
+from .engine import stay_offline
 
 
 def main(argv: list[str] | None = None) -> int:
+    stay_offline()  # before the demo checkpoint is built with transformers
     folder = xdg_dir("XDG_CACHE_HOME", ".cache") / "demo-checkpoint"
     if not (folder / "config.json").exists():
         print(f"building a tiny random checkpoint in {folder} ...", flush=True)
@@ -38,5 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())

@@ -7,16 +7,11 @@ background after the prompt is on screen.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from . import __version__
-
-# Offline, always, before anything can import huggingface_hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from .engine import stay_offline
 
 EPILOG = """\
 other commands (each has --help):
@@ -89,6 +84,7 @@ def _gpu_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stay_offline()  # before anything can import huggingface_hub
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("download", "check", "list"):
         from . import tools

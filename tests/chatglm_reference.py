@@ -14,11 +14,13 @@ def load_reference(name, quantize=None, device_map="cpu", dtype=None):
     """LoadedParts of ``<name>-tiny`` (or of a folder) through glmrepl's native loader."""
     import torch
 
+    from glmrepl.engine.checkpoint import scan_checkpoint
     from glmrepl.engine.families import detect_family, load_family
 
     folder = name if isinstance(name, Path) else DATA / f"{name}-tiny"
     match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    return load_family(folder, match, dtype=dtype or torch.float32, device_map=device_map, quantize=quantize)
+    return load_family(folder, match, weight_files=scan_checkpoint(folder).weight_files,
+                       dtype=dtype or torch.float32, device_map=device_map, quantize=quantize)
 
 
 def expected(name: str) -> dict:

@@ -76,6 +76,24 @@ def test_models_dir_precedence(tmp_path, monkeypatch):
     assert default_models_dir() == tmp_path / "home" / ".local" / "share" / "glmrepl" / "models"
 
 
+def test_relative_xdg_directories_are_ignored(tmp_path, monkeypatch):
+    """The XDG spec: a relative path in an XDG variable is invalid and must be ignored."""
+    from glmrepl.config import config_dir, data_dir, history_file
+
+    monkeypatch.delenv("GLMREPL_MODELS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/data")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/config")
+    data = tmp_path / "home" / ".local" / "share" / "glmrepl"
+    assert default_models_dir() == data / "models"
+    assert (data_dir(), history_file()) == (data, data / "history")
+    assert config_dir() == tmp_path / "home" / ".config" / "glmrepl"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "absolute"))
+    assert data_dir() == tmp_path / "absolute" / "glmrepl"
+    assert default_models_dir() == tmp_path / "absolute" / "glmrepl" / "models"
+
+
 def test_hf_cache_location_follows_the_environment(tmp_path, monkeypatch):
     assert hf_cache_dir() == tmp_path / "hf-cache"
     monkeypatch.delenv("HF_HUB_CACHE")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from glmrepl.engine.checkpoint import scan_checkpoint
 from glmrepl.engine.families import detect_family, load_family
 from glmrepl.engine.families.chatglm.glm4_tokenizer import GLM4_SPECIAL_TOKENS, SPLIT_PATTERN, GLM4Tokenizer
 
@@ -104,7 +105,8 @@ def test_detected_and_loaded_as_glm4(glm4_folder, tokenizer):
     config = json.loads((glm4_folder / "config.json").read_text(encoding="utf-8"))
     match = detect_family(glm4_folder, config)
     assert match.family == "glm4" and "tiktoken" in match.reason
-    parts = load_family(glm4_folder, match, dtype=torch.float32, device_map="cpu")
+    parts = load_family(glm4_folder, match, weight_files=scan_checkpoint(glm4_folder).weight_files,
+                        dtype=torch.float32, device_map="cpu")
 
     reference = load_file(str(DATA / "chatglm3-tiny.logits.safetensors"))
     with torch.inference_mode():
@@ -128,5 +130,6 @@ def test_rope_ratio_scales_the_rotary_base(glm4_folder, tmp_path):
     folder = Path(shutil.copytree(glm4_folder, tmp_path / "glm4-long"))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     (folder / "config.json").write_text(json.dumps({**config, "rope_ratio": 500}), encoding="utf-8")
-    parts = load_family(folder, detect_family(folder, config), dtype=torch.float32, device_map="cpu")
+    parts = load_family(folder, detect_family(folder, config), weight_files=scan_checkpoint(folder).weight_files,
+                        dtype=torch.float32, device_map="cpu")
     assert parts.model.config.rope_parameters["rope_theta"] == 5_000_000

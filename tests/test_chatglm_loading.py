@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from glmrepl.engine.checkpoint import scan_checkpoint
 from glmrepl.engine.errors import CheckpointError, ModelLoadError
 from glmrepl.engine.families import FamilyMatch, detect_family, load_family
 from glmrepl.engine.families.chatglm import weights
@@ -21,7 +22,8 @@ def load(folder: Path, device_map="cpu", family: str | None = None):
     import torch
 
     match = FamilyMatch(family, "test") if family else detect_family(folder, read_config(folder))
-    return load_family(folder, match, dtype=torch.float32, device_map=device_map)
+    return load_family(folder, match, weight_files=scan_checkpoint(folder).weight_files, dtype=torch.float32,
+                       device_map=device_map)
 
 
 def read_config(folder: Path) -> dict:
@@ -94,19 +96,46 @@ def test_device_for_picks_the_most_specific_entry():
         weights.resolve_device_map(None, {"": "disk"}, dtype=None)
 
 
-def test_sharded_safetensors_checkpoint(copy_of):
+def shard_in_two(folder: Path) -> dict[str, list[str]]:
+    """Split model.safetensors into two shards and an index; return {shard: its tensor names}."""
     from safetensors.torch import load_file, save_file
 
-    folder = copy_of("chatglm3")
     tensors = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     names = sorted(tensors)
     halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for shard, shard_names in halves.items():
         save_file({name: tensors[name] for name in shard_names}, str(folder / shard))
-    weight_map = {name: shard for shard, shard_names in halves.items() for name in shard_names}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}), encoding="utf-8")
+    write_index(folder, halves)
+    return halves
+
+
+def write_index(folder: Path, shards: dict[str, list[str]], name: str = "model.safetensors.index.json") -> None:
+    weight_map = {tensor: shard for shard, tensors in shards.items() for tensor in tensors}
+    (folder / name).write_text(json.dumps({"weight_map": weight_map}), encoding="utf-8")
+
+
+def test_sharded_safetensors_checkpoint(copy_of):
+    folder = copy_of("chatglm3")
+    shard_in_two(folder)
     assert_reference_logits(load(folder), "chatglm3")
+
+
+def test_sharded_pickle_checkpoint(copy_of):
+    import torch
+
+    folder = copy_of("chatglm2")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    (folder / "pytorch_model.bin").unlink()
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, shard_names in halves.items():
+        torch.save({name: state[name] for name in shard_names}, folder / shard)
+    write_index(folder, halves, "pytorch_model.bin.index.json")
+    files = scan_checkpoint(folder).weight_files
+    assert files == [folder / shard for shard in halves]
+    assert weights.iter_checkpoint_tensors(files)[1] == len(state)  # the progress total, read from no tensor
+    assert_reference_logits(load(folder), "chatglm2")
 
 
 def test_missing_weight_is_named(copy_of):
@@ -188,14 +217,21 @@ def test_model_moves_to_another_dtype_and_still_generates():
     assert output.shape == (1, 7)
 
 
-def test_the_loader_reads_the_weights_the_validator_checked(tmp_path):
-    """A single model.safetensors beside a stale .bin index: both pick the safetensors file."""
-    import shutil
+def test_the_loader_reads_the_weights_the_validator_checked(copy_of, monkeypatch):
+    """The index rewritten between validation and loading (a download still running, an edit):
+    the load pipeline reads the shards that were checked, not the new index."""
+    from glmrepl.engine import loading
 
-    from glmrepl.engine.checkpoint import inspect_checkpoint
-    from glmrepl.engine.families.chatglm.weights import checkpoint_shards
+    folder = copy_of("chatglm3")
+    first_shard, first_names = next(iter(shard_in_two(folder).items()))
+    validate = loading.inspect_checkpoint
 
-    folder = Path(shutil.copytree(Path(__file__).parent / "data" / "chatglm" / "chatglm3-tiny", tmp_path / "c3"))
-    (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": {"x": "pytorch_model-00001-of-00002.bin"}}')
-    assert inspect_checkpoint(folder).weight_files == [folder / "model.safetensors"]
-    assert checkpoint_shards(folder) == ([folder / "model.safetensors"], None)
+    def validate_then_change(*args, **kwargs):
+        info = validate(*args, **kwargs)
+        write_index(folder, {first_shard: first_names})  # the index now names half of the weights
+        return info
+
+    monkeypatch.setattr(loading, "inspect_checkpoint", validate_then_change)
+    loaded = loading.load_model(loading.LoadOptions(path=folder, name="c3", mode="cpu", dtype="float32"))
+    assert json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].keys() == set(first_names)
+    assert_reference_logits(loaded, "chatglm3")

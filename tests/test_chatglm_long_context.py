@@ -15,7 +15,7 @@ import torch
 
 from chatglm_reference import (DATA, assert_logits_match, assert_matches_case, expected, load_reference,
                                reference_cases, reference_logits)
-from glmrepl.engine.checkpoint import inspect_checkpoint
+from glmrepl.engine.checkpoint import inspect_checkpoint, scan_checkpoint
 from glmrepl.engine.families import detect_family, load_family
 
 FIXTURES = ("chatglm2-32k", "glm4")
@@ -48,7 +48,8 @@ def test_family_override_changes_the_rope_reading():
     reference logits are then missed, which shows the fixture tells the two readings apart."""
     folder = DATA / "chatglm2-32k-tiny"
     match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")), "chatglm3")
-    parts = load_family(folder, match, dtype=torch.float32, device_map="cpu")
+    parts = load_family(folder, match, weight_files=scan_checkpoint(folder).weight_files, dtype=torch.float32,
+                        device_map="cpu")
     assert parts.model.config.rope_parameters["rope_theta"] == 40000.0
     reference = reference_logits("chatglm2-32k")
     with torch.inference_mode():

@@ -193,3 +193,19 @@ def test_demo_with_a_read_only_cache_builds_in_a_temporary_folder(unwritable_dir
     assert "Traceback" not in result.stderr and result.stdout.strip()
     temporary = Path(warnings[0].split("building the demo in ")[1].split(" for this run")[0])
     assert not temporary.exists()  # removed at exit
+
+
+def test_the_entry_points_set_offline_and_importing_the_engine_does_not(tmp_path):
+    from glmrepl.engine import OFFLINE_ENVIRONMENT
+
+    code = ("import os, sys, glmrepl.engine.loading, glmrepl.main, glmrepl.demo\n"
+            f"names = {sorted(OFFLINE_ENVIRONMENT)!r}\n"
+            "print(sorted(n for n in names if n in os.environ))\n"
+            f"glmrepl.main.main(['list', '--models-dir', {str(tmp_path)!r}])\n"
+            "print({n: os.environ.get(n) for n in names})\n")
+    env = {name: value for name, value in os.environ.items() if name not in OFFLINE_ENVIRONMENT}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[]"  # importing sets nothing: a library user's environment is theirs
+    assert lines[-1] == str({name: "1" for name in sorted(OFFLINE_ENVIRONMENT)})

@@ -3,7 +3,7 @@ import pickle
 import torch
 
 from glmrepl.engine.checkpoint import inspect_checkpoint
-from glmrepl.engine.pickled import count_pickled_parameters
+from glmrepl.engine.pickled import count_pickled_parameters, count_pickled_tensors
 
 
 def test_counts_match_the_real_tensors(gpt2_checkpoint):
@@ -17,6 +17,7 @@ def test_shared_storage_is_counted_once(tmp_path):
     weight = torch.zeros(4, 3)
     torch.save({"a": weight, "tied": weight, "b": torch.zeros(5)}, tmp_path / "w.bin")
     assert count_pickled_parameters(tmp_path / "w.bin") == 17
+    assert count_pickled_tensors(tmp_path / "w.bin") == 3  # the load progress counts each entry
 
 
 def test_a_malicious_pickle_is_read_without_running_it(tmp_path):
@@ -34,3 +35,4 @@ def test_a_malicious_pickle_is_read_without_running_it(tmp_path):
 def test_unreadable_files_give_none(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not a zip")
     assert count_pickled_parameters(tmp_path / "junk.bin") is None
+    assert count_pickled_tensors(tmp_path / "junk.bin") is None

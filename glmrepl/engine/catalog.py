@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import data_dir
 from .checkpoint import one_line, scan_checkpoint
 from .errors import CheckpointError
 
@@ -95,7 +96,7 @@ def default_models_dir(cli_value: str | os.PathLike | None = None) -> Path:
         return Path(cli_value).expanduser()
     if os.environ.get("GLMREPL_MODELS"):
         return Path(os.environ["GLMREPL_MODELS"]).expanduser()
-    return _xdg_data_home() / "glmrepl" / "models"
+    return data_dir() / "models"
 
 
 def hf_cache_dir() -> Path:
@@ -314,11 +315,3 @@ def _folder_bytes(path: Path) -> int:
     except OSError:
         pass
     return total
-
-
-def _xdg_data_home() -> Path:
-    value = os.environ.get("XDG_DATA_HOME")
-    # The XDG spec says relative values are invalid and must be ignored.
-    if value and os.path.isabs(value):
-        return Path(value)
-    return Path.home() / ".local" / "share"

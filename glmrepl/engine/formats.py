@@ -27,7 +27,7 @@ class _TransformersTokenizerFormat:
         self.tokenizer = tokenizer
         # Instruct checkpoints often end turns with a token other than the
         # tokenizer's eos (Llama 3's <|eot_id|>), listed in generation_config.
-        self.stop_token_ids = list(dict.fromkeys(_eos_ids(tokenizer) + list(extra_stop_ids or [])))
+        self.stop_token_ids = list(dict.fromkeys(eos_ids(tokenizer) + list(extra_stop_ids or [])))
         self.sampling_defaults: dict = {}
 
 
@@ -70,11 +70,12 @@ class CompletionFormat(_TransformersTokenizerFormat):
         return text
 
 
-def _eos_ids(tokenizer: Any) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
+def eos_ids(source: Any) -> list[int]:
+    """The end ids a tokenizer or a generation_config names (one id, a list, or none)."""
+    eos = getattr(source, "eos_token_id", None)
     if eos is None:
         return []
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return [int(i) for i in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 def format_for(tokenizer: Any, mode: str | None = None, extra_stop_ids: list[int] | None = None):

@@ -8,7 +8,6 @@ models. Nothing here touches the currently loaded model.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,10 +18,6 @@ from .checkpoint import CheckpointInfo, inspect_checkpoint
 from .devices import Placement, plan_placement, sizing_dtype, torch_dtype, weights_bytes_at
 from .errors import GlmreplError, Hint, LoadCancelled
 from .families import load_family
-
-# Offline, always: a hub download must fail at once, never hang or leak.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @dataclass
@@ -121,8 +116,9 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     if info.family is not None:
         job.stage = "loading weights"
         with _weight_progress(job):
-            parts = load_family(info.path, info.family, dtype=torch_dtype(placement.dtype),
-                                device_map=_family_device_map(placement), quantize=request.quantize)
+            parts = load_family(info.path, info.family, weight_files=info.weight_files,
+                                dtype=torch_dtype(placement.dtype), device_map=_family_device_map(placement),
+                                quantize=request.quantize)
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
     else:
@@ -140,7 +136,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
             model = load_weights(info, placement, request.trust_remote_code)
         native_format = None
     adapter = attach_requested_adapter(model, request, job)
-    stop_ids = generation_stop_ids(model)
+    stop_ids = formats.eos_ids(getattr(model, "generation_config", None))  # e.g. Llama 3's <|eot_id|>
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
     placement.summary = describe_layout(model, placement)
     return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids,
@@ -214,14 +210,6 @@ def describe_layout(model: Any, placement: Placement) -> str:
 
         return summarize(model, placement.device_map)
     return f"{placement.device_map}: all layers"
-
-
-def generation_stop_ids(model: Any) -> list[int]:
-    """The end-of-turn ids the checkpoint's generation_config names (one id or a list)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(i) for i in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 def quiet_transformers() -> None:

@@ -63,6 +63,21 @@ class _ShapeUnpickler(pickle.Unpickler):
 
 def count_pickled_parameters(path: Path) -> int | None:
     """Elements of every distinct tensor in a zip-format ``torch.save`` file; None if unknown."""
+    tensors = _stored_tensors(path)
+    if tensors is None:
+        return None
+    distinct = {t.key: t.numel for t in tensors}
+    return sum(distinct.values())
+
+
+def count_pickled_tensors(path: Path) -> int | None:
+    """How many tensors a zip-format ``torch.save`` state dict holds; None if unknown."""
+    tensors = _stored_tensors(path)
+    return None if tensors is None else len(tensors)
+
+
+def _stored_tensors(path: Path) -> list[_Tensor] | None:
+    """The tensor descriptions of a zip-format state dict, read without torch; None if unknown."""
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
@@ -73,5 +88,4 @@ def count_pickled_parameters(path: Path) -> int | None:
         return None
     if not isinstance(state, dict):
         return None
-    distinct = {t.key: t.numel for t in state.values() if isinstance(t, _Tensor)}
-    return sum(distinct.values())
+    return [t for t in state.values() if isinstance(t, _Tensor)]

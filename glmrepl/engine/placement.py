@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..units import human_bytes
-from .errors import DeviceError
+from .errors import DeviceError, ModelLoadError
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -140,7 +140,7 @@ def summarize(model: Any, device_map: dict[str, Any]) -> str:
     per_device: dict[str, list[int]] = {}
     outer_devices = {str(_device_label(d)) for name, d in device_map.items() if name not in blocks}
     for index, block in enumerate(blocks):
-        device = _device_label(_device_of(block, device_map))
+        device = _device_label(device_for(block, device_map))
         per_device.setdefault(device, []).append(index)
     parts = []
     for device, layers in per_device.items():
@@ -151,9 +151,12 @@ def summarize(model: Any, device_map: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _device_of(name: str, device_map: dict[str, Any]) -> Any:
+def device_for(name: str, device_map: dict[str, Any]) -> Any:
+    """The device of the most specific device_map entry that contains ``name``."""
     best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default=None)
-    return device_map.get(best, "cpu")
+    if best is None:
+        raise ModelLoadError(f"the device_map places no module containing {name}")
+    return device_map[best]
 
 
 def _device_label(device: Any) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import GlmreplError
+from .errors import GlmreplError, first_line
 
 SUPPORTED_BITS = (4, 8)
 # Rows dequantized at once on CPU: a block of about this many float32 values
@@ -196,8 +196,7 @@ def _disable_kernels(error: BaseException) -> None:
 
 
 def _warn(error: BaseException) -> None:
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    warnings.warn(f"cpm_kernels failed ({first}); quantized layers use torch on the GPU instead",
+    warnings.warn(f"cpm_kernels failed ({first_line(error)}); quantized layers use torch on the GPU instead",
                   RuntimeWarning, stacklevel=3)
 
 

@@ -88,10 +88,6 @@ SETTINGS: dict[str, Setting] = {
     )
 }
 
-# Keys of generation_config.json / family defaults that map onto our settings.
-SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-
-
 # Where a value can come from, lowest first: a later layer wins. /set shows the name.
 LAYERS = ("default", "checkpoint", "family", "config file", "command line", "/set")
 MODEL_LAYERS = ("checkpoint", "family")  # replaced on every load or swap

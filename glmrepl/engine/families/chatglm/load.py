@@ -25,18 +25,20 @@ from .. import FamilyMatch, LoadedParts
 from . import quantized, weights
 
 
-def load_chatglm(path: Path, match: FamilyMatch, *, dtype: Any, device_map: Any,
+def load_chatglm(path: Path, match: FamilyMatch, *, weight_files: list[Path], dtype: Any, device_map: Any,
                  quantize: int | None = None) -> LoadedParts:
     """Model (in eval mode, generation_config stopping like the family's chat()), tokenizer and
     prompt format for ``match.family``; CheckpointError names what the folder lacks or has unsupported.
+    ``weight_files``: the ones the validator checked (CheckpointInfo.weight_files).
     ``quantize`` (4 or 8) quantizes a float checkpoint's layers as they are loaded."""
     path = Path(path)
     config = _read_config(path)
     bits = quantized.load_bits(config, path.name, quantize)
     if match.family == "chatglm1":
-        model, tokenizer, prompt_format = _load_glm1(path, config, dtype, device_map, bits)
+        model, tokenizer, prompt_format = _load_glm1(path, weight_files, config, dtype, device_map, bits)
     elif match.family in ("chatglm2", "chatglm3", "glm4"):
-        model, tokenizer, prompt_format = _load_glm2(path, config, match.family, dtype, device_map, bits)
+        model, tokenizer, prompt_format = _load_glm2(path, weight_files, config, match.family, dtype, device_map,
+                                                     bits)
     else:
         raise CheckpointError(f"{path.name}: unknown ChatGLM family {match.family!r}")
     model.eval()
@@ -68,14 +70,14 @@ def _vocabulary_file(path: Path, name: str) -> Path:
 # -- ChatGLM-6B ----------------------------------------------------------------
 
 
-def _load_glm1(path: Path, config: dict, dtype, device_map, bits: int = 0):
+def _load_glm1(path: Path, weight_files: list[Path], config: dict, dtype, device_map, bits: int = 0):
     from .glm1_model import ChatGLM1ForCausalLM
     from .prompts import ChatGLM1Format
     from .tokenizers import ChatGLM1Tokenizer
 
     num_image_tokens = _read_tokenizer_config(path).get("num_image_tokens", 20000)
     tokenizer = ChatGLM1Tokenizer(_vocabulary_file(path, "ice_text.model"), num_image_tokens=num_image_tokens)
-    model = _build_and_fill(path, ChatGLM1ForCausalLM, glm1_config(config, path.name, dtype),
+    model = _build_and_fill(path, weight_files, ChatGLM1ForCausalLM, glm1_config(config, path.name, dtype),
                             _glm1_converter, dtype, device_map, bits, quantized.config_bits(config, path.name))
     return model, tokenizer, ChatGLM1Format(tokenizer)
 
@@ -136,7 +138,7 @@ def _glm2_tokenizer_and_format(path: Path, family: str):
     return tokenizer, ChatGLM2Format(tokenizer)
 
 
-def _load_glm2(path: Path, config: dict, family: str, dtype, device_map, bits: int = 0):
+def _load_glm2(path: Path, weight_files: list[Path], config: dict, family: str, dtype, device_map, bits: int = 0):
     from transformers import GlmForCausalLM
 
     from . import glm2_mapping
@@ -145,7 +147,7 @@ def _load_glm2(path: Path, config: dict, family: str, dtype, device_map, bits: i
     tokenizer, prompt_format = _glm2_tokenizer_and_format(path, family)
     glm_cfg = glm2_mapping.glm_config(config, family, prompt_format.stop_token_ids, dtype)
     convert = glm2_mapping.tensor_converter(glm_cfg, path.name)
-    model = _build_and_fill(path, GlmForCausalLM, glm_cfg, convert, dtype, device_map, bits,
+    model = _build_and_fill(path, weight_files, GlmForCausalLM, glm_cfg, convert, dtype, device_map, bits,
                             quantized.config_bits(config, path.name))
     return model, tokenizer, prompt_format
 
@@ -153,8 +155,8 @@ def _load_glm2(path: Path, config: dict, family: str, dtype, device_map, bits: i
 # -- shared --------------------------------------------------------------------
 
 
-def _build_and_fill(path: Path, model_class, model_config, convert, dtype, device_map, bits: int = 0,
-                    stored_bits: int = 0):
+def _build_and_fill(path: Path, weight_files: list[Path], model_class, model_config, convert, dtype, device_map,
+                    bits: int = 0, stored_bits: int = 0):
     """Build on the meta device, stream the weights in, dispatch if split across devices.
     ``bits``: the layers' quantization (0: float); ``stored_bits``: the checkpoint's own."""
     from accelerate import init_empty_weights
@@ -165,7 +167,7 @@ def _build_and_fill(path: Path, model_class, model_config, convert, dtype, devic
         quantized.replace_with_empty(model, bits, dtype)
         convert = quantized.quantizing_converter(model, convert, path.name, stored_bits)
     placement = weights.resolve_device_map(model, device_map, dtype)
-    loaded = weights.load_into(model, path, convert, placement, dtype)
+    loaded = weights.load_into(model, weight_files, convert, placement, dtype)
     _fill_missing_head(model, loaded, placement, path)
     weights.place_buffers(model, placement)
     weights.dispatch_if_split(model, placement)

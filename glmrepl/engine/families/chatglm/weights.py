@@ -9,13 +9,14 @@ which lets the caller show progress and cancel between tensors.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from ...errors import CheckpointError, ModelLoadError, first_line
+from ...pickled import count_pickled_tensors
+from ...placement import device_for
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -23,39 +24,27 @@ AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 Conversion = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
 
-def checkpoint_shards(path: Path) -> tuple[list[Path], int | None]:
-    """The weight files of a checkpoint folder (the ones the validator checked), and the
-    tensor count when an index gives it."""
-    from ...checkpoint import preferred_weights
+def iter_checkpoint_tensors(files: list[Path]) -> tuple[Iterator[tuple[str, torch.Tensor]], int | None]:
+    """(iterator over every (name, tensor) of the weight files, how many there are when known).
 
-    chosen = preferred_weights({entry.name for entry in path.iterdir() if entry.is_file()})
-    if chosen is None:
-        raise CheckpointError(f"{path.name}: no weights found (model.safetensors or pytorch_model.bin)")
-    name = chosen[1]
-    if not name.endswith(".index.json"):
-        return [path / name], None
-    weight_map = json.loads((path / name).read_text(encoding="utf-8"))["weight_map"]
-    shards = sorted(set(weight_map.values()))
-    missing = [shard for shard in shards if not (path / shard).is_file()]
-    if missing:
-        raise CheckpointError(f"{path.name}: shard {missing[0]} listed in {name} is missing")
-    return [path / shard for shard in shards], len(weight_map)
+    ``files`` are the ones the validator checked (CheckpointInfo.weight_files): the
+    folder's index is not read again, so what was checked is what is loaded."""
+    if len(files) == 1 and files[0].suffix != ".safetensors":
+        state = _load_pickled(files[0])  # read once: a legacy pickle cannot be memory-mapped
+        return _drain(state), len(state)
+    counts = [_tensor_count(file) for file in files]
+    total = None if None in counts else sum(counts)
+    return (item for file in files for item in _shard_tensors(file)), total
 
 
-def iter_checkpoint_tensors(path: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
-    """(iterator over every (name, tensor) of the checkpoint, how many there are)."""
-    shards, count = checkpoint_shards(path)
-    if count is not None:
-        return (item for shard in shards for item in _shard_tensors(shard)), count
-    shard = shards[0]
+def _tensor_count(shard: Path) -> int | None:
+    """From the safetensors header, or the pickle's tensor descriptions (no tensor is read)."""
     if shard.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(shard), framework="pt") as reader:
-            count = len(list(reader.keys()))
-        return _shard_tensors(shard), count
-    state = _load_pickled(shard)  # read once: a legacy pickle cannot be memory-mapped
-    return _drain(state), len(state)
+            return len(list(reader.keys()))
+    return count_pickled_tensors(shard)
 
 
 def _shard_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -135,33 +124,22 @@ def _infer_device_map(model, strategy: str, dtype) -> dict:
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
-def device_for(name: str, device_map: dict[str, str]) -> str:
-    """The device of the most specific device_map entry that contains ``name``."""
-    best = None
-    for prefix in device_map:
-        if prefix == "" or name == prefix or name.startswith(prefix + "."):
-            if best is None or len(prefix) > len(best):
-                best = prefix
-    if best is None:
-        raise ModelLoadError(f"the device_map places no module containing {name}")
-    return device_map[best]
-
-
-def load_into(model: torch.nn.Module, path: Path, convert: Conversion, device_map: dict[str, str],
+def load_into(model: torch.nn.Module, files: list[Path], convert: Conversion, device_map: dict[str, str],
               dtype: torch.dtype) -> set[str]:
-    """Fill the meta model from the checkpoint; return the names that were set."""
+    """Fill the meta model from the checkpoint's weight files; return the names that were set."""
     from accelerate.utils import set_module_tensor_to_device
     from transformers.utils import logging as hf_logging
 
     expected = dict(model.named_parameters())
-    tensors, count = iter_checkpoint_tensors(path)
+    folder = files[0].parent.name
+    tensors, count = iter_checkpoint_tensors(files)
     loaded: set[str] = set()
     for stored_name, tensor in hf_logging.tqdm(tensors, total=count, desc="Loading weights"):
         for name, value in convert(stored_name, tensor):
             if name not in expected:
-                raise CheckpointError(f"{path.name}: unexpected weight {stored_name}")
+                raise CheckpointError(f"{folder}: unexpected weight {stored_name}")
             if tuple(value.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"{path.name}: {stored_name} has shape {tuple(value.shape)}, "
+                raise CheckpointError(f"{folder}: {stored_name} has shape {tuple(value.shape)}, "
                                       f"the config implies {tuple(expected[name].shape)}")
             set_module_tensor_to_device(model, name, device_for(name, device_map), value=value, dtype=dtype)
             loaded.add(name)
