@@ -7,6 +7,7 @@ background after the prompt is on screen.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
