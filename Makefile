@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # a CUDA-flavoured torch as a dependency of transformers or accelerate.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,14 @@ $(VENV)/.installed: setup.cfg setup.py
 	$(PIP) install --quiet -e ".[dev,serve,adapters]"
 	touch $@
 
-test: install
+test: install lint
 	$(PY) -m pytest
+
+# Lint, format and type checks; part of `make test`.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 demo: install
 	$(PY) -m glmrepl.demo

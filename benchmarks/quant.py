@@ -33,9 +33,18 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: in
 
     heads, groups, head_dim = hidden // 128, 2, 128
     config = json.loads((TOKENIZER / "config.json").read_text(encoding="utf-8"))
-    config.update(hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=heads,
-                  multi_query_group_num=groups, kv_channels=head_dim, padded_vocab_size=vocab, vocab_size=vocab,
-                  seq_length=2048, _name_or_path="chatglm2-bench")
+    config.update(
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_layers=layers,
+        num_attention_heads=heads,
+        multi_query_group_num=groups,
+        kv_channels=head_dim,
+        padded_vocab_size=vocab,
+        vocab_size=vocab,
+        seq_length=2048,
+        _name_or_path="chatglm2-bench",
+    )
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     for name in ("tokenizer.model", "tokenizer_config.json"):
@@ -46,18 +55,24 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: in
         return torch.randn(*shape, generator=generator) * 0.02
 
     qkv = heads * head_dim + 2 * groups * head_dim
-    state = {"transformer.embedding.word_embeddings.weight": rand(vocab, hidden),
-             "transformer.encoder.final_layernorm.weight": torch.ones(hidden),
-             "transformer.output_layer.weight": rand(vocab, hidden)}
+    state = {
+        "transformer.embedding.word_embeddings.weight": rand(vocab, hidden),
+        "transformer.encoder.final_layernorm.weight": torch.ones(hidden),
+        "transformer.output_layer.weight": rand(vocab, hidden),
+    }
     for i in range(layers):
         prefix = f"transformer.encoder.layers.{i}."
-        state.update({prefix + "input_layernorm.weight": torch.ones(hidden),
-                      prefix + "post_attention_layernorm.weight": torch.ones(hidden),
-                      prefix + "self_attention.query_key_value.weight": rand(qkv, hidden),
-                      prefix + "self_attention.query_key_value.bias": rand(qkv),
-                      prefix + "self_attention.dense.weight": rand(hidden, heads * head_dim),
-                      prefix + "mlp.dense_h_to_4h.weight": rand(2 * ffn, hidden),
-                      prefix + "mlp.dense_4h_to_h.weight": rand(hidden, ffn)})
+        state.update(
+            {
+                prefix + "input_layernorm.weight": torch.ones(hidden),
+                prefix + "post_attention_layernorm.weight": torch.ones(hidden),
+                prefix + "self_attention.query_key_value.weight": rand(qkv, hidden),
+                prefix + "self_attention.query_key_value.bias": rand(qkv),
+                prefix + "self_attention.dense.weight": rand(hidden, heads * head_dim),
+                prefix + "mlp.dense_h_to_4h.weight": rand(2 * ffn, hidden),
+                prefix + "mlp.dense_4h_to_h.weight": rand(hidden, ffn),
+            }
+        )
     save_file(state, str(folder / "model.safetensors"))
     return sum(t.numel() for t in state.values())
 
@@ -74,8 +89,9 @@ def measure_variant(folder: str, bits: int, device: str, threads: int) -> dict:
     match = detect_family(path, json.loads((path / "config.json").read_text(encoding="utf-8")))
     dtype = torch.float32 if device == "cpu" else torch.float16
     started = time.perf_counter()
-    model = load_family(path, match, weight_files=[path / "model.safetensors"], dtype=dtype, device_map=device,
-                        quantize=bits or None).model
+    model = load_family(
+        path, match, weight_files=[path / "model.safetensors"], dtype=dtype, device_map=device, quantize=bits or None
+    ).model
     load_s = time.perf_counter() - started
     ids = torch.randint(3, 400, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(7)).to(device)
     kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
@@ -93,9 +109,13 @@ def measure_variant(folder: str, bits: int, device: str, threads: int) -> dict:
     decode_s = max(total_s - prefill_s, 1e-9)
     import resource
 
-    result = {"bits": bits, "load_s": round(load_s, 2), "rss_bytes": resident_memory_bytes(),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "decode_tokens_per_s": round((NEW_TOKENS - 1) / decode_s, 2)}
+    result = {
+        "bits": bits,
+        "load_s": round(load_s, 2),
+        "rss_bytes": resident_memory_bytes(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "decode_tokens_per_s": round((NEW_TOKENS - 1) / decode_s, 2),
+    }
     if device != "cpu":
         result["gpu_allocated_bytes"] = torch.cuda.memory_allocated()
     return result
@@ -160,9 +180,21 @@ def main() -> None:
         params = build_checkpoint(folder, args.layers, args.hidden, args.ffn, args.vocab)
         print(json.dumps({"parameters": params, "device": args.device, "threads": args.threads}))
         for bits in (0, 8, 4):
-            child = subprocess.run([sys.executable, __file__, "--variant", f"{folder}:{bits}",
-                                    "--device", args.device, "--threads", str(args.threads)],
-                                   capture_output=True, text=True, cwd=ROOT)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--variant",
+                    f"{folder}:{bits}",
+                    "--device",
+                    args.device,
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             print(child.stdout.strip() or child.stderr.strip().splitlines()[-1], flush=True)
 
 

@@ -30,20 +30,61 @@ def mode_rows(label: str, figures: dict) -> list[tuple]:
     switch = figures["switch"]
     switch_ratio = switch["switch_s"] / switch["fresh_load_s"]
     return [
-        ("decode tok/s", label, f"{raw['decode_tokens_per_s']:.2f}", f"{ours['decode_tokens_per_s']:.2f}",
-         f"ratio {decode_ratio:.3f} (best {best_decode:.3f})", ">= 0.98", verdict(decode_ratio >= 0.98)),
-        ("first token s", label, f"{raw['first_token_s']:.3f}", f"{ours['first_token_s']:.3f}",
-         f"overhead {ttft_overhead:+.1%} (best {best_ttft:+.1%})", "<= 5%", verdict(ttft_overhead <= 0.05)),
-        ("load s", label, f"{load['raw_s']:.2f}", f"{load['glmrepl_s']:.2f}",
-         f"ratio {load_ratio:.3f}", "<= 1.05", verdict(load_ratio <= 1.05)),
-        ("/device switch s (vs fresh load)", label, f"{switch['fresh_load_s']:.2f}", f"{switch['switch_s']:.2f}",
-         f"ratio {switch_ratio:.3f} ({switch['switch_to']})", "<= 0.5", verdict(switch_ratio <= 0.5)),
-        ("RSS GiB 1 load / 10 swaps", label, "", f"{memory['after_one_load_bytes'] / GIB:.2f} / "
-         f"{memory['after_swaps_bytes'] / GIB:.2f}", f"ratio {swap_ratio:.3f}", "<= 1.05", verdict(swap_ratio <= 1.05)),
-        ("roof: share of bw/bytes", label, f"{raw['decode_tokens_per_s'] / ceiling:.0%}",
-         f"{ours['decode_tokens_per_s'] / ceiling:.0%}",
-         f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s / {roof['weight_bytes_per_token'] / 1e9:.2f} GB"
-         f" = {ceiling:.1f} tok/s", "", ""),
+        (
+            "decode tok/s",
+            label,
+            f"{raw['decode_tokens_per_s']:.2f}",
+            f"{ours['decode_tokens_per_s']:.2f}",
+            f"ratio {decode_ratio:.3f} (best {best_decode:.3f})",
+            ">= 0.98",
+            verdict(decode_ratio >= 0.98),
+        ),
+        (
+            "first token s",
+            label,
+            f"{raw['first_token_s']:.3f}",
+            f"{ours['first_token_s']:.3f}",
+            f"overhead {ttft_overhead:+.1%} (best {best_ttft:+.1%})",
+            "<= 5%",
+            verdict(ttft_overhead <= 0.05),
+        ),
+        (
+            "load s",
+            label,
+            f"{load['raw_s']:.2f}",
+            f"{load['glmrepl_s']:.2f}",
+            f"ratio {load_ratio:.3f}",
+            "<= 1.05",
+            verdict(load_ratio <= 1.05),
+        ),
+        (
+            "/device switch s (vs fresh load)",
+            label,
+            f"{switch['fresh_load_s']:.2f}",
+            f"{switch['switch_s']:.2f}",
+            f"ratio {switch_ratio:.3f} ({switch['switch_to']})",
+            "<= 0.5",
+            verdict(switch_ratio <= 0.5),
+        ),
+        (
+            "RSS GiB 1 load / 10 swaps",
+            label,
+            "",
+            f"{memory['after_one_load_bytes'] / GIB:.2f} / {memory['after_swaps_bytes'] / GIB:.2f}",
+            f"ratio {swap_ratio:.3f}",
+            "<= 1.05",
+            verdict(swap_ratio <= 1.05),
+        ),
+        (
+            "roof: share of bw/bytes",
+            label,
+            f"{raw['decode_tokens_per_s'] / ceiling:.0%}",
+            f"{ours['decode_tokens_per_s'] / ceiling:.0%}",
+            f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s / {roof['weight_bytes_per_token'] / 1e9:.2f} GB"
+            f" = {ceiling:.1f} tok/s",
+            "",
+            "",
+        ),
     ]
 
 

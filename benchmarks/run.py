@@ -76,8 +76,11 @@ def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: 
     loaded = load_model(LoadRequest(path=model_path, name=model_path.name, mode=mode.mode, dtype=mode.dtype))
     result = speed.compare_generation(loaded, repeats)
     weight_bytes = machine.weight_bytes_per_token(loaded.model)
-    result["roof"] = {"bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": weight_bytes,
-                      "ceiling_tokens_per_s": bandwidth / weight_bytes}
+    result["roof"] = {
+        "bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes_per_token": weight_bytes,
+        "ceiling_tokens_per_s": bandwidth / weight_bytes,
+    }
     del loaded
     free_memory()
     return result
@@ -86,8 +89,12 @@ def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: 
 def memory_in_fresh_process(model_path: Path, twin_path: Path, mode: Mode) -> dict:
     """A new interpreter, so only what glmrepl itself keeps is counted."""
     script = HERE / "memory.py"
-    output = subprocess.run([sys.executable, str(script), str(model_path), str(twin_path), mode.dtype, mode.mode],
-                            check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, str(script), str(model_path), str(twin_path), mode.dtype, mode.mode],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -105,9 +112,15 @@ def main() -> int:
     hf_logging.disable_progress_bar()  # raw loads would draw bars; glmrepl's hook still runs without them
     model_path = checkpoint.ensure_checkpoint(args.cache)
     twin_path = checkpoint.ensure_twin(model_path)
-    results = {"machine": machine.describe_machine(), "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
-               # Other processes on the machine skew timings: the load average tells.
-               "load_average_before": os.getloadavg(), "prompt_tokens": speed.PROMPT_TOKENS, "new_tokens": speed.NEW_TOKENS, "modes": {}}
+    results = {
+        "machine": machine.describe_machine(),
+        "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
+        # Other processes on the machine skew timings: the load average tells.
+        "load_average_before": os.getloadavg(),
+        "prompt_tokens": speed.PROMPT_TOKENS,
+        "new_tokens": speed.NEW_TOKENS,
+        "modes": {},
+    }
     print("measuring start-up in a terminal ...", flush=True)
     results["startup"] = terminal.measure_startup(model_path, "float32", max(args.repeats, 5))
     modes = available_modes()
