@@ -55,6 +55,7 @@ class App:
     def start_load(self, target: str | None):
         if hasattr(self.backend, "select_model"):  # a server: choose among its models (None: the first)
             return self.backend.select_model(target)
+        assert target is not None  # only a server chooses a model for us (a local load always names one)
         return self.backend.load(self.load_request(target))
 
     def loading_job(self):

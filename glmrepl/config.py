@@ -110,8 +110,12 @@ def _entry_problem(section: str, key: str, value: Any, known: dict) -> str | Non
 _KINDS = {bool: "true or false", str: "a string", int: "an integer"}
 
 
+# The Python types a config value may have, by setting kind.
+_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "seed": int}
+
+
 def _setting_problem(setting, key: str, value: Any) -> str | None:
-    expected = {"int": int, "float": (int, float), "bool": bool, "seed": int}[setting.kind]
+    expected = _SETTING_TYPES[setting.kind]
     range_text = "true or false" if setting.kind == "bool" else setting.describe_range()
     if isinstance(value, bool) != (setting.kind == "bool") or not isinstance(value, expected):
         return f"{key} must be {range_text}, not {_toml(value)}"

@@ -35,4 +35,6 @@ class SafeFileHistory(FileHistory):
             self._turn_off("write", error)
 
     def _turn_off(self, doing: str, error: OSError) -> None:
-        self.problem = f"cannot {doing} the input history {self.filename} ({error.strerror or error}); history is off"
+        self.problem = (
+            f"cannot {doing} the input history {os.fsdecode(self.filename)} ({error.strerror or error}); history is off"
+        )

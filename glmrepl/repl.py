@@ -11,7 +11,7 @@ load (the previous model stays). Ctrl-D on an empty line exits.
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .app import App
 from .commands import TABLE, format_stats
@@ -21,6 +21,10 @@ from .hints import explain, flag_words, slash_words
 from .render import Renderer
 from .results import Exit, Generate, TerminalEscape, WaitForLoad
 from .typeahead import keys_wait_for_the_prompt
+
+if TYPE_CHECKING:
+    from .engine.loading import LoadJob
+    from .engine.remote import ServerJob
 
 
 class LineHandler:
@@ -32,7 +36,7 @@ class LineHandler:
         self.interactive = interactive
         self.words = slash_words if interactive else flag_words  # how hints are worded for this user
         self.interrupted = False  # a reply was cut by Ctrl-C (non-interactive use then stops)
-        self.reported_job = None
+        self.reported_job: LoadJob | ServerJob | None = None  # the load job last reported
         app.notify = lambda message: renderer.text(message, "dim")
 
     def handle(self, line: str) -> bool:
@@ -156,7 +160,7 @@ class LineHandler:
         if job is not None and job.done.is_set():
             self.report_job(job)
 
-    def report_job(self, job) -> bool:
+    def report_job(self, job: LoadJob | ServerJob) -> bool:
         """Say once how a load ended; True when it succeeded."""
         if job is self.reported_job:
             return job.error is None

@@ -217,7 +217,8 @@ def _attach_lora(model: Any, info: AdapterInfo, merge: bool) -> AttachedAdapter:
         peft_model = PeftModel(model, config)
     try:
         result = set_peft_model_state_dict(peft_model, state)
-        unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+        # peft annotates its result as the bare namedtuple factory; it is torch's _IncompatibleKeys.
+        unexpected = [key for key in result.unexpected_keys if "lora_" in key]  # type: ignore[attr-defined]
         if unexpected:
             raise AdapterError(f"{info.path.name}: weights the model has no place for: {', '.join(unexpected[:3])}")
     except BaseException:

@@ -232,11 +232,12 @@ def _check_config(scan: CheckpointScan, trust_remote_code: bool, family_override
         scan.add_problem(f"{config_path} does not hold a JSON object: {REDOWNLOAD}")
         return
     scan.config = config
-    if scan.model_type is None:
+    model_type = scan.model_type
+    if model_type is None:
         scan.add_problem(_no_model_type_message(config_path, config))
         return
-    if not _detect_family(scan, family_override):
-        _check_architecture(scan, config_path, trust_remote_code)
+    if not _detect_family(scan, config, family_override):
+        _check_architecture(scan, config, model_type, config_path, trust_remote_code)
 
 
 def _no_model_type_message(config_path: Path, config: dict) -> str:
@@ -252,10 +253,10 @@ def _no_model_type_message(config_path: Path, config: dict) -> str:
     )
 
 
-def _detect_family(scan: CheckpointScan, family_override: str | None) -> bool:
+def _detect_family(scan: CheckpointScan, config: dict, family_override: str | None) -> bool:
     """Record a native family; False when the folder is an ordinary checkpoint."""
     try:
-        scan.family = families.detect_family(scan.path, scan.config, family_override)
+        scan.family = families.detect_family(scan.path, config, family_override)
     except CheckpointError as error:
         scan.add_problem(str(error))
         return True
@@ -266,13 +267,14 @@ def _detect_family(scan: CheckpointScan, family_override: str | None) -> bool:
     return scan.family is not None
 
 
-def _check_architecture(scan: CheckpointScan, config_path: Path, trust_remote_code: bool) -> None:
-    model_type = scan.model_type
+def _check_architecture(
+    scan: CheckpointScan, config: dict, model_type: str, config_path: Path, trust_remote_code: bool
+) -> None:
     if transformers_knows(model_type):
         # With a known model type transformers uses its own class and ignores
         # any auto_map code, so there is nothing to trust.
         return
-    if scan.config.get("auto_map"):
+    if config.get("auto_map"):
         scan.needs_remote_code = True
         if not trust_remote_code:
             scan.add_problem(
@@ -294,10 +296,14 @@ def _config_names_from_file() -> frozenset[str]:
     # is run on its own; the few aliases the auto module adds on import
     # ("gpt-sw3", "mimi_encoder", ...) are read from its source without running it.
     try:
-        auto = Path(importlib.util.find_spec("transformers").origin).parent / "models" / "auto"
+        transformers_spec = importlib.util.find_spec("transformers")
+        # transformers is a dependency, installed as a package with a file.
+        assert transformers_spec is not None and transformers_spec.origin is not None
+        auto = Path(transformers_spec.origin).parent / "models" / "auto"
         module_spec = importlib.util.spec_from_file_location(
             "_glmrepl_transformers_auto_mappings", auto / "auto_mappings.py"
         )
+        assert module_spec is not None and module_spec.loader is not None  # a .py path always has both
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         return frozenset(module.CONFIG_MAPPING_NAMES) | _config_aliases(auto / "configuration_auto.py")
@@ -307,19 +313,20 @@ def _config_names_from_file() -> frozenset[str]:
 
 def _config_aliases(source: Path) -> frozenset[str]:
     """Model types mapped to a config class name in dict literals of ``source``."""
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Dict):
             names.update(
-                key.value
-                for key, value in zip(node.keys, node.values)
-                if _is_str(key) and _is_str(value) and value.value.endswith("Config")
+                key_text
+                for key_text, value_text in zip(map(_str_constant, node.keys), map(_str_constant, node.values))
+                if key_text is not None and value_text is not None and value_text.endswith("Config")
             )
     return frozenset(names)
 
 
-def _is_str(node) -> bool:
-    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+def _str_constant(node: ast.expr | None) -> str | None:
+    """The text of a string literal node; None for any other node."""
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -485,7 +492,7 @@ def _check_safetensors(scan: CheckpointScan, file: Path) -> int:
         )
         return 0
     if tensors and scan.weights_dtype is None:
-        scan.weights_dtype = SAFETENSORS_DTYPES.get(tensors[0].get("dtype"))
+        scan.weights_dtype = SAFETENSORS_DTYPES.get(str(tensors[0].get("dtype")))
     return params
 
 

@@ -276,6 +276,7 @@ def _repo_files(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
     from huggingface_hub import HfApi
 
     info = HfApi(endpoint=_endpoint()).model_info(repo_id, revision=revision)
+    assert info.sha is not None  # the hub names the commit of every revision it resolves
     return info.sha, [sibling.rfilename for sibling in info.siblings or []]
 
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-def first_line(error: BaseException, fallback: str | None = None) -> str:
-    """The first line of an exception's message (library errors can span pages)."""
+def first_line(error: BaseException | str, fallback: str | None = None) -> str:
+    """The first line of an exception's message, or of a message (library errors can span pages)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else (fallback or type(error).__name__)
 

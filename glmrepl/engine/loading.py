@@ -108,6 +108,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     job = job or LoadJob(request)
     quiet_transformers()
     job.stage = "checking files"
+    assert request.path is not None  # a request to load is made by for_model, which names the folder
     refuse_adapter_folder(request.path)
     info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code, family_override=request.family)
     placement = placement_for(request, info)

@@ -111,6 +111,7 @@ class ModelManager:
         job.wait()
         if job.error:
             raise job.error
+        assert self.current is not None  # a load that ended without an error installed its model
         return self.current
 
     def _run_job(self, job: LoadJob) -> None:

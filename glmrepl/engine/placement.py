@@ -177,7 +177,8 @@ def _device_label(device: Any) -> str:
 
 
 def _ranges(indices: list[int]) -> str:
-    spans, start = [], indices[0]
+    spans: list[str] = []
+    start: int | None = indices[0]
     for previous, current in zip(indices, indices[1:] + [None]):
         if current != previous + 1 if current is not None else True:
             spans.append(f"{start}" if start == previous else f"{start}-{previous}")

@@ -140,6 +140,7 @@ class QuantizedLinear(nn.Module):
         layer.weight.data = packed
         layer.weight_scale.data = scale.to(weight.dtype)
         if linear.bias is not None:
+            assert layer.bias is not None  # made with a bias because the linear has one
             layer.bias.data = linear.bias.detach()
         return layer
 

@@ -44,6 +44,7 @@ class Setting:
         if self.kind == "bool":
             return "on or off"
         if self.kind == "seed":
+            assert self.low is not None and self.high is not None  # every seed setting is bounded
             return f"an integer from {int(self.low)} to {int(self.high)}, or 'none'"
         noun = "an integer" if self.kind == "int" else "a number"
         return f"{noun} from {_fmt(self.low)} to {_fmt(self.high)}"

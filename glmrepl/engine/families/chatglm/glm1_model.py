@@ -63,9 +63,10 @@ def glm1_position_ids(input_ids: torch.Tensor, config: ChatGLM1Config) -> torch.
     """
     length = input_ids.shape[1]
     steps = torch.arange(length, device=input_ids.device)
-    context_length = _first_index(input_ids == config.bos_token_id, default=length)
-    gmask = _first_index(input_ids == config.gmask_token_id, default=-1)
-    mask = _first_index(input_ids == config.mask_token_id, default=-1)
+    assert config.bos_token_id is not None  # every ChatGLM-6B config names <sop>
+    context_length = _first_index(input_ids.eq(config.bos_token_id), default=length)
+    gmask = _first_index(input_ids.eq(config.gmask_token_id), default=-1)
+    mask = _first_index(input_ids.eq(config.mask_token_id), default=-1)
     mask_position = torch.where(gmask >= 0, gmask, torch.where(mask >= 0, mask, (context_length - 1).clamp(min=0)))
     in_reply = steps[None, :] >= context_length[:, None]
     positions = torch.where(in_reply, mask_position[:, None], steps[None, :])
@@ -100,6 +101,8 @@ class GLM1Rotary(nn.Module):
     """Rotary angles for half a head. The released model rounded its
     frequencies to float16, and computed the whole table in float16 when
     running in float16; both are kept so that logits match it."""
+
+    inv_freq: torch.Tensor  # a buffer
 
     def __init__(self, rotary_dim: int, base: float = 10000.0):
         super().__init__()

@@ -141,10 +141,10 @@ def _glm2_tokenizer_and_format(path: Path, family: str):
         from .glm4_tokenizer import GLM4Tokenizer
 
         try:
-            tokenizer = GLM4Tokenizer(vocabulary)
+            glm4_tokenizer = GLM4Tokenizer(vocabulary)
         except ValueError:  # also binascii.Error: not "<base64> <rank>" lines
             raise CheckpointError(f"{path.name}: tokenizer.model is not GLM-4's tiktoken vocabulary") from None
-        return tokenizer, GLM4Format(tokenizer)
+        return glm4_tokenizer, GLM4Format(glm4_tokenizer)
     from .tokenizers import ChatGLM2Tokenizer
 
     if family == "chatglm3":

@@ -13,6 +13,7 @@ on the target device.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -65,14 +66,16 @@ def linear_names(model: nn.Module) -> list[str]:
     """Module names of the linears glmrepl quantizes; QuantizeError for other architectures."""
     from .glm1_model import ChatGLM1ForCausalLM
 
+    config: Any = model.config  # a transformers config; nn.Module types attributes as tensors or modules
+    linears: tuple[str, ...]
     if isinstance(model, ChatGLM1ForCausalLM):
         prefix, linears = "transformer.layers", _GLM1_LINEARS
-        count = model.config.num_hidden_layers
-    elif getattr(model.config, "model_type", None) == "glm" and hasattr(model, "model"):
+        count = config.num_hidden_layers
+    elif getattr(config, "model_type", None) == "glm" and hasattr(model, "model"):
         prefix, linears = "model.layers", _GLM_LINEARS
-        count = model.config.num_hidden_layers
+        count = config.num_hidden_layers
     else:
-        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         raise unsupported_architecture(architecture)
     return [f"{prefix}.{layer}.{name}" for layer in range(count) for name in linears]
 
@@ -80,7 +83,7 @@ def linear_names(model: nn.Module) -> list[str]:
 def replace_with_empty(model: nn.Module, bits: int, dtype: torch.dtype) -> None:
     """Swap the linears of a meta-device model for empty quantized ones of the same shape."""
     for name in linear_names(model):
-        linear = model.get_submodule(name)
+        linear = cast(nn.Linear, model.get_submodule(name))  # linear_names names only nn.Linear layers
         layer = QuantizedLinear(
             linear.in_features, linear.out_features, bits, linear.bias is not None, device="meta", dtype=dtype
         )

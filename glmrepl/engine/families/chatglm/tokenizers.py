@@ -58,6 +58,14 @@ class _SentencePieceBase:
         self.name_or_path = str(Path(model_file).parent)
 
     # -- to be provided by each layout --
+    all_special_ids: set[int]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens: bool = True, **_ignored) -> str:
+        raise NotImplementedError
+
     def _id_to_token(self, index: int) -> str:
         raise NotImplementedError
 

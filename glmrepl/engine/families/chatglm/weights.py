@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -33,7 +34,8 @@ def iter_checkpoint_tensors(files: list[Path]) -> tuple[Iterator[tuple[str, torc
         state = _load_pickled(files[0])  # read once: a legacy pickle cannot be memory-mapped
         return _drain(state), len(state)
     counts = [_tensor_count(file) for file in files]
-    total = None if None in counts else sum(counts)
+    known = [count for count in counts if count is not None]
+    total = sum(known) if len(known) == len(counts) else None
     return (item for file in files for item in _shard_tensors(file)), total
 
 
@@ -179,4 +181,5 @@ def dispatch_if_split(model: torch.nn.Module, device_map: dict[str, str]) -> Non
     dispatch_model(
         model, device_map=device_map, skip_keys=list(getattr(model, "_skip_keys_device_placement", None) or [])
     )
-    model.hf_device_map = device_map
+    # An attribute transformers reads; nn.Module types its attributes as tensors or modules only.
+    cast(Any, model).hf_device_map = device_map
