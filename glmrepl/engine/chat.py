@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from ..atomic import write_text_atomic
 from .errors import GlmreplError
+from .protocols import PromptFormat
 
 SAVE_FORMAT_VERSION = 1
 
@@ -77,7 +77,7 @@ class ChatSession:
         out += [{"role": m.role, "content": m.content} for m in (self.messages if messages is None else messages)]
         return out
 
-    def fit(self, prompt_format: Any, context_length: int | None, max_new_tokens: int) -> FittedPrompt:
+    def fit(self, prompt_format: PromptFormat, context_length: int | None, max_new_tokens: int) -> FittedPrompt:
         """Build prompt ids for the current conversation within the context budget.
 
         Oldest turns are dropped first (the system prompt stays); the caller

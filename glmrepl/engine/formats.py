@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .protocols import PromptFormat
+
 
 class _TransformersTokenizerFormat:
     """Shared by the generic formats: stop at the tokenizer's eos, no family defaults."""
@@ -78,7 +80,7 @@ def eos_ids(source: Any) -> list[int]:
     return [int(i) for i in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def format_for(tokenizer: Any, mode: str | None = None, extra_stop_ids: list[int] | None = None):
+def format_for(tokenizer: Any, mode: str | None = None, extra_stop_ids: list[int] | None = None) -> PromptFormat:
     """The generic format for a transformers tokenizer: chat when it has a template.
 
     ``mode`` ("chat" or "complete") is the user's ``/mode`` override.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GenerationError, Hint, first_line
+from .protocols import Tokenizer
 
 _DONE = object()
 
@@ -30,7 +31,7 @@ class IncrementalDecoder:
     the following tokens complete it.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
@@ -138,7 +139,7 @@ class GenerationRun:
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         prompt_ids: list[int],
         generate_kwargs: dict,
         stop_ids: list[int],
@@ -276,7 +277,9 @@ def _translate_error(error: BaseException) -> BaseException:
     return error
 
 
-def next_token_distribution(model: Any, tokenizer: Any, prompt_ids: list[int], k: int) -> list[tuple[str, int, float]]:
+def next_token_distribution(
+    model: Any, tokenizer: Tokenizer, prompt_ids: list[int], k: int
+) -> list[tuple[str, int, float]]:
     """The k most likely next tokens after ``prompt_ids``: (text, id, probability)."""
     import torch
 

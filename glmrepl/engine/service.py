@@ -20,6 +20,7 @@ from typing import Any
 
 from .chat import ChatSession, FittedPrompt
 from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull
+from .protocols import PromptFormat
 from .settings import Settings
 
 ROLES = ("system", "user", "assistant")
@@ -133,7 +134,7 @@ class Reply:
         run: Any,
         fitted: FittedPrompt,
         requested_max_new_tokens: int,
-        prompt_format: Any,
+        prompt_format: PromptFormat,
         stop: list[str] | tuple[str, ...],
         release,
     ):
@@ -285,7 +286,7 @@ def _plan(loaded, conversation, settings, drop_oldest, shorten_reply, stop, comp
     return Reply(run, fitted, requested, prompt_format, stop, release)
 
 
-def completion_format(loaded: Any):
+def completion_format(loaded: Any) -> PromptFormat:
     from .loading import choose_format
 
     if not loaded.prompt_format.is_chat:
@@ -295,7 +296,7 @@ def completion_format(loaded: Any):
 
 def fit_prompt(
     conversation: ChatSession,
-    prompt_format: Any,
+    prompt_format: PromptFormat,
     context_length: int | None,
     max_new_tokens: int,
     *,
