@@ -118,7 +118,7 @@ def run_server(backend, settings, api_key, host: str, port: int, status) -> int:
     where = f"[{host}]" if ":" in host else host
     print(
         f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on http://{where}:{port} "
-        f"· OpenAI API at /v1 · ChatGLM api.py at / · {'API key required' if api_key else 'no API key'}",
+        f"· chat page at / · OpenAI API at /v1 · ChatGLM api.py at POST / · {'API key required' if api_key else 'no API key'}",
         file=sys.stderr,
         flush=True,
     )
