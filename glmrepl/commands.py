@@ -133,6 +133,9 @@ def cmd_device(app: App, args: str):
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
         lines += [f"  {device}: {figures}" for device, figures in memory_report()]
+        from .engine.cpu import threads_line
+
+        lines.append(f"  cpu: {threads_line()}")
         return Text("\n".join(lines))
     mode = next((w for w in words if w in MODES), None)
     dtype = next((w for w in words if w in DTYPES), "auto")
@@ -248,7 +251,8 @@ def cmd_stats(app: App, args: str):
     stats = app.last_stats
     if stats is None:
         return Text("no reply yet", "dim")
-    return Text(format_stats(stats) + f" · prompt {stats.prompt_tokens} tokens · stopped: {stats.stop_reason}")
+    path = f" · path: {stats.path}" if stats.path else ""
+    return Text(format_stats(stats) + f" · prompt {stats.prompt_tokens} tokens · stopped: {stats.stop_reason}{path}")
 
 
 def format_stats(stats) -> str:

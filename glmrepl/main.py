@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sharded mode: put layers that fit on no GPU on the CPU (slower)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="{4,8}",
                         help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU compute threads (default: the physical cores available)")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -109,6 +111,9 @@ def build_app(args, config):
                           trust_remote_code=args.trust_remote_code, family=args.family,
                           gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload,
                           quantize=args.quantize)
+    from .engine.cpu import request_threads
+
+    request_threads(args.threads)  # ValueError -> usage error
     if args.max_gpu_memory:
         from .engine.placement import parse_gpu_memory
 

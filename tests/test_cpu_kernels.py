@@ -3,8 +3,6 @@ checkpoints' logits through them, and the torch path whenever they cannot be bui
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 from chatglm_reference import load_reference, reference_logits
 
@@ -21,27 +19,25 @@ def kernels():
     cpu_kernels.reset()
 
 
-@contextlib.contextmanager
-def compiler(command: str):
-    """torch.compile's C++ compiler set to ``command`` (as CXX would), the probe forgotten."""
-    from torch._inductor import config
-
+@pytest.fixture
+def compiler(monkeypatch, tmp_path):
+    """Set the C++ compiler (CXX, as torch.compile reads it) on an empty kernel cache."""
     from glmrepl.engine import cpu, cpu_kernels
 
-    cpu.compiler_problem.cache_clear()
-    cpu_kernels.reset()
-    try:
-        with config.patch({"cpp.cxx": (None, command)}):
-            yield
-    finally:
+    def use(command: str) -> None:
+        monkeypatch.setenv("CXX", command)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         cpu.compiler_problem.cache_clear()
         cpu_kernels.reset()
 
+    yield use
+    cpu.compiler_problem.cache_clear()
+    cpu_kernels.reset()
+
 
 @pytest.fixture
-def no_compiler():
-    with compiler("/nonexistent/bin/g++"):
-        yield
+def no_compiler(compiler):
+    compiler("/nonexistent/bin/g++")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -107,20 +103,30 @@ def test_no_compiler_keeps_the_torch_path_and_says_why(no_compiler):
     assert torch.allclose(layer(x), F.linear(x, layer.dequantized(), layer.bias), atol=1e-5)
 
 
-def test_a_compiler_that_fails_keeps_the_torch_path(monkeypatch, tmp_path):
+def test_a_compiler_that_fails_keeps_the_torch_path(compiler, tmp_path):
     """A compiler that answers --version but cannot build (a broken install)."""
-    from torch._inductor.codecache import CppCodeCache
-
     from glmrepl.engine import cpu_kernels
 
     broken = tmp_path / "g++"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'g++ 0.0' && exit 0\necho 'cc1plus: fatal error' >&2\nexit 1\n")
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'g++ 0.0' && exit 0\n"
+                      "echo 'cc1plus: fatal error: omp.h missing' >&2\nexit 1\n")
     broken.chmod(0o755)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # nothing built before,
-    monkeypatch.setattr(CppCodeCache, "cache", {})  # on disk or in this process
-    with compiler(str(broken)):
-        assert cpu_kernels.wait_until_built() is None
-        assert "kernel build failed" in cpu_kernels.status()
+    compiler(str(broken))
+    assert cpu_kernels.wait_until_built() is None
+    assert cpu_kernels.status() == "torch ops (kernel build failed: cc1plus: fatal error: omp.h missing)"
+
+
+def test_the_library_is_built_once_and_reused(compiler):
+    from glmrepl.engine import cpu_kernels
+
+    compiler("g++")
+    assert cpu_kernels.wait_until_built() is not None
+    built = list(cpu_kernels.cache_folder().glob("quant-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels.reset()
+    assert cpu_kernels.wait_until_built() is not None
+    assert [p.stat().st_mtime_ns for p in cpu_kernels.cache_folder().glob("quant-*.so")] == [stamp]
 
 
 def test_a_kernel_failing_at_run_time_falls_back_without_losing_the_reply(kernels, monkeypatch):

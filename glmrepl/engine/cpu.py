@@ -17,12 +17,16 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def compiler_command() -> str:
-    """The C++ compiler torch's code cache will call (CXX, else g++), as torch.compile finds it."""
-    from torch._inductor import config
+    """The C++ compiler torch.compile would call: CXX, else inductor's setting when it is
+    already imported (importing it only to ask takes seconds), else g++."""
+    import sys
 
-    setting = config.cpp.cxx
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    config = sys.modules.get("torch._inductor.config")
+    setting = getattr(getattr(config, "cpp", None), "cxx", None) if config else None
     named = [c for c in (setting if isinstance(setting, (list, tuple)) else (setting,)) if c]
-    return named[-1] if named else os.environ.get("CXX") or "g++"
+    return named[-1] if named else "g++"
 
 
 @functools.cache
@@ -67,6 +71,12 @@ def physical_cores() -> int:
     return max(1, len(cores) or len(allowed))
 
 
+def cpu_flags() -> str:
+    """The processor's feature flags as /proc/cpuinfo lists them ('' where it does not)."""
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                 if line.startswith(("flags", "Features"))), "")
+
+
 @functools.cache
 def native_bf16() -> str | None:
     """Which instructions compute bfloat16 natively here (e.g. 'AMX'), or None."""
@@ -79,8 +89,7 @@ def native_bf16() -> str | None:
             return "AVX512-BF16"
     except (AttributeError, RuntimeError):
         pass
-    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo().splitlines()
-                  if line.startswith("flags")), [])
+    flags = cpu_flags().split()
     found = [flag for flag in _BF16_FLAGS if flag in flags]
     return {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}[found[-1]] if found else None
 
@@ -95,11 +104,28 @@ def auto_dtype(stored_dtype: str | None) -> tuple[str, str]:
     return "float32", "the CPU has no native bfloat16 (no AVX512-BF16/AMX): float32 is faster"
 
 
-def set_threads(count: int | None) -> int:
-    """Use ``count`` compute threads (default: the physical cores); returns the number used."""
+_requested_threads: list[int] = []  # --threads, once given
+
+
+def request_threads(count: int | None) -> None:
+    """Remember --threads (applied when generation starts: torch is not imported here)."""
+    if count is not None and count < 1:
+        raise ValueError(f"--threads must be 1 or more, not {count}")
+    _requested_threads[:] = [count] if count else []
+
+
+def apply_threads() -> int:
+    """Use the requested compute threads, else the physical cores; returns the number in use."""
     import torch
 
-    threads = count or physical_cores()
+    threads = _requested_threads[0] if _requested_threads else physical_cores()
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return threads
+
+
+def threads_line() -> str:
+    """For /device: the compute threads and where the number comes from."""
+    threads = apply_threads()
+    origin = "--threads" if _requested_threads else "the physical cores available"
+    return f"{threads} compute thread{'s' if threads != 1 else ''} ({origin})"

@@ -12,17 +12,24 @@ so only the activation vector is split, never the weight.
 Why C++ and not a ``torch.compile``d expression: on AVX2 processors
 inductor loads 8 int8 lanes at a time through a bounce buffer, and the
 compiled ``(w.float() * x).sum(-1)`` measured slower than a float32 matmul
-(benchmarks/quant.py prints both). The source is built with torch's own C++
-code cache (the compiler, flags and on-disk cache torch.compile uses), in the
-background: until it is ready, or when there is no working compiler, the
-quantized layers use the plain torch path and say why (``status()``).
+(benchmarks/quant.py prints both); importing inductor alone also takes seconds
+of the first reply's CPU time. The source is built by the C++ compiler
+torch.compile would use (CXX, else g++), in the background, once per
+machine: the library is cached under ~/.cache/glmrepl/kernels. Until it is
+ready, or when there is no working compiler, the quantized layers use the
+plain torch path and say why (``status()``).
 """
 
 from __future__ import annotations
 
 import contextvars
 import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
 import threading
+from pathlib import Path
 
 from .errors import first_line
 
@@ -96,6 +103,7 @@ extern "C" void int4_gemv(const int8_t* w, const float* even, const float* odd, 
 }
 """
 
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _lock = threading.Lock()
 _state: dict = {}  # "library" (ctypes.CDLL), "reason" (why not), "building" (a Thread)
 
@@ -109,6 +117,12 @@ def library():
         return lib
     with _lock:
         if "building" not in _state and "reason" not in _state:
+            from .cpu import compiler_problem
+
+            problem = compiler_problem()  # a few milliseconds: the load can say it at once
+            if problem:
+                _state["reason"] = problem
+                return None
             # torch's compiler settings are per context: the build sees the caller's.
             context = contextvars.copy_context()
             thread = threading.Thread(target=context.run, args=(_build,), name="glmrepl-kernels", daemon=True)
@@ -137,6 +151,26 @@ def status() -> str:
     return "torch ops (fused kernels not built yet)"
 
 
+def decode_path(model) -> str:
+    """How a model decodes, for /stats: 'eager', or its quantized layers' path."""
+    from .quant import QuantizedLinear
+
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    if layer is None:
+        return "eager"
+    if layer.weight.device.type != "cpu":
+        return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
+    return f"int{layer.bits} {status()}"
+
+
+def fallback_note(model) -> str | None:
+    """One line for the load report when quantized CPU layers cannot use the kernels."""
+    path = decode_path(model)
+    if "torch ops (" not in path or "being compiled" in path or "not built" in path:
+        return None
+    return f"{path.split(' ', 1)[0]} layers decode with torch ops, slower: {_state.get('reason')}"
+
+
 def disable(reason: str) -> None:
     """Stop using the kernels (a call failed); the torch path carries on."""
     _state.pop("library", None)
@@ -152,21 +186,44 @@ def reset() -> None:
 
 
 def _build() -> None:
-    from .cpu import compiler_problem
-
-    problem = compiler_problem()
-    if problem:
-        _state["reason"] = problem
-        return
     try:
-        from torch._inductor.codecache import CppCodeCache
-
-        lib = CppCodeCache.load(_SOURCE, device_type="cpu")
+        lib = ctypes.CDLL(str(_built_library()))
         for name in ("int8_gemv", "int4_gemv"):
             getattr(lib, name).restype = None
         _state["library"] = lib
-    except Exception as error:  # a broken compiler, OpenMP missing, a read-only cache directory...
+    except Exception as error:  # a broken compiler, OpenMP missing, an unwritable cache...
         _state["reason"] = f"kernel build failed: {first_line(error)}"
+
+
+def cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glmrepl" / "kernels"
+
+
+def _built_library() -> Path:
+    """The shared library for this source, compiler and processor: from the cache, else built.
+
+    Built for this processor (-march=native), so the key holds the CPU's flags: a
+    cache shared between machines never hands one the other's instructions."""
+    from .cpu import compiler_command, cpu_flags
+
+    compiler = compiler_command()
+    version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True,
+                             timeout=60).stdout
+    key = hashlib.sha256("\0".join((_SOURCE, " ".join(_FLAGS), version, cpu_flags())).encode()).hexdigest()[:24]
+    target = cache_folder() / f"quant-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        source, built = Path(scratch) / "quant.cpp", Path(scratch) / "quant.so"
+        source.write_text(_SOURCE, encoding="utf-8")
+        result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], capture_output=True,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError((result.stderr or result.stdout or f"{compiler} failed").strip().splitlines()[0])
+        os.replace(built, target)  # atomic: another process sees the whole library or none
+    return target
 
 
 def int8_gemv(lib, packed, x, scale, threads: int):
