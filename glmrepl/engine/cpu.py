@@ -101,7 +101,7 @@ def auto_dtype(stored_dtype: str | None) -> tuple[str, str]:
         return "float32", f"the checkpoint is stored in {stored_dtype or 'float32'}"
     if native:
         return "bfloat16", f"the CPU computes bfloat16 natively ({native}) and the checkpoint is {stored_dtype}"
-    return "float32", "the CPU has no native bfloat16 (no AVX512-BF16/AMX): float32 is faster"
+    return "float32", "the CPU has no native bfloat16 (AVX512-BF16 or AMX)"
 
 
 _requested_threads: list[int] = []  # --threads, once given

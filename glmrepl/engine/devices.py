@@ -2,7 +2,8 @@
 
 ``cpu`` keeps float32, or bfloat16 when asked, or for ``auto`` when the
 processor computes bfloat16 natively and the checkpoint is stored in 16 bits
-(glmrepl.engine.cpu): half precision matmuls are not implemented for CPU tensors. ``gpu`` is float16 on one CUDA device (bfloat16
+(glmrepl.engine.cpu); half precision matmuls are not implemented for CPU
+tensors. ``gpu`` is float16 on one CUDA device (bfloat16
 when the checkpoint is stored so and the GPU supports it). ``sharded`` splits
 layers across GPUs with accelerate. ``auto`` picks for the machine, and says why.
 """
