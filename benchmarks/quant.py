@@ -133,7 +133,11 @@ def resident(folder: str, bits: int, threads: int) -> dict:
     from glmrepl.engine import cpu
     from glmrepl.engine.devices import resident_memory_bytes
 
-    import torch  # noqa: F401  (the runtime's own memory is the baseline, not the model's)
+    # The baseline holds the libraries a load brings in (torch, transformers, the loader):
+    # about 0.1 GiB that does not grow with the model.
+    import transformers.modeling_utils  # noqa: F401
+
+    from glmrepl.engine.families.chatglm import load as _loader  # noqa: F401
 
     cpu.request_threads(threads)
     baseline = resident_memory_bytes()
