@@ -65,6 +65,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model")
     parser.add_argument("--merge-adapter", action="store_true",
                         help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU compute threads (default: the physical cores available)")
     parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
                         help="force the ChatGLM generation when detection is wrong")
     parser.add_argument("--max-new-tokens", type=int, metavar="N")
@@ -171,6 +173,9 @@ def load_options(args, config):
                           gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload,
                           quantize=args.quantize, adapter=Path(args.adapter).expanduser() if args.adapter else None,
                           merge_adapter=args.merge_adapter)
+    from .engine.cpu import request_threads
+
+    request_threads(args.threads)  # ValueError -> usage error
     if args.max_gpu_memory:
         from .engine.placement import parse_gpu_memory
 

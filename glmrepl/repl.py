@@ -182,6 +182,11 @@ class LineHandler:
             self.renderer.text(f"  {info.family}: {info.family_reason}", "dim")
         if info.placement.reason:
             self.renderer.text(f"  {info.placement.mode}: {info.placement.reason}", "dim")
+        from .engine.cpu_kernels import fallback_note
+
+        note = fallback_note(job.result.model)
+        if note:
+            self.renderer.text(f"  {note}", "dim")
         return True
 
     def copy_to_clipboard(self, escape: TerminalEscape) -> None:
