@@ -14,9 +14,16 @@ from pathlib import Path
 from glmrepl import tiny
 
 QWEN2_0_5B_SHAPE = dict(
-    hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
 )
 READY_MARKER = ".complete"
 
@@ -51,8 +58,7 @@ def build_checkpoint(dest: Path) -> None:
     tokenizer.save(str(dest / "tokenizer.json"))
     eot, im_end = tokenizer.token_to_id(tiny.ENDOFTEXT), tokenizer.token_to_id(tiny.IM_END)
     (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
-    config = Qwen2Config(**QWEN2_0_5B_SHAPE, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
-                         dtype="bfloat16")
+    config = Qwen2Config(**QWEN2_0_5B_SHAPE, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, dtype="bfloat16")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.SEED)
         # Built directly in bfloat16: half the memory and time of a float32 init.
@@ -93,7 +99,13 @@ def padded_tokenizer(vocab_size: int):
 
 def tokenizer_config() -> dict:
     return {
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": tiny.IM_END,
-        "pad_token": tiny.ENDOFTEXT, "unk_token": None, "add_prefix_space": False, "errors": "replace",
-        "model_max_length": 32768, "chat_template": tiny.CHATML_TEMPLATE,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": tiny.IM_END,
+        "pad_token": tiny.ENDOFTEXT,
+        "unk_token": None,
+        "add_prefix_space": False,
+        "errors": "replace",
+        "model_max_length": 32768,
+        "chat_template": tiny.CHATML_TEMPLATE,
     }

@@ -18,11 +18,16 @@ def describe_machine() -> dict:
     import glmrepl
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "ram_bytes": _ram_bytes(), "gpu": _gpu_name(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "glmrepl": glmrepl.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": _ram_bytes(),
+        "gpu": _gpu_name(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "glmrepl": glmrepl.__version__,
     }
 
 

@@ -30,9 +30,15 @@ def measure(first: Path, second: Path, dtype: str, mode: str = "cpu", swaps: int
     use(manager.current.model)
     after_swaps, gpu_after_swaps = resident_memory_bytes(), gpu_allocated()
     weights = sum(p.numel() * p.element_size() for p in manager.current.model.parameters())
-    return {"baseline_bytes": baseline, "after_one_load_bytes": after_one, "after_swaps_bytes": after_swaps,
-            "gpu_after_one_load_bytes": gpu_after_one, "gpu_after_swaps_bytes": gpu_after_swaps,
-            "swaps": swaps, "weight_bytes": weights}
+    return {
+        "baseline_bytes": baseline,
+        "after_one_load_bytes": after_one,
+        "after_swaps_bytes": after_swaps,
+        "gpu_after_one_load_bytes": gpu_after_one,
+        "gpu_after_swaps_bytes": gpu_after_swaps,
+        "swaps": swaps,
+        "weight_bytes": weights,
+    }
 
 
 def use(model) -> None:

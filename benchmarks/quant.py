@@ -36,9 +36,18 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: in
 
     heads, groups, head_dim = hidden // 128, 2, 128
     config = json.loads((TOKENIZER / "config.json").read_text(encoding="utf-8"))
-    config.update(hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=heads,
-                  multi_query_group_num=groups, kv_channels=head_dim, padded_vocab_size=vocab, vocab_size=vocab,
-                  seq_length=2048, _name_or_path="chatglm2-bench")
+    config.update(
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_layers=layers,
+        num_attention_heads=heads,
+        multi_query_group_num=groups,
+        kv_channels=head_dim,
+        padded_vocab_size=vocab,
+        vocab_size=vocab,
+        seq_length=2048,
+        _name_or_path="chatglm2-bench",
+    )
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     for name in ("tokenizer.model", "tokenizer_config.json"):
@@ -49,18 +58,24 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: in
         return torch.randn(*shape, generator=generator) * 0.02
 
     qkv = heads * head_dim + 2 * groups * head_dim
-    state = {"transformer.embedding.word_embeddings.weight": rand(vocab, hidden),
-             "transformer.encoder.final_layernorm.weight": torch.ones(hidden),
-             "transformer.output_layer.weight": rand(vocab, hidden)}
+    state = {
+        "transformer.embedding.word_embeddings.weight": rand(vocab, hidden),
+        "transformer.encoder.final_layernorm.weight": torch.ones(hidden),
+        "transformer.output_layer.weight": rand(vocab, hidden),
+    }
     for i in range(layers):
         prefix = f"transformer.encoder.layers.{i}."
-        state.update({prefix + "input_layernorm.weight": torch.ones(hidden),
-                      prefix + "post_attention_layernorm.weight": torch.ones(hidden),
-                      prefix + "self_attention.query_key_value.weight": rand(qkv, hidden),
-                      prefix + "self_attention.query_key_value.bias": rand(qkv),
-                      prefix + "self_attention.dense.weight": rand(hidden, heads * head_dim),
-                      prefix + "mlp.dense_h_to_4h.weight": rand(2 * ffn, hidden),
-                      prefix + "mlp.dense_4h_to_h.weight": rand(hidden, ffn)})
+        state.update(
+            {
+                prefix + "input_layernorm.weight": torch.ones(hidden),
+                prefix + "post_attention_layernorm.weight": torch.ones(hidden),
+                prefix + "self_attention.query_key_value.weight": rand(qkv, hidden),
+                prefix + "self_attention.query_key_value.bias": rand(qkv),
+                prefix + "self_attention.dense.weight": rand(hidden, heads * head_dim),
+                prefix + "mlp.dense_h_to_4h.weight": rand(2 * ffn, hidden),
+                prefix + "mlp.dense_4h_to_h.weight": rand(hidden, ffn),
+            }
+        )
     save_file(state, str(folder / "model.safetensors"))
     return sum(t.numel() for t in state.values())
 
@@ -84,7 +99,14 @@ def load(folder: Path, bits: int):
     from glmrepl.engine.families import detect_family, load_family
 
     match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    return load_family(folder, match, weight_files=[folder / "model.safetensors"], dtype=torch.float32, device_map="cpu", quantize=bits or None)
+    return load_family(
+        folder,
+        match,
+        weight_files=[folder / "model.safetensors"],
+        dtype=torch.float32,
+        device_map="cpu",
+        quantize=bits or None,
+    )
 
 
 def generation(parts, prompt_tokens: int, new_tokens: int) -> dict:
@@ -96,8 +118,11 @@ def generation(parts, prompt_tokens: int, new_tokens: int) -> dict:
     run = GenerationRun(parts.model, parts.tokenizer, ids, kwargs, [])
     for _ in run:
         pass
-    return {"first_token_s": run.stats.first_token_s, "decode_tokens_per_s": run.stats.decode_tokens_per_s,
-            "path": run.stats.path}
+    return {
+        "first_token_s": run.stats.first_token_s,
+        "decode_tokens_per_s": run.stats.decode_tokens_per_s,
+        "path": run.stats.path,
+    }
 
 
 def alternating_speed(folder: str, threads: int, repeats: int) -> dict:
@@ -116,27 +141,30 @@ def alternating_speed(folder: str, threads: int, repeats: int) -> dict:
     for _ in range(repeats):
         for bits, parts in models.items():
             runs[bits].append(generation(parts, PROMPT_TOKENS, NEW_TOKENS))
-    long_prompt = {bits: [generation(parts, 1024, 2)["first_token_s"] for _ in range(max(1, repeats // 2))]
-                   for bits, parts in models.items()}
+    long_prompt = {
+        bits: [generation(parts, 1024, 2)["first_token_s"] for _ in range(max(1, repeats // 2))]
+        for bits, parts in models.items()
+    }
     result = {"kernels_built": kernels, "threads": threads, "repeats": repeats}
     for bits, measured in runs.items():
         result[f"int{bits}" if bits else "float32"] = {
             "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
             "first_token_s_64": statistics.median(r["first_token_s"] for r in measured),
             "first_token_s_1024": statistics.median(long_prompt[bits]),
-            "path": measured[-1]["path"], "runs": [r["decode_tokens_per_s"] for r in measured]}
+            "path": measured[-1]["path"],
+            "runs": [r["decode_tokens_per_s"] for r in measured],
+        }
     return result
 
 
 def resident(folder: str, bits: int, threads: int) -> dict:
     """Run in a child process: resident memory after loading and one short reply."""
-    from glmrepl.engine import cpu
-    from glmrepl.engine.devices import resident_memory_bytes
-
     # The baseline holds the libraries a load brings in (torch, transformers, the loader):
     # about 0.1 GiB that does not grow with the model.
     import transformers.modeling_utils  # noqa: F401
 
+    from glmrepl.engine import cpu
+    from glmrepl.engine.devices import resident_memory_bytes
     from glmrepl.engine.families.chatglm import load as _loader  # noqa: F401
 
     cpu.request_threads(threads)
@@ -174,8 +202,9 @@ def layer_strategies(threads: int, size: int = 4096, repeats: int = 20) -> list[
     packed4, scale4 = quant.quantize_weight(weight, 4)
     even, odd = x[0, 0, 0::2].contiguous(), x[0, 0, 1::2].contiguous()
     compiled8 = torch.compile(lambda v, w, s: (w.float() * v).sum(-1) * s, dynamic=False)
-    compiled4 = torch.compile(lambda e, o, w, s: ((w >> 4).float() * e + ((w << 4) >> 4).float() * o).sum(-1) * s,
-                              dynamic=False)
+    compiled4 = torch.compile(
+        lambda e, o, w, s: ((w >> 4).float() * e + ((w << 4) >> 4).float() * o).sum(-1) * s, dynamic=False
+    )
     strategies = {
         "float32 F.linear": lambda: F.linear(x, weight),
         "int8 blocked dequantize + matmul": lambda: quant.blocked_linear(x, packed8, scale8, 8),
@@ -206,8 +235,9 @@ def _timed(run, repeats: int) -> float:
 def child(*args: str, env: dict | None = None) -> dict:
     import os
 
-    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, **(env or {})))
+    result = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **(env or {}))
+    )
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"child {args} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -219,19 +249,27 @@ def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads
     import statistics
 
     folder, params = ensure_checkpoint(cache, layers, hidden, ffn, vocab)
-    results = {"checkpoint": {"layers": layers, "hidden": hidden, "ffn": ffn, "vocab": vocab, "parameters": params},
-               "threads": threads, "load_average_before": os.getloadavg()}
+    results = {
+        "checkpoint": {"layers": layers, "hidden": hidden, "ffn": ffn, "vocab": vocab, "parameters": params},
+        "threads": threads,
+        "load_average_before": os.getloadavg(),
+    }
     print("[quant] one 4096x4096 layer ...", flush=True)
     results["layer_4096"] = child("--layer", "--threads", str(threads))
     print("[quant] decode, float32 / int8 / int4 in turns ...", flush=True)
     results["speed"] = child("--speed", str(folder), "--threads", str(threads), "--repeats", str(repeats))
     print("[quant] resident memory ...", flush=True)
     results["memory"] = [child("--resident", f"{folder}:{bits}", "--threads", str(threads)) for bits in (0, 8, 4)]
-    print("[quant] first reply after load (int4): no compiler (the torch path), kernels cold, kernels cached ...",
-          flush=True)
+    print(
+        "[quant] first reply after load (int4): no compiler (the torch path), kernels cold, kernels cached ...",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="glmrepl-kernel-cache-") as scratch:
-        sides = {"no compiler": {"CXX": "/nonexistent/g++"},
-                 "kernels built during it": None, "kernels cached": {"XDG_CACHE_HOME": scratch}}
+        sides = {
+            "no compiler": {"CXX": "/nonexistent/g++"},
+            "kernels built during it": None,
+            "kernels cached": {"XDG_CACHE_HOME": scratch},
+        }
         child("--first-reply", f"{folder}:4", "--threads", str(threads), env=sides["kernels cached"])  # fills it
         runs: dict = {side: [] for side in sides}
         for _ in range(max(2, repeats // 2)):
@@ -239,9 +277,14 @@ def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads
                 if env is None:
                     env = {"XDG_CACHE_HOME": tempfile.mkdtemp(dir=scratch)}
                 runs[side].append(child("--first-reply", f"{folder}:4", "--threads", str(threads), env=env))
-    results["first_reply_int4"] = {side: {"first_reply_s": statistics.median(r["first_reply_s"] for r in found),
-                                          "load_s": statistics.median(r["load_s"] for r in found),
-                                          "path": found[-1]["path"]} for side, found in runs.items()}
+    results["first_reply_int4"] = {
+        side: {
+            "first_reply_s": statistics.median(r["first_reply_s"] for r in found),
+            "load_s": statistics.median(r["load_s"] for r in found),
+            "path": found[-1]["path"],
+        }
+        for side, found in runs.items()
+    }
     results["load_average_after"] = os.getloadavg()
     return results
 
@@ -251,16 +294,29 @@ def table(results: dict) -> str:
     base = speed["float32"]
     rows = [("measure", "float32", "int8", "int4", "target")]
     rows.append(("decode tok/s", *(f"{speed[k]['decode_tokens_per_s']:.2f}" for k in ("float32", "int8", "int4")), ""))
-    rows.append(("  vs float32", "1.00", f"{speed['int8']['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
-                 f"{speed['int4']['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", "int8 >= 3.5x, int4 >= 3x"))
+    rows.append(
+        (
+            "  vs float32",
+            "1.00",
+            f"{speed['int8']['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
+            f"{speed['int4']['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
+            "int8 >= 3.5x, int4 >= 3x",
+        )
+    )
     for prompt in (64, 1024):
-        rows.append((f"first token s ({prompt}-token prompt)",
-                     *(f"{speed[k][f'first_token_s_{prompt}']:.3f}" for k in ("float32", "int8", "int4")), ""))
+        rows.append(
+            (
+                f"first token s ({prompt}-token prompt)",
+                *(f"{speed[k][f'first_token_s_{prompt}']:.3f}" for k in ("float32", "int8", "int4")),
+                "",
+            )
+        )
     rows.append(("RSS over baseline / parameter bytes", *(_memory_cell(memory[b]) for b in (0, 8, 4)), "<= 1.2x"))
     rows.append(("path", *(speed[k]["path"] for k in ("float32", "int8", "int4")), ""))
     for side, figures in results["first_reply_int4"].items():
-        rows.append((f"int4 first reply after load s: {side}", "", "", f"{figures['first_reply_s']:.2f}",
-                     figures["path"]))
+        rows.append(
+            (f"int4 first reply after load s: {side}", "", "", f"{figures['first_reply_s']:.2f}", figures["path"])
+        )
     for layer in results["layer_4096"]:
         rows.append((f"4096x4096, 1 token: {layer['strategy']}", "", "", f"{layer['ms_per_call']:.2f} ms", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

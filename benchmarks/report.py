@@ -34,21 +34,62 @@ def mode_rows(label: str, figures: dict) -> list[tuple]:
     switch = figures["switch"]
     switch_ratio = switch["switch_s"] / switch["fresh_load_s"]
     return [
-        ("decode tok/s", label, f"{raw['decode_tokens_per_s']:.2f}", f"{ours['decode_tokens_per_s']:.2f}",
-         f"ratio {decode_ratio:.3f} (best {best_decode:.3f}; {gen['path']})", ">= 2.0", verdict(decode_ratio >= 2.0)),
-        ("first token s", label, f"{raw['first_token_s']:.3f}", f"{ours['first_token_s']:.3f}",
-         f"overhead {ttft_overhead:+.1%} (best {best_ttft:+.1%})", "<= 5%", verdict(ttft_overhead <= 0.05)),
+        (
+            "decode tok/s",
+            label,
+            f"{raw['decode_tokens_per_s']:.2f}",
+            f"{ours['decode_tokens_per_s']:.2f}",
+            f"ratio {decode_ratio:.3f} (best {best_decode:.3f}; {gen['path']})",
+            ">= 2.0",
+            verdict(decode_ratio >= 2.0),
+        ),
+        (
+            "first token s",
+            label,
+            f"{raw['first_token_s']:.3f}",
+            f"{ours['first_token_s']:.3f}",
+            f"overhead {ttft_overhead:+.1%} (best {best_ttft:+.1%})",
+            "<= 5%",
+            verdict(ttft_overhead <= 0.05),
+        ),
         generation_rows(label, gen)[2],  # first token of a 1024-token prompt
-        ("load s", label, f"{load['raw_s']:.2f}", f"{load['glmrepl_s']:.2f}",
-         f"ratio {load_ratio:.3f}", "<= 1.05", verdict(load_ratio <= 1.05)),
-        ("/device switch s (vs fresh load)", label, f"{switch['fresh_load_s']:.2f}", f"{switch['switch_s']:.2f}",
-         f"ratio {switch_ratio:.3f} ({switch['switch_to']})", "<= 0.5", verdict(switch_ratio <= 0.5)),
-        ("RSS GiB 1 load / 10 swaps", label, "", f"{memory['after_one_load_bytes'] / GIB:.2f} / "
-         f"{memory['after_swaps_bytes'] / GIB:.2f}", f"ratio {swap_ratio:.3f}", "<= 1.05", verdict(swap_ratio <= 1.05)),
-        ("roof: share of bw/bytes", label, f"{raw['decode_tokens_per_s'] / ceiling:.0%}",
-         f"{ours['decode_tokens_per_s'] / ceiling:.0%}",
-         f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s / {roof['weight_bytes_per_token'] / 1e9:.2f} GB"
-         f" = {ceiling:.1f} tok/s", "", ""),
+        (
+            "load s",
+            label,
+            f"{load['raw_s']:.2f}",
+            f"{load['glmrepl_s']:.2f}",
+            f"ratio {load_ratio:.3f}",
+            "<= 1.05",
+            verdict(load_ratio <= 1.05),
+        ),
+        (
+            "/device switch s (vs fresh load)",
+            label,
+            f"{switch['fresh_load_s']:.2f}",
+            f"{switch['switch_s']:.2f}",
+            f"ratio {switch_ratio:.3f} ({switch['switch_to']})",
+            "<= 0.5",
+            verdict(switch_ratio <= 0.5),
+        ),
+        (
+            "RSS GiB 1 load / 10 swaps",
+            label,
+            "",
+            f"{memory['after_one_load_bytes'] / GIB:.2f} / {memory['after_swaps_bytes'] / GIB:.2f}",
+            f"ratio {swap_ratio:.3f}",
+            "<= 1.05",
+            verdict(swap_ratio <= 1.05),
+        ),
+        (
+            "roof: share of bw/bytes",
+            label,
+            f"{raw['decode_tokens_per_s'] / ceiling:.0%}",
+            f"{ours['decode_tokens_per_s'] / ceiling:.0%}",
+            f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s / {roof['weight_bytes_per_token'] / 1e9:.2f} GB"
+            f" = {ceiling:.1f} tok/s",
+            "",
+            "",
+        ),
     ]
 
 
@@ -56,13 +97,33 @@ def generation_rows(label: str, gen: dict) -> list[tuple]:
     raw, ours = gen["raw"], gen["glmrepl"]
     decode_ratio = ours["decode_tokens_per_s"] / raw["decode_tokens_per_s"]
     long = gen["first_token_s_1024"]
-    rows = [("decode tok/s", label, f"{raw['decode_tokens_per_s']:.2f}", f"{ours['decode_tokens_per_s']:.2f}",
-             f"ratio {decode_ratio:.3f} (path: {gen['path']})", ">= 2.0", verdict(decode_ratio >= 2.0))]
-    for name, pair in (("first token s (64)", (raw["first_token_s"], ours["first_token_s"])),
-                       ("first token s (1024)", (long["raw"], long["glmrepl"]))):
+    rows = [
+        (
+            "decode tok/s",
+            label,
+            f"{raw['decode_tokens_per_s']:.2f}",
+            f"{ours['decode_tokens_per_s']:.2f}",
+            f"ratio {decode_ratio:.3f} (path: {gen['path']})",
+            ">= 2.0",
+            verdict(decode_ratio >= 2.0),
+        )
+    ]
+    for name, pair in (
+        ("first token s (64)", (raw["first_token_s"], ours["first_token_s"])),
+        ("first token s (1024)", (long["raw"], long["glmrepl"])),
+    ):
         overhead = pair[1] / pair[0] - 1
-        rows.append((name, label, f"{pair[0]:.3f}", f"{pair[1]:.3f}", f"overhead {overhead:+.1%}", "<= 5%",
-                     verdict(overhead <= 0.05)))
+        rows.append(
+            (
+                name,
+                label,
+                f"{pair[0]:.3f}",
+                f"{pair[1]:.3f}",
+                f"overhead {overhead:+.1%}",
+                "<= 5%",
+                verdict(overhead <= 0.05),
+            )
+        )
     return rows
 
 

@@ -50,8 +50,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side for each timing (median taken)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the checkpoint is built")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
-    parser.add_argument("--quick", action="store_true",
-                        help="generation figures only (no load, /device switch, memory or start-up timings)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="generation figures only (no load, /device switch, memory or start-up timings)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 part (benchmarks/quant.py)")
     return parser.parse_args()
@@ -63,8 +66,9 @@ def available_modes() -> tuple[Mode, ...]:
     return CPU_MODES + GPU_MODES if torch.cuda.is_available() else CPU_MODES
 
 
-def measure_mode(mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, repeats: int,
-                 quick: bool = False) -> dict:
+def measure_mode(
+    mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, repeats: int, quick: bool = False
+) -> dict:
     print(f"[{mode.label}] generation ...", flush=True)
     figures = {"generation": generation_figures(mode, model_path, bandwidth, repeats)}
     if quick:
@@ -84,8 +88,11 @@ def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: 
     loaded = load_model(LoadRequest(path=model_path, name=model_path.name, mode=mode.mode, dtype=mode.dtype))
     result = speed.compare_generation(loaded, repeats)
     weight_bytes = machine.weight_bytes_per_token(loaded.model)
-    result["roof"] = {"bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": weight_bytes,
-                      "ceiling_tokens_per_s": bandwidth / weight_bytes}
+    result["roof"] = {
+        "bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes_per_token": weight_bytes,
+        "ceiling_tokens_per_s": bandwidth / weight_bytes,
+    }
     del loaded
     free_memory()
     return result
@@ -94,8 +101,12 @@ def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: 
 def memory_in_fresh_process(model_path: Path, twin_path: Path, mode: Mode) -> dict:
     """A new interpreter, so only what glmrepl itself keeps is counted."""
     script = HERE / "memory.py"
-    output = subprocess.run([sys.executable, str(script), str(model_path), str(twin_path), mode.dtype, mode.mode],
-                            check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, str(script), str(model_path), str(twin_path), mode.dtype, mode.mode],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -113,9 +124,15 @@ def main() -> int:
     hf_logging.disable_progress_bar()  # raw loads would draw bars; glmrepl's hook still runs without them
     model_path = checkpoint.ensure_checkpoint(args.cache)
     twin_path = checkpoint.ensure_twin(model_path)
-    results = {"machine": machine.describe_machine(), "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
-               # Other processes on the machine skew timings: the load average tells.
-               "load_average_before": os.getloadavg(), "prompt_tokens": speed.PROMPT_TOKENS, "new_tokens": speed.NEW_TOKENS, "modes": {}}
+    results = {
+        "machine": machine.describe_machine(),
+        "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
+        # Other processes on the machine skew timings: the load average tells.
+        "load_average_before": os.getloadavg(),
+        "prompt_tokens": speed.PROMPT_TOKENS,
+        "new_tokens": speed.NEW_TOKENS,
+        "modes": {},
+    }
     from glmrepl.engine import cpu
 
     cpu.request_threads(args.threads)
@@ -129,12 +146,12 @@ def main() -> int:
         bandwidth["gpu"] = machine.read_bandwidth("cuda:0")
     results["bandwidth_bytes_per_s"] = bandwidth
     for mode in modes:
-        results["modes"][mode.label] = measure_mode(mode, model_path, twin_path, bandwidth[mode.mode], args.repeats,
-                                                    args.quick)
+        results["modes"][mode.label] = measure_mode(
+            mode, model_path, twin_path, bandwidth[mode.mode], args.repeats, args.quick
+        )
     if not args.no_quant:
         print("int8 / int4 against float32 on a ChatGLM2-6B-shaped checkpoint ...", flush=True)
-        results["quantized"] = quant.measure(args.cache, 2, 4096, 13696, 4096, results["threads"],
-                                             max(args.repeats, 3))
+        results["quantized"] = quant.measure(args.cache, 2, 4096, 13696, 4096, results["threads"], max(args.repeats, 3))
     print()
     print(report.table(results))
     if "quantized" in results:

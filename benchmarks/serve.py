@@ -63,9 +63,26 @@ def start_server(model: Path, device: str, dtype: str) -> tuple[subprocess.Popen
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GLMREPL_API_KEY", None)
-    process = subprocess.Popen([sys.executable, "-m", "glmrepl", "serve", str(model), "--port", str(port),
-                                "--device", device, "--dtype", dtype, "--max-queue", "16"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "glmrepl",
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--max-queue",
+            "16",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -102,9 +119,16 @@ class Server:
 
 def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
     """One streamed chat request, timed from sending it: first byte, first content, last chunk."""
-    body = json.dumps({"model": server.model_id, "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "model": server.model_id,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     started = time.perf_counter()
     connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -124,8 +148,13 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
             last_content = now
     connection.close()
     decode = (tokens - 1) / (last_content - first_content) if tokens and tokens > 1 else None
-    return {"first_byte_s": first_byte - started, "first_token_s": first_content - started,
-            "decode_tokens_per_s": decode, "new_tokens": tokens, "total_s": last_content - started}
+    return {
+        "first_byte_s": first_byte - started,
+        "first_token_s": first_content - started,
+        "decode_tokens_per_s": decode,
+        "new_tokens": tokens,
+        "total_s": last_content - started,
+    }
 
 
 # -- the REPL side ------------------------------------------------------------------
@@ -151,8 +180,11 @@ def repl_reply(backend, prompt: str, new_tokens: int) -> dict:
         for _delta in reply:
             pass
     stats = reply.stats
-    return {"first_token_s": stats.first_token_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
-            "new_tokens": stats.new_tokens}
+    return {
+        "first_token_s": stats.first_token_s,
+        "decode_tokens_per_s": stats.decode_tokens_per_s,
+        "new_tokens": stats.new_tokens,
+    }
 
 
 # -- measures -------------------------------------------------------------------------
@@ -170,9 +202,11 @@ def compare_single(backend, server: Server, repeats: int, new_tokens: int) -> di
     for _ in range(repeats):
         served.append(streamed_request(server, PROMPT, new_tokens))
         repl.append(repl_reply(backend, PROMPT, new_tokens))
-    figures = {"served": {key: median_of(served, key) for key in served[0]},
-               "repl": {key: median_of(repl, key) for key in repl[0]},
-               "runs": {"served": served, "repl": repl}}
+    figures = {
+        "served": {key: median_of(served, key) for key in served[0]},
+        "repl": {key: median_of(repl, key) for key in repl[0]},
+        "runs": {"served": served, "repl": repl},
+    }
     figures["decode_ratio"] = figures["served"]["decode_tokens_per_s"] / figures["repl"]["decode_tokens_per_s"]
     return figures
 
@@ -194,26 +228,54 @@ def concurrent_clients(server: Server, clients: int, new_tokens: int) -> dict:
         thread.join()
     wall = time.perf_counter() - started
     tokens = sum(r["new_tokens"] or 0 for r in results)
-    return {"clients": clients, "tokens": tokens, "wall_s": wall, "aggregate_tokens_per_s": tokens / wall,
-            "median_first_byte_s": median_of(results, "first_byte_s"),
-            "median_first_token_s": median_of(results, "first_token_s"),
-            "max_first_token_s": max(r["first_token_s"] for r in results)}
+    return {
+        "clients": clients,
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall,
+        "median_first_byte_s": median_of(results, "first_byte_s"),
+        "median_first_token_s": median_of(results, "first_token_s"),
+        "max_first_token_s": max(r["first_token_s"] for r in results),
+    }
 
 
 def table(figures: dict) -> str:
     single = figures["single"]
     served, repl = single["served"], single["repl"]
-    rows = [("measure", "REPL path", "served", "result", "target"),
-            ("decode tok/s (streamed, 1 client)", f"{repl['decode_tokens_per_s']:.2f}",
-             f"{served['decode_tokens_per_s']:.2f}", f"ratio {single['decode_ratio']:.3f}", ">= 0.97"),
-            ("time to first token", f"{repl['first_token_s'] * 1000:.0f} ms",
-             f"{served['first_token_s'] * 1000:.0f} ms", "", ""),
-            ("time to first byte (role chunk)", "", f"{served['first_byte_s'] * 1000:.0f} ms",
-             f"{served['first_token_s'] / served['first_byte_s']:.1f}x earlier than the first token", "")]
+    rows = [
+        ("measure", "REPL path", "served", "result", "target"),
+        (
+            "decode tok/s (streamed, 1 client)",
+            f"{repl['decode_tokens_per_s']:.2f}",
+            f"{served['decode_tokens_per_s']:.2f}",
+            f"ratio {single['decode_ratio']:.3f}",
+            ">= 0.97",
+        ),
+        (
+            "time to first token",
+            f"{repl['first_token_s'] * 1000:.0f} ms",
+            f"{served['first_token_s'] * 1000:.0f} ms",
+            "",
+            "",
+        ),
+        (
+            "time to first byte (role chunk)",
+            "",
+            f"{served['first_byte_s'] * 1000:.0f} ms",
+            f"{served['first_token_s'] / served['first_byte_s']:.1f}x earlier than the first token",
+            "",
+        ),
+    ]
     for row in figures["concurrent"]:
-        rows.append((f"aggregate tok/s, {row['clients']} client(s)", "", f"{row['aggregate_tokens_per_s']:.2f}",
-                     f"first token median {row['median_first_token_s']:.2f} s, worst {row['max_first_token_s']:.2f} s",
-                     "report"))
+        rows.append(
+            (
+                f"aggregate tok/s, {row['clients']} client(s)",
+                "",
+                f"{row['aggregate_tokens_per_s']:.2f}",
+                f"first token median {row['median_first_token_s']:.2f} s, worst {row['max_first_token_s']:.2f} s",
+                "report",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -232,9 +294,15 @@ def main() -> int:
     server = Server(args.model, args.device, args.dtype)
     try:
         backend = repl_backend(args.model, args.device, args.dtype)
-        results = {"machine": machine.describe_machine(), "model": args.model.name,
-                   "placement": f"{args.device} {args.dtype}", "load_average_before": os.getloadavg(),
-                   "prompt": PROMPT, "new_tokens": args.new_tokens, "client_tokens": args.client_tokens}
+        results = {
+            "machine": machine.describe_machine(),
+            "model": args.model.name,
+            "placement": f"{args.device} {args.dtype}",
+            "load_average_before": os.getloadavg(),
+            "prompt": PROMPT,
+            "new_tokens": args.new_tokens,
+            "client_tokens": args.client_tokens,
+        }
         print("one streamed request vs the REPL path ...", flush=True)
         results["single"] = compare_single(backend, server, args.repeats, args.new_tokens)
         results["concurrent"] = []

@@ -52,11 +52,20 @@ def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int =
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     streamer = _TimestampStreamer()
     with torch.inference_mode():
-        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                       eos_token_id=stop_ids, pad_token_id=stop_ids[0], **greedy_kwargs(new_tokens))
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            eos_token_id=stop_ids,
+            pad_token_id=stop_ids[0],
+            **greedy_kwargs(new_tokens),
+        )
     first, last = streamer.times[0], streamer.times[-1]
-    return {"first_token_s": first - started, "decode_tokens_per_s": (len(streamer.times) - 1) / (last - first),
-            "new_tokens": len(streamer.times)}
+    return {
+        "first_token_s": first - started,
+        "decode_tokens_per_s": (len(streamer.times) - 1) / (last - first),
+        "new_tokens": len(streamer.times),
+    }
 
 
 def long_prompt_ids(vocab_size: int, length: int = LONG_PROMPT_TOKENS) -> list[int]:
@@ -69,12 +78,17 @@ def long_prompt_ids(vocab_size: int, length: int = LONG_PROMPT_TOKENS) -> list[i
 def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
     from glmrepl.engine.generate import GenerationRun
 
-    run = GenerationRun(loaded.model, loaded.tokenizer, ids, greedy_kwargs(new_tokens),
-                        loaded.prompt_format.stop_token_ids)
+    run = GenerationRun(
+        loaded.model, loaded.tokenizer, ids, greedy_kwargs(new_tokens), loaded.prompt_format.stop_token_ids
+    )
     for _delta in run:  # the REPL prints these; consuming them is the work it does
         pass
-    return {"first_token_s": run.stats.first_token_s, "decode_tokens_per_s": run.stats.decode_tokens_per_s,
-            "new_tokens": run.stats.new_tokens, "path": run.stats.path}
+    return {
+        "first_token_s": run.stats.first_token_s,
+        "decode_tokens_per_s": run.stats.decode_tokens_per_s,
+        "new_tokens": run.stats.new_tokens,
+        "path": run.stats.path,
+    }
 
 
 def compare_generation(loaded, repeats: int) -> dict:
@@ -94,15 +108,22 @@ def compare_generation(loaded, repeats: int) -> dict:
     for _ in range(repeats):  # time to first token of a long prompt: prefill dominates
         raw_long.append(raw_generation(loaded.model, long_ids, stop_ids, new_tokens=2)["first_token_s"])
         ours_long.append(glmrepl_generation(loaded, long_ids, new_tokens=2)["first_token_s"])
-    return {"raw": _medians(raw), "glmrepl": _medians(ours), "repeats": repeats, "path": ours[-1]["path"],
-            "first_token_s_1024": {"raw": statistics.median(raw_long), "glmrepl": statistics.median(ours_long)}}
+    return {
+        "raw": _medians(raw),
+        "glmrepl": _medians(ours),
+        "repeats": repeats,
+        "path": ours[-1]["path"],
+        "first_token_s_1024": {"raw": statistics.median(raw_long), "glmrepl": statistics.median(ours_long)},
+    }
 
 
 def _medians(runs: list[dict]) -> dict:
     """Medians, and the best run: on a busy machine the best is closest to the code's own cost."""
     medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "path"}
-    best = {"best_first_token_s": min(run["first_token_s"] for run in runs),
-            "best_decode_tokens_per_s": max(run["decode_tokens_per_s"] for run in runs)}
+    best = {
+        "best_first_token_s": min(run["first_token_s"] for run in runs),
+        "best_decode_tokens_per_s": max(run["decode_tokens_per_s"] for run in runs),
+    }
     return medians | best | {"runs": runs}
 
 
@@ -110,8 +131,7 @@ def raw_load(path: Path, dtype, device_map: str) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map, local_files_only=True)
     model.eval()
     # A chat needs the tokenizer as well; glmrepl's loader reads both.
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -142,8 +162,13 @@ def compare_load(path: Path, mode: str, dtype_name: str, device_map: str, repeat
     for _ in range(repeats):
         raw.append(raw_load(path, dtype, device_map))
         ours.append(glmrepl_load(path, mode, dtype_name))
-    return {"raw_s": statistics.median(raw), "glmrepl_s": statistics.median(ours), "raw_runs": raw,
-            "glmrepl_runs": ours, "repeats": repeats}
+    return {
+        "raw_s": statistics.median(raw),
+        "glmrepl_s": statistics.median(ours),
+        "raw_runs": raw,
+        "glmrepl_runs": ours,
+        "repeats": repeats,
+    }
 
 
 def _free() -> None:

@@ -34,5 +34,10 @@ def compare_switch(path: Path, mode: str, dtype: str, repeats: int) -> dict:
             manager.move(*target)
             switches.append(time.perf_counter() - start)
     manager.unload()
-    return {"fresh_load_s": statistics.median(fresh), "switch_s": statistics.median(switches),
-            "switch_to": f"{other_mode} {other_dtype} and back", "fresh_runs": fresh, "switch_runs": switches}
+    return {
+        "fresh_load_s": statistics.median(fresh),
+        "switch_s": statistics.median(switches),
+        "switch_to": f"{other_mode} {other_dtype} and back",
+        "fresh_runs": fresh,
+        "switch_runs": switches,
+    }

@@ -24,8 +24,9 @@ def console_script() -> str:
 
 def isolated_env(home: Path) -> dict:
     """No user config or history may change what is measured."""
-    return dict(os.environ, XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
-                TERM="xterm-256color")
+    return dict(
+        os.environ, XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"), TERM="xterm-256color"
+    )
 
 
 def time_to_prompt(model: Path, dtype: str, timeout: float = 60) -> float:
@@ -34,8 +35,13 @@ def time_to_prompt(model: Path, dtype: str, timeout: float = 60) -> float:
 
     with tempfile.TemporaryDirectory() as home:
         started = time.perf_counter()
-        child = pexpect.spawn(console_script(), [str(model), "--device", "cpu", "--dtype", dtype, "--no-history"],
-                              env=isolated_env(Path(home)), dimensions=(ROWS, COLS), encoding="utf-8")
+        child = pexpect.spawn(
+            console_script(),
+            [str(model), "--device", "cpu", "--dtype", dtype, "--no-history"],
+            env=isolated_env(Path(home)),
+            dimensions=(ROWS, COLS),
+            encoding="utf-8",
+        )
         screen = pyte.Screen(COLS, ROWS)
         screen.write_process_input = child.send  # answers cursor-position requests
         stream = pyte.Stream(screen)
@@ -62,5 +68,10 @@ def measure_startup(model: Path, dtype: str, repeats: int) -> dict:
     version_wall_time()  # warm-up: the interpreter and package files in the page cache
     prompts = [time_to_prompt(model, dtype) for _ in range(repeats)]
     versions = [version_wall_time() for _ in range(repeats)]
-    return {"first_prompt_s": statistics.median(prompts), "version_s": statistics.median(versions),
-            "first_prompt_runs": prompts, "version_runs": versions, "repeats": repeats}
+    return {
+        "first_prompt_s": statistics.median(prompts),
+        "version_s": statistics.median(versions),
+        "first_prompt_runs": prompts,
+        "version_runs": versions,
+        "repeats": repeats,
+    }

@@ -8,9 +8,10 @@ drive the same paths as the REPL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .engine.chat import ChatSession
 from .engine.errors import GlmreplError, Hint

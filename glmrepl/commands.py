@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .app import App
 from .engine.errors import GlmreplError, LoadCancelled
 from .hints import explain, slash_words
-from .results import Error, Exit, Generate, TerminalEscape, Table, Text, WaitForLoad
+from .results import Error, Exit, Generate, Table, TerminalEscape, Text, WaitForLoad
 
 Handler = Callable[[App, str], object]
 Completer = Callable[[App, str], list[str]]
@@ -57,8 +57,10 @@ class CommandTable:
 
     def unknown_message(self, name: str, line: str | None = None) -> str:
         if "/" in name:  # a path such as /usr/bin/ls, meant as text
-            return f"/{name} is not a command: type /{line or '/' + name} to send text that starts with / " \
-                   "(/help lists the commands)"
+            return (
+                f"/{name} is not a command: type /{line or '/' + name} to send text that starts with / "
+                "(/help lists the commands)"
+            )
         close = closest(name.lower(), self.names())
         if close:
             return f"unknown command /{name} — did you mean /{close}? (/help lists them)"
@@ -128,16 +130,26 @@ def _server_model_table(app: App):
     current = app.status().path
     if not models:
         return Text(f"the server at {app.backend.base_url} lists no models")
-    rows = [[("*" if m.name == current else "") + m.name, m.owned_by or "-",
-             str(m.context_length) if m.context_length else "-"] for m in models]
-    return Table(["name", "owned by", "context"], rows, title=f"Models on {app.backend.base_url} (/model NAME picks one)")
+    rows = [
+        [
+            ("*" if m.name == current else "") + m.name,
+            m.owned_by or "-",
+            str(m.context_length) if m.context_length else "-",
+        ]
+        for m in models
+    ]
+    return Table(
+        ["name", "owned by", "context"], rows, title=f"Models on {app.backend.base_url} (/model NAME picks one)"
+    )
 
 
 def no_models_message(app: App) -> str:
     from .engine.catalog import default_models_dir
 
-    return (f"no checkpoints found in {default_models_dir(app.models_dir)} or the Hugging Face cache: "
-            "put a checkpoint folder there, or start glmrepl with a folder path")
+    return (
+        f"no checkpoints found in {default_models_dir(app.models_dir)} or the Hugging Face cache: "
+        "put a checkpoint folder there, or start glmrepl with a folder path"
+    )
 
 
 def cmd_device(app: App, args: str):
@@ -163,7 +175,9 @@ def cmd_device(app: App, args: str):
     dtype = next((w for w in words if w in DTYPES), "auto")
     unknown = [w for w in words if w not in MODES and w not in DTYPES]
     if unknown:
-        return Error(f"unknown device argument {unknown[0]!r}: modes are {', '.join(MODES)}; dtypes {', '.join(DTYPES)}")
+        return Error(
+            f"unknown device argument {unknown[0]!r}: modes are {', '.join(MODES)}; dtypes {', '.join(DTYPES)}"
+        )
     if app.status() is None and app.loading_job() is None:
         return _device_for_next_load(app, mode, dtype)
     status = app.require_model()
@@ -214,18 +228,23 @@ def cmd_quantize(app: App, args: str):
 
 def _require_ability(app: App, ability: str, command: str) -> None:
     if not hasattr(app.backend, ability):
-        where = getattr(app.backend, "missing_ability_reason", "here: the model runs in another process that does not offer it")
+        where = getattr(
+            app.backend, "missing_ability_reason", "here: the model runs in another process that does not offer it"
+        )
         raise GlmreplError(f"{command} is not available {where}")
 
 
 def _waiting_message(app: App, doing: str):
-    return lambda running: app.notify(f"waiting for {running} running repl{'y' if running == 1 else 'ies'} "
-                                      f"to finish before {doing} the model")
+    return lambda running: app.notify(
+        f"waiting for {running} running repl{'y' if running == 1 else 'ies'} to finish before {doing} the model"
+    )
 
 
 def cmd_system(app: App, args: str):
     if not args:
-        return Text(f"system prompt: {app.session.system}" if app.session.system else "no system prompt (/system TEXT sets one)")
+        return Text(
+            f"system prompt: {app.session.system}" if app.session.system else "no system prompt (/system TEXT sets one)"
+        )
     app.session.system = None if args.lower() in ("none", "off", "-") else args
     return Text("system prompt cleared" if app.session.system is None else "system prompt set", "dim")
 
@@ -244,8 +263,10 @@ def cmd_set(app: App, args: str):
         return Error(f"unknown setting {key!r}{hint} (settings: {', '.join(SETTINGS)})")
     if not value.strip():
         app.status()
-        return Text(f"{key} = {_show(app.settings.get(key))} (from {app.settings.source(key)}; "
-                    f"{SETTINGS[key].describe_range()})")
+        return Text(
+            f"{key} = {_show(app.settings.get(key))} (from {app.settings.source(key)}; "
+            f"{SETTINGS[key].describe_range()})"
+        )
     try:
         parsed = app.settings.set(key, value.strip())
     except ValueError as error:
@@ -337,9 +358,16 @@ def cmd_load(app: App, args: str):
             app.options.adapter = None
             return [message, Error(f"the conversation's model is not available ({error}); keeping the current one")]
     current_adapter = str(loaded.adapter_path) if loaded is not None and loaded.adapter_path else None
-    if saved_adapter and loaded is not None and current_adapter != saved_adapter and hasattr(app.backend, "set_adapter"):
+    if (
+        saved_adapter
+        and loaded is not None
+        and current_adapter != saved_adapter
+        and hasattr(app.backend, "set_adapter")
+    ):
         try:
-            adapter = app.backend.set_adapter(Path(saved_adapter), on_wait=_waiting_message(app, "putting the adapter on"))
+            adapter = app.backend.set_adapter(
+                Path(saved_adapter), on_wait=_waiting_message(app, "putting the adapter on")
+            )
         except GlmreplError as error:
             return [message, Error(f"the conversation's adapter is not available ({error})")]
         return [message, Text(f"adapter {adapter} on, as when it was saved", "dim")]
@@ -352,7 +380,9 @@ def cmd_stats(app: App, args: str):
         return Text("no reply yet", "dim")
     prompt = f" · prompt {stats.prompt_tokens} tokens" if stats.prompt_tokens is not None else ""
     counted = getattr(stats, "usage_from_server", None)
-    source = "" if counted is None else " · counts from the server" if counted else " · tokens counted as streamed chunks"
+    source = (
+        "" if counted is None else " · counts from the server" if counted else " · tokens counted as streamed chunks"
+    )
     path = f" · path: {stats.path}" if getattr(stats, "path", None) else ""
     return Text(format_stats(stats) + f"{prompt} · stopped: {stats.stop_reason}{source}{path}")
 
@@ -398,14 +428,16 @@ def tmux_clipboard_hint() -> str:
     if not os.environ.get("TMUX"):
         return ""
     try:
-        setting = subprocess.run(["tmux", "show-options", "-gv", "set-clipboard"], capture_output=True,
-                                 text=True, timeout=2).stdout.strip()
+        setting = subprocess.run(
+            ["tmux", "show-options", "-gv", "set-clipboard"], capture_output=True, text=True, timeout=2
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         setting = ""
     if setting == "on":
         return ""
-    return ("; inside tmux it reaches your terminal only with `set -g set-clipboard on` in ~/.tmux.conf"
-            + (f" (it is {setting} now)" if setting else ""))
+    return "; inside tmux it reaches your terminal only with `set -g set-clipboard on` in ~/.tmux.conf" + (
+        f" (it is {setting} now)" if setting else ""
+    )
 
 
 def cmd_mode(app: App, args: str):
@@ -413,7 +445,9 @@ def cmd_mode(app: App, args: str):
         status = app.status()
         if status is None:
             return Text(f"{app.options.prompt_mode or 'chat'} mode when a model is loaded (/mode chat|complete)")
-        return Text(f"{'chat' if status.is_chat else 'complete'} mode ({status.format_name}); /mode chat|complete switches")
+        return Text(
+            f"{'chat' if status.is_chat else 'complete'} mode ({status.format_name}); /mode chat|complete switches"
+        )
     if args not in ("chat", "complete"):
         return Error("usage: /mode chat|complete")
     app.options.prompt_mode = args
@@ -451,19 +485,50 @@ TABLE = CommandTable()
 for _command in (
     Command("help", "/help [COMMAND]", "list commands, or explain one", cmd_help, ("?",), complete_command),
     Command("clear", "/clear", "start a new conversation (settings and model stay)", cmd_clear, ("new",)),
-    Command("model", "/model [NAME|PATH]", "list local checkpoints, or switch to one (the conversation stays)",
-            cmd_model, (), complete_model),
-    Command("device", "/device [MODE] [DTYPE]", "show placement and memory, or move the model (cpu, gpu, sharded, auto)",
-            cmd_device, (), complete_device),
-    Command("adapter", "/adapter [DIR|off]", "show the adapter, put a LoRA or P-tuning v2 adapter on the model, "
-            "or take it off (no reload)", cmd_adapter, (), lambda app, prefix: ["off"]),
-    Command("quantize", "/quantize 4|8", "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
-            cmd_quantize, (), lambda app, prefix: ["4", "8"]),
+    Command(
+        "model",
+        "/model [NAME|PATH]",
+        "list local checkpoints, or switch to one (the conversation stays)",
+        cmd_model,
+        (),
+        complete_model,
+    ),
+    Command(
+        "device",
+        "/device [MODE] [DTYPE]",
+        "show placement and memory, or move the model (cpu, gpu, sharded, auto)",
+        cmd_device,
+        (),
+        complete_device,
+    ),
+    Command(
+        "adapter",
+        "/adapter [DIR|off]",
+        "show the adapter, put a LoRA or P-tuning v2 adapter on the model, or take it off (no reload)",
+        cmd_adapter,
+        (),
+        lambda app, prefix: ["off"],
+    ),
+    Command(
+        "quantize",
+        "/quantize 4|8",
+        "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
+        cmd_quantize,
+        (),
+        lambda app, prefix: ["4", "8"],
+    ),
     Command("system", "/system [TEXT|none]", "show or set the system prompt", cmd_system),
-    Command("set", "/set [KEY [VALUE]]", "list generation settings, show one, or change one", cmd_set, (),
-            complete_setting),
-    Command("mode", "/mode [chat|complete]", "chat with the template, or continue plain text", cmd_mode, (),
-            lambda app, prefix: ["chat", "complete"]),
+    Command(
+        "set", "/set [KEY [VALUE]]", "list generation settings, show one, or change one", cmd_set, (), complete_setting
+    ),
+    Command(
+        "mode",
+        "/mode [chat|complete]",
+        "chat with the template, or continue plain text",
+        cmd_mode,
+        (),
+        lambda app, prefix: ["chat", "complete"],
+    ),
     Command("history", "/history", "show the conversation", cmd_history),
     Command("undo", "/undo", "remove the last message and its reply", cmd_undo),
     Command("retry", "/retry", "generate the last reply again", cmd_retry),

@@ -50,8 +50,11 @@ class Config:
     def settings(self, source: str) -> dict[str, Any]:
         """The generation settings held by the "defaults" or the "user" file, by setting name."""
         values = self.user_values if source == "user" else _subtract(self.values, self.user_values)
-        return {name: values[section][key] for (section, key), name in SETTING_KEYS.items()
-                if key in values.get(section, {})}
+        return {
+            name: values[section][key]
+            for (section, key), name in SETTING_KEYS.items()
+            if key in values.get(section, {})
+        }
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -78,8 +81,11 @@ def _drop_invalid(user: dict, defaults: dict) -> list[str]:
         for key, value in list(table.items()):
             problem = _entry_problem(section, key, value, defaults[section])
             if problem:
-                problems.append(f"[{section}] {problem}; using {_toml(defaults[section].get(key))}"
-                                if key in defaults[section] else f"[{section}] {problem}")
+                problems.append(
+                    f"[{section}] {problem}; using {_toml(defaults[section].get(key))}"
+                    if key in defaults[section]
+                    else f"[{section}] {problem}"
+                )
                 del table[key]
     return problems
 
@@ -124,8 +130,11 @@ def _toml(value: Any) -> str:
 
 def _subtract(values: dict, user: dict) -> dict:
     """``values`` without the entries the user's file set."""
-    return {section: {k: v for k, v in table.items() if k not in user.get(section, {})}
-            for section, table in values.items() if isinstance(table, dict)}
+    return {
+        section: {k: v for k, v in table.items() if k not in user.get(section, {})}
+        for section, table in values.items()
+        if isinstance(table, dict)
+    }
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:  # a read-only or full cache: a folder that lasts for this run will do
             folder = Path(tempfile.mkdtemp(prefix="glmrepl-demo-")) / "demo-checkpoint"
             atexit.register(shutil.rmtree, folder.parent, ignore_errors=True)
-            print(f"warning: cannot write the cache ({error.strerror or error}); "
-                  f"building the demo in {folder} for this run", file=sys.stderr, flush=True)
+            print(
+                f"warning: cannot write the cache ({error.strerror or error}); "
+                f"building the demo in {folder} for this run",
+                file=sys.stderr,
+                flush=True,
+            )
             build_demo(folder)
-    print("This demo model has RANDOM weights: it answers gibberish. It shows the program, not a model.",
-          flush=True)
+    print("This demo model has RANDOM weights: it answers gibberish. It shows the program, not a model.", flush=True)
     from .main import main as glmrepl_main
 
     return glmrepl_main([str(folder), "--device", "cpu", *(argv if argv is not None else sys.argv[1:])])

@@ -34,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--connect", metavar="URL", help="chat with a model on an OpenAI-compatible server "
-                        "(glmrepl serve, transformers serve, vLLM, Ollama, llama-server), e.g. "
-                        "http://127.0.0.1:8000/v1; MODEL then names one of its models (default: the first)")
+    parser.add_argument(
+        "--connect",
+        metavar="URL",
+        help="chat with a model on an OpenAI-compatible server "
+        "(glmrepl serve, transformers serve, vLLM, Ollama, llama-server), e.g. "
+        "http://127.0.0.1:8000/v1; MODEL then names one of its models (default: the first)",
+    )
     parser.add_argument("--api-key", metavar="KEY", help="--connect: the server's API key (default: $GLMREPL_API_KEY)")
     parser.add_argument("-p", "--prompt", metavar="TEXT", help="print one reply to TEXT and exit")
     parser.add_argument("--no-history", action="store_true", help="do not keep typed lines between sessions")
@@ -47,36 +51,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL and the load and generation options, shared by the REPL and `glmrepl serve`."""
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="checkpoint folder, or a name in the models dir or the Hugging Face cache")
-    parser.add_argument("--models-dir", metavar="DIR", help="where to look for checkpoints by name "
-                        "(default: $GLMREPL_MODELS, else the XDG data dir)")
-    parser.add_argument("--device", choices=("cpu", "gpu", "sharded", "auto"), help="where the model runs (default auto)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="checkpoint folder, or a name in the models dir or the Hugging Face cache",
+    )
+    parser.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="where to look for checkpoints by name (default: $GLMREPL_MODELS, else the XDG data dir)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "gpu", "sharded", "auto"), help="where the model runs (default auto)"
+    )
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weight precision")
     parser.add_argument("--gpu", type=int, default=0, metavar="N", help="gpu mode: which GPU (default 0)")
     parser.add_argument("--gpus", type=_gpu_list, metavar="0,1,...", help="sharded mode: which GPUs (default all)")
-    parser.add_argument("--max-gpu-memory", metavar="SIZE", help="sharded mode: budget per GPU, "
-                        "e.g. 20GiB, or per GPU 0:20GiB,1:10GiB (default: 90%% of what is free)")
-    parser.add_argument("--offload", action="store_true",
-                        help="sharded mode: put layers that fit on no GPU on the CPU (slower)")
-    parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="{4,8}",
-                        help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it")
-    parser.add_argument("--adapter", metavar="DIR",
-                        help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model")
-    parser.add_argument("--merge-adapter", action="store_true",
-                        help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU compute threads (default: the physical cores available)")
-    parser.add_argument("--family", choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
-                        help="force the ChatGLM generation when detection is wrong")
+    parser.add_argument(
+        "--max-gpu-memory",
+        metavar="SIZE",
+        help="sharded mode: budget per GPU, e.g. 20GiB, or per GPU 0:20GiB,1:10GiB (default: 90%% of what is free)",
+    )
+    parser.add_argument(
+        "--offload", action="store_true", help="sharded mode: put layers that fit on no GPU on the CPU (slower)"
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        metavar="{4,8}",
+        help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it",
+    )
+    parser.add_argument(
+        "--adapter", metavar="DIR", help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model"
+    )
+    parser.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)",
+    )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="CPU compute threads (default: the physical cores available)"
+    )
+    parser.add_argument(
+        "--family",
+        choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
+        help="force the ChatGLM generation when detection is wrong",
+    )
     parser.add_argument("--max-new-tokens", type=int, metavar="N")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
     parser.add_argument("--top-p", type=float, metavar="P")
     parser.add_argument("--top-k", type=int, metavar="K")
     parser.add_argument("--repetition-penalty", type=float, metavar="R")
     parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a checkpoint's own Python code to run (only for folders you trust)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint's own Python code to run (only for folders you trust)",
+    )
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -140,7 +173,9 @@ def build_app(args, config):
     settings = generation_settings(args, config)  # ValueError names the valid range
     models_dir = args.models_dir or config.get("model", "models_dir") or None
     options = load_options(args, config)
-    return App(build_backend(args), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options)
+    return App(
+        build_backend(args), settings, ChatSession(args.system), Path(models_dir) if models_dir else None, options
+    )
 
 
 # Flags about loading a model here, which a server decides for itself.
@@ -167,12 +202,19 @@ def load_options(args, config):
     """The one LoadOptions of a front end, from the command line and the config file."""
     from .engine.loading import LoadOptions
 
-    options = LoadOptions(mode=args.device or config.get("model", "device", "auto"),
-                          dtype=args.dtype or config.get("model", "dtype", "auto"),
-                          trust_remote_code=args.trust_remote_code, family=args.family,
-                          gpu=args.gpu, gpus=args.gpus, max_gpu_memory=args.max_gpu_memory, offload=args.offload,
-                          quantize=args.quantize, adapter=Path(args.adapter).expanduser() if args.adapter else None,
-                          merge_adapter=args.merge_adapter)
+    options = LoadOptions(
+        mode=args.device or config.get("model", "device", "auto"),
+        dtype=args.dtype or config.get("model", "dtype", "auto"),
+        trust_remote_code=args.trust_remote_code,
+        family=args.family,
+        gpu=args.gpu,
+        gpus=args.gpus,
+        max_gpu_memory=args.max_gpu_memory,
+        offload=args.offload,
+        quantize=args.quantize,
+        adapter=Path(args.adapter).expanduser() if args.adapter else None,
+        merge_adapter=args.merge_adapter,
+    )
     from .engine.cpu import request_threads
 
     request_threads(args.threads)  # ValueError -> usage error
@@ -250,8 +292,11 @@ def run_interactive(app, args, config) -> int:
         try:
             history_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a read-only or full disk costs the history, not the session
-            print(f"warning: cannot keep the input history in {history_path.parent} ({error.strerror or error}); "
-                  "history is off", file=sys.stderr)
+            print(
+                f"warning: cannot keep the input history in {history_path.parent} ({error.strerror or error}); "
+                "history is off",
+                file=sys.stderr,
+            )
             history_path = None
     repl = Repl(app, history_path=history_path)
     repl.renderer.text(f"glmrepl {__version__} · /help for commands · Ctrl-C stops a reply · Ctrl-D exits", "dim")

@@ -75,7 +75,7 @@ class Renderer:
         self.out.flush()
 
     # -- streamed replies --------------------------------------------------
-    def reply_stream(self) -> "ReplyStream":
+    def reply_stream(self) -> ReplyStream:
         return ReplyStream(self.out, self.color, self._is_terminal(self.out))
 
     def _is_terminal(self, stream: TextIO) -> bool:
@@ -130,7 +130,7 @@ def _wrap(text: str, width: int) -> list[str]:
                 current = ""
             piece = _clip(word, width + 1)[:-1]  # the longest start that fits
             lines.append(piece)
-            word = word[len(piece):]
+            word = word[len(piece) :]
         candidate = f"{current} {word}" if current else word
         if display_width(candidate) <= width:
             current = candidate
@@ -193,7 +193,7 @@ class ReplyStream:
             self.held, self.at_line_start = "", False
 
     def _open_fence(self, fence_line: str) -> None:
-        self.code_language = fence_line[len(FENCE):].strip() or "text"
+        self.code_language = fence_line[len(FENCE) :].strip() or "text"
         self._emit(_dim_line(fence_line))
 
     def _feed_code(self, char: str) -> None:

@@ -11,7 +11,6 @@ load (the previous model stays). Ctrl-D on an empty line exits.
 from __future__ import annotations
 
 import sys
-
 from typing import TextIO
 
 from .app import App
@@ -85,7 +84,9 @@ class LineHandler:
             self.renderer.error(explain(error, self.words))
             return False
         if plan.dropped_turns:
-            self.renderer.text(f"(the oldest {plan.dropped_turns} turn(s) no longer fit the context and were left out)", "warning")
+            self.renderer.text(
+                f"(the oldest {plan.dropped_turns} turn(s) no longer fit the context and were left out)", "warning"
+            )
         stream = self.renderer.reply_stream()
         failed = None
         with plan:
@@ -176,8 +177,9 @@ class LineHandler:
         if info is None:  # unloaded again since (a later failed swap)
             return False
         family = f", {info.family}" if info.family else ""
-        self.renderer.text(f"loaded {info.name} ({info.architecture}{family}, {info.placement.describe()}, "
-                           f"{info.format_name})", "dim")
+        self.renderer.text(
+            f"loaded {info.name} ({info.architecture}{family}, {info.placement.describe()}, {info.format_name})", "dim"
+        )
         if info.family_reason:
             self.renderer.text(f"  {info.family}: {info.family_reason}", "dim")
         if info.placement.reason:
@@ -203,8 +205,9 @@ PROMPT = ">>> "
 class Repl:
     """The prompt_toolkit loop around a LineHandler."""
 
-    def __init__(self, app: App, out: TextIO | None = None, input=None, output=None,
-                 history_path=None, color: bool | None = None):
+    def __init__(
+        self, app: App, out: TextIO | None = None, input=None, output=None, history_path=None, color: bool | None = None
+    ):
         out = out or sys.stdout
         self.renderer = Renderer(out, color if color is not None else out.isatty())
         self.handler = LineHandler(app, self.renderer, interactive=True)
@@ -290,7 +293,6 @@ class Repl:
             self.renderer.text(f"warning: {history.problem}", "warning")
 
 
-
 def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
     """Non-interactive: each input line is a message (or a /command); plain text out.
 
@@ -303,5 +305,3 @@ def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
     if handler.interrupted:
         return 130
     return 1 if renderer.errors else 0
-
-

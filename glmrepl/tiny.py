@@ -65,17 +65,27 @@ def build_gpt2(dest: Path) -> Path:
     tokenizer = _train_byte_level_bpe(vocab_size=500, special_tokens=[ENDOFTEXT])
     tokenizer.model.save(str(dest))  # writes vocab.json and merges.txt
     eot = tokenizer.token_to_id(ENDOFTEXT)
-    _write_json(dest / "tokenizer_config.json", {
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": ENDOFTEXT,
-        "eos_token": ENDOFTEXT,
-        "unk_token": ENDOFTEXT,
-        "add_prefix_space": False,
-        "model_max_length": 256,
-    })
+    _write_json(
+        dest / "tokenizer_config.json",
+        {
+            "tokenizer_class": "GPT2Tokenizer",
+            "bos_token": ENDOFTEXT,
+            "eos_token": ENDOFTEXT,
+            "unk_token": ENDOFTEXT,
+            "add_prefix_space": False,
+            "model_max_length": 256,
+        },
+    )
     config = GPT2Config(
-        vocab_size=tokenizer.get_vocab_size(), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-        bos_token_id=eot, eos_token_id=eot, dtype="float32", architectures=["GPT2LMHeadModel"],
+        vocab_size=tokenizer.get_vocab_size(),
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        dtype="float32",
+        architectures=["GPT2LMHeadModel"],
     )
     model = _random_model(GPT2LMHeadModel, config)
     config.save_pretrained(dest)
@@ -94,22 +104,33 @@ def build_qwen2_chat(dest: Path) -> Path:
     tokenizer = _train_byte_level_bpe(vocab_size=500, special_tokens=[ENDOFTEXT, IM_START, IM_END])
     tokenizer.save(str(dest / "tokenizer.json"))
     eot, im_end = tokenizer.token_to_id(ENDOFTEXT), tokenizer.token_to_id(IM_END)
-    _write_json(dest / "tokenizer_config.json", {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": IM_END,
-        "pad_token": ENDOFTEXT,
-        "unk_token": None,
-        "add_prefix_space": False,
-        "errors": "replace",
-        "model_max_length": 512,
-        "chat_template": CHATML_TEMPLATE,
-    })
+    _write_json(
+        dest / "tokenizer_config.json",
+        {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "bos_token": None,
+            "eos_token": IM_END,
+            "pad_token": ENDOFTEXT,
+            "unk_token": None,
+            "add_prefix_space": False,
+            "errors": "replace",
+            "model_max_length": 512,
+            "chat_template": CHATML_TEMPLATE,
+        },
+    )
     config = Qwen2Config(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, dtype="float32",
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=eot,
+        eos_token_id=im_end,
+        pad_token_id=eot,
+        dtype="float32",
     )
     model = _random_model(Qwen2ForCausalLM, config)
     # A small shard size forces an index and several shards, as in real releases.

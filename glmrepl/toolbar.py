@@ -30,8 +30,14 @@ class Toolbar:
         # The toolbar redraws on every key press: re-tokenize only when the
         # conversation or the model changed.
         session = self.app.session
-        key = (status.serial, status.format_name, len(session.messages), session.system,
-               session.messages[-1].content if session.messages else None, self.app.settings.get("max_new_tokens"))
+        key = (
+            status.serial,
+            status.format_name,
+            len(session.messages),
+            session.system,
+            session.messages[-1].content if session.messages else None,
+            self.app.settings.get("max_new_tokens"),
+        )
         if key != self._usage_key:
             self._usage_key, self._usage = key, self.app.context_usage()
         return self._usage

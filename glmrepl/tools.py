@@ -20,26 +20,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = commands.add_parser("download", help="download what offline use of a hub repository needs")
     download.add_argument("repo_id", metavar="REPO_ID", help="the repository, e.g. THUDM/chatglm3-6b")
-    download.add_argument("--to", metavar="DIR", help="destination folder (default: the models dir, "
-                          "under the repository's name)")
+    download.add_argument(
+        "--to", metavar="DIR", help="destination folder (default: the models dir, under the repository's name)"
+    )
     download.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
-    download.add_argument("--weights", choices=("safetensors", "bin", "all"), default="safetensors",
-                          help="which weight files to fetch: 'safetensors' (default) takes the .safetensors "
-                          "files, or the .bin files when the repository has none; 'bin' prefers the .bin files "
-                          "the same way; 'all' takes every weights file in every format (TensorFlow, Flax, "
-                          "ONNX and GGUF too)")
+    download.add_argument(
+        "--weights",
+        choices=("safetensors", "bin", "all"),
+        default="safetensors",
+        help="which weight files to fetch: 'safetensors' (default) takes the .safetensors "
+        "files, or the .bin files when the repository has none; 'bin' prefers the .bin files "
+        "the same way; 'all' takes every weights file in every format (TensorFlow, Flax, "
+        "ONNX and GGUF too)",
+    )
     download.add_argument("--models-dir", metavar="DIR", help="models dir for the default destination")
 
     check = commands.add_parser("check", help="verify a checkpoint folder offline (exit 1 when not ready)")
     check.add_argument("folder", metavar="DIR")
-    check.add_argument("--trust-remote-code", action="store_true",
-                       help="accept a checkpoint that needs its own Python code")
+    check.add_argument(
+        "--trust-remote-code", action="store_true", help="accept a checkpoint that needs its own Python code"
+    )
 
     listing = commands.add_parser("list", help="list local checkpoints (models dir and Hugging Face cache)")
-    listing.add_argument("--models-dir", metavar="DIR", help="where checkpoints are kept "
-                         "(default: $GLMREPL_MODELS, else the XDG data dir)")
-    listing.add_argument("--trust-remote-code", action="store_true",
-                         help="count checkpoints that need their own Python code as ready")
+    listing.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="where checkpoints are kept (default: $GLMREPL_MODELS, else the XDG data dir)",
+    )
+    listing.add_argument(
+        "--trust-remote-code", action="store_true", help="count checkpoints that need their own Python code as ready"
+    )
     return parser
 
 
@@ -69,13 +79,15 @@ def run_download(args, out, err) -> int:
     from .engine.errors import GlmreplError
 
     try:
-        result = download_checkpoint(args.repo_id, args.to, revision=args.revision, weights=args.weights,
-                                     models_dir=args.models_dir)
+        result = download_checkpoint(
+            args.repo_id, args.to, revision=args.revision, weights=args.weights, models_dir=args.models_dir
+        )
     except GlmreplError as error:
         print(f"error: {error}", file=err)
         return 1
-    print(f"downloaded {len(result.files)} files of {result.repo_id} at {result.revision[:12]} "
-          f"to {result.path}", file=out)
+    print(
+        f"downloaded {len(result.files)} files of {result.repo_id} at {result.revision[:12]} to {result.path}", file=out
+    )
     return run_check(argparse.Namespace(folder=str(result.path), trust_remote_code=True), out, err)
 
 
@@ -103,6 +115,7 @@ def run_check(args, out, err) -> int:
 
 # -- list ------------------------------------------------------------------------
 
+
 def run_list(args, out, err) -> int:
     from .engine.catalog import LISTING_COLUMNS, default_models_dir, find_checkpoints, listing_cells
 
@@ -124,7 +137,6 @@ def format_table(rows) -> list[str]:
     """Left-aligned columns; the last column (the path) is never padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
-
 
 
 if __name__ == "__main__":

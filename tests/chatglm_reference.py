@@ -19,8 +19,14 @@ def load_reference(name, quantize=None, device_map="cpu", dtype=None):
 
     folder = name if isinstance(name, Path) else DATA / f"{name}-tiny"
     match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    return load_family(folder, match, weight_files=scan_checkpoint(folder).weight_files,
-                       dtype=dtype or torch.float32, device_map=device_map, quantize=quantize)
+    return load_family(
+        folder,
+        match,
+        weight_files=scan_checkpoint(folder).weight_files,
+        dtype=dtype or torch.float32,
+        device_map=device_map,
+        quantize=quantize,
+    )
 
 
 def expected(name: str) -> dict:
@@ -34,8 +40,11 @@ def reference_logits(name: str) -> dict:
 
 
 def reference_cases(names) -> list:
-    return [pytest.param(name, index, id=f"{name}-case{index}")
-            for name in names for index in range(len(expected(name)["cases"]))]
+    return [
+        pytest.param(name, index, id=f"{name}-case{index}")
+        for name in names
+        for index in range(len(expected(name)["cases"]))
+    ]
 
 
 def as_messages(case: dict) -> list[dict]:
@@ -57,9 +66,13 @@ def assert_matches_case(parts, case: dict) -> None:
     prompt_ids = parts.prompt_format.build(as_messages(case))
     assert prompt_ids == case["prompt_ids"]
     with torch.inference_mode():
-        output = parts.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24,
-                                      eos_token_id=parts.prompt_format.stop_token_ids)
-    greedy_ids = output[0, len(prompt_ids):].tolist()
+        output = parts.model.generate(
+            torch.tensor([prompt_ids]),
+            do_sample=False,
+            max_new_tokens=24,
+            eos_token_id=parts.prompt_format.stop_token_ids,
+        )
+    greedy_ids = output[0, len(prompt_ids) :].tolist()
     assert greedy_ids == case["greedy_ids"]
     assert parts.tokenizer.decode(greedy_ids, skip_special_tokens=False) == case["decoded"]
 

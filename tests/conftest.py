@@ -23,17 +23,19 @@ def pytest_configure(config):
     _sandbox = Path(tempfile.mkdtemp(prefix="glmrepl-tests-"))
     for variable in _ISOLATED_VARIABLES:
         os.environ.pop(variable, None)
-    os.environ.update({
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HOME": str(_sandbox / "hf"),
-        "XDG_DATA_HOME": str(_sandbox / "data"),
-        "XDG_CONFIG_HOME": str(_sandbox / "config"),
-        "XDG_CACHE_HOME": str(_sandbox / "cache"),
-        "XDG_STATE_HOME": str(_sandbox / "state"),
-    })
+    os.environ.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HOME": str(_sandbox / "hf"),
+            "XDG_DATA_HOME": str(_sandbox / "data"),
+            "XDG_CONFIG_HOME": str(_sandbox / "config"),
+            "XDG_CACHE_HOME": str(_sandbox / "cache"),
+            "XDG_STATE_HOME": str(_sandbox / "state"),
+        }
+    )
 
 
 def pytest_unconfigure(config):

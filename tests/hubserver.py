@@ -38,8 +38,11 @@ class HubRepo:
 
     @classmethod
     def from_folder(cls, folder: Path, extra: dict[str, bytes] | None = None) -> HubRepo:
-        files = {str(path.relative_to(folder)): path.read_bytes()
-                 for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+        files = {
+            str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(Path(folder).rglob("*"))
+            if path.is_file()
+        }
         files.update(extra or {})
         return cls(files)
 
@@ -123,12 +126,24 @@ def _handler_for(hub: LocalHub):
             return self._error(404, "RepoNotFound", head)
 
         def _info(self, repo: HubRepo, match, head):
-            self._json({"id": match["repo"], "sha": repo.sha, "private": False,
-                        "siblings": [{"rfilename": name} for name in sorted(repo.files)]}, head)
+            self._json(
+                {
+                    "id": match["repo"],
+                    "sha": repo.sha,
+                    "private": False,
+                    "siblings": [{"rfilename": name} for name in sorted(repo.files)],
+                },
+                head,
+            )
 
         def _tree(self, repo: HubRepo, match, head):
-            self._json([{"type": "file", "path": name, "size": len(data),
-                         "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(repo.files.items())], head)
+            self._json(
+                [
+                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in sorted(repo.files.items())
+                ],
+                head,
+            )
 
         def _resolve(self, repo: HubRepo, match, head):
             name = match["file"]
@@ -190,8 +205,10 @@ def _range_start(header: str | None) -> int:
 
 # -- the repositories the tests serve ------------------------------------------------
 
-CUSTOM_CODE_AUTO_MAP = {"AutoConfig": "configuration_tiny.TinyConfig",
-                        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+CUSTOM_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_tiny.TinyConfig",
+    "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+}
 
 
 def build_test_repos(gpt2_folder: Path, qwen_folder: Path) -> dict[str, HubRepo]:
@@ -205,38 +222,49 @@ def build_test_repos(gpt2_folder: Path, qwen_folder: Path) -> dict[str, HubRepo]
 
 def _multi_format(gpt2_folder: Path) -> HubRepo:
     # The same weights as safetensors, PyTorch, TensorFlow, Flax and ONNX, as many hub repos hold them.
-    return HubRepo.from_folder(gpt2_folder, {
-        "model.safetensors": _safetensors_from_bin(gpt2_folder / "pytorch_model.bin"),
-        "tf_model.h5": b"\x89HDF\r\n\x1a\n fake tensorflow weights",
-        "flax_model.msgpack": b"fake flax weights",
-        "onnx/model.onnx": b"fake onnx graph",
-        "README.md": b"# tiny multi-format\n",
-        ".gitattributes": b"*.bin filter=lfs\n",
-    })
+    return HubRepo.from_folder(
+        gpt2_folder,
+        {
+            "model.safetensors": _safetensors_from_bin(gpt2_folder / "pytorch_model.bin"),
+            "tf_model.h5": b"\x89HDF\r\n\x1a\n fake tensorflow weights",
+            "flax_model.msgpack": b"fake flax weights",
+            "onnx/model.onnx": b"fake onnx graph",
+            "README.md": b"# tiny multi-format\n",
+            ".gitattributes": b"*.bin filter=lfs\n",
+        },
+    )
 
 
 def _custom_code(gpt2_folder: Path) -> HubRepo:
     config = json.loads((gpt2_folder / "config.json").read_text())
     config["auto_map"] = CUSTOM_CODE_AUTO_MAP
-    return HubRepo.from_folder(gpt2_folder, {
-        "config.json": json.dumps(config, indent=2).encode(),
-        "configuration_tiny.py": b"# the checkpoint's own config class\n",
-        "modeling_tiny.py": b"# the checkpoint's own model class\n",
-        "README.md": b"# tiny custom code\n",
-    })
+    return HubRepo.from_folder(
+        gpt2_folder,
+        {
+            "config.json": json.dumps(config, indent=2).encode(),
+            "configuration_tiny.py": b"# the checkpoint's own config class\n",
+            "modeling_tiny.py": b"# the checkpoint's own model class\n",
+            "README.md": b"# tiny custom code\n",
+        },
+    )
 
 
 def _sharded(qwen_folder: Path) -> HubRepo:
-    bin_index = {"metadata": {}, "weight_map": {"a": "pytorch_model-00001-of-00002.bin",
-                                                "b": "pytorch_model-00002-of-00002.bin"}}
-    return HubRepo.from_folder(qwen_folder, {
-        # A consolidated copy next to the shards, as some releases have: not in the index, not needed.
-        "consolidated.safetensors": b"duplicate weights",
-        "pytorch_model.bin.index.json": json.dumps(bin_index).encode(),
-        "pytorch_model-00001-of-00002.bin": b"fake shard 1",
-        "pytorch_model-00002-of-00002.bin": b"fake shard 2",
-        "scripts/convert.py": b"print('not needed')\n",
-    })
+    bin_index = {
+        "metadata": {},
+        "weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"},
+    }
+    return HubRepo.from_folder(
+        qwen_folder,
+        {
+            # A consolidated copy next to the shards, as some releases have: not in the index, not needed.
+            "consolidated.safetensors": b"duplicate weights",
+            "pytorch_model.bin.index.json": json.dumps(bin_index).encode(),
+            "pytorch_model-00001-of-00002.bin": b"fake shard 1",
+            "pytorch_model-00002-of-00002.bin": b"fake shard 2",
+            "scripts/convert.py": b"print('not needed')\n",
+        },
+    )
 
 
 def _safetensors_from_bin(bin_file: Path) -> bytes:

@@ -103,8 +103,17 @@ def _handler_for(stub: StubServer):
                 return self._send(Canned(200, {"object": "list", "data": data}))
             if self.path == "/v1/chat/completions" and self.command == "POST":
                 if stub.reject_stream_options and "stream_options" in body:
-                    return self._send(Canned(400, {"error": {"message": "Unrecognized request argument: stream_options",
-                                                             "type": "invalid_request_error"}}))
+                    return self._send(
+                        Canned(
+                            400,
+                            {
+                                "error": {
+                                    "message": "Unrecognized request argument: stream_options",
+                                    "type": "invalid_request_error",
+                                }
+                            },
+                        )
+                    )
                 if not body.get("stream"):
                     return self._send(Canned(200, self._completion(body)))
                 return self._stream(body)
@@ -127,10 +136,19 @@ def _handler_for(stub: StubServer):
             if body.get("logprobs") and stub.top_logprobs:
                 top = [{"token": token, "logprob": logprob, "bytes": None} for token, logprob in stub.top_logprobs]
                 logprobs = {"content": [{**top[0], "top_logprobs": top[: body.get("top_logprobs") or 0]}]}
-            choice = {"index": 0, "message": {"role": "assistant", "content": stub.deltas[0]},
-                      "finish_reason": "length", "logprobs": logprobs}
-            return {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [choice]}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": stub.deltas[0]},
+                "finish_reason": "length",
+                "logprobs": logprobs,
+            }
+            return {
+                "id": "chatcmpl-stub",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [choice],
+            }
 
         def _stream(self, body):
             self.send_response(200)

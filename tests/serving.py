@@ -21,8 +21,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def request(port: int, method: str, path: str, body: bytes | dict | None = None,
-            headers: dict | None = None, timeout: float = 120) -> tuple[int, dict, bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | dict | None = None,
+    headers: dict | None = None,
+    timeout: float = 120,
+) -> tuple[int, dict, bytes]:
     """One HTTP request; (status, lower-cased headers, body bytes)."""
     if isinstance(body, dict):
         body = json.dumps(body).encode()
@@ -53,8 +59,12 @@ class ServerProcess:
         environment.pop("GLMREPL_API_KEY", None)  # only the key a test gives
         environment.update(env or {})
         self.log = open(log_path, "w", encoding="utf-8")
-        self.process = subprocess.Popen([sys.executable, "-m", "glmrepl", "serve", *args, "--port", str(self.port)],
-                                        stdout=self.log, stderr=subprocess.STDOUT, env=environment)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "glmrepl", "serve", *args, "--port", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
 
     @property
     def base_url(self) -> str:
@@ -98,8 +108,9 @@ class InProcessServer:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -123,4 +134,4 @@ def sse_events(port: int, path: str, body: dict, headers: dict | None = None) ->
     """The `data:` payloads of a streamed response, in order."""
     status, _, raw = request(port, "POST", path, body, headers)
     assert status == 200, raw
-    return [line[len("data: "):] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in raw.decode().split("\n\n") if line.startswith("data: ")]

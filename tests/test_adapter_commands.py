@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from chatglm_reference import DATA, expected, load_reference, reference_logits
 from support import loaded_app
 from test_cli import run

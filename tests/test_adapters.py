@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from chatglm_reference import DATA, as_messages, expected, load_reference, reference_logits
+
 from glmrepl.engine.adapters import AdapterError, attach_adapter, inspect_adapter, looks_like_adapter
 
-CHATGLM_ADAPTERS = (("chatglm2", "chatglm2-lora"), ("chatglm2", "chatglm2-ptuning"),
-                    ("chatglm2", "chatglm2-ptuning-projection"), ("chatglm1", "chatglm1-ptuning"))
+CHATGLM_ADAPTERS = (
+    ("chatglm2", "chatglm2-lora"),
+    ("chatglm2", "chatglm2-ptuning"),
+    ("chatglm2", "chatglm2-ptuning-projection"),
+    ("chatglm1", "chatglm1-ptuning"),
+)
 
 
 def adapter_dir(name: str) -> Path:
@@ -38,8 +42,13 @@ def qwen_lora(qwen_checkpoint, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(qwen_checkpoint, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
     text = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 31, 64, 12]])
@@ -69,8 +78,9 @@ def test_qwen_lora_equals_peft_and_comes_off(qwen_checkpoint, qwen_lora, qwen_mo
     base = forward(qwen_model, INPUT)
     adapter = attach_adapter(qwen_model, qwen_lora)
     with_adapter = forward(qwen_model, INPUT)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_checkpoint, dtype=torch.float32),
-                                          qwen_lora).eval()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(qwen_checkpoint, dtype=torch.float32), qwen_lora
+    ).eval()
     assert torch.allclose(with_adapter, forward(reference, INPUT), atol=1e-6, rtol=0)
     assert (with_adapter - base).abs().max() > 1e-2
     adapter.detach()
@@ -111,9 +121,13 @@ def test_chatglm_adapter_matches_reference(bases, base, name):
             prompt = parts.prompt_format.build(as_messages(case))
             assert prompt == case["prompt_ids"]
             with torch.inference_mode():
-                output = parts.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24,
-                                              eos_token_id=parts.prompt_format.stop_token_ids)
-            assert output[0, len(prompt):].tolist() == case["greedy_ids"]
+                output = parts.model.generate(
+                    torch.tensor([prompt]),
+                    do_sample=False,
+                    max_new_tokens=24,
+                    eos_token_id=parts.prompt_format.stop_token_ids,
+                )
+            assert output[0, len(prompt) :].tolist() == case["greedy_ids"]
     finally:
         adapter.detach()
     base_logits = reference_logits(base)
@@ -124,8 +138,9 @@ def test_remote_layout_lora_is_split_onto_q_k_v(chatglm2):
     adapter = attach_adapter(chatglm2.model, adapter_dir("chatglm2-lora"))
     try:
         attention = chatglm2.model.model.layers[0].self_attn
-        wrapped = {name for name in ("q_proj", "k_proj", "v_proj", "o_proj")
-                   if hasattr(getattr(attention, name), "lora_A")}
+        wrapped = {
+            name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if hasattr(getattr(attention, name), "lora_A")
+        }
         assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj"}
         assert torch.equal(attention.q_proj.lora_A["default"].weight, attention.v_proj.lora_A["default"].weight)
     finally:
@@ -199,17 +214,31 @@ def edit_json(file: Path, **changes) -> None:
 
 BAD_ADAPTERS = {
     "missing weights": ("chatglm2-lora", lambda f: (f / "adapter_model.bin").unlink(), "adapter weights missing"),
-    "corrupt weights": ("chatglm2-lora", lambda f: (f / "adapter_model.bin").write_bytes(b"\x80\x02not a pickle"),
-                        "adapter_model.bin cannot be read"),
-    "corrupt config": ("chatglm2-lora", lambda f: (f / "adapter_config.json").write_text("{\"r\": 4,"),
-                       "adapter_config.json is not valid JSON"),
-    "other peft type": ("chatglm2-lora", lambda f: edit_json(f / "adapter_config.json", peft_type="PREFIX_TUNING"),
-                        "LoRA adapters only"),
-    "ptuning of another generation": ("chatglm2-ptuning",
-                                      lambda f: edit_json(f / "config.json", position_encoding_2d=True),
-                                      "a ChatGLM-6B P-tuning prefix; the loaded model is GlmForCausalLM"),
-    "ptuning for a bigger model": ("chatglm2-ptuning", lambda f: edit_json(f / "config.json", num_layers=28),
-                                   "another model size: layers 28 .loaded model: 2."),
+    "corrupt weights": (
+        "chatglm2-lora",
+        lambda f: (f / "adapter_model.bin").write_bytes(b"\x80\x02not a pickle"),
+        "adapter_model.bin cannot be read",
+    ),
+    "corrupt config": (
+        "chatglm2-lora",
+        lambda f: (f / "adapter_config.json").write_text('{"r": 4,'),
+        "adapter_config.json is not valid JSON",
+    ),
+    "other peft type": (
+        "chatglm2-lora",
+        lambda f: edit_json(f / "adapter_config.json", peft_type="PREFIX_TUNING"),
+        "LoRA adapters only",
+    ),
+    "ptuning of another generation": (
+        "chatglm2-ptuning",
+        lambda f: edit_json(f / "config.json", position_encoding_2d=True),
+        "a ChatGLM-6B P-tuning prefix; the loaded model is GlmForCausalLM",
+    ),
+    "ptuning for a bigger model": (
+        "chatglm2-ptuning",
+        lambda f: edit_json(f / "config.json", num_layers=28),
+        "another model size: layers 28 .loaded model: 2.",
+    ),
 }
 
 
@@ -248,8 +277,9 @@ def test_lora_for_another_model_size(chatglm2, tmp_path):
     state[key] = torch.zeros(state[key].shape[0] + 32, state[key].shape[1])
     (folder / "adapter_model.bin").unlink()
     save_file(state, folder / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match="query_key_value.lora_B.weight has 160 rows, the loaded model's "
-                                           "query_key_value 128"):
+    with pytest.raises(
+        AdapterError, match="query_key_value.lora_B.weight has 160 rows, the loaded model's query_key_value 128"
+    ):
         attach_adapter(chatglm2.model, folder)
 
 
@@ -273,8 +303,10 @@ def test_not_an_adapter_folder():
 # -- remote-layout LoRA on GLM-4 and ChatGLM-6B, against the adapter merged by hand ----------
 
 REMOTE_LINEARS = {
-    "glm4": ("transformer.encoder.layers.{}.self_attention.query_key_value",
-             "transformer.encoder.layers.{}.mlp.dense_4h_to_h"),
+    "glm4": (
+        "transformer.encoder.layers.{}.self_attention.query_key_value",
+        "transformer.encoder.layers.{}.mlp.dense_4h_to_h",
+    ),
     "chatglm1": ("transformer.layers.{}.attention.query_key_value", "transformer.layers.{}.mlp.dense_h_to_4h"),
 }
 
@@ -288,8 +320,11 @@ def write_remote_lora_and_merged_twin(family: str, tmp_path: Path) -> tuple[Path
     source = DATA / f"{family}-tiny"
     twin = Path(shutil.copytree(source, tmp_path / f"{family}-merged"))
     weights_file = next(f for f in ("model.safetensors", "pytorch_model.bin") if (source / f).is_file())
-    weights = (load_file(source / weights_file) if weights_file.endswith("safetensors")
-               else torch.load(source / weights_file, weights_only=True))
+    weights = (
+        load_file(source / weights_file)
+        if weights_file.endswith("safetensors")
+        else torch.load(source / weights_file, weights_only=True)
+    )
     r, alpha, generator, lora = 2, 4, torch.Generator().manual_seed(7), {}
     for layer in range(2):
         for pattern in REMOTE_LINEARS[family]:
@@ -307,9 +342,20 @@ def write_remote_lora_and_merged_twin(family: str, tmp_path: Path) -> tuple[Path
     adapter.mkdir()
     save_file(lora, adapter / "adapter_model.safetensors")
     targets = sorted({pattern.rsplit(".", 1)[-1] for pattern in REMOTE_LINEARS[family]})
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-         "target_modules": targets, "base_model_name_or_path": f"THUDM/{family}"}), encoding="utf-8")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": targets,
+                "base_model_name_or_path": f"THUDM/{family}",
+            }
+        ),
+        encoding="utf-8",
+    )
     return adapter, twin
 
 

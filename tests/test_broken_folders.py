@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-
 from support import drive_repl, loaded_app
 
 ENTER = "\r"
@@ -34,6 +33,7 @@ def edit_config(**changes):
         config = json.loads((folder / "config.json").read_text())
         config.update(changes)
         (folder / "config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -50,16 +50,27 @@ def corrupt_bin(folder):
 CASES = {
     "missing folder": (None, lambda folder: shutil.rmtree(folder), ["does not exist"]),
     "no config.json": (None, lambda folder: (folder / "config.json").unlink(), ["config.json is missing"]),
-    "invalid config JSON": (None, lambda folder: (folder / "config.json").write_text('{"model_type": '),
-                            ["config.json is not valid JSON (line 1"]),
-    "unknown architecture": (None, edit_config(model_type="warpdrive", architectures=["WarpDriveForCausalLM"]),
-                             ["model type 'warpdrive' is not known to transformers"]),
-    "custom code without trust": (None, edit_config(model_type="warpdrive",
-                                                    auto_map={"AutoModelForCausalLM": "modeling_warp.WarpLM"}),
-                                  ["--trust-remote-code"]),
+    "invalid config JSON": (
+        None,
+        lambda folder: (folder / "config.json").write_text('{"model_type": '),
+        ["config.json is not valid JSON (line 1"],
+    ),
+    "unknown architecture": (
+        None,
+        edit_config(model_type="warpdrive", architectures=["WarpDriveForCausalLM"]),
+        ["model type 'warpdrive' is not known to transformers"],
+    ),
+    "custom code without trust": (
+        None,
+        edit_config(model_type="warpdrive", auto_map={"AutoModelForCausalLM": "modeling_warp.WarpLM"}),
+        ["--trust-remote-code"],
+    ),
     "no tokenizer": (None, lambda folder: (folder / "tokenizer.json").unlink(), ["has no tokenizer files"]),
-    "bad tokenizer_config": (None, lambda folder: (folder / "tokenizer_config.json").write_text("{nope"),
-                             ["tokenizer_config.json is not valid JSON"]),
+    "bad tokenizer_config": (
+        None,
+        lambda folder: (folder / "tokenizer_config.json").write_text("{nope"),
+        ["tokenizer_config.json is not valid JSON"],
+    ),
     "missing shard": (None, missing_shard, ["listed in model.safetensors.index.json but missing", "incomplete"]),
     "LFS pointer": (None, lfs_pointer_shard, ["git-LFS pointer", "git lfs pull"]),
     "truncated safetensors": (None, truncated_shard, ["truncated"]),
@@ -69,8 +80,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_broken_folder_gives_one_line_and_the_conversation_survives(case, qwen_checkpoint, gpt2_checkpoint,
-                                                                    copy_checkpoint):
+def test_broken_folder_gives_one_line_and_the_conversation_survives(
+    case, qwen_checkpoint, gpt2_checkpoint, copy_checkpoint
+):
     source, breaker, expected = CASES[case]
     broken = copy_checkpoint(gpt2_checkpoint if source == "gpt2" else qwen_checkpoint)
     breaker(broken)

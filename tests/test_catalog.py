@@ -147,8 +147,7 @@ def test_a_folder_that_cannot_be_checked_is_listed_not_fatal(models_dir, monkeyp
 def test_hf_cache_is_listed(tmp_path, empty_hf_cache, qwen_checkpoint):
     snapshot = add_cached_repo(empty_hf_cache, "acme/cached-qwen", qwen_checkpoint, "a" * 40)
     entries = find_checkpoints(tmp_path / "no-models")
-    assert [(e.name, e.source, e.path, e.ready) for e in entries] == [
-        ("acme/cached-qwen", HF_CACHE, snapshot, True)]
+    assert [(e.name, e.source, e.path, e.ready) for e in entries] == [("acme/cached-qwen", HF_CACHE, snapshot, True)]
     assert entries[0].size_bytes == sum(f.stat().st_size for f in snapshot.glob("*.safetensors"))
 
 
@@ -202,8 +201,10 @@ def test_unknown_name_suggests_the_closest(models_dir):
     with pytest.raises(CheckpointError) as caught:
         resolve_model("tiny-gtp2", models_dir)
     message = str(caught.value)
-    assert message == (f"no checkpoint named 'tiny-gtp2' (looked in {models_dir} and the Hugging Face cache); "
-                       "did you mean 'tiny-gpt2'?")
+    assert message == (
+        f"no checkpoint named 'tiny-gtp2' (looked in {models_dir} and the Hugging Face cache); "
+        "did you mean 'tiny-gpt2'?"
+    )
 
 
 def test_unknown_short_name_suggests_the_full_name(models_dir):

@@ -70,7 +70,11 @@ def test_save_and_read_round_trip(tmp_path):
     restored.restore(data)
     assert restored.system == "be brief"
     assert [(m.role, m.content, m.cut) for m in restored.messages] == [
-        ("user", "hi", False), ("assistant", "hello", False), ("user", "more", False), ("assistant", "partial", True)]
+        ("user", "hi", False),
+        ("assistant", "hello", False),
+        ("user", "more", False),
+        ("assistant", "partial", True),
+    ]
     assert data["settings"] == {"temperature": 0.2} and data["model"] == "some/model"
     assert [p.name for p in path.parent.iterdir()] == ["chat.json"]  # no temporary file left behind
 
@@ -90,10 +94,13 @@ def test_save_failure_leaves_the_old_file_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "invalid JSON"),
-    (json.dumps({"hello": 1}), "no 'messages' list"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps({"hello": 1}), "no 'messages' list"),
+    ],
+)
 def test_read_rejects_foreign_files(tmp_path, content, message):
     path = tmp_path / "x.json"
     path.write_text(content)

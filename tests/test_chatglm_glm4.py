@@ -20,8 +20,10 @@ from glmrepl.engine.families import detect_family, load_family
 from glmrepl.engine.families.chatglm.glm4_tokenizer import GLM4_SPECIAL_TOKENS, SPLIT_PATTERN, GLM4Tokenizer
 
 DATA = Path(__file__).parent / "data" / "chatglm"
-CORPUS = ("The quick brown fox jumps over the lazy dog. Who was Jim Henson? 你好，欢迎问我任何问题。"
-          "def f(x):\n    return x  # code\n晚上睡不着应该怎么办 hello hello world, the theory of everything")
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Who was Jim Henson? 你好，欢迎问我任何问题。"
+    "def f(x):\n    return x  # code\n晚上睡不着应该怎么办 hello hello world, the theory of everything"
+)
 
 
 def tiny_bpe_vocabulary(size: int) -> list[bytes]:
@@ -105,8 +107,13 @@ def test_detected_and_loaded_as_glm4(glm4_folder, tokenizer):
     config = json.loads((glm4_folder / "config.json").read_text(encoding="utf-8"))
     match = detect_family(glm4_folder, config)
     assert match.family == "glm4" and "tiktoken" in match.reason
-    parts = load_family(glm4_folder, match, weight_files=scan_checkpoint(glm4_folder).weight_files,
-                        dtype=torch.float32, device_map="cpu")
+    parts = load_family(
+        glm4_folder,
+        match,
+        weight_files=scan_checkpoint(glm4_folder).weight_files,
+        dtype=torch.float32,
+        device_map="cpu",
+    )
 
     reference = load_file(str(DATA / "chatglm3-tiny.logits.safetensors"))
     with torch.inference_mode():
@@ -115,10 +122,17 @@ def test_detected_and_loaded_as_glm4(glm4_folder, tokenizer):
 
     commands = {name: tokenizer.get_command(name) for name in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>")}
     prompt = parts.prompt_format.build([{"role": "user", "content": "你好"}])
-    assert prompt == [commands["[gMASK]"], commands["<sop>"], commands["<|user|>"],
-                      *tokenizer.encode("\n"), *tokenizer.encode("你好"), commands["<|assistant|>"]]
-    assert parts.prompt_format.stop_token_ids == [tokenizer.get_command(t)
-                                                  for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    assert prompt == [
+        commands["[gMASK]"],
+        commands["<sop>"],
+        commands["<|user|>"],
+        *tokenizer.encode("\n"),
+        *tokenizer.encode("你好"),
+        commands["<|assistant|>"],
+    ]
+    assert parts.prompt_format.stop_token_ids == [
+        tokenizer.get_command(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
+    ]
     with torch.inference_mode():
         output = parts.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8)
     assert output.shape[1] > len(prompt)
@@ -130,6 +144,11 @@ def test_rope_ratio_scales_the_rotary_base(glm4_folder, tmp_path):
     folder = Path(shutil.copytree(glm4_folder, tmp_path / "glm4-long"))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     (folder / "config.json").write_text(json.dumps({**config, "rope_ratio": 500}), encoding="utf-8")
-    parts = load_family(folder, detect_family(folder, config), weight_files=scan_checkpoint(folder).weight_files,
-                        dtype=torch.float32, device_map="cpu")
+    parts = load_family(
+        folder,
+        detect_family(folder, config),
+        weight_files=scan_checkpoint(folder).weight_files,
+        dtype=torch.float32,
+        device_map="cpu",
+    )
     assert parts.model.config.rope_parameters["rope_theta"] == 5_000_000

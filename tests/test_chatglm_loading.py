@@ -22,8 +22,9 @@ def load(folder: Path, device_map="cpu", family: str | None = None):
     import torch
 
     match = FamilyMatch(family, "test") if family else detect_family(folder, read_config(folder))
-    return load_family(folder, match, weight_files=scan_checkpoint(folder).weight_files, dtype=torch.float32,
-                       device_map=device_map)
+    return load_family(
+        folder, match, weight_files=scan_checkpoint(folder).weight_files, dtype=torch.float32, device_map=device_map
+    )
 
 
 def read_config(folder: Path) -> dict:
@@ -64,8 +65,13 @@ def test_checkpoint_python_files_are_never_executed(copy_of, family):
 
 def test_device_map_dict_places_every_module(copy_of):
     folder = copy_of("chatglm1")
-    device_map = {"transformer.word_embeddings": "cpu", "transformer.layers.0": "cpu",
-                  "transformer.layers.1": "cpu", "transformer.final_layernorm": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "transformer.word_embeddings": "cpu",
+        "transformer.layers.0": "cpu",
+        "transformer.layers.1": "cpu",
+        "transformer.final_layernorm": "cpu",
+        "lm_head": "cpu",
+    }
     parts = load(folder, device_map=device_map)
     assert {parameter.device.type for parameter in parts.model.parameters()} == {"cpu"}
     assert not any(parameter.is_meta for parameter in parts.model.parameters())
@@ -73,8 +79,10 @@ def test_device_map_dict_places_every_module(copy_of):
 
 
 def test_device_map_dict_for_the_native_glm_model():
-    parts = load(DATA / "chatglm2-tiny", device_map={"model.embed_tokens": "cpu", "model.layers": "cpu",
-                                                     "model.norm": "cpu", "lm_head": "cpu"})
+    parts = load(
+        DATA / "chatglm2-tiny",
+        device_map={"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu"},
+    )
     assert_reference_logits(parts, "chatglm2")
 
 
@@ -83,8 +91,9 @@ def test_auto_device_map_on_this_machine():
 
 
 def test_device_for_picks_the_most_specific_entry():
-    device_map = weights.resolve_device_map(None, {"": "cpu", "model.layers.1": 0, "model.layers.10": "cuda:1"},
-                                            dtype=None)
+    device_map = weights.resolve_device_map(
+        None, {"": "cpu", "model.layers.1": 0, "model.layers.10": "cuda:1"}, dtype=None
+    )
     assert weights.device_for("model.layers.1.mlp.down_proj.weight", device_map) == "cuda:0"
     assert weights.device_for("model.layers.10.mlp.down_proj.weight", device_map) == "cuda:1"
     assert weights.device_for("model.layers.2.mlp.down_proj.weight", device_map) == "cpu"
@@ -189,12 +198,15 @@ def test_pickle_with_code_is_refused(copy_of, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("family,changes,named", [
-    ("chatglm2", {"quantization_bit": 4}, "quantization_bit=4"),
-    ("chatglm2", {"pre_seq_len": 128}, "pre_seq_len=128"),
-    ("chatglm3", {"rmsnorm": False}, "rmsnorm=False"),
-    ("chatglm1", {"quantization_bit": 8}, "quantization_bit=8"),
-])
+@pytest.mark.parametrize(
+    "family,changes,named",
+    [
+        ("chatglm2", {"quantization_bit": 4}, "quantization_bit=4"),
+        ("chatglm2", {"pre_seq_len": 128}, "pre_seq_len=128"),
+        ("chatglm3", {"rmsnorm": False}, "rmsnorm=False"),
+        ("chatglm1", {"quantization_bit": 8}, "quantization_bit=8"),
+    ],
+)
 def test_unsupported_settings_are_named(copy_of, family, changes, named):
     folder = copy_of(family)
     write_config(folder, **changes)

@@ -12,9 +12,16 @@ import shutil
 
 import pytest
 import torch
+from chatglm_reference import (
+    DATA,
+    assert_logits_match,
+    assert_matches_case,
+    expected,
+    load_reference,
+    reference_cases,
+    reference_logits,
+)
 
-from chatglm_reference import (DATA, assert_logits_match, assert_matches_case, expected, load_reference,
-                               reference_cases, reference_logits)
 from glmrepl.engine.checkpoint import inspect_checkpoint, scan_checkpoint
 from glmrepl.engine.families import detect_family, load_family
 
@@ -48,8 +55,9 @@ def test_family_override_changes_the_rope_reading():
     reference logits are then missed, which shows the fixture tells the two readings apart."""
     folder = DATA / "chatglm2-32k-tiny"
     match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")), "chatglm3")
-    parts = load_family(folder, match, weight_files=scan_checkpoint(folder).weight_files, dtype=torch.float32,
-                        device_map="cpu")
+    parts = load_family(
+        folder, match, weight_files=scan_checkpoint(folder).weight_files, dtype=torch.float32, device_map="cpu"
+    )
     assert parts.model.config.rope_parameters["rope_theta"] == 40000.0
     reference = reference_logits("chatglm2-32k")
     with torch.inference_mode():
@@ -82,9 +90,13 @@ def test_each_glm4_end_token_stops_a_reply(loaded, stop):
 
     prompt = expected("glm4")["cases"][0]["prompt_ids"]
     with torch.inference_mode():
-        output = parts.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10,
-                                      logits_processor=[ForceStopAtThirdToken(len(prompt))])
-    reply = output[0, len(prompt):].tolist()
+        output = parts.model.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=10,
+            logits_processor=[ForceStopAtThirdToken(len(prompt))],
+        )
+    reply = output[0, len(prompt) :].tolist()
     assert reply[:2] == expected("glm4")["cases"][0]["greedy_ids"][:2]
     assert reply[2:] == [stop_id]
 

@@ -7,7 +7,6 @@ exactly, and the logits of a plain forward pass within 1e-4 in float32.
 from __future__ import annotations
 
 import pytest
-
 from chatglm_reference import assert_logits_match, assert_matches_case, expected, load_reference, reference_cases
 
 FAMILIES = ("chatglm1", "chatglm2", "chatglm3")
@@ -70,10 +69,16 @@ def test_chatglm1_streams_with_stopping_criteria(loaded):
     parts, streamer = loaded["chatglm1"], Collect()
     prompt = torch.tensor([case["prompt_ids"]])
     with torch.inference_mode():
-        parts.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
-                             stopping_criteria=[StopAfter(prompt.shape[1] + 5)], do_sample=False,
-                             max_new_tokens=24, eos_token_id=parts.prompt_format.stop_token_ids,
-                             pad_token_id=parts.prompt_format.stop_token_ids[0])
+        parts.model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            streamer=streamer,
+            stopping_criteria=[StopAfter(prompt.shape[1] + 5)],
+            do_sample=False,
+            max_new_tokens=24,
+            eos_token_id=parts.prompt_format.stop_token_ids,
+            pad_token_id=parts.prompt_format.stop_token_ids[0],
+        )
     streamed = [token for chunk in streamer.chunks[1:] for token in chunk]
     assert streamed == case["greedy_ids"][:5]
 

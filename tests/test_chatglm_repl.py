@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import drive_repl, loaded_app
 
 from glmrepl.toolbar import Toolbar
-from support import drive_repl, loaded_app
 
 DATA = Path(__file__).parent / "data" / "chatglm"
 ENTER = "\r"

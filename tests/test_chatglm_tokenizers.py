@@ -37,7 +37,10 @@ def test_glm1_whitespace_pieces(glm1):
 def test_glm1_special_ids_and_cleanup(glm1):
     assert glm1.encode("x", add_special_tokens=True)[-2:] == [glm1.gmask_token_id, glm1.bos_token_id]
     assert glm1.convert_ids_to_tokens([glm1.gmask_token_id, glm1.bos_token_id, glm1.eos_token_id]) == [
-        "[gMASK]", "<sop>", "<eop>"]
+        "[gMASK]",
+        "<sop>",
+        "<eop>",
+    ]
     assert glm1.decode(glm1.encode("Who was Jim Henson ?")) == "Who was Jim Henson?"
     assert glm1.decode([glm1.bos_token_id, glm1.eos_token_id], skip_special_tokens=False) == ""
     assert len(glm1) == glm1.vocab_size == 600

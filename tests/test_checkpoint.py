@@ -110,9 +110,11 @@ def test_context_length_from_seq_length(gpt2_checkpoint, copy_checkpoint):
 
 
 def test_checking_imports_neither_torch_nor_transformers(qwen_checkpoint):
-    code = ("import sys; from glmrepl.engine.checkpoint import find_problems; "
-            f"assert find_problems({str(qwen_checkpoint)!r}) == []; "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys; from glmrepl.engine.checkpoint import find_problems; "
+        f"assert find_problems({str(qwen_checkpoint)!r}) == []; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
 
@@ -154,14 +156,14 @@ def test_config_without_model_type(gpt2_checkpoint, copy_checkpoint):
 def test_unknown_architecture_suggests_upgrade(gpt2_checkpoint, copy_checkpoint):
     folder = copy_checkpoint(gpt2_checkpoint)
     edit_config(folder, model_type="frobnicator", architectures=["FrobnicatorForCausalLM"])
-    assert_message(problem_of(folder), "config.json", "'frobnicator'", "not known to transformers",
-                   "pip install -U transformers")
+    assert_message(
+        problem_of(folder), "config.json", "'frobnicator'", "not known to transformers", "pip install -U transformers"
+    )
 
 
 def test_custom_code_needs_trust_remote_code(gpt2_checkpoint, copy_checkpoint):
     folder = copy_checkpoint(gpt2_checkpoint)
-    edit_config(folder, model_type="frobnicator",
-                auto_map={"AutoModelForCausalLM": "modeling_frob.FrobForCausalLM"})
+    edit_config(folder, model_type="frobnicator", auto_map={"AutoModelForCausalLM": "modeling_frob.FrobForCausalLM"})
     assert_message(problem_of(folder), "config.json", "auto_map", "--trust-remote-code")
     info = inspect_checkpoint(folder, trust_remote_code=True)
     assert info.needs_remote_code is True
@@ -226,8 +228,9 @@ def test_sentencepiece_or_wordpiece_files_count(gpt2_checkpoint, copy_checkpoint
     assert find_problems(folder) == []
 
 
-@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                                  "tokenizer.json"])
+@pytest.mark.parametrize(
+    "name", ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"]
+)
 def test_invalid_tokenizer_json(qwen_checkpoint, copy_checkpoint, name):
     folder = copy_checkpoint(qwen_checkpoint)
     (folder / name).write_text('{"eos_token": "<|im_end|>",')
@@ -276,8 +279,9 @@ def test_missing_shard(qwen_checkpoint, copy_checkpoint):
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
     message = problem_of(folder)
-    assert_message(message, shard.name, "listed in model.safetensors.index.json but missing",
-                   "the download is incomplete")
+    assert_message(
+        message, shard.name, "listed in model.safetensors.index.json but missing", "the download is incomplete"
+    )
     assert scan_checkpoint(folder).param_count is None
 
 

@@ -32,8 +32,7 @@ def test_one_shot_prints_one_plain_reply(qwen_checkpoint):
 
 
 def test_piped_lines_are_one_conversation_and_commands_work(qwen_checkpoint):
-    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4",
-                 stdin="first\nsecond\n/history\n")
+    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4", stdin="first\nsecond\n/history\n")
     assert result.returncode == 0, result.stderr
     assert "user: first" in result.stdout and "user: second" in result.stdout
     assert result.stdout.count("assistant: ") == 2
@@ -50,11 +49,14 @@ def test_model_that_cannot_load_exits_1_with_the_reason_on_stderr(qwen_checkpoin
     assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--temperature", "99"], "temperature must be a number from 0 to 10"),
-    (["--device", "warp"], "invalid choice: 'warp'"),
-    (["--max-new-tokens", "many"], "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--temperature", "99"], "temperature must be a number from 0 to 10"),
+        (["--device", "warp"], "invalid choice: 'warp'"),
+        (["--max-new-tokens", "many"], "invalid int value"),
+    ],
+)
 def test_bad_usage_exits_2(args, expected):
     result = run(*args, "-p", "x")
     assert result.returncode == 2 and expected in result.stderr
@@ -102,8 +104,12 @@ def test_ctrl_c_during_a_one_shot_reply_exits_130(qwen_checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["max_position_embeddings"] = 32768
     (folder / "config.json").write_text(json.dumps(config))
-    child = subprocess.Popen([GLMREPL, str(folder), "-p", "tell me a story", "--max-new-tokens", "20000"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [GLMREPL, str(folder), "-p", "tell me a story", "--max-new-tokens", "20000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     child.stdout.read(1)  # the reply is streaming (20000 tokens would take minutes)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
@@ -119,8 +125,14 @@ def test_one_shot_without_a_model_or_a_message_is_bad_usage(args, qwen_checkpoin
 
 
 def test_piped_input_runs_every_line_and_exits_1_if_one_failed(qwen_checkpoint):
-    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4",
-                 stdin="/set temperature hot\nhello\n/history\n")
+    result = run(
+        str(qwen_checkpoint),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        stdin="/set temperature hot\nhello\n/history\n",
+    )
     assert result.returncode == 1
     assert "temperature must be a number" in result.stderr
     assert "user: hello" in result.stdout  # the lines after the failed one ran
@@ -166,8 +178,13 @@ def test_the_readme_documents_every_option_and_command():
     tools = build_tools_parser()
     subparsers = next(action for action in tools._actions if action.choices and isinstance(action.choices, dict))
     parsers = [build_parser(), *subparsers.choices.values()]
-    options = {option for parser in parsers for action in parser._actions for option in action.option_strings
-               if option.startswith("--") and option != "--help"}
+    options = {
+        option
+        for parser in parsers
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
     assert sorted(option for option in options if option not in readme) == []
     assert sorted(f"/{c.name}" for c in TABLE.commands if f"`/{c.name}" not in readme) == []
 
@@ -175,8 +192,10 @@ def test_the_readme_documents_every_option_and_command():
 def test_family_on_a_checkpoint_that_is_not_chatglm_is_said_to_be_ignored(qwen_checkpoint):
     result = run(str(qwen_checkpoint), "--family", "chatglm3", "-p", "hi", "--max-new-tokens", "2")
     assert result.returncode == 0, result.stderr
-    assert ("warning: --family chatglm3 is ignored: it chooses the ChatGLM generation, and this checkpoint is not "
-            "a ChatGLM one (model_type 'qwen2')") in result.stderr.splitlines()
+    assert (
+        "warning: --family chatglm3 is ignored: it chooses the ChatGLM generation, and this checkpoint is not "
+        "a ChatGLM one (model_type 'qwen2')"
+    ) in result.stderr.splitlines()
     chatglm = Path(__file__).parent / "data" / "chatglm" / "chatglm2-tiny"
     result = run(str(chatglm), "--family", "chatglm2", "-p", "hi", "--max-new-tokens", "2")
     assert result.returncode == 0, result.stderr
@@ -184,9 +203,13 @@ def test_family_on_a_checkpoint_that_is_not_chatglm_is_said_to_be_ignored(qwen_c
 
 
 def test_demo_with_a_read_only_cache_builds_in_a_temporary_folder(unwritable_dir):
-    result = subprocess.run([sys.executable, "-m", "glmrepl.demo", "-p", "hi", "--max-new-tokens", "3"],
-                            capture_output=True, text=True, timeout=240,
-                            env=dict(os.environ, XDG_CACHE_HOME=str(unwritable_dir)))
+    result = subprocess.run(
+        [sys.executable, "-m", "glmrepl.demo", "-p", "hi", "--max-new-tokens", "3"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, XDG_CACHE_HOME=str(unwritable_dir)),
+    )
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "building the demo in" in warnings[0]
@@ -198,11 +221,13 @@ def test_demo_with_a_read_only_cache_builds_in_a_temporary_folder(unwritable_dir
 def test_the_entry_points_set_offline_and_importing_the_engine_does_not(tmp_path):
     from glmrepl.engine import OFFLINE_ENVIRONMENT
 
-    code = ("import os, sys, glmrepl.engine.loading, glmrepl.main, glmrepl.demo\n"
-            f"names = {sorted(OFFLINE_ENVIRONMENT)!r}\n"
-            "print(sorted(n for n in names if n in os.environ))\n"
-            f"glmrepl.main.main(['list', '--models-dir', {str(tmp_path)!r}])\n"
-            "print({n: os.environ.get(n) for n in names})\n")
+    code = (
+        "import os, sys, glmrepl.engine.loading, glmrepl.main, glmrepl.demo\n"
+        f"names = {sorted(OFFLINE_ENVIRONMENT)!r}\n"
+        "print(sorted(n for n in names if n in os.environ))\n"
+        f"glmrepl.main.main(['list', '--models-dir', {str(tmp_path)!r}])\n"
+        "print({n: os.environ.get(n) for n in names})\n"
+    )
     env = {name: value for name, value in os.environ.items() if name not in OFFLINE_ENVIRONMENT}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr

@@ -29,14 +29,17 @@ def test_a_bad_value_is_a_warning_naming_file_key_and_range_not_a_usage_error(co
     status = main([str(gpt2_checkpoint), "--device", "cpu", "--max-new-tokens", "2", "-p", "hello"])
     err = capsys.readouterr().err
     assert status == 0
-    assert [line for line in err.splitlines() if line.startswith("warning")] == [f'warning: {path}: [generation] max_new_tokens must be an integer from 1 to 1000000, '
-                                'not "lots"; using 512']
+    assert [line for line in err.splitlines() if line.startswith("warning")] == [
+        f'warning: {path}: [generation] max_new_tokens must be an integer from 1 to 1000000, not "lots"; using 512'
+    ]
     assert "usage:" not in err
 
 
 def test_every_kind_of_bad_entry_is_named(config_file):
-    path = config_file('[ui]\nstats = "yes"\nhistory = 1\n[model]\ndevice = "gpux"\ncolour = "red"\n'
-                       '[generation]\nmax_new_tokens = 0\n[server]\nport = 1\n')
+    path = config_file(
+        '[ui]\nstats = "yes"\nhistory = 1\n[model]\ndevice = "gpux"\ncolour = "red"\n'
+        "[generation]\nmax_new_tokens = 0\n[server]\nport = 1\n"
+    )
     assert load_config().problems == [
         f'{path}: [ui] stats must be true or false, not "yes"; using true',
         f"{path}: [ui] history must be true or false, not 1; using true",

@@ -41,10 +41,29 @@ class ServerOnPort:
 
     def command(self) -> list[str]:
         if self.kind == "transformers":
-            return [str(TRANSFORMERS_CLI), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
-                    "--device", "cpu"]
-        return [sys.executable, "-m", "glmrepl", "serve", str(self.model), "--port", str(self.port), "--device", "cpu",
-                *self.extra_args]
+            return [
+                str(TRANSFORMERS_CLI),
+                "serve",
+                str(self.model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "glmrepl",
+            "serve",
+            str(self.model),
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            *self.extra_args,
+        ]
 
     def start(self) -> ServerOnPort:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -121,8 +140,9 @@ def test_chat_interrupt_retry_and_model_listing_on_a_server(server, tmp_path):
     base = [sys.executable, "-m", "glmrepl", "--connect", server.url, "--temperature", "0", "--max-new-tokens", "3"]
     one_shot = subprocess.run([*base, "-p", "hi"], capture_output=True, text=True, env=env, timeout=120)
     assert one_shot.returncode == 0 and one_shot.stderr.startswith("[reply reached max_new_tokens=3"), one_shot.stderr
-    piped = subprocess.run(base, input="hi\n/set stats on\nagain\n", capture_output=True, text=True, env=env,
-                           timeout=120)
+    piped = subprocess.run(
+        base, input="hi\n/set stats on\nagain\n", capture_output=True, text=True, env=env, timeout=120
+    )
     assert piped.returncode == 0 and piped.stdout.strip()  # the replies
     assert "3 tokens · first token" in piped.stderr and "error" not in piped.stderr  # notes go to stderr
 
@@ -149,18 +169,19 @@ def test_a_server_killed_mid_reply_then_started_again(server, tmp_path):
     term.child.expect(pexpect.EOF, timeout=30)
 
 
-
-
 def test_a_key_from_the_flag_or_the_environment_and_a_wrong_one(long_context_qwen, tmp_path):  # noqa: F811
     server = ServerOnPort("glmrepl", long_context_qwen, tmp_path / "serve.log", ["--api-key", "right-key"]).start()
     try:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "GLMREPL_API_KEY": "right-key"}
         base = [sys.executable, "-m", "glmrepl", "--connect", server.url, "--max-new-tokens", "2"]
-        wrong = subprocess.run([*base, "--api-key", "wrong-key", "-p", "hi"], capture_output=True, text=True,
-                               env=env, timeout=120)
+        wrong = subprocess.run(
+            [*base, "--api-key", "wrong-key", "-p", "hi"], capture_output=True, text=True, env=env, timeout=120
+        )
         assert wrong.returncode == 1
-        assert wrong.stderr == (f"error: the server at {server.url} refused the API key (401: Incorrect API key "
-                                "provided): check --api-key or $GLMREPL_API_KEY\n")
+        assert wrong.stderr == (
+            f"error: the server at {server.url} refused the API key (401: Incorrect API key "
+            "provided): check --api-key or $GLMREPL_API_KEY\n"
+        )
         right = subprocess.run([*base, "-p", "hi"], capture_output=True, text=True, env=env, timeout=120)
         assert right.returncode == 0 and "error" not in right.stderr
     finally:

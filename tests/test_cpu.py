@@ -15,14 +15,20 @@ INT4 = Path(__file__).parent / "data" / "chatglm" / "chatglm2-int4-tiny"
 
 
 def run(*args, stdin: str = "", **env):
-    return subprocess.run([GLMREPL, *args], input=stdin, capture_output=True, text=True, timeout=240,
-                          env=dict(os.environ, **env))
+    return subprocess.run(
+        [GLMREPL, *args], input=stdin, capture_output=True, text=True, timeout=240, env=dict(os.environ, **env)
+    )
 
 
 def test_without_a_compiler_the_reply_comes_and_stats_say_which_path(tmp_path):
     greedy = ("--temperature", "0", "--max-new-tokens", "6", "--device", "cpu", "--threads", "1")
-    hidden = run(str(INT4), *greedy, stdin="hello\n/stats\n/device\n", CXX=str(tmp_path / "missing-g++"),
-                 XDG_CACHE_HOME=str(tmp_path / "cache"))
+    hidden = run(
+        str(INT4),
+        *greedy,
+        stdin="hello\n/stats\n/device\n",
+        CXX=str(tmp_path / "missing-g++"),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
     assert hidden.returncode == 0, hidden.stderr
     reply, stats, *device = hidden.stdout.strip().splitlines()
     assert f"path: int4 torch ops (no C++ compiler: {tmp_path / 'missing-g++'} not found)" in stats
@@ -72,12 +78,15 @@ def test_physical_cores_count_hyperthreads_once(monkeypatch):
         cpu.physical_cores.cache_clear()
 
 
-@pytest.mark.parametrize("native,stored,expected,why", [
-    ("AMX", "bfloat16", "bfloat16", "natively (AMX)"),
-    ("AVX512-BF16", "float16", "bfloat16", "natively (AVX512-BF16)"),
-    (None, "bfloat16", "float32", "no native bfloat16"),
-    ("AMX", "float32", "float32", "stored in float32"),
-])
+@pytest.mark.parametrize(
+    "native,stored,expected,why",
+    [
+        ("AMX", "bfloat16", "bfloat16", "natively (AMX)"),
+        ("AVX512-BF16", "float16", "bfloat16", "natively (AVX512-BF16)"),
+        (None, "bfloat16", "float32", "no native bfloat16"),
+        ("AMX", "float32", "float32", "stored in float32"),
+    ],
+)
 def test_auto_dtype_on_cpu(monkeypatch, native, stored, expected, why):
     from glmrepl.engine import cpu
     from glmrepl.engine.devices import plan_placement
@@ -95,8 +104,11 @@ def test_native_bf16_is_read_from_the_processor_flags(monkeypatch):
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    for flags, expected in (("fpu avx2 fma", None), ("avx2 avx512f avx512_bf16", "AVX512-BF16"),
-                            ("avx512_bf16 amx_bf16 amx_tile", "AMX")):
+    for flags, expected in (
+        ("fpu avx2 fma", None),
+        ("avx2 avx512f avx512_bf16", "AVX512-BF16"),
+        ("avx512_bf16 amx_bf16 amx_tile", "AMX"),
+    ):
         monkeypatch.setattr(cpu, "_cpuinfo", lambda flags=flags: f"processor\t: 0\nflags\t\t: {flags}\n")
         cpu.native_bf16.cache_clear()
         assert cpu.native_bf16() == expected

@@ -108,8 +108,10 @@ def test_a_compiler_that_fails_keeps_the_torch_path(compiler, tmp_path):
     from glmrepl.engine import cpu_kernels
 
     broken = tmp_path / "g++"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'g++ 0.0' && exit 0\n"
-                      "echo 'cc1plus: fatal error: omp.h missing' >&2\nexit 1\n")
+    broken.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'g++ 0.0' && exit 0\n"
+        "echo 'cc1plus: fatal error: omp.h missing' >&2\nexit 1\n"
+    )
     broken.chmod(0o755)
     compiler(str(broken))
     assert cpu_kernels.wait_until_built() is None
@@ -157,9 +159,12 @@ def test_the_load_report_note_names_the_reason_only_when_the_kernels_cannot_run(
     from glmrepl.engine.quant import QuantizedLinear
 
     model = torch.nn.Sequential(QuantizedLinear.from_linear(torch.nn.Linear(16, 4), 4))
-    assert cpu_kernels.fallback_note(model) is None and cpu_kernels.decode_path(model) == "int4 fused kernels (compiled)"
+    assert (
+        cpu_kernels.fallback_note(model) is None and cpu_kernels.decode_path(model) == "int4 fused kernels (compiled)"
+    )
     assert cpu_kernels.fallback_note(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None  # nothing quantized
     compiler("/nonexistent/bin/g++")
     assert cpu_kernels.library() is None  # the probe answers at once: no waiting on a thread
-    assert cpu_kernels.fallback_note(model) == ("int4 layers decode with torch ops, slower: "
-                                                "no C++ compiler: /nonexistent/bin/g++ not found")
+    assert cpu_kernels.fallback_note(model) == (
+        "int4 layers decode with torch ops, slower: no C++ compiler: /nonexistent/bin/g++ not found"
+    )

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from support import loaded_app
 
 from glmrepl.engine import devices
 from glmrepl.engine.errors import DeviceError
-from glmrepl.engine.placement import (block_names, outer_module_names, parse_gpu_memory, parse_memory,
-                                      plan_shards, summarize)
-from support import loaded_app
+from glmrepl.engine.placement import (
+    block_names,
+    outer_module_names,
+    parse_gpu_memory,
+    parse_memory,
+    plan_shards,
+    summarize,
+)
 
 MiB = 2**20
 
@@ -18,8 +24,15 @@ def empty_model(kind="qwen2", layers=8):
     from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
     if kind == "qwen2":
-        config = Qwen2Config(hidden_size=256, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+        config = Qwen2Config(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            tie_word_embeddings=False,
+        )
     else:
         config = GPT2Config(n_embd=256, n_layer=layers, n_head=4, vocab_size=512)
     with init_empty_weights():
@@ -104,11 +117,14 @@ def test_memory_sizes_parse_and_bad_ones_are_refused():
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """Pretend the machine has GPUs with the given free memory (bytes)."""
+
     def install(*free):
         monkeypatch.setattr(devices, "cuda_device_count", lambda: len(free))
         monkeypatch.setattr(devices, "_gpu_dtype", lambda dtype, stored: "float16" if dtype == "auto" else dtype)
-        monkeypatch.setattr(devices, "gpu_budgets",
-                            lambda gpus, limit: {g: int(free[g] * devices.GPU_HEADROOM) for g in gpus})
+        monkeypatch.setattr(
+            devices, "gpu_budgets", lambda gpus, limit: {g: int(free[g] * devices.GPU_HEADROOM) for g in gpus}
+        )
+
     return install
 
 
@@ -128,8 +144,9 @@ def test_gpu_mode_errors_name_the_figures_and_the_mode_that_fits(fake_gpus):
 
     with pytest.raises(DeviceError) as fits_sharded:
         devices.plan_placement("gpu", needed_bytes=12 * 2**30)
-    assert explain(fits_sharded.value).endswith("needs 12.0 GiB but GPU 0 has 9.0 GiB usable: /device sharded "
-                                                "across all GPUs would fit")
+    assert explain(fits_sharded.value).endswith(
+        "needs 12.0 GiB but GPU 0 has 9.0 GiB usable: /device sharded across all GPUs would fit"
+    )
     with pytest.raises(DeviceError) as fits_nowhere:
         devices.plan_placement("gpu", needed_bytes=30 * 2**30)
     assert explain(fits_nowhere.value).endswith("use /device cpu (or sharded with offload)")
@@ -159,7 +176,8 @@ def test_ten_model_swaps_give_the_memory_back(qwen_checkpoint, gpt2_checkpoint):
 
 
 def test_swap_unloads_first_when_both_do_not_fit_and_reloads_after_a_failure(
-        qwen_checkpoint, gpt2_checkpoint, copy_checkpoint, monkeypatch):
+    qwen_checkpoint, gpt2_checkpoint, copy_checkpoint, monkeypatch
+):
     from glmrepl.engine import manager as manager_module
 
     app = loaded_app(qwen_checkpoint)

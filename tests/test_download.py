@@ -18,8 +18,18 @@ TOKENIZER_AND_CONFIG = ["config.json", "generation_config.json", "merges.txt", "
 
 
 def test_safetensors_preferred_and_other_frameworks_skipped():
-    names = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
-             "onnx/model.onnx", "model.gguf", "README.md", "tokenizer.json", ".gitattributes"]
+    names = [
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "tf_model.h5",
+        "flax_model.msgpack",
+        "onnx/model.onnx",
+        "model.gguf",
+        "README.md",
+        "tokenizer.json",
+        ".gitattributes",
+    ]
     assert select_files(names) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert select_files(names, weights="bin") == ["config.json", "pytorch_model.bin", "tokenizer.json"]
 
@@ -27,7 +37,12 @@ def test_safetensors_preferred_and_other_frameworks_skipped():
 def test_all_weights_takes_every_format():
     names = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "onnx/model.onnx", "README.md"]
     assert select_files(names, weights="all") == [
-        "config.json", "model.safetensors", "onnx/model.onnx", "pytorch_model.bin", "tf_model.h5"]
+        "config.json",
+        "model.safetensors",
+        "onnx/model.onnx",
+        "pytorch_model.bin",
+        "tf_model.h5",
+    ]
 
 
 def test_bin_used_when_there_is_no_safetensors():
@@ -35,19 +50,35 @@ def test_bin_used_when_there_is_no_safetensors():
 
 
 def test_sharded_weights_take_the_index_and_only_its_shards():
-    names = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-             "model-00002-of-00002.safetensors", "consolidated.safetensors"]
-    shards = {"model.safetensors.index.json": ["model-00001-of-00002.safetensors",
-                                               "model-00002-of-00002.safetensors"]}
+    names = [
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "consolidated.safetensors",
+    ]
+    shards = {"model.safetensors.index.json": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]}
     assert select_files(names, shard_lists=shards) == sorted(set(names) - {"consolidated.safetensors"})
     # Without the index's content, every top-level file of the format is taken.
     assert "consolidated.safetensors" in select_files(names)
 
 
 def test_every_tokenizer_file_kind_is_taken():
-    tokenizer = ["tokenizer.json", "tokenizer.model", "ice_text.model", "qwen.tiktoken", "vocab.txt", "vocab.json",
-                 "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                 "chat_template.jinja", "chat_template.json", "additional_chat_templates/tool.jinja"]
+    tokenizer = [
+        "tokenizer.json",
+        "tokenizer.model",
+        "ice_text.model",
+        "qwen.tiktoken",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "additional_chat_templates/tool.jinja",
+    ]
     names = tokenizer + ["config.json", "model.safetensors", "preview.png", "LICENSE"]
     assert select_files(names) == sorted(tokenizer + ["config.json", "model.safetensors"])
 
@@ -56,7 +87,11 @@ def test_python_files_only_with_auto_map():
     names = ["config.json", "model.safetensors", "modeling_chatglm.py", "tokenization_chatglm.py", "tools/x.py"]
     assert select_files(names) == ["config.json", "model.safetensors"]
     assert select_files(names, has_auto_map=True) == [
-        "config.json", "model.safetensors", "modeling_chatglm.py", "tokenization_chatglm.py"]
+        "config.json",
+        "model.safetensors",
+        "modeling_chatglm.py",
+        "tokenization_chatglm.py",
+    ]
 
 
 def test_unknown_weights_choice_is_refused():
@@ -110,14 +145,16 @@ def test_bin_weights_on_request(hub, tmp_path):
 
 def test_custom_code_comes_with_its_python_files(hub, tmp_path):
     result = download_checkpoint("tiny/custom-code", tmp_path / "c")
-    assert result.files == sorted(TOKENIZER_AND_CONFIG + ["configuration_tiny.py", "modeling_tiny.py",
-                                                          "pytorch_model.bin"])
+    assert result.files == sorted(
+        TOKENIZER_AND_CONFIG + ["configuration_tiny.py", "modeling_tiny.py", "pytorch_model.bin"]
+    )
 
 
 def test_sharded_download_takes_the_indexed_shards_only(hub, tmp_path):
     result = download_checkpoint("tiny/sharded", tmp_path / "s")
-    shards = sorted(set(json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
-                        ["weight_map"].values()))
+    shards = sorted(
+        set(json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
     assert len(shards) > 1
     assert [name for name in result.files if name.endswith(".safetensors")] == shards
     assert not any(name.endswith(".bin") or name.startswith("scripts/") for name in result.files)
@@ -211,7 +248,8 @@ def test_no_network_is_one_line(hub, tmp_path, monkeypatch, capsys):
 def test_an_invalid_repo_id_is_one_line_and_asks_nothing(hub, tmp_path, capsys, repo_id):
     assert main(["download", repo_id, "--to", str(tmp_path / "v")]) == 1
     assert _error_lines(capsys) == [
-        f"error: not a repository id: {repo_id!r} (expected NAME or ORG/NAME, letters, digits, '-', '_' and '.')"]
+        f"error: not a repository id: {repo_id!r} (expected NAME or ORG/NAME, letters, digits, '-', '_' and '.')"
+    ]
     assert not hub.requests and not (tmp_path / "v").exists()
 
 

@@ -9,12 +9,11 @@ width rules for random bytes can misplace).
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
-
-import re
 
 import pexpect
 import pyte
@@ -27,8 +26,9 @@ ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 class Terminal:
     def __init__(self, args, home: Path, **env_overrides):
-        env = dict(os.environ, XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
-                   TERM="xterm-256color")
+        env = dict(
+            os.environ, XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"), TERM="xterm-256color"
+        )
         env.update(env_overrides)
         self.child = pexpect.spawn(GLMREPL, args, env=env, dimensions=(ROWS, COLS), encoding="utf-8")
         self.screen = pyte.Screen(COLS, ROWS)
@@ -71,9 +71,11 @@ class Terminal:
 
     def wait_for_output_after(self, needle: str, chars: int, timeout: float = 120) -> float:
         """Wait until ``chars`` visible characters have arrived after ``needle`` (e.g. a reply streaming)."""
+
         def arrived() -> bool:
             _, found, after = self.transcript.rpartition(needle)
             return bool(found) and len("".join(after.split())) >= chars
+
         return self.wait_until(arrived, f"{chars} characters after {needle!r}", timeout)
 
     def wait_until(self, condition, what: str, timeout: float) -> float:
@@ -168,8 +170,9 @@ def test_a_read_only_data_dir_costs_the_history_not_the_session(qwen_checkpoint,
 
 
 def test_load_is_reported_at_once_the_idle_prompt_is_quiet_and_typed_keys_wait(long_context_qwen, tmp_path):
-    term = Terminal([str(long_context_qwen), "--temperature", "0", "--max-new-tokens", "20000", "--no-history"],
-                    tmp_path)
+    term = Terminal(
+        [str(long_context_qwen), "--temperature", "0", "--max-new-tokens", "20000", "--no-history"], tmp_path
+    )
     term.wait_for("loaded long-qwen (")  # above the prompt, without a key pressed
     term.wait_for("chat template · 0 turns")
     term.received_within(0.5)  # the last repaint

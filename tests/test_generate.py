@@ -2,10 +2,10 @@ import threading
 
 import pytest
 import torch
+from support import loaded_app
 
 from glmrepl.engine.errors import GenerationError
 from glmrepl.engine.generate import GenerationRun, IncrementalDecoder, next_token_distribution
-from support import loaded_app
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,22 @@ def test_incremental_decoder_never_splits_a_character(gpt2):
 
 def test_streamed_greedy_reply_equals_raw_generate(qwen):
     prompt = qwen.prompt_format.build([{"role": "user", "content": "Hello there"}])
-    run = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 12, "do_sample": False},
-                        qwen.prompt_format.stop_token_ids)
+    run = GenerationRun(
+        qwen.model,
+        qwen.tokenizer,
+        prompt,
+        {"max_new_tokens": 12, "do_sample": False},
+        qwen.prompt_format.stop_token_ids,
+    )
     streamed = "".join(run)
-    raw = qwen.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                              eos_token_id=qwen.prompt_format.stop_token_ids, pad_token_id=0)
-    raw_ids = raw[0, len(prompt):].tolist()
+    raw = qwen.model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=qwen.prompt_format.stop_token_ids,
+        pad_token_id=0,
+    )
+    raw_ids = raw[0, len(prompt) :].tolist()
     assert run.stats.new_ids == raw_ids
     stop = set(qwen.prompt_format.stop_token_ids)
     assert streamed == qwen.tokenizer.decode([i for i in raw_ids if i not in stop], skip_special_tokens=True)

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from support import make_app
 
 pytestmark = pytest.mark.gpu

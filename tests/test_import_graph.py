@@ -61,8 +61,11 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         visitor = _Imports(name, path.name == "__init__.py", set(modules))
         visitor.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
-        graph[name] = {target for target in visitor.found
-                       if target in modules and target != name and not name.startswith(target + ".")}
+        graph[name] = {
+            target
+            for target in visitor.found
+            if target in modules and target != name and not name.startswith(target + ".")
+        }
     return graph
 
 
@@ -85,8 +88,12 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 # Adapters and the ChatGLM modules that apply them import one another (AdapterError,
 # the P-tuning hook in ChatGLM-6B's attention); moving those shared pieces out of
 # adapters.py cuts it. Nothing else may join this group or form another.
-KNOWN_ADAPTER_CYCLE = {f"{ENGINE}.adapters", f"{ENGINE}.families.chatglm.lora_layout",
-                       f"{ENGINE}.families.chatglm.ptuning", f"{ENGINE}.families.chatglm.glm1_model"}
+KNOWN_ADAPTER_CYCLE = {
+    f"{ENGINE}.adapters",
+    f"{ENGINE}.families.chatglm.lora_layout",
+    f"{ENGINE}.families.chatglm.ptuning",
+    f"{ENGINE}.families.chatglm.glm1_model",
+}
 
 
 def test_the_graph_sees_imports_inside_functions_and_from_package_imports():
@@ -101,5 +108,6 @@ def test_the_graph_sees_imports_inside_functions_and_from_package_imports():
 
 def test_the_validator_and_the_load_pipeline_are_in_no_import_cycle():
     found = cycles(import_graph())
-    assert all(group <= KNOWN_ADAPTER_CYCLE for group in found), \
-        "import cycles: " + "; ".join(" <-> ".join(sorted(group)) for group in found)
+    assert all(group <= KNOWN_ADAPTER_CYCLE for group in found), "import cycles: " + "; ".join(
+        " <-> ".join(sorted(group)) for group in found
+    )

@@ -2,11 +2,11 @@ import socket
 
 import pytest
 import torch
+from support import loaded_app, make_app
 
 from glmrepl.engine.errors import CheckpointError, DeviceError, LoadCancelled
 from glmrepl.engine.formats import ChatTemplateFormat, CompletionFormat
 from glmrepl.engine.manager import LoadJob, LoadRequest, load_model
-from support import loaded_app, make_app
 
 
 def test_loads_a_chat_model_and_a_base_model_with_the_right_format(qwen_checkpoint, gpt2_checkpoint):
@@ -140,8 +140,11 @@ def test_a_failed_move_with_an_empty_error_message_still_rolls_back(qwen_checkpo
         real_place(model, placement)
 
     monkeypatch.setattr(devices, "place_model", fail_once)
-    with pytest.raises(DeviceError, match=r"could not move the model to cpu bfloat16 \(RuntimeError\); "
-                                          r"it stays on cpu float32"):
+    with pytest.raises(
+        DeviceError,
+        match=r"could not move the model to cpu bfloat16 \(RuntimeError\); "
+        r"it stays on cpu float32",
+    ):
         app.manager.move("cpu", "bfloat16")
     assert calls == ["bfloat16", "float32"]
     assert app.manager.current.info.placement.describe() == "cpu float32"

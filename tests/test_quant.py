@@ -9,9 +9,15 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from chatglm_reference import (DATA, assert_logits_match, assert_matches_case, expected, load_reference,
-                               reference_cases, reference_logits)
+from chatglm_reference import (
+    DATA,
+    assert_logits_match,
+    assert_matches_case,
+    expected,
+    load_reference,
+    reference_cases,
+    reference_logits,
+)
 
 QUANTIZED = ("chatglm2-int4", "chatglm2-int8")
 load = load_reference

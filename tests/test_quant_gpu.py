@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import pytest
-
 from chatglm_reference import as_messages, expected, reference_logits
 from chatglm_reference import load_reference as load
 from test_quant import QUANTIZED
@@ -19,6 +18,7 @@ def kernel(request, monkeypatch):
 
     quant.reset_kernels()
     if request.param == "torch":
+
         def missing():
             raise ImportError("cpm_kernels left out for this test")
 
@@ -90,11 +90,16 @@ def test_sharded_quantized_layers_split_across_devices():
     """Quantized blocks placed like any other block (cpu + gpu here, so one GPU is enough)."""
     import torch
 
-    device_map = {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": "cpu",
-                  "model.norm": "cpu", "model.rotary_emb": "cuda:0", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cuda:0",
+        "model.layers.0": "cuda:0",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cuda:0",
+        "lm_head": "cpu",
+    }
     parts = load("chatglm2-int4", device_map=device_map)
     reference = reference_logits("chatglm2-int4")
     with torch.inference_mode():
         logits = parts.model(input_ids=reference["input_ids"].cuda()).logits.cpu()
     assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
-

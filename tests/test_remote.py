@@ -7,7 +7,7 @@ import re
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
@@ -56,8 +56,9 @@ def test_urls_default_to_the_v1_api():
 def test_a_reply_streams_records_and_sends_only_what_the_api_has(stub):
     backend = connected(stub)
     session = conversation()
-    settings = Settings({"temperature": 0.5, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3, "seed": 11,
-                         "max_new_tokens": 30})
+    settings = Settings(
+        {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3, "seed": 11, "max_new_tokens": 30}
+    )
     reply = backend.plan_reply(session, settings)
     assert list(reply) == ["Hello", " there", "!"]
     assert record_reply(session, reply) == "Hello there!"
@@ -67,7 +68,11 @@ def test_a_reply_streams_records_and_sends_only_what_the_api_has(stub):
     assert sent.body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert sent.body["model"] == "stub-model" and sent.body["stream"] is True
     assert {k: sent.body[k] for k in ("max_tokens", "temperature", "top_p", "seed")} == {
-        "max_tokens": 30, "temperature": 0.5, "top_p": 0.8, "seed": 11}
+        "max_tokens": 30,
+        "temperature": 0.5,
+        "top_p": 0.8,
+        "seed": 11,
+    }
     assert "top_k" not in sent.body and "repetition_penalty" not in sent.body
     assert "authorization" not in sent.headers  # no key given: none sent
     assert backend.setting_note("top_k") and backend.setting_note("temperature") is None
@@ -147,7 +152,9 @@ def test_a_connection_lost_mid_reply_is_one_line_and_the_next_reply_works(stub):
     backend = connected(stub)
     reply = backend.plan_reply(conversation(), Settings())
     received = []
-    with pytest.raises(RemoteError, match=r"^the connection to http://127\.0\.0\.1:\d+/v1 was lost mid-reply \(") as error:
+    with pytest.raises(
+        RemoteError, match=r"^the connection to http://127\.0\.0\.1:\d+/v1 was lost mid-reply \("
+    ) as error:
         for delta in reply:
             received.append(delta)
     assert received == ["Hello", " there"] and "\n" not in str(error.value)
@@ -156,28 +163,60 @@ def test_a_connection_lost_mid_reply_is_one_line_and_the_next_reply_works(stub):
 
 
 def _http_date(seconds_from_now: int) -> str:
-    return format_datetime(datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now), usegmt=True)
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds_from_now), usegmt=True)
 
 
-@pytest.mark.parametrize("answer, api_key, expected", [
-    (Canned(401, {"error": {"message": "Invalid API key"}}), None,
-     r"needs an API key \(401\): pass --api-key KEY or set GLMREPL_API_KEY$"),
-    (Canned(401, {"error": {"message": "Invalid API key"}}), "wrong",
-     r"refused the API key \(401: Invalid API key\): check --api-key or \$GLMREPL_API_KEY$"),
-    (Canned(404, {"error": {"message": "The model `stub-model` does not exist.", "code": "model_not_found"}}), None,
-     r"^the server has no model 'stub-model' \(404: The model `stub-model` does not exist\.\): /model lists its models$"),
-    (Canned(429, {"error": {"message": "Rate limit reached"}}, {"Retry-After": "7"}), None,
-     r"is busy \(429: Rate limit reached\): retry in 7 s$"),
-    (Canned(503, {"detail": "queue full"}, {"Retry-After": _http_date(3600)}), None,
-     r"is busy \(503: queue full\): retry in (5\d|60) min$"),  # an HTTP date an hour ahead (made at collection)
-    (Canned(503, ""), None, r"is busy \(503\): retry shortly$"),
-    (Canned(404, "<!doctype html><title>Not Found</title>"), None,
-     r"is not an OpenAI-compatible API: it answered 404 with an HTML page"),
-    (Canned(200, "<html><body>my blog</body></html>"), None, r"did not stream the reply: .* with an HTML page$"),
-    (Canned(400, {"error": {"message": "This model's maximum context length is 2048 tokens", "code": "context_length_exceeded"}}),
-     None, r"refused the conversation: This model's maximum context length is 2048 tokens \(/clear or /undo makes room\)$"),
-    (Canned(500, {"detail": "CUDA out of memory"}), None, r"answered 500: CUDA out of memory$"),
-])
+@pytest.mark.parametrize(
+    "answer, api_key, expected",
+    [
+        (
+            Canned(401, {"error": {"message": "Invalid API key"}}),
+            None,
+            r"needs an API key \(401\): pass --api-key KEY or set GLMREPL_API_KEY$",
+        ),
+        (
+            Canned(401, {"error": {"message": "Invalid API key"}}),
+            "wrong",
+            r"refused the API key \(401: Invalid API key\): check --api-key or \$GLMREPL_API_KEY$",
+        ),
+        (
+            Canned(404, {"error": {"message": "The model `stub-model` does not exist.", "code": "model_not_found"}}),
+            None,
+            r"^the server has no model 'stub-model' \(404: The model `stub-model` does not exist\.\): /model lists its models$",
+        ),
+        (
+            Canned(429, {"error": {"message": "Rate limit reached"}}, {"Retry-After": "7"}),
+            None,
+            r"is busy \(429: Rate limit reached\): retry in 7 s$",
+        ),
+        (
+            Canned(503, {"detail": "queue full"}, {"Retry-After": _http_date(3600)}),
+            None,
+            r"is busy \(503: queue full\): retry in (5\d|60) min$",
+        ),  # an HTTP date an hour ahead (made at collection)
+        (Canned(503, ""), None, r"is busy \(503\): retry shortly$"),
+        (
+            Canned(404, "<!doctype html><title>Not Found</title>"),
+            None,
+            r"is not an OpenAI-compatible API: it answered 404 with an HTML page",
+        ),
+        (Canned(200, "<html><body>my blog</body></html>"), None, r"did not stream the reply: .* with an HTML page$"),
+        (
+            Canned(
+                400,
+                {
+                    "error": {
+                        "message": "This model's maximum context length is 2048 tokens",
+                        "code": "context_length_exceeded",
+                    }
+                },
+            ),
+            None,
+            r"refused the conversation: This model's maximum context length is 2048 tokens \(/clear or /undo makes room\)$",
+        ),
+        (Canned(500, {"detail": "CUDA out of memory"}), None, r"answered 500: CUDA out of memory$"),
+    ],
+)
 def test_http_failures_are_one_line_and_the_next_message_retries(stub, answer, api_key, expected):
     backend = connected(stub, api_key=api_key)
     stub.queue(CHAT, answer)
@@ -188,11 +227,17 @@ def test_http_failures_are_one_line_and_the_next_message_retries(stub, answer, a
     assert "".join(backend.plan_reply(session, Settings())) == "Hello there!"  # the next one goes through
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (Canned(200, "<html><body>router login</body></html>"), r"is not an OpenAI-compatible API: GET /models answered with an HTML page"),
-    (Canned(404, {"detail": "Not Found"}), r"is not an OpenAI-compatible API \(404 on /v1/models\)"),
-    (Canned(200, {"models": ["x"]}), r"GET /models answered with application/json, not a model list"),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (
+            Canned(200, "<html><body>router login</body></html>"),
+            r"is not an OpenAI-compatible API: GET /models answered with an HTML page",
+        ),
+        (Canned(404, {"detail": "Not Found"}), r"is not an OpenAI-compatible API \(404 on /v1/models\)"),
+        (Canned(200, {"models": ["x"]}), r"GET /models answered with application/json, not a model list"),
+    ],
+)
 def test_a_server_that_is_not_openai_compatible_says_so(stub, answer, expected):
     backend = RemoteBackend(stub.url)
     stub.queue("/v1/models", answer)
@@ -209,8 +254,10 @@ def test_an_unreachable_server_is_one_line_and_a_later_message_connects(stub):
     down = RemoteBackend(f"http://127.0.0.1:{port}")
     job = down.select_model(None)
     job.wait(30)
-    assert str(job.error) == (f"cannot reach the server at http://127.0.0.1:{port}/v1 (connection refused): "
-                              "is it running? (a message tries again)")
+    assert str(job.error) == (
+        f"cannot reach the server at http://127.0.0.1:{port}/v1 (connection refused): "
+        "is it running? (a message tries again)"
+    )
     assert down.status().name == "no model chosen yet"
     job = down.select_model("org/wanted")
     job.wait(30)
@@ -243,7 +290,9 @@ def test_choosing_models_by_id_or_folder_name_and_a_wrong_name_keeps_the_current
     serial = backend.status().serial
     job = backend.select_model("nope")
     job.wait(30)
-    assert str(job.error).startswith("no model 'nope' on the server at ") and "(it serves: /srv/models/tiny-qwen, org/other, qwen2.5:latest," in str(job.error)
+    assert str(job.error).startswith(
+        "no model 'nope' on the server at "
+    ) and "(it serves: /srv/models/tiny-qwen, org/other, qwen2.5:latest," in str(job.error)
     assert backend.model == "/srv/models/tiny-qwen" and backend.status().serial == serial
 
 
@@ -269,11 +318,17 @@ def test_next_tokens_from_a_server_that_returns_top_logprobs(stub):
 
     stub.top_logprobs = [("Hello", math.log(0.5)), ("Hi", math.log(0.25)), ("Hey", math.log(0.125))]
     backend = connected(stub)
-    assert backend.next_tokens(conversation(), 2) == [("Hello", "-", pytest.approx(0.5)), ("Hi", "-", pytest.approx(0.25))]
+    assert backend.next_tokens(conversation(), 2) == [
+        ("Hello", "-", pytest.approx(0.5)),
+        ("Hi", "-", pytest.approx(0.25)),
+    ]
     sent = stub.chat_requests()[-1].body
     assert (sent["max_tokens"], sent["logprobs"], sent["top_logprobs"], sent.get("stream")) == (1, True, 2, None)
     stub.queue(CHAT, Canned(400, {"error": {"message": "logprobs is not supported"}}))
-    with pytest.raises(RemoteError, match=r"^/next is not available: the server at .* returns no top_logprobs \(400: logprobs is not supported\)$"):
+    with pytest.raises(
+        RemoteError,
+        match=r"^/next is not available: the server at .* returns no top_logprobs \(400: logprobs is not supported\)$",
+    ):
         backend.next_tokens(conversation(), 2)
     with pytest.raises(GlmreplError, match="the conversation is empty"):
         backend.next_tokens(ChatSession(), 2)

@@ -15,7 +15,7 @@ def stream_text(deltas, color=True):
 
 def test_plain_output_has_no_escape_codes_even_with_code():
     text = "Here:\n```python\nprint('hi')\n```\ndone"
-    assert stream_text([text[i:i + 3] for i in range(0, len(text), 3)], color=False) == text + "\n"
+    assert stream_text([text[i : i + 3] for i in range(0, len(text), 3)], color=False) == text + "\n"
 
 
 def test_code_block_is_highlighted_and_prose_is_not():
@@ -76,9 +76,10 @@ def test_help_wraps_to_the_terminal_instead_of_cutting(monkeypatch):
 def test_columns_align_by_display_width_with_wide_characters(monkeypatch):
     from glmrepl.render import display_width
 
-    lines = rendered_table(Table(["token", "id"], [["'日本語'", "1"], ["'ab'", "22"], ["'<0xE4>'", "3"]]),
-                           monkeypatch, 80)
-    id_columns = {display_width(line[:line.rindex(" ") + 1]) for line in lines}
+    lines = rendered_table(
+        Table(["token", "id"], [["'日本語'", "1"], ["'ab'", "22"], ["'<0xE4>'", "3"]]), monkeypatch, 80
+    )
+    id_columns = {display_width(line[: line.rindex(" ") + 1]) for line in lines}
     assert id_columns == {display_width("'<0xE4>'  ")}
 
 

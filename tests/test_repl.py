@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from support import drive_repl, loaded_app, make_app
 
 from glmrepl.commands import TABLE
 from glmrepl.completer import CommandCompleter
-from support import drive_repl, loaded_app, make_app
 
 ENTER = "\r"
 
@@ -167,13 +167,16 @@ def test_next_lists_likely_tokens_without_changing_the_conversation(qwen_checkpo
     assert app.session.turns == 1
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("/device gpu", "needs a CUDA GPU"),
-    ("/device warp", "unknown device argument 'warp'"),
-    ("/mode banana", "usage: /mode chat|complete"),
-    ("/save", "usage: /save FILE"),
-    ("/load /nonexistent/chat.json", "no such file"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("/device gpu", "needs a CUDA GPU"),
+        ("/device warp", "unknown device argument 'warp'"),
+        ("/mode banana", "usage: /mode chat|complete"),
+        ("/save", "usage: /save FILE"),
+        ("/load /nonexistent/chat.json", "no such file"),
+    ],
+)
 def test_bad_commands_give_one_line_errors_and_the_repl_goes_on(qwen_checkpoint, line, expected):
     import torch
 
@@ -234,8 +237,11 @@ def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp
     cli = io.StringIO()
     with redirect_stdout(cli):
         tools.main(["list", "--models-dir", str(tmp_path)])
-    repl_rows = {line.split()[0].lstrip("*"): line.split(None, 5)[1:] for line in listing.splitlines()
-                 if line.startswith(("*my-qwen", "broken"))}
+    repl_rows = {
+        line.split()[0].lstrip("*"): line.split(None, 5)[1:]
+        for line in listing.splitlines()
+        if line.startswith(("*my-qwen", "broken"))
+    }
     cli_rows = {line.split()[0]: line for line in cli.getvalue().splitlines()[1:]}
     assert listing.count("*my-qwen") == 1  # the loaded one is marked
     for name, cells in repl_rows.items():
@@ -244,8 +250,9 @@ def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp
     assert "not ready:" in listing
 
 
-def test_model_listing_includes_the_folders_beside_the_loaded_model(qwen_checkpoint, gpt2_checkpoint, tmp_path,
-                                                                   monkeypatch):
+def test_model_listing_includes_the_folders_beside_the_loaded_model(
+    qwen_checkpoint, gpt2_checkpoint, tmp_path, monkeypatch
+):
     import shutil
 
     elsewhere = tmp_path / "elsewhere"
@@ -297,8 +304,9 @@ def test_device_without_a_model_is_kept_for_the_next_load(qwen_checkpoint):
 
 def test_mode_and_set_without_a_value_show_the_current_one(qwen_checkpoint):
     app = loaded_app(qwen_checkpoint)
-    out = drive_repl(app, "/mode" + ENTER + "/set top_k" + ENTER + "/set temperature 5" + ENTER
-                     + "/set temperature 0.8" + ENTER)
+    out = drive_repl(
+        app, "/mode" + ENTER + "/set top_k" + ENTER + "/set temperature 5" + ENTER + "/set temperature 0.8" + ENTER
+    )
     assert "chat mode (chat template); /mode chat|complete switches" in out
     assert f"top_k = {app.settings.get('top_k')} (from " in out and "needs a value" not in out
     assert "temperature 5.0 is unusually high" in out and app.settings.get("temperature") == 0.8
@@ -327,8 +335,14 @@ def test_copy_says_what_it_sent_and_how_tmux_lets_it_through(qwen_checkpoint, tm
     fake_tmux.parent.mkdir()
     monkeypatch.setenv("PATH", f"{fake_tmux.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("TMUX", "/tmp/tmux-0/default,1,0")
-    for setting, expected in (("external", sent + "; inside tmux it reaches your terminal only with "
-                               "`set -g set-clipboard on` in ~/.tmux.conf (it is external now)"), ("on", sent)):
+    for setting, expected in (
+        (
+            "external",
+            sent + "; inside tmux it reaches your terminal only with "
+            "`set -g set-clipboard on` in ~/.tmux.conf (it is external now)",
+        ),
+        ("on", sent),
+    ):
         fake_tmux.write_text(f"#!/bin/sh\necho {setting}\n")
         fake_tmux.chmod(0o755)
         assert TABLE.dispatch(app, "/copy").done_message == expected
@@ -356,8 +370,10 @@ def test_save_writes_only_new_files_in_existing_folders(qwen_checkpoint, tmp_pat
 def test_a_path_typed_at_the_prompt_gets_the_double_slash_hint():
     app = make_app()
     out = drive_repl(app, "/usr/bin/ls -la" + ENTER + "/frobnicate" + ENTER)
-    assert ("error: /usr/bin/ls is not a command: type //usr/bin/ls -la to send text that starts with / "
-            "(/help lists the commands)") in out
+    assert (
+        "error: /usr/bin/ls is not a command: type //usr/bin/ls -la to send text that starts with / "
+        "(/help lists the commands)"
+    ) in out
     assert "error: unknown command /frobnicate (/help lists them; //text sends text that starts with /)" in out
 
 

@@ -19,15 +19,19 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 KEY = "test-key-7d1f"
-SEED_CURL = ("""curl -X POST http://127.0.0.1:8000 -H 'Content-Type: application/json' """
-             """-d '{"prompt": "你好", "history": []}'""")
+SEED_CURL = (
+    """curl -X POST http://127.0.0.1:8000 -H 'Content-Type: application/json' """
+    """-d '{"prompt": "你好", "history": []}'"""
+)
 LONG_PROMPT = "Tell me a long story"  # greedy on the tiny chat model: runs to max_tokens (checked below)
 
 
 @pytest.fixture(scope="module")
 def chat_server(qwen_checkpoint, tmp_path_factory):
-    server = ServerProcess([str(qwen_checkpoint), "--device", "cpu", "--temperature", "0", "--max-queue", "1"],
-                           tmp_path_factory.mktemp("serve") / "chat.log")
+    server = ServerProcess(
+        [str(qwen_checkpoint), "--device", "cpu", "--temperature", "0", "--max-queue", "1"],
+        tmp_path_factory.mktemp("serve") / "chat.log",
+    )
     try:
         server.wait_ready()
         yield server
@@ -37,8 +41,9 @@ def chat_server(qwen_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_server(gpt2_checkpoint, tmp_path_factory):
-    server = ServerProcess([str(gpt2_checkpoint), "--device", "cpu", "--api-key", KEY],
-                           tmp_path_factory.mktemp("serve") / "base.log")
+    server = ServerProcess(
+        [str(gpt2_checkpoint), "--device", "cpu", "--api-key", KEY], tmp_path_factory.mktemp("serve") / "base.log"
+    )
     try:
         server.wait_ready()
         yield server
@@ -51,8 +56,9 @@ def client(server, key: str = "unused"):
 
 
 def chat(server, text: str, **kwargs):
-    return client(server).chat.completions.create(model="tiny-qwen2-chat",
-                                                  messages=[{"role": "user", "content": text}], **kwargs)
+    return client(server).chat.completions.create(
+        model="tiny-qwen2-chat", messages=[{"role": "user", "content": text}], **kwargs
+    )
 
 
 def test_models_and_health(chat_server):
@@ -81,8 +87,12 @@ def test_chat_streamed_and_not_give_the_same_reply(chat_server):
 
 
 def test_stream_chunks_have_exactly_openais_shape(chat_server):
-    body = {"model": "tiny-qwen2-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-            "stream": True}
+    body = {
+        "model": "tiny-qwen2-chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
     events = sse_events(chat_server.port, "/v1/chat/completions", body)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -93,8 +103,12 @@ def test_stream_chunks_have_exactly_openais_shape(chat_server):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(set(c["choices"][0]["delta"]) == {"content"} for c in chunks[1:-1])
     assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
-    with_usage = [json.loads(e) for e in sse_events(chat_server.port, "/v1/chat/completions",
-                                                    {**body, "stream_options": {"include_usage": True}})[:-1]]
+    with_usage = [
+        json.loads(e)
+        for e in sse_events(
+            chat_server.port, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}
+        )[:-1]
+    ]
     assert all(c["usage"] is None for c in with_usage[:-1])
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] == 4
 
@@ -105,8 +119,9 @@ def test_stop_strings_and_seed(chat_server):
     cut = chat(chat_server, "Hello there", max_tokens=12, stop=[stop]).choices[0]
     assert cut.finish_reason == "stop" and stop not in cut.message.content
     assert free.strip().startswith(cut.message.content.strip())
-    sampled = [chat(chat_server, "Hello", max_tokens=8, temperature=1.0, seed=7).choices[0].message.content
-               for _ in range(2)]
+    sampled = [
+        chat(chat_server, "Hello", max_tokens=8, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]  # the same seed gives the same sample
 
 
@@ -119,15 +134,24 @@ def test_the_chatglm_api_py_curl_command_works_verbatim(chat_server):
     assert answer["status"] == 200 and answer["history"] == [["你好", answer["response"]]]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", answer["time"])
     history = [["你好", "你好👋！"]]
-    follow = json.loads(request(chat_server.port, "POST", "/", {"prompt": "再说一遍", "history": history,
-                                                                  "max_length": 60, "top_p": 0.5,
-                                                                  "temperature": 0.1})[2])
+    follow = json.loads(
+        request(
+            chat_server.port,
+            "POST",
+            "/",
+            {"prompt": "再说一遍", "history": history, "max_length": 60, "top_p": 0.5, "temperature": 0.1},
+        )[2]
+    )
     assert follow["history"] == [*history, ["再说一遍", follow["response"]]]
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好👋！"}]  # ChatGLM3 style
-    third = json.loads(request(chat_server.port, "POST", "/", {"prompt": "嗯", "history": messages,
-                                                                 "max_length": 60})[2])
-    assert third["history"] == [*messages, {"role": "user", "content": "嗯"},
-                                {"role": "assistant", "content": third["response"]}]
+    third = json.loads(
+        request(chat_server.port, "POST", "/", {"prompt": "嗯", "history": messages, "max_length": 60})[2]
+    )
+    assert third["history"] == [
+        *messages,
+        {"role": "user", "content": "嗯"},
+        {"role": "assistant", "content": third["response"]},
+    ]
 
 
 def test_completions_continue_a_base_models_text(base_server):
@@ -135,8 +159,9 @@ def test_completions_continue_a_base_models_text(base_server):
     whole = base.completions.create(model="tiny-gpt2", prompt="Once upon a time", max_tokens=6, temperature=0)
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
     assert whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
-    streamed = list(base.completions.create(model="tiny-gpt2", prompt="Once upon a time", max_tokens=6,
-                                            temperature=0, stream=True))
+    streamed = list(
+        base.completions.create(model="tiny-gpt2", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "length"
     default = base.completions.create(model="tiny-gpt2", prompt="Once upon a time", temperature=0)
@@ -145,15 +170,19 @@ def test_completions_continue_a_base_models_text(base_server):
     for path, body in (("/v1/completions", {"model": "tiny-gpt2", "prompt": ""}), ("/", {"prompt": ""})):
         status, _, raw = request(base_server.port, "POST", path, body, auth)
         assert status == 400 and "empty" in error_of(raw)["message"], path  # nothing to continue
-    status, _, raw = request(base_server.port, "POST", "/v1/completions",
-                             {"model": "tiny-gpt2", "prompt": "word " * 300}, auth)
+    status, _, raw = request(
+        base_server.port, "POST", "/v1/completions", {"model": "tiny-gpt2", "prompt": "word " * 300}, auth
+    )
     assert status == 400 and error_of(raw)["code"] == "context_length_exceeded" and error_of(raw)["param"] == "prompt"
 
 
 def test_an_api_key_guards_every_endpoint_but_health(base_server):
     body = {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 1}
-    for headers, message in (({}, "didn't provide an API key"), ({"Authorization": "Bearer wrong"}, "Incorrect"),
-                             ({"Authorization": KEY}, "Incorrect")):
+    for headers, message in (
+        ({}, "didn't provide an API key"),
+        ({"Authorization": "Bearer wrong"}, "Incorrect"),
+        ({"Authorization": KEY}, "Incorrect"),
+    ):
         status, reply_headers, raw = request(base_server.port, "POST", "/v1/completions", body, headers)
         assert status == 401 and message in error_of(raw)["message"] and reply_headers["www-authenticate"] == "Bearer"
     assert request(base_server.port, "GET", "/v1/models")[0] == 401
@@ -165,8 +194,13 @@ def test_an_api_key_guards_every_endpoint_but_health(base_server):
 
 def test_binding_a_public_address_without_a_key_refuses_at_once(gpt2_checkpoint):
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "glmrepl", "serve", str(gpt2_checkpoint), "--host", "0.0.0.0"],
-                            capture_output=True, text=True, timeout=60, env={**_env(), "GLMREPL_API_KEY": ""})
+    result = subprocess.run(
+        [sys.executable, "-m", "glmrepl", "serve", str(gpt2_checkpoint), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_env(), "GLMREPL_API_KEY": ""},
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "without an API key" in result.stderr
     assert time.monotonic() - started < 30  # refused before loading anything
@@ -188,32 +222,94 @@ BAD_INPUT = [
     ("wrong type", "POST", "/v1/chat/completions", {**GOOD, "temperature": "hot"}, 400, "temperature", "number"),
     ("messages not a list", "POST", "/v1/chat/completions", {**GOOD, "messages": "hi"}, 400, "messages", "list"),
     ("empty messages", "POST", "/v1/chat/completions", {**GOOD, "messages": []}, 400, "messages", "at least one"),
-    ("unknown role", "POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "robot", "content": "x"}]},
-     400, "messages[0].role", "robot"),
-    ("missing content", "POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user"}]},
-     400, "messages[0].content", "missing"),
+    (
+        "unknown role",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages[0].role",
+        "robot",
+    ),
+    (
+        "missing content",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "messages": [{"role": "user"}]},
+        400,
+        "messages[0].content",
+        "missing",
+    ),
     ("missing model", "POST", "/v1/chat/completions", {"messages": GOOD["messages"]}, 400, "model", "missing"),
     ("unknown model", "POST", "/v1/chat/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found", "gpt-4"),
     ("max_tokens 0", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", "greater than"),
     ("negative max_tokens", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens", ""),
-    ("huge max_tokens", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": 10**9}, 400,
-     "context_length_exceeded", "maximum context length is 512"),
-    ("prompt too long", "POST", "/v1/chat/completions",
-     {**GOOD, "messages": [{"role": "user", "content": "word " * 700}]}, 400, "context_length_exceeded", "512"),
-    ("temperature out of range", "POST", "/v1/chat/completions", {**GOOD, "temperature": 3}, 400, "temperature",
-     "less than or equal to 2"),
+    (
+        "huge max_tokens",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "max_tokens": 10**9},
+        400,
+        "context_length_exceeded",
+        "maximum context length is 512",
+    ),
+    (
+        "prompt too long",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "messages": [{"role": "user", "content": "word " * 700}]},
+        400,
+        "context_length_exceeded",
+        "512",
+    ),
+    (
+        "temperature out of range",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "temperature": 3},
+        400,
+        "temperature",
+        "less than or equal to 2",
+    ),
     ("top_p out of range", "POST", "/v1/chat/completions", {**GOOD, "top_p": 1.5}, 400, "top_p", "1"),
     ("n > 1", "POST", "/v1/chat/completions", {**GOOD, "n": 3}, 400, "n", "not supported"),
-    ("unsupported parameter", "POST", "/v1/chat/completions", {**GOOD, "tools": [{"type": "function"}]}, 400,
-     "tools", "unsupported parameter 'tools'"),
-    ("penalty", "POST", "/v1/chat/completions", {**GOOD, "presence_penalty": 1.0}, 400, "presence_penalty",
-     "not supported"),
-    ("image content", "POST", "/v1/chat/completions",
-     {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     400, "messages[0].content", "text only"),
+    (
+        "unsupported parameter",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "tools": [{"type": "function"}]},
+        400,
+        "tools",
+        "unsupported parameter 'tools'",
+    ),
+    (
+        "penalty",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "presence_penalty": 1.0},
+        400,
+        "presence_penalty",
+        "not supported",
+    ),
+    (
+        "image content",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content",
+        "text only",
+    ),
     ("too many stops", "POST", "/v1/chat/completions", {**GOOD, "stop": list("abcde")}, 400, "stop", "at most 4"),
-    ("oversized body", "POST", "/v1/chat/completions", b"{" + b" " * (5 * 2**20) + b"}", 413, "request_too_large",
-     "larger than"),
+    (
+        "oversized body",
+        "POST",
+        "/v1/chat/completions",
+        b"{" + b" " * (5 * 2**20) + b"}",
+        413,
+        "request_too_large",
+        "larger than",
+    ),
     ("unknown route", "GET", "/v1/embeddings", None, 404, "not_found", "/v1/embeddings"),
     ("wrong method", "GET", "/v1/chat/completions", None, 405, "method_not_allowed", "GET"),
     ("api.py without prompt", "POST", "/", {"history": []}, 400, "prompt", "missing"),
@@ -237,11 +333,19 @@ def test_each_bad_input_gets_its_status_and_a_good_request_follows(chat_server):
 
 def _open_stream(port: int, max_tokens: int, events: int = 2) -> socket.socket:
     """Start a streamed chat request on a raw socket; read its first ``events`` chunks (the role, content)."""
-    body = json.dumps({"model": "tiny-qwen2-chat", "messages": [{"role": "user", "content": LONG_PROMPT}],
-                       "max_tokens": max_tokens, "stream": True}).encode()
+    body = json.dumps(
+        {
+            "model": "tiny-qwen2-chat",
+            "messages": [{"role": "user", "content": LONG_PROMPT}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     received = b""
     while received.count(b"data: ") < events:
         received += sock.recv(65536)

@@ -33,8 +33,9 @@ def test_eight_clients_get_their_own_replies_and_a_move_waits_for_them(qwen_chec
 
         def ask(i: int) -> str:
             messages = [{"role": "user", "content": f"Question number {i}: what is {i * 7} plus {i}?"}]
-            stream = client.chat.completions.create(model="tiny-qwen", messages=messages, max_tokens=24,
-                                                    temperature=0, stream=True)
+            stream = client.chat.completions.create(
+                model="tiny-qwen", messages=messages, max_tokens=24, temperature=0, stream=True
+            )
             return "".join(chunk.choices[0].delta.content or "" for chunk in stream)
 
         alone = [ask(i) for i in range(CLIENTS)]  # one at a time: what each conversation gets on its own
@@ -70,13 +71,29 @@ SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent
 
 @pytest.mark.skipif(SCHEMATHESIS is None, reason="needs schemathesis (dev extra)")
 def test_schemathesis_finds_no_server_error(gpt2_checkpoint, tmp_path):
-    server = ServerProcess([str(gpt2_checkpoint), "--device", "cpu", "--api-key", "k", "--max-new-tokens", "8"],
-                           tmp_path / "server.log")
+    server = ServerProcess(
+        [str(gpt2_checkpoint), "--device", "cpu", "--api-key", "k", "--max-new-tokens", "8"], tmp_path / "server.log"
+    )
     try:
         server.wait_ready()
-        command = [SCHEMATHESIS, "run", server.base_url + "/openapi.json",
-                   "--header", "Authorization: Bearer k", "--checks", "not_a_server_error", "--max-examples", "15",
-                   "--phases", "examples,fuzzing", "--seed", "1", "--no-shrink", "--workers", "1"]
+        command = [
+            SCHEMATHESIS,
+            "run",
+            server.base_url + "/openapi.json",
+            "--header",
+            "Authorization: Bearer k",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "15",
+            "--phases",
+            "examples,fuzzing",
+            "--seed",
+            "1",
+            "--no-shrink",
+            "--workers",
+            "1",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         assert "Traceback" not in server.output()
@@ -107,6 +124,7 @@ def test_chatglm_families_serve_with_their_own_format_and_stop_ids(family):
         answer = client.chat.completions.create(model=family, messages=messages, max_tokens=6, temperature=0)
         assert answer.choices[0].message.content == expected_text
         assert answer.usage.prompt_tokens == backend.context_usage(conversation)[0]  # the family's own prompt
-        stream = client.chat.completions.create(model=family, messages=messages, max_tokens=6, temperature=0,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model=family, messages=messages, max_tokens=6, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream) == expected

@@ -126,10 +126,14 @@ def test_device_keeps_the_gpu_chosen_at_load(qwen_checkpoint, monkeypatch):
 
 
 def test_messages_from_an_api_become_a_conversation():
-    session = conversation_from_messages([{"role": "system", "content": "be brief"},
-                                          {"role": "user", "content": "hi"},
-                                          {"role": "assistant", "content": "hello"},
-                                          {"role": "user", "content": "more"}])
+    session = conversation_from_messages(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "more"},
+        ]
+    )
     assert session.system == "be brief" and [m.role for m in session.messages] == ["user", "assistant", "user"]
     with pytest.raises(GlmreplError, match=r"messages\[0\].role must be one of system, user, assistant"):
         conversation_from_messages([{"role": "robot", "content": "x"}])

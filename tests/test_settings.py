@@ -42,13 +42,20 @@ def test_temperature_zero_means_greedy_and_clears_sampling_flags():
 
 
 def test_the_file_and_the_command_line_sit_between_the_model_and_set():
-    settings = Settings({"seed": 1}, defaults={"max_new_tokens": 512}, config_file={"top_p": 0.5, "top_k": 3},
-                        command_line={"top_k": 7})
+    settings = Settings(
+        {"seed": 1}, defaults={"max_new_tokens": 512}, config_file={"top_p": 0.5, "top_k": 3}, command_line={"top_k": 7}
+    )
     settings.set_model_defaults({"top_p": 0.6, "repetition_penalty": 1.2}, {"temperature": 0.8})
     assert {key: (settings.get(key), settings.source(key)) for key in SETTINGS} == {
-        "max_new_tokens": (512, "default"), "temperature": (0.8, "family"), "top_p": (0.5, "config file"),
-        "top_k": (7, "command line"), "repetition_penalty": (1.2, "checkpoint"), "seed": (1, "/set"),
-        "do_sample": (True, "default"), "stats": (True, "default")}
+        "max_new_tokens": (512, "default"),
+        "temperature": (0.8, "family"),
+        "top_p": (0.5, "config file"),
+        "top_k": (7, "command line"),
+        "repetition_penalty": (1.2, "checkpoint"),
+        "seed": (1, "/set"),
+        "do_sample": (True, "default"),
+        "stats": (True, "default"),
+    }
     assert settings.user == {"seed": 1} and settings.chosen() == {"top_p": 0.5, "top_k": 7, "seed": 1}
 
 
@@ -76,6 +83,13 @@ def test_set_lists_where_each_value_comes_from(tmp_path, monkeypatch, copy_check
     app = build_app(build_parser().parse_args(["--device", "cpu", "--top-k", "5"]), load_config())
     app.manager.load(app.load_request(str(checkpoint)))
     TABLE.dispatch(app, "/set seed 3")
-    assert sources(app) == {"max_new_tokens": "config file", "temperature": "family", "top_p": "family",
-                            "top_k": "command line", "repetition_penalty": "checkpoint", "seed": "/set",
-                            "do_sample": "family", "stats": "default"}
+    assert sources(app) == {
+        "max_new_tokens": "config file",
+        "temperature": "family",
+        "top_p": "family",
+        "top_k": "command line",
+        "repetition_penalty": "checkpoint",
+        "seed": "/set",
+        "do_sample": "family",
+        "stats": "default",
+    }

@@ -21,9 +21,14 @@ def generate(tokenizer, model, input_ids, new_tokens=4):
     import torch
 
     with torch.no_grad():
-        output = model.generate(torch.tensor([input_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return output[0, len(input_ids):].tolist()
+        output = model.generate(
+            torch.tensor([input_ids]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return output[0, len(input_ids) :].tolist()
 
 
 def test_gpt2_is_a_base_lm_that_generates(gpt2_checkpoint):
@@ -87,8 +92,9 @@ def test_the_first_demo_run_builds_quietly(tmp_path):
     import sys
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_DATA_HOME": str(tmp_path / "data")}
-    result = subprocess.run([sys.executable, "-m", "glmrepl.demo"], input="/exit\n", capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "glmrepl.demo"], input="/exit\n", capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cache" / "glmrepl" / "demo-checkpoint" / "model.safetensors.index.json").is_file()
     assert "building a tiny random checkpoint" in result.stdout

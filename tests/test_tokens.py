@@ -8,7 +8,7 @@ from glmrepl.engine.tokens import escape_partial_characters, token_label
 def test_partial_utf8_is_shown_as_byte_escapes():
     assert escape_partial_characters("日".encode()[:2]) == "<0xE6><0x97>"
     assert escape_partial_characters(b"a" + "本".encode() + b"\xe4") == "a本<0xE4>"
-    assert escape_partial_characters("plain".encode()) == "plain"
+    assert escape_partial_characters(b"plain") == "plain"
 
 
 def label_bytes(label: str) -> bytes:
@@ -37,8 +37,9 @@ def test_sentencepiece_byte_fallback_pieces():
 
 
 def test_next_shows_no_replacement_characters(qwen_checkpoint):
-    from glmrepl.commands import TABLE
     from support import loaded_app
+
+    from glmrepl.commands import TABLE
 
     app = loaded_app(qwen_checkpoint)
     app.session.add_user("日本の東京")

@@ -61,8 +61,9 @@ def test_truncated_file(downloaded, copy_checkpoint, capsys):
 
 def test_lfs_pointer(downloaded, copy_checkpoint, capsys):
     folder = copy_checkpoint(downloaded["sharded"])
-    (folder / "tokenizer.json").write_text("version https://git-lfs.github.com/spec/v1\n"
-                                           "oid sha256:" + "0" * 64 + "\nsize 123\n")
+    (folder / "tokenizer.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123\n"
+    )
     status, lines = check(folder, capsys)
     assert status == 1 and any("git-LFS pointer" in line for line in lines)
 
@@ -74,8 +75,10 @@ def test_hash_mismatch_only_the_manifest_can_see(downloaded, copy_checkpoint, ca
     assert '"errors": "replace"' in text
     config.write_text(text.replace('"errors": "replace"', '"errors": "REPLACE"'))  # same size, still valid
     status, lines = check(folder, capsys)
-    assert (status, lines) == (1, [f"{config} does not match the sha256 in {MANIFEST_NAME}: the file is damaged; "
-                                   "download it again"])
+    assert (status, lines) == (
+        1,
+        [f"{config} does not match the sha256 in {MANIFEST_NAME}: the file is damaged; download it again"],
+    )
 
 
 def test_bad_config_json(downloaded, copy_checkpoint, capsys):
@@ -149,11 +152,14 @@ def test_list_with_nothing_to_show(tmp_path, monkeypatch, capsys):
 
 
 def test_tool_commands_do_not_import_torch(downloaded):
-    code = ("import sys; from glmrepl.main import main; status = main(['check', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
-            "sys.exit(status)")
-    result = subprocess.run([sys.executable, "-c", code, str(downloaded["sharded"])],
-                            capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys; from glmrepl.main import main; status = main(['check', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+        "sys.exit(status)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(downloaded["sharded"])], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ready"
 
@@ -198,7 +204,8 @@ def test_list_keeps_the_status_short_and_points_at_check(downloaded, tmp_path, m
     rows = {line.split()[0]: line for line in captured.out.splitlines()[1:]}
     assert _status(rows["broken"]) == "not ready: has no weights"
     assert _status(rows["future"]) == (
-        "not ready: config.json: model type 'gpt9000' is not known to transformers " + _transformers_version())
+        "not ready: config.json: model type 'gpt9000' is not known to transformers " + _transformers_version()
+    )
     assert all(len(row.rsplit(str(models), 1)[0]) < 150 for row in rows.values())  # before the PATH column
     assert "glmrepl check PATH" in captured.err
 
@@ -220,12 +227,15 @@ def test_list_judges_an_unknown_model_type_without_importing_transformers(downlo
         folder = Path(shutil.copytree(downloaded["multi-format"], models / model_type))
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-    code = ("import sys; from glmrepl.main import main; status = main(['list', '--models-dir', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
-            "sys.exit(status)")
+    code = (
+        "import sys; from glmrepl.main import main; status = main(['list', '--models-dir', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+        "sys.exit(status)"
+    )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
-    result = subprocess.run([sys.executable, "-c", code, str(models)], capture_output=True, text=True,
-                            timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(models)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert " ready " in rows["gpt-sw3"] and "not ready: config.json: model type 'gpt9000'" in rows["gpt9000"]

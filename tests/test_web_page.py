@@ -17,8 +17,15 @@ from scripted import build_scripted_qwen2
 from serving import ServerProcess, request
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
+BROWSER_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 MARKUP = ["<img src=x onerror=\"document.title='pwned'\">", " and ", "<script>document.title='pwned'</script>"]
 API_KEY = "page-test-key"
 
@@ -33,8 +40,12 @@ sync_api = pytest.importorskip("playwright.sync_api")
 def browser():
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="glmrepl-browser-"), executable_path=CHROMIUM, headless=True,
-            args=BROWSER_FLAGS, viewport={"width": 1100, "height": 720})
+            tempfile.mkdtemp(prefix="glmrepl-browser-"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=BROWSER_FLAGS,
+            viewport={"width": 1100, "height": 720},
+        )
         yield context
         context.close()
 
@@ -111,9 +122,17 @@ def test_a_message_streams_a_reply_and_shows_its_speed_model_and_device(chat_ser
     sync_api.expect(page.locator("#context")).to_contain_text("/512 tokens")
 
     # The same request through the API gives the same greedy text: the page shows what the model said.
-    status, _, body = request(chat_server.port, "POST", "/v1/chat/completions", {
-        "model": "tiny-qwen2-chat", "messages": [{"role": "user", "content": "Hello, who are you?"}],
-        "max_tokens": 12, "temperature": 0})
+    status, _, body = request(
+        chat_server.port,
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": "tiny-qwen2-chat",
+            "messages": [{"role": "user", "content": "Hello, who are you?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        },
+    )
     assert status == 200, body
     assert json.loads(body)["choices"][0]["message"]["content"].strip() == reply.strip()
 

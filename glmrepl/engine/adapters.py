@@ -64,8 +64,10 @@ def inspect_adapter(path) -> AdapterInfo:
     config = _checkpoint_config(path)
     if config.get("pre_seq_len"):
         return _inspect_ptuning(path, config)
-    raise AdapterError(f"{path.name} is not an adapter folder: it has neither adapter_config.json (PEFT) nor a "
-                       "config.json with pre_seq_len (ChatGLM P-tuning v2)")
+    raise AdapterError(
+        f"{path.name} is not an adapter folder: it has neither adapter_config.json (PEFT) nor a "
+        "config.json with pre_seq_len (ChatGLM P-tuning v2)"
+    )
 
 
 def _inspect_peft(path: Path) -> AdapterInfo:
@@ -76,15 +78,27 @@ def _inspect_peft(path: Path) -> AdapterInfo:
     weights = _first_file(path, LORA_WEIGHT_FILES)
     targets = config.get("target_modules") or []
     shown = targets if isinstance(targets, str) else ", ".join(sorted(targets))
-    return AdapterInfo(path, "lora", config.get("base_model_name_or_path"),
-                       f"LoRA r={config.get('r')} on {shown or 'all linears'}", weights, config)
+    return AdapterInfo(
+        path,
+        "lora",
+        config.get("base_model_name_or_path"),
+        f"LoRA r={config.get('r')} on {shown or 'all linears'}",
+        weights,
+        config,
+    )
 
 
 def _inspect_ptuning(path: Path, config: dict) -> AdapterInfo:
     weights = _first_file(path, PTUNING_WEIGHT_FILES)
     projection = ", with projection" if config.get("prefix_projection") else ""
-    return AdapterInfo(path, "ptuning", config.get("_name_or_path"),
-                       f"P-tuning v2, {config['pre_seq_len']} prefix tokens{projection}", weights, config)
+    return AdapterInfo(
+        path,
+        "ptuning",
+        config.get("_name_or_path"),
+        f"P-tuning v2, {config['pre_seq_len']} prefix tokens{projection}",
+        weights,
+        config,
+    )
 
 
 def _first_file(path: Path, names: tuple[str, ...]) -> Path:
@@ -181,15 +195,18 @@ def _attach_lora(model: Any, info: AdapterInfo, merge: bool) -> AttachedAdapter:
     try:
         config = LoraConfig.from_pretrained(str(info.path))
     except (TypeError, ValueError) as error:
-        raise AdapterError(f"{info.path.name}: adapter_config.json is not a LoRA config peft reads "
-                           f"({first_line(error)})") from None
+        raise AdapterError(
+            f"{info.path.name}: adapter_config.json is not a LoRA config peft reads ({first_line(error)})"
+        ) from None
     state = read_adapter_tensors(info.weights)
     if lora_layout.is_remote_layout(state):
         config, state = lora_layout.to_native(config, state, model, info)
     check_lora_fits(model, state, info)
     if merge and model_bits(model):
-        raise AdapterError(f"--merge-adapter needs float layers; the model is int{model_bits(model)}: "
-                           "the adapter runs unmerged on quantized layers")
+        raise AdapterError(
+            f"--merge-adapter needs float layers; the model is int{model_bits(model)}: "
+            "the adapter runs unmerged on quantized layers"
+        )
     config.inference_mode = True
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -220,18 +237,22 @@ def check_lora_fits(model: Any, state: dict, info: AdapterInfo) -> None:
     for key, lora_a in state.items():
         if not key.endswith(".lora_A.weight"):
             continue
-        name = key[len(_PEFT_PREFIX):-len(".lora_A.weight")] if key.startswith(_PEFT_PREFIX) else key
+        name = key[len(_PEFT_PREFIX) : -len(".lora_A.weight")] if key.startswith(_PEFT_PREFIX) else key
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise AdapterError(f"{info.path.name}{base} adapts {name}, which the loaded {architecture} "
-                               "does not have: the adapter is for another architecture") from None
+            raise AdapterError(
+                f"{info.path.name}{base} adapts {name}, which the loaded {architecture} "
+                "does not have: the adapter is for another architecture"
+            ) from None
         lora_b = state.get(key.replace(".lora_A.", ".lora_B."))
         expected = (getattr(module, "in_features", None), getattr(module, "out_features", None))
         found = (lora_a.shape[-1], None if lora_b is None else lora_b.shape[0])
         if expected != found:
-            raise AdapterError(f"{info.path.name}{base}: {name} is {found[0]} -> {found[1]} in the adapter, "
-                               f"{expected[0]} -> {expected[1]} in the loaded {architecture}: another model size")
+            raise AdapterError(
+                f"{info.path.name}{base}: {name} is {found[0]} -> {found[1]} in the adapter, "
+                f"{expected[0]} -> {expected[1]} in the loaded {architecture}: another model size"
+            )
 
 
 def swap_adapter(model: Any, current: AttachedAdapter | None, path, merge: bool = False) -> AttachedAdapter | None:

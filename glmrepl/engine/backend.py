@@ -9,8 +9,9 @@ ends check with ``hasattr`` and say why when one is missing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .chat import ChatSession
 from .errors import GlmreplError
@@ -93,8 +94,9 @@ class LocalBackend:
     def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None):
         return self.manager.quantize(bits, on_wait=on_wait)
 
-    def set_adapter(self, path: Path | None, merge: bool = False,
-                    on_wait: Callable[[int], None] | None = None) -> str | None:
+    def set_adapter(
+        self, path: Path | None, merge: bool = False, on_wait: Callable[[int], None] | None = None
+    ) -> str | None:
         """Put an adapter on the model (None: take it off); returns its description, or None."""
         adapter = self.manager.set_adapter(path, merge, on_wait=on_wait)
         return adapter.describe() if adapter else None
@@ -113,8 +115,10 @@ class LocalBackend:
             ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
             if not ids:
                 raise GlmreplError("the conversation is empty: there is nothing to continue")
-            return [(token_label(loaded.tokenizer, token_id, text), token_id, p)
-                    for text, token_id, p in next_token_distribution(loaded.model, loaded.tokenizer, ids, k)]
+            return [
+                (token_label(loaded.tokenizer, token_id, text), token_id, p)
+                for text, token_id, p in next_token_distribution(loaded.model, loaded.tokenizer, ids, k)
+            ]
 
     def memory_report(self) -> list[tuple[str, str]]:
         from .devices import memory_report

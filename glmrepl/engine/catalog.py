@@ -48,8 +48,14 @@ def listing_cells(entry: CatalogEntry) -> list[str]:
     from ..units import human_bytes, human_count
 
     if entry.adapter_base is not None:
-        return [entry.name, entry.architecture or "adapter", "-", "-", human_bytes(entry.size_bytes),
-                f"adapter for {entry.adapter_base}"]
+        return [
+            entry.name,
+            entry.architecture or "adapter",
+            "-",
+            "-",
+            human_bytes(entry.size_bytes),
+            f"adapter for {entry.adapter_base}",
+        ]
     return [
         entry.name,
         entry.family or entry.architecture or "?",
@@ -69,7 +75,7 @@ def short_problem(problem: str, folder: Path) -> str:
     text = problem
     for prefix in (f"{folder}{os.sep}", f"{folder} ", str(folder)):
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
             break
     head, _, rest = text.partition(": ")
     if rest and " " not in head:  # "config.json: model type 'x' is not known: upgrade ..."
@@ -83,8 +89,9 @@ def listing_dtype(config: dict | None, stored_dtype: str | None) -> str | None:
     bits = config.get("quantization_bit")  # ChatGLM's own quantized releases
     quantization = config.get("quantization_config")
     if not bits and isinstance(quantization, dict):  # GPTQ, AWQ, bitsandbytes
-        bits = quantization.get("bits") or (4 if quantization.get("load_in_4bit") else
-                                            8 if quantization.get("load_in_8bit") else None)
+        bits = quantization.get("bits") or (
+            4 if quantization.get("load_in_4bit") else 8 if quantization.get("load_in_8bit") else None
+        )
     if isinstance(bits, int) and not isinstance(bits, bool) and bits > 0:
         return f"int{bits}"
     return stored_dtype
@@ -110,8 +117,9 @@ def hf_cache_dir() -> Path:
     return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
-def find_checkpoints(models_dir: Path | None = None, *, trust_remote_code: bool = False,
-                     beside: Path | None = None) -> list[CatalogEntry]:
+def find_checkpoints(
+    models_dir: Path | None = None, *, trust_remote_code: bool = False, beside: Path | None = None
+) -> list[CatalogEntry]:
     """Every checkpoint in the models dir (None: the default one) and the HF cache, sorted by name.
 
     ``beside``: a checkpoint folder (the loaded one) whose sibling folders are
@@ -178,8 +186,11 @@ def _located_checkpoints(root: Path) -> list[tuple[str, Path, str]]:
 
 def _siblings(folder: Path, known: set[Path]) -> list[tuple[str, Path, str]]:
     """The checkpoint folders next to ``folder`` (itself included) not listed already."""
-    return [(_shown_path(child), child, BESIDE_LOADED) for child in _subfolders(folder.parent)
-            if _has_config(child) and _resolved(child) not in known]
+    return [
+        (_shown_path(child), child, BESIDE_LOADED)
+        for child in _subfolders(folder.parent)
+        if _has_config(child) and _resolved(child) not in known
+    ]
 
 
 def _shown_path(path: Path) -> str:
@@ -204,8 +215,11 @@ def _models_dir_checkpoints(root: Path) -> list[tuple[str, Path]]:
         if _has_config(child):
             found.append((child.name, child))
             continue
-        found.extend((f"{child.name}/{grandchild.name}", grandchild)
-                     for grandchild in _subfolders(child) if _has_config(grandchild))
+        found.extend(
+            (f"{child.name}/{grandchild.name}", grandchild)
+            for grandchild in _subfolders(child)
+            if _has_config(grandchild)
+        )
     return found
 
 
@@ -278,8 +292,17 @@ def _describe(name: str, path: Path, source: str, trust_remote_code: bool) -> Ca
     try:
         scan = scan_checkpoint(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - one odd folder must not hide the others
-        return CatalogEntry(name, path, source, None, None, _folder_bytes(path), None, False,
-                            one_line(f"{path} could not be checked ({type(error).__name__}: {error})"))
+        return CatalogEntry(
+            name,
+            path,
+            source,
+            None,
+            None,
+            _folder_bytes(path),
+            None,
+            False,
+            one_line(f"{path} could not be checked ({type(error).__name__}: {error})"),
+        )
     return CatalogEntry(
         name=name,
         path=path,
@@ -302,8 +325,9 @@ def _describe_adapter(name: str, path: Path, source: str) -> CatalogEntry:
     except AdapterError as error:
         return CatalogEntry(name, path, source, "adapter", None, _folder_bytes(path), None, False, str(error))
     kind = "LoRA adapter" if info.kind == "lora" else "P-tuning v2 adapter"
-    return CatalogEntry(name, path, source, kind, None, _folder_bytes(path), None, True, None,
-                        adapter_base=info.base or "?")
+    return CatalogEntry(
+        name, path, source, kind, None, _folder_bytes(path), None, True, None, adapter_base=info.base or "?"
+    )
 
 
 def _folder_bytes(path: Path) -> int:

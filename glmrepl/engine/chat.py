@@ -122,8 +122,9 @@ def _drop_oldest_turn(messages: list[Message]) -> list[Message]:
     return rest
 
 
-def save_conversation(path: str | Path, session: ChatSession, settings: dict, model: str | None,
-                      adapter: str | None = None) -> Path:
+def save_conversation(
+    path: str | Path, session: ChatSession, settings: dict, model: str | None, adapter: str | None = None
+) -> Path:
     payload = {"glmrepl": SAVE_FORMAT_VERSION, "model": model, "settings": settings, **session.to_dict()}
     if adapter:
         payload["adapter"] = adapter

@@ -47,8 +47,16 @@ CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "
 FULL_JSON_PARSE_LIMIT = 2 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I8": "int8",
+    "U8": "uint8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 REDOWNLOAD = "download it again"
 
@@ -127,12 +135,20 @@ class CheckpointScan:
         if self.problems:
             raise CheckpointError(self.problems[0])
         return CheckpointInfo(
-            path=self.path, config=self.config or {}, model_type=self.model_type or "",
-            architecture=self.architecture or "", family=self.family,
-            weights_format=self.weights_format or "", weight_files=list(self.weight_files),
-            weight_bytes=self.weight_bytes, param_count=self.param_count, dtype=self.dtype,
-            has_chat_template=self.has_chat_template, tokenizer_files=list(self.tokenizer_files),
-            needs_remote_code=self.needs_remote_code, context_length=self.context_length,
+            path=self.path,
+            config=self.config or {},
+            model_type=self.model_type or "",
+            architecture=self.architecture or "",
+            family=self.family,
+            weights_format=self.weights_format or "",
+            weight_files=list(self.weight_files),
+            weight_bytes=self.weight_bytes,
+            param_count=self.param_count,
+            dtype=self.dtype,
+            has_chat_template=self.has_chat_template,
+            tokenizer_files=list(self.tokenizer_files),
+            needs_remote_code=self.needs_remote_code,
+            context_length=self.context_length,
         )
 
     def add_problem(self, message: str) -> None:
@@ -183,8 +199,10 @@ def transformers_knows(model_type: str) -> bool:
 def _list_folder(scan: CheckpointScan) -> set[str] | None:
     path = scan.path
     if not path.exists():
-        scan.add_problem(f"{path} does not exist: check the path, or give the name of a checkpoint "
-                         "in the models directory or the Hugging Face cache")
+        scan.add_problem(
+            f"{path} does not exist: check the path, or give the name of a checkpoint "
+            "in the models directory or the Hugging Face cache"
+        )
         return None
     if not path.is_dir():
         scan.add_problem(f"{path} is a file, not a folder: give the checkpoint folder that holds config.json")
@@ -202,8 +220,10 @@ def _list_folder(scan: CheckpointScan) -> set[str] | None:
 def _check_config(scan: CheckpointScan, trust_remote_code: bool, family_override: str | None) -> None:
     config_path = scan.path / "config.json"
     if not config_path.exists():
-        scan.add_problem(f"{config_path} is missing: every checkpoint needs one; "
-                         "download config.json from the model's repository into the folder")
+        scan.add_problem(
+            f"{config_path} is missing: every checkpoint needs one; "
+            "download config.json from the model's repository into the folder"
+        )
         return
     config = _read_json(scan, config_path)
     if config is None:
@@ -222,10 +242,14 @@ def _check_config(scan: CheckpointScan, trust_remote_code: bool, family_override
 def _no_model_type_message(config_path: Path, config: dict) -> str:
     architectures = config.get("architectures")
     if architectures:
-        return (f'{config_path} has no "model_type" (architectures: {architectures}): add the model type '
-                f'of that architecture, e.g. "model_type": "llama", or {REDOWNLOAD}')
-    return (f'{config_path} has neither "model_type" nor "architectures", so it is not a transformers '
-            f"model config: {REDOWNLOAD} from the model's repository")
+        return (
+            f'{config_path} has no "model_type" (architectures: {architectures}): add the model type '
+            f'of that architecture, e.g. "model_type": "llama", or {REDOWNLOAD}'
+        )
+    return (
+        f'{config_path} has neither "model_type" nor "architectures", so it is not a transformers '
+        f"model config: {REDOWNLOAD} from the model's repository"
+    )
 
 
 def _detect_family(scan: CheckpointScan, family_override: str | None) -> bool:
@@ -254,11 +278,13 @@ def _check_architecture(scan: CheckpointScan, config_path: Path, trust_remote_co
             scan.add_problem(
                 f"{config_path}: model type '{model_type}' is not built into transformers "
                 f"{_transformers_version()} and the checkpoint ships its own Python code (auto_map): rerun with "
-                "--trust-remote-code if you trust that code, or upgrade transformers (pip install -U transformers)")
+                "--trust-remote-code if you trust that code, or upgrade transformers (pip install -U transformers)"
+            )
         return
     scan.add_problem(
         f"{config_path}: model type '{model_type}' is not known to transformers {_transformers_version()}: "
-        "upgrade transformers (pip install -U transformers), or check \"model_type\" in config.json")
+        'upgrade transformers (pip install -U transformers), or check "model_type" in config.json'
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -269,8 +295,9 @@ def _config_names_from_file() -> frozenset[str]:
     # ("gpt-sw3", "mimi_encoder", ...) are read from its source without running it.
     try:
         auto = Path(importlib.util.find_spec("transformers").origin).parent / "models" / "auto"
-        module_spec = importlib.util.spec_from_file_location("_glmrepl_transformers_auto_mappings",
-                                                             auto / "auto_mappings.py")
+        module_spec = importlib.util.spec_from_file_location(
+            "_glmrepl_transformers_auto_mappings", auto / "auto_mappings.py"
+        )
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         return frozenset(module.CONFIG_MAPPING_NAMES) | _config_aliases(auto / "configuration_auto.py")
@@ -283,8 +310,11 @@ def _config_aliases(source: Path) -> frozenset[str]:
     names = set()
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Dict):
-            names.update(key.value for key, value in zip(node.keys, node.values)
-                         if _is_str(key) and _is_str(value) and value.value.endswith("Config"))
+            names.update(
+                key.value
+                for key, value in zip(node.keys, node.values)
+                if _is_str(key) and _is_str(value) and value.value.endswith("Config")
+            )
     return frozenset(names)
 
 
@@ -314,18 +344,21 @@ def _transformers_version() -> str:
 def _check_tokenizer(scan: CheckpointScan, names: set[str]) -> None:
     sentencepiece = sorted(n for n in names if n.endswith(".model") or n.endswith(".tiktoken"))
     scan.tokenizer_files = sorted(
-        [n for n in TOKENIZER_JSON_FILES + TOKENIZER_OTHER_FILES if n in names] + sentencepiece)
+        [n for n in TOKENIZER_JSON_FILES + TOKENIZER_OTHER_FILES if n in names] + sentencepiece
+    )
     for name in TOKENIZER_JSON_FILES:
         if name in names:
             _read_json(scan, scan.path / name, check_only=True)
     for name in sentencepiece:
         _check_not_lfs_pointer(scan, scan.path / name)
-    has_tokenizer = ("tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names
-                     or "vocab.txt" in names or sentencepiece)
+    has_tokenizer = (
+        "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names or "vocab.txt" in names or sentencepiece
+    )
     if not has_tokenizer:
         scan.add_problem(
             f"{scan.path} has no tokenizer files: download tokenizer.json (or vocab.json and merges.txt, "
-            "or the sentencepiece tokenizer.model) from the model's repository into the folder")
+            "or the sentencepiece tokenizer.model) from the model's repository into the folder"
+        )
     scan.has_chat_template = _has_chat_template(scan.path, names)
 
 
@@ -346,8 +379,12 @@ def _has_chat_template(path: Path, names: set[str]) -> bool:
 
 # The weights a loader reads, first present wins: safetensors before pickles,
 # a single file before an index.
-WEIGHT_PREFERENCE = (("safetensors", SAFETENSORS_FILE), ("safetensors", SAFETENSORS_INDEX),
-                     ("bin", BIN_FILE), ("bin", BIN_INDEX))
+WEIGHT_PREFERENCE = (
+    ("safetensors", SAFETENSORS_FILE),
+    ("safetensors", SAFETENSORS_INDEX),
+    ("bin", BIN_FILE),
+    ("bin", BIN_INDEX),
+)
 
 
 def preferred_weights(names: set[str]) -> tuple[str, str] | None:
@@ -367,17 +404,20 @@ def _check_weights(scan: CheckpointScan, names: set[str]) -> None:
             f"{path / TENSORFLOW_FILES[0]} holds TensorFlow weights only, which transformers 5 cannot load: "
             "convert them once on a machine with TensorFlow and transformers 4 with "
             "`AutoModelForCausalLM.from_pretrained(path, from_tf=True).save_pretrained(path)`, "
-            "or download the PyTorch/safetensors weights")
+            "or download the PyTorch/safetensors weights"
+        )
     elif any(name in names for name in FLAX_FILES):
         scan.add_problem(
             f"{path / FLAX_FILES[0]} holds Flax weights only, which transformers 5 cannot load: "
             "convert them once on a machine with JAX and transformers 4 with "
             "`AutoModelForCausalLM.from_pretrained(path, from_flax=True).save_pretrained(path)`, "
-            "or download the PyTorch/safetensors weights")
+            "or download the PyTorch/safetensors weights"
+        )
     else:
         scan.add_problem(
             f"{path} has no weights: download {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX} and its shards, "
-            f"or {BIN_FILE}) from the model's repository into the folder")
+            f"or {BIN_FILE}) from the model's repository into the folder"
+        )
 
 
 def _check_sharded(scan: CheckpointScan, weights_format: str, index_path: Path) -> None:
@@ -386,16 +426,17 @@ def _check_sharded(scan: CheckpointScan, weights_format: str, index_path: Path) 
         return
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        scan.add_problem(f"{index_path} has no \"weight_map\" listing the shards: {REDOWNLOAD}")
+        scan.add_problem(f'{index_path} has no "weight_map" listing the shards: {REDOWNLOAD}')
         return
     shards = [scan.path / name for name in sorted(set(map(str, weight_map.values())))]
     missing = [shard for shard in shards if not shard.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        scan.add_problem(f"{missing[0]}{more} listed in {index_path.name} but missing: the download is "
-                         "incomplete; download the missing shards again")
-    _check_weight_files(scan, weights_format, [shard for shard in shards if shard not in missing],
-                        complete=not missing)
+        scan.add_problem(
+            f"{missing[0]}{more} listed in {index_path.name} but missing: the download is "
+            "incomplete; download the missing shards again"
+        )
+    _check_weight_files(scan, weights_format, [shard for shard in shards if shard not in missing], complete=not missing)
 
 
 def _check_weight_files(scan: CheckpointScan, weights_format: str, files: list[Path], complete: bool = True) -> None:
@@ -438,8 +479,10 @@ def _check_safetensors(scan: CheckpointScan, file: Path) -> int:
     header_length = int.from_bytes(head[:8], "little")
     expected = 8 + header_length + data_end
     if expected != size:
-        scan.add_problem(f"{file} is {size} bytes but its header describes {expected}: the file is "
-                         f"{'truncated' if size < expected else 'corrupt'}; {REDOWNLOAD}")
+        scan.add_problem(
+            f"{file} is {size} bytes but its header describes {expected}: the file is "
+            f"{'truncated' if size < expected else 'corrupt'}; {REDOWNLOAD}"
+        )
         return 0
     if tensors and scan.weights_dtype is None:
         scan.weights_dtype = SAFETENSORS_DTYPES.get(tensors[0].get("dtype"))
@@ -451,8 +494,10 @@ def _safetensors_header(scan: CheckpointScan, file: Path, size: int) -> dict | N
         with open(file, "rb") as stream:
             (header_length,) = struct.unpack("<Q", stream.read(8))
             if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
-                scan.add_problem(f"{file} is truncated or not a safetensors file "
-                                 f"(header of {header_length} bytes in a file of {size}): {REDOWNLOAD}")
+                scan.add_problem(
+                    f"{file} is truncated or not a safetensors file "
+                    f"(header of {header_length} bytes in a file of {size}): {REDOWNLOAD}"
+                )
                 return None
             header = json.loads(stream.read(header_length))
     except (OSError, struct.error, ValueError) as error:
@@ -495,8 +540,10 @@ def _size_and_head(scan: CheckpointScan, file: Path) -> tuple[int, bytes | None]
 def _is_lfs_pointer(scan: CheckpointScan, file: Path, head: bytes) -> bool:
     if not head.startswith(LFS_POINTER_PREFIX):
         return False
-    scan.add_problem(f"{file} is a git-LFS pointer, not the real file (cloned without git-lfs): "
-                     "run `git lfs pull` in the folder, or download again")
+    scan.add_problem(
+        f"{file} is a git-LFS pointer, not the real file (cloned without git-lfs): "
+        "run `git lfs pull` in the folder, or download again"
+    )
     return True
 
 
@@ -519,8 +566,9 @@ def _read_json(scan: CheckpointScan, file: Path, check_only: bool = False):
     except UnicodeDecodeError:
         scan.add_problem(f"{file} is not UTF-8 text, so it is not valid JSON: fix it or {REDOWNLOAD}")
     except json.JSONDecodeError as error:
-        scan.add_problem(f"{file} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}): "
-                         f"fix it or {REDOWNLOAD}")
+        scan.add_problem(
+            f"{file} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}): fix it or {REDOWNLOAD}"
+        )
     except OSError as error:
         scan.add_problem(f"{file} cannot be read ({error.strerror or error}): check its permissions, or {REDOWNLOAD}")
     return None
@@ -532,6 +580,8 @@ def _looks_like_complete_json(scan: CheckpointScan, file: Path, stream, size: in
     end = stream.read().rstrip()
     if start.startswith(b"{") and end.endswith(b"}"):
         return {}
-    scan.add_problem(f"{file} is not valid JSON (it does not start with '{{' and end with '}}', "
-                     f"so it is probably truncated): {REDOWNLOAD}")
+    scan.add_problem(
+        f"{file} is not valid JSON (it does not start with '{{' and end with '}}', "
+        f"so it is probably truncated): {REDOWNLOAD}"
+    )
     return None

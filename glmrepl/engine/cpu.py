@@ -73,8 +73,10 @@ def physical_cores() -> int:
 
 def cpu_flags() -> str:
     """The processor's feature flags as /proc/cpuinfo lists them ('' where it does not)."""
-    return next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
-                 if line.startswith(("flags", "Features"))), "")
+    return next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith(("flags", "Features"))),
+        "",
+    )
 
 
 @functools.cache

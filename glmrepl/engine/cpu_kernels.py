@@ -208,8 +208,7 @@ def _built_library() -> Path:
     from .cpu import compiler_command, cpu_flags
 
     compiler = compiler_command()
-    version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True,
-                             timeout=60).stdout
+    version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join((_SOURCE, " ".join(_FLAGS), version, cpu_flags())).encode()).hexdigest()[:24]
     target = cache_folder() / f"quant-{key}.so"
     if target.exists():
@@ -218,8 +217,9 @@ def _built_library() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
         source, built = Path(scratch) / "quant.cpp", Path(scratch) / "quant.so"
         source.write_text(_SOURCE, encoding="utf-8")
-        result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            [compiler, *_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, timeout=300
+        )
         if result.returncode != 0:
             raise RuntimeError((result.stderr or result.stdout or f"{compiler} failed").strip().splitlines()[0])
         os.replace(built, target)  # atomic: another process sees the whole library or none
@@ -232,8 +232,15 @@ def int8_gemv(lib, packed, x, scale, threads: int):
 
     rows, cols = packed.shape
     out = torch.empty(rows, dtype=torch.float32)
-    lib.int8_gemv(_ptr(packed), _ptr(x), _ptr(scale), _ptr(out), ctypes.c_int64(rows), ctypes.c_int64(cols),
-                  ctypes.c_int64(threads))
+    lib.int8_gemv(
+        _ptr(packed),
+        _ptr(x),
+        _ptr(scale),
+        _ptr(out),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(cols),
+        ctypes.c_int64(threads),
+    )
     return out
 
 
@@ -243,8 +250,16 @@ def int4_gemv(lib, packed, even, odd, scale, threads: int):
 
     rows, stored = packed.shape
     out = torch.empty(rows, dtype=torch.float32)
-    lib.int4_gemv(_ptr(packed), _ptr(even), _ptr(odd), _ptr(scale), _ptr(out), ctypes.c_int64(rows),
-                  ctypes.c_int64(stored), ctypes.c_int64(threads))
+    lib.int4_gemv(
+        _ptr(packed),
+        _ptr(even),
+        _ptr(odd),
+        _ptr(scale),
+        _ptr(out),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(stored),
+        ctypes.c_int64(threads),
+    )
     return out
 
 

@@ -46,9 +46,17 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def plan_placement(mode: str, dtype: str = "auto", stored_dtype: str | None = None, gpu: int = 0, *,
-                   needed_bytes: int | None = None, gpus: list[int] | None = None,
-                   max_gpu_memory: str | None = None, offload: bool = False) -> Placement:
+def plan_placement(
+    mode: str,
+    dtype: str = "auto",
+    stored_dtype: str | None = None,
+    gpu: int = 0,
+    *,
+    needed_bytes: int | None = None,
+    gpus: list[int] | None = None,
+    max_gpu_memory: str | None = None,
+    offload: bool = False,
+) -> Placement:
     """Resolve a requested mode and dtype into a placement, or raise DeviceError.
 
     ``needed_bytes`` (the weights at the target precision) lets ``auto``
@@ -117,9 +125,14 @@ def _check_fits_one_gpu(gpu: int, needed_bytes: int | None, count: int) -> None:
     if needed_bytes <= usable:
         return
     total = sum(gpu_budgets(list(range(count)), None).values())
-    hint = (Hint("device", "sharded", "{} across all GPUs would fit") if needed_bytes <= total
-            else Hint("device", "cpu", "use {} (or sharded with offload)"))
-    raise DeviceError(f"the model needs {human_bytes(needed_bytes)} but GPU {gpu} has {human_bytes(usable)} usable", hint)
+    hint = (
+        Hint("device", "sharded", "{} across all GPUs would fit")
+        if needed_bytes <= total
+        else Hint("device", "cpu", "use {} (or sharded with offload)")
+    )
+    raise DeviceError(
+        f"the model needs {human_bytes(needed_bytes)} but GPU {gpu} has {human_bytes(usable)} usable", hint
+    )
 
 
 def gpu_budgets(gpus: list[int], max_gpu_memory: str | None) -> dict[int, int]:
@@ -155,7 +168,9 @@ def weights_bytes_at(param_count: int | None, weight_bytes: int, stored_dtype: s
 def _cpu_dtype(dtype: str, stored_dtype: str | None) -> tuple[str, str]:
     """(dtype, why it was chosen: only for auto)."""
     if dtype == "float16":
-        raise DeviceError("float16 is not supported on CPU (half-precision matmuls are GPU-only): use float32 or bfloat16")
+        raise DeviceError(
+            "float16 is not supported on CPU (half-precision matmuls are GPU-only): use float32 or bfloat16"
+        )
     if dtype != "auto":
         return dtype, ""
     from .cpu import auto_dtype
@@ -205,7 +220,9 @@ def memory_report() -> list[tuple[str, str]]:
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
             used = torch.cuda.memory_allocated(index)
-            lines.append((f"cuda:{index}", f"{human_bytes(used)} allocated, {human_bytes(free)} free of {human_bytes(total)}"))
+            lines.append(
+                (f"cuda:{index}", f"{human_bytes(used)} allocated, {human_bytes(free)} free of {human_bytes(total)}")
+            )
     return lines
 
 
@@ -253,7 +270,9 @@ def move_model(model: Any, before: Placement, after: Placement) -> None:
         if isinstance(error, DeviceError):
             raise
         reason = "out of memory" if type(error).__name__ == "OutOfMemoryError" else first_line(error)
-        raise DeviceError(f"could not move the model to {after.describe()} ({reason}); it stays on {before.describe()}") from None
+        raise DeviceError(
+            f"could not move the model to {after.describe()} ({reason}); it stays on {before.describe()}"
+        ) from None
 
 
 def release_freed_memory() -> None:

@@ -34,8 +34,15 @@ MANIFEST_FORMAT = 1
 WEIGHT_CHOICES = ("safetensors", "bin", "all")
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 TOKENIZER_SUFFIXES = (".model", ".tiktoken")  # sentencepiece and tiktoken vocabularies
 CHAT_TEMPLATE_FOLDER = "additional_chat_templates/"
 
@@ -45,8 +52,21 @@ LOADABLE_FORMATS = {
     "bin": ("pytorch_model.bin", "pytorch_model.bin.index.json", ".bin"),
 }
 # Files that only duplicate the weights in another framework's format.
-OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf",
-                         ".pt", ".pth", ".ckpt", ".ot", ".tflite", ".mlmodel")
+OTHER_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".onnx_data",
+    ".gguf",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".ot",
+    ".tflite",
+    ".mlmodel",
+)
 HF_LOCAL_METADATA = Path(".cache") / "huggingface"
 HASH_CHUNK = 1024 * 1024
 
@@ -66,8 +86,9 @@ class DownloadResult:
 # -- which files -----------------------------------------------------------------
 
 
-def select_files(names, *, has_auto_map: bool = False, weights: str = "safetensors",
-                 shard_lists: dict[str, list[str]] | None = None) -> list[str]:
+def select_files(
+    names, *, has_auto_map: bool = False, weights: str = "safetensors", shard_lists: dict[str, list[str]] | None = None
+) -> list[str]:
     """The files of a repository that offline use needs, sorted.
 
     ``names`` are the repository's file paths; ``has_auto_map`` says whether
@@ -93,14 +114,19 @@ def select_files(names, *, has_auto_map: bool = False, weights: str = "safetenso
 
 
 def _is_config_or_tokenizer(name: str) -> bool:
-    return (name in CONFIG_FILES or name in TOKENIZER_FILES or name.startswith("vocab.")
-            or name.endswith(TOKENIZER_SUFFIXES))
+    return (
+        name in CONFIG_FILES
+        or name in TOKENIZER_FILES
+        or name.startswith("vocab.")
+        or name.endswith(TOKENIZER_SUFFIXES)
+    )
 
 
 def _is_weights_file(name: str) -> bool:
     base = PurePosixPath(name).name
     return base.endswith(OTHER_WEIGHT_SUFFIXES) or any(
-        base.endswith(suffix + ".index.json") for suffix in OTHER_WEIGHT_SUFFIXES)
+        base.endswith(suffix + ".index.json") for suffix in OTHER_WEIGHT_SUFFIXES
+    )
 
 
 def _weights_in_one_format(top_level: list[str], preferred: str, shard_lists: dict[str, list[str]]) -> list[str]:
@@ -125,8 +151,9 @@ def default_destination(repo_id: str, models_dir=None) -> Path:
     return default_models_dir(models_dir) / repo_id.rsplit("/", 1)[-1]
 
 
-def download_checkpoint(repo_id: str, dest=None, *, revision: str | None = None, weights: str = "safetensors",
-                        models_dir=None) -> DownloadResult:
+def download_checkpoint(
+    repo_id: str, dest=None, *, revision: str | None = None, weights: str = "safetensors", models_dir=None
+) -> DownloadResult:
     """Download what offline use of ``repo_id`` needs into ``dest`` and write its manifest.
 
     Files already complete in ``dest`` from the same commit are not fetched
@@ -139,8 +166,9 @@ def download_checkpoint(repo_id: str, dest=None, *, revision: str | None = None,
         commit, names = _repo_files(repo_id, revision)
         first = [name for name in names if name in _METADATA_NEEDED_FIRST]
         _fetch(repo_id, commit, first, dest)
-        selected = select_files(names, has_auto_map=_has_auto_map(dest), weights=weights,
-                                shard_lists=_shard_lists(dest, names))
+        selected = select_files(
+            names, has_auto_map=_has_auto_map(dest), weights=weights, shard_lists=_shard_lists(dest, names)
+        )
         _fetch(repo_id, commit, selected, dest)
     missing = [name for name in selected if not (dest / name).is_file()]
     if missing:
@@ -154,8 +182,7 @@ def download_checkpoint(repo_id: str, dest=None, *, revision: str | None = None,
 
 
 # Read before choosing: auto_map lives in the configs, shard names in the indexes.
-_METADATA_NEEDED_FIRST = ("config.json", "tokenizer_config.json",
-                          *(index for _, index, _ in LOADABLE_FORMATS.values()))
+_METADATA_NEEDED_FIRST = ("config.json", "tokenizer_config.json", *(index for _, index, _ in LOADABLE_FORMATS.values()))
 
 
 def _endpoint() -> str | None:
@@ -208,28 +235,41 @@ def _endpoint_shown() -> str:
 
 @contextlib.contextmanager
 def _hub_errors_as_download_errors(repo_id: str, revision: str | None):
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         yield
     except HFValidationError:
-        raise DownloadError(f"not a repository id: {repo_id!r} (expected NAME or ORG/NAME, "
-                            "letters, digits, '-', '_' and '.')") from None
+        raise DownloadError(
+            f"not a repository id: {repo_id!r} (expected NAME or ORG/NAME, letters, digits, '-', '_' and '.')"
+        ) from None
     except _transport_errors() as error:
-        raise DownloadError(f"cannot reach {_endpoint_shown()}: {first_line(error)} (check the network "
-                            "or HF_ENDPOINT; run the same command again: the files that arrived are kept)") from None
+        raise DownloadError(
+            f"cannot reach {_endpoint_shown()}: {first_line(error)} (check the network "
+            "or HF_ENDPOINT; run the same command again: the files that arrived are kept)"
+        ) from None
     except GatedRepoError:
-        raise DownloadError(f"{repo_id} is gated: accept its terms on the hub and log in "
-                            "(`hf auth login` or HF_TOKEN)") from None
+        raise DownloadError(
+            f"{repo_id} is gated: accept its terms on the hub and log in (`hf auth login` or HF_TOKEN)"
+        ) from None
     except RepositoryNotFoundError:
-        raise DownloadError(f"repository {repo_id} not found (or private: log in with `hf auth login` "
-                            "or set HF_TOKEN)") from None
+        raise DownloadError(
+            f"repository {repo_id} not found (or private: log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
     except RevisionNotFoundError:
         raise DownloadError(f"{repo_id} has no revision {revision!r}: check the branch, tag or commit") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        raise DownloadError(f"downloading {repo_id} failed ({first_line(error)}): check the network "
-                            "and run the same command again to resume") from None
+        raise DownloadError(
+            f"downloading {repo_id} failed ({first_line(error)}): check the network "
+            "and run the same command again to resume"
+        ) from None
 
 
 def _repo_files(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
@@ -245,14 +285,21 @@ def _fetch(repo_id: str, commit: str, names: list[str], dest: Path) -> None:
     if not names:
         return
     # allow_patterns are fnmatch patterns; escaping makes each one an exact name.
-    snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in names],
-                      local_dir=dest, endpoint=_endpoint())
+    snapshot_download(
+        repo_id,
+        revision=commit,
+        allow_patterns=[glob.escape(name) for name in names],
+        local_dir=dest,
+        endpoint=_endpoint(),
+    )
 
 
 def _has_auto_map(dest: Path) -> bool:
     # ChatGLM-style repositories point at their tokenizer code from tokenizer_config.json too.
-    return any(isinstance(data, dict) and bool(data.get("auto_map"))
-               for data in (_json_or_none(dest / "config.json"), _json_or_none(dest / "tokenizer_config.json")))
+    return any(
+        isinstance(data, dict) and bool(data.get("auto_map"))
+        for data in (_json_or_none(dest / "config.json"), _json_or_none(dest / "tokenizer_config.json"))
+    )
 
 
 def _shard_lists(dest: Path, names: list[str]) -> dict[str, list[str]]:
@@ -287,8 +334,9 @@ def file_sha256(path: Path) -> str:
 
 def write_manifest(folder: Path, repo_id: str, revision: str, names: list[str]) -> Path:
     """Record each file's size and sha256, so a copy can be verified without network."""
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-             for name in sorted(names)}
+    files = {
+        name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in sorted(names)
+    }
     manifest = {"format": MANIFEST_FORMAT, "repo_id": repo_id, "revision": revision, "files": files}
     return write_text_atomic(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
 
@@ -303,7 +351,7 @@ def read_manifest(folder: Path) -> dict | None:
     except (OSError, ValueError) as error:
         raise ValueError(f"{path} cannot be read ({error})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ValueError(f"{path} has no \"files\" table")
+        raise ValueError(f'{path} has no "files" table')
     return manifest
 
 
@@ -319,8 +367,11 @@ def manifest_problems(folder) -> list[str]:
         return [f"{error}: download the checkpoint again to rewrite it"]
     if manifest is None:
         return []
-    return [problem for name, expected in sorted(manifest["files"].items())
-            if (problem := _file_problem(folder, name, expected))]
+    return [
+        problem
+        for name, expected in sorted(manifest["files"].items())
+        if (problem := _file_problem(folder, name, expected))
+    ]
 
 
 def _file_problem(folder: Path, name: str, expected) -> str | None:
@@ -331,7 +382,9 @@ def _file_problem(folder: Path, name: str, expected) -> str | None:
         return f"{path} is missing (listed in {MANIFEST_NAME}): download it again"
     size = path.stat().st_size
     if size != expected.get("size"):
-        return f"{path} is {size} bytes, the manifest says {expected.get('size')}: the file is damaged; download it again"
+        return (
+            f"{path} is {size} bytes, the manifest says {expected.get('size')}: the file is damaged; download it again"
+        )
     if file_sha256(path) != expected["sha256"]:
         return f"{path} does not match the sha256 in {MANIFEST_NAME}: the file is damaged; download it again"
     return None

@@ -11,8 +11,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import GenerationError, Hint, first_line
 
@@ -135,8 +136,15 @@ _WORKER = _Worker()
 class GenerationRun:
     """One reply being generated. Iterate it for text deltas; ``stats`` after."""
 
-    def __init__(self, model: Any, tokenizer: Any, prompt_ids: list[int], generate_kwargs: dict,
-                 stop_ids: list[int], seed: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        generate_kwargs: dict,
+        stop_ids: list[int],
+        seed: int | None = None,
+    ):
         self.model = model
         self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_ids = prompt_ids
@@ -265,8 +273,10 @@ def _translate_error(error: BaseException) -> BaseException:
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):
-        return GenerationError("out of memory while generating",
-                               Hint("setting", "max_new_tokens", "lower {}, start a new conversation, or use the cpu device"))
+        return GenerationError(
+            "out of memory while generating",
+            Hint("setting", "max_new_tokens", "lower {}, start a new conversation, or use the cpu device"),
+        )
     if isinstance(error, (RuntimeError, ValueError, IndexError)):
         return GenerationError(f"generation failed: {first_line(error)}")
     return error

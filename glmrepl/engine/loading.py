@@ -43,7 +43,7 @@ class LoadOptions:
     adapter: Path | None = None  # --adapter: a LoRA or P-tuning v2 folder put on the model (see adapters.py)
     merge_adapter: bool = False  # --merge-adapter: fold a LoRA into the weights
 
-    def for_model(self, path: Path, name: str) -> "LoadOptions":
+    def for_model(self, path: Path, name: str) -> LoadOptions:
         return replace(self, path=Path(path), name=name)
 
 
@@ -109,16 +109,20 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     quiet_transformers()
     job.stage = "checking files"
     refuse_adapter_folder(request.path)
-    info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
-                              family_override=request.family)
+    info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code, family_override=request.family)
     placement = placement_for(request, info)
     job.check_cancelled()
     if info.family is not None:
         job.stage = "loading weights"
         with _weight_progress(job):
-            parts = load_family(info.path, info.family, weight_files=info.weight_files,
-                                dtype=torch_dtype(placement.dtype), device_map=_family_device_map(placement),
-                                quantize=request.quantize)
+            parts = load_family(
+                info.path,
+                info.family,
+                weight_files=info.weight_files,
+                dtype=torch_dtype(placement.dtype),
+                device_map=_family_device_map(placement),
+                quantize=request.quantize,
+            )
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
     else:
@@ -139,8 +143,9 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     stop_ids = formats.eos_ids(getattr(model, "generation_config", None))  # e.g. Llama 3's <|eot_id|>
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
     placement.summary = describe_layout(model, placement)
-    return LoadedModel(model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids,
-                       request, adapter)
+    return LoadedModel(
+        model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids, request, adapter
+    )
 
 
 def refuse_adapter_folder(path: Path) -> None:
@@ -149,8 +154,10 @@ def refuse_adapter_folder(path: Path) -> None:
 
     if looks_like_adapter(path):
         info = inspect_adapter(path)
-        raise AdapterError(f"{path.name} is an adapter ({info.detail}) for {info.base or 'an unrecorded base'}: "
-                           f"load the base model with --adapter {path}, or /adapter {path} once it is loaded")
+        raise AdapterError(
+            f"{path.name} is an adapter ({info.detail}) for {info.base or 'an unrecorded base'}: "
+            f"load the base model with --adapter {path}, or /adapter {path} once it is loaded"
+        )
 
 
 def attach_requested_adapter(model: Any, request: LoadRequest, job: LoadJob):
@@ -170,9 +177,19 @@ def _quant_bits(model: Any) -> int:
 
 def placement_for(request: LoadRequest, info: CheckpointInfo) -> Placement:
     """The placement for a load, sized from the checkpoint's headers (nothing loaded yet)."""
-    needed = weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, sizing_dtype(request.mode, request.dtype))
-    return plan_placement(request.mode, request.dtype, info.dtype, request.gpu, needed_bytes=needed,
-                          gpus=request.gpus, max_gpu_memory=request.max_gpu_memory, offload=request.offload)
+    needed = weights_bytes_at(
+        info.param_count, info.weight_bytes, info.dtype, sizing_dtype(request.mode, request.dtype)
+    )
+    return plan_placement(
+        request.mode,
+        request.dtype,
+        info.dtype,
+        request.gpu,
+        needed_bytes=needed,
+        gpus=request.gpus,
+        max_gpu_memory=request.max_gpu_memory,
+        offload=request.offload,
+    )
 
 
 def plan_generic_shards(info: CheckpointInfo, placement: Placement, trust_remote_code: bool) -> dict:
@@ -197,8 +214,9 @@ def _family_device_map(placement: Placement):
     def plan(empty_model):
         from .placement import plan_shards
 
-        placement.device_map = plan_shards(empty_model, placement.budgets, torch_dtype(placement.dtype),
-                                           placement.offload).device_map
+        placement.device_map = plan_shards(
+            empty_model, placement.budgets, torch_dtype(placement.dtype), placement.offload
+        ).device_map
         return placement.device_map
 
     return plan
@@ -276,7 +294,9 @@ def choose_format(tokenizer: Any, native_format: Any, mode: str | None, extra_st
     if native_format is not None:
         return native_format
     if mode == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise GlmreplError("this checkpoint has no chat template, so it can only continue text", Hint("mode", "complete"))
+        raise GlmreplError(
+            "this checkpoint has no chat template, so it can only continue text", Hint("mode", "complete")
+        )
     return formats.format_for(tokenizer, mode, extra_stop_ids)
 
 

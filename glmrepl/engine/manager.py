@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .checkpoint import inspect_checkpoint
 from .devices import Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, weights_bytes_at
 from .errors import DeviceError, GlmreplError, Hint, LoadCancelled, ModelLoadError, first_line
-from .loading import (LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo,  # noqa: F401 (re-exported)
-                      choose_format, load_model)
+from .loading import LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo, choose_format, load_model  # noqa: F401 (re-exported)
 
 
 class ModelLease:
@@ -175,8 +175,9 @@ class ModelManager:
             loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
             return loaded.prompt_format.name
 
-    def move(self, mode: str, dtype: str = "auto", gpu: int | None = None,
-             on_wait: Callable[[int], None] | None = None) -> Placement:
+    def move(
+        self, mode: str, dtype: str = "auto", gpu: int | None = None, on_wait: Callable[[int], None] | None = None
+    ) -> Placement:
         """Move the loaded model to another placement without reading the disk again.
 
         The GPU defaults to the one the model was loaded for (``--gpu N``).
@@ -188,9 +189,16 @@ class ModelManager:
             before = loaded.info.placement
             request = loaded.request or LoadOptions()
             gpu = request.gpu if gpu is None else gpu
-            after = plan_placement(mode, dtype, before.dtype, gpu,
-                                   needed_bytes=_needed_bytes(loaded.model, dtype, mode), gpus=request.gpus,
-                                   max_gpu_memory=request.max_gpu_memory, offload=request.offload)
+            after = plan_placement(
+                mode,
+                dtype,
+                before.dtype,
+                gpu,
+                needed_bytes=_needed_bytes(loaded.model, dtype, mode),
+                gpus=request.gpus,
+                max_gpu_memory=request.max_gpu_memory,
+                offload=request.offload,
+            )
             after.quant_bits = before.quant_bits
             move_model(loaded.model, before, after)
             loaded.info.placement = after
@@ -221,8 +229,11 @@ class ModelManager:
             loaded = self._require_model()
             loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
             if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back
-                loaded.request = replace(loaded.request, adapter=loaded.adapter.info.path if loaded.adapter else None,
-                                         merge_adapter=bool(loaded.adapter and loaded.adapter.merged))
+                loaded.request = replace(
+                    loaded.request,
+                    adapter=loaded.adapter.info.path if loaded.adapter else None,
+                    merge_adapter=bool(loaded.adapter and loaded.adapter.merged),
+                )
         return loaded.adapter
 
     def _require_model(self) -> LoadedModel:
@@ -241,8 +252,9 @@ ROOM_FACTOR = 0.8
 def estimated_bytes(request: LoadRequest) -> int | None:
     """Bytes the request's weights will take, from headers only; None when unknown."""
     try:
-        info = inspect_checkpoint(request.path, trust_remote_code=request.trust_remote_code,
-                                  family_override=request.family)
+        info = inspect_checkpoint(
+            request.path, trust_remote_code=request.trust_remote_code, family_override=request.family
+        )
     except GlmreplError:
         return None  # the load itself will report the problem, with the old model untouched
     return weights_bytes_at(info.param_count, info.weight_bytes, info.dtype, sizing_dtype(request.mode, request.dtype))
@@ -291,8 +303,10 @@ def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):
-        return DeviceError(f"out of memory loading {request.name} in {request.mode} mode",
-                           Hint("device", "cpu", "try {} or a smaller dtype"))
+        return DeviceError(
+            f"out of memory loading {request.name} in {request.mode} mode",
+            Hint("device", "cpu", "try {} or a smaller dtype"),
+        )
     if isinstance(error, KeyboardInterrupt):
         return LoadCancelled(f"loading {request.name} was cancelled")
     return ModelLoadError(f"could not load {request.name}: {first_line(error)}")

@@ -22,8 +22,17 @@ from ..units import human_bytes
 from .errors import DeviceError, ModelLoadError
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory(text: str) -> int:
@@ -93,8 +102,10 @@ def plan_shards(model: Any, budgets: dict[int, int], dtype: Any, offload: bool =
     first = gpus[0]
     outer_bytes = _unique_bytes(model, outer, dtype)
     if outer_bytes > room[first]:
-        raise DeviceError(f"the embeddings and output head alone need {human_bytes(outer_bytes)} but GPU {first} "
-                          f"has a budget of {human_bytes(room[first])}: raise --max-gpu-memory or use cpu")
+        raise DeviceError(
+            f"the embeddings and output head alone need {human_bytes(outer_bytes)} but GPU {first} "
+            f"has a budget of {human_bytes(room[first])}: raise --max-gpu-memory or use cpu"
+        )
     room[first] -= outer_bytes
     device_map: dict[str, Any] = {name: first for name in outer}
     gpu_index, offloaded = 0, 0
@@ -130,8 +141,10 @@ def _unique_bytes(model: Any, names: list[str], dtype: Any) -> int:
 def _no_fit_message(sizes: dict, blocks: list[str], outer_bytes: int, budgets: dict[int, int]) -> str:
     needed = outer_bytes + sum(sizes[b] for b in blocks)
     have = ", ".join(f"GPU {g} {human_bytes(b)}" for g, b in budgets.items())
-    return (f"the model does not fit: it needs {human_bytes(needed)} and the GPU budgets are {have}; "
-            f"add --offload to put the remaining layers on the CPU, give more GPUs or memory, or use cpu")
+    return (
+        f"the model does not fit: it needs {human_bytes(needed)} and the GPU budgets are {have}; "
+        f"add --offload to put the remaining layers on the CPU, give more GPUs or memory, or use cpu"
+    )
 
 
 def summarize(model: Any, device_map: dict[str, Any]) -> str:

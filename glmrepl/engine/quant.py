@@ -44,8 +44,10 @@ class QuantizeError(GlmreplError):
 
 
 def unsupported_architecture(architecture: str) -> QuantizeError:
-    return QuantizeError(f"glmrepl cannot quantize {architecture}: int4/int8 is supported for "
-                         "ChatGLM-6B, ChatGLM2/3 and GLM-4 checkpoints")
+    return QuantizeError(
+        f"glmrepl cannot quantize {architecture}: int4/int8 is supported for "
+        "ChatGLM-6B, ChatGLM2/3 and GLM-4 checkpoints"
+    )
 
 
 def check_bits(bits) -> int:
@@ -87,7 +89,9 @@ def unpacked_values(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).reshape(packed.shape[0], -1)
 
 
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The float [out, in] weight: each value times its row's scale, computed in ``dtype``."""
     return unpacked_values(packed, bits).to(dtype) * scale.to(dtype)[:, None]
 
@@ -104,24 +108,39 @@ class QuantizedLinear(nn.Module):
     accelerate's device maps and ``model.to(dtype)`` treat them like any other
     weight (``to`` leaves the int8 weight alone and converts the scale)."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False,
-                 device=None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        bias: bool = False,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.bits = check_bits(bits)
         self.in_features, self.out_features = in_features, out_features
         stored = in_features * bits // 8
-        self.weight = nn.Parameter(torch.empty(out_features, stored, dtype=torch.int8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, stored, dtype=torch.int8, device=device), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
         """Quantize a float linear (on its own device; the scale keeps its dtype)."""
         weight = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, bits, linear.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         packed, scale = quantize_weight(weight.float(), bits)
         layer.weight.data = packed
         layer.weight_scale.data = scale.to(weight.dtype)
@@ -130,8 +149,10 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
-               f"bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"bias={self.bias is not None}"
+        )
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
@@ -168,8 +189,9 @@ def _fused_gemv(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         if bits == 8:
             output = cpu_kernels.int8_gemv(lib, packed, vector, scale, threads)
         else:
-            output = cpu_kernels.int4_gemv(lib, packed, vector[0::2].contiguous(), vector[1::2].contiguous(),
-                                           scale, threads)
+            output = cpu_kernels.int4_gemv(
+                lib, packed, vector[0::2].contiguous(), vector[1::2].contiguous(), scale, threads
+            )
     except Exception as error:  # a library that loaded but cannot run here: keep the reply going
         cpu_kernels.disable(f"fused kernel failed: {first_line(error)}")
         return None
@@ -185,7 +207,11 @@ def blocked_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     if bits == 4:
         even, odd = x[..., 0::2].contiguous(), x[..., 1::2].contiguous()
     for start in range(0, rows, block):
-        part, row_scale, out = packed[start:start + block], scale[start:start + block], output[..., start:start + block]
+        part, row_scale, out = (
+            packed[start : start + block],
+            scale[start : start + block],
+            output[..., start : start + block],
+        )
         if bits == 8:
             out.copy_(F.linear(x, part.to(x.dtype).mul_(row_scale)))
             continue
@@ -233,8 +259,11 @@ def _disable_kernels(error: BaseException) -> None:
 
 
 def _warn(error: BaseException) -> None:
-    warnings.warn(f"cpm_kernels failed ({first_line(error)}); quantized layers use torch on the GPU instead",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"cpm_kernels failed ({first_line(error)}); quantized layers use torch on the GPU instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def reset_kernels() -> None:
@@ -282,8 +311,10 @@ class CpmDequantizer:
 
         capability = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
         module = LazyKernelCModule(_compile_ptx(f"compute_{capability[0]}{capability[1]}"))
-        self._functions = {8: KernelFunction(module, "int8_dequantize_half"),
-                           4: KernelFunction(module, "int4_dequantize_half")}
+        self._functions = {
+            8: KernelFunction(module, "int8_dequantize_half"),
+            4: KernelFunction(module, "int4_dequantize_half"),
+        }
 
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
         import ctypes
@@ -297,9 +328,19 @@ class CpmDequantizer:
         cudart.cudaSetDevice(packed.device.index or 0)
         stream = torch.cuda.current_stream(packed.device).cuda_stream
         threads = min((stored + 31) // 32 * 32, 1024)
-        self._functions[bits]((rows, 1, 1), (threads, 1, 1), 0, stream,
-                              [ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(scale.data_ptr()),
-                               ctypes.c_void_p(out.data_ptr()), ctypes.c_int32(rows), ctypes.c_int32(stored)])
+        self._functions[bits](
+            (rows, 1, 1),
+            (threads, 1, 1),
+            0,
+            stream,
+            [
+                ctypes.c_void_p(packed.data_ptr()),
+                ctypes.c_void_p(scale.data_ptr()),
+                ctypes.c_void_p(out.data_ptr()),
+                ctypes.c_int32(rows),
+                ctypes.c_int32(stored),
+            ],
+        )
         return out
 
 

@@ -154,8 +154,13 @@ class RemoteBackend:
 
         timeout = openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         # trust_env=False: no proxy from the environment, no netrc: the given URL is the only host contacted.
-        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "unused", max_retries=0,
-                             timeout=timeout, http_client=openai.DefaultHttpxClient(trust_env=False, timeout=timeout))
+        return openai.OpenAI(
+            base_url=self.base_url,
+            api_key=self.api_key or "unused",
+            max_retries=0,
+            timeout=timeout,
+            http_client=openai.DefaultHttpxClient(trust_env=False, timeout=timeout),
+        )
 
     def _headers(self) -> dict:
         """Per-request headers: no Authorization without a key, no OpenAI account ids from the environment."""
@@ -178,8 +183,10 @@ class RemoteBackend:
     # -- models ---------------------------------------------------------------------
     def list_models(self, models_dir: Any = None) -> list[ServerModel]:
         """The server's /v1/models (``models_dir`` is a local notion and is ignored)."""
-        raw = self._call("listing the server's models",
-                         lambda: self.client.models.with_raw_response.list(extra_headers=self._headers()))
+        raw = self._call(
+            "listing the server's models",
+            lambda: self.client.models.with_raw_response.list(extra_headers=self._headers()),
+        )
         return parse_models(raw.headers.get("content-type", ""), raw.text, self.base_url)
 
     def select_model(self, name: str | None = None) -> ServerJob:
@@ -221,16 +228,35 @@ class RemoteBackend:
     def status(self) -> ModelStatus:
         """Always a status: a server is there to ask even before it answered (a message retries)."""
         # transformers serve names models by their folder: show the folder's name, keep the id as the path.
-        name = (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model.startswith("/") else self.model) \
-            if self.model else "no model chosen yet"
-        return ModelStatus(self.serial, name, self.model or "", "remote", None, None,
-                           ServerPlacement(self.server, self._reason), "server's chat template", True,
-                           self.context_length)
+        name = (
+            (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model.startswith("/") else self.model)
+            if self.model
+            else "no model chosen yet"
+        )
+        return ModelStatus(
+            self.serial,
+            name,
+            self.model or "",
+            "remote",
+            None,
+            None,
+            ServerPlacement(self.server, self._reason),
+            "server's chat template",
+            True,
+            self.context_length,
+        )
 
     # -- replies ----------------------------------------------------------------------
-    def plan_reply(self, conversation: ChatSession, settings: Settings, *, drop_oldest: bool = True,
-                   shorten_reply: bool = True, stop: list[str] | tuple[str, ...] = (),
-                   completion: bool = False) -> RemoteReply:
+    def plan_reply(
+        self,
+        conversation: ChatSession,
+        settings: Settings,
+        *,
+        drop_oldest: bool = True,
+        shorten_reply: bool = True,
+        stop: list[str] | tuple[str, ...] = (),
+        completion: bool = False,
+    ) -> RemoteReply:
         """Send the conversation; the returned reply streams the answer.
 
         The server applies its own context policy (an error when it does not
@@ -251,8 +277,9 @@ class RemoteBackend:
     def _open_stream(self, messages: list[dict], params: dict):
         def create(with_usage: bool):
             extra = {"stream_options": {"include_usage": True}} if with_usage else {}
-            return self.client.chat.completions.create(model=self.model, messages=messages, stream=True,
-                                                       extra_headers=self._headers(), **extra, **params)
+            return self.client.chat.completions.create(
+                model=self.model, messages=messages, stream=True, extra_headers=self._headers(), **extra, **params
+            )
 
         if self._usage_supported is False:
             stream = self._call("sending the message", lambda: create(False))
@@ -275,7 +302,11 @@ class RemoteBackend:
         if self._usage_mark is None or not conversation.messages:
             return None
         count, last, system, tokens = self._usage_mark
-        if (len(conversation.messages), conversation.messages[-1].content, conversation.system) != (count, last, system):
+        if (len(conversation.messages), conversation.messages[-1].content, conversation.system) != (
+            count,
+            last,
+            system,
+        ):
             return None
         return tokens, self.context_length
 
@@ -292,9 +323,18 @@ class RemoteBackend:
             self._select(None, lambda: True)
         unavailable = f"/next is not available: the server at {self.base_url} returns no top_logprobs"
         try:
-            answer = self._call("asking for the next tokens", lambda: self.client.chat.completions.create(
-                model=self.model, messages=conversation.as_dicts(), max_tokens=1, temperature=0, logprobs=True,
-                top_logprobs=k, extra_headers=self._headers()))
+            answer = self._call(
+                "asking for the next tokens",
+                lambda: self.client.chat.completions.create(
+                    model=self.model,
+                    messages=conversation.as_dicts(),
+                    max_tokens=1,
+                    temperature=0,
+                    logprobs=True,
+                    top_logprobs=k,
+                    extra_headers=self._headers(),
+                ),
+            )
         except RemoteError as error:
             if error.status in (400, 422):
                 raise RemoteError(f"{unavailable} ({error.status}: {error.detail})", error.status) from None
@@ -333,8 +373,10 @@ def parse_models(content_type: str, text: str, base_url: str) -> list[ServerMode
     """Entries of a /v1/models answer; anything else means the URL is not such a server."""
     import json
 
-    not_api = RemoteError(f"{base_url} is not an OpenAI-compatible API: GET /models answered "
-                          f"{_describe_body(content_type, text)} (most servers serve the API under /v1)")
+    not_api = RemoteError(
+        f"{base_url} is not an OpenAI-compatible API: GET /models answered "
+        f"{_describe_body(content_type, text)} (most servers serve the API under /v1)"
+    )
     try:
         data = json.loads(text)
     except ValueError:
@@ -389,8 +431,9 @@ def check_stream(stream, base_url: str) -> None:
     else:
         text = stream.response.read().decode("utf-8", "replace")[:200]
         stream.close()
-    raise RemoteError(f"{base_url} did not stream the reply: POST /chat/completions answered "
-                      f"{_describe_body(content_type, text)}")
+    raise RemoteError(
+        f"{base_url} did not stream the reply: POST /chat/completions answered {_describe_body(content_type, text)}"
+    )
 
 
 class RemoteReply:
@@ -485,7 +528,7 @@ class RemoteReply:
 
     @property
     def finish_reason(self) -> str:
-        """"stop", "length", or "cancelled" (Ctrl-C, or the stream ended early)."""
+        """ "stop", "length", or "cancelled" (Ctrl-C, or the stream ended early)."""
         if self._server_finish is not None:
             return "length" if self._server_finish == "length" else "stop"
         return "cancelled" if self._cancelled.is_set() else "stop"
@@ -493,8 +536,11 @@ class RemoteReply:
     @property
     def hit_context_end(self) -> bool:
         """Stopped for length with fewer tokens than asked: the server's context was full."""
-        return (self.finish_reason == "length" and self.stats.usage_from_server
-                and self.stats.new_tokens < self.requested_max_new_tokens)
+        return (
+            self.finish_reason == "length"
+            and self.stats.usage_from_server
+            and self.stats.new_tokens < self.requested_max_new_tokens
+        )
 
     @property
     def text(self) -> str:

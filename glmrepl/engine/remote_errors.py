@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -67,27 +67,36 @@ def _status_error(error: Any, backend: Any) -> RemoteError:
     said = f": {detail}" if detail else ""
     if status == 401:
         if backend.api_key:
-            return RemoteError(f"the server at {url} refused the API key (401{said}): check --api-key or "
-                               "$GLMREPL_API_KEY", status)
-        return RemoteError(f"the server at {url} needs an API key (401): pass --api-key KEY or set GLMREPL_API_KEY",
-                           status)
+            return RemoteError(
+                f"the server at {url} refused the API key (401{said}): check --api-key or $GLMREPL_API_KEY", status
+            )
+        return RemoteError(
+            f"the server at {url} needs an API key (401): pass --api-key KEY or set GLMREPL_API_KEY", status
+        )
     if status in (429, 503):
         wait = retry_after(headers.get("retry-after"))
         when = "retry shortly" if wait is None else f"retry in {wait} s" if wait < 120 else f"retry in {wait // 60} min"
         return RemoteError(f"the server at {url} is busy ({status}{said}): {when}", status, wait)
     if "html" in content_type:
-        return RemoteError(f"{url} is not an OpenAI-compatible API: it answered {status} with an HTML page "
-                           "(most servers serve the API under /v1)", status)
+        return RemoteError(
+            f"{url} is not an OpenAI-compatible API: it answered {status} with an HTML page "
+            "(most servers serve the API under /v1)",
+            status,
+        )
     if status == 404 and "model" in detail.lower():
         return RemoteError(f"the server has no model {backend.model!r} (404{said}): /model lists its models", status)
     if status == 404:
-        return RemoteError(f"{url} is not an OpenAI-compatible API (404 on {error.request.url.path}): "
-                           "check the URL (most servers serve the API under /v1)", status)
+        return RemoteError(
+            f"{url} is not an OpenAI-compatible API (404 on {error.request.url.path}): "
+            "check the URL (most servers serve the API under /v1)",
+            status,
+        )
     if status == 400 and "context" in detail.lower():
         return RemoteError(f"the server refused the conversation{said} (/clear or /undo makes room)", status)
     hint = " (/model lists the server's models)" if "model" in detail.lower() else ""
-    return RemoteError(f"the server at {url} answered {status}{said or ' ' + error.response.reason_phrase}{hint}",
-                       status)
+    return RemoteError(
+        f"the server at {url} answered {status}{said or ' ' + error.response.reason_phrase}{hint}", status
+    )
 
 
 def _detail(error: Any) -> str:
@@ -123,8 +132,8 @@ def retry_after(value: str | None) -> int | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0, math.ceil((when - datetime.now(timezone.utc)).total_seconds()))
+        when = when.replace(tzinfo=UTC)
+    return max(0, math.ceil((when - datetime.now(UTC)).total_seconds()))
 
 
 def _root_cause(error: BaseException) -> str:

@@ -14,8 +14,9 @@ Nothing here knows about terminals or HTTP.
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator
+from typing import Any
 
 from .chat import ChatSession, FittedPrompt
 from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull
@@ -46,10 +47,22 @@ class ModelStatus:
 
 def status_of(loaded: Any, serial: int) -> ModelStatus:
     info, prompt_format, adapter = loaded.info, loaded.prompt_format, getattr(loaded, "adapter", None)
-    return ModelStatus(serial, info.name, info.path, info.architecture, info.family, info.family_reason,
-                       info.placement, prompt_format.name, prompt_format.is_chat, info.context_length,
-                       dict(info.checkpoint_defaults), dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
-                       adapter.describe() if adapter else None, adapter.info.path if adapter else None)
+    return ModelStatus(
+        serial,
+        info.name,
+        info.path,
+        info.architecture,
+        info.family,
+        info.family_reason,
+        info.placement,
+        prompt_format.name,
+        prompt_format.is_chat,
+        info.context_length,
+        dict(info.checkpoint_defaults),
+        dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
+        adapter.describe() if adapter else None,
+        adapter.info.path if adapter else None,
+    )
 
 
 class GenerationQueue:
@@ -99,7 +112,7 @@ class StopStrings:
             self.hit, self.pending = True, ""
             return text[: min(found)]
         keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - keep:] if keep else ""
+        self.pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
     def flush(self) -> str:
@@ -115,8 +128,15 @@ class Reply:
     queue place and the model lease back.
     """
 
-    def __init__(self, run: Any, fitted: FittedPrompt, requested_max_new_tokens: int, prompt_format: Any,
-                 stop: list[str] | tuple[str, ...], release):
+    def __init__(
+        self,
+        run: Any,
+        fitted: FittedPrompt,
+        requested_max_new_tokens: int,
+        prompt_format: Any,
+        stop: list[str] | tuple[str, ...],
+        release,
+    ):
         self.run = run
         self.prompt_tokens = len(fitted.ids)
         self.dropped_turns = fitted.dropped_turns
@@ -164,7 +184,7 @@ class Reply:
         finally:
             self._release(self.stats.new_tokens)
 
-    def __enter__(self) -> "Reply":
+    def __enter__(self) -> Reply:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -181,7 +201,7 @@ class Reply:
 
     @property
     def finish_reason(self) -> str:
-        """"stop" (end of turn or a stop string), "length", or "cancelled"."""
+        """ "stop" (end of turn or a stop string), "length", or "cancelled"."""
         if self._stops.hit or self.stats.stop_reason == "end":
             return "stop"
         return self.stats.stop_reason
@@ -201,9 +221,17 @@ class Reply:
 # -- planning -------------------------------------------------------------------
 
 
-def plan_reply(manager: Any, queue: GenerationQueue, conversation: ChatSession, settings: Settings, *,
-               drop_oldest: bool = True, shorten_reply: bool = True, stop: list[str] | tuple[str, ...] = (),
-               completion: bool = False) -> Reply:
+def plan_reply(
+    manager: Any,
+    queue: GenerationQueue,
+    conversation: ChatSession,
+    settings: Settings,
+    *,
+    drop_oldest: bool = True,
+    shorten_reply: bool = True,
+    stop: list[str] | tuple[str, ...] = (),
+    completion: bool = False,
+) -> Reply:
     """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
 
     ``drop_oldest``: leave out the oldest turns that do not fit (else raise
@@ -240,13 +268,20 @@ def _plan(loaded, conversation, settings, drop_oldest, shorten_reply, stop, comp
     prompt_format = completion_format(loaded) if completion else loaded.prompt_format
     kwargs = settings.generation_kwargs()
     requested = kwargs["max_new_tokens"]
-    fitted = fit_prompt(conversation, prompt_format, loaded.info.context_length, requested,
-                        drop_oldest=drop_oldest, shorten_reply=shorten_reply)
+    fitted = fit_prompt(
+        conversation,
+        prompt_format,
+        loaded.info.context_length,
+        requested,
+        drop_oldest=drop_oldest,
+        shorten_reply=shorten_reply,
+    )
     if not fitted.ids:
         raise EmptyPrompt("the prompt is empty: there is nothing to continue")
     kwargs["max_new_tokens"] = fitted.max_new_tokens
-    run = GenerationRun(loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids,
-                        seed=settings.get("seed"))
+    run = GenerationRun(
+        loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids, seed=settings.get("seed")
+    )
     return Reply(run, fitted, requested, prompt_format, stop, release)
 
 
@@ -258,8 +293,15 @@ def completion_format(loaded: Any):
     return choose_format(loaded.tokenizer, loaded.native_format, "complete", loaded.extra_stop_ids)
 
 
-def fit_prompt(conversation: ChatSession, prompt_format: Any, context_length: int | None, max_new_tokens: int, *,
-               drop_oldest: bool = True, shorten_reply: bool = True) -> FittedPrompt:
+def fit_prompt(
+    conversation: ChatSession,
+    prompt_format: Any,
+    context_length: int | None,
+    max_new_tokens: int,
+    *,
+    drop_oldest: bool = True,
+    shorten_reply: bool = True,
+) -> FittedPrompt:
     """Prompt ids for the conversation within the context, by the front end's policy."""
     if drop_oldest and shorten_reply:
         return conversation.fit(prompt_format, context_length, max_new_tokens)
@@ -271,9 +313,12 @@ def fit_prompt(conversation: ChatSession, prompt_format: Any, context_length: in
     asked = f"{len(ids) + max_new_tokens} tokens ({len(ids)} in the messages, {max_new_tokens} in the completion)"
     if len(ids) >= context_length:
         asked = f"{len(ids)} tokens in the messages"
-    raise ContextLengthExceeded(f"This model's maximum context length is {context_length} tokens. However, you "
-                                f"requested {asked}. Please reduce the length of the messages or completion.",
-                                len(ids), context_length)
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {context_length} tokens. However, you "
+        f"requested {asked}. Please reduce the length of the messages or completion.",
+        len(ids),
+        context_length,
+    )
 
 
 def record_reply(session: ChatSession, reply: Reply) -> str:

@@ -10,8 +10,9 @@ argument names the layer each value comes from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,21 @@ MODEL_LAYERS = ("checkpoint", "family")  # replaced on every load or swap
 class Settings:
     """Layered settings: default < checkpoint < family < config file < command line < /set."""
 
-    def __init__(self, user: dict[str, Any] | None = None, *, defaults: dict[str, Any] | None = None,
-                 config_file: dict[str, Any] | None = None, command_line: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        user: dict[str, Any] | None = None,
+        *,
+        defaults: dict[str, Any] | None = None,
+        config_file: dict[str, Any] | None = None,
+        command_line: dict[str, Any] | None = None,
+    ):
         self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
-        for layer, values in (("default", defaults), ("config file", config_file),
-                              ("command line", command_line), ("/set", user)):
+        for layer, values in (
+            ("default", defaults),
+            ("config file", config_file),
+            ("command line", command_line),
+            ("/set", user),
+        ):
             for key, value in (values or {}).items():
                 self.set(key, value, layer)
 

@@ -48,9 +48,9 @@ def escape_partial_characters(raw: bytes) -> str:
             parts.append(raw.decode("utf-8"))
             break
         except UnicodeDecodeError as error:
-            parts.append(raw[:error.start].decode("utf-8"))
-            parts.extend(f"<0x{byte:02X}>" for byte in raw[error.start:error.end])
-            raw = raw[error.end:]
+            parts.append(raw[: error.start].decode("utf-8"))
+            parts.extend(f"<0x{byte:02X}>" for byte in raw[error.start : error.end])
+            raw = raw[error.end :]
     return "".join(parts)
 
 

@@ -18,10 +18,19 @@ from .state import ServerState, state_of
 MAX_BODY_BYTES = 4 * 2**20
 
 
-def create_app(state: ServerState, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               log_stream: TextIO | None = None) -> FastAPI:
-    app = FastAPI(title="glmrepl", version=__version__, docs_url=None, redoc_url=None,
-                  description="OpenAI-compatible chat and completions, and ChatGLM's api.py, on one local model.")
+def create_app(
+    state: ServerState,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    log_stream: TextIO | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="glmrepl",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        description="OpenAI-compatible chat and completions, and ChatGLM's api.py, on one local model.",
+    )
     app.state.glmrepl = state
     app.include_router(openai_api.router)
     app.include_router(chatglm_api.router)
@@ -41,24 +50,38 @@ async def health(request: Request) -> dict[str, Any]:
     status = backend.status()
     ready = status is not None and not backend.loading()
     queue = backend.queue
-    return {"status": "ready" if ready else "loading",
-            "model": status.name if status else None,
-            "device": status.placement.describe() if status else None,
-            "context_length": status.context_length if status else None,
-            "replies": {"running": min(queue.admitted, 1), "waiting": max(queue.admitted - 1, 0),
-                        "max_waiting": queue.max_waiting, "tokens_generated": queue.tokens_generated}}
+    return {
+        "status": "ready" if ready else "loading",
+        "model": status.name if status else None,
+        "device": status.placement.describe() if status else None,
+        "context_length": status.context_length if status else None,
+        "replies": {
+            "running": min(queue.admitted, 1),
+            "waiting": max(queue.admitted - 1, 0),
+            "max_waiting": queue.max_waiting,
+            "tokens_generated": queue.tokens_generated,
+        },
+    }
 
 
 async def chat_page() -> HTMLResponse:
     """The self-contained chat page shipped in the package (no CDN, no build step)."""
-    return HTMLResponse(_page_html(), headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
-                                               "Cache-Control": "no-cache"})
+    return HTMLResponse(
+        _page_html(),
+        headers={
+            "Content-Security-Policy": PAGE_POLICY,
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache",
+        },
+    )
 
 
 # The page's own inline style and script, and requests to this server only: even if a reply's
 # text ever reached the DOM as markup, nothing from elsewhere could load or run.
-PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 @lru_cache(maxsize=1)

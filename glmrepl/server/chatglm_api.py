@@ -36,16 +36,26 @@ async def chatglm_api(body: ChatGLMRequest, request: Request) -> dict:
     used, _ = state.backend.context_usage(conversation) or (0, None)
     max_length = body.max_length or DEFAULT_MAX_LENGTH
     if used >= max_length:
-        raise APIError(400, f"the prompt and history take {used} tokens, max_length is {max_length}",
-                       param="max_length", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt and history take {used} tokens, max_length is {max_length}",
+            param="max_length",
+            code="context_length_exceeded",
+        )
     settings = state.settings_for(
-        status, max_tokens=max_length - used,
+        status,
+        max_tokens=max_length - used,
         temperature=body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE,
-        top_p=body.top_p if body.top_p is not None else DEFAULT_TOP_P)
+        top_p=body.top_p if body.top_p is not None else DEFAULT_TOP_P,
+    )
     reply = await state.plan(conversation, settings, drop_oldest=False, shorten_reply=True)
     response = await state.collect(reply, request)
-    return {"response": response, "history": _extended(history, body.prompt, response), "status": 200,
-            "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "response": response,
+        "history": _extended(history, body.prompt, response),
+        "status": 200,
+        "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _conversation(history: list, prompt: str) -> ChatSession:
@@ -58,8 +68,11 @@ def _conversation(history: list, prompt: str) -> ChatSession:
             elif role in ("user", "assistant"):
                 (session.add_user if role == "user" else session.add_assistant)(content)
             else:
-                raise APIError(400, f"'history[{index}].role' must be system, user or assistant, not {role!r}",
-                               param=f"history[{index}].role")
+                raise APIError(
+                    400,
+                    f"'history[{index}].role' must be system, user or assistant, not {role!r}",
+                    param=f"history[{index}].role",
+                )
         elif len(item) == 2:
             session.add_user(item[0])
             session.add_assistant(item[1])

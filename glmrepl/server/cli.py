@@ -20,16 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmrepl serve",
         description="Serve one local checkpoint over HTTP: the OpenAI chat and completions API (/v1) and "
-                    "ChatGLM's api.py protocol (POST /).",
+        "ChatGLM's api.py protocol (POST /).",
         epilog="Binds 127.0.0.1 unless told otherwise; any other address needs an API key. "
-               "From another machine, forward the port over SSH (ssh -L 8000:127.0.0.1:8000 HOST).")
+        "From another machine, forward the port over SSH (ssh -L 8000:127.0.0.1:8000 HOST).",
+    )
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' "
-                        "(default: $GLMREPL_API_KEY; none on loopback)")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
-                        help=f"requests that may wait for the model; the next gets 503 (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $GLMREPL_API_KEY; none on loopback)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        metavar="N",
+        help=f"requests that may wait for the model; the next gets 503 (default {DEFAULT_MAX_QUEUE})",
+    )
     return parser
 
 
@@ -47,8 +56,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GLMREPL_API_KEY") or None
     if not is_loopback(args.host) and not api_key:
-        print(f"error: refusing to serve on {args.host} without an API key: set --api-key or $GLMREPL_API_KEY, "
-              "or keep 127.0.0.1 and forward the port over SSH", file=sys.stderr)
+        print(
+            f"error: refusing to serve on {args.host} without an API key: set --api-key or $GLMREPL_API_KEY, "
+            "or keep 127.0.0.1 and forward the port over SSH",
+            file=sys.stderr,
+        )
         return 2
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
@@ -104,11 +116,15 @@ def run_server(backend, settings, api_key, host: str, port: int, status) -> int:
 
     app = create_app(ServerState(backend, settings), api_key=api_key)
     where = f"[{host}]" if ":" in host else host
-    print(f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on http://{where}:{port} "
-          f"· OpenAI API at /v1 · ChatGLM api.py at / · {'API key required' if api_key else 'no API key'}",
-          file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+    print(
+        f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on http://{where}:{port} "
+        f"· OpenAI API at /v1 · ChatGLM api.py at / · {'API key required' if api_key else 'no API key'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     try:
         server.run()

@@ -8,7 +8,8 @@ queue is full, 500 what failed, in one line. No traceback ever reaches a client.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,25 +20,45 @@ from ..engine.errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, No
 
 log = logging.getLogger("glmrepl.server")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded",
-               500: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "server_overloaded",
+    500: "server_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -50,8 +71,9 @@ def api_error_from_engine(error: GlmreplError) -> APIError:
     if isinstance(error, QueueFull):
         return APIError(503, str(error), code="queue_full", headers={"Retry-After": str(error.retry_after_s)})
     if isinstance(error, NoModelLoaded):
-        return APIError(503, "the model is not loaded yet; retry shortly", code="model_loading",
-                        headers={"Retry-After": "5"})
+        return APIError(
+            503, "the model is not loaded yet; retry shortly", code="model_loading", headers={"Retry-After": "5"}
+        )
     return APIError(500, first_line(error.worded(request_words)), code="generation_failed")
 
 
@@ -74,8 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GlmreplError)
     async def engine_error(request: Request, error: GlmreplError):
         translated = api_error_from_engine(error)
-        return error_response(translated.status, translated.message, translated.param, translated.code,
-                              translated.headers)
+        return error_response(
+            translated.status, translated.message, translated.param, translated.code, translated.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -87,8 +110,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
         if error.status_code == 405:
-            return error_response(405, f"{request.method} is not allowed on {request.url.path}",
-                                  code="method_not_allowed")
+            return error_response(
+                405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+            )
         return error_response(error.status_code, str(error.detail))
 
     @app.exception_handler(Exception)

@@ -44,17 +44,27 @@ class RequireApiKey:
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS or (
-                scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PAGES):
+        if (
+            self.expected is None
+            or scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or (scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PAGES)
+        ):
             return await self.app(scope, receive, send)
         given = header(scope, b"authorization")
         if given is None:
-            return await send_error(send, 401, "You didn't provide an API key: send 'Authorization: Bearer KEY'",
-                                    "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            return await send_error(
+                send,
+                401,
+                "You didn't provide an API key: send 'Authorization: Bearer KEY'",
+                "invalid_api_key",
+                {"WWW-Authenticate": "Bearer"},
+            )
         # Constant time: the comparison must not tell how much of a guess was right.
         if not hmac.compare_digest(given.encode("latin-1"), self.expected):
-            return await send_error(send, 401, "Incorrect API key provided", "invalid_api_key",
-                                    {"WWW-Authenticate": "Bearer"})
+            return await send_error(
+                send, 401, "Incorrect API key provided", "invalid_api_key", {"WWW-Authenticate": "Bearer"}
+            )
         return await self.app(scope, receive, send)
 
 
@@ -75,8 +85,9 @@ class LimitBody:
             return await self.app(scope, receive, send)
         length = header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await send_error(send, 413, f"the request body is larger than {self.limit} bytes",
-                                    "request_too_large")
+            return await send_error(
+                send, 413, f"the request body is larger than {self.limit} bytes", "request_too_large"
+            )
         received = 0
 
         async def counted_receive():
@@ -115,6 +126,8 @@ class AccessLog:
             await self.app(scope, receive, noted_send)
         finally:
             tokens = state.get("tokens")
-            line = (f"{scope['method']} {scope['path']} {status or 'disconnected'} "
-                    f"{tokens if tokens is not None else '-'} tokens {time.perf_counter() - started:.3f}s")
+            line = (
+                f"{scope['method']} {scope['path']} {status or 'disconnected'} "
+                f"{tokens if tokens is not None else '-'} tokens {time.perf_counter() - started:.3f}s"
+            )
             print(line, file=self.stream or sys.stderr, flush=True)

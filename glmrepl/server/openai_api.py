@@ -7,7 +7,7 @@ a prompt that does not fit is a 400 ``context_length_exceeded``.
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -75,21 +75,32 @@ async def completions(body: CompletionRequest, request: Request):
     return await _respond(request, body, conversation, max_tokens, ResponseShape("text", body.model), completion=True)
 
 
-async def _respond(request: Request, body: SamplingRequest, conversation: ChatSession, max_tokens: int | None,
-                   shape: ResponseShape, completion: bool):
+async def _respond(
+    request: Request,
+    body: SamplingRequest,
+    conversation: ChatSession,
+    max_tokens: int | None,
+    shape: ResponseShape,
+    completion: bool,
+):
     state = state_of(request)
     status = state.require_model(body.model)
     stops = stop_strings(body.stop)
-    settings = state.settings_for(status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  seed=body.seed)
-    reply = await state.plan(conversation, settings, drop_oldest=False, shorten_reply=max_tokens is None,
-                             stop=stops, completion=completion)
+    settings = state.settings_for(
+        status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+    )
+    reply = await state.plan(
+        conversation, settings, drop_oldest=False, shorten_reply=max_tokens is None, stop=stops, completion=completion
+    )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # Generation starts now: the pump owns the reply even if the response is never sent.
         deltas = stream_deltas(reply, state.executor)
-        return StreamingResponse(_events(request, reply, deltas, shape, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _events(request, reply, deltas, shape, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     text = await state.collect(reply, request)
     return shape.complete(text, reply.finish_reason, reply.prompt_tokens, reply.stats.new_tokens)
 
@@ -98,8 +109,9 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _events(request: Request, reply: Reply, deltas: AsyncIterator[str], shape: ResponseShape,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    request: Request, reply: Reply, deltas: AsyncIterator[str], shape: ResponseShape, include_usage: bool
+) -> AsyncIterator[str]:
     """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked, [DONE]."""
     try:
         if shape.kind == "chat":

@@ -94,15 +94,20 @@ def refuse_unsupported(request: BaseModel) -> None:
         value = getattr(request, name, None)
         if value not in allowed:
             reason = " (glmrepl generates one choice per request)" if name == "n" else ""
-            raise APIError(400, f"'{name}' = {value!r} is not supported{reason}", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                400, f"'{name}' = {value!r} is not supported{reason}", param=name, code="unsupported_parameter"
+            )
     for name, value in (request.model_extra or {}).items():
         if value is not None:
             raise APIError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
     stream_options = getattr(request, "stream_options", None)
     for name in (stream_options.model_extra or {}) if stream_options else ():
-        raise APIError(400, f"unsupported parameter 'stream_options.{name}'", param=f"stream_options.{name}",
-                       code="unsupported_parameter")
+        raise APIError(
+            400,
+            f"unsupported parameter 'stream_options.{name}'",
+            param=f"stream_options.{name}",
+            code="unsupported_parameter",
+        )
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -123,12 +128,17 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         where = f"messages[{index}]"
         for name, value in (message.model_extra or {}).items():
             if value is not None:
-                raise APIError(400, f"unsupported parameter '{where}.{name}'", param=f"{where}.{name}",
-                               code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"unsupported parameter '{where}.{name}'",
+                    param=f"{where}.{name}",
+                    code="unsupported_parameter",
+                )
         role = "system" if message.role == "developer" else message.role
         if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"'{where}.role' must be system, user or assistant, not {message.role!r}",
-                           param=f"{where}.role")
+            raise APIError(
+                400, f"'{where}.role' must be system, user or assistant, not {message.role!r}", param=f"{where}.role"
+            )
         out.append({"role": role, "content": _text_content(message.content, where)})
     return out
 
@@ -141,8 +151,12 @@ def _text_content(content: str | list[TextPart] | None, where: str) -> str:
     texts = []
     for part in content:
         if part.type != "text" or part.text is None:
-            raise APIError(400, f"'{where}.content' part of type {part.type!r} is not supported (text only)",
-                           param=f"{where}.content", code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"'{where}.content' part of type {part.type!r} is not supported (text only)",
+                param=f"{where}.content",
+                code="unsupported_parameter",
+            )
         texts.append(part.text)
     return "".join(texts)
 
@@ -155,8 +169,11 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class ResponseShape:
@@ -169,22 +186,32 @@ class ResponseShape:
         self.created = int(time.time())
 
     def _envelope(self, object_name: str, choices: list) -> dict[str, Any]:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
 
     def complete(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             body = self._envelope("chat.completion", [choice])
         else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
-                                                       "finish_reason": finish_reason}])
+            body = self._envelope(
+                "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+            )
         body["usage"] = usage(prompt_tokens, completion_tokens)
         return body
 
-    def chunk(self, delta: str | None = None, *, first: bool = False, finish_reason: str | None = None,
-              with_usage: bool = False) -> dict:
+    def chunk(
+        self,
+        delta: str | None = None,
+        *,
+        first: bool = False,
+        finish_reason: str | None = None,
+        with_usage: bool = False,
+    ) -> dict:
         """One streamed chunk: the role first (chat), then content deltas, then the finish reason."""
         if self.kind == "chat":
             content: dict[str, Any] = {}
@@ -195,8 +222,9 @@ class ResponseShape:
             choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
             body = self._envelope("chat.completion.chunk", [choice])
         else:
-            body = self._envelope("text_completion", [{"index": 0, "text": delta or "", "logprobs": None,
-                                                       "finish_reason": finish_reason}])
+            body = self._envelope(
+                "text_completion", [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}]
+            )
         if with_usage:
             body["usage"] = None  # every chunk carries it when asked; only the last one has figures
         return body

@@ -37,16 +37,31 @@ class ServerState:
         if status is None:
             raise api_error_from_engine(NoModelLoaded("no model is loaded"))
         if name is not None and name != status.name:
-            raise APIError(404, f"The model '{name}' does not exist: this server serves '{status.name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist: this server serves '{status.name}'",
+                param="model",
+                code="model_not_found",
+            )
         return status
 
-    def settings_for(self, status: ModelStatus, *, max_tokens: int | None = None, temperature: float | None = None,
-                     top_p: float | None = None, seed: int | None = None) -> Settings:
+    def settings_for(
+        self,
+        status: ModelStatus,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Settings:
         """Generation settings: glmrepl's defaults < the model's < the command line's < the request's."""
         chosen = self.defaults.layers
-        settings = Settings(chosen["/set"], defaults=chosen["default"], config_file=chosen["config file"],
-                            command_line=chosen["command line"])
+        settings = Settings(
+            chosen["/set"],
+            defaults=chosen["default"],
+            config_file=chosen["config file"],
+            command_line=chosen["command line"],
+        )
         settings.set_model_defaults(status.checkpoint_defaults, status.sampling_defaults)
         if max_tokens is not None:  # beyond the table's range the context check answers, naming the context
             settings.user["max_new_tokens"] = min(max_tokens, int(SETTINGS["max_new_tokens"].high or max_tokens))

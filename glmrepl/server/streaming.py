@@ -12,8 +12,9 @@ the next reply starts at once.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator
+from typing import Any
 
 _END = object()
 

@@ -50,17 +50,25 @@ def ignored_family_override(config: dict, override: str | None) -> str | None:
     if not override or not isinstance(config, dict) or config.get("model_type") == "chatglm":
         return None
     model_type = config.get("model_type")
-    return (f"--family {override} is ignored: it chooses the ChatGLM generation, and this checkpoint is not a "
-            f"ChatGLM one (model_type {model_type!r})")
+    return (
+        f"--family {override} is ignored: it chooses the ChatGLM generation, and this checkpoint is not a "
+        f"ChatGLM one (model_type {model_type!r})"
+    )
 
 
-def load_family(path: Path, match: FamilyMatch, *, weight_files: list[Path], dtype: Any, device_map: Any,
-                quantize: int | None = None) -> LoadedParts:
+def load_family(
+    path: Path,
+    match: FamilyMatch,
+    *,
+    weight_files: list[Path],
+    dtype: Any,
+    device_map: Any,
+    quantize: int | None = None,
+) -> LoadedParts:
     """Load a recognised family's model, tokenizer and prompt format (``quantize``: 4 or 8 bits).
 
     ``weight_files`` are the ones the validator checked (``CheckpointInfo.weight_files``):
     the loader reads those, never the folder's index again."""
     from .chatglm.load import load_chatglm
 
-    return load_chatglm(path, match, weight_files=weight_files, dtype=dtype, device_map=device_map,
-                        quantize=quantize)
+    return load_chatglm(path, match, weight_files=weight_files, dtype=dtype, device_map=device_map, quantize=quantize)

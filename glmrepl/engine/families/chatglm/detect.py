@@ -83,16 +83,19 @@ def _gen2_signals(path: Path, config: dict) -> list[tuple[str, str]]:
         signals.append(("glm4", "tokenizer.model is a tiktoken vocabulary"))
     for source in sorted(path.glob("tokenization*.py")):
         has_roles = _ROLE_TOKEN in _read_text(source)
-        signals.append(("chatglm3" if has_roles else "chatglm2",
-                        f"{source.name} {'lists' if has_roles else 'has no'} role tokens"))
+        signals.append(
+            ("chatglm3" if has_roles else "chatglm2", f"{source.name} {'lists' if has_roles else 'has no'} role tokens")
+        )
     tokenizer_config = _read_json(path / "tokenizer_config.json")
     if _ROLE_TOKEN in str(tokenizer_config.get("chat_template", "")):
         signals.append(("chatglm3", f"tokenizer_config chat template has {_ROLE_TOKEN}"))
     if _ROLE_TOKEN in json.dumps(tokenizer_config.get("added_tokens_decoder", {})):
         signals.append(("chatglm3", f"tokenizer_config adds {_ROLE_TOKEN}"))
-    for label, name in (("_name_or_path", config.get("_name_or_path")),
-                        ("tokenizer name_or_path", tokenizer_config.get("name_or_path")),
-                        ("folder name", path.name)):
+    for label, name in (
+        ("_name_or_path", config.get("_name_or_path")),
+        ("tokenizer name_or_path", tokenizer_config.get("name_or_path")),
+        ("folder name", path.name),
+    ):
         family = _family_from_name(str(name or ""))
         if family:
             signals.append((family, f"{label} {name}"))

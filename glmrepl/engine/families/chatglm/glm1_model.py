@@ -92,7 +92,7 @@ def glm1_attention_mask(position_ids: torch.Tensor, past_length: int, padding_ma
     in_prompt = keys[None, None, :] < context_length[:, None, None]
     visible = causal | in_prompt
     if padding_mask is not None:
-        visible = visible & padding_mask[:, None, -keys.shape[0]:].to(device=visible.device, dtype=torch.bool)
+        visible = visible & padding_mask[:, None, -keys.shape[0] :].to(device=visible.device, dtype=torch.bool)
     return visible[:, None]
 
 
@@ -213,8 +213,9 @@ class ChatGLM1Model(ChatGLM1PreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None, inputs_embeds=None,
-                use_cache=None):
+    def forward(
+        self, input_ids=None, position_ids=None, attention_mask=None, cache=None, inputs_embeds=None, use_cache=None
+    ):
         """``position_ids`` [batch, 2, new]; when absent the input is taken to be a whole
         sequence from its start. ``attention_mask`` is the usual 2D padding mask."""
         if inputs_embeds is None:
@@ -256,11 +257,23 @@ class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None, inputs_embeds=None,
-                use_cache=None, logits_to_keep: int = 0, return_dict=None, past_key_values=None, **_ignored):
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        logits_to_keep: int = 0,
+        return_dict=None,
+        past_key_values=None,
+        **_ignored,
+    ):
         cache = cache if cache is not None else past_key_values
-        hidden_states, cache = self.transformer(input_ids, position_ids, attention_mask, cache, inputs_embeds,
-                                                use_cache)
+        hidden_states, cache = self.transformer(
+            input_ids, position_ids, attention_mask, cache, inputs_embeds, use_cache
+        )
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = _replace_invalid_scores(self.lm_head(hidden_states))
@@ -271,7 +284,7 @@ class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
         kwargs.pop("position_ids", None)
         inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
         new_tokens = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-        inputs["position_ids"] = glm1_position_ids(input_ids, self.config)[..., -new_tokens.shape[1]:]
+        inputs["position_ids"] = glm1_position_ids(input_ids, self.config)[..., -new_tokens.shape[1] :]
         return inputs
 
 

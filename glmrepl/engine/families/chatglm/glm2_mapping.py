@@ -13,7 +13,7 @@ their reference code applies it (see ``rope_parameters``).
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -33,18 +33,27 @@ _RENAMES = (
     (r"transformer\.embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
     (r"transformer\.encoder\.final_layernorm\.weight", "model.norm.weight"),
     (r"transformer\.output_layer\.weight", "lm_head.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-     r"model.layers.\1.\2.weight"),
+    (
+        r"transformer\.encoder\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+        r"model.layers.\1.\2.weight",
+    ),
     # weight_scale: the per-row scales of quantized (int4/int8) checkpoints
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.(weight|weight_scale)",
-     r"model.layers.\1.self_attn.o_proj.\2"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|weight_scale)",
-     r"model.layers.\1.mlp.gate_up_proj.\2"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|weight_scale)",
-     r"model.layers.\1.mlp.down_proj.\2"),
+    (
+        r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.(weight|weight_scale)",
+        r"model.layers.\1.self_attn.o_proj.\2",
+    ),
+    (
+        r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|weight_scale)",
+        r"model.layers.\1.mlp.gate_up_proj.\2",
+    ),
+    (
+        r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|weight_scale)",
+        r"model.layers.\1.mlp.down_proj.\2",
+    ),
 )
 _FUSED_QKV = re.compile(
-    r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias|weight_scale)")
+    r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias|weight_scale)"
+)
 _IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed by the model
 
 
@@ -53,8 +62,11 @@ def check_supported(config: dict, folder: str) -> None:
     missing = [name for name in _SIZE_FIELDS if name not in config]
     if missing:
         raise CheckpointError(f"{folder}: ChatGLM2-style config lacks {', '.join(missing)}")
-    unsupported = [f"{name}={config[name]!r}" for name, wanted in _REQUIRED_SETTINGS.items()
-                   if name in config and config[name] != wanted]
+    unsupported = [
+        f"{name}={config[name]!r}"
+        for name, wanted in _REQUIRED_SETTINGS.items()
+        if name in config and config[name] != wanted
+    ]
     if config.get("pre_seq_len"):
         unsupported.append(f"pre_seq_len={config['pre_seq_len']!r} (P-tuning prefix)")
     if config.get("quantization_bit") not in (None, 0, 4, 8):
@@ -118,8 +130,10 @@ def tensor_converter(glm_cfg, folder: str = "checkpoint"):
         if fused:
             layer, kind = fused.groups()
             if tensor.shape[0] != q_size + 2 * kv_size:
-                raise CheckpointError(f"{folder}: {name} has {tensor.shape[0]} rows, the config implies "
-                                      f"{q_size + 2 * kv_size} (query {q_size} + key and value {kv_size} each)")
+                raise CheckpointError(
+                    f"{folder}: {name} has {tensor.shape[0]} rows, the config implies "
+                    f"{q_size + 2 * kv_size} (query {q_size} + key and value {kv_size} each)"
+                )
             q, k, v = tensor.split([q_size, kv_size, kv_size], dim=0)
             prefix = f"model.layers.{layer}.self_attn"
             return [(f"{prefix}.q_proj.{kind}", q), (f"{prefix}.k_proj.{kind}", k), (f"{prefix}.v_proj.{kind}", v)]

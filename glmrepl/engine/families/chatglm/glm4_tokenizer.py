@@ -15,11 +15,26 @@ from pathlib import Path
 
 import regex
 
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GLM4_SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
-                       "<|begin_of_video|>", "<|end_of_video|>")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GLM4_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+)
 
 
 def read_ranks(file: Path) -> dict[bytes, int]:
@@ -65,14 +80,14 @@ class GLM4Tokenizer:
     def _merge(self, piece: bytes) -> tuple[int, ...]:
         if piece in self.ranks:
             return (self.ranks[piece],)
-        parts = [piece[i:i + 1] for i in range(len(piece))]
+        parts = [piece[i : i + 1] for i in range(len(piece))]
         while len(parts) > 1:
             pair_ranks = [self.ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
             candidates = [(rank, i) for i, rank in enumerate(pair_ranks) if rank is not None]
             if not candidates:
                 break
             _, i = min(candidates)
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         return tuple(self.ranks[part] for part in parts)
 
     def decode(self, ids, skip_special_tokens: bool = True, **_ignored) -> str:

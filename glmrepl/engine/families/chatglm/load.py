@@ -25,8 +25,15 @@ from .. import FamilyMatch, LoadedParts
 from . import quantized, weights
 
 
-def load_chatglm(path: Path, match: FamilyMatch, *, weight_files: list[Path], dtype: Any, device_map: Any,
-                 quantize: int | None = None) -> LoadedParts:
+def load_chatglm(
+    path: Path,
+    match: FamilyMatch,
+    *,
+    weight_files: list[Path],
+    dtype: Any,
+    device_map: Any,
+    quantize: int | None = None,
+) -> LoadedParts:
     """Model (in eval mode, generation_config stopping like the family's chat()), tokenizer and
     prompt format for ``match.family``; CheckpointError names what the folder lacks or has unsupported.
     ``weight_files``: the ones the validator checked (CheckpointInfo.weight_files).
@@ -37,8 +44,7 @@ def load_chatglm(path: Path, match: FamilyMatch, *, weight_files: list[Path], dt
     if match.family == "chatglm1":
         model, tokenizer, prompt_format = _load_glm1(path, weight_files, config, dtype, device_map, bits)
     elif match.family in ("chatglm2", "chatglm3", "glm4"):
-        model, tokenizer, prompt_format = _load_glm2(path, weight_files, config, match.family, dtype, device_map,
-                                                     bits)
+        model, tokenizer, prompt_format = _load_glm2(path, weight_files, config, match.family, dtype, device_map, bits)
     else:
         raise CheckpointError(f"{path.name}: unknown ChatGLM family {match.family!r}")
     model.eval()
@@ -77,16 +83,26 @@ def _load_glm1(path: Path, weight_files: list[Path], config: dict, dtype, device
 
     num_image_tokens = _read_tokenizer_config(path).get("num_image_tokens", 20000)
     tokenizer = ChatGLM1Tokenizer(_vocabulary_file(path, "ice_text.model"), num_image_tokens=num_image_tokens)
-    model = _build_and_fill(path, weight_files, ChatGLM1ForCausalLM, glm1_config(config, path.name, dtype),
-                            _glm1_converter, dtype, device_map, bits, quantized.config_bits(config, path.name))
+    model = _build_and_fill(
+        path,
+        weight_files,
+        ChatGLM1ForCausalLM,
+        glm1_config(config, path.name, dtype),
+        _glm1_converter,
+        dtype,
+        device_map,
+        bits,
+        quantized.config_bits(config, path.name),
+    )
     return model, tokenizer, ChatGLM1Format(tokenizer)
 
 
 def glm1_config(config: dict, folder: str, dtype):
     from .glm1_model import ChatGLM1Config
 
-    unsupported = [f"{name}={config[name]!r}" for name in ("pre_seq_len", "quantization_embeddings")
-                   if config.get(name)]
+    unsupported = [
+        f"{name}={config[name]!r}" for name in ("pre_seq_len", "quantization_embeddings") if config.get(name)
+    ]
     if not config.get("position_encoding_2d", True):
         unsupported.append("position_encoding_2d=false")
     if unsupported:
@@ -147,16 +163,34 @@ def _load_glm2(path: Path, weight_files: list[Path], config: dict, family: str, 
     tokenizer, prompt_format = _glm2_tokenizer_and_format(path, family)
     glm_cfg = glm2_mapping.glm_config(config, family, prompt_format.stop_token_ids, dtype)
     convert = glm2_mapping.tensor_converter(glm_cfg, path.name)
-    model = _build_and_fill(path, weight_files, GlmForCausalLM, glm_cfg, convert, dtype, device_map, bits,
-                            quantized.config_bits(config, path.name))
+    model = _build_and_fill(
+        path,
+        weight_files,
+        GlmForCausalLM,
+        glm_cfg,
+        convert,
+        dtype,
+        device_map,
+        bits,
+        quantized.config_bits(config, path.name),
+    )
     return model, tokenizer, prompt_format
 
 
 # -- shared --------------------------------------------------------------------
 
 
-def _build_and_fill(path: Path, weight_files: list[Path], model_class, model_config, convert, dtype, device_map,
-                    bits: int = 0, stored_bits: int = 0):
+def _build_and_fill(
+    path: Path,
+    weight_files: list[Path],
+    model_class,
+    model_config,
+    convert,
+    dtype,
+    device_map,
+    bits: int = 0,
+    stored_bits: int = 0,
+):
     """Build on the meta device, stream the weights in, dispatch if split across devices.
     ``bits``: the layers' quantization (0: float); ``stored_bits``: the checkpoint's own."""
     from accelerate import init_empty_weights
@@ -184,8 +218,9 @@ def _fill_missing_head(model, loaded: set[str], placement: dict, path: Path) -> 
     missing = [name for name, _ in model.named_parameters() if name not in loaded]
     if missing == ["lm_head.weight"]:
         embeddings = model.get_input_embeddings().weight
-        set_module_tensor_to_device(model, "lm_head.weight", weights.device_for("lm_head.weight", placement),
-                                    value=embeddings)
+        set_module_tensor_to_device(
+            model, "lm_head.weight", weights.device_for("lm_head.weight", placement), value=embeddings
+        )
     elif missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{path.name}: weights missing from the checkpoint: {shown}")

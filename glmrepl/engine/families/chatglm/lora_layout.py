@@ -18,11 +18,16 @@ import re
 from ...adapters import AdapterError, architecture_name
 
 _REMOTE_PREFIX = "base_model.model.transformer.encoder.layers."
-_KEY = re.compile(r"base_model\.model\.transformer\.encoder\.layers\.(\d+)\."
-                  r"(self_attention\.query_key_value|self_attention\.dense|mlp\.dense_h_to_4h|mlp\.dense_4h_to_h)"
-                  r"\.(lora_A|lora_B)\.weight")
-_NATIVE = {"self_attention.dense": "self_attn.o_proj", "mlp.dense_h_to_4h": "mlp.gate_up_proj",
-           "mlp.dense_4h_to_h": "mlp.down_proj"}
+_KEY = re.compile(
+    r"base_model\.model\.transformer\.encoder\.layers\.(\d+)\."
+    r"(self_attention\.query_key_value|self_attention\.dense|mlp\.dense_h_to_4h|mlp\.dense_4h_to_h)"
+    r"\.(lora_A|lora_B)\.weight"
+)
+_NATIVE = {
+    "self_attention.dense": "self_attn.o_proj",
+    "mlp.dense_h_to_4h": "mlp.gate_up_proj",
+    "mlp.dense_4h_to_h": "mlp.down_proj",
+}
 _SPLIT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 # Settings whose module names or extra weights the translation does not carry over.
 _UNTRANSLATED = ("modules_to_save", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "layers_pattern")
@@ -37,8 +42,10 @@ def to_native(config, state: dict, model, info):
     folder = info.path.name
     if getattr(model.config, "model_type", None) != "glm":
         base = f", base {info.base}" if info.base else ""
-        raise AdapterError(f"{folder} was trained on ChatGLM2/3 or GLM-4 (remote-code layout{base}); "
-                           f"the loaded model is {architecture_name(model)}")
+        raise AdapterError(
+            f"{folder} was trained on ChatGLM2/3 or GLM-4 (remote-code layout{base}); "
+            f"the loaded model is {architecture_name(model)}"
+        )
     used = [name for name in _UNTRANSLATED if getattr(config, name, None)]
     if used:
         raise AdapterError(f"{folder}: LoRA settings {', '.join(used)} are not supported on ChatGLM's layout")
@@ -66,6 +73,8 @@ def to_native(config, state: dict, model, info):
 
 def _split_rows(lora_b, q_size: int, kv_size: int, folder: str, key: str):
     if lora_b.shape[0] != q_size + 2 * kv_size:
-        raise AdapterError(f"{folder}: {key} has {lora_b.shape[0]} rows, the loaded model's query_key_value "
-                           f"{q_size + 2 * kv_size}: the adapter is for another model size")
+        raise AdapterError(
+            f"{folder}: {key} has {lora_b.shape[0]} rows, the loaded model's query_key_value "
+            f"{q_size + 2 * kv_size}: the adapter is for another model size"
+        )
     return lora_b.split([q_size, kv_size, kv_size], dim=0)

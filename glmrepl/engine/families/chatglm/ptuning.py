@@ -66,12 +66,17 @@ def _attention_modules(model, info) -> list:
     first_generation = bool(config.get("position_encoding_2d"))
     if first_generation and isinstance(model, ChatGLM1ForCausalLM):
         attentions = [layer.attention for layer in model.transformer.layers]
-        kv_heads, head_size = config.get("num_attention_heads"), _ratio(config.get("hidden_size"),
-                                                                        config.get("num_attention_heads"))
+        kv_heads, head_size = (
+            config.get("num_attention_heads"),
+            _ratio(config.get("hidden_size"), config.get("num_attention_heads")),
+        )
     elif not first_generation and _is_glm(model):
         attentions = [layer.self_attn for layer in model.model.layers]
-        kv_heads = config.get("multi_query_group_num", config.get("num_attention_heads")) \
-            if config.get("multi_query_attention") else config.get("num_attention_heads")
+        kv_heads = (
+            config.get("multi_query_group_num", config.get("num_attention_heads"))
+            if config.get("multi_query_attention")
+            else config.get("num_attention_heads")
+        )
         head_size = config.get("kv_channels")
     else:
         kind = "ChatGLM-6B" if first_generation else "ChatGLM2/3"
@@ -79,8 +84,9 @@ def _attention_modules(model, info) -> list:
     wanted = {"layers": config.get("num_layers"), "head size": head_size, "key/value heads": kv_heads}
     loaded_heads, loaded_size = _key_value_shape(model)
     loaded = {"layers": len(attentions), "head size": loaded_size, "key/value heads": loaded_heads}
-    differ = [f"{name} {wanted[name]} (loaded model: {loaded[name]})"
-              for name in wanted if wanted[name] != loaded[name]]
+    differ = [
+        f"{name} {wanted[name]} (loaded model: {loaded[name]})" for name in wanted if wanted[name] != loaded[name]
+    ]
     if differ:
         raise AdapterError(f"{folder} was trained for another model size: {', '.join(differ)}")
     return attentions
@@ -100,7 +106,7 @@ def _ratio(numerator, denominator):
 def compute_prefix(state: dict, info, layers: int, heads: int, size: int) -> torch.Tensor:
     """The prefix key/values, [pre_seq_len, layers x 2, key/value heads, head size], in float32."""
     folder = info.path.name
-    weights = {name[len(_PREFIX):]: tensor.float() for name, tensor in state.items() if name.startswith(_PREFIX)}
+    weights = {name[len(_PREFIX) :]: tensor.float() for name, tensor in state.items() if name.startswith(_PREFIX)}
     if "embedding.weight" not in weights:
         raise AdapterError(f"{folder}: {info.weights.name} holds no {_PREFIX}embedding.weight")
     length = info.config["pre_seq_len"]
@@ -112,11 +118,14 @@ def compute_prefix(state: dict, info, layers: int, heads: int, size: int) -> tor
                 hidden = torch.tanh(linear(prefix, weights["trans.0.weight"], weights["trans.0.bias"]))
                 prefix = linear(hidden, weights["trans.2.weight"], weights["trans.2.bias"])
             except (KeyError, RuntimeError) as error:
-                raise AdapterError(f"{folder}: the prefix projection weights are missing or do not fit "
-                                   f"({str(error).splitlines()[0]})") from None
+                raise AdapterError(
+                    f"{folder}: the prefix projection weights are missing or do not fit ({str(error).splitlines()[0]})"
+                ) from None
     if tuple(prefix.shape) != (length, layers * 2 * heads * size):
-        raise AdapterError(f"{folder}: the prefix is {tuple(prefix.shape)}, the loaded model needs "
-                           f"({length}, {layers * 2 * heads * size})")
+        raise AdapterError(
+            f"{folder}: the prefix is {tuple(prefix.shape)}, the loaded model needs "
+            f"({length}, {layers * 2 * heads * size})"
+        )
     return prefix.reshape(length, layers * 2, heads, size)
 
 

@@ -12,7 +12,7 @@ on the target device.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -20,12 +20,24 @@ from torch import nn
 from ... import cpu_kernels
 from ...devices import release_freed_memory
 from ...errors import CheckpointError
-from ...quant import (SUPPORTED_BITS, QuantizedLinear, QuantizeError, model_bits, quantize_weight,
-                      unsupported_architecture)
+from ...quant import (
+    SUPPORTED_BITS,
+    QuantizedLinear,
+    QuantizeError,
+    model_bits,
+    quantize_weight,
+    unsupported_architecture,
+)
 
 # The quantized linears of each model, as (layer list, linears within a layer).
-_GLM_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_up_proj", "mlp.down_proj")
+_GLM_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+)
 _GLM1_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
@@ -44,8 +56,9 @@ def load_bits(config: dict, folder: str, requested: int | None) -> int:
     if requested and requested not in SUPPORTED_BITS:
         raise QuantizeError(f"--quantize {requested!r}: choose 4 or 8")
     if stored and requested and requested != stored:
-        raise QuantizeError(f"{folder} is already quantized to int{stored}: --quantize {requested} "
-                            "needs the float checkpoint")
+        raise QuantizeError(
+            f"{folder} is already quantized to int{stored}: --quantize {requested} needs the float checkpoint"
+        )
     return stored or int(requested or 0)
 
 
@@ -69,8 +82,9 @@ def replace_with_empty(model: nn.Module, bits: int, dtype: torch.dtype) -> None:
     """Swap the linears of a meta-device model for empty quantized ones of the same shape."""
     for name in linear_names(model):
         linear = model.get_submodule(name)
-        layer = QuantizedLinear(linear.in_features, linear.out_features, bits, linear.bias is not None,
-                                device="meta", dtype=dtype)
+        layer = QuantizedLinear(
+            linear.in_features, linear.out_features, bits, linear.bias is not None, device="meta", dtype=dtype
+        )
         _set_submodule(model, name, layer)
     cpu_kernels.library()  # built in the background while the weights load
 
@@ -85,8 +99,9 @@ def quantize_in_place(model: nn.Module, bits: int) -> int:
     names = linear_names(model)
     current = model_bits(model)
     if current and current != bits:
-        raise QuantizeError(f"the model is already quantized to int{current}: reload the float checkpoint "
-                            f"to use int{bits}")
+        raise QuantizeError(
+            f"the model is already quantized to int{current}: reload the float checkpoint to use int{bits}"
+        )
     count = 0
     for name in names:
         linear = model.get_submodule(name)
@@ -110,8 +125,9 @@ def quantizing_converter(model: nn.Module, convert, folder: str, stored_bits: in
     layers are quantized on the CPU, before they are placed, giving the same
     tensors as a quantized checkpoint. A checkpoint that declares
     ``quantization_bit`` must store them as int8: a float one is refused."""
-    quantized = {f"{name}.weight": module for name, module in model.named_modules()
-                 if isinstance(module, QuantizedLinear)}
+    quantized = {
+        f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)
+    }
 
     def wrapped(stored_name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         for name, value in convert(stored_name, tensor):
@@ -122,14 +138,17 @@ def quantizing_converter(model: nn.Module, convert, folder: str, stored_bits: in
                 yield name, value.clone() if not stored_bits and value.is_floating_point() else value
                 continue
             if stored_bits:
-                raise CheckpointError(f"{folder}: {stored_name} is stored as {str(value.dtype)[6:]}, but a "
-                                      f"quantization_bit={stored_bits} checkpoint stores int8 weights")
+                raise CheckpointError(
+                    f"{folder}: {stored_name} is stored as {str(value.dtype)[6:]}, but a "
+                    f"quantization_bit={stored_bits} checkpoint stores int8 weights"
+                )
             if tuple(value.shape) != (layer.out_features, layer.in_features):
-                raise CheckpointError(f"{folder}: {stored_name} has shape {tuple(value.shape)}, the config implies "
-                                      f"{(layer.out_features, layer.in_features)}")
+                raise CheckpointError(
+                    f"{folder}: {stored_name} has shape {tuple(value.shape)}, the config implies "
+                    f"{(layer.out_features, layer.in_features)}"
+                )
             packed, scale = quantize_weight(value.float(), layer.bits)
             yield name, packed
             yield f"{name}_scale", scale
 
     return wrapped
-

@@ -17,8 +17,8 @@ Text given to ``encode`` is always plain text: a user typing "<|user|>" or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece
 
@@ -28,8 +28,18 @@ GLM3_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"
 
 _GLM1_MAX_BLANK = 80
 # The space clean-up the first generation's tokenizer applied on decode.
-_SPACE_BEFORE_PUNCTUATION = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_SPACE_BEFORE_PUNCTUATION = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def _as_int_list(ids) -> list[int]:
@@ -97,8 +107,13 @@ class ChatGLM1Tokenizer(_SentencePieceBase):
         self.mask_token_id = self._token_to_id("[MASK]")
         self.gmask_token_id = self._token_to_id("[gMASK]")
         # The ids the released tokenizer skipped with skip_special_tokens=True.
-        self.all_special_ids = {self.bos_token_id, self.eos_token_id, self.pad_token_id,
-                                self.unk_token_id, self.mask_token_id}
+        self.all_special_ids = {
+            self.bos_token_id,
+            self.eos_token_id,
+            self.pad_token_id,
+            self.unk_token_id,
+            self.mask_token_id,
+        }
 
     @property
     def vocab_size(self) -> int:
@@ -175,7 +190,10 @@ class ChatGLM2Tokenizer(_SentencePieceBase):
     def _id_to_token(self, index: int) -> str:
         if index in self.special_token_names:
             return self.special_token_names[index]
-        if index in (self.bos_token_id, self.eos_token_id, self.pad_token_id) or not 0 <= index < self.sp.get_piece_size():
+        if (
+            index in (self.bos_token_id, self.eos_token_id, self.pad_token_id)
+            or not 0 <= index < self.sp.get_piece_size()
+        ):
             return ""
         return self.sp.id_to_piece(index)
 

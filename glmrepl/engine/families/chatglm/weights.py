@@ -9,8 +9,8 @@ which lets the caller show progress and cancel between tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -76,8 +76,10 @@ def _load_pickled(shard: Path) -> dict:
                 raise
             return torch.load(shard, map_location="cpu", weights_only=True)  # a legacy, non-zip pickle
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{shard.parent.name}: {shard.name} holds more than tensors, "
-                              f"so it is not unpickled ({first_line(error, 'not plain tensors')})") from None
+        raise CheckpointError(
+            f"{shard.parent.name}: {shard.name} holds more than tensors, "
+            f"so it is not unpickled ({first_line(error, 'not plain tensors')})"
+        ) from None
 
 
 # -- placement ----------------------------------------------------------------
@@ -119,13 +121,15 @@ def _infer_device_map(model, strategy: str, dtype) -> dict:
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     max_memory = None
     if strategy != "sequential":
-        max_memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split,
-                                         low_zero=strategy == "balanced_low_0")
+        max_memory = get_balanced_memory(
+            model, dtype=dtype, no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0"
+        )
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
-def load_into(model: torch.nn.Module, files: list[Path], convert: Conversion, device_map: dict[str, str],
-              dtype: torch.dtype) -> set[str]:
+def load_into(
+    model: torch.nn.Module, files: list[Path], convert: Conversion, device_map: dict[str, str], dtype: torch.dtype
+) -> set[str]:
     """Fill the meta model from the checkpoint's weight files; return the names that were set."""
     from accelerate.utils import set_module_tensor_to_device
     from transformers.utils import logging as hf_logging
@@ -139,8 +143,10 @@ def load_into(model: torch.nn.Module, files: list[Path], convert: Conversion, de
             if name not in expected:
                 raise CheckpointError(f"{folder}: unexpected weight {stored_name}")
             if tuple(value.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"{folder}: {stored_name} has shape {tuple(value.shape)}, "
-                                      f"the config implies {tuple(expected[name].shape)}")
+                raise CheckpointError(
+                    f"{folder}: {stored_name} has shape {tuple(value.shape)}, "
+                    f"the config implies {tuple(expected[name].shape)}"
+                )
             set_module_tensor_to_device(model, name, device_for(name, device_map), value=value, dtype=dtype)
             loaded.add(name)
     return loaded
@@ -170,5 +176,7 @@ def dispatch_if_split(model: torch.nn.Module, device_map: dict[str, str]) -> Non
     from accelerate import dispatch_model
 
     # The cache object must reach every block as is, never copied between devices.
-    dispatch_model(model, device_map=device_map, skip_keys=list(getattr(model, "_skip_keys_device_placement", None) or []))
+    dispatch_model(
+        model, device_map=device_map, skip_keys=list(getattr(model, "_skip_keys_device_placement", None) or [])
+    )
     model.hf_device_map = device_map
