@@ -1,12 +1,15 @@
-"""int4 / int8 against float: resident memory and decode speed of a ChatGLM2-shaped model.
+"""int4 / int8 against float32 on the CPU: decode speed, first tokens, resident memory.
 
-    python benchmarks/quant.py [--layers 10] [--hidden 2048] [--threads N] [--device cpu|cuda:0]
+    python benchmarks/quant.py [--threads 2] [--repeats 5] [--layers 2 --hidden 4096 --ffn 13696 --vocab 4096]
 
-Builds a random-weight checkpoint of about 0.5B parameters in the ChatGLM2
-layout (a temporary folder), then loads it once per variant in a fresh
-process (so resident memory is that variant's own) through glmrepl's native
-loader: float, int8 (--quantize 8) and int4 (--quantize 4). Also times one
-4096x4096 layer for the CPU dequantization strategies quant.py chose between.
+Builds (once, into benchmarks/cache) a random-weight ChatGLM2 checkpoint with
+ChatGLM2-6B's layer shapes but 2 layers and a 4096-token vocabulary (about
+0.44B parameters), so the quantized layers dominate the bytes read per token
+as in the real model. Then, each in a child process: one 4096x4096 layer for
+one token under each CPU strategy; float32, int8 and int4 loaded side by side
+and timed in turns through GenerationRun (medians); resident memory of each
+variant alone; and the first int4 reply after a load with no compiler (the
+torch path), with the kernels compiled during it, and with them cached.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "data" / "chatglm" / "chatglm2-tiny"
-PROMPT_TOKENS, NEW_TOKENS = 16, 32
+PROMPT_TOKENS, NEW_TOKENS = 64, 64
 
 
 def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: int) -> int:
@@ -77,80 +80,149 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: in
     return sum(t.numel() for t in state.values())
 
 
-def measure_variant(folder: str, bits: int, device: str, threads: int) -> dict:
-    """Run in a child process: load, then time greedy decoding."""
+def ensure_checkpoint(cache: Path, layers: int, hidden: int, ffn: int, vocab: int) -> tuple[Path, int]:
+    """The benchmark folder, built once into the cache (a marker written last)."""
+    folder = cache / f"chatglm2-h{hidden}-f{ffn}-l{layers}-v{vocab}"
+    marker = folder / ".complete"
+    if not marker.exists():
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        params = build_checkpoint(folder, layers, hidden, ffn, vocab)
+        marker.write_text(str(params))
+    return folder, int(marker.read_text())
+
+
+def load(folder: Path, bits: int):
     import torch
 
-    from glmrepl.engine.devices import resident_memory_bytes
     from glmrepl.engine.families import detect_family, load_family
 
-    torch.set_num_threads(threads)
-    path = Path(folder)
-    match = detect_family(path, json.loads((path / "config.json").read_text(encoding="utf-8")))
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    started = time.perf_counter()
-    model = load_family(
-        path, match, weight_files=[path / "model.safetensors"], dtype=dtype, device_map=device, quantize=bits or None
-    ).model
-    load_s = time.perf_counter() - started
-    ids = torch.randint(3, 400, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(7)).to(device)
-    kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-    with torch.inference_mode():
-        model.generate(ids, do_sample=False, max_new_tokens=2)  # warm-up
-        _sync(device)
-        prefill = time.perf_counter()
-        model.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1)
-        _sync(device)
-        prefill_s = time.perf_counter() - prefill
-        started = time.perf_counter()
-        model.generate(ids, **kwargs)
-        _sync(device)
-        total_s = time.perf_counter() - started
-    decode_s = max(total_s - prefill_s, 1e-9)
-    import resource
+    match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    return load_family(
+        folder,
+        match,
+        weight_files=[folder / "model.safetensors"],
+        dtype=torch.float32,
+        device_map="cpu",
+        quantize=bits or None,
+    )
 
-    result = {
-        "bits": bits,
-        "load_s": round(load_s, 2),
-        "rss_bytes": resident_memory_bytes(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "decode_tokens_per_s": round((NEW_TOKENS - 1) / decode_s, 2),
+
+def generation(parts, prompt_tokens: int, new_tokens: int) -> dict:
+    """One greedy reply through glmrepl's streaming path (GenerationRun)."""
+    from glmrepl.engine.generate import GenerationRun
+
+    ids = [3 + (i * 7) % 400 for i in range(prompt_tokens)]  # ids every vocabulary here has
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    run = GenerationRun(parts.model, parts.tokenizer, ids, kwargs, [])
+    for _ in run:
+        pass
+    return {
+        "first_token_s": run.stats.first_token_s,
+        "decode_tokens_per_s": run.stats.decode_tokens_per_s,
+        "path": run.stats.path,
     }
-    if device != "cpu":
-        result["gpu_allocated_bytes"] = torch.cuda.memory_allocated()
+
+
+def alternating_speed(folder: str, threads: int, repeats: int) -> dict:
+    """Run in a child process: float32, int8 and int4 loaded side by side, timed in turns."""
+    import statistics
+
+    from glmrepl.engine import cpu, cpu_kernels
+
+    cpu.request_threads(threads)
+    cpu.apply_threads()
+    models = {bits: load(Path(folder), bits) for bits in (0, 8, 4)}
+    kernels = cpu_kernels.wait_until_built() is not None
+    runs: dict = {bits: [] for bits in models}
+    for parts in models.values():  # warm-up: pages read in, thread pools built
+        generation(parts, PROMPT_TOKENS, 4)
+    for _ in range(repeats):
+        for bits, parts in models.items():
+            runs[bits].append(generation(parts, PROMPT_TOKENS, NEW_TOKENS))
+    long_prompt = {
+        bits: [generation(parts, 1024, 2)["first_token_s"] for _ in range(max(1, repeats // 2))]
+        for bits, parts in models.items()
+    }
+    result = {"kernels_built": kernels, "threads": threads, "repeats": repeats}
+    for bits, measured in runs.items():
+        result[f"int{bits}" if bits else "float32"] = {
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
+            "first_token_s_64": statistics.median(r["first_token_s"] for r in measured),
+            "first_token_s_1024": statistics.median(long_prompt[bits]),
+            "path": measured[-1]["path"],
+            "runs": [r["decode_tokens_per_s"] for r in measured],
+        }
     return result
 
 
-def _sync(device: str) -> None:
-    import torch
+def resident(folder: str, bits: int, threads: int) -> dict:
+    """Run in a child process: resident memory after loading and one short reply."""
+    # The baseline holds the libraries a load brings in (torch, transformers, the loader):
+    # about 0.1 GiB that does not grow with the model.
+    import transformers.modeling_utils  # noqa: F401
 
-    if device != "cpu":
-        torch.cuda.synchronize()
+    from glmrepl.engine import cpu
+    from glmrepl.engine.devices import resident_memory_bytes
+    from glmrepl.engine.families.chatglm import load as _loader  # noqa: F401
+
+    cpu.request_threads(threads)
+    baseline = resident_memory_bytes()
+    parts = load(Path(folder), bits)
+    generation(parts, PROMPT_TOKENS, 4)
+    packed = sum(p.numel() * p.element_size() for p in parts.model.parameters())
+    return {"bits": bits, "rss_bytes": resident_memory_bytes(), "baseline_bytes": baseline, "parameter_bytes": packed}
+
+
+def first_reply(folder: str, bits: int, threads: int) -> dict:
+    """Run in a child process: load, then the first reply, as a user sees them."""
+    from glmrepl.engine import cpu
+
+    cpu.request_threads(threads)
+    started = time.perf_counter()
+    parts = load(Path(folder), bits)
+    loaded = time.perf_counter()
+    reply = generation(parts, PROMPT_TOKENS, NEW_TOKENS)
+    return {"load_s": loaded - started, "first_reply_s": time.perf_counter() - loaded, "path": reply["path"]}
 
 
 def layer_strategies(threads: int, size: int = 4096, repeats: int = 20) -> list[dict]:
-    """ms per call of one size x size int4 layer (decode: 1 token), CPU strategies side by side."""
+    """ms per call of one size x size layer for one token, CPU strategies side by side."""
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine import quant
+    from glmrepl.engine import cpu_kernels, quant
 
     torch.set_num_threads(threads)
-    packed, scale = quant.quantize_weight(torch.randn(size, size), 4)
-    cached = quant.dequantize(packed, scale, 4)
+    cpu_kernels.wait_until_built()
+    weight = torch.randn(size, size)
     x = torch.randn(1, 1, size)
+    packed8, scale8 = quant.quantize_weight(weight, 8)
+    packed4, scale4 = quant.quantize_weight(weight, 4)
+    even, odd = x[0, 0, 0::2].contiguous(), x[0, 0, 1::2].contiguous()
+    compiled8 = torch.compile(lambda v, w, s: (w.float() * v).sum(-1) * s, dynamic=False)
+    compiled4 = torch.compile(
+        lambda e, o, w, s: ((w >> 4).float() * e + ((w << 4) >> 4).float() * o).sum(-1) * s, dynamic=False
+    )
     strategies = {
-        "float32 cached (float memory)": lambda: F.linear(x, cached),
-        "dequantize whole matrix per call": lambda: F.linear(x, quant.dequantize(packed, scale, 4)),
-        "blocked per call (glmrepl)": lambda: quant.cpu_linear(x, packed, scale, 4),
+        "float32 F.linear": lambda: F.linear(x, weight),
+        "int8 blocked dequantize + matmul": lambda: quant.blocked_linear(x, packed8, scale8, 8),
+        "int8 torch.compile (w.float() * x).sum": lambda: compiled8(x[0, 0], packed8, scale8),
+        "int8 fused kernel (glmrepl)": lambda: quant.cpu_linear(x, packed8, scale8, 8),
+        "int4 blocked dequantize + matmul": lambda: quant.blocked_linear(x, packed4, scale4, 4),
+        "int4 torch.compile nibbles * even/odd x": lambda: compiled4(even, odd, packed4, scale4),
+        "int4 fused kernel (glmrepl)": lambda: quant.cpu_linear(x, packed4, scale4, 4),
     }
-    rows = []
+    times: dict = {name: [] for name in strategies}
     with torch.inference_mode():
-        for name, run in strategies.items():
+        for run in strategies.values():
             run()
-            best = min(_timed(run, repeats) for _ in range(5))
-            rows.append({"strategy": name, "ms_per_call": round(best * 1e3, 2)})
-    return rows
+            run()
+        for _ in range(7):  # in turns, so load from other processes hits every strategy
+            for name, run in strategies.items():
+                times[name].append(_timed(run, repeats))
+    return [{"strategy": name, "ms_per_call": round(min(found) * 1e3, 3)} for name, found in times.items()]
 
 
 def _timed(run, repeats: int) -> float:
@@ -160,42 +232,132 @@ def _timed(run, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def child(*args: str, env: dict | None = None) -> dict:
+    import os
+
+    result = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **(env or {}))
+    )
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"child {args} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1])
+
+
+def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads: int, repeats: int) -> dict:
+    import os
+    import statistics
+
+    folder, params = ensure_checkpoint(cache, layers, hidden, ffn, vocab)
+    results = {
+        "checkpoint": {"layers": layers, "hidden": hidden, "ffn": ffn, "vocab": vocab, "parameters": params},
+        "threads": threads,
+        "load_average_before": os.getloadavg(),
+    }
+    print("[quant] one 4096x4096 layer ...", flush=True)
+    results["layer_4096"] = child("--layer", "--threads", str(threads))
+    print("[quant] decode, float32 / int8 / int4 in turns ...", flush=True)
+    results["speed"] = child("--speed", str(folder), "--threads", str(threads), "--repeats", str(repeats))
+    print("[quant] resident memory ...", flush=True)
+    results["memory"] = [child("--resident", f"{folder}:{bits}", "--threads", str(threads)) for bits in (0, 8, 4)]
+    print(
+        "[quant] first reply after load (int4): no compiler (the torch path), kernels cold, kernels cached ...",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="glmrepl-kernel-cache-") as scratch:
+        sides = {
+            "no compiler": {"CXX": "/nonexistent/g++"},
+            "kernels built during it": None,
+            "kernels cached": {"XDG_CACHE_HOME": scratch},
+        }
+        child("--first-reply", f"{folder}:4", "--threads", str(threads), env=sides["kernels cached"])  # fills it
+        runs: dict = {side: [] for side in sides}
+        for _ in range(max(2, repeats // 2)):
+            for side, env in sides.items():
+                if env is None:
+                    env = {"XDG_CACHE_HOME": tempfile.mkdtemp(dir=scratch)}
+                runs[side].append(child("--first-reply", f"{folder}:4", "--threads", str(threads), env=env))
+    results["first_reply_int4"] = {
+        side: {
+            "first_reply_s": statistics.median(r["first_reply_s"] for r in found),
+            "load_s": statistics.median(r["load_s"] for r in found),
+            "path": found[-1]["path"],
+        }
+        for side, found in runs.items()
+    }
+    results["load_average_after"] = os.getloadavg()
+    return results
+
+
+def table(results: dict) -> str:
+    speed, memory = results["speed"], {m["bits"]: m for m in results["memory"]}
+    base = speed["float32"]
+    rows = [("measure", "float32", "int8", "int4", "target")]
+    rows.append(("decode tok/s", *(f"{speed[k]['decode_tokens_per_s']:.2f}" for k in ("float32", "int8", "int4")), ""))
+    rows.append(
+        (
+            "  vs float32",
+            "1.00",
+            f"{speed['int8']['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
+            f"{speed['int4']['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
+            "int8 >= 3.5x, int4 >= 3x",
+        )
+    )
+    for prompt in (64, 1024):
+        rows.append(
+            (
+                f"first token s ({prompt}-token prompt)",
+                *(f"{speed[k][f'first_token_s_{prompt}']:.3f}" for k in ("float32", "int8", "int4")),
+                "",
+            )
+        )
+    rows.append(("RSS over baseline / parameter bytes", *(_memory_cell(memory[b]) for b in (0, 8, 4)), "<= 1.2x"))
+    rows.append(("path", *(speed[k]["path"] for k in ("float32", "int8", "int4")), ""))
+    for side, figures in results["first_reply_int4"].items():
+        rows.append(
+            (f"int4 first reply after load s: {side}", "", "", f"{figures['first_reply_s']:.2f}", figures["path"])
+        )
+    for layer in results["layer_4096"]:
+        rows.append((f"4096x4096, 1 token: {layer['strategy']}", "", "", f"{layer['ms_per_call']:.2f} ms", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+GIB = 1 << 30
+
+
+def _memory_cell(figures: dict) -> str:
+    grown = figures["rss_bytes"] - figures["baseline_bytes"]
+    return f"{grown / GIB:.2f} / {figures['parameter_bytes'] / GIB:.2f} GiB = {grown / figures['parameter_bytes']:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=10)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--ffn", type=int, default=5504)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--ffn", type=int, default=13696)
+    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # "folder:bits", in the child process
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
+    # In the child processes:
+    parser.add_argument("--layer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--speed", help=argparse.SUPPRESS)
+    parser.add_argument("--resident", help=argparse.SUPPRESS)
+    parser.add_argument("--first-reply", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        folder, bits = args.variant.rsplit(":", 1)
-        print(json.dumps(measure_variant(folder, int(bits), args.device, args.threads)))
-        return
-    print(json.dumps({"layer_int4_4096": layer_strategies(args.threads)}))
-    with tempfile.TemporaryDirectory(prefix="glmrepl-quant-bench-") as tmp:
-        folder = Path(tmp) / "chatglm2-bench"
-        params = build_checkpoint(folder, args.layers, args.hidden, args.ffn, args.vocab)
-        print(json.dumps({"parameters": params, "device": args.device, "threads": args.threads}))
-        for bits in (0, 8, 4):
-            child = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--variant",
-                    f"{folder}:{bits}",
-                    "--device",
-                    args.device,
-                    "--threads",
-                    str(args.threads),
-                ],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            print(child.stdout.strip() or child.stderr.strip().splitlines()[-1], flush=True)
+    if args.layer:
+        print(json.dumps(layer_strategies(args.threads)))
+    elif args.speed:
+        print(json.dumps(alternating_speed(args.speed, args.threads, args.repeats)))
+    elif args.resident or args.first_reply:
+        folder, bits = (args.resident or args.first_reply).rsplit(":", 1)
+        measure_child = resident if args.resident else first_reply
+        print(json.dumps(measure_child(folder, int(bits), args.threads)))
+    else:
+        results = measure(args.cache, args.layers, args.hidden, args.ffn, args.vocab, args.threads, args.repeats)
+        print(table(results))
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

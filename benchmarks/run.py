@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))  # the helper modules beside this script
 
 import checkpoint  # noqa: E402
 import machine  # noqa: E402
+import quant  # noqa: E402
 import report  # noqa: E402
 import speed  # noqa: E402
 import switch  # noqa: E402
@@ -49,6 +50,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side for each timing (median taken)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the checkpoint is built")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="generation figures only (no load, /device switch, memory or start-up timings)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 part (benchmarks/quant.py)")
     return parser.parse_args()
 
 
@@ -58,9 +66,13 @@ def available_modes() -> tuple[Mode, ...]:
     return CPU_MODES + GPU_MODES if torch.cuda.is_available() else CPU_MODES
 
 
-def measure_mode(mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, repeats: int) -> dict:
+def measure_mode(
+    mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, repeats: int, quick: bool = False
+) -> dict:
     print(f"[{mode.label}] generation ...", flush=True)
     figures = {"generation": generation_figures(mode, model_path, bandwidth, repeats)}
+    if quick:
+        return figures
     print(f"[{mode.label}] loading ...", flush=True)
     figures["load"] = speed.compare_load(model_path, mode.mode, mode.dtype, mode.device_map, repeats)
     print(f"[{mode.label}] /device switch ...", flush=True)
@@ -121,17 +133,30 @@ def main() -> int:
         "new_tokens": speed.NEW_TOKENS,
         "modes": {},
     }
-    print("measuring start-up in a terminal ...", flush=True)
-    results["startup"] = terminal.measure_startup(model_path, "float32", max(args.repeats, 5))
+    from glmrepl.engine import cpu
+
+    cpu.request_threads(args.threads)
+    results["threads"] = cpu.apply_threads()  # raw and glmrepl share the process, so the threads too
+    if not args.quick:
+        print("measuring start-up in a terminal ...", flush=True)
+        results["startup"] = terminal.measure_startup(model_path, "float32", max(args.repeats, 5))
     modes = available_modes()
     bandwidth = {"cpu": machine.read_bandwidth("cpu")}
     if any(mode.mode == "gpu" for mode in modes):
         bandwidth["gpu"] = machine.read_bandwidth("cuda:0")
     results["bandwidth_bytes_per_s"] = bandwidth
     for mode in modes:
-        results["modes"][mode.label] = measure_mode(mode, model_path, twin_path, bandwidth[mode.mode], args.repeats)
+        results["modes"][mode.label] = measure_mode(
+            mode, model_path, twin_path, bandwidth[mode.mode], args.repeats, args.quick
+        )
+    if not args.no_quant:
+        print("int8 / int4 against float32 on a ChatGLM2-6B-shaped checkpoint ...", flush=True)
+        results["quantized"] = quant.measure(args.cache, 2, 4096, 13696, 4096, results["threads"], max(args.repeats, 3))
     print()
     print(report.table(results))
+    if "quantized" in results:
+        print()
+        print(quant.table(results["quantized"]))
     kind = "gpu" if "gpu" in bandwidth else "cpu"
     results["load_average_after"] = os.getloadavg()
     print(f"\nwritten: {write_results(results, args.results, kind)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
 PROMPT_SEED = 7
+LONG_PROMPT_TOKENS = 1024
 
 
 def prompt_ids(vocab_size: int) -> list[int]:
@@ -67,6 +68,13 @@ def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int =
     }
 
 
+def long_prompt_ids(vocab_size: int, length: int = LONG_PROMPT_TOKENS) -> list[int]:
+    import torch
+
+    generator = torch.Generator().manual_seed(PROMPT_SEED + 1)
+    return torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+
+
 def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
     from glmrepl.engine.generate import GenerationRun
 
@@ -79,6 +87,7 @@ def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> 
         "first_token_s": run.stats.first_token_s,
         "decode_tokens_per_s": run.stats.decode_tokens_per_s,
         "new_tokens": run.stats.new_tokens,
+        "path": run.stats.path,
     }
 
 
@@ -94,12 +103,23 @@ def compare_generation(loaded, repeats: int) -> dict:
     for _ in range(repeats):
         raw.append(raw_generation(loaded.model, ids, stop_ids))
         ours.append(glmrepl_generation(loaded, ids))
-    return {"raw": _medians(raw), "glmrepl": _medians(ours), "repeats": repeats}
+    long_ids = long_prompt_ids(loaded.model.config.vocab_size)
+    raw_long, ours_long = [], []
+    for _ in range(repeats):  # time to first token of a long prompt: prefill dominates
+        raw_long.append(raw_generation(loaded.model, long_ids, stop_ids, new_tokens=2)["first_token_s"])
+        ours_long.append(glmrepl_generation(loaded, long_ids, new_tokens=2)["first_token_s"])
+    return {
+        "raw": _medians(raw),
+        "glmrepl": _medians(ours),
+        "repeats": repeats,
+        "path": ours[-1]["path"],
+        "first_token_s_1024": {"raw": statistics.median(raw_long), "glmrepl": statistics.median(ours_long)},
+    }
 
 
 def _medians(runs: list[dict]) -> dict:
     """Medians, and the best run: on a busy machine the best is closest to the code's own cost."""
-    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "path"}
     best = {
         "best_first_token_s": min(run["first_token_s"] for run in runs),
         "best_decode_tokens_per_s": max(run["decode_tokens_per_s"] for run in runs),

@@ -164,7 +164,10 @@ def cmd_device(app: App, args: str):
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
         if hasattr(app.backend, "memory_report"):
+            from .engine.cpu import threads_line
+
             lines += [f"  {device}: {figures}" for device, figures in app.backend.memory_report()]
+            lines.append(f"  cpu: {threads_line()}")
         if status.adapter:
             lines.append(f"  adapter: {status.adapter}")
         return Text("\n".join(lines))
@@ -380,7 +383,8 @@ def cmd_stats(app: App, args: str):
     source = (
         "" if counted is None else " · counts from the server" if counted else " · tokens counted as streamed chunks"
     )
-    return Text(format_stats(stats) + f"{prompt} · stopped: {stats.stop_reason}{source}")
+    path = f" · path: {stats.path}" if getattr(stats, "path", None) else ""
+    return Text(format_stats(stats) + f"{prompt} · stopped: {stats.stop_reason}{source}{path}")
 
 
 def format_stats(stats) -> str:

@@ -92,6 +92,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="fold the --adapter LoRA into the float weights (faster; /adapter off then needs a reload)",
     )
     parser.add_argument(
+        "--threads", type=int, metavar="N", help="CPU compute threads (default: the physical cores available)"
+    )
+    parser.add_argument(
         "--family",
         choices=("chatglm1", "chatglm2", "chatglm3", "glm4"),
         help="force the ChatGLM generation when detection is wrong",
@@ -212,6 +215,9 @@ def load_options(args, config):
         adapter=Path(args.adapter).expanduser() if args.adapter else None,
         merge_adapter=args.merge_adapter,
     )
+    from .engine.cpu import request_threads
+
+    request_threads(args.threads)  # ValueError -> usage error
     if args.max_gpu_memory:
         from .engine.placement import parse_gpu_memory
 

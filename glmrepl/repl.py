@@ -188,6 +188,8 @@ class LineHandler:
             self.renderer.text(f"  {info.family}: {info.family_reason}", "dim")
         if info.placement.reason:
             self.renderer.text(f"  {info.placement.mode}: {info.placement.reason}", "dim")
+        for note in self.app.backend.load_notes() if hasattr(self.app.backend, "load_notes") else ():
+            self.renderer.text(f"  {note}", "dim")
         return True
 
     def copy_to_clipboard(self, escape: TerminalEscape) -> None:

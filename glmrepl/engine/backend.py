@@ -74,6 +74,14 @@ class LocalBackend:
         loaded = self.manager.current
         return status_of(loaded, self.manager.serial) if loaded is not None else None
 
+    def load_notes(self) -> list[str]:
+        """What the load report adds about the loaded model (e.g. why its quantized layers run slower)."""
+        from .cpu_kernels import fallback_note
+
+        loaded = self.manager.current
+        note = fallback_note(loaded.model) if loaded is not None else None
+        return [note] if note else []
+
     def loading(self) -> bool:
         job = self.manager.job
         return job is not None and not job.done.is_set()

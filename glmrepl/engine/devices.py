@@ -1,7 +1,9 @@
 """Device modes: where a model's weights live and in which precision.
 
-``cpu`` keeps float32 (or bfloat16 when asked): half precision matmuls are not
-implemented for CPU tensors. ``gpu`` is float16 on one CUDA device (bfloat16
+``cpu`` keeps float32, or bfloat16 when asked, or for ``auto`` when the
+processor computes bfloat16 natively and the checkpoint is stored in 16 bits
+(glmrepl.engine.cpu); half precision matmuls are not implemented for CPU
+tensors. ``gpu`` is float16 on one CUDA device (bfloat16
 when the checkpoint is stored so and the GPU supports it). ``sharded`` splits
 layers across GPUs with accelerate. ``auto`` picks for the machine, and says why.
 """
@@ -74,7 +76,8 @@ def plan_placement(
     else:
         reason = ""
     if mode == "cpu":
-        return Placement("cpu", _cpu_dtype(dtype), "cpu", reason)
+        cpu_dtype, why = _cpu_dtype(dtype, stored_dtype)
+        return Placement("cpu", cpu_dtype, "cpu", "; ".join(part for part in (reason, why) if part))
     if count == 0:
         raise DeviceError(f"{mode} mode needs a CUDA GPU and torch sees none on this machine", Hint("device", "cpu"))
     gpu_dtype = _gpu_dtype(dtype, stored_dtype)
@@ -162,12 +165,18 @@ def weights_bytes_at(param_count: int | None, weight_bytes: int, stored_dtype: s
     return int(weight_bytes * size.get(dtype, 4) / size.get(stored_dtype or "float32", 4))
 
 
-def _cpu_dtype(dtype: str) -> str:
+def _cpu_dtype(dtype: str, stored_dtype: str | None) -> tuple[str, str]:
+    """(dtype, why it was chosen: only for auto)."""
     if dtype == "float16":
         raise DeviceError(
             "float16 is not supported on CPU (half-precision matmuls are GPU-only): use float32 or bfloat16"
         )
-    return "float32" if dtype == "auto" else dtype
+    if dtype != "auto":
+        return dtype, ""
+    from .cpu import auto_dtype
+
+    chosen, why = auto_dtype(stored_dtype)
+    return chosen, f"{chosen}: {why}"
 
 
 def _gpu_dtype(dtype: str, stored_dtype: str | None) -> str:

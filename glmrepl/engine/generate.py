@@ -66,6 +66,7 @@ class GenerationStats:
     total_s: float = 0.0
     stop_reason: str = "end"  # "end" (a stop token), "length", "cancelled"
     new_ids: list[int] = field(default_factory=list)
+    path: str = ""  # how decoding ran (eager, fused quantized kernels...), for /stats
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -241,6 +242,10 @@ class GenerationRun:
     def _generate(self) -> None:
         import torch
 
+        from .cpu import apply_threads
+        from .cpu_kernels import decode_path
+
+        apply_threads()
         if self.seed is not None:
             torch.manual_seed(self.seed)
         device = _input_device(self.model)
@@ -256,6 +261,7 @@ class GenerationRun:
                 pad_token_id=pad,
                 **self.generate_kwargs,
             )
+        self.stats.path = decode_path(self.model)  # after: a kernel failing mid-reply changes it
 
 
 def _input_device(model: Any):

@@ -5,8 +5,12 @@ signed values a byte, the even input index in the high nibble), and
 ``weight_scale`` holds one scale per output row, ``row absmax / (2^(bits-1) - 1)``.
 The dequantized weight is ``value * weight_scale[row]``.
 
-CPU: plain torch ops, no compiler. The weight stays packed in memory and is
-dequantized a block of rows at a time inside ``forward``; for 4 bits the high
+CPU, one token (decoding): fused int8 / int4 matrix-vector kernels
+(glmrepl.engine.cpu_kernels) that read only the packed bytes, once they are
+built in the background; until then, with no C++ compiler, and for prompts
+(many tokens, where a float matmul is faster), plain torch ops: the weight
+stays packed in memory and is dequantized a block of rows at a time inside
+``forward``; for 4 bits the high
 and low nibbles are multiplied with the even and odd inputs separately, which
 skips re-interleaving them (the costliest step). Measured on a 4096x4096 layer
 for one token: about 1.25x the time of a float32 matmul, where dequantizing the
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_kernels
 from .errors import GlmreplError, first_line
 
 SUPPORTED_BITS = (4, 8)
@@ -162,6 +167,39 @@ class QuantizedLinear(nn.Module):
 
 
 def cpu_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x @ dequantized.T: one token through the fused kernels when they are built, else (and
+    for prompts, where a float matmul wins) dequantizing one block of rows at a time."""
+    if x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16) and packed.is_contiguous():
+        lib = cpu_kernels.library()
+        if lib is not None:
+            output = _fused_gemv(lib, x, packed, scale, bits)
+            if output is not None:
+                return output
+    return blocked_linear(x, packed, scale, bits)
+
+
+def _fused_gemv(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """One token through the fused kernel; None (and the kernels off) if it fails."""
+    rows, in_features = packed.shape[0], packed.shape[1] * 8 // bits
+    if x.shape[-1] != in_features:
+        raise RuntimeError(f"input has {x.shape[-1]} features, the layer takes {in_features}")
+    vector = x.reshape(-1).to(torch.float32).contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    threads = torch.get_num_threads()
+    try:
+        if bits == 8:
+            output = cpu_kernels.int8_gemv(lib, packed, vector, scale, threads)
+        else:
+            output = cpu_kernels.int4_gemv(
+                lib, packed, vector[0::2].contiguous(), vector[1::2].contiguous(), scale, threads
+            )
+    except Exception as error:  # a library that loaded but cannot run here: keep the reply going
+        cpu_kernels.disable(f"fused kernel failed: {first_line(error)}")
+        return None
+    return output.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+def blocked_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """x @ dequantized.T, dequantizing one block of rows at a time (see the module docstring)."""
     rows, in_features = packed.shape[0], packed.shape[1] * 8 // bits
     block = max(1, _CPU_BLOCK_VALUES // in_features)

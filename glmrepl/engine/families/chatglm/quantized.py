@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ... import cpu_kernels
 from ...devices import release_freed_memory
 from ...errors import CheckpointError
 from ...quant import (
@@ -88,6 +89,7 @@ def replace_with_empty(model: nn.Module, bits: int, dtype: torch.dtype) -> None:
             linear.in_features, linear.out_features, bits, linear.bias is not None, device="meta", dtype=dtype
         )
         _set_submodule(model, name, layer)
+    cpu_kernels.library()  # built in the background while the weights load
 
 
 def quantize_in_place(model: nn.Module, bits: int) -> int:
@@ -110,6 +112,7 @@ def quantize_in_place(model: nn.Module, bits: int) -> int:
             _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits))
             count += 1
     release_freed_memory()
+    cpu_kernels.library()
     return count
 
 

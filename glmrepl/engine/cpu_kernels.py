@@ -1,0 +1,267 @@
+"""Fused int8 / int4 matrix-vector kernels for decoding on the CPU.
+
+Decoding one token multiplies every quantized weight by one activation
+vector, so its speed is set by how many bytes are read and how much work is
+done per byte. These kernels read the packed bytes once, convert them to
+float in registers and accumulate in float32 (four accumulators, so the
+additions do not wait on each other); nothing the size of the float weight is
+ever written. The layout is the checkpoint's own (glmrepl.engine.quant): for
+int4 the high nibbles meet the even inputs and the low nibbles the odd ones,
+so only the activation vector is split, never the weight.
+
+Why C++ and not a ``torch.compile``d expression: on AVX2 processors
+inductor loads 8 int8 lanes at a time through a bounce buffer, and the
+compiled ``(w.float() * x).sum(-1)`` measured slower than a float32 matmul
+(benchmarks/quant.py prints both); importing inductor alone also takes seconds
+of the first reply's CPU time. The source is built by the C++ compiler
+torch.compile would use (CXX, else g++), in the background, once per
+machine: the library is cached under ~/.cache/glmrepl/kernels. Until it is
+ready, or when there is no working compiler, the quantized layers use the
+plain torch path and say why (``status()``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import first_line
+
+_SOURCE = r"""
+#include <cstdint>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256 bytes8(const int8_t* p) {  // 8 signed bytes -> 8 int32 lanes, as float
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+#endif
+
+static float int8_row(const int8_t* w, const float* x, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 32 <= n; j += 32) {
+        a0 = _mm256_fmadd_ps(bytes8(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(bytes8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(bytes8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(bytes8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+    }
+    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; j < n; j++) acc += (float)w[j] * x[j];
+    return acc;
+}
+
+static float int4_row(const int8_t* w, const float* even, const float* odd, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 16 <= n; j += 16) {
+        __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j)));
+        __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j + 8)));
+        // Sign-extended bytes: >> 4 is the high nibble, << 28 >> 28 the low one, both signed.
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b0, 4)), _mm256_loadu_ps(even + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b0, 28), 28)),
+                             _mm256_loadu_ps(odd + j), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b1, 4)), _mm256_loadu_ps(even + j + 8), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b1, 28), 28)),
+                             _mm256_loadu_ps(odd + j + 8), a3);
+    }
+    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; j < n; j++) {
+        int8_t b = w[j];
+        acc += (float)(b >> 4) * even[j] + (float)((int8_t)(b << 4) >> 4) * odd[j];
+    }
+    return acc;
+}
+
+extern "C" void int8_gemv(const int8_t* w, const float* x, const float* scale, float* y,
+                          int64_t rows, int64_t cols, int64_t threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) y[r] = int8_row(w + r * cols, x, cols) * scale[r];
+}
+
+extern "C" void int4_gemv(const int8_t* w, const float* even, const float* odd, const float* scale,
+                          float* y, int64_t rows, int64_t stored, int64_t threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) y[r] = int4_row(w + r * stored, even, odd, stored) * scale[r];
+}
+"""
+
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_lock = threading.Lock()
+_state: dict = {}  # "library" (ctypes.CDLL), "reason" (why not), "building" (a Thread)
+
+
+def library():
+    """The built kernels, or None while they build, or when they cannot (see ``status``).
+
+    The first call starts the build in a background thread, so no reply waits on the compiler."""
+    lib = _state.get("library")
+    if lib is not None or "reason" in _state:
+        return lib
+    with _lock:
+        if "building" not in _state and "reason" not in _state:
+            from .cpu import compiler_problem
+
+            problem = compiler_problem()  # a few milliseconds: the load can say it at once
+            if problem:
+                _state["reason"] = problem
+                return None
+            # torch's compiler settings are per context: the build sees the caller's.
+            context = contextvars.copy_context()
+            thread = threading.Thread(target=context.run, args=(_build,), name="glmrepl-kernels", daemon=True)
+            _state["building"] = thread
+            thread.start()
+    return None
+
+
+def wait_until_built(timeout: float | None = None):
+    """Start the build if needed and wait for it (benchmarks, tests); the library or None."""
+    library()
+    thread = _state.get("building")
+    if thread is not None:
+        thread.join(timeout)
+    return _state.get("library")
+
+
+def status() -> str:
+    """Which path int8/int4 layers take on the CPU, and why: for /stats and /device."""
+    if _state.get("library") is not None:
+        return "fused kernels (compiled)"
+    if "reason" in _state:
+        return f"torch ops ({_state['reason']})"
+    if "building" in _state:
+        return "torch ops (fused kernels are being compiled)"
+    return "torch ops (fused kernels not built yet)"
+
+
+def decode_path(model) -> str:
+    """How a model decodes, for /stats: 'eager', or its quantized layers' path."""
+    from .quant import QuantizedLinear
+
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    if layer is None:
+        return "eager"
+    if layer.weight.device.type != "cpu":
+        return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
+    return f"int{layer.bits} {status()}"
+
+
+def fallback_note(model) -> str | None:
+    """One line for the load report when quantized CPU layers cannot use the kernels."""
+    path = decode_path(model)
+    if "torch ops (" not in path or "being compiled" in path or "not built" in path:
+        return None
+    return f"{path.split(' ', 1)[0]} layers decode with torch ops, slower: {_state.get('reason')}"
+
+
+def disable(reason: str) -> None:
+    """Stop using the kernels (a call failed); the torch path carries on."""
+    _state.pop("library", None)
+    _state["reason"] = reason
+
+
+def reset() -> None:
+    """Forget the build (tests): the next ``library()`` builds again."""
+    thread = _state.get("building")
+    if thread is not None:
+        thread.join()
+    _state.clear()
+
+
+def _build() -> None:
+    try:
+        lib = ctypes.CDLL(str(_built_library()))
+        for name in ("int8_gemv", "int4_gemv"):
+            getattr(lib, name).restype = None
+        _state["library"] = lib
+    except Exception as error:  # a broken compiler, OpenMP missing, an unwritable cache...
+        _state["reason"] = f"kernel build failed: {first_line(error)}"
+
+
+def cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glmrepl" / "kernels"
+
+
+def _built_library() -> Path:
+    """The shared library for this source, compiler and processor: from the cache, else built.
+
+    Built for this processor (-march=native), so the key holds the CPU's flags: a
+    cache shared between machines never hands one the other's instructions."""
+    from .cpu import compiler_command, cpu_flags
+
+    compiler = compiler_command()
+    version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join((_SOURCE, " ".join(_FLAGS), version, cpu_flags())).encode()).hexdigest()[:24]
+    target = cache_folder() / f"quant-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        source, built = Path(scratch) / "quant.cpp", Path(scratch) / "quant.so"
+        source.write_text(_SOURCE, encoding="utf-8")
+        result = subprocess.run(
+            [compiler, *_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise RuntimeError((result.stderr or result.stdout or f"{compiler} failed").strip().splitlines()[0])
+        os.replace(built, target)  # atomic: another process sees the whole library or none
+    return target
+
+
+def int8_gemv(lib, packed, x, scale, threads: int):
+    """y[r] = scale[r] * sum_j packed[r, j] * x[j]; x, scale float32 contiguous, packed int8 [rows, cols]."""
+    import torch
+
+    rows, cols = packed.shape
+    out = torch.empty(rows, dtype=torch.float32)
+    lib.int8_gemv(
+        _ptr(packed),
+        _ptr(x),
+        _ptr(scale),
+        _ptr(out),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(cols),
+        ctypes.c_int64(threads),
+    )
+    return out
+
+
+def int4_gemv(lib, packed, even, odd, scale, threads: int):
+    """The int4 layout: high nibbles times ``even`` (x[0::2]), low nibbles times ``odd`` (x[1::2])."""
+    import torch
+
+    rows, stored = packed.shape
+    out = torch.empty(rows, dtype=torch.float32)
+    lib.int4_gemv(
+        _ptr(packed),
+        _ptr(even),
+        _ptr(odd),
+        _ptr(scale),
+        _ptr(out),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(stored),
+        ctypes.c_int64(threads),
+    )
+    return out
+
+
+def _ptr(tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())

@@ -1,0 +1,170 @@
+"""The fused int8/int4 CPU kernels: same results as dequantize-then-matmul, the reference
+checkpoints' logits through them, and the torch path whenever they cannot be built or run."""
+
+from __future__ import annotations
+
+import pytest
+from chatglm_reference import load_reference, reference_logits
+
+
+@pytest.fixture
+def kernels():
+    from glmrepl.engine import cpu_kernels
+
+    cpu_kernels.reset()
+    lib = cpu_kernels.wait_until_built()
+    if lib is None:
+        pytest.fail(f"the kernels did not build with the compiler present: {cpu_kernels.status()}")
+    yield lib
+    cpu_kernels.reset()
+
+
+@pytest.fixture
+def compiler(monkeypatch, tmp_path):
+    """Set the C++ compiler (CXX, as torch.compile reads it) on an empty kernel cache."""
+    from glmrepl.engine import cpu, cpu_kernels
+
+    def use(command: str) -> None:
+        monkeypatch.setenv("CXX", command)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        cpu.compiler_problem.cache_clear()
+        cpu_kernels.reset()
+
+    yield use
+    cpu.compiler_problem.cache_clear()
+    cpu_kernels.reset()
+
+
+@pytest.fixture
+def no_compiler(compiler):
+    compiler("/nonexistent/bin/g++")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(300, 4096), (33, 70), (7, 18)])  # vector loops and their scalar tails
+def test_fused_gemv_matches_dequantized_matmul(kernels, bits, shape):
+    import torch
+    from torch.nn import functional as F
+
+    from glmrepl.engine.quant import QuantizedLinear
+
+    torch.manual_seed(bits)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=True), bits)
+    x = torch.randn(1, 1, shape[1])
+    reference = F.linear(x, layer.dequantized(), layer.bias)
+    output = layer(x)
+    assert output.shape == reference.shape and output.dtype == torch.float32
+    assert torch.allclose(output, reference, atol=1e-5, rtol=1e-5)
+    bf16 = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=False).bfloat16(), bits)
+    half_out = bf16(x.bfloat16())
+    assert half_out.dtype == torch.bfloat16
+    assert torch.allclose(half_out.float(), F.linear(x, bf16.dequantized(torch.float32)), atol=0.05, rtol=0.02)
+
+
+def test_fused_gemv_refuses_a_wrong_input_size(kernels):
+    import torch
+
+    from glmrepl.engine.quant import QuantizedLinear
+
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), 8)
+    with pytest.raises(RuntimeError, match="64"):
+        layer(torch.randn(1, 1, 65))
+
+
+@pytest.mark.parametrize("name", ["chatglm2-int4", "chatglm2-int8"])
+def test_decoding_through_the_kernels_matches_reference_logits(kernels, name):
+    """The last position computed as a decoding step (one token, the kernel) against the
+    reference's whole-prompt logits."""
+    import torch
+
+    from glmrepl.engine import cpu_kernels
+
+    model = load_reference(name).model
+    reference = reference_logits(name)
+    ids = reference["input_ids"]
+    with torch.inference_mode():
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
+    assert cpu_kernels.status() == "fused kernels (compiled)"
+    assert torch.allclose(step.logits[0, -1], reference["logits"][0, -1], atol=1e-4, rtol=0)
+
+
+def test_no_compiler_keeps_the_torch_path_and_says_why(no_compiler):
+    import torch
+    from torch.nn import functional as F
+
+    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.quant import QuantizedLinear
+
+    assert cpu_kernels.wait_until_built() is None
+    assert "no C++ compiler" in cpu_kernels.status() and "/nonexistent/bin/g++" in cpu_kernels.status()
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 40), 4)
+    x = torch.randn(1, 1, 64)
+    assert torch.allclose(layer(x), F.linear(x, layer.dequantized(), layer.bias), atol=1e-5)
+
+
+def test_a_compiler_that_fails_keeps_the_torch_path(compiler, tmp_path):
+    """A compiler that answers --version but cannot build (a broken install)."""
+    from glmrepl.engine import cpu_kernels
+
+    broken = tmp_path / "g++"
+    broken.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'g++ 0.0' && exit 0\n"
+        "echo 'cc1plus: fatal error: omp.h missing' >&2\nexit 1\n"
+    )
+    broken.chmod(0o755)
+    compiler(str(broken))
+    assert cpu_kernels.wait_until_built() is None
+    assert cpu_kernels.status() == "torch ops (kernel build failed: cc1plus: fatal error: omp.h missing)"
+
+
+def test_the_library_is_built_once_and_reused(compiler):
+    from glmrepl.engine import cpu_kernels
+
+    compiler("g++")
+    assert cpu_kernels.wait_until_built() is not None
+    built = list(cpu_kernels.cache_folder().glob("quant-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels.reset()
+    assert cpu_kernels.wait_until_built() is not None
+    assert [p.stat().st_mtime_ns for p in cpu_kernels.cache_folder().glob("quant-*.so")] == [stamp]
+
+
+def test_a_kernel_failing_at_run_time_falls_back_without_losing_the_reply(kernels, monkeypatch):
+    import torch
+
+    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.generate import GenerationRun
+
+    parts = load_reference("chatglm2-int8")
+    ids = reference_logits("chatglm2-int8")["input_ids"][0].tolist()
+    expected_run = GenerationRun(parts.model, parts.tokenizer, ids, {"max_new_tokens": 6, "do_sample": False}, [])
+    expected_text = "".join(expected_run)
+
+    def broken(*args, **kwargs):
+        raise OSError("illegal instruction")
+
+    monkeypatch.setattr(cpu_kernels, "int8_gemv", broken)
+    run = GenerationRun(parts.model, parts.tokenizer, ids, {"max_new_tokens": 6, "do_sample": False}, [])
+    assert "".join(run) == expected_text and run.stats.new_tokens == 6
+    assert "fused kernel failed: illegal instruction" in cpu_kernels.status()
+    assert torch.get_num_threads() >= 1
+
+
+def test_the_load_report_note_names_the_reason_only_when_the_kernels_cannot_run(kernels, compiler):
+    import torch
+
+    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.quant import QuantizedLinear
+
+    model = torch.nn.Sequential(QuantizedLinear.from_linear(torch.nn.Linear(16, 4), 4))
+    assert (
+        cpu_kernels.fallback_note(model) is None and cpu_kernels.decode_path(model) == "int4 fused kernels (compiled)"
+    )
+    assert cpu_kernels.fallback_note(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None  # nothing quantized
+    compiler("/nonexistent/bin/g++")
+    assert cpu_kernels.library() is None  # the probe answers at once: no waiting on a thread
+    assert cpu_kernels.fallback_note(model) == (
+        "int4 layers decode with torch ops, slower: no C++ compiler: /nonexistent/bin/g++ not found"
+    )
