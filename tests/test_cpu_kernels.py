@@ -155,16 +155,14 @@ def test_a_kernel_failing_at_run_time_falls_back_without_losing_the_reply(kernel
 def test_the_load_report_note_names_the_reason_only_when_the_kernels_cannot_run(kernels, compiler):
     import torch
 
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine import cpu_kernels, quant
     from glmrepl.engine.quant import QuantizedLinear
 
     model = torch.nn.Sequential(QuantizedLinear.from_linear(torch.nn.Linear(16, 4), 4))
-    assert (
-        cpu_kernels.fallback_note(model) is None and cpu_kernels.decode_path(model) == "int4 fused kernels (compiled)"
-    )
-    assert cpu_kernels.fallback_note(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None  # nothing quantized
+    assert quant.fallback_note(model) is None and quant.decode_path(model) == "int4 fused kernels (compiled)"
+    assert quant.fallback_note(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None  # nothing quantized
     compiler("/nonexistent/bin/g++")
     assert cpu_kernels.library() is None  # the probe answers at once: no waiting on a thread
-    assert cpu_kernels.fallback_note(model) == (
+    assert quant.fallback_note(model) == (
         "int4 layers decode with torch ops, slower: no C++ compiler: /nonexistent/bin/g++ not found"
     )

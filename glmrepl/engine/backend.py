@@ -76,7 +76,7 @@ class LocalBackend:
 
     def load_notes(self) -> list[str]:
         """What the load report adds about the loaded model (e.g. why its quantized layers run slower)."""
-        from .cpu_kernels import fallback_note
+        from .quant import fallback_note
 
         loaded = self.manager.current
         note = fallback_note(loaded.model) if loaded is not None else None

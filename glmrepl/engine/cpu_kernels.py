@@ -151,24 +151,9 @@ def status() -> str:
     return "torch ops (fused kernels not built yet)"
 
 
-def decode_path(model) -> str:
-    """How a model decodes, for /stats: 'eager', or its quantized layers' path."""
-    from .quant import QuantizedLinear
-
-    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
-    if layer is None:
-        return "eager"
-    if layer.weight.device.type != "cpu":
-        return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
-    return f"int{layer.bits} {status()}"
-
-
-def fallback_note(model) -> str | None:
-    """One line for the load report when quantized CPU layers cannot use the kernels."""
-    path = decode_path(model)
-    if "torch ops (" not in path or "being compiled" in path or "not built" in path:
-        return None
-    return f"{path.split(' ', 1)[0]} layers decode with torch ops, slower: {_state.get('reason')}"
+def failure_reason() -> str | None:
+    """Why the kernels are not in use, once a build or a call failed."""
+    return _state.get("reason")
 
 
 def disable(reason: str) -> None:

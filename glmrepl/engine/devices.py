@@ -173,6 +173,8 @@ def _cpu_dtype(dtype: str, stored_dtype: str | None) -> tuple[str, str]:
         )
     if dtype != "auto":
         return dtype, ""
+    if stored_dtype is None:  # nothing known of the checkpoint: float32, nothing worth saying
+        return "float32", ""
     from .cpu import auto_dtype
 
     chosen, why = auto_dtype(stored_dtype)

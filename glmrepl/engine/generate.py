@@ -243,7 +243,7 @@ class GenerationRun:
         import torch
 
         from .cpu import apply_threads
-        from .cpu_kernels import decode_path
+        from .quant import decode_path
 
         apply_threads()
         if self.seed is not None:

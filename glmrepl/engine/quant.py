@@ -359,3 +359,21 @@ def _compile_ptx(architecture: str) -> bytes:
     finally:
         nvrtc.nvrtcDestroyProgram(program)
     return buffer.raw
+
+
+def decode_path(model) -> str:
+    """How a model decodes, for /stats: 'eager', or its quantized layers' path."""
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    if layer is None:
+        return "eager"
+    if layer.weight.device.type != "cpu":
+        return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
+    return f"int{layer.bits} {cpu_kernels.status()}"
+
+
+def fallback_note(model) -> str | None:
+    """One line for the load report when quantized CPU layers cannot use the kernels."""
+    path = decode_path(model)
+    if "torch ops (" not in path or "being compiled" in path or "not built" in path:
+        return None
+    return f"{path.split(' ', 1)[0]} layers decode with torch ops, slower: {cpu_kernels.failure_reason()}"
