@@ -46,6 +46,18 @@ class _TimestampStreamer:
 
 
 def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
+    """Plain transformers on the same model object: glmrepl's kernel linears are made plain
+    ``nn.Linear`` again for the run (the same parameters, nothing copied)."""
+    from glmrepl.engine.float_linear import restore_linears, use_kernels
+
+    restore_linears(model)
+    try:
+        return _plain_generation(model, ids, stop_ids, new_tokens)
+    finally:
+        use_kernels(model)
+
+
+def _plain_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int) -> dict:
     import torch
 
     started = time.perf_counter()

@@ -1,13 +1,15 @@
-"""Fused int8 / int4 matrix-vector kernels for decoding on the CPU.
+"""Fused matrix-vector kernels for decoding one token on the CPU (cpu_kernels.cpp).
 
-Decoding one token multiplies every quantized weight by one activation
-vector, so its speed is set by how many bytes are read and how much work is
-done per byte. These kernels read the packed bytes once, convert them to
-float in registers and accumulate in float32 (four accumulators, so the
-additions do not wait on each other); nothing the size of the float weight is
-ever written. The layout is the checkpoint's own (glmrepl.engine.quant): for
-int4 the high nibbles meet the even inputs and the low nibbles the odd ones,
-so only the activation vector is split, never the weight.
+Decoding one token multiplies every weight by one activation vector, so its
+speed is set by how many bytes are read and how much work is done per byte.
+These kernels read each weight once, convert it to float in registers and
+accumulate in float32 (four accumulators, so the additions do not wait on each
+other); nothing the size of a float weight is ever written.
+- int8 / int4 in the checkpoint's own layout (glmrepl.engine.quant): for int4
+  the high nibbles meet the even inputs and the low nibbles the odd ones, so
+  only the activation vector is split, never the weight;
+- float32 / bfloat16 / float16 weights (glmrepl.engine.float_linear), where
+  torch's one-row matmul reads float32 weights at about half the bandwidth.
 
 Why C++ and not a ``torch.compile``d expression: on AVX2 processors
 inductor loads 8 int8 lanes at a time through a bounce buffer, and the
@@ -16,8 +18,8 @@ compiled ``(w.float() * x).sum(-1)`` measured slower than a float32 matmul
 of the first reply's CPU time. The source is built by the C++ compiler
 torch.compile would use (CXX, else g++), in the background, once per
 machine: the library is cached under ~/.cache/glmrepl/kernels. Until it is
-ready, or when there is no working compiler, the quantized layers use the
-plain torch path and say why (``status()``).
+ready, or when there is no working compiler, the layers use the plain torch
+path and say why (``status()``).
 """
 
 from __future__ import annotations
@@ -33,75 +35,8 @@ from pathlib import Path
 
 from .errors import first_line
 
-_SOURCE = r"""
-#include <cstdint>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-static inline __m256 bytes8(const int8_t* p) {  // 8 signed bytes -> 8 int32 lanes, as float
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-#endif
-
-static float int8_row(const int8_t* w, const float* x, int64_t n) {
-    int64_t j = 0;
-    float acc = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; j + 32 <= n; j += 32) {
-        a0 = _mm256_fmadd_ps(bytes8(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(bytes8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(bytes8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(bytes8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; j < n; j++) acc += (float)w[j] * x[j];
-    return acc;
-}
-
-static float int4_row(const int8_t* w, const float* even, const float* odd, int64_t n) {
-    int64_t j = 0;
-    float acc = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; j + 16 <= n; j += 16) {
-        __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j)));
-        __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j + 8)));
-        // Sign-extended bytes: >> 4 is the high nibble, << 28 >> 28 the low one, both signed.
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b0, 4)), _mm256_loadu_ps(even + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b0, 28), 28)),
-                             _mm256_loadu_ps(odd + j), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b1, 4)), _mm256_loadu_ps(even + j + 8), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b1, 28), 28)),
-                             _mm256_loadu_ps(odd + j + 8), a3);
-    }
-    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; j < n; j++) {
-        int8_t b = w[j];
-        acc += (float)(b >> 4) * even[j] + (float)((int8_t)(b << 4) >> 4) * odd[j];
-    }
-    return acc;
-}
-
-extern "C" void int8_gemv(const int8_t* w, const float* x, const float* scale, float* y,
-                          int64_t rows, int64_t cols, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) y[r] = int8_row(w + r * cols, x, cols) * scale[r];
-}
-
-extern "C" void int4_gemv(const int8_t* w, const float* even, const float* odd, const float* scale,
-                          float* y, int64_t rows, int64_t stored, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) y[r] = int4_row(w + r * stored, even, odd, stored) * scale[r];
-}
-"""
+# The C++ source ships beside this module; its text is part of the cache key.
+_SOURCE = Path(__file__).with_suffix(".cpp").read_text(encoding="utf-8")
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _lock = threading.Lock()
@@ -175,6 +110,7 @@ def _build() -> None:
         lib = ctypes.CDLL(str(_built_library()))
         for name in ("int8_gemv", "int4_gemv"):
             getattr(lib, name).restype = None
+        lib.float_gemv.restype = ctypes.c_int
         _state["library"] = lib
     except Exception as error:  # a broken compiler, OpenMP missing, an unwritable cache...
         _state["reason"] = f"kernel build failed: {first_line(error)}"
@@ -246,6 +182,33 @@ def int4_gemv(lib, packed, even, odd, scale, threads: int):
         ctypes.c_int64(threads),
     )
     return out
+
+
+# The codes the C++ side reads the float types by (cpu_kernels.cpp's ``Type``).
+FLOAT_TYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+
+
+def float_gemv(lib, weight, x, bias, threads: int):
+    """``F.linear`` for one token: weight [rows, cols] float32/bfloat16/float16 and contiguous,
+    x holding cols values (any float type), bias None or of the weight's type. The result
+    has x's type and shape, the last dimension rows; None when this build cannot read a type."""
+    import torch
+
+    rows, cols = weight.shape
+    out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
+    x = x.contiguous()
+    failed = lib.float_gemv(
+        _ptr(weight),
+        ctypes.c_int(FLOAT_TYPE_CODES[str(weight.dtype)]),
+        _ptr(x),
+        ctypes.c_int(FLOAT_TYPE_CODES[str(x.dtype)]),
+        None if bias is None else _ptr(bias),
+        _ptr(out),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(cols),
+        ctypes.c_int64(threads),
+    )
+    return None if failed else out
 
 
 def _ptr(tensor) -> ctypes.c_void_p:

@@ -140,6 +140,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         with _weight_progress(job):
             model = load_weights(info, placement, request.trust_remote_code)
         native_format = None
+    use_float_kernels(model)
     adapter = attach_requested_adapter(model, request, job)
     stop_ids = formats.eos_ids(getattr(model, "generation_config", None))  # e.g. Llama 3's <|eot_id|>
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
@@ -147,6 +148,12 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     return LoadedModel(
         model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids, request, adapter
     )
+
+
+def use_float_kernels(model: Any) -> None:
+    from .float_linear import use_kernels  # torch is imported only once a model loads
+
+    use_kernels(model)
 
 
 def refuse_adapter_folder(path: Path) -> None:

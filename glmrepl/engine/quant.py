@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from . import cpu_kernels
 from .errors import GlmreplError, first_line
+from .float_linear import float_decode_path
 
 SUPPORTED_BITS = (4, 8)
 # Rows dequantized at once on CPU: a block of about this many float32 values
@@ -362,17 +363,17 @@ def _compile_ptx(architecture: str) -> bytes:
 
 
 def decode_path(model) -> str:
-    """How a model decodes, for /stats: 'eager', or its quantized layers' path."""
+    """How a model decodes, for /stats: 'eager', or its quantized or float layers' path."""
     layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
     if layer is None:
-        return "eager"
+        return float_decode_path(model)
     if layer.weight.device.type != "cpu":
         return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
     return f"int{layer.bits} {cpu_kernels.status()}"
 
 
 def fallback_note(model) -> str | None:
-    """One line for the load report when quantized CPU layers cannot use the kernels."""
+    """One line for the load report when the CPU layers cannot use the kernels."""
     path = decode_path(model)
     if "torch ops (" not in path or "being compiled" in path or "not built" in path:
         return None

@@ -1,0 +1,195 @@
+// Matrix-vector kernels for decoding one token on the CPU; see cpu_kernels.py.
+//
+// One token multiplies every weight by one activation vector, so decoding is
+// bound by reading the weights: each kernel reads its weight once, widens it to
+// float32 in registers and accumulates with four independent accumulators (the
+// additions do not wait on each other). The activation vector is small and is
+// read from cache for every row.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GLMREPL_AVX2 1
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256 bytes8(const int8_t* p) {  // 8 signed bytes -> 8 int32 lanes, as float
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+#endif
+
+// ---- int8 / int4 (glmrepl.engine.quant's layout) ---------------------------
+
+static float int8_row(const int8_t* w, const float* x, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.f;
+#ifdef GLMREPL_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 32 <= n; j += 32) {
+        a0 = _mm256_fmadd_ps(bytes8(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(bytes8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(bytes8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(bytes8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+    }
+    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; j < n; j++) acc += (float)w[j] * x[j];
+    return acc;
+}
+
+static float int4_row(const int8_t* w, const float* even, const float* odd, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.f;
+#ifdef GLMREPL_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 16 <= n; j += 16) {
+        __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j)));
+        __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j + 8)));
+        // Sign-extended bytes: >> 4 is the high nibble, << 28 >> 28 the low one, both signed.
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b0, 4)), _mm256_loadu_ps(even + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b0, 28), 28)),
+                             _mm256_loadu_ps(odd + j), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b1, 4)), _mm256_loadu_ps(even + j + 8), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b1, 28), 28)),
+                             _mm256_loadu_ps(odd + j + 8), a3);
+    }
+    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; j < n; j++) {
+        int8_t b = w[j];
+        acc += (float)(b >> 4) * even[j] + (float)((int8_t)(b << 4) >> 4) * odd[j];
+    }
+    return acc;
+}
+
+extern "C" void int8_gemv(const int8_t* w, const float* x, const float* scale, float* y,
+                          int64_t rows, int64_t cols, int64_t threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) y[r] = int8_row(w + r * cols, x, cols) * scale[r];
+}
+
+extern "C" void int4_gemv(const int8_t* w, const float* even, const float* odd, const float* scale,
+                          float* y, int64_t rows, int64_t stored, int64_t threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) y[r] = int4_row(w + r * stored, even, odd, stored) * scale[r];
+}
+
+// ---- float32 / bfloat16 / float16 weights -----------------------------------
+
+enum Type { F32 = 0, BF16 = 1, F16 = 2 };  // the codes cpu_kernels.py passes
+
+static inline float from_bf16(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // NaN stays NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float load_one(const void* p, int type, int64_t i) {
+    switch (type) {
+        case BF16: return from_bf16(((const uint16_t*)p)[i]);
+#ifdef __F16C__
+        case F16: return _cvtsh_ss(((const uint16_t*)p)[i]);
+#endif
+        default: return ((const float*)p)[i];
+    }
+}
+
+static inline void store_one(void* p, int type, int64_t i, float v) {
+    switch (type) {
+        case BF16: ((uint16_t*)p)[i] = to_bf16(v); break;
+#ifdef __F16C__
+        case F16: ((uint16_t*)p)[i] = _cvtss_sh(v, 0); break;  // 0: round to nearest even
+#endif
+        default: ((float*)p)[i] = v;
+    }
+}
+
+template <int T> struct Weights;
+template <> struct Weights<F32> {
+    using Element = float;
+#ifdef GLMREPL_AVX2
+    static __m256 eight(const float* p) { return _mm256_loadu_ps(p); }
+#endif
+};
+template <> struct Weights<BF16> {
+    using Element = uint16_t;
+#ifdef GLMREPL_AVX2
+    static __m256 eight(const uint16_t* p) {  // bfloat16 is the top half of a float32
+        __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+#endif
+};
+template <> struct Weights<F16> {
+    using Element = uint16_t;
+#ifdef GLMREPL_AVX2
+    static __m256 eight(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
+};
+
+template <int T>
+static float float_row(const typename Weights<T>::Element* w, const float* x, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.f;
+#ifdef GLMREPL_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 32 <= n; j += 32) {
+        a0 = _mm256_fmadd_ps(Weights<T>::eight(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(Weights<T>::eight(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(Weights<T>::eight(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(Weights<T>::eight(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+    }
+    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; j < n; j++) acc += load_one(w, T, j) * x[j];
+    return acc;
+}
+
+template <int T>
+static void float_rows(const void* weight, const float* x, const void* bias, void* y, int y_type,
+                       int64_t rows, int64_t cols, int64_t threads) {
+    const auto* w = (const typename Weights<T>::Element*)weight;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float acc = float_row<T>(w + r * cols, x, cols);
+        if (bias) acc += load_one(bias, T, r);
+        store_one(y, y_type, r, acc);
+    }
+}
+
+static bool known(int type) {
+#ifdef __F16C__
+    return type == F32 || type == BF16 || type == F16;
+#else
+    return type == F32 || type == BF16;
+#endif
+}
+
+// y = weight @ x (+ bias). The weight [rows, cols] and bias have w_type; x and y
+// have x_type. Returns 0, or 1 for a type this build cannot read (the caller
+// uses torch instead).
+extern "C" int float_gemv(const void* weight, int w_type, const void* x, int x_type, const void* bias, void* y,
+                          int64_t rows, int64_t cols, int64_t threads) {
+    if (!known(w_type) || !known(x_type)) return 1;
+    std::vector<float> vector(cols);
+    for (int64_t j = 0; j < cols; j++) vector[j] = load_one(x, x_type, j);
+    switch (w_type) {
+        case BF16: float_rows<BF16>(weight, vector.data(), bias, y, x_type, rows, cols, threads); break;
+        case F16: float_rows<F16>(weight, vector.data(), bias, y, x_type, rows, cols, threads); break;
+        default: float_rows<F32>(weight, vector.data(), bias, y, x_type, rows, cols, threads);
+    }
+    return 0;
+}

@@ -1,0 +1,82 @@
+"""Float linears that decode one token on the CPU through glmrepl's C++ kernel.
+
+Decoding one token multiplies each weight matrix by one vector, so its speed
+is how fast the weights are read. torch's one-row matmul reads float32 weights
+at about half the memory bandwidth that a plain fused loop reaches with the
+same threads (benchmarks/kernels.py prints both, layer by layer), and the
+weights of a 0.5B model in float32 are 2 GB per token. ``KernelLinear`` is
+``nn.Linear`` with one change: a single token on the CPU goes through
+``cpu_kernels.float_gemv`` (float32, bfloat16 or float16 weights, accumulated
+in float32 as torch does). Everything else — prompts, GPUs, autograd, a
+kernel not built yet or not buildable — is ``F.linear`` as before.
+
+The class of each existing ``nn.Linear`` is swapped in place: the parameters,
+names, hooks and tied weights stay the same objects, PEFT still recognises the
+layers (they are ``nn.Linear``), and ``restore_linears`` undoes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import cpu_kernels
+from .errors import first_line
+
+_FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class KernelLinear(nn.Linear):
+    """``nn.Linear`` whose one-token CPU product runs in the fused kernel (see the module)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.device.type == "cpu" and not x.requires_grad:
+            output = one_token(x, self.weight, self.bias)
+            if output is not None:
+                return output
+        return F.linear(x, self.weight, self.bias)
+
+
+def one_token(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` for one token through the kernel; None when it cannot run."""
+    if weight.dtype not in _FLOAT_TYPES or x.dtype != weight.dtype or not weight.is_contiguous():
+        return None  # (a type mismatch is F.linear's to report, as before)
+    if weight.device.type != "cpu" or (bias is not None and (bias.dtype != weight.dtype or bias.device != x.device)):
+        return None
+    lib = cpu_kernels.library()
+    if lib is None:
+        return None
+    try:
+        return cpu_kernels.float_gemv(lib, weight, x, bias, torch.get_num_threads())
+    except Exception as error:  # a library that loaded but cannot run here: keep the reply going
+        cpu_kernels.disable(f"fused kernel failed: {first_line(error)}")
+        return None
+
+
+def use_kernels(model: nn.Module) -> int:
+    """Make the model's plain ``nn.Linear`` layers ``KernelLinear``; return how many.
+
+    Starts building the kernels in the background when any of them is on the CPU."""
+    swapped = [module for module in model.modules() if type(module) is nn.Linear]
+    for module in swapped:
+        module.__class__ = KernelLinear
+    if any(module.weight.device.type == "cpu" for module in swapped):
+        cpu_kernels.library()
+    return len(swapped)
+
+
+def restore_linears(model: nn.Module) -> int:
+    """Undo ``use_kernels`` (the benchmark's raw transformers side); return how many."""
+    swapped: list[nn.Module] = [module for module in model.modules() if type(module) is KernelLinear]
+    for module in swapped:
+        module.__class__ = nn.Linear
+    return len(swapped)
+
+
+def float_decode_path(model: nn.Module) -> str:
+    """How a float model decodes on this device, for /stats: 'eager' or the kernels' state."""
+    layer = next((m for m in model.modules() if type(m) is KernelLinear), None)
+    if layer is None or layer.weight.device.type != "cpu" or layer.weight.dtype not in _FLOAT_TYPES:
+        return "eager"
+    return f"{str(layer.weight.dtype).removeprefix('torch.')} {cpu_kernels.status()}"

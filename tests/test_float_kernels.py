@@ -1,0 +1,186 @@
+"""The float decode kernel: F.linear's results for one token, the same greedy replies as
+plain transformers, the reference checkpoints' logits through it, and F.linear whenever
+it cannot be built or run."""
+
+from __future__ import annotations
+
+import pytest
+from chatglm_reference import DATA, load_reference, reference_logits
+
+
+@pytest.fixture
+def kernels():
+    from glmrepl.engine import cpu_kernels
+
+    cpu_kernels.reset()
+    lib = cpu_kernels.wait_until_built()
+    if lib is None:
+        pytest.fail(f"the kernels did not build with the compiler present: {cpu_kernels.status()}")
+    yield lib
+    cpu_kernels.reset()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the kernel's calls, so a test knows the kernel (not F.linear) produced its figures."""
+    from glmrepl.engine import cpu_kernels
+
+    counted = {"n": 0}
+    real = cpu_kernels.float_gemv
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "float_gemv", counting)
+    return counted
+
+
+def _kernel_linear(rows: int, cols: int, bias: bool, dtype):
+    import torch
+
+    from glmrepl.engine.float_linear import use_kernels
+
+    model = torch.nn.Sequential(torch.nn.Linear(cols, rows, bias=bias)).to(dtype)
+    assert use_kernels(model) == 1
+    return model[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(300, 4096), (33, 70), (7, 18)])  # vector loops and their scalar tails
+def test_float32_matches_f_linear(kernels, calls, shape, bias):
+    import torch
+    from torch.nn import functional as F
+
+    torch.manual_seed(shape[0])
+    layer = _kernel_linear(*shape, bias, torch.float32)
+    for x in (torch.randn(1, 1, shape[1]), torch.randn(shape[1])):
+        output = layer(x)
+        reference = F.linear(x, layer.weight, layer.bias)
+        assert output.shape == reference.shape and output.dtype == torch.float32
+        assert torch.allclose(output, reference, atol=1e-5, rtol=1e-5)
+    assert calls["n"] == 2
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_half_types_round_like_f_linear(kernels, calls, dtype_name):
+    """Accumulated in float32 and rounded once, as torch does: equal to F.linear but for a rare
+    last-bit difference where the summation order tips a rounding."""
+    import torch
+    from torch.nn import functional as F
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(3)
+    layer = _kernel_linear(896, 4864, True, dtype)
+    x = torch.randn(1, 1, 4864, dtype=dtype)
+    output, reference = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert output.dtype == dtype and calls["n"] == 1
+    assert (output == reference).float().mean() > 0.98
+    assert torch.allclose(output.float(), reference.float(), rtol=2**-7, atol=1e-3)
+
+
+def test_prompts_and_other_inputs_keep_f_linear(kernels, calls):
+    import torch
+
+    layer = _kernel_linear(16, 32, True, torch.float32)
+    assert layer(torch.randn(1, 5, 32)).shape == (1, 5, 16)  # a prompt: a float matmul
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 1, 32, dtype=torch.float64))  # F.linear's own error, as before
+    x = torch.randn(1, 1, 32, requires_grad=True)
+    layer(x).sum().backward()  # autograd still works
+    assert x.grad is not None and calls["n"] == 0
+
+
+@pytest.mark.parametrize("fixture", ["qwen_checkpoint", "chatglm3-tiny", "glm4-tiny"])
+def test_greedy_replies_equal_plain_transformers(kernels, calls, request, fixture):
+    """The same model, the same prompt: the kernels' greedy ids are plain nn.Linear's."""
+    import torch
+
+    from glmrepl.engine.float_linear import restore_linears, use_kernels
+    from glmrepl.engine.loading import LoadOptions, load_model
+    from glmrepl.engine.quant import decode_path
+
+    folder = request.getfixturevalue(fixture) if fixture.endswith("_checkpoint") else DATA / fixture
+    loaded = load_model(LoadOptions(mode="cpu").for_model(folder, "tiny"))
+    model = loaded.model
+    assert decode_path(model) == "float32 fused kernels (compiled)"
+    ids = torch.tensor([loaded.tokenizer.encode("the kernels must not change a reply")])
+    settings = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    with torch.inference_mode():
+        fast = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+        assert calls["n"] > 0
+        restore_linears(model)
+        assert decode_path(model) == "eager"
+        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+    assert fast.tolist() == plain.tolist()
+    assert use_kernels(model) > 0
+
+
+@pytest.mark.parametrize("name", ["chatglm2", "chatglm3", "glm4", "chatglm2-32k"])
+def test_decoding_through_the_kernel_matches_reference_logits(kernels, calls, name):
+    """Every position computed as a decoding step (one token, the kernel) against the
+    reference's whole-prompt logits."""
+    import torch
+
+    from glmrepl.engine.float_linear import use_kernels
+
+    model = load_reference(name).model
+    assert use_kernels(model) > 0
+    reference = reference_logits(name)
+    ids = reference["input_ids"]
+    with torch.inference_mode():
+        past = model(input_ids=ids[:, :1], use_cache=True).past_key_values
+        for position in range(1, ids.shape[1]):
+            step = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            assert torch.allclose(step.logits[0, -1], reference["logits"][0, position], atol=1e-4, rtol=0)
+    assert calls["n"] > 0
+
+
+def test_no_compiler_keeps_f_linear_and_the_load_report_says_why(monkeypatch, tmp_path, qwen_checkpoint):
+    from glmrepl.engine import cpu, cpu_kernels
+    from glmrepl.engine.generate import GenerationRun
+    from glmrepl.engine.loading import LoadOptions, load_model
+    from glmrepl.engine.quant import decode_path, fallback_note
+
+    monkeypatch.setenv("CXX", "/nonexistent/bin/g++")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cpu.compiler_problem.cache_clear()
+    cpu_kernels.reset()
+    try:
+        loaded = load_model(LoadOptions(mode="cpu").for_model(qwen_checkpoint, "tiny"))
+        assert decode_path(loaded.model) == "float32 torch ops (no C++ compiler: /nonexistent/bin/g++ not found)"
+        assert fallback_note(loaded.model) == (
+            "float32 layers decode with torch ops, slower: no C++ compiler: /nonexistent/bin/g++ not found"
+        )
+        ids = loaded.tokenizer.encode("hello")
+        run = GenerationRun(loaded.model, loaded.tokenizer, ids, {"max_new_tokens": 5, "min_new_tokens": 5}, [])
+        "".join(run)
+        assert run.stats.new_tokens == 5 and "torch ops" in run.stats.path
+    finally:
+        cpu.compiler_problem.cache_clear()
+        cpu_kernels.reset()
+
+
+def test_a_kernel_failing_mid_reply_falls_back_without_losing_it(kernels, monkeypatch):
+    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.float_linear import use_kernels
+    from glmrepl.engine.generate import GenerationRun
+
+    parts = load_reference("chatglm3")
+    use_kernels(parts.model)
+    ids = reference_logits("chatglm3")["input_ids"][0].tolist()
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    expected_text = "".join(GenerationRun(parts.model, parts.tokenizer, ids, settings, []))
+    real, count = cpu_kernels.float_gemv, {"n": 0}
+
+    def fails_later(*args, **kwargs):  # the first steps run, then the library breaks
+        count["n"] += 1
+        if count["n"] > 10:
+            raise OSError("illegal instruction")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "float_gemv", fails_later)
+    run = GenerationRun(parts.model, parts.tokenizer, ids, settings, [])
+    assert "".join(run) == expected_text and run.stats.new_tokens == 6
+    assert run.stats.path == "float32 torch ops (fused kernel failed: illegal instruction)"
