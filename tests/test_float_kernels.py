@@ -116,7 +116,7 @@ def test_greedy_replies_equal_plain_transformers(kernels, calls, request, fixtur
     assert use_kernels(model) > 0
 
 
-@pytest.mark.parametrize("name", ["chatglm2", "chatglm3", "glm4", "chatglm2-32k"])
+@pytest.mark.parametrize("name", ["chatglm2", "chatglm3", "glm4", "chatglm2-32k", "chatglm3-32k"])
 def test_decoding_through_the_kernel_matches_reference_logits(kernels, calls, name):
     """Every position computed as a decoding step (one token, the kernel) against the
     reference's whole-prompt logits."""

@@ -111,6 +111,9 @@ def _build() -> None:
         for name in ("int8_gemv", "int4_gemv"):
             getattr(lib, name).restype = None
         lib.float_gemv.restype = ctypes.c_int
+        # Declared, so that a call passes plain ints without building ctypes objects (it runs per layer).
+        lib.float_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.float_gemv.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         _state["library"] = lib
     except Exception as error:  # a broken compiler, OpenMP missing, an unwritable cache...
         _state["reason"] = f"kernel build failed: {first_line(error)}"
@@ -184,8 +187,8 @@ def int4_gemv(lib, packed, even, odd, scale, threads: int):
     return out
 
 
-# The codes the C++ side reads the float types by (cpu_kernels.cpp's ``Type``).
-FLOAT_TYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+# The codes the C++ side reads the float types by (cpu_kernels.cpp's ``Type``), by torch dtype name.
+_FLOAT_TYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
 def float_gemv(lib, weight, x, bias, threads: int):
@@ -194,21 +197,29 @@ def float_gemv(lib, weight, x, bias, threads: int):
     has x's type and shape, the last dimension rows; None when this build cannot read a type."""
     import torch
 
+    codes = _type_codes(torch)
     rows, cols = weight.shape
     out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
     x = x.contiguous()
     failed = lib.float_gemv(
-        _ptr(weight),
-        ctypes.c_int(FLOAT_TYPE_CODES[str(weight.dtype)]),
-        _ptr(x),
-        ctypes.c_int(FLOAT_TYPE_CODES[str(x.dtype)]),
-        None if bias is None else _ptr(bias),
-        _ptr(out),
-        ctypes.c_int64(rows),
-        ctypes.c_int64(cols),
-        ctypes.c_int64(threads),
+        weight.data_ptr(),
+        codes[weight.dtype],
+        x.data_ptr(),
+        codes[x.dtype],
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        cols,
+        threads,
     )
     return None if failed else out
+
+
+def _type_codes(torch) -> dict:
+    codes = _state.get("type_codes")
+    if codes is None:
+        codes = _state["type_codes"] = {getattr(torch, name): code for name, code in _FLOAT_TYPE_CODES.items()}
+    return codes
 
 
 def _ptr(tensor) -> ctypes.c_void_p:
