@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the helper modules beside this script
 
 import checkpoint  # noqa: E402
+import llamacpp  # noqa: E402
 import machine  # noqa: E402
 import quant  # noqa: E402
 import report  # noqa: E402
@@ -57,6 +58,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 part (benchmarks/quant.py)")
+    parser.add_argument(
+        "--llama-python",
+        type=Path,
+        default=llamacpp.DEFAULT_ENV,
+        help="a Python with llama-cpp-python for the optional llama.cpp comparison (skipped when absent)",
+    )
     return parser.parse_args()
 
 
@@ -152,11 +159,15 @@ def main() -> int:
     if not args.no_quant:
         print("int8 / int4 against float32 on a ChatGLM2-6B-shaped checkpoint ...", flush=True)
         results["quantized"] = quant.measure(args.cache, 2, 4096, 13696, 4096, results["threads"], max(args.repeats, 3))
+    print("llama.cpp on the same checkpoint (optional) ...", flush=True)
+    results["llama_cpp"] = llamacpp.measure(args.cache, args.llama_python, results["threads"], args.repeats)
     print()
     print(report.table(results))
     if "quantized" in results:
         print()
         print(quant.table(results["quantized"]))
+    print()
+    print(llamacpp.table(results["llama_cpp"]))
     kind = "gpu" if "gpu" in bandwidth else "cpu"
     results["load_average_after"] = os.getloadavg()
     print(f"\nwritten: {write_results(results, args.results, kind)}")

@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--client-tokens", type=int, default=24, help="tokens per reply with concurrent clients")
     parser.add_argument("--device", default="cpu", help="device mode for both sides (default cpu)")
     parser.add_argument("--dtype", default="float32", help="dtype for both sides (default float32)")
+    parser.add_argument("--threads", type=int, help="compute threads for both sides (default: the physical cores)")
     parser.add_argument("--model", type=Path, help="a checkpoint folder (default: the benchmark checkpoint)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
@@ -59,7 +60,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, device: str, dtype: str) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, device: str, dtype: str, threads: int | None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GLMREPL_API_KEY", None)
@@ -78,6 +79,7 @@ def start_server(model: Path, device: str, dtype: str) -> tuple[subprocess.Popen
             dtype,
             "--max-queue",
             "16",
+            *(["--threads", str(threads)] if threads else []),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -108,8 +110,8 @@ def served_model(port: int) -> str:
 class Server:
     """A `glmrepl serve` process and the model name it answers to."""
 
-    def __init__(self, model: Path, device: str, dtype: str):
-        self.process, self.port = start_server(model, device, dtype)
+    def __init__(self, model: Path, device: str, dtype: str, threads: int | None):
+        self.process, self.port = start_server(model, device, dtype, threads)
         self.model_id = served_model(self.port)
 
     def stop(self) -> None:
@@ -291,13 +293,17 @@ def main() -> int:
 
         args.model = checkpoint.ensure_checkpoint(args.cache)
     print(f"serve benchmark on {args.model.name} ({args.device} {args.dtype}) ...", flush=True)
-    server = Server(args.model, args.device, args.dtype)
+    from glmrepl.engine import cpu
+
+    cpu.request_threads(args.threads)  # the REPL side, in this process; the server gets --threads
+    server = Server(args.model, args.device, args.dtype, args.threads)
     try:
         backend = repl_backend(args.model, args.device, args.dtype)
         results = {
             "machine": machine.describe_machine(),
             "model": args.model.name,
             "placement": f"{args.device} {args.dtype}",
+            "threads": cpu.apply_threads(),
             "load_average_before": os.getloadavg(),
             "prompt": PROMPT,
             "new_tokens": args.new_tokens,
