@@ -184,3 +184,32 @@ def test_a_kernel_failing_mid_reply_falls_back_without_losing_it(kernels, monkey
     run = GenerationRun(parts.model, parts.tokenizer, ids, settings, [])
     assert "".join(run) == expected_text and run.stats.new_tokens == 6
     assert run.stats.path == "float32 torch ops (fused kernel failed: illegal instruction)"
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_half_prompts_widen_blocks_to_float32(monkeypatch, dtype_name):
+    """A prompt with half-precision weights, on a CPU without native bfloat16: float32 products a
+    block of rows at a time (several blocks here), rounded once, as torch's own matmul rounds."""
+    import torch
+    from torch.nn import functional as F
+
+    from glmrepl.engine import float_linear
+
+    monkeypatch.setattr(float_linear, "_PROMPT_BLOCK_VALUES", 64 * 70)  # 64 rows a block: 5 blocks
+    monkeypatch.setattr(float_linear, "_widen_half_prompts", lambda: True)
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(5)
+    layer = _kernel_linear(300, 70, True, dtype)
+    x = torch.randn(2, 9, 70, dtype=dtype)
+    widened = []
+    real = float_linear.widened_product
+    monkeypatch.setattr(float_linear, "widened_product", lambda *args: widened.append(1) or real(*args))
+    output = layer(x)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)
+    assert widened and output.dtype == dtype and output.shape == (2, 9, 300)
+    assert (output == expected).float().mean() > 0.99
+    assert torch.allclose(output.float(), expected.float(), rtol=2**-7, atol=1e-3)
+    assert torch.allclose(output.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-2)
+    monkeypatch.setattr(float_linear, "_widen_half_prompts", lambda: False)  # a CPU with native bfloat16
+    widened.clear()
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and not widened

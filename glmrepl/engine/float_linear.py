@@ -7,8 +7,12 @@ same threads (benchmarks/kernels.py prints both, layer by layer), and the
 weights of a 0.5B model in float32 are 2 GB per token. ``KernelLinear`` is
 ``nn.Linear`` with one change: a single token on the CPU goes through
 ``cpu_kernels.float_gemv`` (float32, bfloat16 or float16 weights, accumulated
-in float32 as torch does). Everything else — prompts, GPUs, autograd, a
-kernel not built yet or not buildable — is ``F.linear`` as before.
+in float32 as torch does). A prompt (many tokens) with bfloat16 or float16
+weights on a CPU that cannot compute in them natively widens a block of
+weight rows at a time to float32 and multiplies in float32: torch's own
+half-precision matmul on such CPUs ran a 1024-token prompt several times
+slower than float32 (benchmarks/run.py, first token). Everything else — GPUs,
+autograd, a kernel not built yet or not buildable — is ``F.linear`` as before.
 
 The class of each existing ``nn.Linear`` is swapped in place: the parameters,
 names, hooks and tied weights stay the same objects, PEFT still recognises the
@@ -16,6 +20,8 @@ layers (they are ``nn.Linear``), and ``restore_linears`` undoes it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -25,16 +31,23 @@ from . import cpu_kernels
 from .errors import first_line
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF_TYPES = (torch.bfloat16, torch.float16)
+# Weight rows widened to float32 at once for a prompt: about 4 MB, which stays in the
+# cache between widening it and multiplying with it; the whole float32 copy never exists.
+_PROMPT_BLOCK_VALUES = 1 << 20
 
 
 class KernelLinear(nn.Linear):
     """``nn.Linear`` whose one-token CPU product runs in the fused kernel (see the module)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.device.type == "cpu" and not x.requires_grad:
-            output = one_token(x, self.weight, self.bias)
-            if output is not None:
-                return output
+        if x.device.type == "cpu" and not x.requires_grad:
+            if x.numel() == self.in_features:
+                output = one_token(x, self.weight, self.bias)
+                if output is not None:
+                    return output
+            elif x.dtype == self.weight.dtype and x.dtype in _HALF_TYPES and _widen_half_prompts():
+                return widened_product(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -52,6 +65,27 @@ def one_token(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     except Exception as error:  # a library that loaded but cannot run here: keep the reply going
         cpu_kernels.disable(f"fused kernel failed: {first_line(error)}")
         return None
+
+
+def widened_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for a half-precision prompt, in float32 a block of weight rows at a time,
+    rounded once to x's type (as torch's half-precision matmul accumulates in float32)."""
+    rows, columns = weight.shape
+    block = max(1, _PROMPT_BLOCK_VALUES // columns)
+    wide_x = x.float()
+    output = x.new_empty(*x.shape[:-1], rows)
+    for start in range(0, rows, block):
+        part_bias = None if bias is None else bias[start : start + block].float()
+        output[..., start : start + block] = F.linear(wide_x, weight[start : start + block].float(), part_bias)
+    return output
+
+
+@functools.cache
+def _widen_half_prompts() -> bool:
+    """True on CPUs without native bfloat16 (AVX512-BF16/AMX), which have no float16 arithmetic either."""
+    from .cpu import native_bf16
+
+    return native_bf16() is None
 
 
 def use_kernels(model: nn.Module) -> int:
