@@ -107,3 +107,16 @@ def unwritable_dir(tmp_path) -> Path:
     folder.rmdir()
     folder.write_text("a file where a directory should be\n")
     yield folder
+
+
+@pytest.fixture
+def kernels():
+    """glmrepl's CPU kernels, built fresh (a failed build fails the test: CI has a compiler)."""
+    from glmrepl.engine import cpu_kernels
+
+    cpu_kernels.reset()
+    lib = cpu_kernels.wait_until_built()
+    if lib is None:
+        pytest.fail(f"the kernels did not build with the compiler present: {cpu_kernels.status()}")
+    yield lib
+    cpu_kernels.reset()

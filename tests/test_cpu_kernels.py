@@ -8,18 +8,6 @@ from chatglm_reference import load_reference, reference_logits
 
 
 @pytest.fixture
-def kernels():
-    from glmrepl.engine import cpu_kernels
-
-    cpu_kernels.reset()
-    lib = cpu_kernels.wait_until_built()
-    if lib is None:
-        pytest.fail(f"the kernels did not build with the compiler present: {cpu_kernels.status()}")
-    yield lib
-    cpu_kernels.reset()
-
-
-@pytest.fixture
 def compiler(monkeypatch, tmp_path):
     """Set the C++ compiler (CXX, as torch.compile reads it) on an empty kernel cache."""
     from glmrepl.engine import cpu, cpu_kernels

@@ -9,18 +9,6 @@ from chatglm_reference import DATA, load_reference, reference_logits
 
 
 @pytest.fixture
-def kernels():
-    from glmrepl.engine import cpu_kernels
-
-    cpu_kernels.reset()
-    lib = cpu_kernels.wait_until_built()
-    if lib is None:
-        pytest.fail(f"the kernels did not build with the compiler present: {cpu_kernels.status()}")
-    yield lib
-    cpu_kernels.reset()
-
-
-@pytest.fixture
 def calls(monkeypatch):
     """Counts the kernel's calls, so a test knows the kernel (not F.linear) produced its figures."""
     from glmrepl.engine import cpu_kernels

@@ -8,6 +8,11 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+// Products smaller than this many multiply-adds run on the calling thread alone: waking the
+// other threads costs more than it saves, and the woken threads spin-wait afterwards, taking
+// cores from everything else on the machine (the chat, the terminal) for no gain.
+static const int64_t PARALLEL_WORK = 1 << 18;
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GLMREPL_AVX2 1
@@ -68,13 +73,13 @@ static float int4_row(const int8_t* w, const float* even, const float* odd, int6
 
 extern "C" void int8_gemv(const int8_t* w, const float* x, const float* scale, float* y,
                           int64_t rows, int64_t cols, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) y[r] = int8_row(w + r * cols, x, cols) * scale[r];
 }
 
 extern "C" void int4_gemv(const int8_t* w, const float* even, const float* odd, const float* scale,
                           float* y, int64_t rows, int64_t stored, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * stored * 2 >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) y[r] = int4_row(w + r * stored, even, odd, stored) * scale[r];
 }
 
@@ -162,7 +167,7 @@ template <int T>
 static void float_rows(const void* weight, const float* x, const void* bias, void* y, int y_type,
                        int64_t rows, int64_t cols, int64_t threads) {
     const auto* w = (const typename Weights<T>::Element*)weight;
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) {
         float acc = float_row<T>(w + r * cols, x, cols);
         if (bias) acc += load_one(bias, T, r);
