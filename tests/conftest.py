@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def pytest_configure(config):
             "XDG_STATE_HOME": str(_sandbox / "state"),
         }
     )
+    # A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so
+    # would every glmrepl it starts: the tests that press Ctrl-C need what a terminal gives.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config):
