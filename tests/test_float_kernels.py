@@ -201,3 +201,16 @@ def test_half_prompts_widen_blocks_to_float32(monkeypatch, dtype_name):
     monkeypatch.setattr(float_linear, "_widen_half_prompts", lambda: False)  # a CPU with native bfloat16
     widened.clear()
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and not widened
+
+
+def test_a_one_shot_reply_leaves_the_kernels_built_for_the_next_run(qwen_checkpoint, tmp_path):
+    """The build runs in the background; a process that exits first waits for it, so the
+    library is cached once and the next run decodes through it from its first token."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "glmrepl", str(qwen_checkpoint), "-p", "hi", "--max-new-tokens", "2"]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    assert list((tmp_path / "cache" / "glmrepl" / "kernels").glob("quant-*.so"))

@@ -24,6 +24,7 @@ path and say why (``status()``).
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import ctypes
 import hashlib
@@ -39,6 +40,7 @@ from .errors import first_line
 _SOURCE = Path(__file__).with_suffix(".cpp").read_text(encoding="utf-8")
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_BUILD_WAIT_AT_EXIT_S = 60.0
 _lock = threading.Lock()
 _state: dict = {}  # "library" (ctypes.CDLL), "reason" (why not), "building" (a Thread)
 
@@ -63,7 +65,17 @@ def library():
             thread = threading.Thread(target=context.run, args=(_build,), name="glmrepl-kernels", daemon=True)
             _state["building"] = thread
             thread.start()
+            # A short run (one -p reply) would otherwise exit mid-build, every time, and never
+            # cache the library; the build takes a few seconds once per machine.
+            atexit.register(_finish_build, thread)
     return None
+
+
+def _finish_build(thread: threading.Thread) -> None:
+    try:
+        thread.join(_BUILD_WAIT_AT_EXIT_S)
+    except KeyboardInterrupt:  # Ctrl-C while exiting: leave the build, say nothing
+        pass
 
 
 def wait_until_built(timeout: float | None = None):
