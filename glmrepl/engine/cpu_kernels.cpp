@@ -11,7 +11,7 @@
 // Products smaller than this many multiply-adds run on the calling thread alone: waking the
 // other threads costs more than it saves, and the woken threads spin-wait afterwards, taking
 // cores from everything else on the machine (the chat, the terminal) for no gain.
-static const int64_t PARALLEL_WORK = 1 << 18;
+static const int64_t PARALLEL_WORK = 1 << 16;
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
