@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextvars
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -209,7 +210,7 @@ def float_gemv(lib, weight, x, bias, threads: int):
     has x's type and shape, the last dimension rows; None when this build cannot read a type."""
     import torch
 
-    codes = _type_codes(torch)
+    codes = _type_codes()
     rows, cols = weight.shape
     out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
     x = x.contiguous()
@@ -227,11 +228,12 @@ def float_gemv(lib, weight, x, bias, threads: int):
     return None if failed else out
 
 
-def _type_codes(torch) -> dict:
-    codes = _state.get("type_codes")
-    if codes is None:
-        codes = _state["type_codes"] = {getattr(torch, name): code for name, code in _FLOAT_TYPE_CODES.items()}
-    return codes
+@functools.cache
+def _type_codes() -> dict:
+    """The codes by torch dtype (found once: this runs for every layer of every token)."""
+    import torch
+
+    return {getattr(torch, name): code for name, code in _FLOAT_TYPE_CODES.items()}
 
 
 def _ptr(tensor) -> ctypes.c_void_p:
