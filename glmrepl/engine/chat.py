@@ -86,21 +86,32 @@ class ChatSession:
         there is. The conversation itself is not changed, so a later model
         with a longer context sees everything again.
         """
-        messages = list(self.messages)
-        dropped = 0
-        while True:
-            ids = prompt_format.build(self.as_dicts(messages))
-            if context_length is None or len(ids) + max_new_tokens <= context_length:
-                return FittedPrompt(ids, dropped, max_new_tokens)
-            if sum(1 for m in messages if m.role == "user") > 1:
-                messages = _drop_oldest_turn(messages)
-                dropped += 1
-                continue
-            if len(ids) < context_length:
-                return FittedPrompt(ids, dropped, context_length - len(ids))
-            raise GlmreplError(
-                f"the message needs {len(ids)} tokens but the context holds {context_length}: shorten it"
-            )
+        starts = _turn_starts(self.messages)
+        built: dict[int, list] = {}
+
+        def ids_without(dropped: int) -> list:
+            if dropped not in built:
+                built[dropped] = prompt_format.build(self.as_dicts(self.messages[starts[dropped] :]))
+            return built[dropped]
+
+        def fits(dropped: int) -> bool:
+            return context_length is None or len(ids_without(dropped)) + max_new_tokens <= context_length
+
+        # Fewer turns never make a longer prompt, so the fewest turns to drop are found by
+        # bisection: a few prompt builds, not one per turn (a long history would be quadratic).
+        if fits(0):
+            return FittedPrompt(ids_without(0), 0, max_new_tokens)
+        low, high = 0, len(starts) - 1  # low does not fit; high is the newest turn alone
+        if fits(high):
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if fits(middle) else (middle, high)
+            return FittedPrompt(ids_without(high), high, max_new_tokens)
+        ids = ids_without(high)
+        assert context_length is not None  # fits() is always true without a limit
+        if len(ids) < context_length:
+            return FittedPrompt(ids, high, context_length - len(ids))
+        raise GlmreplError(f"the message needs {len(ids)} tokens but the context holds {context_length}: shorten it")
 
     # -- persistence ---------------------------------------------------------
     def to_dict(self) -> dict:
@@ -114,12 +125,19 @@ class ChatSession:
         self.messages = messages
 
 
-def _drop_oldest_turn(messages: list[Message]) -> list[Message]:
-    """Remove the first user message and the reply that followed it."""
-    rest = messages[1:]
-    if rest and rest[0].role == "assistant":
-        rest = rest[1:]
-    return rest
+def _turn_starts(messages: list[Message]) -> list[int]:
+    """Where the conversation starts with 0, 1, 2 ... oldest turns dropped (a turn: a user
+    message and the reply that followed it), down to the last user message."""
+    users_from = [0] * (len(messages) + 1)  # user messages in messages[i:]
+    for index in range(len(messages) - 1, -1, -1):
+        users_from[index] = users_from[index + 1] + (messages[index].role == "user")
+    starts = [0]
+    while users_from[starts[-1]] > 1:
+        start = starts[-1] + 1
+        if start < len(messages) and messages[start].role == "assistant":
+            start += 1
+        starts.append(start)
+    return starts
 
 
 def save_conversation(

@@ -91,6 +91,10 @@ class ContextLengthExceeded(GlmreplError):
         self.context_length = context_length
 
 
+class MaxLengthExceeded(ContextLengthExceeded):
+    """The prompt reaches the total length a request allows (ChatGLM api.py's max_length)."""
+
+
 class QueueFull(GlmreplError):
     """As many replies wait for the generation worker as the front end allows."""
 

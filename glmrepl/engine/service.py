@@ -13,15 +13,17 @@ Nothing here knows about terminals or HTTP.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .chat import ChatSession, FittedPrompt
-from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull
+from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, MaxLengthExceeded, NoModelLoaded, QueueFull
 from .protocols import PromptFormat
 from .settings import Settings
+from .stops import StopStrings
 
 ROLES = ("system", "user", "assistant")
 
@@ -70,12 +72,13 @@ class GenerationQueue:
     """Admission to the one generation worker: one reply runs, at most ``max_waiting`` wait.
 
     ``max_waiting=None`` admits everyone (the REPL); the server bounds it and
-    answers 503 with Retry-After instead of queueing without end.
+    answers 503 with a Retry-After estimated from how long recent replies took.
     """
 
     def __init__(self, max_waiting: int | None = None):
         self.max_waiting = max_waiting
         self.tokens_generated = 0  # by the replies that ended, for /health and the tests
+        self.mean_reply_s: float | None = None  # moving average of the time a reply holds the worker
         self._admitted = 0
         self._lock = threading.Lock()
 
@@ -87,38 +90,24 @@ class GenerationQueue:
     def admit(self) -> None:
         with self._lock:
             if self.max_waiting is not None and self._admitted > self.max_waiting:
-                raise QueueFull(f"{self._admitted - 1} requests are already waiting for the model; retry shortly")
+                raise QueueFull(
+                    f"{self._admitted - 1} requests are already waiting for the model; retry shortly",
+                    self.retry_after_s(),
+                )
             self._admitted += 1
 
-    def leave(self, tokens: int = 0) -> None:
+    def leave(self, tokens: int = 0, seconds: float | None = None) -> None:
         with self._lock:
             self._admitted -= 1
             self.tokens_generated += tokens
+            if seconds is not None:
+                previous = self.mean_reply_s
+                self.mean_reply_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
 
-
-class StopStrings:
-    """Cut streamed text at the first stop string; hold back text that may begin one."""
-
-    def __init__(self, stops: list[str] | tuple[str, ...] = ()):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.hit = False
-
-    def push(self, delta: str) -> str:
-        if not self.stops:
-            return delta
-        text = self.pending + delta
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit, self.pending = True, ""
-            return text[: min(found)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        tail, self.pending = self.pending, ""
-        return tail
+    def retry_after_s(self) -> int:
+        """Seconds until a place is likely free: one reply's time at the recent pace (1 to 600)."""
+        pace = self.mean_reply_s if self.mean_reply_s is not None else 1.0
+        return max(1, min(600, math.ceil(pace)))
 
 
 class Reply:
@@ -183,7 +172,8 @@ class Reply:
             if self._deltas is not None:
                 self._deltas.close()  # waits for the worker to stop: the model is free after this
         finally:
-            self._release(self.stats.new_tokens)
+            ran = self._deltas is not None
+            self._release(self.stats.new_tokens, self.stats.total_s if ran else None)
 
     def __enter__(self) -> Reply:
         return self
@@ -232,6 +222,7 @@ def plan_reply(
     shorten_reply: bool = True,
     stop: list[str] | tuple[str, ...] = (),
     completion: bool = False,
+    max_length: int | None = None,
 ) -> Reply:
     """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
 
@@ -239,6 +230,8 @@ def plan_reply(
     ContextLengthExceeded). ``shorten_reply``: give the reply the room that is
     left when max_new_tokens does not fit (else raise). ``completion``:
     continue the text as written, whatever the model's chat format.
+    ``max_length``: prompt and reply together stay within it (ChatGLM's api.py;
+    MaxLengthExceeded when the prompt alone reaches it).
     """
     queue.admit()
     try:
@@ -248,42 +241,72 @@ def plan_reply(
         raise
     released = threading.Event()
 
-    def release(tokens: int = 0) -> None:
+    def release(tokens: int = 0, seconds: float | None = None) -> None:
         if not released.is_set():
             released.set()
             manager.lease.release_shared()
-            queue.leave(tokens)
+            queue.leave(tokens, seconds)
 
     try:
-        return _plan(manager.current, conversation, settings, drop_oldest, shorten_reply, stop, completion, release)
+        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length)
+        return _plan(manager.current, conversation, settings, policy, release)
     except BaseException:
         release()
         raise
 
 
-def _plan(loaded, conversation, settings, drop_oldest, shorten_reply, stop, completion, release) -> Reply:
+@dataclass(frozen=True)
+class _Policy:
+    drop_oldest: bool
+    shorten_reply: bool
+    stop: tuple[str, ...]
+    completion: bool
+    max_length: int | None
+
+
+def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release) -> Reply:
     from .generate import GenerationRun
 
     if loaded is None:
         raise NoModelLoaded("no model is loaded")
-    prompt_format = completion_format(loaded) if completion else loaded.prompt_format
+    prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
     kwargs = settings.generation_kwargs()
     requested = kwargs["max_new_tokens"]
-    fitted = fit_prompt(
-        conversation,
-        prompt_format,
-        loaded.info.context_length,
-        requested,
-        drop_oldest=drop_oldest,
-        shorten_reply=shorten_reply,
-    )
+    try:
+        fitted = fit_prompt(
+            conversation,
+            prompt_format,
+            loaded.info.context_length,
+            requested,
+            drop_oldest=policy.drop_oldest,
+            shorten_reply=policy.shorten_reply,
+        )
+    except ContextLengthExceeded as error:
+        if policy.max_length is not None and error.prompt_tokens >= policy.max_length:
+            raise _max_length_exceeded(error.prompt_tokens, policy.max_length) from None
+        raise
     if not fitted.ids:
         raise EmptyPrompt("the prompt is empty: there is nothing to continue")
+    if policy.max_length is not None:
+        fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
     run = GenerationRun(
         loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids, seed=settings.get("seed")
     )
-    return Reply(run, fitted, requested, prompt_format, stop, release)
+    return Reply(run, fitted, requested, prompt_format, policy.stop, release)
+
+
+def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
+    return MaxLengthExceeded(
+        f"the prompt and history take {prompt_tokens} tokens, max_length is {max_length}", prompt_tokens, max_length
+    )
+
+
+def _within_max_length(fitted: FittedPrompt, max_length: int) -> FittedPrompt:
+    if len(fitted.ids) >= max_length:
+        raise _max_length_exceeded(len(fitted.ids), max_length)
+    room = min(fitted.max_new_tokens, max_length - len(fitted.ids))
+    return FittedPrompt(fitted.ids, fitted.dropped_turns, room)
 
 
 def completion_format(loaded: Any) -> PromptFormat:

@@ -14,6 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# A temperature this close to 0 is greedy in all but name, and a tiny one makes the
+# sampler's logits / temperature overflow float32 (inf - inf = NaN): decode greedily.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -151,9 +155,9 @@ class Settings:
         return {key: self.get(key) for key in SETTINGS}
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``; temperature 0 means greedy."""
+        """Keyword arguments for ``model.generate``; temperature 0 (or next to it) means greedy."""
         values = self.effective()
-        greedy = not values["do_sample"] or values["temperature"] == 0
+        greedy = not values["do_sample"] or values["temperature"] < GREEDY_BELOW_TEMPERATURE
         kwargs: dict[str, Any] = {"max_new_tokens": values["max_new_tokens"], "do_sample": not greedy}
         if values["repetition_penalty"] != 1.0:
             kwargs["repetition_penalty"] = values["repetition_penalty"]

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse
 from .. import __version__
 from . import chatglm_api, openai_api
 from .errors import install_error_handlers
+from .guard import NoTracebacks
 from .middleware import AccessLog, LimitBody, RequireApiKey
 from .state import ServerState, state_of
 
@@ -41,6 +42,7 @@ def create_app(
     app.add_middleware(LimitBody, limit=max_body_bytes)
     app.add_middleware(RequireApiKey, api_key=api_key)
     app.add_middleware(AccessLog, stream=log_stream)
+    app.add_middleware(NoTracebacks, stream=log_stream)
     return app
 
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 
 from ..engine.chat import ChatSession
 from .errors import APIError
-from .protocol import ChatGLMRequest
+from .protocol import ChatGLMRequest, refuse_invalid_text
 from .state import state_of
 
 router = APIRouter()
@@ -26,6 +26,7 @@ DEFAULT_TEMPERATURE = 0.95
 
 @router.post("/")
 async def chatglm_api(body: ChatGLMRequest, request: Request) -> dict:
+    refuse_invalid_text(body.model_dump(exclude_none=True))
     for name, value in (body.model_extra or {}).items():
         if value is not None:
             raise APIError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
@@ -33,22 +34,15 @@ async def chatglm_api(body: ChatGLMRequest, request: Request) -> dict:
     status = state.require_model()
     history = body.history or []
     conversation = _conversation(history, body.prompt)
-    used, _ = state.backend.context_usage(conversation) or (0, None)
     max_length = body.max_length or DEFAULT_MAX_LENGTH
-    if used >= max_length:
-        raise APIError(
-            400,
-            f"the prompt and history take {used} tokens, max_length is {max_length}",
-            param="max_length",
-            code="context_length_exceeded",
-        )
     settings = state.settings_for(
         status,
-        max_tokens=max_length - used,
+        max_tokens=max_length,  # at most; the plan leaves max_length minus the prompt
         temperature=body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE,
         top_p=body.top_p if body.top_p is not None else DEFAULT_TOP_P,
     )
-    reply = await state.plan(conversation, settings, drop_oldest=False, shorten_reply=True)
+    # The prompt is built and counted once, in the pool: a long history never holds the event loop.
+    reply = await state.plan(conversation, settings, drop_oldest=False, shorten_reply=True, max_length=max_length)
     response = await state.collect(reply, request)
     return {
         "response": response,

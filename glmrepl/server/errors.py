@@ -7,7 +7,6 @@ queue is full, 500 what failed, in one line. No traceback ever reaches a client.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +15,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, NoModelLoaded, QueueFull, first_line
-
-log = logging.getLogger("glmrepl.server")
+from ..engine.errors import (
+    ContextLengthExceeded,
+    EmptyPrompt,
+    GlmreplError,
+    MaxLengthExceeded,
+    NoModelLoaded,
+    QueueFull,
+    first_line,
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -64,6 +69,8 @@ def error_response(
 
 def api_error_from_engine(error: GlmreplError) -> APIError:
     """Engine errors, worded by the engine, with the status each one means over HTTP."""
+    if isinstance(error, MaxLengthExceeded):
+        return APIError(400, str(error), param="max_length", code="context_length_exceeded")
     if isinstance(error, ContextLengthExceeded):
         return APIError(400, str(error), param="messages", code="context_length_exceeded")
     if isinstance(error, EmptyPrompt):
@@ -117,7 +124,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
-        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, first_line(error))
+        # Logged in one line by the outermost layer (guard.NoTracebacks), which sees it raised again.
         return error_response(500, f"internal error: {type(error).__name__}: {first_line(error)}")
 
 

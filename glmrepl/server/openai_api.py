@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -22,6 +23,7 @@ from .protocol import (
     ResponseShape,
     SamplingRequest,
     message_dicts,
+    refuse_invalid_text,
     refuse_unsupported,
     stop_strings,
 )
@@ -51,6 +53,7 @@ def _model_card(state: ServerState, name: str) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    refuse_invalid_text(body.model_dump(exclude_none=True))
     refuse_unsupported(body)
     messages = message_dicts(body.messages)
     try:
@@ -58,11 +61,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except GlmreplError as error:
         raise APIError(400, str(error), param="messages") from None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(request, body, conversation, max_tokens, ResponseShape("chat", body.model), completion=False)
+    return await _respond(request, body, conversation, max_tokens, "chat")
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
+    refuse_invalid_text(body.model_dump(exclude_none=True))
     refuse_unsupported(body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -72,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request):
     conversation = ChatSession()
     conversation.add_user(prompts[0])
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
-    return await _respond(request, body, conversation, max_tokens, ResponseShape("text", body.model), completion=True)
+    return await _respond(request, body, conversation, max_tokens, "text")
 
 
 async def _respond(
@@ -80,11 +84,12 @@ async def _respond(
     body: SamplingRequest,
     conversation: ChatSession,
     max_tokens: int | None,
-    shape: ResponseShape,
-    completion: bool,
+    kind: Literal["chat", "text"],
 ):
     state = state_of(request)
     status = state.require_model(body.model)
+    shape = ResponseShape(kind, status.name)  # the model that answers, whatever placeholder was asked for
+    completion = kind == "text"
     stops = stop_strings(body.stop)
     settings = state.settings_for(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import APIError
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARACTERS = 1024  # per string: a stop string is a marker, not a document
 
 
 class TextPart(BaseModel):
@@ -110,12 +111,42 @@ def refuse_unsupported(request: BaseModel) -> None:
         )
 
 
+def refuse_invalid_text(value: Any, where: str = "") -> None:
+    """400 naming the first field (or key) holding a lone UTF-16 surrogate.
+
+    JSON's ``\\ud800`` escapes parse into such strings, which no tokenizer can
+    encode and no response can carry: refused before anything else sees them.
+    """
+    if isinstance(value, str):
+        if not _encodable(value):
+            raise APIError(400, f"'{where or 'body'}' holds a lone UTF-16 surrogate: send valid Unicode", param=where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            if not _encodable(str(key)):
+                raise APIError(400, "a parameter name holds a lone UTF-16 surrogate: send valid Unicode")
+            refuse_invalid_text(item, name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            refuse_invalid_text(item, f"{where}[{index}]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
     if any(not s for s in stops):
         raise APIError(400, "'stop' strings must not be empty", param="stop")
+    if any(len(s) > MAX_STOP_CHARACTERS for s in stops):
+        raise APIError(400, f"'stop' strings must be at most {MAX_STOP_CHARACTERS} characters long", param="stop")
     return stops
 
 
@@ -134,6 +165,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                     param=f"{where}.{name}",
                     code="unsupported_parameter",
                 )
+        if message.name is not None:  # no prompt format glmrepl builds has a place for it
+            raise APIError(
+                400,
+                f"'{where}.name' is not supported (message names are not part of any prompt format glmrepl builds)",
+                param=f"{where}.name",
+                code="unsupported_parameter",
+            )
         role = "system" if message.role == "developer" else message.role
         if role not in ("system", "user", "assistant"):
             raise APIError(

@@ -32,11 +32,11 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
 
     def require_model(self, name: str | None = None) -> ModelStatus:
-        """The loaded model; 404 when a request names another one."""
+        """The loaded model; 404 when a request names another one (see ``answers_to``)."""
         status = self.backend.status()
         if status is None:
             raise api_error_from_engine(NoModelLoaded("no model is loaded"))
-        if name is not None and name != status.name:
+        if name is not None and not answers_to(status, name):
             raise APIError(
                 404,
                 f"The model '{name}' does not exist: this server serves '{status.name}'",
@@ -94,15 +94,39 @@ class ServerState:
             raise translated from None
 
     async def collect(self, reply: Reply, request: Request) -> str:
-        """The whole reply (non-streaming responses)."""
+        """The whole reply (non-streaming responses); a client that leaves cancels it within one token."""
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, reply))
         try:
             async for _ in stream_deltas(reply, self.executor):
                 pass
         except GlmreplError as error:
             raise api_error_from_engine(error) from None
         finally:
+            watcher.cancel()
             request.state.tokens = reply.stats.new_tokens
         return reply.text
+
+
+async def _cancel_on_disconnect(request: Request, reply: Reply) -> None:
+    """Wait for the client's disconnect (the body is read by now) and stop the reply at once."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            reply.cancel()
+            return
+
+
+# What common clients send as the model of a single-model server: huggingface_hub's
+# InferenceClient(base_url=...) sends "dummy", TGI's own clients "tgi".
+PLACEHOLDER_MODEL_NAMES = frozenset({"dummy", "tgi", "default"})
+
+
+def answers_to(status: ModelStatus, name: str) -> bool:
+    """The served model's name, its folder's name, or a placeholder (compared without case)."""
+    wanted = name.strip().casefold()
+    folder = getattr(status.path, "name", None)
+    known = {status.name.casefold(), *((folder.casefold(),) if folder else ())}
+    return wanted in known or wanted in PLACEHOLDER_MODEL_NAMES
 
 
 def _close_if_planned(future) -> None:
