@@ -5,8 +5,10 @@ them), so the client library runs its whole path. By default it lists
 ``models`` and streams ``deltas`` as chat chunks; a test can instead queue
 canned answers per path (401, 429 with Retry-After, an HTML page...), drop
 the connection after some chunks, reject ``stream_options``, or stream
-without end; the log keeps every request, and ``disconnected`` is set when
-the client closed a stream while the server was still writing.
+without end, or refuse requests that do not fit a small context in the words
+of OpenAI, vLLM or llama-server; the log keeps every request, and
+``disconnected`` is set when the client closed a stream while the server was
+still writing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,50 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# How servers refuse a max_tokens that does not fit beside the prompt: the error object of the 400.
+TOO_LONG_REPLY = {
+    "openai": lambda limit, prompt, asked: {  # OpenAI, older vLLM, glmrepl
+        "message": f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt + asked} tokens ({prompt} in the messages, {asked} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+    },
+    "vllm": lambda limit, prompt, asked: {
+        "message": f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This model's maximum "
+        f"context length is {limit} tokens and your request has {prompt} input tokens ({asked} > {limit} - {prompt}).",
+        "type": "BadRequestError",
+        "code": 400,
+    },
+    "bare": lambda limit, prompt, asked: {
+        "message": "the request does not fit the context",
+        "type": "invalid_request_error",
+    },
+}
+# ... and a prompt that alone is longer than the context.
+TOO_LONG_PROMPT = {
+    "openai": lambda limit, prompt: {
+        "message": f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt} tokens in the messages. Please reduce the length of the messages or completion.",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+    },
+    "vllm": lambda limit, prompt: {
+        "message": f"This model's maximum context length is {limit} tokens. However, your request has "
+        f"{prompt} input tokens. Please reduce the length of the input messages.",
+        "type": "BadRequestError",
+        "code": 400,
+    },
+    "llama": lambda limit, prompt: {
+        "message": "the request exceeds the available context size, try increasing it",
+        "type": "exceed_context_size_error",
+        "code": 400,
+        "n_prompt_tokens": prompt,
+        "n_ctx": limit,
+    },
+    "bare": lambda limit, prompt: {"message": "the request does not fit the context", "type": "invalid_request_error"},
+}
 
 
 @dataclass
@@ -49,6 +95,10 @@ class StubServer:
     finish_reason: str = "stop"
     reject_stream_options: bool = False  # answer 400 to requests carrying stream_options
     top_logprobs: list[tuple[str, float]] = field(default_factory=list)  # for non-streamed answers asking logprobs
+    prompt_tokens: int = 7  # the stub's count for any conversation
+    context_length: int | None = None  # refuse requests whose prompt and max_tokens do not fit in it
+    refusal_words: str = "openai"  # a key of TOO_LONG_REPLY / TOO_LONG_PROMPT
+    card: dict = field(default_factory=dict)  # more fields for every /v1/models entry (max_model_len...)
     canned: dict[str, list[Canned]] = field(default_factory=dict)  # path -> answers, used first
     log: list[Logged] = field(default_factory=list)
 
@@ -99,7 +149,10 @@ def _handler_for(stub: StubServer):
             if waiting:
                 return self._send(waiting.pop(0))
             if self.path == "/v1/models" and self.command == "GET":
-                data = [{"id": name, "object": "model", "created": 0, "owned_by": "stub"} for name in stub.models]
+                data = [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "stub", **stub.card}
+                    for name in stub.models
+                ]
                 return self._send(Canned(200, {"object": "list", "data": data}))
             if self.path == "/v1/chat/completions" and self.command == "POST":
                 if stub.reject_stream_options and "stream_options" in body:
@@ -114,6 +167,9 @@ def _handler_for(stub: StubServer):
                             },
                         )
                     )
+                refusal = self._context_refusal(body)
+                if refusal is not None:
+                    return self._send(Canned(400, {"error": {"param": None, **refusal}}))
                 if not body.get("stream"):
                     return self._send(Canned(200, self._completion(body)))
                 return self._stream(body)
@@ -129,6 +185,17 @@ def _handler_for(stub: StubServer):
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+
+        def _context_refusal(self, body) -> dict | None:
+            limit, prompt, asked = stub.context_length, stub.prompt_tokens, body.get("max_tokens")
+            if limit is None:
+                return None
+            if prompt >= limit:
+                return TOO_LONG_PROMPT[stub.refusal_words](limit, prompt)
+            refuse = TOO_LONG_REPLY.get(stub.refusal_words)  # llama-server does not: it stops at the context
+            if refuse and asked is not None and prompt + asked > limit:
+                return refuse(limit, prompt, asked)
+            return None
 
         def _completion(self, body) -> dict:
             """A whole (non-streamed) answer: the first delta, with top_logprobs when scripted."""
@@ -177,7 +244,11 @@ def _handler_for(stub: StubServer):
                     break
             self._event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": stub.finish_reason}]})
             if stub.usage and (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": 7, "completion_tokens": sent, "total_tokens": 7 + sent}
+                usage = {
+                    "prompt_tokens": stub.prompt_tokens,
+                    "completion_tokens": sent,
+                    "total_tokens": stub.prompt_tokens + sent,
+                }
                 self._event({**base, "choices": [], "usage": usage})
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,32 @@ def test_a_server_killed_mid_reply_then_started_again(server, tmp_path):
     assert "user: are you there?" not in term.text()  # the failed message was not kept
     term.type("\x04")
     term.child.expect(pexpect.EOF, timeout=30)
+
+
+def test_a_server_whose_context_is_smaller_than_the_reply_asked_for(qwen_checkpoint, tmp_path):
+    """A reply as long as the model's whole context (the default max_new_tokens on the tiny model)
+    cannot fit beside any prompt: the server refuses it, and the client asks for the room that is left."""
+    context = json.loads((qwen_checkpoint / "config.json").read_text())["max_position_embeddings"]
+    server = ServerOnPort("glmrepl", qwen_checkpoint, tmp_path / "serve.log").start()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        base = [sys.executable, "-m", "glmrepl", "--connect", server.url, "--temperature", "0"]
+        base += ["--max-new-tokens", str(context)]
+        one_shot = subprocess.run([*base, "-p", "hello"], capture_output=True, text=True, env=env, timeout=120)
+        assert one_shot.returncode == 0 and one_shot.stdout.strip(), one_shot.stderr
+        assert "error" not in one_shot.stderr, one_shot.stderr
+        piped = subprocess.run(base, input="hello\n/stats\n", capture_output=True, text=True, env=env, timeout=120)
+        assert piped.returncode == 0 and "error" not in piped.stderr, piped.stderr
+        stats = re.search(
+            r"(\d+) tokens · .* · prompt (\d+) tokens · stopped: (\w+) · counts from the server", piped.stdout
+        )
+        assert stats, piped.stdout
+        new, prompt, stopped = int(stats[1]), int(stats[2]), stats[3]
+        # Greedy on the tiny model never ends "hello"'s reply: it fills the room the prompt left, and no more.
+        assert (new + prompt, stopped) == (context, "length"), piped.stdout
+        assert "[reply stopped at the end of the model's context]" in piped.stderr
+    finally:
+        server.kill()
 
 
 def test_a_key_from_the_flag_or_the_environment_and_a_wrong_one(long_context_qwen, tmp_path):  # noqa: F811

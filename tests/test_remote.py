@@ -206,13 +206,14 @@ def _http_date(seconds_from_now: int) -> str:
                 400,
                 {
                     "error": {
-                        "message": "This model's maximum context length is 2048 tokens",
+                        "message": "This model's maximum context length is 2048 tokens. However, your request has 2100 input tokens.",
                         "code": "context_length_exceeded",
                     }
                 },
             ),
             None,
-            r"refused the conversation: This model's maximum context length is 2048 tokens \(/clear or /undo makes room\)$",
+            r"refused the conversation: This model's maximum context length is 2048 tokens\. However, your request "
+            r"has 2100 input tokens\. \(/clear or /undo makes room\)$",
         ),
         (Canned(500, {"detail": "CUDA out of memory"}), None, r"answered 500: CUDA out of memory$"),
     ],
@@ -225,6 +226,47 @@ def test_http_failures_are_one_line_and_the_next_message_retries(stub, answer, a
         backend.plan_reply(session, Settings())
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
     assert "".join(backend.plan_reply(session, Settings())) == "Hello there!"  # the next one goes through
+
+
+def sent_max_tokens(stub: StubServer) -> list:
+    return [entry.body.get("max_tokens", "none") for entry in stub.chat_requests()]
+
+
+@pytest.mark.parametrize("words", ["openai", "vllm"])
+def test_a_reply_too_long_for_the_context_is_asked_again_with_the_room_the_server_says_is_left(stub, words):
+    stub.context_length, stub.prompt_tokens, stub.refusal_words, stub.finish_reason = 100, 30, words, "length"
+    backend = connected(stub)
+    reply = backend.plan_reply(conversation(), Settings({"max_new_tokens": 512}))
+    assert "".join(reply) == "Hello there!"
+    assert sent_max_tokens(stub) == [512, 70]
+    assert (reply.max_new_tokens, reply.requested_max_new_tokens) == (70, 512)
+    assert reply.hit_context_end  # stopped for length within the room it was given: the context is full
+
+
+def test_a_refusal_without_numbers_is_asked_again_without_max_tokens(stub):
+    stub.context_length, stub.prompt_tokens, stub.refusal_words = 100, 30, "bare"
+    backend = connected(stub)
+    assert "".join(backend.plan_reply(conversation(), Settings({"max_new_tokens": 512}))) == "Hello there!"
+    assert sent_max_tokens(stub) == [512, "none"]  # the server picks the reply's length itself
+
+
+def test_the_context_in_the_model_card_caps_max_tokens(stub):
+    stub.card = {"max_model_len": 100}
+    stub.context_length, stub.prompt_tokens = 100, 30
+    backend = connected(stub)
+    assert backend.status().context_length == 100
+    for max_new_tokens in (512, 50):
+        assert "".join(backend.plan_reply(conversation(), Settings({"max_new_tokens": max_new_tokens})))
+    assert sent_max_tokens(stub) == [100, 70, 50]  # never more than the context; a setting that fits as it is
+
+
+@pytest.mark.parametrize("words, requests", [("openai", 1), ("vllm", 1), ("llama", 1), ("bare", 2)])
+def test_a_prompt_longer_than_the_context_is_one_line(stub, words, requests):
+    stub.context_length, stub.prompt_tokens, stub.refusal_words = 100, 120, words
+    backend = connected(stub)
+    with pytest.raises(RemoteError, match=r"^the server refused the conversation: .*\(/clear or /undo makes room\)$"):
+        backend.plan_reply(conversation(), Settings({"max_new_tokens": 512}))
+    assert len(stub.chat_requests()) == requests  # asked again only when the server did not say the prompt's size
 
 
 @pytest.mark.parametrize(

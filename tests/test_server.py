@@ -66,6 +66,8 @@ def test_models_and_health(chat_server):
     assert [m.id for m in models.data] == ["tiny-qwen2-chat"]
     health = chat_server.health()
     assert health["status"] == "ready" and health["model"] == "tiny-qwen2-chat" and health["device"] == "cpu float32"
+    card = models.data[0].model_dump()  # the context under the names clients read, to fit max_tokens to it
+    assert health["context_length"] and card["context_length"] == card["max_model_len"] == health["context_length"]
 
 
 def test_chat_streamed_and_not_give_the_same_reply(chat_server):

@@ -4,6 +4,9 @@ The same protocol as ``LocalBackend`` (see backend.py), so the REPL, its
 commands and its rendering do not change: ``plan_reply`` sends the
 conversation and returns a reply that streams text deltas, can be cancelled
 (the HTTP stream is closed, so the server stops), and records like a local one.
+The reply is never asked for more tokens than the server's context holds: a
+server that refuses a reply that does not fit is asked once more with the
+room it says is left (or without a limit when it does not say).
 
 HTTP and server-sent events go through the ``openai`` client library: it
 speaks this API to any base URL, lists ``/v1/models``, and gives typed errors
@@ -25,7 +28,7 @@ from urllib.parse import urlsplit
 from .chat import ChatSession
 from .errors import GlmreplError, LoadCancelled
 from .generate import GenerationStats
-from .remote_errors import RemoteError, explain, lost_mid_reply
+from .remote_errors import ContextRefusal, RemoteError, explain, lost_mid_reply
 from .service import ModelStatus
 from .settings import Settings
 
@@ -267,12 +270,26 @@ class RemoteBackend:
         if self.model is None:
             self._select(None, lambda: True)
         messages = conversation.as_dicts()
-        params = request_params(settings)
+        params = request_params(settings, self.context_length)
         if stop:
             params["stop"] = list(stop)
         sent_at = time.perf_counter()
-        stream = self._open_stream(messages, params)
-        return RemoteReply(self, stream, sent_at, params["max_tokens"], messages)
+        stream, sent = self._open_fitted_stream(messages, params)
+        return RemoteReply(self, stream, sent_at, settings.get("max_new_tokens"), sent.get("max_tokens"), messages)
+
+    def _open_fitted_stream(self, messages: list[dict], params: dict) -> tuple[Any, dict]:
+        """The stream and the parameters that opened it.
+
+        Servers refuse (400) a max_tokens that does not fit beside the prompt, and only
+        they can count the prompt's tokens: so ask once more with the room they say is left.
+        """
+        try:
+            return self._open_stream(messages, params), params
+        except RemoteError as error:
+            fitted = refitted(params, error.context_refusal)
+            if fitted is None:
+                raise
+            return self._open_stream(messages, fitted), fitted
 
     def _open_stream(self, messages: list[dict], params: dict):
         def create(with_usage: bool):
@@ -356,10 +373,16 @@ class RemoteBackend:
         return "not sent to a remote server: the OpenAI chat API has no field for it"
 
 
-def request_params(settings: Settings) -> dict:
-    """OpenAI chat parameters from the settings; temperature 0 (or do_sample off) means greedy."""
+def request_params(settings: Settings, context_length: int | None = None) -> dict:
+    """OpenAI chat parameters from the settings; temperature 0 (or do_sample off) means greedy.
+
+    A reply is never asked for more than the server's context, when the server said it.
+    """
     values = settings.effective()
-    params: dict[str, Any] = {"max_tokens": values["max_new_tokens"]}
+    max_tokens = values["max_new_tokens"]
+    if context_length:
+        max_tokens = min(max_tokens, context_length)
+    params: dict[str, Any] = {"max_tokens": max_tokens}
     if not values["do_sample"] or values["temperature"] == 0:
         params["temperature"] = 0
     else:
@@ -367,6 +390,22 @@ def request_params(settings: Settings) -> dict:
     if values["seed"] is not None:
         params["seed"] = values["seed"]
     return params
+
+
+def refitted(params: dict, refusal: ContextRefusal | None) -> dict | None:
+    """The parameters to ask again with after the server refused them for the context, or None
+    when asking again cannot help (another error, no max_tokens to give up, the prompt alone too long)."""
+    asked = params.get("max_tokens")
+    if refusal is None or asked is None:
+        return None
+    room = refusal.room
+    if room is not None and not 0 < room < asked:
+        return None
+    fitted = {key: value for key, value in params.items() if key != "max_tokens"}
+    if room is not None:
+        fitted["max_tokens"] = room
+    # else the server did not say how many tokens the prompt has: it picks the reply's length itself
+    return fitted
 
 
 def parse_models(content_type: str, text: str, base_url: str) -> list[ServerModel]:
@@ -447,9 +486,12 @@ class RemoteReply:
     dropped_turns = 0  # the server keeps or refuses the whole conversation
     stopped_by_string = False
 
-    def __init__(self, backend: RemoteBackend, stream, sent_at: float, max_tokens: int, messages: list[dict]):
+    def __init__(
+        self, backend: RemoteBackend, stream, sent_at: float, requested: int, sent: int | None, messages: list[dict]
+    ):
         self.backend = backend
-        self.max_new_tokens = self.requested_max_new_tokens = max_tokens
+        self.requested_max_new_tokens = requested
+        self.max_new_tokens = requested if sent is None else sent  # less when fitted to the server's context
         self.stats = RemoteStats(prompt_tokens=None)  # type: ignore[arg-type]  # unknown until the server says
         self._stream = stream
         self._sent_at = sent_at
@@ -536,11 +578,11 @@ class RemoteReply:
     @property
     def hit_context_end(self) -> bool:
         """Stopped for length with fewer tokens than asked: the server's context was full."""
-        return (
-            self.finish_reason == "length"
-            and self.stats.usage_from_server
-            and self.stats.new_tokens < self.requested_max_new_tokens
-        )
+        if self.finish_reason != "length":
+            return False
+        if self.max_new_tokens < self.requested_max_new_tokens:
+            return True  # given only the room the context had, and it used it up
+        return self.stats.usage_from_server and self.stats.new_tokens < self.requested_max_new_tokens
 
     @property
     def text(self) -> str:

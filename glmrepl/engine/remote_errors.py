@@ -3,7 +3,9 @@
 The client library's typed errors (status, headers, parsed body) become
 ``RemoteError``s that say what happened and what to do: start the server,
 fix the key, pick a served model, wait as long as Retry-After says, or fix
-the URL when it is not such a server at all.
+the URL when it is not such a server at all. A refusal because the request
+does not fit the model's context keeps the numbers the server gave, so the
+backend can ask again with a reply that fits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -18,6 +21,27 @@ from typing import Any
 from .errors import GlmreplError, first_line
 
 RETRY_HINT = "a message tries again"
+# How servers word a context refusal: OpenAI, glmrepl and older vLLM say "maximum context length
+# is N tokens. However, you requested M tokens (X in the messages, Y in the completion)" (or
+# "X tokens in the messages" when the prompt alone is too long); newer vLLM "... maximum context
+# length is N tokens and your request has X input tokens (Y > N - X)".
+CONTEXT_LENGTH_WORDS = re.compile(r"maximum context length is (\d+)")
+PROMPT_TOKENS_WORDS = re.compile(r"\((\d+) in the messages|(\d+) tokens in the messages|(\d+) input tokens")
+
+
+@dataclass(frozen=True)
+class ContextRefusal:
+    """The server refused a request that does not fit the model's context; the numbers it gave."""
+
+    context_length: int | None = None
+    prompt_tokens: int | None = None
+
+    @property
+    def room(self) -> int | None:
+        """Tokens left for the reply, when the server said both numbers (0 or less: none)."""
+        if self.context_length is None or self.prompt_tokens is None:
+            return None
+        return self.context_length - self.prompt_tokens
 
 
 class RemoteError(GlmreplError):
@@ -28,6 +52,7 @@ class RemoteError(GlmreplError):
         self.status = status
         self.retry_after_s = retry_after_s
         self.detail = ""  # the server's own words, when it answered with an error
+        self.context_refusal: ContextRefusal | None = None
 
 
 def explain(error: BaseException, backend: Any, action: str) -> RemoteError:
@@ -42,6 +67,7 @@ def explain(error: BaseException, backend: Any, action: str) -> RemoteError:
     if isinstance(error, openai.APIStatusError):
         explained = _status_error(error, backend)
         explained.detail = _detail(error)
+        explained.context_refusal = context_refusal(error)
         return explained
     return RemoteError(f"{action} failed: {type(error).__name__}: {first_line(error)}")
 
@@ -99,7 +125,33 @@ def _status_error(error: Any, backend: Any) -> RemoteError:
     )
 
 
+def context_refusal(error: Any) -> ContextRefusal | None:
+    """A 400 saying the request does not fit the context (OpenAI's code, or words about the context)."""
+    words = _server_words(error)
+    if error.status_code != 400 or (error.code != "context_length_exceeded" and "context" not in words.lower()):
+        return None
+    body = error.body if isinstance(error.body, dict) else {}
+    # llama-server says it in fields; the others only in words.
+    return ContextRefusal(
+        _count(body.get("n_ctx")) or _number_in(CONTEXT_LENGTH_WORDS, words),
+        _count(body.get("n_prompt_tokens")) or _number_in(PROMPT_TOKENS_WORDS, words),
+    )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _number_in(pattern: re.Pattern, words: str) -> int | None:
+    found = pattern.search(words)
+    return int(next(group for group in found.groups() if group)) if found else None
+
+
 def _detail(error: Any) -> str:
+    return _server_words(error)[:200]
+
+
+def _server_words(error: Any) -> str:
     """The server's own words: OpenAI {"error": {"message"}}, FastAPI {"detail"}, Ollama {"error": "..."}."""
     body = error.body
     if isinstance(body, dict):
@@ -115,8 +167,7 @@ def _detail(error: Any) -> str:
                 text = error.response.text
             except Exception:  # a streamed body that was not read: no detail then
                 text = ""
-    text = first_line(RuntimeError(text), "") if text.strip() else ""
-    return text[:200]
+    return first_line(RuntimeError(text), "") if text.strip() else ""
 
 
 def retry_after(value: str | None) -> int | None:

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.chat import ChatSession
 from ..engine.errors import GlmreplError, first_line
-from ..engine.service import Reply, conversation_from_messages
+from ..engine.service import ModelStatus, Reply, conversation_from_messages
 from .errors import APIError, error_body
 from .protocol import (
     ChatCompletionRequest,
@@ -37,18 +37,22 @@ router = APIRouter()
 async def list_models(request: Request) -> dict:
     state = state_of(request)
     status = state.backend.status()
-    data = [_model_card(state, status.name)] if status is not None else []
+    data = [_model_card(state, status)] if status is not None else []
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, request: Request) -> dict:
     state = state_of(request)
-    return _model_card(state, state.require_model(model).name)
+    return _model_card(state, state.require_model(model))
 
 
-def _model_card(state: ServerState, name: str) -> dict:
-    return {"id": name, "object": "model", "created": state.started, "owned_by": "glmrepl"}
+def _model_card(state: ServerState, status: ModelStatus) -> dict:
+    card = {"id": status.name, "object": "model", "created": state.started, "owned_by": "glmrepl"}
+    if status.context_length:
+        # Under both names clients read (vLLM's and the common one), so they can fit max_tokens.
+        card.update(context_length=status.context_length, max_model_len=status.context_length)
+    return card
 
 
 @router.post("/v1/chat/completions")
