@@ -66,6 +66,7 @@ class GenerationStats:
     total_s: float = 0.0
     stop_reason: str = "end"  # "end" (a stop token), "length", "cancelled"
     new_ids: list[int] = field(default_factory=list)
+    reused_tokens: int = 0  # prompt tokens whose KV came from an earlier reply's cache
     path: str = ""  # how decoding ran (eager, fused quantized kernels...), for /stats
 
     @property
@@ -145,7 +146,9 @@ class GenerationRun:
         generate_kwargs: dict,
         stop_ids: list[int],
         seed: int | None = None,
+        reuse: Any = None,
     ):
+        """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids."""
         self.model = model
         self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_ids = prompt_ids
@@ -154,6 +157,8 @@ class GenerationRun:
         self.seed = seed
         self.cancel_event = threading.Event()
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.reuse = reuse
+        self.cache: Any = None  # the model's cache after the reply, when it ended without an error
         self._tokens: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._worker_done = threading.Event()
@@ -191,6 +196,12 @@ class GenerationRun:
             self.stats.total_s = time.perf_counter() - self._started
         if not self._finished:
             self._classify_stop()
+
+    def cached_ids(self) -> list[int]:
+        """The ids whose KV ``cache`` holds: the prompt and the reply but for its last token."""
+        if self.cache is None:
+            return []
+        return (self.prompt_ids + self.stats.new_ids)[: self.cache.get_seq_length()]
 
     def text(self) -> str:
         """The whole reply so far, decoded at once (authoritative over the deltas).
@@ -251,16 +262,23 @@ class GenerationRun:
         device = _input_device(self.model)
         input_ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
         pad = self.stop_ids[0] if self.stop_ids else None
+        reused = self.reuse.cache if self.reuse is not None else None
+        # generate reads only the ids past the given cache's length
+        continued = {"cache": reused} if reused is not None else {}
         with torch.inference_mode():
-            self.model.generate(
+            output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 streamer=_QueueStreamer(self._tokens),
                 stopping_criteria=[_cancel_criterion(self.cancel_event)],
                 eos_token_id=self.stop_ids or None,
                 pad_token_id=pad,
+                return_dict_in_generate=True,
+                **continued,
                 **self.generate_kwargs,
             )
+        self.stats.reused_tokens = self.reuse.tokens if reused is not None else 0
+        self.cache = getattr(output, "cache", None)
         self.stats.path = decode_path(self.model)  # after: a kernel failing mid-reply changes it
 
 

@@ -23,6 +23,7 @@ from .checkpoint import inspect_checkpoint
 from .devices import Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, weights_bytes_at
 from .errors import DeviceError, GlmreplError, Hint, LoadCancelled, ModelLoadError, first_line
 from .loading import LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo, choose_format, load_model  # noqa: F401 (re-exported)
+from .prefix_cache import PrefixCache
 
 
 class ModelLease:
@@ -33,7 +34,8 @@ class ModelLease:
     so a steady stream of requests cannot put it off for ever.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_exclusive: Callable[[], None] | None = None) -> None:
+        self._on_exclusive = on_exclusive  # every change to the model passes here
         self._changed = threading.Condition()
         self._readers = 0
         self._writing = False
@@ -80,6 +82,8 @@ class ModelLease:
             finally:
                 self._writers_waiting -= 1
         try:
+            if self._on_exclusive is not None:
+                self._on_exclusive()
             yield
         finally:
             with self._changed:
@@ -91,7 +95,9 @@ class ModelManager:
     def __init__(self) -> None:
         self.current: LoadedModel | None = None
         self.job: LoadJob | None = None
-        self.lease = ModelLease()
+        # Replies' KV caches; emptied by every change to the model (see prefix_cache).
+        self.prefixes = PrefixCache()
+        self.lease = ModelLease(on_exclusive=self.prefixes.clear)
         self.serial = 0  # counts installed models, so front ends notice a swap
         self._lock = threading.Lock()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from .chat import ChatSession, FittedPrompt
 from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, MaxLengthExceeded, NoModelLoaded, QueueFull
+from .prefix_cache import reuse_refused
 from .protocols import PromptFormat
 from .settings import Settings
 from .stops import StopStrings
@@ -126,8 +127,10 @@ class Reply:
         prompt_format: PromptFormat,
         stop: list[str] | tuple[str, ...],
         release,
+        keep_cache=None,
     ):
         self.run = run
+        self._keep_cache = keep_cache
         self.prompt_tokens = len(fitted.ids)
         self.dropped_turns = fitted.dropped_turns
         self.max_new_tokens = fitted.max_new_tokens
@@ -171,6 +174,8 @@ class Reply:
         try:
             if self._deltas is not None:
                 self._deltas.close()  # waits for the worker to stop: the model is free after this
+                if self._keep_cache is not None:
+                    self._keep_cache()
         finally:
             ran = self._deltas is not None
             self._release(self.stats.new_tokens, self.stats.total_s if ran else None)
@@ -249,7 +254,7 @@ def plan_reply(
 
     try:
         policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length)
-        return _plan(manager.current, conversation, settings, policy, release)
+        return _plan(manager.current, conversation, settings, policy, release, manager.prefixes)
     except BaseException:
         release()
         raise
@@ -264,7 +269,7 @@ class _Policy:
     max_length: int | None
 
 
-def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release) -> Reply:
+def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, prefixes) -> Reply:
     from .generate import GenerationRun
 
     if loaded is None:
@@ -290,10 +295,22 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
     if policy.max_length is not None:
         fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
+    reusable = reuse_refused(loaded.info.family) is None
     run = GenerationRun(
-        loaded.model, loaded.tokenizer, fitted.ids, kwargs, prompt_format.stop_token_ids, seed=settings.get("seed")
+        loaded.model,
+        loaded.tokenizer,
+        fitted.ids,
+        kwargs,
+        prompt_format.stop_token_ids,
+        seed=settings.get("seed"),
+        reuse=prefixes.take(fitted.ids) if reusable else None,
     )
-    return Reply(run, fitted, requested, prompt_format, policy.stop, release)
+
+    def keep_cache() -> None:  # called while the reply still holds the model: the cache is for this model
+        if reusable and run.cache is not None:
+            prefixes.put(run.cached_ids(), run.cache)
+
+    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache)
 
 
 def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
