@@ -345,7 +345,7 @@ def _open_stream(port: int, max_tokens: int, events: int = 2) -> socket.socket:
     ).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=120)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     received = b""

@@ -12,8 +12,8 @@ from fastapi.responses import HTMLResponse
 from .. import __version__
 from . import chatglm_api, openai_api
 from .errors import install_error_handlers
-from .guard import NoTracebacks
-from .middleware import AccessLog, LimitBody, RequireApiKey
+from .middleware import AccessLog, CheckHost, ContainErrors, HostRule, LimitBody, RequireApiKey
+from .openapi import document_errors_as_answered
 from .state import ServerState, state_of
 
 MAX_BODY_BYTES = 4 * 2**20
@@ -24,7 +24,9 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     log_stream: TextIO | None = None,
+    hosts: HostRule | None = None,
 ) -> FastAPI:
+    """The app; ``hosts`` defaults to the loopback rule (a server bound to 127.0.0.1)."""
     app = FastAPI(
         title="glmrepl",
         version=__version__,
@@ -36,13 +38,17 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(chatglm_api.router)
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
+    # HEAD answers as GET does, headers only (the server drops the body); left out of the document.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/", chat_page, methods=["GET", "HEAD"], include_in_schema=False)
     install_error_handlers(app)
-    # Added last is outermost: the log sees every answer, including 401 and 413.
+    document_errors_as_answered(app)
+    # Added last is outermost: the log sees every answer, including 403, 401, 413 and 500.
     app.add_middleware(LimitBody, limit=max_body_bytes)
     app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(CheckHost, rule=hosts or HostRule("127.0.0.1"))
+    app.add_middleware(ContainErrors)
     app.add_middleware(AccessLog, stream=log_stream)
-    app.add_middleware(NoTracebacks, stream=log_stream)
     return app
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import sys
 
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_IDLE_TIMEOUT = 10.0
+MIN_MAX_CONNECTIONS = 64  # the default cap, raised with --max-queue: every waiting reply is a connection
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +42,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"requests that may wait for the model; the next gets 503 (default {DEFAULT_MAX_QUEUE})",
     )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host is NAME (repeatable); others get 403, so that a web page "
+        "re-pointed at this address cannot use the server (default: localhost, loopback addresses, --host)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has not sent a whole request this long after connecting or after "
+        f"its last answer (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help=f"connections open at once; a request on one more gets 503 (default {MIN_MAX_CONNECTIONS}, "
+        "or --max-queue + 16 when that is more)",
+    )
     return parser
+
+
+def bind_name(host: str) -> str:
+    """The address to bind: an IPv6 address may be written in brackets, as in a URL."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def shown_host(host: str) -> str:
+    """The host as a URL writes it: an IPv6 address in brackets."""
+    name = bind_name(host)
+    return f"[{name}]" if ":" in name else name
 
 
 def is_loopback(host: str) -> bool:
@@ -62,8 +99,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.max_queue < 0:
-        parser.error("--max-queue must be 0 or more")
+    check_numbers(parser, args)
     if args.model is None:
         parser.error("give a MODEL (a checkpoint folder or name) to serve")
     try:
@@ -86,6 +122,19 @@ def main(argv: list[str]) -> int:
     return serve(args, options, settings, api_key, config)
 
 
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.max_queue < 0:
+        parser.error("--max-queue must be 0 or more")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if not args.idle_timeout > 0 or math.isinf(args.idle_timeout):
+        parser.error("--idle-timeout must be a number of seconds above 0")
+    if args.max_connections is None:
+        args.max_connections = max(MIN_MAX_CONNECTIONS, args.max_queue + 16)
+    elif args.max_connections < 1:
+        parser.error("--max-connections must be 1 or more")
+
+
 def serve(args, options, settings, api_key: str | None, config) -> int:
     from pathlib import Path
 
@@ -95,39 +144,96 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
     from ..engine.errors import GlmreplError
 
     models_dir = args.models_dir or config.get("model", "models_dir") or None
+    try:
+        path = resolve_model(args.model, Path(models_dir) if models_dir else None)
+    except GlmreplError as error:
+        return load_failed(error)
+    # Bound before the load, so a taken port is said at once; listening (and so answering) after it.
+    sockets = bind_port(args.host, args.port)
+    if sockets is None:
+        return 1
     backend = LocalBackend(max_queue=args.max_queue)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
-        path = resolve_model(args.model, Path(models_dir) if models_dir else None)
         status = backend.load_and_wait(options.for_model(path, display_name(args.model, path)))
     except GlmreplError as error:
-        from ..hints import explain, flag_words
-
-        print(f"error: {explain(error, flag_words)}", file=sys.stderr)
-        return 1
-    return run_server(backend, settings, api_key, args.host, args.port, status)
+        return load_failed(error)
+    return run_server(backend, settings, api_key, args, sockets, status)
 
 
-def run_server(backend, settings, api_key, host: str, port: int, status) -> int:
-    import uvicorn
+def load_failed(error) -> int:
+    from ..hints import explain, flag_words
 
+    print(f"error: {explain(error, flag_words)}", file=sys.stderr)
+    return 1
+
+
+def bind_port(host: str, port: int):
+    """The bound sockets, or None after saying in one line why the port cannot be had."""
+    from .listening import bind
+
+    try:
+        return bind(bind_name(host), port)
+    except OSError as error:
+        cannot_listen(host, port, error)
+        return None
+
+
+def listen(sockets, backlog: int, host: str, port: int) -> bool:
+    try:
+        for sock in sockets:
+            sock.listen(backlog)
+    except OSError as error:  # another process took the port while the model loaded
+        cannot_listen(host, port, error)
+        return False
+    return True
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> None:
+    reason = error.strerror or str(error)
+    print(f"error: cannot listen on {shown_host(host)}:{port}: {reason[:1].lower()}{reason[1:]}", file=sys.stderr)
+
+
+def run_server(backend, settings, api_key, args, sockets, status) -> int:
     from .app import create_app
+    from .listening import AnnouncedServer
+    from .middleware import HostRule
     from .state import ServerState
 
-    app = create_app(ServerState(backend, settings), api_key=api_key)
-    where = f"[{host}]" if ":" in host else host
-    print(
-        f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on http://{where}:{port} "
-        f"· chat page at / · OpenAI API at /v1 · ChatGLM api.py at POST / · {'API key required' if api_key else 'no API key'}",
-        file=sys.stderr,
-        flush=True,
-    )
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
-    )
-    server = uvicorn.Server(config)
+    hosts = HostRule(bind_name(args.host), args.allow_host)
+    config = uvicorn_config(create_app(ServerState(backend, settings), api_key=api_key, hosts=hosts), args)
+    port = sockets[0].getsockname()[1]  # the port asked for, or the one given for --port 0
+    server = AnnouncedServer(config, start_line(status, f"http://{shown_host(args.host)}:{port}", api_key))
+    if not listen(sockets, config.backlog, args.host, port):
+        return 1
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     return 0 if server.started else 1
+
+
+def uvicorn_config(app, args):
+    import uvicorn
+
+    from .listening import guarded_protocol, too_many_connections
+    from .middleware import AccessLog
+
+    refusal = AccessLog(too_many_connections(args.max_connections))
+    return uvicorn.Config(
+        app,
+        http=guarded_protocol(args.idle_timeout, args.max_connections, refusal),
+        ws="none",  # no route is a WebSocket, and an upgrade would leave the guarded protocol
+        timeout_keep_alive=math.ceil(args.idle_timeout),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def start_line(status, url: str, api_key: str | None) -> str:
+    return (
+        f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on {url} "
+        f"· chat page at / · OpenAI API at /v1 · ChatGLM api.py at POST / · "
+        f"{'API key required' if api_key else 'no API key'}"
+    )

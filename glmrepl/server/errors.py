@@ -1,12 +1,16 @@
 """Every error the server answers, as JSON in the OpenAI error shape.
 
 ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status that
-fits: 400 bad input, 401 key, 404 route or model, 413 body too large, 503 the
-queue is full, 500 what failed, in one line. No traceback ever reaches a client.
+fits: 400 bad input, 401 key, 403 host name, 404 route or model, 405 method, 413
+body too large, 503 the queue or the connections are full, 500 what failed, in one
+line. No traceback ever reaches a client, and nothing a client wrote reaches the
+log or an error message with its control characters live.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,26 +18,51 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..engine.errors import (
     ContextLengthExceeded,
     EmptyPrompt,
     GlmreplError,
-    MaxLengthExceeded,
     NoModelLoaded,
     QueueFull,
     first_line,
 )
 
+log = logging.getLogger("glmrepl.server")
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     503: "server_overloaded",
     500: "server_error",
 }
+
+
+# What a terminal would act on instead of showing: C0 and C1 controls (escape sequences clear the
+# screen, set the title, write the clipboard; CR and LF forge lines), DEL, the Unicode line and
+# paragraph separators, and the bidi controls that show text in another order. The backslash too,
+# so that an escape a client typed cannot pass for one written here.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def loggable(text: str) -> str:
+    """``text`` with each character of ``_UNPRINTABLE`` written as Python writes it (``\\x1b``, ``\\n``)."""
+    return _UNPRINTABLE.sub(_escaped, text)
+
+
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    character = match.group()
+    if character in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[character]
+    return f"\\x{ord(character):02x}" if ord(character) < 0x100 else f"\\u{ord(character):04x}"
 
 
 class APIError(Exception):
@@ -114,18 +143,45 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
+        path = loggable(request.url.path)  # the client's own path, escaped as the log writes it
         if error.status_code == 404:
-            return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+            return error_response(404, f"no route {request.method} {path}", code="not_found")
         if error.status_code == 405:
             return error_response(
-                405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+                405,
+                f"{request.method} is not allowed on {path}",
+                code="method_not_allowed",
+                headers={"Allow": ", ".join(allowed_methods(request))},
             )
-        return error_response(error.status_code, str(error.detail))
+        code = "request_too_large" if error.status_code == 413 else None  # a chunked body over the limit
+        headers = dict(error.headers) if error.headers else None
+        return error_response(error.status_code, str(error.detail), code=code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
-        # Logged in one line by the outermost layer (guard.NoTracebacks), which sees it raised again.
-        return error_response(500, f"internal error: {type(error).__name__}: {first_line(error)}")
+        return error_response(500, log_unexpected(request.method, request.url.path, error))
+
+
+def log_unexpected(method: str, path: str, error: Exception) -> str:
+    """One log line for an exception nothing else answered; returns the message for the client."""
+    what = loggable(f"{type(error).__name__}: {first_line(error)}")
+    log.error("%s %s failed: %s", loggable(method), loggable(path), what)
+    return f"internal error: {what}"
+
+
+# The methods a 405's Allow may name: each is tried against the routes (FastAPI nests included
+# routers, so the routes' own method sets are not all in sight).
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (Starlette's 405 names the first route's only)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:

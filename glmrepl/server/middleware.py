@@ -1,4 +1,5 @@
-"""ASGI middleware: API key, body size limit, one access-log line per request.
+"""ASGI middleware: the Host check, the API key, the body size limit, one access-log line per
+request, and a one-line answer for any exception a route lets through.
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass straight
 through and a client's disconnect reaches the route at once.
@@ -7,14 +8,17 @@ through and a client's disconnect reaches the route at once.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import socket
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 from starlette.exceptions import HTTPException
 
-from .errors import error_body
+from .errors import error_body, log_unexpected, loggable
 
 OPEN_PATHS = ("/health",)  # answered without a key: load balancers and `curl /health` need no secret
 # The chat page holds no data and asks for the key itself; POST / (api.py) still needs the key.
@@ -36,12 +40,80 @@ def header(scope: dict, name: bytes) -> str | None:
     return None
 
 
+def host_name(value: str) -> str:
+    """The name of a Host header or address: lower case, without port, brackets or final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1] or [::1]:8000
+        return value[1 : value.find("]")] if "]" in value else value
+    name, colon, port = value.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:
+        value = name
+    return value.rstrip(".")
+
+
+def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+class HostRule:
+    """The Host names the server answers to.
+
+    A page on a name its owner re-points at this address (DNS rebinding) would be same-origin
+    with the server and could use all of it, so only names that cannot be re-pointed pass:
+    localhost, ``*.localhost`` and loopback addresses, the name or address the server is bound
+    to, and ``allowed``. Bound to any other address (which needs an API key), the server also
+    answers to every IP address, since an address cannot be re-pointed, and to the machine's
+    own host name.
+    """
+
+    def __init__(self, bound: str, allowed: Iterable[str] = ()):
+        bound_name = host_name(bound)
+        address = _address(bound_name)
+        self.public = bound_name != "localhost" and not (address is not None and address.is_loopback)
+        self.names = {"localhost", bound_name, *(host_name(name) for name in allowed)}
+        if self.public:
+            self.names.add(host_name(socket.gethostname()))
+
+    def allows(self, host: str | None) -> bool:
+        if host is None:
+            return True  # HTTP/1.0 without Host: a browser always sends one, so no rebound page can
+        name = host_name(host)
+        if name in self.names or name.endswith(".localhost"):
+            return True
+        address = _address(name)
+        return address is not None and (self.public or address.is_loopback)
+
+
+class CheckHost:
+    """Answer 403 to a Host name the rule refuses, on every path (the page and /health too)."""
+
+    def __init__(self, app, rule: HostRule):
+        self.app = app
+        self.rule = rule
+
+    async def __call__(self, scope, receive, send):
+        host = header(scope, b"host")
+        if scope["type"] != "http" or self.rule.allows(host):
+            return await self.app(scope, receive, send)
+        name = loggable(host_name(host or ""))[:200]
+        return await send_error(
+            send,
+            403,
+            f"this server does not answer to the host name '{name}'; to allow it, start glmrepl serve "
+            f"with --allow-host {name}",
+            "host_not_allowed",
+        )
+
+
 class RequireApiKey:
-    """With a key set, every path but /health needs ``Authorization: Bearer KEY``."""
+    """With a key set, every path but /health needs ``Authorization: Bearer KEY`` (the scheme in any case)."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if (
@@ -60,8 +132,9 @@ class RequireApiKey:
                 "invalid_api_key",
                 {"WWW-Authenticate": "Bearer"},
             )
+        scheme, _, token = given.partition(" ")
         # Constant time: the comparison must not tell how much of a guess was right.
-        if not hmac.compare_digest(given.encode("latin-1"), self.expected):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.expected):
             return await send_error(
                 send, 401, "Incorrect API key provided", "invalid_api_key", {"WWW-Authenticate": "Bearer"}
             )
@@ -127,7 +200,36 @@ class AccessLog:
         finally:
             tokens = state.get("tokens")
             line = (
-                f"{scope['method']} {scope['path']} {status or 'disconnected'} "
+                f"{loggable(scope['method'])} {loggable(scope['path'])} {status or 'disconnected'} "
                 f"{tokens if tokens is not None else '-'} tokens {time.perf_counter() - started:.3f}s"
             )
             print(line, file=self.stream or sys.stderr, flush=True)
+
+
+class ContainErrors:
+    """An exception a route lets through: one log line and a JSON 500, not uvicorn's traceback.
+
+    Starlette answers such an exception itself but raises it again for the server to log, with
+    its whole traceback; here it ends. Once a reply has begun, returning without finishing it
+    makes uvicorn close the connection, which is all a client can still be told.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def noted_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted_send)
+        except Exception as error:
+            message = log_unexpected(scope["method"], scope["path"], error)
+            if not started:
+                await send_error(send, 500, message)
