@@ -79,6 +79,37 @@ def test_save_and_read_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["chat.json"]  # no temporary file left behind
 
 
+class OtherWordFormat(WordFormat):
+    name = "other words"
+
+
+def test_a_kept_reply_goes_to_the_prompt_of_the_format_that_kept_it_only():
+    session = conversation(("question", None))
+    session.add_assistant("shown", kept=("words", {"content": "as kept"}))
+    assert session.fit(WordFormat(), None, 4).ids == ["question", "as", "kept"]
+    assert session.fit(OtherWordFormat(), None, 4).ids == ["question", "shown"]  # another model's
+    assert session.as_dicts()[-1] == {"role": "assistant", "content": "shown"}  # a remote server's
+
+
+def test_saved_kept_fields_round_trip_and_hand_edited_ones_are_dropped(tmp_path):
+    session = conversation(("hi", None))
+    session.add_assistant("shown", cut=True, kept=("words", {"content": "shown\ufffd"}))
+    session.add_user("plain")
+    path = save_conversation(tmp_path / "chat.json", session, {}, None)
+    data = read_conversation(path)
+    assert [sorted(m) for m in data["messages"]] == [
+        ["content", "cut", "role"],
+        ["content", "cut", "kept", "kept_for", "role"],
+        ["content", "cut", "role"],
+    ]
+    restored = ChatSession()
+    restored.restore(data)
+    assert restored.as_dicts(for_format="words") == session.as_dicts(for_format="words")
+    data["messages"][1]["kept"] = {"content": 3}
+    restored.restore(data)
+    assert restored.messages[1].kept is None and restored.fit(WordFormat(), None, 4).ids == ["hi", "shown", "plain"]
+
+
 def test_save_failure_leaves_the_old_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "chat.json"
     save_conversation(path, conversation(("old", "reply")), {}, None)

@@ -18,6 +18,11 @@ class Message:
     role: str  # "user" or "assistant"
     content: str
     cut: bool = False  # the reply was interrupted (Ctrl-C or length) before it ended
+    # A reply as its family's own chat() keeps it for the next prompt, where that differs from the
+    # text shown (a cut character's fragment, ChatGLM3's first line): the message fields, given
+    # only to the prompt format named ``kept_for`` (another model gets the text shown).
+    kept: dict[str, str] | None = None
+    kept_for: str | None = None
 
 
 @dataclass
@@ -38,8 +43,10 @@ class ChatSession:
     def add_user(self, text: str) -> None:
         self.messages.append(Message("user", text))
 
-    def add_assistant(self, text: str, cut: bool = False) -> None:
-        self.messages.append(Message("assistant", text, cut))
+    def add_assistant(self, text: str, cut: bool = False, kept: tuple[str, dict[str, str]] | None = None) -> None:
+        """``kept``: (prompt format name, message fields), see Message.kept."""
+        kept_for, fields = kept if kept else (None, None)
+        self.messages.append(Message("assistant", text, cut, fields, kept_for))
 
     def clear(self) -> None:
         self.messages.clear()
@@ -72,9 +79,13 @@ class ChatSession:
         return self.messages[-1].content
 
     # -- prompt building -----------------------------------------------------
-    def as_dicts(self, messages: list[Message] | None = None) -> list[dict]:
+    def as_dicts(self, messages: list[Message] | None = None, for_format: str | None = None) -> list[dict]:
+        """The messages as dicts, each reply as shown, or as kept for ``for_format`` (a prompt
+        format's name) where it kept one: the next prompt is then the one its family's chat() builds."""
         out = [{"role": "system", "content": self.system}] if self.system else []
-        out += [{"role": m.role, "content": m.content} for m in (self.messages if messages is None else messages)]
+        for m in self.messages if messages is None else messages:
+            kept = m.kept if m.kept and for_format is not None and m.kept_for == for_format else {}
+            out.append({"role": m.role, "content": m.content, **kept})
         return out
 
     def fit(self, prompt_format: PromptFormat, context_length: int | None, max_new_tokens: int) -> FittedPrompt:
@@ -91,7 +102,9 @@ class ChatSession:
 
         def ids_without(dropped: int) -> list:
             if dropped not in built:
-                built[dropped] = prompt_format.build(self.as_dicts(self.messages[starts[dropped] :]))
+                built[dropped] = prompt_format.build(
+                    self.as_dicts(self.messages[starts[dropped] :], prompt_format.name)
+                )
             return built[dropped]
 
         def fits(dropped: int) -> bool:
@@ -115,14 +128,29 @@ class ChatSession:
 
     # -- persistence ---------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"system": self.system, "messages": [asdict(m) for m in self.messages]}
+        # kept and kept_for only where a reply has them: most messages are as shown.
+        messages = [{k: v for k, v in asdict(m).items() if v is not None} for m in self.messages]
+        return {"system": self.system, "messages": messages}
 
     def restore(self, data: dict) -> None:
-        messages = [Message(m["role"], m["content"], bool(m.get("cut", False))) for m in data.get("messages", [])]
+        messages = [
+            Message(m["role"], m["content"], bool(m.get("cut", False)), *_kept_fields(m))
+            for m in data.get("messages", [])
+        ]
         if any(m.role not in ("user", "assistant") for m in messages):
             raise GlmreplError("the file has messages with unknown roles; it was not written by glmrepl")
         self.system = data.get("system") or None
         self.messages = messages
+
+
+def _kept_fields(message: dict) -> tuple[dict[str, str] | None, str | None]:
+    """A saved reply's kept fields, or none where the file's are not strings (edited by hand)."""
+    kept, kept_for = message.get("kept"), message.get("kept_for")
+    if not isinstance(kept, dict) or not isinstance(kept_for, str):
+        return None, None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in kept.items()):
+        return None, None
+    return kept, kept_for
 
 
 def _turn_starts(messages: list[Message]) -> list[int]:

@@ -13,6 +13,9 @@ Protocol every format follows::
     sampling_defaults: dict         # the family's own defaults (top_p, ...)
     build(messages) -> list[int]    # messages: [{"role", "content"}], system first if any
     clean_reply(text) -> str        # final touch on a finished reply
+
+A family may add ``history_reply(ids) -> dict``: a finished reply's message
+fields as its own chat() keeps them for the next prompt (see service.Reply.kept).
 """
 
 from __future__ import annotations

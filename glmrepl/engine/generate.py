@@ -208,7 +208,9 @@ class GenerationRun:
 
         A reply cut inside a multi-byte character ends without its fragment, as
         the streamed deltas do (``IncrementalDecoder.flush``), so a streamed and
-        a whole reply are the same text.
+        a whole reply are the same text. This is the text shown: a family whose
+        chat() keeps the fragment in its history gets it back in the next
+        prompt (``service.Reply.kept``).
         """
         kept = [t for t in self.stats.new_ids if t not in self.stop_ids]
         return self.decoder.tokenizer.decode(kept, skip_special_tokens=True).rstrip("\ufffd")

@@ -485,6 +485,7 @@ class RemoteReply:
 
     dropped_turns = 0  # the server keeps or refuses the whole conversation
     stopped_by_string = False
+    kept = None  # the server builds its own prompts: the reply is kept as shown
 
     def __init__(
         self, backend: RemoteBackend, stream, sent_at: float, requested: int, sent: int | None, messages: list[dict]

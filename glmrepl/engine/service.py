@@ -213,6 +213,20 @@ class Reply:
         raw = "".join(self._emitted) if self._stops.hit else self.run.text()
         return self.prompt_format.clean_reply(raw)
 
+    @property
+    def kept(self) -> tuple[str, dict[str, str]] | None:
+        """(prompt format name, message fields): the reply as the family's own chat() keeps it
+        for the next prompt, where that differs from ``text``; None where the text is what it keeps.
+
+        ChatGLM's chat() keeps a reply cut inside a character with the fragment's U+FFFD, which the
+        text shown leaves out: the next prompt's ids match the release's only with it.
+        """
+        history_reply = getattr(self.prompt_format, "history_reply", None)
+        if history_reply is None or self._stops.hit:  # a stop string is glmrepl's own cut: kept as shown
+            return None
+        fields = history_reply(list(self.stats.new_ids))
+        return None if fields == {"content": self.text} else (self.prompt_format.name, fields)
+
 
 # -- planning -------------------------------------------------------------------
 
@@ -346,7 +360,7 @@ def fit_prompt(
     """Prompt ids for the conversation within the context, by the front end's policy."""
     if drop_oldest and shorten_reply:
         return conversation.fit(prompt_format, context_length, max_new_tokens)
-    ids = prompt_format.build(conversation.as_dicts())
+    ids = prompt_format.build(conversation.as_dicts(for_format=prompt_format.name))
     if context_length is None or len(ids) + max_new_tokens <= context_length:
         return FittedPrompt(ids, 0, max_new_tokens)
     if shorten_reply and len(ids) < context_length:
@@ -363,9 +377,10 @@ def fit_prompt(
 
 
 def record_reply(session: ChatSession, reply: Reply) -> str:
-    """Keep what was generated; an interrupted reply stays, marked as cut."""
+    """Keep what was generated; an interrupted reply stays, marked as cut. Returns the text shown
+    (the next prompt may hold the reply as its family keeps it: Reply.kept)."""
     text = reply.text
-    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"))
+    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept)
     return text
 
 

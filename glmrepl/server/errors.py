@@ -24,6 +24,7 @@ from ..engine.errors import (
     ContextLengthExceeded,
     EmptyPrompt,
     GlmreplError,
+    MaxLengthExceeded,
     NoModelLoaded,
     QueueFull,
     first_line,

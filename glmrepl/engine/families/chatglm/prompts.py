@@ -13,6 +13,11 @@ for the same conversation:
 
 ChatGLM-6B and ChatGLM2 have no system role: a system message is put on its
 own line(s) at the start of the prompt text.
+
+``history_reply(ids)`` gives a reply as the released ``chat()`` keeps it in the
+history it builds the next prompt from: all of its ids decoded, so a reply cut
+inside a multi-byte character keeps the fragment as U+FFFD (the text shown
+leaves it out), then that generation's own post-processing.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class ChatGLM1Format:
             prompt = f"{system}\n{prompt}"
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    def history_reply(self, ids: list[int]) -> dict[str, str]:
+        return {"content": self.clean_reply(self.tokenizer.decode(ids, skip_special_tokens=False))}
+
     def clean_reply(self, text: str) -> str:
         """The released chat() post-processing: strip, and full-width punctuation next to Chinese."""
         text = text.strip().replace("[[训练时间]]", "2023年")
@@ -89,6 +97,9 @@ class ChatGLM2Format:
         if system:
             prompt = f"{system}\n\n{prompt}"
         return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def history_reply(self, ids: list[int]) -> dict[str, str]:
+        return {"content": self.clean_reply(self.tokenizer.decode(ids, skip_special_tokens=False))}
 
     def clean_reply(self, text: str) -> str:
         return text.strip().replace("[[训练时间]]", "2023年")
@@ -120,6 +131,18 @@ class ChatGLM3Format:
         # Encoded in two pieces, as the released build_chat_input does.
         return [role_id] + self.tokenizer.encode(f"{metadata}\n") + self.tokenizer.encode(content)
 
+    def history_reply(self, ids: list[int]) -> dict[str, str]:
+        """As chat() keeps it: without the last id, which chat() takes for the stop token (a reply
+        cut by max_new_tokens loses its last real one), and with the first line as the metadata
+        (a tool call's name; empty before an ordinary reply, whose content is then stripped)."""
+        text = self.tokenizer.decode(ids[:-1], skip_special_tokens=False)
+        metadata, newline, content = text.partition("\n")
+        if not newline:  # chat() itself fails on a reply without a line break: kept as an ordinary one
+            metadata, content = "", text
+        if not metadata.strip():
+            content = content.strip()
+        return {"metadata": metadata, "content": content} if metadata else {"content": content}
+
     def clean_reply(self, text: str) -> str:
         """Drop a stop role token's text left at the end (seen when decoding
         with special tokens kept) and surrounding whitespace, including the
@@ -136,3 +159,7 @@ class GLM4Format(ChatGLM3Format):
 
     name = "GLM-4 roles"
     prefix_tokens = ("[gMASK]", "<sop>")
+
+    def history_reply(self, ids: list[int]) -> dict[str, str]:
+        """As the reference run of GLM-4's code keeps it: all of it decoded, special tokens skipped."""
+        return {"content": self.clean_reply(self.tokenizer.decode(ids, skip_special_tokens=True))}
