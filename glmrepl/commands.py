@@ -379,6 +379,9 @@ def cmd_stats(app: App, args: str):
     if stats is None:
         return Text("no reply yet", "dim")
     prompt = f" · prompt {stats.prompt_tokens} tokens" if stats.prompt_tokens is not None else ""
+    reused = getattr(stats, "reused_tokens", None)
+    if prompt and reused is not None:
+        prompt += f" ({reused} reused from a cache, {stats.prompt_tokens - reused} read)"
     counted = getattr(stats, "usage_from_server", None)
     source = (
         "" if counted is None else " · counts from the server" if counted else " · tokens counted as streamed chunks"

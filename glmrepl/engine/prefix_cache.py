@@ -39,6 +39,7 @@ class _Entry:
     ids: list[int]
     cache: Any
     nbytes: int
+    prompt_length: int  # of the request that left it: a request sharing all of it continues that conversation
 
 
 class PrefixCache:
@@ -49,6 +50,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_key = 0
+        self.tokens_reused = 0  # over this store's life, for /health and the tests
         self._lock = threading.Lock()
 
     def configure(self, max_entries: int, max_bytes: int | None) -> None:
@@ -70,9 +72,9 @@ class PrefixCache:
     def take(self, ids: list[int]) -> Reuse:
         """The cache sharing the longest prefix with ``ids``, cropped to it (at least one token left to read).
 
-        A request that continues an entry's conversation takes it over; one that only
-        shares its beginning (the same system prompt) gets a copy, and the entry stays
-        for the conversation it belongs to.
+        A request that shares the entry's whole prompt (the next turn, a retry) takes it
+        over; one that only shares its beginning (the same system prompt) gets a copy,
+        and the entry stays for the conversation it belongs to.
         """
         with self._lock:
             best_key, best = None, 0
@@ -84,20 +86,22 @@ class PrefixCache:
             if best_key is None or reuse <= 0:
                 return Reuse(None, 0)
             entry = self._entries[best_key]
-            if 2 * best >= len(entry.ids):
+            if best >= entry.prompt_length:
                 del self._entries[best_key]
                 cache = entry.cache
             else:
                 self._entries.move_to_end(best_key)
                 cache = copy.deepcopy(entry.cache)
+            self.tokens_reused += reuse
         crop_to(cache, reuse)
         return Reuse(cache, reuse)
 
-    def put(self, ids: list[int], cache: Any) -> None:
-        """Keep the cache of ``ids`` (what the model has read: the prompt and the reply but its last token)."""
-        if cache is None or not ids or not hasattr(cache, "crop"):
+    def put(self, ids: list[int], cache: Any, prompt_length: int | None = None) -> None:
+        """Keep the cache of ``ids`` (what the model has read: the prompt and the reply but its last
+        token); ``prompt_length``: how many of them were the request's prompt."""
+        if cache is None or not ids or not hasattr(cache, "crop") or self.max_entries < 1:
             return
-        entry = _Entry(list(ids), cache, cache_bytes(cache))
+        entry = _Entry(list(ids), cache, cache_bytes(cache), len(ids) if prompt_length is None else prompt_length)
         with self._lock:
             if self.max_bytes is not None and entry.nbytes > self.max_bytes:
                 return

@@ -87,6 +87,7 @@ class RemoteStats(GenerationStats):
 
     usage_from_server: bool = False
     chunks: int = 0
+    reused_tokens: int | None = None  # type: ignore[assignment]  # the server's cached_tokens, when it says
 
 
 class ServerJob:
@@ -528,6 +529,9 @@ class RemoteReply:
             self.stats.usage_from_server = True
             self.stats.new_tokens = usage.completion_tokens
             self.stats.prompt_tokens = usage.prompt_tokens
+            details = getattr(usage, "prompt_tokens_details", None)
+            cached = getattr(details, "cached_tokens", None) if details is not None else None
+            self.stats.reused_tokens = cached if isinstance(cached, int) else None
         for choice in getattr(chunk, "choices", None) or []:
             if getattr(choice, "index", 0) != 0:
                 continue

@@ -322,7 +322,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
 
     def keep_cache() -> None:  # called while the reply still holds the model: the cache is for this model
         if reusable and run.cache is not None:
-            prefixes.put(run.cached_ids(), run.cache)
+            prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
 
     return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache)
 

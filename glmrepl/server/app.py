@@ -69,6 +69,19 @@ async def health(request: Request) -> dict[str, Any]:
             "max_waiting": queue.max_waiting,
             "tokens_generated": queue.tokens_generated,
         },
+        "prefix_cache": _prefix_cache_figures(backend),
+    }
+
+
+def _prefix_cache_figures(backend) -> dict[str, Any] | None:
+    prefixes = getattr(getattr(backend, "manager", None), "prefixes", None)
+    if prefixes is None:
+        return None
+    return {
+        "entries": len(prefixes),
+        "bytes": prefixes.nbytes,
+        "max_bytes": prefixes.max_bytes,
+        "tokens_reused": prefixes.tokens_reused,
     }
 
 

@@ -13,6 +13,8 @@ import os
 import sys
 
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_PREFIX_CACHE_MB = 1024
+PREFIX_CACHE_ENTRIES = 64
 DEFAULT_IDLE_TIMEOUT = 10.0
 MIN_MAX_CONNECTIONS = 64  # the default cap, raised with --max-queue: every waiting reply is a connection
 
@@ -64,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"connections open at once; a request on one more gets 503 (default {MIN_MAX_CONNECTIONS}, "
         "or --max-queue + 16 when that is more)",
+    )
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=DEFAULT_PREFIX_CACHE_MB,
+        metavar="MB",
+        help="memory for the KV caches of recent requests, so a client resending its conversation has only "
+        f"the new tokens read; least recently used dropped first, 0 turns it off (default {DEFAULT_PREFIX_CACHE_MB})",
     )
     return parser
 
@@ -133,6 +143,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.max_connections = max(MIN_MAX_CONNECTIONS, args.max_queue + 16)
     elif args.max_connections < 1:
         parser.error("--max-connections must be 1 or more")
+    if args.prefix_cache_mb < 0:
+        parser.error("--prefix-cache-mb must be 0 or more")
 
 
 def serve(args, options, settings, api_key: str | None, config) -> int:
@@ -153,6 +165,10 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
     if sockets is None:
         return 1
     backend = LocalBackend(max_queue=args.max_queue)
+    # Many conversations share one server: keep up to PREFIX_CACHE_ENTRIES caches within the budget.
+    backend.manager.prefixes.configure(
+        PREFIX_CACHE_ENTRIES if args.prefix_cache_mb else 0, args.prefix_cache_mb * 2**20
+    )
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         status = backend.load_and_wait(options.for_model(path, display_name(args.model, path)))

@@ -111,7 +111,9 @@ async def _respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     text = await state.collect(reply, request)
-    return shape.complete(text, reply.finish_reason, reply.prompt_tokens, reply.stats.new_tokens)
+    return shape.complete(
+        text, reply.finish_reason, reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens
+    )
 
 
 def _event(payload: dict) -> str:
@@ -133,7 +135,7 @@ async def _events(
             return
         yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
         if include_usage:
-            yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens))
+            yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens))
         yield "data: [DONE]\n\n"
     finally:
         reply.cancel()  # the client went away (or it already ended): stop within one token

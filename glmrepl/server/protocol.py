@@ -206,11 +206,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens whose KV came from an earlier request's cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -226,7 +228,9 @@ class ResponseShape:
     def _envelope(self, object_name: str, choices: list) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
 
-    def complete(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def complete(
+        self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict:
         if self.kind == "chat":
             choice = {
                 "index": 0,
@@ -239,7 +243,7 @@ class ResponseShape:
             body = self._envelope(
                 "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
             )
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
 
     def chunk(
@@ -267,8 +271,8 @@ class ResponseShape:
             body["usage"] = None  # every chunk carries it when asked; only the last one has figures
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = self._envelope(object_name, [])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
