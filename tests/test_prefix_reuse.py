@@ -190,3 +190,48 @@ def test_the_store_keeps_the_longest_prefix_within_its_entry_limit():
     assert len(store) == 2 and store.take([1, 5]).cache is None  # the oldest went first
     crop_to(cache := _FakeCache(9), 4)
     assert cache.length == 4
+
+
+def test_stats_show_the_reused_and_read_prompt_tokens(qwen_checkpoint):
+    import re
+
+    from support import drive_repl, loaded_app
+
+    out = drive_repl(loaded_app(qwen_checkpoint), "hello there\ntell me more\n/stats\n")
+    found = re.search(r"prompt (\d+) tokens \((\d+) reused from a cache, (\d+) read\)", out)
+    assert found, out
+    prompt, reused, read = map(int, found.groups())
+    assert reused > 0 and read > 0 and reused + read == prompt
+
+
+def test_an_openai_client_resending_its_history_gets_the_saving_and_the_same_replies(qwen_checkpoint, tmp_path):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from serving import ServerProcess
+
+    from glmrepl.engine.service import conversation_from_messages
+
+    server = ServerProcess([str(qwen_checkpoint), "--device", "cpu"], tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        alone = load(qwen_checkpoint, "qwen")  # fresh prefills, for the replies each request would get
+        messages: list[dict] = []
+        for index, text in enumerate(["hello there", "tell me more about it", "and then?"]):
+            messages.append({"role": "user", "content": text})
+            answer = client.chat.completions.create(
+                model="tiny-qwen2-chat", messages=messages, max_tokens=8, temperature=0
+            )
+            cached = answer.usage.prompt_tokens_details.cached_tokens
+            assert (cached == 0) if index == 0 else (0 < cached < answer.usage.prompt_tokens), answer.usage
+            alone.manager.prefixes.clear()
+            reply = alone.plan_reply(
+                conversation_from_messages(messages), Settings({"max_new_tokens": 8, "do_sample": False})
+            )
+            with reply:
+                "".join(reply)
+            assert answer.choices[0].message.content == reply.text
+            messages.append({"role": "assistant", "content": answer.choices[0].message.content})
+        assert server.health()["prefix_cache"]["tokens_reused"] > 0
+    finally:
+        server.stop()
