@@ -82,6 +82,26 @@ class LocalBackend:
         note = fallback_note(loaded.model) if loaded is not None else None
         return [note] if note else []
 
+    def enable_batching(self, max_batch: int, cache_bytes: int | None = None) -> None:
+        """Let up to ``max_batch`` concurrent replies decode together (see batching.py)."""
+        from .batching import DEFAULT_CACHE_BYTES, Batching
+
+        self.manager.batching = Batching(max_batch, cache_bytes or DEFAULT_CACHE_BYTES)
+        self.queue.slots = max_batch
+
+    def batching_status(self) -> dict[str, Any]:
+        """For /health and the start line: whether replies batch, how many run, and why not."""
+        batching = self.manager.batching
+        if batching is None:
+            return {"enabled": False, "max_batch": 1, "running": min(self.queue.admitted, 1), "why_not": "off"}
+        why_not = batching.why_not(self.manager.current)
+        return {
+            "enabled": why_not is None,
+            "max_batch": batching.max_batch if why_not is None else 1,
+            "running": batching.lanes.active,
+            "why_not": why_not,
+        }
+
     def loading(self) -> bool:
         job = self.manager.job
         return job is not None and not job.done.is_set()

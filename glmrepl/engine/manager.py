@@ -97,9 +97,16 @@ class ModelManager:
         self.job: LoadJob | None = None
         # Replies' KV caches; emptied by every change to the model (see prefix_cache).
         self.prefixes = PrefixCache()
-        self.lease = ModelLease(on_exclusive=self.prefixes.clear)
+        self.batching: Any = None  # batching.Batching when replies may decode together (glmrepl serve)
+        self.lease = ModelLease(on_exclusive=self._model_changing)
         self.serial = 0  # counts installed models, so front ends notice a swap
         self._lock = threading.Lock()
+
+    def _model_changing(self) -> None:
+        """Every change to the model passes here, holding the lease alone: what belongs to the old state goes."""
+        self.prefixes.clear()
+        if self.batching is not None:
+            self.batching.model_changed()
 
     # -- loading -------------------------------------------------------------
     def start_load(self, request: LoadRequest) -> LoadJob:

@@ -76,8 +76,9 @@ class GenerationQueue:
     answers 503 with a Retry-After estimated from how long recent replies took.
     """
 
-    def __init__(self, max_waiting: int | None = None):
+    def __init__(self, max_waiting: int | None = None, slots: int = 1):
         self.max_waiting = max_waiting
+        self.slots = slots  # replies that run at once (more than one when they decode in a batch)
         self.tokens_generated = 0  # by the replies that ended, for /health and the tests
         self.mean_reply_s: float | None = None  # moving average of the time a reply holds the worker
         self._admitted = 0
@@ -90,9 +91,9 @@ class GenerationQueue:
 
     def admit(self) -> None:
         with self._lock:
-            if self.max_waiting is not None and self._admitted > self.max_waiting:
+            if self.max_waiting is not None and self._admitted >= self.max_waiting + self.slots:
                 raise QueueFull(
-                    f"{self._admitted - 1} requests are already waiting for the model; retry shortly",
+                    f"{self._admitted - self.slots} requests are already waiting for the model; retry shortly",
                     self.retry_after_s(),
                 )
             self._admitted += 1
@@ -268,7 +269,7 @@ def plan_reply(
 
     try:
         policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length)
-        return _plan(manager.current, conversation, settings, policy, release, manager.prefixes)
+        return _plan(manager.current, conversation, settings, policy, release, manager.prefixes, manager.batching)
     except BaseException:
         release()
         raise
@@ -283,7 +284,7 @@ class _Policy:
     max_length: int | None
 
 
-def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, prefixes) -> Reply:
+def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, prefixes, batching) -> Reply:
     from .generate import GenerationRun
 
     if loaded is None:
@@ -310,7 +311,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
     reusable = reuse_refused(loaded.info.family) is None
-    run = GenerationRun(
+    run: Any = GenerationRun(
         loaded.model,
         loaded.tokenizer,
         fitted.ids,
@@ -319,6 +320,8 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         seed=settings.get("seed"),
         reuse=prefixes.take(fitted.ids) if reusable else None,
     )
+    if batching is not None:
+        run = batching.run_for(loaded, run, kwargs, settings.get("seed"))
 
     def keep_cache() -> None:  # called while the reply still holds the model: the cache is for this model
         if reusable and run.cache is not None:

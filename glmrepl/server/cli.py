@@ -14,6 +14,7 @@ import sys
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_PREFIX_CACHE_MB = 1024
+DEFAULT_MAX_BATCH = 8
 PREFIX_CACHE_ENTRIES = 64
 DEFAULT_IDLE_TIMEOUT = 10.0
 MIN_MAX_CONNECTIONS = 64  # the default cap, raised with --max-queue: every waiting reply is a connection
@@ -66,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"connections open at once; a request on one more gets 503 (default {MIN_MAX_CONNECTIONS}, "
         "or --max-queue + 16 when that is more)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="concurrent replies decoded together in one batch (transformers' continuous batching); a reply "
+        f"alone keeps the one-at-a-time path (default {DEFAULT_MAX_BATCH})",
+    )
+    parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="decode one reply at a time, in arrival order",
     )
     parser.add_argument(
         "--prefix-cache-mb",
@@ -145,6 +159,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--max-connections must be 1 or more")
     if args.prefix_cache_mb < 0:
         parser.error("--prefix-cache-mb must be 0 or more")
+    if args.max_batch < 1:
+        parser.error("--max-batch must be 1 or more")
 
 
 def serve(args, options, settings, api_key: str | None, config) -> int:
@@ -169,6 +185,8 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
     backend.manager.prefixes.configure(
         PREFIX_CACHE_ENTRIES if args.prefix_cache_mb else 0, args.prefix_cache_mb * 2**20
     )
+    if not args.no_batching and args.max_batch > 1:
+        backend.enable_batching(args.max_batch)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         status = backend.load_and_wait(options.for_model(path, display_name(args.model, path)))
@@ -219,13 +237,17 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
     hosts = HostRule(bind_name(args.host), args.allow_host)
     config = uvicorn_config(create_app(ServerState(backend, settings), api_key=api_key, hosts=hosts), args)
     port = sockets[0].getsockname()[1]  # the port asked for, or the one given for --port 0
-    server = AnnouncedServer(config, start_line(status, f"http://{shown_host(args.host)}:{port}", api_key))
+    line = start_line(status, f"http://{shown_host(args.host)}:{port}", api_key, backend.batching_status())
+    server = AnnouncedServer(config, line)
     if not listen(sockets, config.backlog, args.host, port):
         return 1
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
+    finally:
+        if backend.manager.batching is not None:  # its thread would keep the process alive
+            backend.manager.batching.model_changed()
     return 0 if server.started else 1
 
 
@@ -247,9 +269,17 @@ def uvicorn_config(app, args):
     )
 
 
-def start_line(status, url: str, api_key: str | None) -> str:
+def start_line(status, url: str, api_key: str | None, batching: dict) -> str:
     return (
         f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on {url} "
         f"· chat page at / · OpenAI API at /v1 · ChatGLM api.py at POST / · "
-        f"{'API key required' if api_key else 'no API key'}"
+        f"{'API key required' if api_key else 'no API key'} · {batching_words(batching)}"
     )
+
+
+def batching_words(batching: dict) -> str:
+    if batching["enabled"]:
+        return f"up to {batching['max_batch']} replies decoded together"
+    if batching["why_not"] == "off":
+        return "one reply at a time"
+    return f"one reply at a time ({batching['why_not']})"

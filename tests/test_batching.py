@@ -1,0 +1,227 @@
+"""Concurrent replies decoded together (transformers' continuous batching), each the reply it
+would be alone; what cannot batch runs alone and says why."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+from chatglm_reference import DATA
+
+from glmrepl.engine.backend import LocalBackend
+from glmrepl.engine.chat import ChatSession
+from glmrepl.engine.loading import LoadOptions
+from glmrepl.engine.settings import Settings
+
+QUESTIONS = ["hello there", "tell me a long story about dragons", "what is two plus two", "x", "why?"]
+
+
+def load(path, name) -> LocalBackend:
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(path, name))
+    return backend
+
+
+def answer(backend: LocalBackend, question: str, new_tokens: int = 16, **settings):
+    session = ChatSession()
+    session.add_user(question)
+    reply = backend.plan_reply(session, Settings({"do_sample": False, "max_new_tokens": new_tokens, **settings}))
+    with reply:
+        streamed = "".join(reply)
+    return reply.stats.new_ids, streamed, reply.text, reply.stats.path
+
+
+def together(backend: LocalBackend, questions, **settings) -> list:
+    """Every question at once, each from its own thread as the server's pool runs them."""
+    results: list = [None] * len(questions)
+    start = threading.Barrier(len(questions))
+
+    def ask(index: int) -> None:
+        start.wait()
+        results[index] = answer(backend, questions[index], **settings)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return results
+
+
+def assert_batched_like_alone(backend: LocalBackend) -> None:
+    alone = [answer(backend, q) for q in QUESTIONS]
+    backend.enable_batching(8)
+    try:
+        batched = together(backend, QUESTIONS)
+        assert [b[:3] for b in batched] == [a[:3] for a in alone]  # ids, streamed text, whole text
+        assert sum("continuous batching" in b[3] for b in batched) >= 2, [b[3] for b in batched]
+    finally:
+        backend.manager.batching.model_changed()
+
+
+def test_qwen2_replies_in_a_batch_are_the_replies_alone(qwen_checkpoint):
+    assert_batched_like_alone(load(qwen_checkpoint, "qwen"))
+
+
+def test_gpt2_replies_in_a_batch_are_the_replies_alone(gpt2_checkpoint):
+    assert_batched_like_alone(load(gpt2_checkpoint, "gpt2"))
+
+
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3", "glm4", "chatglm2-int8"])
+def test_chatglm_replies_in_a_batch_are_the_replies_alone(family):
+    assert_batched_like_alone(load(DATA / f"{family}-tiny", family))
+
+
+def test_chatglm1_says_why_it_decodes_one_at_a_time_and_still_serves_everyone():
+    backend = load(DATA / "chatglm1-tiny", "chatglm1")
+    alone = [answer(backend, q) for q in QUESTIONS[:3]]
+    backend.enable_batching(8)
+    status = backend.batching_status()
+    assert not status["enabled"] and "ChatGLM-6B" in status["why_not"]
+    assert together(backend, QUESTIONS[:3]) == alone
+
+
+def test_a_seeded_or_penalised_reply_runs_alone_beside_a_batch(qwen_checkpoint):
+    backend = load(qwen_checkpoint, "qwen")
+    seeded = answer(backend, "hello there", do_sample=True, temperature=0.9, seed=5)
+    backend.enable_batching(8)
+    try:
+        questions = QUESTIONS[:3]
+        results: list = [None] * 4
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, answer(backend, questions[i]))) for i in range(3)
+        ]
+        threads.append(
+            threading.Thread(
+                target=lambda: results.__setitem__(
+                    3, answer(backend, "hello there", do_sample=True, temperature=0.9, seed=5)
+                )
+            )
+        )
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert results[3][:3] == seeded[:3]  # the seed gives the same reply as alone
+        assert "continuous batching" not in results[3][3]
+        penalised = answer(backend, "hello", repetition_penalty=1.3)
+        assert "continuous batching" not in penalised[3]
+    finally:
+        backend.manager.batching.model_changed()
+
+
+def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish(qwen_checkpoint):
+    backend = load(qwen_checkpoint, "qwen")
+    alone = [answer(backend, q, new_tokens=60) for q in QUESTIONS[:3]]
+    backend.enable_batching(8)
+    try:
+        sessions = []
+        for question in QUESTIONS[:3]:
+            session = ChatSession()
+            session.add_user(question)
+            sessions.append(session)
+        replies = [backend.plan_reply(s, Settings({"do_sample": False, "max_new_tokens": 60})) for s in sessions]
+        iterators = [iter(r) for r in replies]
+        texts = ["", "", ""]
+        # Start all three (each takes its lane on its first delta), then cancel the second.
+        for index, iterator in enumerate(iterators):
+            threading.Thread(target=lambda i=index, it=iterator: texts.__setitem__(i, "".join(it))).start()
+        deadline = time.monotonic() + 120
+        while replies[1].stats.new_tokens < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        replies[1].cancel()
+        at_cancel = replies[1].stats.new_tokens
+        while backend.batching_status()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for reply in replies:
+            reply.close()
+        assert replies[1].finish_reason == "cancelled"
+        assert replies[1].stats.new_tokens <= at_cancel + 2
+        assert [replies[i].stats.new_ids for i in (0, 2)] == [alone[i][0] for i in (0, 2)]
+    finally:
+        backend.manager.batching.model_changed()
+
+
+def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
+    backend = load(qwen_checkpoint, "qwen")
+    backend.enable_batching(4)
+    try:
+        first = together(backend, QUESTIONS[:3])
+        backend.move("cpu", "bfloat16")
+        assert backend.manager.batching._batcher is None
+        again = together(backend, QUESTIONS[:3])
+        assert sum("continuous batching" in r[3] for r in again) >= 2
+        assert all(r[0] for r in first + again)
+    finally:
+        backend.manager.batching.model_changed()
+
+
+# -- through the server -----------------------------------------------------------
+
+
+def test_concurrent_clients_through_the_server_each_get_their_own_reply(qwen_checkpoint, tmp_path):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from serving import ServerProcess
+
+    alone_backend = load(qwen_checkpoint, "qwen")
+    expected = {q: answer(alone_backend, q, new_tokens=24)[1] for q in QUESTIONS}  # as streamed
+    server = ServerProcess([str(qwen_checkpoint), "--device", "cpu", "--max-batch", "4"], tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        assert "up to 4 replies decoded together" in server.output()
+        assert server.health()["batching"] == {"enabled": True, "max_batch": 4, "why_not": None}
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        leaver = _stream_and_leave(server.port)
+        got: dict = {}
+
+        def ask(question: str) -> None:
+            stream = client.chat.completions.create(
+                model="tiny-qwen2-chat",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+            )
+            got[question] = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+
+        threads = [threading.Thread(target=ask, args=(q,)) for q in QUESTIONS]
+        for thread in threads:
+            thread.start()
+        leaver.close()  # one client leaves mid-batch
+        for thread in threads:
+            thread.join(300)
+        assert got == expected
+        deadline = time.monotonic() + 60
+        while server.health()["replies"]["running"]:
+            assert time.monotonic() < deadline, server.health()
+            time.sleep(0.05)
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
+
+
+def _stream_and_leave(port: int) -> socket.socket:
+    body = json.dumps(
+        {
+            "model": "tiny-qwen2-chat",
+            "messages": [{"role": "user", "content": "Tell me a long story"}],
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    received = b""
+    while received.count(b"data: ") < 2:
+        received += sock.recv(65536)
+    return sock
