@@ -225,3 +225,14 @@ def _stream_and_leave(port: int) -> socket.socket:
     while received.count(b"data: ") < 2:
         received += sock.recv(65536)
     return sock
+
+
+def test_the_queue_admits_a_whole_batch_and_then_max_waiting_more():
+    from glmrepl.engine.errors import QueueFull
+
+    backend = LocalBackend(max_queue=1)
+    backend.enable_batching(3)
+    for _ in range(4):  # three decode together, one waits
+        backend.queue.admit()
+    with pytest.raises(QueueFull):
+        backend.queue.admit()

@@ -29,7 +29,8 @@ LONG_PROMPT = "Tell me a long story"  # greedy on the tiny chat model: runs to m
 @pytest.fixture(scope="module")
 def chat_server(qwen_checkpoint, tmp_path_factory):
     server = ServerProcess(
-        [str(qwen_checkpoint), "--device", "cpu", "--temperature", "0", "--max-queue", "1"],
+        # One reply at a time (--no-batching): the queue tests count on a single running reply.
+        [str(qwen_checkpoint), "--device", "cpu", "--temperature", "0", "--max-queue", "1", "--no-batching"],
         tmp_path_factory.mktemp("serve") / "chat.log",
     )
     try:
