@@ -135,3 +135,44 @@ def sse_events(port: int, path: str, body: dict, headers: dict | None = None) ->
     status, _, raw = request(port, "POST", path, body, headers)
     assert status == 200, raw
     return [line[len("data: ") :] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+
+
+def started_server(args: list[str], log_path: Path) -> ServerProcess:
+    """A `glmrepl serve` process that answers /health ready (stopped again if it never does)."""
+    server = ServerProcess(args, log_path)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def wait_idle(server: ServerProcess, timeout: float = 60) -> dict:
+    """/health once no reply runs or waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = server.health()
+        if health["replies"]["running"] == 0 and health["replies"]["waiting"] == 0:
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"replies still running: {server.health()}")
+
+
+def open_chat_stream(
+    port: int, content: str, max_tokens: int, events: int = 2, model: str = "tiny-qwen2-chat"
+) -> socket.socket:
+    """A streamed chat request on a raw socket, its first ``events`` chunks read (the role, content)."""
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": True}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    received = b""
+    while received.count(b"data: ") < events:
+        received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock

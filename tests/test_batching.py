@@ -3,8 +3,6 @@ would be alone; what cannot batch runs alone and says why."""
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 import time
 
@@ -167,7 +165,7 @@ def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
 def test_concurrent_clients_through_the_server_each_get_their_own_reply(qwen_checkpoint, tmp_path):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    from serving import ServerProcess
+    from serving import ServerProcess, open_chat_stream
 
     alone_backend = load(qwen_checkpoint, "qwen")
     expected = {q: answer(alone_backend, q, new_tokens=24)[1] for q in QUESTIONS}  # as streamed
@@ -177,7 +175,7 @@ def test_concurrent_clients_through_the_server_each_get_their_own_reply(qwen_che
         assert "up to 4 replies decoded together" in server.output()
         assert server.health()["batching"] == {"enabled": True, "max_batch": 4, "why_not": None}
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        leaver = _stream_and_leave(server.port)
+        leaver = open_chat_stream(server.port, "Tell me a long story", 400)
         got: dict = {}
 
         def ask(question: str) -> None:
@@ -204,27 +202,6 @@ def test_concurrent_clients_through_the_server_each_get_their_own_reply(qwen_che
         assert "Traceback" not in server.output()
     finally:
         server.stop()
-
-
-def _stream_and_leave(port: int) -> socket.socket:
-    body = json.dumps(
-        {
-            "model": "tiny-qwen2-chat",
-            "messages": [{"role": "user", "content": "Tell me a long story"}],
-            "max_tokens": 400,
-            "temperature": 0,
-            "stream": True,
-        }
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
-    received = b""
-    while received.count(b"data: ") < 2:
-        received += sock.recv(65536)
-    return sock
 
 
 def test_the_queue_admits_a_whole_batch_and_then_max_waiting_more():

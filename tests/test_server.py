@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from serving import ServerProcess, error_of, request, sse_events
+from serving import ServerProcess, error_of, open_chat_stream, request, sse_events, wait_idle
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -335,50 +335,22 @@ def test_each_bad_input_gets_its_status_and_a_good_request_follows(chat_server):
 
 
 def _open_stream(port: int, max_tokens: int, events: int = 2) -> socket.socket:
-    """Start a streamed chat request on a raw socket; read its first ``events`` chunks (the role, content)."""
-    body = json.dumps(
-        {
-            "model": "tiny-qwen2-chat",
-            "messages": [{"role": "user", "content": LONG_PROMPT}],
-            "max_tokens": max_tokens,
-            "stream": True,
-        }
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
-    received = b""
-    while received.count(b"data: ") < events:
-        received += sock.recv(65536)
-    assert received.startswith(b"HTTP/1.1 200")
-    return sock
-
-
-def _wait_idle(server, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = server.health()
-        if health["replies"]["running"] == 0 and health["replies"]["waiting"] == 0:
-            return health
-        time.sleep(0.05)
-    raise AssertionError(f"replies still running: {server.health()}")
+    return open_chat_stream(port, LONG_PROMPT, max_tokens, events)
 
 
 def test_a_client_that_disconnects_stops_its_generation(chat_server):
     full = chat(chat_server, LONG_PROMPT, max_tokens=300)
     assert full.choices[0].finish_reason == "length"  # this prompt really runs to the end
-    before = _wait_idle(chat_server)["replies"]["tokens_generated"]
+    before = wait_idle(chat_server)["replies"]["tokens_generated"]
     sock = _open_stream(chat_server.port, 300)
     sock.close()
-    after = _wait_idle(chat_server)["replies"]["tokens_generated"]
+    after = wait_idle(chat_server)["replies"]["tokens_generated"]
     assert 0 < after - before < 100, f"{after - before} tokens generated after the client left"
     assert chat(chat_server, "hi", max_tokens=2).usage.completion_tokens == 2  # the next one runs
 
 
 def test_a_full_queue_answers_503_with_retry_after(chat_server):
-    _wait_idle(chat_server)
+    wait_idle(chat_server)
     streams = [_open_stream(chat_server.port, 300)]  # --max-queue 1: this one runs ...
     try:
         streams.append(_open_stream(chat_server.port, 300, events=1))  # ... this one waits (its role chunk comes)
@@ -388,5 +360,5 @@ def test_a_full_queue_answers_503_with_retry_after(chat_server):
     finally:
         for stream in streams:
             stream.close()
-    _wait_idle(chat_server)
+    wait_idle(chat_server)
     assert request(chat_server.port, "POST", "/v1/chat/completions", GOOD)[0] == 200

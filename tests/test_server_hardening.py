@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from serving import ROOT, ServerProcess, error_of
+from serving import ROOT, ServerProcess, error_of, started_server
 
 pytest.importorskip("fastapi")
 
@@ -28,19 +28,9 @@ ANSI_AND_FORGERY = (
 )
 
 
-def _started(args: list[str], log) -> ServerProcess:
-    server = ServerProcess(args, log)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 @pytest.fixture(scope="module")
 def keyed_server(gpt2_checkpoint, tmp_path_factory):
-    server = _started(
+    server = started_server(
         [str(gpt2_checkpoint), "--device", "cpu", "--api-key", KEY], tmp_path_factory.mktemp("serve") / "keyed.log"
     )
     yield server
@@ -49,7 +39,7 @@ def keyed_server(gpt2_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded_server(gpt2_checkpoint, tmp_path_factory):
-    server = _started(
+    server = started_server(
         [
             str(gpt2_checkpoint),
             "--device",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving import ServerProcess, error_of, request
+from serving import error_of, request, started_server, wait_idle
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -23,38 +23,22 @@ GOOD = {"model": "tiny-qwen2-chat", "messages": [{"role": "user", "content": "hi
 
 @pytest.fixture(scope="module")
 def qwen_server(qwen_checkpoint, tmp_path_factory):
-    server = ServerProcess(
+    server = started_server(
         [str(qwen_checkpoint), "--device", "cpu", "--temperature", "0", "--max-queue", "1"],
         tmp_path_factory.mktemp("serve") / "qwen.log",
     )
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def chatglm_server(tmp_path_factory):
-    server = ServerProcess(
+    server = started_server(
         [str(DATA / "chatglm2-tiny"), "--device", "cpu", "--temperature", "0"],
         tmp_path_factory.mktemp("serve") / "chatglm.log",
     )
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
-def _wait_idle(server, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = server.health()
-        if health["replies"]["running"] == 0 and health["replies"]["waiting"] == 0:
-            return health
-        time.sleep(0.02)
-    raise AssertionError(f"replies still running: {server.health()}")
+    yield server
+    server.stop()
 
 
 def _wait_running(server, timeout: float = 60) -> None:
@@ -106,10 +90,10 @@ ABANDONED = [
 def test_a_non_streaming_client_that_leaves_stops_its_reply(qwen_server, path, body):
     if path != "/":
         body = {**body, "max_tokens": 400, "temperature": 0}
-    before = _wait_idle(qwen_server)["replies"]["tokens_generated"]
+    before = wait_idle(qwen_server)["replies"]["tokens_generated"]
     status, _, raw = request(qwen_server.port, "POST", path, body)  # the whole reply, for comparison
     assert status == 200, raw[:300]
-    full = _wait_idle(qwen_server)["replies"]["tokens_generated"]
+    full = wait_idle(qwen_server)["replies"]["tokens_generated"]
     whole = full - before
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", qwen_server.port), timeout=60)
@@ -120,7 +104,7 @@ def test_a_non_streaming_client_that_leaves_stops_its_reply(qwen_server, path, b
     )
     _wait_running(qwen_server)
     sock.close()
-    generated = _wait_idle(qwen_server)["replies"]["tokens_generated"] - full
+    generated = wait_idle(qwen_server)["replies"]["tokens_generated"] - full
     assert whole > 100, "the prompt must run long for the test to mean anything"
     assert generated < whole / 2, f"{generated} of {whole} tokens generated after the client left"
     assert request(qwen_server.port, "POST", "/v1/chat/completions", GOOD)[0] == 200

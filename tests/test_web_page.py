@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from scripted import build_scripted_qwen2
-from serving import ServerProcess, request
+from serving import ServerProcess, request, started_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BROWSER_FLAGS = [
@@ -51,13 +51,7 @@ def browser():
 
 
 def _serve(checkpoint: Path, log: Path, *extra: str) -> ServerProcess:
-    server = ServerProcess([str(checkpoint), "--device", "cpu", *extra], log)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return started_server([str(checkpoint), "--device", "cpu", *extra], log)
 
 
 @pytest.fixture(scope="module")
