@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import GenerationError
-from .generate import GenerationStats, IncrementalDecoder
+from .generate import GenerationStats, IncrementalDecoder, classify_stop
 
 PAGE_SIZE = 32  # tokens a KV block holds: small, so that a shared system prompt shares whole blocks
 MAX_BATCH_TOKENS = 256  # tokens one step reads at most (longer prompts are prefilled in chunks)
@@ -227,12 +227,7 @@ class BatchedRun:
         self._classify_stop()
 
     def _classify_stop(self) -> None:
-        if self.cancel_event.is_set():
-            self.stats.stop_reason = "cancelled"
-        elif self.stats.new_ids and self.stats.new_ids[-1] in self.stop_ids:
-            self.stats.stop_reason = "end"
-        else:
-            self.stats.stop_reason = "length"
+        classify_stop(self.stats, self.cancel_event, self.stop_ids, None)
 
 
 def _new_tokens(route: queue.Queue) -> Iterator[tuple[float, list[int]]]:

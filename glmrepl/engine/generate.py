@@ -236,12 +236,7 @@ class GenerationRun:
         self._classify_stop()
 
     def _classify_stop(self) -> None:
-        if self.cancel_event.is_set():
-            self.stats.stop_reason = "cancelled"
-        elif self.stats.new_ids and self.stats.new_ids[-1] in self.stop_ids:
-            self.stats.stop_reason = "end"
-        elif self.stats.new_tokens >= self.generate_kwargs.get("max_new_tokens", float("inf")):
-            self.stats.stop_reason = "length"
+        classify_stop(self.stats, self.cancel_event, self.stop_ids, self.generate_kwargs.get("max_new_tokens"))
 
     def _work(self) -> None:
         try:
@@ -282,6 +277,16 @@ class GenerationRun:
         self.stats.reused_tokens = self.reuse.tokens if reused is not None else 0
         self.cache = getattr(output, "cache", None)
         self.stats.path = decode_path(self.model)  # after: a kernel failing mid-reply changes it
+
+
+def classify_stop(stats: GenerationStats, cancel: threading.Event, stop_ids: list[int], limit: int | None) -> None:
+    """Why a reply ended: cancelled, a stop id (end), or the length it was given (left as it was otherwise)."""
+    if cancel.is_set():
+        stats.stop_reason = "cancelled"
+    elif stats.new_ids and stats.new_ids[-1] in stop_ids:
+        stats.stop_reason = "end"
+    elif limit is None or stats.new_tokens >= limit:
+        stats.stop_reason = "length"
 
 
 def _input_device(model: Any):
