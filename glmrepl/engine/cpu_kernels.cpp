@@ -1,4 +1,4 @@
-// Matrix-vector kernels for decoding one token on the CPU; see cpu_kernels.py.
+// Matrix-vector kernels for decoding one token (and a few at once) on the CPU; see cpu_kernels.py.
 //
 // One token multiplies every weight by one activation vector, so decoding is
 // bound by reading the weights: each kernel reads its weight once, widens it to

@@ -11,8 +11,10 @@ other); nothing the size of a float weight is ever written.
 - float32 / bfloat16 / float16 weights (glmrepl.engine.float_linear), where
   torch's one-row matmul reads float32 weights at about half the bandwidth;
   and the same for a few tokens at once (a step of batched decoding, one token
-  per request), each weight row read once for all of them, where torch's
-  matmul for 2 to 16 rows took 2 to 4 times as long as for one.
+  per request), each weight row read once for all of them: torch's matmul took
+  2 to 3 times as long for a 0.5B model's linears at 2 to 16 rows as at one,
+  the kernel 1.1 times at 2 rows and 3 times at 16, where the multiply-adds
+  rather than the reading set the pace (benchmarks/kernels.py).
 
 Why C++ and not a ``torch.compile``d expression: on AVX2 processors
 inductor loads 8 int8 lanes at a time through a bounce buffer, and the
