@@ -10,17 +10,23 @@ from chatglm_reference import DATA, load_reference, reference_logits
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the kernel's calls, so a test knows the kernel (not F.linear) produced its figures."""
+    """Counts the kernels' calls, so a test knows a kernel (not F.linear) produced its figures:
+    "n" the one-token kernel's, "rows" the few-token one's (a step of batched decoding)."""
     from glmrepl.engine import cpu_kernels
 
-    counted = {"n": 0}
-    real = cpu_kernels.float_gemv
+    counted = {"n": 0, "rows": 0}
 
-    def counting(*args, **kwargs):
-        counted["n"] += 1
-        return real(*args, **kwargs)
+    def counting(name, key):
+        real = getattr(cpu_kernels, name)
 
-    monkeypatch.setattr(cpu_kernels, "float_gemv", counting)
+        def counted_call(*args, **kwargs):
+            counted[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cpu_kernels, name, counted_call)
+
+    counting("float_gemv", "n")
+    counting("float_gemm", "rows")
     return counted
 
 
@@ -67,16 +73,63 @@ def test_half_types_round_like_f_linear(kernels, calls, dtype_name):
     assert torch.allclose(output.float(), reference.float(), rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(300, 4096), (33, 70), (7, 18)])  # vector loops, tiles and their tails
+def test_a_few_tokens_float32_match_f_linear(kernels, calls, shape, bias):
+    """A step of batched decoding: one token per request, 2 to MAX_KERNEL_ROWS rows, flat
+    (as continuous batching feeds them) or in a batch of sequences, each row as F.linear's."""
+    import torch
+    from torch.nn import functional as F
+
+    from glmrepl.engine.float_linear import MAX_KERNEL_ROWS
+
+    torch.manual_seed(shape[1])
+    layer = _kernel_linear(*shape, bias, torch.float32)
+    inputs = [torch.randn(1, m, shape[1]) for m in (2, 3, 5, 8, 13, MAX_KERNEL_ROWS)]
+    inputs += [torch.randn(7, shape[1]), torch.randn(3, 2, shape[1])]
+    for x in inputs:
+        output = layer(x)
+        reference = F.linear(x, layer.weight, layer.bias)
+        assert output.shape == reference.shape and output.dtype == torch.float32
+        assert torch.allclose(output, reference, atol=1e-5, rtol=1e-5)
+    assert calls["rows"] == len(inputs) and calls["n"] == 0
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rows", [2, 7, 16])
+def test_a_few_tokens_in_half_types_round_like_f_linear(kernels, calls, dtype_name, rows):
+    import torch
+    from torch.nn import functional as F
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(rows)
+    layer = _kernel_linear(897, 4867, True, dtype)  # odd sizes: the tiles' row tail, the scalar column tail
+    x = torch.randn(1, rows, 4867, dtype=dtype)
+    output, reference = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert output.dtype == dtype and output.shape == reference.shape and calls["rows"] == 1
+    assert (output == reference).float().mean() > 0.98
+    assert torch.allclose(output.float(), reference.float(), rtol=2**-7, atol=1e-3)
+
+
 def test_prompts_and_other_inputs_keep_f_linear(kernels, calls):
     import torch
 
+    from glmrepl.engine.float_linear import MAX_KERNEL_ROWS
+
     layer = _kernel_linear(16, 32, True, torch.float32)
-    assert layer(torch.randn(1, 5, 32)).shape == (1, 5, 16)  # a prompt: a float matmul
+    assert layer(torch.randn(1, MAX_KERNEL_ROWS, 32)).shape == (1, MAX_KERNEL_ROWS, 16)
+    assert calls["rows"] == 1
+    prompt = torch.randn(1, MAX_KERNEL_ROWS + 1, 32)  # a prompt: a float matmul
+    assert torch.equal(layer(prompt), torch.nn.functional.linear(prompt, layer.weight, layer.bias))
+    for rows in (1, 4):
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(1, rows, 32, dtype=torch.float64))  # F.linear's own error, as before
+        x = torch.randn(1, rows, 32, requires_grad=True)
+        layer(x).sum().backward()  # autograd still works
+        assert x.grad is not None
     with pytest.raises(RuntimeError):
-        layer(torch.randn(1, 1, 32, dtype=torch.float64))  # F.linear's own error, as before
-    x = torch.randn(1, 1, 32, requires_grad=True)
-    layer(x).sum().backward()  # autograd still works
-    assert x.grad is not None and calls["n"] == 0
+        layer(torch.randn(1, 4, 31))  # the wrong width: F.linear's error, not the kernel's
+    assert calls["n"] == 0 and calls["rows"] == 1
 
 
 @pytest.mark.parametrize("fixture", ["qwen_checkpoint", "chatglm3-tiny", "glm4-tiny"])
@@ -102,6 +155,47 @@ def test_greedy_replies_equal_plain_transformers(kernels, calls, request, fixtur
         plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
     assert fast.tolist() == plain.tolist()
     assert use_kernels(model) > 0
+
+
+def test_continuous_batching_replies_equal_generate_alone(kernels, calls, qwen_checkpoint):
+    """Several requests decoded together (transformers' continuous batching: one flat row per
+    request and step, through the few-token kernel) get the greedy ids each gets alone."""
+    import torch
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(qwen_checkpoint, "tiny"))
+    model, tokenizer = backend.manager.current.model, backend.manager.current.tokenizer
+    prompts = ["hello there", "the kernels must not change a reply", "a b c d e f g", "two plus two is"]
+    new_tokens = 20
+    vocab = model.config.vocab_size
+    settings = GenerationConfig(
+        do_sample=True, temperature=0.999, top_k=vocab, top_p=0.9999, eos_token_id=-1, pad_token_id=0
+    )
+    batching = ContinuousBatchingConfig(num_blocks=8, page_size=128, max_batch_tokens=512, per_request_processors=True)
+    manager = model.init_continuous_batching(generation_config=settings, continuous_batching_config=batching)
+    manager.start()
+    try:
+        requests = {}
+        for prompt in prompts:  # top_k=1: greedy; eos -1: every reply runs to new_tokens
+            ids = tokenizer.encode(prompt)
+            requests[manager.add_request(ids, max_new_tokens=new_tokens, eos_token_id=[-1], top_k=1)] = ids
+        batched = {}
+        for _ in prompts:
+            result = manager.get_result(timeout=120)
+            batched[result.request_id] = list(result.generated_tokens)
+    finally:
+        manager.stop(block=True, timeout=5)
+    assert calls["rows"] > 0
+    greedy = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    for request_id, ids in requests.items():
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            alone = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **greedy)
+        assert batched[request_id] == alone[0, x.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("name", ["chatglm2", "chatglm3", "glm4", "chatglm2-32k", "chatglm3-32k"])

@@ -9,7 +9,12 @@ other); nothing the size of a float weight is ever written.
   the high nibbles meet the even inputs and the low nibbles the odd ones, so
   only the activation vector is split, never the weight;
 - float32 / bfloat16 / float16 weights (glmrepl.engine.float_linear), where
-  torch's one-row matmul reads float32 weights at about half the bandwidth.
+  torch's one-row matmul reads float32 weights at about half the bandwidth;
+  and the same for a few tokens at once (a step of batched decoding, one token
+  per request), each weight row read once for all of them: torch's matmul took
+  2 to 3 times as long for a 0.5B model's linears at 2 to 16 rows as at one,
+  the kernel 1.1 times at 2 rows and 3 times at 16, where the multiply-adds
+  rather than the reading set the pace (benchmarks/kernels.py).
 
 Why C++ and not a ``torch.compile``d expression: on AVX2 processors
 inductor loads 8 int8 lanes at a time through a bounce buffer, and the
@@ -127,6 +132,8 @@ def _build() -> None:
         # Declared, so that a call passes plain ints without building ctypes objects (it runs per layer).
         lib.float_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         lib.float_gemv.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        lib.float_gemm.restype = ctypes.c_int
+        lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]
         _state["library"] = lib
     except Exception as error:  # a broken compiler, OpenMP missing, an unwritable cache...
         _state["reason"] = f"kernel build failed: {first_line(error)}"
@@ -221,6 +228,31 @@ def float_gemv(lib, weight, x, bias, threads: int):
         codes[x.dtype],
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
+        rows,
+        cols,
+        threads,
+    )
+    return None if failed else out
+
+
+def float_gemm(lib, weight, x, bias, threads: int):
+    """``F.linear`` for a few tokens at once (a step of batched decoding): ``float_gemv``'s
+    arguments, x holding any number of vectors of cols values (its last dimension). Each
+    weight row is read once for all of them; a large x is a prompt, for torch's matmul."""
+    import torch
+
+    codes = _type_codes()
+    rows, cols = weight.shape
+    out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
+    x = x.contiguous()
+    failed = lib.float_gemm(
+        weight.data_ptr(),
+        codes[weight.dtype],
+        x.data_ptr(),
+        codes[x.dtype],
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        x.numel() // cols,
         rows,
         cols,
         threads,

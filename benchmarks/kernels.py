@@ -1,0 +1,205 @@
+"""Float linears on the CPU: glmrepl's kernels against torch for one token and for a few.
+
+    python benchmarks/kernels.py [--threads 2] [--rounds 7] [--best] [--dtype float32] [--rows 1,2,4,8,16,32]
+    python benchmarks/kernels.py --batching [--requests 1,4,8] [--new-tokens 32]
+
+Layers: random weights of Qwen2-0.5B's linear shapes (q/o 896->896, k/v 896->128,
+gate/up 896->4864, down 4864->896, lm_head 896->151936). For each shape and row count M
+(one token of each of M concurrent requests, as a step of batched decoding feeds them),
+the kernel glmrepl uses (``float_gemv`` at M=1, ``float_gemm`` above), then torch's path
+(``F.linear``; for half types on a CPU without native bfloat16 also the widened product
+that KernelLinear used for more than one row). Enough copies of each weight to outgrow
+the processor's caches are used in turn, so the weights come from memory as in a decode
+step of a whole model. Each figure is the median (--best: the fastest) of the rounds, in
+milliseconds; a last table sums them over one decode step of the 0.5B model.
+
+Batching: the benchmark checkpoint (benchmarks/checkpoint.py) loaded through glmrepl,
+transformers' continuous batching with 1, 4 and 8 greedy requests of a short prompt each;
+the aggregate tokens/s (all new tokens over the wall time, the short prefills included),
+with the few-token kernel ("after") and with the kernel for single tokens only ("before").
+
+Figures only: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {  # name: (in_features, out_features)
+    "q/o 896->896": (896, 896),
+    "k/v 896->128": (896, 128),
+    "gate/up 896->4864": (896, 4864),
+    "down 4864->896": (4864, 896),
+    "lm_head": (896, 151936),
+}
+LAYERS = 24
+USES = {"q/o 896->896": 2 * LAYERS, "k/v 896->128": 2 * LAYERS, "gate/up 896->4864": 2 * LAYERS}
+USES |= {"down 4864->896": LAYERS, "lm_head": 1}  # how often each shape runs in one decode step
+OUTGROW_CACHES_BYTES = 96 << 20
+PROMPT_TOKENS = 16
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="compute threads (default 2)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per layer figure (median taken)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--rows", default="1,2,4,8,16,32", help="row counts M, comma-separated")
+    parser.add_argument("--best", action="store_true", help="the best round, not the median (a busy machine)")
+    parser.add_argument("--batching", action="store_true", help="time continuous batching instead of layers")
+    parser.add_argument("--requests", default="1,4,8", help="concurrent requests, comma-separated")
+    parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
+    return parser.parse_args()
+
+
+def round_ms(calls: list, rounds: int, best: bool) -> float:
+    """The median (or best) time of one call, the calls (one per weight copy) taken in turn."""
+    for call in calls[:2]:
+        call()  # warm-up: the threads' first wake-up
+    times = []
+    for index in range(rounds):
+        call = calls[index % len(calls)]
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * (min(times) if best else statistics.median(times))
+
+
+def kernel_call(lib, weight, x):
+    """The kernel glmrepl runs for x's rows, whatever its dispatch limit."""
+    import torch
+
+    from glmrepl.engine import cpu_kernels
+
+    threads = torch.get_num_threads()
+    product = cpu_kernels.float_gemv if x.numel() == weight.shape[1] else cpu_kernels.float_gemm
+    return lambda: product(lib, weight, x, None, threads)
+
+
+def torch_calls(weight, x) -> dict:
+    """torch's paths for the same product: F.linear, and the widened one where KernelLinear used it."""
+    from torch.nn import functional as F
+
+    from glmrepl.engine import float_linear
+
+    calls = {"F.linear": lambda: F.linear(x, weight)}
+    if weight.dtype in float_linear._HALF_TYPES and float_linear._widen_half_prompts():
+        calls["widened"] = lambda: float_linear.widened_product(x, weight, None)
+    return calls
+
+
+def time_layers(args) -> None:
+    import torch
+
+    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.float_linear import MAX_KERNEL_ROWS
+
+    lib = cpu_kernels.wait_until_built()
+    if lib is None:
+        raise SystemExit(f"no kernels: {cpu_kernels.status()}")
+    dtype = getattr(torch, args.dtype)
+    statistic = "best" if args.best else "median"
+    print(
+        f"{args.dtype}, {args.threads} threads, {statistic} of {args.rounds} (ms); the kernel up to M={MAX_KERNEL_ROWS}"
+    )
+    counts = [int(part) for part in args.rows.split(",")]
+    figures = {name: layer_figures(lib, name, dtype, counts, args) for name in SHAPES}
+    print(f"a decode step of the 0.5B model (each layer's linears x {LAYERS} + lm_head):")
+    for m in counts:
+        step = {path: sum(USES[name] * figures[name][m][path] for name in SHAPES) for path in figures["lm_head"][m]}
+        print(f"M={m:<3}" + "".join(f"   {path} {ms:8.1f}" for path, ms in step.items()))
+
+
+def layer_figures(lib, name: str, dtype, counts: list[int], args) -> dict:
+    """{M: {path: ms}} for one shape, printed as they come."""
+    import torch
+
+    cols, rows = SHAPES[name]
+    copies = max(1, OUTGROW_CACHES_BYTES // (rows * cols * dtype.itemsize))
+    weights = [(torch.randn(rows, cols) / cols**0.5).to(dtype) for _ in range(copies)]
+    figures = {}
+    for m in counts:
+        x = torch.randn(1, m, cols).to(dtype)
+        paths = {"kernel": [kernel_call(lib, weight, x) for weight in weights]}
+        for weight in weights:
+            for path, call in torch_calls(weight, x).items():
+                paths.setdefault(path, []).append(call)
+        figures[m] = {path: round_ms(calls, args.rounds, args.best) for path, calls in paths.items()}
+        kernel = figures[m]["kernel"]
+        others = "".join(
+            f"   {path} {ms:8.3f} ({ms / kernel:.2f}x)" for path, ms in figures[m].items() if path != "kernel"
+        )
+        print(f"{name:<22} M={m:<3} kernel {kernel:8.3f}{others}", flush=True)
+    return figures
+
+
+def time_batching(args) -> None:
+    import torch
+    from checkpoint import ensure_checkpoint
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from glmrepl.engine import cpu_kernels, float_linear
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+
+    backend = LocalBackend()
+    folder = ensure_checkpoint(args.cache)
+    backend.load_and_wait(LoadOptions(mode="cpu", dtype=args.dtype).for_model(folder, "bench"))
+    cpu_kernels.wait_until_built()
+    model = backend.manager.current.model
+    vocab = model.config.vocab_size
+    settings = GenerationConfig(
+        do_sample=True, temperature=0.999, top_k=vocab, top_p=0.9999, eos_token_id=-1, pad_token_id=0
+    )
+    batching = ContinuousBatchingConfig(num_blocks=16, page_size=128, max_batch_tokens=512, per_request_processors=True)
+    generator = torch.Generator().manual_seed(0)
+    print(f"{args.dtype}, {args.threads} threads, {PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens each")
+    for requests in [int(part) for part in args.requests.split(",")]:
+        prompts = [torch.randint(3, vocab, (PROMPT_TOKENS,), generator=generator).tolist() for _ in range(requests)]
+        figures = {}
+        for label, limit in (("before", 1), ("after", float_linear.MAX_KERNEL_ROWS)):
+            original, float_linear.MAX_KERNEL_ROWS = float_linear.MAX_KERNEL_ROWS, limit
+            try:
+                figures[label] = batched_rate(model, settings, batching, prompts, args.new_tokens)
+            finally:
+                float_linear.MAX_KERNEL_ROWS = original
+        print(
+            f"{requests} requests: before {figures['before']:6.2f} tokens/s   after {figures['after']:6.2f} tokens/s"
+            f"   ({figures['after'] / figures['before']:.2f}x)",
+            flush=True,
+        )
+
+
+def batched_rate(model, settings, batching, prompts: list, new_tokens: int) -> float:
+    """All requests' new tokens over the wall time of one continuous-batching run."""
+    manager = model.init_continuous_batching(generation_config=settings, continuous_batching_config=batching)
+    manager.start()
+    try:
+        start = time.perf_counter()
+        for ids in prompts:  # top_k=1: greedy; eos -1: every request runs to new_tokens
+            manager.add_request(ids, max_new_tokens=new_tokens, eos_token_id=[-1], top_k=1)
+        produced = sum(len(manager.get_result(timeout=600).generated_tokens) for _ in prompts)
+        return produced / (time.perf_counter() - start)
+    finally:
+        manager.stop(block=True, timeout=5)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        if args.batching:
+            time_batching(args)
+        else:
+            time_layers(args)
+
+
+if __name__ == "__main__":
+    main()
