@@ -215,44 +215,33 @@ def float_gemv(lib, weight, x, bias, threads: int):
     """``F.linear`` for one token: weight [rows, cols] float32/bfloat16/float16 and contiguous,
     x holding cols values (any float type), bias None or of the weight's type. The result
     has x's type and shape, the last dimension rows; None when this build cannot read a type."""
-    import torch
-
-    codes = _type_codes()
-    rows, cols = weight.shape
-    out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
-    x = x.contiguous()
-    failed = lib.float_gemv(
-        weight.data_ptr(),
-        codes[weight.dtype],
-        x.data_ptr(),
-        codes[x.dtype],
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        rows,
-        cols,
-        threads,
-    )
-    return None if failed else out
+    return _float_product(lib.float_gemv, weight, x, bias, threads, batched=False)
 
 
 def float_gemm(lib, weight, x, bias, threads: int):
     """``F.linear`` for a few tokens at once (a step of batched decoding): ``float_gemv``'s
     arguments, x holding any number of vectors of cols values (its last dimension). Each
     weight row is read once for all of them; a large x is a prompt, for torch's matmul."""
+    return _float_product(lib.float_gemm, weight, x, bias, threads, batched=True)
+
+
+def _float_product(kernel, weight, x, bias, threads: int, batched: bool):
+    """Call a float kernel; the batched one also takes how many vectors x holds."""
     import torch
 
     codes = _type_codes()
     rows, cols = weight.shape
     out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
     x = x.contiguous()
-    failed = lib.float_gemm(
+    vectors = (x.numel() // cols,) if batched else ()
+    failed = kernel(
         weight.data_ptr(),
         codes[weight.dtype],
         x.data_ptr(),
         codes[x.dtype],
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
-        x.numel() // cols,
+        *vectors,
         rows,
         cols,
         threads,
