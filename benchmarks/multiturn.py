@@ -502,13 +502,7 @@ def measure(args, model: Path, threads: int) -> dict:
     print("the same conversation through `glmrepl serve`, with and without its prefix cache ...", flush=True)
     served, health = served_conversation(model, args, messages)
     results["served"] = {"turns": served, "summary": summary(served, args.new_tokens), "health": health}
-    # The server builds its prompts from the texts it sent: with the same texts, the same prompts.
-    results["served"]["same_replies_as_repl"] = [r["with"]["reply"] for r in served] == [
-        r["with"]["text"] for r in repl
-    ]
-    results["served"]["same_prompt_tokens_as_repl"] = [r["with"]["prompt_tokens"] for r in served] == [
-        r["with"]["prompt_tokens"] for r in repl
-    ]
+    results["served"]["against_repl"] = against_repl(served, repl)
     print("llama.cpp on the same prompt ids (optional) ...", flush=True)
     prompts = [row["with"]["prompt_ids"] for row in repl]
     llama = llama_conversation(args.cache, args.llama_python, threads, prompts, args.new_tokens)
@@ -516,6 +510,33 @@ def measure(args, model: Path, threads: int) -> dict:
         llama["summary"] = summary(llama["turns"], args.new_tokens)
     results["llama_cpp"] = llama
     return results
+
+
+def against_repl(served: list[dict], repl: list[dict]) -> dict:
+    """Turns where the streamed reply is not the REPL's. The server builds its prompts from the
+    texts it sent: with the same texts, the same prompts. Streamed deltas are the reply before
+    the chat format's clean_reply (a strip), the REPL's history after it: both are compared."""
+    pairs = [(s["with"]["reply"], r["with"]["text"]) for s, r in zip(served, repl)]
+    return {
+        "differing_turns": [turn for turn, (a, b) in enumerate(pairs, 1) if a != b],
+        "differing_turns_after_strip": [turn for turn, (a, b) in enumerate(pairs, 1) if a.strip() != b],
+        "differing_prompt_tokens": [
+            s["turn"] for s, r in zip(served, repl) if s["with"]["prompt_tokens"] != r["with"]["prompt_tokens"]
+        ],
+    }
+
+
+def against_repl_line(figures: dict) -> str:
+    exact, stripped = figures["differing_turns"], figures["differing_turns_after_strip"]
+    if not exact:
+        return "streamed replies identical to the REPL's: yes"
+    line = f"streamed replies identical to the REPL's: NO at turns {exact}"
+    if stripped:
+        return f"{line}, even after strip() at turns {stripped}"
+    return (
+        f"{line}; after strip() yes (the REPL keeps a reply stripped, the stream sends it as generated;"
+        f" prompt tokens differ from turn {min(figures['differing_prompt_tokens'], default='-')})"
+    )
 
 
 def report(results: dict) -> str:
@@ -527,7 +548,8 @@ def report(results: dict) -> str:
             results["served"]["turns"],
             results["served"]["summary"],
         )
-        + f"\nserved replies identical to the REPL's: {'yes' if results['served']['same_replies_as_repl'] else 'NO'}",
+        + "\n"
+        + against_repl_line(results["served"]["against_repl"]),
     ]
     llama = results["llama_cpp"]
     if "skipped" in llama:
