@@ -140,3 +140,27 @@ def test_a_model_change_forgets_the_replies(qwen_checkpoint):
     assert len(backend.manager.replies) == 1
     backend.set_prompt_mode("complete")  # another prompt format: its ids would be other ids
     assert len(backend.manager.replies) == 0
+
+
+def test_a_reply_cut_inside_a_character_keeps_its_ids_up_to_the_cut():
+    """The length limit cut a character whose first byte shares an id with the text's last
+    character: the ids before that one, and that character tokenized again."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    raw.train_from_iterator(["ab!é" * 50, "ab" * 50], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    bang_and_lead_byte = raw.token_to_id("!Ã")  # "!" and the first byte of "é"
+    assert bang_and_lead_byte is not None
+    generated = tokenizer.encode("abab", add_special_tokens=False) + [bang_and_lead_byte]
+    text = tokenizer.decode(generated, skip_special_tokens=True).rstrip("\ufffd")  # as GenerationRun.text
+    assert text == "abab!"
+    kept = reply_ids(tokenizer, generated, [], text)
+    assert kept is not None and decoded(tokenizer, kept) == text
+    assert kept[:-1] == generated[:-1]  # only the cut id is rebuilt

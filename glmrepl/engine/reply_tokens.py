@@ -23,6 +23,8 @@ from typing import Any
 # text, which byte-level tokenizers keep apart from the template's text around it.
 MARKER = "\U000f0000"
 DEFAULT_MAX_IDS = 1 << 20  # about 8 MB of Python ints: a few thousand replies
+# Where the text ends inside a generated id: how far back to look for where it can be rebuilt.
+MAX_RETOKENIZED_IDS, MAX_RETOKENIZED_CHARACTERS = 4, 8
 MAX_TRAILING_IDS = 32  # ids after the text shown (spaces, cut characters) that a reply may leave out
 
 
@@ -73,6 +75,7 @@ def reply_ids(tokenizer: Any, new_ids: list[int], stop_ids: list[int], text: str
     ids = list(new_ids)
     while ids and ids[-1] in stop_ids:
         ids.pop()
+    generated = list(ids)
     for _ in range(MAX_TRAILING_IDS + 1):
         if not ids:
             return None
@@ -80,8 +83,19 @@ def reply_ids(tokenizer: Any, new_ids: list[int], stop_ids: list[int], text: str
         if decoded == text:
             return ids
         if not decoded.startswith(text):
-            return None
+            break
         ids.pop()
+    return _with_a_retokenized_end(tokenizer, generated, text)
+
+
+def _with_a_retokenized_end(tokenizer: Any, ids: list[int], text: str) -> list[int] | None:
+    """The text ends inside a generated id (one that also holds a cut character's first bytes):
+    the ids before it and the text's last few characters tokenized, where that is the text."""
+    for kept in range(len(ids) - 1, max(len(ids) - MAX_RETOKENIZED_IDS, 0) - 1, -1):
+        for characters in range(1, min(MAX_RETOKENIZED_CHARACTERS, len(text)) + 1):
+            candidate = ids[:kept] + tokenizer.encode(text[-characters:], add_special_tokens=False)
+            if _decoded(tokenizer, candidate) == text:
+                return candidate
     return None
 
 

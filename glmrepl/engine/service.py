@@ -211,9 +211,13 @@ class Reply:
 
     @property
     def text(self) -> str:
-        """The whole reply, decoded at once (authoritative over the deltas)."""
-        raw = "".join(self._emitted) if self._stops.hit else self.run.text()
-        return self.prompt_format.clean_reply(raw)
+        """The whole reply, decoded at once (authoritative over the deltas), tidied by its format."""
+        return self.prompt_format.clean_reply(self.streamed_text)
+
+    @property
+    def streamed_text(self) -> str:
+        """The reply as its deltas give it, before the format tidies it."""
+        return "".join(self._emitted) if self._stops.hit else self.run.text()
 
     @property
     def kept(self) -> tuple[str, dict[str, str]] | None:
@@ -332,10 +336,9 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
             return
         if run.cache is not None:
             prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
-        if reply.stopped_by_string:  # a stop string cuts the text short of the ids
-            return
+        # A stop string cut the text short of the ids: reply_ids keeps those up to the cut.
         # As kept (tidied) and as streamed: an API client sends back the text it was given.
-        for text in dict.fromkeys((reply.text, run.text())):
+        for text in dict.fromkeys((reply.text, reply.streamed_text)):
             ids = reply_ids(loaded.tokenizer, run.stats.new_ids, prompt_format.stop_token_ids, text)
             if ids:
                 replies.remember(text, ids)
