@@ -131,8 +131,12 @@ def add_perplexity_arguments(check: argparse.ArgumentParser) -> None:
         "--window", type=_positive, metavar="N", help="tokens per forward (default: the context, at most 1024)"
     )
     scoring.add_argument("--stride", type=_positive, metavar="N", help="tokens between windows (default: half)")
-    scoring.add_argument("--device", choices=("cpu", "gpu", "sharded", "auto"), default="auto")
-    scoring.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    scoring.add_argument(
+        "--device", choices=("cpu", "gpu", "sharded", "auto"), default="auto", help="where the model runs"
+    )
+    scoring.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="weight precision"
+    )
     scoring.add_argument("--quantize", type=int, choices=(4, 8), help="quantize ChatGLM layers to int4 or int8")
     scoring.add_argument("--adapter", metavar="DIR", help="a LoRA or P-tuning v2 folder to put on the model")
 

@@ -158,7 +158,7 @@ def test_check_with_ppl_loads_and_scores(trained_checkpoint, texts, capsys, app)
     [
         (["--ppl", "absent.txt"], 1, "absent.txt: no such file"),
         (["--ppl", "held-out.txt", "--window", "65"], 1, "longer than the model's context (64)"),
-        (["--ppl", "held-out.txt", "--quantize", "4"], 1, "error: "),
+        (["--ppl", "held-out.txt", "--adapter", "."], 1, "is not an adapter folder"),
         (["--window", "8"], 2, "--window goes with --ppl FILE"),
     ],
 )
