@@ -141,6 +141,27 @@ def test_overlapping_windows_equal_the_documented_loop(qwen_checkpoint):
     assert result.mean_nll == pytest.approx(nll_sum / counted, rel=1e-5)
 
 
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A model whose forward takes no ``logits_to_keep``, as some checkpoints' own code."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids, use_cache=None):
+        return self.model(input_ids=input_ids, use_cache=use_cache)
+
+
+def test_a_model_without_logits_to_keep_gives_the_same_number(qwen_checkpoint):
+    model = loaded(qwen_checkpoint)
+    ids = text_ids(model.tokenizer, SHORT * 2)
+    plain = perplexity_of_ids(WithoutLogitsToKeep(model.model), ids, [], 24, 10)
+    assert plain.mean_nll == pytest.approx(perplexity_of_ids(model.model, ids, [], 24, 10).mean_nll, rel=1e-6)
+
+
 # -- the ChatGLM families, quantized and with adapters -----------------------------------
 
 
@@ -151,8 +172,9 @@ def test_overlapping_windows_equal_the_documented_loop(qwen_checkpoint):
         ("glm4-tiny", {}),
         ("chatglm2-int4-tiny", {}),
         ("chatglm2-tiny", {"adapter": DATA / "chatglm2-lora-tiny"}),
+        ("chatglm2-tiny", {"adapter": DATA / "chatglm2-ptuning-tiny"}),
     ],
-    ids=["chatglm2", "glm4", "int4", "lora"],
+    ids=["chatglm2", "glm4", "int4", "lora", "ptuning"],
 )
 def test_glm_families_score_after_gmask_sop(name, options):
     model = loaded(DATA / name, **options)
@@ -275,6 +297,9 @@ def test_missing_folder_and_unreadable(tmp_path, monkeypatch):
         read_text(tmp_path / "absent.txt")
     with pytest.raises(PerplexityError, match="is a folder"):
         read_text(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(PerplexityError, match="is not a regular file"):
+        read_text(tmp_path / "pipe")
     locked = tmp_path / "locked.txt"
     locked.write_text("secret words")
     locked.chmod(0)
@@ -295,3 +320,15 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffHello".encode())
     assert read_text(bom) == "Hello"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_on_a_gpu_the_number_is_the_cpu_one(trained, trained_checkpoint, dtype):
+    """The inputs go to the model's device and the loss is summed in float32 whatever the weights' dtype."""
+    on_cpu = perplexity_of_text(trained.model, trained.tokenizer, HELD_OUT, 64, 32)
+    gpu = loaded(trained_checkpoint, mode="gpu", dtype=dtype)
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    on_gpu = perplexity_of_text(gpu.model, gpu.tokenizer, HELD_OUT, 64, 32)
+    assert on_gpu.tokens == on_cpu.tokens
+    assert on_gpu.perplexity == pytest.approx(on_cpu.perplexity, rel=1e-4 if dtype == "float32" else 2e-2)

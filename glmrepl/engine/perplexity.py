@@ -86,6 +86,8 @@ def read_text(path: Path | str) -> str:
         raise PerplexityError(f"{path} is a folder: give a text file")
     if not path.exists():
         raise PerplexityError(f"{path}: no such file")
+    if not path.is_file():  # a pipe or a device could be read for ever
+        raise PerplexityError(f"{path} is not a regular file: give a text file")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -106,15 +108,20 @@ def read_text(path: Path | str) -> str:
 
 def text_prefix(tokenizer: Any, model: Any = None) -> list[int]:
     """The ids each window starts with (see the module docstring); fed, never scored."""
-    gmask, sop = getattr(tokenizer, "gmask_token_id", None), getattr(tokenizer, "bos_token_id", None)
-    if type(model).__name__ == "ChatGLM1ForCausalLM" and gmask is not None and sop is not None:
-        return [gmask, sop]
+    if model is not None and _is_chatglm1(model):
+        return [tokenizer.gmask_token_id, tokenizer.bos_token_id]  # [gMASK] <sop>
     plain = list(tokenizer.encode(_PREFIX_PROBE, add_special_tokens=False))
     marked = list(tokenizer.encode(_PREFIX_PROBE, add_special_tokens=True))
     for start in range(len(marked) - len(plain) + 1):
         if marked[start : start + len(plain)] == plain:
             return marked[:start]
     return []
+
+
+def _is_chatglm1(model: Any) -> bool:
+    from .families.chatglm.glm1_model import ChatGLM1ForCausalLM  # torch is in: a model is loaded
+
+    return isinstance(model, ChatGLM1ForCausalLM)
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -174,9 +181,21 @@ def window_nll(model: Any, prefix: list[int], ids: list[int], window: Window) ->
     device = _input_device(model)
     input_ids = torch.tensor([fed], dtype=torch.long, device=device)
     kept = window.targets + 1  # logits of the positions that predict the targets (and the last, unused)
-    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=kept).logits[0, -kept:-1]
+    logits = _last_logits(model, input_ids, kept)[0, -kept:-1]
     targets = torch.tensor(ids[window.first_target : window.end], dtype=torch.long, device=logits.device)
     return float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+def _last_logits(model: Any, input_ids: Any, kept: int) -> Any:
+    """Logits of at least the last ``kept`` positions: only those when the model can skip the others
+    (a vocabulary-wide row per position is most of a forward's memory); a checkpoint's own code
+    that lacks ``logits_to_keep`` gives them all."""
+    try:
+        return model(input_ids=input_ids, use_cache=False, logits_to_keep=kept).logits
+    except TypeError as error:
+        if "logits_to_keep" not in str(error):
+            raise
+        return model(input_ids=input_ids, use_cache=False).logits
 
 
 def perplexity_of_ids(
