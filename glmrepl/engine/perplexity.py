@@ -19,6 +19,12 @@ so text there would be read with its future in view. Its tokenizer appends
 ``[gMASK] <sop>`` after a prompt; here each window starts with them and the
 whole text follows in the causal part, where the model generates replies. Each
 token is then predicted from the text before it only, as with the other models.
+
+``window`` counts the prefix, so a window never exceeds the model's context.
+Windows run one by one under ``torch.inference_mode``; between two, a
+``threading.Event`` can stop the run and a callback hears how many tokens are
+scored. ``PerplexityJob`` runs it all in a thread for front ends, which show
+its progress and cancel it (LocalBackend.start_perplexity starts one).
 """
 
 from __future__ import annotations
