@@ -31,7 +31,7 @@ def texts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("texts")
     files = {
         "held-out.txt": grammar_text(12, seed=99).encode(),
-        "long.txt": grammar_text(400, seed=5).encode(),
+        "long.txt": grammar_text(2000, seed=5).encode(),  # over a thousand windows: Ctrl-C comes first
         "latin1.txt": "café au lait".encode("latin-1"),
         "empty.txt": b"",
         "one-token.txt": b"a",
@@ -108,7 +108,7 @@ def test_progress_bar_and_ctrl_c_keep_the_repl(app, texts, monkeypatch):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (started and started[0].scored):
             time.sleep(0.02)
-        time.sleep(0.3)  # the bar is redrawn every 0.1 s
+        time.sleep(0.25)  # the bar is redrawn every 0.1 s
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
