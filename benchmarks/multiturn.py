@@ -515,11 +515,11 @@ def measure(args, model: Path, threads: int) -> dict:
 def against_repl(served: list[dict], repl: list[dict]) -> dict:
     """Turns where the streamed reply is not the REPL's. The server builds its prompts from the
     texts it sent: with the same texts, the same prompts. Streamed deltas are the reply before
-    the chat format's clean_reply (a strip), the REPL's history after it: both are compared."""
+    the chat format's clean_reply (trailing spaces go), the REPL's history after it: both are compared."""
     pairs = [(s["with"]["reply"], r["with"]["text"]) for s, r in zip(served, repl)]
     return {
         "differing_turns": [turn for turn, (a, b) in enumerate(pairs, 1) if a != b],
-        "differing_turns_after_strip": [turn for turn, (a, b) in enumerate(pairs, 1) if a.strip() != b],
+        "differing_turns_after_strip": [turn for turn, (a, b) in enumerate(pairs, 1) if a.rstrip() != b],
         "differing_prompt_tokens": [
             s["turn"] for s, r in zip(served, repl) if s["with"]["prompt_tokens"] != r["with"]["prompt_tokens"]
         ],
@@ -532,9 +532,9 @@ def against_repl_line(figures: dict) -> str:
         return "streamed replies identical to the REPL's: yes"
     line = f"streamed replies identical to the REPL's: NO at turns {exact}"
     if stripped:
-        return f"{line}, even after strip() at turns {stripped}"
+        return f"{line}, even without trailing spaces at turns {stripped}"
     return (
-        f"{line}; after strip() yes (the REPL keeps a reply stripped, the stream sends it as generated;"
+        f"{line}; without trailing spaces yes (the REPL keeps a reply so, the stream sends it as generated;"
         f" prompt tokens differ from turn {min(figures['differing_prompt_tokens'], default='-')})"
     )
 

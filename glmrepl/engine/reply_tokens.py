@@ -23,9 +23,8 @@ from typing import Any
 # text, which byte-level tokenizers keep apart from the template's text around it.
 MARKER = "\U000f0000"
 DEFAULT_MAX_IDS = 1 << 20  # about 8 MB of Python ints: a few thousand replies
-# Where the text ends inside a generated id: how far back to look for where it can be rebuilt.
-MAX_RETOKENIZED_IDS, MAX_RETOKENIZED_CHARACTERS = 4, 8
-MAX_TRAILING_IDS = 32  # ids after the text shown (spaces, cut characters) that a reply may leave out
+# How far back from a reply's end to look for ids that end where its text does.
+MAX_TRAILING_IDS = 48
 
 
 class ReplyTokens:
@@ -66,34 +65,23 @@ class ReplyTokens:
 
 
 def reply_ids(tokenizer: Any, new_ids: list[int], stop_ids: list[int], text: str) -> list[int] | None:
-    """The first ids of a finished reply that stand for ``text`` exactly, or None.
+    """Ids that stand for ``text`` exactly, as many of them generated ones as can be; or None.
 
-    The end-of-turn id is left to the template; so are the last few ids when the text shown
-    leaves them out (trailing spaces, a character cut in two by the length limit). A text
-    that is not the beginning of what the ids decode to (a stripped start) has none.
+    The end-of-turn id is left to the template. The text shown may leave out the last few ids
+    (trailing spaces, a character the length limit cut in two) or end inside one (an id holding a
+    character's last byte and the cut one's first): then the ids before it stand for the text's
+    beginning and its last characters are tokenized again. A text that is not what the ids begin
+    with (a stripped start) has none.
     """
     ids = list(new_ids)
     while ids and ids[-1] in stop_ids:
         ids.pop()
-    generated = list(ids)
-    for _ in range(MAX_TRAILING_IDS + 1):
-        if not ids:
-            return None
-        decoded = _decoded(tokenizer, ids)
-        if decoded == text:
-            return ids
-        if not decoded.startswith(text):
-            break
-        ids.pop()
-    return _with_a_retokenized_end(tokenizer, generated, text)
-
-
-def _with_a_retokenized_end(tokenizer: Any, ids: list[int], text: str) -> list[int] | None:
-    """The text ends inside a generated id (one that also holds a cut character's first bytes):
-    the ids before it and the text's last few characters tokenized, where that is the text."""
-    for kept in range(len(ids) - 1, max(len(ids) - MAX_RETOKENIZED_IDS, 0) - 1, -1):
-        for characters in range(1, min(MAX_RETOKENIZED_CHARACTERS, len(text)) + 1):
-            candidate = ids[:kept] + tokenizer.encode(text[-characters:], add_special_tokens=False)
+    for kept in range(len(ids), max(len(ids) - MAX_TRAILING_IDS, 0), -1):
+        head = _decoded(tokenizer, ids[:kept])
+        if head == text:
+            return ids[:kept]
+        if text.startswith(head):
+            candidate = ids[:kept] + tokenizer.encode(text[len(head) :], add_special_tokens=False)
             if _decoded(tokenizer, candidate) == text:
                 return candidate
     return None
