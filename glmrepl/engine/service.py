@@ -20,13 +20,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chat import ChatSession, FittedPrompt
-from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, MaxLengthExceeded, NoModelLoaded, QueueFull
+from .errors import (
+    ContextLengthExceeded,
+    EmptyPrompt,
+    GlmreplError,
+    MaxLengthExceeded,
+    NoModelLoaded,
+    QueueFull,
+    ToolsUnsupported,
+)
 from .prefix_cache import reuse_refused
 from .protocols import PromptFormat
 from .settings import Settings
 from .stops import StopStrings
+from .tool_calls import ParsedReply, ToolCall, ToolStream, parse_reply, uses_tools
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class ModelStatus:
     sampling_defaults: dict = field(default_factory=dict)
     adapter: str | None = None  # the adapter in use, described
     adapter_path: Any = None
+    tool_syntax: str | None = None  # how the format's model writes tool calls; None: it takes no tools
 
 
 def status_of(loaded: Any, serial: int) -> ModelStatus:
@@ -66,6 +76,7 @@ def status_of(loaded: Any, serial: int) -> ModelStatus:
         dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
         adapter.describe() if adapter else None,
         adapter.info.path if adapter else None,
+        getattr(prompt_format, "tool_syntax", None),
     )
 
 
@@ -129,8 +140,13 @@ class Reply:
         stop: list[str] | tuple[str, ...],
         release,
         keep_cache=None,
+        tools: list[dict] | None = None,
     ):
         self.run = run
+        # The functions the reply may call, and how its model writes a call (tool_calls.py).
+        self.tool_names = {f["name"] for f in tools or []}
+        self.tool_syntax = getattr(prompt_format, "tool_syntax", None) if tools else None
+        self._parsed: ParsedReply | None | bool = False  # False: not read yet
         self._keep_cache = keep_cache
         self.prompt_tokens = len(fitted.ids)
         self.dropped_turns = fitted.dropped_turns
@@ -148,18 +164,24 @@ class Reply:
         if self._deltas is not None or self._closed:
             raise GlmreplError("a reply can be streamed only once")
         self._deltas = iter(self.run)
+        held = ToolStream(self.tool_syntax) if self.tool_syntax else None
         try:
             for delta in self._deltas:
                 delta = self._stops.push(delta)
                 if delta:
                     self._emitted.append(delta)
-                    yield delta
+                    shown = held.push(delta) if held else delta
+                    if shown:
+                        yield shown
                 if self._stops.hit:
                     self.run.cancel()
                     break
             tail = "" if self._stops.hit else self._stops.flush()
             if tail:
                 self._emitted.append(tail)
+            if held:  # the reply has ended: what was held back is text unless it is a call
+                tail = held.push(tail) + held.finish(bool(self.tool_calls))
+            if tail:
                 yield tail
         finally:
             self.close()
@@ -198,10 +220,24 @@ class Reply:
 
     @property
     def finish_reason(self) -> str:
-        """ "stop" (end of turn or a stop string), "length", or "cancelled"."""
+        """ "stop" (end of turn or a stop string), "tool_calls", "length", or "cancelled"."""
         if self._stops.hit or self.stats.stop_reason == "end":
-            return "stop"
+            return "tool_calls" if self.tool_calls else "stop"
         return self.stats.stop_reason
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls the finished reply makes: none unless it ended by itself (a call cut by
+        max_tokens is not one) and its text parses as calls of the listed functions."""
+        if self._parsed is False:
+            self._parsed = None
+            ended = self._stops.hit or self.stats.stop_reason == "end"
+            if self.tool_syntax and ended:
+                self._parsed = parse_reply(self._raw_text(), self.tool_syntax, self.tool_names)
+        return self._parsed.calls if isinstance(self._parsed, ParsedReply) else []
+
+    def _raw_text(self) -> str:
+        return "".join(self._emitted) if self._stops.hit else self.run.text()
 
     @property
     def hit_context_end(self) -> bool:
@@ -211,8 +247,9 @@ class Reply:
     @property
     def text(self) -> str:
         """The whole reply, decoded at once (authoritative over the deltas)."""
-        raw = "".join(self._emitted) if self._stops.hit else self.run.text()
-        return self.prompt_format.clean_reply(raw)
+        if self.tool_calls and isinstance(self._parsed, ParsedReply):
+            return self._parsed.content or ""
+        return self.prompt_format.clean_reply(self._raw_text())
 
     @property
     def kept(self) -> tuple[str, dict[str, str]] | None:
@@ -226,6 +263,8 @@ class Reply:
         if history_reply is None or self._stops.hit:  # a stop string is glmrepl's own cut: kept as shown
             return None
         fields = history_reply(list(self.stats.new_ids))
+        if self.tool_calls and "metadata" not in fields:  # the calls themselves are the reply kept
+            return None
         return None if fields == {"content": self.text} else (self.prompt_format.name, fields)
 
 
@@ -290,6 +329,12 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
     if loaded is None:
         raise NoModelLoaded("no model is loaded")
     prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
+    tools = None if policy.completion else conversation.tools
+    if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:
+        if uses_tools(conversation.as_dicts()):
+            raise ToolsUnsupported(
+                f"the model's prompt format ({prompt_format.name}) has no place for tools or tool messages"
+            )
     kwargs = settings.generation_kwargs()
     requested = kwargs["max_new_tokens"]
     try:
@@ -327,7 +372,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         if reusable and run.cache is not None:
             prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
 
-    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache)
+    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools)
 
 
 def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
@@ -383,7 +428,8 @@ def record_reply(session: ChatSession, reply: Reply) -> str:
     """Keep what was generated; an interrupted reply stays, marked as cut. Returns the text shown
     (the next prompt may hold the reply as its family keeps it: Reply.kept)."""
     text = reply.text
-    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept)
+    calls = [call.as_dict() for call in reply.tool_calls]
+    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept, tool_calls=calls)
     return text
 
 
@@ -406,9 +452,14 @@ def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) ->
         return None
 
 
-def conversation_from_messages(messages: list[dict]) -> ChatSession:
-    """A ChatSession from API-style messages; system messages become the system prompt."""
+def conversation_from_messages(messages: list[dict], tools: list[dict] | None = None) -> ChatSession:
+    """A ChatSession from API-style messages; system messages become the system prompt.
+
+    An assistant message may carry ``tool_calls`` ([{"id", "name", "arguments"}]), a ``tool``
+    message a ``tool_call_id``; ``tools`` are bare function dicts (tool_calls.normalize_tools).
+    """
     session = ChatSession()
+    session.tools = list(tools) if tools else None
     systems = []
     for index, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
@@ -420,8 +471,10 @@ def conversation_from_messages(messages: list[dict]) -> ChatSession:
             systems.append(content)
         elif role == "user":
             session.add_user(content)
+        elif role == "tool":
+            session.add_tool_result(content, message.get("tool_call_id"))
         else:
-            session.add_assistant(content)
+            session.add_assistant(content, tool_calls=message.get("tool_calls"))
     session.system = "\n".join(systems) or None
     if not session.messages:
         raise GlmreplError("messages must contain at least one user or assistant message")
