@@ -222,7 +222,7 @@ def test_tool_lists_are_validated():
 
     assert normalize_tools([WEATHER]) == normalize_tools([{"type": "function", "function": WEATHER}])
     for bad, where in [
-        ({"type": "function"}, "tools[0].function"),
+        ([{"type": "function"}], "tools[0].function"),
         ([{"type": "retrieval"}], "tools[0].type"),
         ([{"name": "bad name"}], "tools[0].name"),
         ([{"name": "f", "parameters": "x"}], "tools[0].parameters"),
