@@ -64,7 +64,9 @@ class ChatTemplateFormat(_TransformersTokenizerFormat):
         except Exception as error:  # jinja's raise_exception() and errors of the template's own code
             if not (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
                 raise
-            raise InvalidTools(f"the chat template refused the tool messages: {first_line(error)}", "messages") from None
+            raise InvalidTools(
+                f"the chat template refused the tool messages: {first_line(error)}", "messages"
+            ) from None
         return list(encoded["input_ids"])
 
     def clean_reply(self, text: str) -> str:

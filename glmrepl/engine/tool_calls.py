@@ -357,3 +357,47 @@ def template_messages(messages: list[dict]) -> tuple[list[dict] | None, list[dic
             message = {"role": "assistant", "content": message.get("content") or "", "tool_calls": calls}
         out.append(message)
     return (openai_tools(functions) if functions else None), out
+
+
+# -- OpenAI's wire shape (a remote server) -------------------------------------------------
+
+
+def wire_messages(messages: list[dict]) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) for an OpenAI-compatible server: calls with their arguments as JSON text."""
+    functions, rest = split_tools(messages)
+    out = []
+    for message in rest:
+        if message.get("tool_calls"):
+            calls = [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in message["tool_calls"]
+            ]
+            message = {"role": "assistant", "content": message.get("content") or None, "tool_calls": calls}
+        elif message["role"] == "tool":
+            message = {"role": "tool", "content": message["content"], "tool_call_id": message.get("tool_call_id")}
+        else:
+            message = {"role": message["role"], "content": message["content"]}
+        out.append(message)
+    return out, (openai_tools(functions) if functions else None)
+
+
+class StreamedCalls:
+    """Tool calls assembled from OpenAI stream deltas (``delta.tool_calls``), by index."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for delta in deltas or []:
+            part = self._parts.setdefault(int(getattr(delta, "index", 0) or 0), {"id": "", "name": "", "arguments": ""})
+            function = getattr(delta, "function", None)
+            part["id"] = getattr(delta, "id", None) or part["id"]
+            part["name"] += getattr(function, "name", None) or ""
+            part["arguments"] += getattr(function, "arguments", None) or ""
+
+    def calls(self) -> list[ToolCall]:
+        return [
+            ToolCall(part["id"] or new_call_id(), part["name"], part["arguments"] or "{}")
+            for _, part in sorted(self._parts.items())
+            if part["name"]
+        ]
