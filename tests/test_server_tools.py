@@ -16,7 +16,12 @@ from serving import error_of, request, started_server, wait_idle
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-CALL_PIECES = ["Checking.", "<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>"]
+CALL_PIECES = [
+    "Checking.",
+    "<tool_call>",
+    '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n',
+    "</tool_call>",
+]
 WEATHER = {
     "type": "function",
     "function": {
@@ -143,7 +148,10 @@ BAD_TOOL_REQUESTS = [
         {
             "messages": [
                 *QUESTION,
-                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+                },
             ]
         },
         "messages[1].tool_calls[0].function.arguments",
@@ -169,7 +177,10 @@ def test_a_template_without_tools_refuses_them(qwen_checkpoint, tmp_path):
         status, _, raw = request(server.port, "POST", "/v1/chat/completions", body)
         assert status == 400 and error_of(raw)["param"] == "tools"
         assert "has no place for tools" in error_of(raw)["message"]
-        body = {"model": "tiny-qwen2-chat", "messages": [*QUESTION, {"role": "tool", "tool_call_id": "c", "content": "x"}]}
+        body = {
+            "model": "tiny-qwen2-chat",
+            "messages": [*QUESTION, {"role": "tool", "tool_call_id": "c", "content": "x"}],
+        }
         status, _, raw = request(server.port, "POST", "/v1/chat/completions", body)
         assert status == 400 and error_of(raw)["param"] == "messages[1].role"
     finally:
