@@ -123,7 +123,7 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
         call = first.choices[0].message.tool_calls[0]
         follow_up = [
             *QUESTION,
-            first.choices[0].message.model_dump(exclude_none=True),
+            first.choices[0].message,  # as clients send it back: the whole message object
             {"role": "tool", "tool_call_id": call.id, "content": "21 degrees and sunny"},
         ]
         client.chat.completions.create(model="tiny-caller", messages=follow_up, tools=[WEATHER], max_tokens=16)
