@@ -185,3 +185,53 @@ def test_a_template_without_tools_refuses_them(qwen_checkpoint, tmp_path):
         assert status == 400 and error_of(raw)["param"] == "messages[1].role"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("family", ["chatglm3", "glm4"])
+def test_chatglm_tool_requests_build_the_familys_prompt(family):
+    """ChatGLM3 and GLM-4 through the server: the call and its result in the family's roles."""
+    from chatglm_reference import DATA
+    from serving import InProcessServer
+
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    # glm4-tiny's context is 512 tokens of a small vocabulary: a short schema leaves room.
+    small_weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(DATA / f"{family}-tiny", family))
+    prompts: list[str] = []
+    plan = backend.plan_reply
+
+    def recording_plan(conversation, settings, **policy):
+        loaded = backend.manager.current
+        prompts.append(
+            loaded.tokenizer.decode(loaded.prompt_format.build(conversation.as_dicts()), skip_special_tokens=False)
+        )
+        return plan(conversation, settings, **policy)
+
+    backend.plan_reply = recording_plan
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+    ]
+    with InProcessServer(create_app(ServerState(backend))) as server:
+        answer = _client(server).chat.completions.create(
+            model=family, messages=messages, tools=[small_weather], max_tokens=8, temperature=0
+        )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")  # random weights: any reply
+    prompt = prompts[-1]
+    call_text = '{"city": "Paris"}' if family == "glm4" else "tool_call(city='Paris')"
+    order = [
+        prompt.index("get_weather"),  # the tools block
+        prompt.index("What is the weather in Paris?"),
+        prompt.index(call_text),
+        prompt.index("<|observation|>"),
+        prompt.index("21 degrees"),
+    ]
+    assert order == sorted(order)
+    assert prompt.rstrip().endswith("<|assistant|>")

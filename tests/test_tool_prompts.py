@@ -231,3 +231,19 @@ def test_tool_lists_are_validated():
         with pytest.raises(InvalidTools) as error:
             normalize_tools(bad)
         assert error.value.where == where
+
+
+def test_a_conversation_with_tools_saves_restores_and_undoes():
+    session = _conversation(True)
+    session.add_assistant("It is 21 degrees.")
+    restored = ChatSession()
+    restored.restore(json.loads(json.dumps(session.to_dict())))
+    assert restored.as_dicts() == session.as_dicts()
+    assert restored.tools == [WEATHER]
+    assert restored.undo() == 4 and restored.messages == []  # the reply, the result, the call, the question
+
+    waiting = _conversation(True)
+    waiting.messages.pop()  # the result again unanswered
+    assert [c["id"] for c in waiting.pending_calls] == ["call_1"]
+    waiting.add_tool_result("21", "call_1")
+    assert waiting.pending_calls == []
