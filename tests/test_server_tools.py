@@ -16,10 +16,12 @@ from serving import error_of, request, started_server, wait_idle
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+# Split where a forced call's start ends (tool_calls.forced_prefix), so that start is whole tokens.
 CALL_PIECES = [
     "Checking.",
     "<tool_call>",
-    '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n',
+    '\n{"name": "get_weather", "arguments": ',
+    '{"city": "Paris"}}\n',
     "</tool_call>",
 ]
 WEATHER = {
@@ -88,6 +90,24 @@ def test_without_tools_the_same_reply_is_text(tool_server):
     assert none.choices[0].finish_reason == "stop" and not none.choices[0].message.tool_calls
 
 
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"]
+)
+def test_a_forced_call_begins_in_the_prompt(tool_server, choice):
+    client = _client(tool_server)
+    free = client.chat.completions.create(model="tiny-caller", messages=QUESTION, tools=[WEATHER], temperature=0)
+    forced = client.chat.completions.create(
+        model="tiny-caller", messages=QUESTION, tools=[WEATHER], tool_choice=choice, temperature=0
+    )
+    [call] = forced.choices[0].message.tool_calls
+    assert forced.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert forced.choices[0].message.content is None  # the text before the call is skipped by the forcing
+    # The forced start (with one tool, "required" names it too) is prompt, not reply: two tokens.
+    assert forced.usage.prompt_tokens == free.usage.prompt_tokens + 2
+    assert forced.usage.completion_tokens == free.usage.completion_tokens - 3  # nor "Checking."
+
+
 def test_a_call_of_an_unlisted_function_is_text(tool_server):
     other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     answer = _client(tool_server).chat.completions.create(
@@ -140,7 +160,7 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
 
 BAD_TOOL_REQUESTS = [
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
-    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tools": "get_weather"}, "tools"),
@@ -205,12 +225,16 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
     prompts: list[str] = []
     plan = backend.plan_reply
 
+    sent: list[list[int]] = []
+
     def recording_plan(conversation, settings, **policy):
         loaded = backend.manager.current
         prompts.append(
             loaded.tokenizer.decode(loaded.prompt_format.build(conversation.as_dicts()), skip_special_tokens=False)
         )
-        return plan(conversation, settings, **policy)
+        reply = plan(conversation, settings, **policy)
+        sent.append(reply.prompt_ids)
+        return reply
 
     backend.plan_reply = recording_plan
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -223,8 +247,16 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
         answer = _client(server).chat.completions.create(
             model=family, messages=messages, tools=[small_weather], max_tokens=8, temperature=0
         )
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        _client(server).chat.completions.create(
+            model=family, messages=QUESTION, tools=[small_weather], tool_choice=named, max_tokens=8, temperature=0
+        )
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")  # random weights: any reply
-    prompt = prompts[-1]
+    # A named function is forced by writing its name as the reply's first line, after <|assistant|>.
+    tokenizer = backend.manager.current.tokenizer
+    name_line = tokenizer.encode("get_weather\n")
+    assert sent[-1][-len(name_line) - 1 :] == [tokenizer.get_command("<|assistant|>"), *name_line]
+    prompt = prompts[-2]
     call_text = '{"city": "Paris"}' if family == "glm4" else "tool_call(city='Paris')"
     order = [
         prompt.index("get_weather"),  # the tools block

@@ -247,3 +247,20 @@ def test_a_conversation_with_tools_saves_restores_and_undoes():
     assert [c["id"] for c in waiting.pending_calls] == ["call_1"]
     waiting.add_tool_result("21", "call_1")
     assert waiting.pending_calls == []
+
+
+def test_forced_calls_begin_in_each_syntax():
+    from glmrepl.engine.errors import InvalidTools
+    from glmrepl.engine.tool_calls import forced_prefix
+
+    one, two = [WEATHER], [WEATHER, {"name": "get_time"}]
+    assert forced_prefix("glm4", "", one) == forced_prefix("chatglm3", "get_weather", two) == "get_weather\n"
+    assert forced_prefix("hermes", "", two) == "<tool_call>\n"
+    assert forced_prefix("hermes", "get_time", two) == '<tool_call>\n{"name": "get_time", "arguments": '
+    assert forced_prefix("json", "", two) == '{"name": "'
+    with pytest.raises(InvalidTools) as error:
+        forced_prefix("glm4", "", two)
+    assert error.value.where == "tool_choice"
+    # What the model writes after a forced start parses with the start in front of it.
+    parsed = parse_reply("get_weather\n" + '{"city": "Paris"}', "glm4", {"get_weather"})
+    assert parsed is not None and parsed.calls[0].name == "get_weather"

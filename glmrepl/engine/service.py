@@ -33,7 +33,7 @@ from .prefix_cache import reuse_refused
 from .protocols import PromptFormat
 from .settings import Settings
 from .stops import StopStrings
-from .tool_calls import ParsedReply, ToolCall, ToolStream, parse_reply, uses_tools
+from .tool_calls import ParsedReply, ToolCall, ToolStream, forced_prefix, parse_reply, uses_tools
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -141,8 +141,11 @@ class Reply:
         release,
         keep_cache=None,
         tools: list[dict] | None = None,
+        prefix: str = "",
     ):
         self.run = run
+        self.prompt_ids = fitted.ids
+        self._prefix = prefix  # the start of a forced call, already in the prompt (tool_calls.forced_prefix)
         # The functions the reply may call, and how its model writes a call (tool_calls.py).
         self.tool_names = {f["name"] for f in tools or []}
         self.tool_syntax = getattr(prompt_format, "tool_syntax", None) if tools else None
@@ -165,6 +168,9 @@ class Reply:
             raise GlmreplError("a reply can be streamed only once")
         self._deltas = iter(self.run)
         held = ToolStream(self.tool_syntax) if self.tool_syntax else None
+        if held:
+            held.push(self._prefix)
+            held.shown = len(self._prefix)  # in the prompt, never streamed: only what follows is text
         try:
             for delta in self._deltas:
                 delta = self._stops.push(delta)
@@ -237,7 +243,7 @@ class Reply:
         return self._parsed.calls if isinstance(self._parsed, ParsedReply) else []
 
     def _raw_text(self) -> str:
-        return "".join(self._emitted) if self._stops.hit else self.run.text()
+        return self._prefix + ("".join(self._emitted) if self._stops.hit else self.run.text())
 
     @property
     def hit_context_end(self) -> bool:
@@ -260,7 +266,9 @@ class Reply:
         text shown leaves out: the next prompt's ids match the release's only with it.
         """
         history_reply = getattr(self.prompt_format, "history_reply", None)
-        if history_reply is None or self._stops.hit:  # a stop string is glmrepl's own cut: kept as shown
+        if (
+            history_reply is None or self._stops.hit or self._prefix
+        ):  # a forced call: its start is not in the ids  # a stop string is glmrepl's own cut: kept as shown
             return None
         fields = history_reply(list(self.stats.new_ids))
         if self.tool_calls and "metadata" not in fields:  # the calls themselves are the reply kept
@@ -282,6 +290,7 @@ def plan_reply(
     stop: list[str] | tuple[str, ...] = (),
     completion: bool = False,
     max_length: int | None = None,
+    force_call: str | None = None,
 ) -> Reply:
     """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
 
@@ -290,7 +299,8 @@ def plan_reply(
     left when max_new_tokens does not fit (else raise). ``completion``:
     continue the text as written, whatever the model's chat format.
     ``max_length``: prompt and reply together stay within it (ChatGLM's api.py;
-    MaxLengthExceeded when the prompt alone reaches it).
+    MaxLengthExceeded when the prompt alone reaches it). ``force_call``: the reply is a call of
+    that function ("": of any of the conversation's tools), begun in the prompt.
     """
     queue.admit()
     try:
@@ -307,7 +317,7 @@ def plan_reply(
             queue.leave(tokens, seconds)
 
     try:
-        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length)
+        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
         return _plan(manager.current, conversation, settings, policy, release, manager.prefixes, manager.batching)
     except BaseException:
         release()
@@ -321,6 +331,7 @@ class _Policy:
     stop: tuple[str, ...]
     completion: bool
     max_length: int | None
+    force_call: str | None = None
 
 
 def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, prefixes, batching) -> Reply:
@@ -352,6 +363,9 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         raise
     if not fitted.ids:
         raise EmptyPrompt("the prompt is empty: there is nothing to continue")
+    prefix = ""
+    if tools and policy.force_call is not None:
+        fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, policy.force_call)
     if policy.max_length is not None:
         fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
@@ -372,7 +386,26 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         if reusable and run.cache is not None:
             prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
 
-    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools)
+    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools, prefix)
+
+
+def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[dict], force: str):
+    """The prompt with the start of the call written after it, and that start (the reply's room
+    shrinks by its tokens where the context is the limit)."""
+    prefix = forced_prefix(str(getattr(prompt_format, "tool_syntax", "")), force, tools)
+    ids = fitted.ids + list(loaded.tokenizer.encode(prefix, add_special_tokens=False))
+    room = fitted.max_new_tokens
+    context_length = loaded.info.context_length
+    if context_length is not None:
+        room = min(room, context_length - len(ids))
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens; the messages and "
+                f"the start of the forced tool call take {len(ids)}",
+                len(ids),
+                context_length,
+            )
+    return FittedPrompt(ids, fitted.dropped_turns, room), prefix
 
 
 def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:

@@ -401,3 +401,24 @@ class StreamedCalls:
             for _, part in sorted(self._parts.items())
             if part["name"]
         ]
+
+
+# -- forcing a call -----------------------------------------------------------------
+
+
+def forced_prefix(syntax: str, force: str, functions: list[dict]) -> str:
+    """The start of the reply that makes it a call (``force``: a function's name, or "" for any
+    listed one), written into the prompt after the assistant's turn begins, so the model goes on
+    with the call. InvalidTools where the format's syntax cannot begin a call without its name."""
+    name = force or (functions[0]["name"] if len(functions) == 1 else "")
+    if syntax == "hermes":
+        return f'{HERMES_OPEN}\n{{"name": "{name}", "arguments": ' if name else f"{HERMES_OPEN}\n"
+    if syntax not in ("glm", "chatglm3", "glm4"):
+        return f'{{"name": "{name}", "parameters": ' if name else '{"name": "'
+    if not name:
+        raise InvalidTools(
+            "'tool_choice' = 'required' with several tools is not supported for this model "
+            "(its call begins with the function's name): name one function",
+            "tool_choice",
+        )
+    return f"{name}\n"

@@ -61,14 +61,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     refuse_invalid_text(body.model_dump(exclude_none=True))
     refuse_unsupported(body)
     messages = message_dicts(body.messages)
-    tools = chosen_tools(body)
+    tools, force_call = chosen_tools(body)
     try:
         conversation = conversation_from_messages(messages, tools)
     except GlmreplError as error:
         raise APIError(400, str(error), param="messages") from None
     _refuse_tools_without_syntax(state_of(request).require_model(body.model), messages, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(request, body, conversation, max_tokens, "chat")
+    return await _respond(request, body, conversation, max_tokens, "chat", force_call)
 
 
 def _refuse_tools_without_syntax(status: ModelStatus, messages: list[dict], tools: list[dict] | None) -> None:
@@ -111,6 +111,7 @@ async def _respond(
     conversation: ChatSession,
     max_tokens: int | None,
     kind: Literal["chat", "text"],
+    force_call: str | None = None,
 ):
     state = state_of(request)
     status = state.require_model(body.model)
@@ -120,8 +121,15 @@ async def _respond(
     settings = state.settings_for(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
+    forcing = {"force_call": force_call} if force_call is not None else {}
     reply = await state.plan(
-        conversation, settings, drop_oldest=False, shorten_reply=max_tokens is None, stop=stops, completion=completion
+        conversation,
+        settings,
+        drop_oldest=False,
+        shorten_reply=max_tokens is None,
+        stop=stops,
+        completion=completion,
+        **forcing,
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

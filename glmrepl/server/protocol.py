@@ -243,37 +243,31 @@ def _calls(calls: list[RequestToolCall], where: str) -> list[dict]:
     return out
 
 
-def chosen_tools(request: ChatCompletionRequest) -> list[dict] | None:
-    """The functions a reply may call, by ``tools`` and ``tool_choice`` (None: no tools offered).
+def chosen_tools(request: ChatCompletionRequest) -> tuple[list[dict] | None, str | None]:
+    """(the functions a reply may call, the call it must make), by ``tools`` and ``tool_choice``.
 
-    A named function is offered alone, as GLM-4's own demo does: glmrepl does not constrain
-    decoding, so neither it nor ``required`` can force a call; ``required`` is refused.
+    No tools offered: (None, None). ``auto``: (tools, None). ``required``: (tools, "") and a
+    named function: ([that function], its name), offered alone as GLM-4's own demo does; the
+    engine then begins the call in the prompt, so the model goes on with it.
     """
     choice = request.tool_choice
     if choice is not None and request.tools is None:
         raise APIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
     if request.tools is None:
-        return None
+        return None, None
     try:
         functions = normalize_tools(request.tools)
     except InvalidTools as error:
         raise APIError(400, str(error), param=error.where) from None
-    if choice in (None, "auto"):
-        return functions or None
-    if choice == "none":
-        return None
+    if choice in (None, "auto", "none") or not functions:
+        return (functions or None) if choice != "none" else None, None
     if choice == "required":
-        raise APIError(
-            400,
-            "'tool_choice' = 'required' is not supported (glmrepl cannot force a call; use 'auto' or name a function)",
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
+        return functions, ""
     name = _named_choice(choice)
     named = [f for f in functions if f["name"] == name]
     if not named:
         raise APIError(400, f"'tool_choice' names {name!r}, which 'tools' does not list", param="tool_choice")
-    return named
+    return named, name
 
 
 def _named_choice(choice: Any) -> str:
