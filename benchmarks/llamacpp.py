@@ -55,10 +55,7 @@ def measure(cache: Path, python: Path, threads: int, repeats: int) -> dict:
     import checkpoint
     import speed
 
-    folder = checkpoint.ensure_checkpoint(cache)
-    float_file = cache / "qwen2-0.5b-random-f32.gguf"
-    if not float_file.exists():
-        subprocess.run([str(python), __file__, "--write", str(folder), str(float_file)], check=True)
+    float_file = ensure_float_file(cache, python)
     ids = speed.prompt_ids(checkpoint.QWEN2_0_5B_SHAPE["vocab_size"])
     request = {"threads": threads, "repeats": repeats, "ids": ids, "new_tokens": speed.NEW_TOKENS, "files": {}}
     for label, file_type in FILE_TYPES.items():
@@ -67,6 +64,17 @@ def measure(cache: Path, python: Path, threads: int, repeats: int) -> dict:
         [str(python), __file__, "--child"], input=json.dumps(request), capture_output=True, text=True, check=True
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def ensure_float_file(cache: Path, python: Path) -> Path:
+    """The checkpoint's float32 GGUF file, written once by the llama environment (it has ``gguf``)."""
+    import checkpoint
+
+    folder = checkpoint.ensure_checkpoint(cache)
+    float_file = cache / "qwen2-0.5b-random-f32.gguf"
+    if not float_file.exists():
+        subprocess.run([str(python), __file__, "--write", str(folder), str(float_file)], check=True)
+    return float_file
 
 
 def write_gguf(folder: Path, target: Path) -> None:

@@ -60,7 +60,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, device: str, dtype: str, threads: int | None) -> tuple[subprocess.Popen, int]:
+def start_server(
+    model: Path, device: str, dtype: str, threads: int | None, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GLMREPL_API_KEY", None)
@@ -80,6 +82,7 @@ def start_server(model: Path, device: str, dtype: str, threads: int | None) -> t
             "--max-queue",
             "16",
             *(["--threads", str(threads)] if threads else []),
+            *extra,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -110,8 +113,9 @@ def served_model(port: int) -> str:
 class Server:
     """A `glmrepl serve` process and the model name it answers to."""
 
-    def __init__(self, model: Path, device: str, dtype: str, threads: int | None):
-        self.process, self.port = start_server(model, device, dtype, threads)
+    def __init__(self, model: Path, device: str, dtype: str, threads: int | None, extra: tuple[str, ...] = ()):
+        """``extra``: more `glmrepl serve` options (benchmarks/multiturn.py's --prefix-cache-mb)."""
+        self.process, self.port = start_server(model, device, dtype, threads, extra)
         self.model_id = served_model(self.port)
 
     def stop(self) -> None:

@@ -82,7 +82,8 @@ def test_chat_streamed_and_not_give_the_same_reply(chat_server):
     chunks = list(chat(chat_server, "Hello there", max_tokens=12, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed.strip() == choice.message.content  # the whole reply is the stream, tidied as the REPL keeps it
+    # The whole reply is the stream, trailing spaces gone as the REPL keeps it.
+    assert streamed.rstrip() == choice.message.content
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == choice.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -34,6 +34,7 @@ class FittedPrompt:
     ids: list[int]
     dropped_turns: int
     max_new_tokens: int  # the reply budget, shortened when one long message leaves less room
+    messages: list[dict] = field(default_factory=list)  # what the ids were built from
 
 
 class ChatSession:
@@ -128,14 +129,20 @@ class ChatSession:
         with a longer context sees everything again.
         """
         starts = _turn_starts(self.messages)
-        built: dict[int, list] = {}
+        built: dict[int, tuple[list[dict], list]] = {}
+
+        def built_without(dropped: int) -> tuple[list[dict], list]:
+            if dropped not in built:
+                dicts = self.as_dicts(self.messages[starts[dropped] :], prompt_format.name)
+                built[dropped] = dicts, prompt_format.build(dicts)
+            return built[dropped]
 
         def ids_without(dropped: int) -> list:
-            if dropped not in built:
-                built[dropped] = prompt_format.build(
-                    self.as_dicts(self.messages[starts[dropped] :], prompt_format.name)
-                )
-            return built[dropped]
+            return built_without(dropped)[1]
+
+        def fitted(dropped: int, room: int) -> FittedPrompt:
+            dicts, ids = built_without(dropped)
+            return FittedPrompt(ids, dropped, room, dicts)
 
         def fits(dropped: int) -> bool:
             return context_length is None or len(ids_without(dropped)) + max_new_tokens <= context_length
@@ -143,17 +150,17 @@ class ChatSession:
         # Fewer turns never make a longer prompt, so the fewest turns to drop are found by
         # bisection: a few prompt builds, not one per turn (a long history would be quadratic).
         if fits(0):
-            return FittedPrompt(ids_without(0), 0, max_new_tokens)
+            return fitted(0, max_new_tokens)
         low, high = 0, len(starts) - 1  # low does not fit; high is the newest turn alone
         if fits(high):
             while high - low > 1:
                 middle = (low + high) // 2
                 low, high = (low, middle) if fits(middle) else (middle, high)
-            return FittedPrompt(ids_without(high), high, max_new_tokens)
+            return fitted(high, max_new_tokens)
         ids = ids_without(high)
         assert context_length is not None  # fits() is always true without a limit
         if len(ids) < context_length:
-            return FittedPrompt(ids, high, context_length - len(ids))
+            return fitted(high, context_length - len(ids))
         raise GlmreplError(f"the message needs {len(ids)} tokens but the context holds {context_length}: shorten it")
 
     # -- persistence ---------------------------------------------------------

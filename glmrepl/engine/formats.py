@@ -36,6 +36,9 @@ class _TransformersTokenizerFormat:
         self.stop_token_ids = list(dict.fromkeys(eos_ids(tokenizer) + list(extra_stop_ids or [])))
         self.sampling_defaults: dict = {}
 
+    # The next prompt may hold a reply as the ids the model wrote (reply_tokens.splice_replies).
+    splices_replies = True
+
 
 class ChatTemplateFormat(_TransformersTokenizerFormat):
     """The checkpoint's own Jinja chat template (``tokenizer.apply_chat_template``)."""
@@ -70,7 +73,9 @@ class ChatTemplateFormat(_TransformersTokenizerFormat):
         return list(encoded["input_ids"])
 
     def clean_reply(self, text: str) -> str:
-        return text.strip()
+        # Trailing spaces go; a leading one stays: it is what was streamed, and the ids the
+        # model wrote can stand for the reply in the next prompt only with it (reply_tokens).
+        return text.rstrip()
 
 
 class CompletionFormat(_TransformersTokenizerFormat):

@@ -24,6 +24,7 @@ from .devices import Placement, move_model, plan_placement, release_freed_memory
 from .errors import DeviceError, GlmreplError, Hint, LoadCancelled, ModelLoadError, first_line
 from .loading import LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo, choose_format, load_model  # noqa: F401 (re-exported)
 from .prefix_cache import PrefixCache
+from .reply_tokens import ReplyTokens
 
 
 class ModelLease:
@@ -97,6 +98,8 @@ class ModelManager:
         self.job: LoadJob | None = None
         # Replies' KV caches; emptied by every change to the model (see prefix_cache).
         self.prefixes = PrefixCache()
+        # Replies' own ids, for the next prompt (see reply_tokens); they belong to one tokenizer.
+        self.replies = ReplyTokens()
         self.batching: Any = None  # batching.Batching when replies may decode together (glmrepl serve)
         self.lease = ModelLease(on_exclusive=self._model_changing)
         self.serial = 0  # counts installed models, so front ends notice a swap
@@ -105,6 +108,7 @@ class ModelManager:
     def _model_changing(self) -> None:
         """Every change to the model passes here, holding the lease alone: what belongs to the old state goes."""
         self.prefixes.clear()
+        self.replies.clear()
         if self.batching is not None:
             self.batching.model_changed()
 

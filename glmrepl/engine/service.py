@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .chat import ChatSession, FittedPrompt
@@ -31,6 +31,7 @@ from .errors import (
 )
 from .prefix_cache import reuse_refused
 from .protocols import PromptFormat
+from .reply_tokens import reply_ids, splice_replies
 from .settings import Settings
 from .stops import StopStrings
 from .tool_calls import ParsedReply, ToolCall, ToolStream, forced_prefix, parse_reply, uses_tools
@@ -204,7 +205,7 @@ class Reply:
             if self._deltas is not None:
                 self._deltas.close()  # waits for the worker to stop: the model is free after this
                 if self._keep_cache is not None:
-                    self._keep_cache()
+                    self._keep_cache(self)
         finally:
             ran = self._deltas is not None
             self._release(self.stats.new_tokens, self.stats.total_s if ran else None)
@@ -243,7 +244,7 @@ class Reply:
         return self._parsed.calls if isinstance(self._parsed, ParsedReply) else []
 
     def _raw_text(self) -> str:
-        return self._prefix + ("".join(self._emitted) if self._stops.hit else self.run.text())
+        return self._prefix + self.streamed_text  # a forced call's start is in the prompt, not the deltas
 
     @property
     def hit_context_end(self) -> bool:
@@ -252,10 +253,16 @@ class Reply:
 
     @property
     def text(self) -> str:
-        """The whole reply, decoded at once (authoritative over the deltas)."""
+        """The whole reply, decoded at once (authoritative over the deltas), tidied by its format;
+        of a reply that makes tool calls, the text before them."""
         if self.tool_calls and isinstance(self._parsed, ParsedReply):
             return self._parsed.content or ""
         return self.prompt_format.clean_reply(self._raw_text())
+
+    @property
+    def streamed_text(self) -> str:
+        """The reply as its deltas give it, before the format tidies it."""
+        return "".join(self._emitted) if self._stops.hit else self.run.text()
 
     @property
     def kept(self) -> tuple[str, dict[str, str]] | None:
@@ -266,9 +273,8 @@ class Reply:
         text shown leaves out: the next prompt's ids match the release's only with it.
         """
         history_reply = getattr(self.prompt_format, "history_reply", None)
-        if (
-            history_reply is None or self._stops.hit or self._prefix
-        ):  # a forced call: its start is not in the ids  # a stop string is glmrepl's own cut: kept as shown
+        # A stop string is glmrepl's own cut: kept as shown. A forced call's start is not in the ids.
+        if history_reply is None or self._stops.hit or self._prefix:
             return None
         fields = history_reply(list(self.stats.new_ids))
         if self.tool_calls and "metadata" not in fields:  # the calls themselves are the reply kept
@@ -318,7 +324,7 @@ def plan_reply(
 
     try:
         policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
-        return _plan(manager.current, conversation, settings, policy, release, manager.prefixes, manager.batching)
+        return _plan(manager.current, conversation, settings, policy, release, manager)
     except BaseException:
         release()
         raise
@@ -334,11 +340,12 @@ class _Policy:
     force_call: str | None = None
 
 
-def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, prefixes, batching) -> Reply:
+def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, manager) -> Reply:
     from .generate import GenerationRun
 
     if loaded is None:
         raise NoModelLoaded("no model is loaded")
+    prefixes, replies, batching = manager.prefixes, manager.replies, manager.batching
     prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
     tools = None if policy.completion else conversation.tools
     if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:
@@ -363,13 +370,15 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         raise
     if not fitted.ids:
         raise EmptyPrompt("the prompt is empty: there is nothing to continue")
+    reusable = reuse_refused(loaded.info.family) is None
+    if reusable and getattr(prompt_format, "splices_replies", False):
+        fitted = _with_reply_ids(fitted, prompt_format, replies, loaded.info.context_length)
     prefix = ""
     if tools and policy.force_call is not None:
         fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, policy.force_call)
     if policy.max_length is not None:
         fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
-    reusable = reuse_refused(loaded.info.family) is None
     run: Any = GenerationRun(
         loaded.model,
         loaded.tokenizer,
@@ -382,9 +391,19 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
     if batching is not None:
         run = batching.run_for(loaded, run, kwargs, settings.get("seed"))
 
-    def keep_cache() -> None:  # called while the reply still holds the model: the cache is for this model
-        if reusable and run.cache is not None:
+    def keep_cache(reply: Reply) -> None:  # called while the reply still holds the model: all is for this model
+        if not reusable:
+            return
+        if run.cache is not None:
             prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
+        if reply.tool_calls or prefix:  # the next prompt renders the calls, never the text they came as
+            return
+        # A stop string cut the text short of the ids: reply_ids keeps those up to the cut.
+        # As kept (tidied) and as streamed: an API client sends back the text it was given.
+        for text in dict.fromkeys((reply.text, reply.streamed_text)):
+            ids = reply_ids(loaded.tokenizer, run.stats.new_ids, prompt_format.stop_token_ids, text)
+            if ids:
+                replies.remember(text, ids)
 
     return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools, prefix)
 
@@ -405,7 +424,15 @@ def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[d
                 len(ids),
                 context_length,
             )
-    return FittedPrompt(ids, fitted.dropped_turns, room), prefix
+    return replace(fitted, ids=ids, max_new_tokens=room), prefix
+
+
+def _with_reply_ids(fitted: FittedPrompt, prompt_format, replies, context_length: int | None) -> FittedPrompt:
+    """The fitted prompt with its replies as the model wrote them, where that keeps to the budget."""
+    ids = splice_replies(prompt_format, fitted.messages, fitted.ids, replies)
+    if ids is fitted.ids or (context_length is not None and len(ids) + fitted.max_new_tokens > context_length):
+        return fitted
+    return replace(fitted, ids=ids)
 
 
 def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
@@ -418,7 +445,7 @@ def _within_max_length(fitted: FittedPrompt, max_length: int) -> FittedPrompt:
     if len(fitted.ids) >= max_length:
         raise _max_length_exceeded(len(fitted.ids), max_length)
     room = min(fitted.max_new_tokens, max_length - len(fitted.ids))
-    return FittedPrompt(fitted.ids, fitted.dropped_turns, room)
+    return replace(fitted, max_new_tokens=room)
 
 
 def completion_format(loaded: Any) -> PromptFormat:
@@ -441,11 +468,12 @@ def fit_prompt(
     """Prompt ids for the conversation within the context, by the front end's policy."""
     if drop_oldest and shorten_reply:
         return conversation.fit(prompt_format, context_length, max_new_tokens)
-    ids = prompt_format.build(conversation.as_dicts(for_format=prompt_format.name))
+    dicts = conversation.as_dicts(for_format=prompt_format.name)
+    ids = prompt_format.build(dicts)
     if context_length is None or len(ids) + max_new_tokens <= context_length:
-        return FittedPrompt(ids, 0, max_new_tokens)
+        return FittedPrompt(ids, 0, max_new_tokens, dicts)
     if shorten_reply and len(ids) < context_length:
-        return FittedPrompt(ids, 0, context_length - len(ids))
+        return FittedPrompt(ids, 0, context_length - len(ids), dicts)
     asked = f"{len(ids) + max_new_tokens} tokens ({len(ids)} in the messages, {max_new_tokens} in the completion)"
     if len(ids) >= context_length:
         asked = f"{len(ids)} tokens in the messages"

@@ -185,6 +185,8 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
     backend.manager.prefixes.configure(
         PREFIX_CACHE_ENTRIES if args.prefix_cache_mb else 0, args.prefix_cache_mb * 2**20
     )
+    if not args.prefix_cache_mb:  # no reuse: prompts hold replies as their text tokenizes
+        backend.manager.replies.max_ids = 0
     if not args.no_batching and args.max_batch > 1:
         backend.enable_batching(args.max_batch)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)

@@ -1,0 +1,143 @@
+"""A reply's own token ids, put back into the next prompt in place of its re-tokenized text.
+
+The next turn's prompt holds the last reply as text, and tokenizing that text
+seldom gives the ids the model generated (a model may write "hel" + "lo" where
+the tokenizer merges "hello"). The cached keys and values are those of the
+generated ids, so a re-tokenized reply would end the reusable prefix where the
+reply starts and every turn would read every reply again. As llama.cpp's REPL
+does, the prompt keeps a reply as the ids the model wrote: the same text, one
+valid tokenization of it, and the one the model has already read.
+
+Safety: a spliced prompt is used only when it decodes to exactly the text of
+the freshly built one; anything else (a template that rewrites a reply, a
+marker that does not survive tokenization) falls back to the fresh prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+# Stands for a reply while the prompt is built: a plane-15 private-use character, never in real
+# text, which byte-level tokenizers keep apart from the template's text around it.
+MARKER = "\U000f0000"
+DEFAULT_MAX_IDS = 1 << 20  # about 8 MB of Python ints: a few thousand replies
+# Where the text ends inside a generated id: how far back to look for where it can be rebuilt.
+MAX_RETOKENIZED_IDS, MAX_RETOKENIZED_CHARACTERS = 4, 8
+MAX_TRAILING_IDS = 32  # ids after the text shown (spaces, cut characters) that a reply may leave out
+
+
+class ReplyTokens:
+    """Recent replies' text and the ids that made it, least recently used dropped first."""
+
+    def __init__(self, max_ids: int = DEFAULT_MAX_IDS):
+        self.max_ids = max_ids
+        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def remember(self, text: str, ids: list[int]) -> None:
+        if not text or not ids or len(ids) > self.max_ids:
+            return
+        with self._lock:
+            old = self._replies.pop(text, None)
+            self._held -= len(old) if old else 0
+            self._replies[text] = tuple(ids)
+            self._held += len(ids)
+            while self._held > self.max_ids:
+                _, dropped = self._replies.popitem(last=False)
+                self._held -= len(dropped)
+
+    def lookup(self, text: str) -> tuple[int, ...] | None:
+        with self._lock:
+            ids = self._replies.get(text)
+            if ids is not None:
+                self._replies.move_to_end(text)
+            return ids
+
+    def clear(self) -> None:
+        with self._lock:
+            self._replies.clear()
+            self._held = 0
+
+
+def reply_ids(tokenizer: Any, new_ids: list[int], stop_ids: list[int], text: str) -> list[int] | None:
+    """The first ids of a finished reply that stand for ``text`` exactly, or None.
+
+    The end-of-turn id is left to the template; so are the last few ids when the text shown
+    leaves them out (trailing spaces, a character cut in two by the length limit). A text
+    that is not the beginning of what the ids decode to (a stripped start) has none.
+    """
+    ids = list(new_ids)
+    while ids and ids[-1] in stop_ids:
+        ids.pop()
+    generated = list(ids)
+    for _ in range(MAX_TRAILING_IDS + 1):
+        if not ids:
+            return None
+        decoded = _decoded(tokenizer, ids)
+        if decoded == text:
+            return ids
+        if not decoded.startswith(text):
+            break
+        ids.pop()
+    return _with_a_retokenized_end(tokenizer, generated, text)
+
+
+def _with_a_retokenized_end(tokenizer: Any, ids: list[int], text: str) -> list[int] | None:
+    """The text ends inside a generated id (one that also holds a cut character's first bytes):
+    the ids before it and the text's last few characters tokenized, where that is the text."""
+    for kept in range(len(ids) - 1, max(len(ids) - MAX_RETOKENIZED_IDS, 0) - 1, -1):
+        for characters in range(1, min(MAX_RETOKENIZED_CHARACTERS, len(text)) + 1):
+            candidate = ids[:kept] + tokenizer.encode(text[-characters:], add_special_tokens=False)
+            if _decoded(tokenizer, candidate) == text:
+                return candidate
+    return None
+
+
+def splice_replies(prompt_format: Any, messages: list[dict], fresh: list[int], memory: ReplyTokens) -> list[int]:
+    """``fresh`` (the prompt built from ``messages``) with each remembered reply as the ids the
+    model generated; ``fresh`` itself unless the result decodes to the same text."""
+    known = [memory.lookup(m["content"]) if m.get("role") == "assistant" else None for m in messages]
+    replies = [ids for ids in known if ids]
+    if not replies:
+        return fresh
+    tokenizer = prompt_format.tokenizer
+    marked = [dict(m, content=MARKER) if ids else m for m, ids in zip(messages, known)]
+    try:
+        pieces = _split(prompt_format.build(marked), tokenizer.encode(MARKER, add_special_tokens=False))
+    except Exception:  # a template that refuses the marked conversation: keep the fresh prompt
+        return fresh
+    if pieces is None or len(pieces) != len(replies) + 1:
+        return fresh
+    spliced = list(pieces[0])
+    for ids, piece in zip(replies, pieces[1:]):
+        spliced += ids
+        spliced += piece
+    if spliced == fresh or _decoded(tokenizer, spliced) != _decoded(tokenizer, fresh):
+        return fresh
+    return spliced
+
+
+def _split(ids: list[int], marker: list[int]) -> list[list[int]] | None:
+    """``ids`` cut at each occurrence of ``marker`` (None for an empty marker)."""
+    if not marker:
+        return None
+    pieces, start, index, width = [], 0, 0, len(marker)
+    while index <= len(ids) - width:
+        if ids[index] == marker[0] and ids[index : index + width] == marker:
+            pieces.append(ids[start:index])
+            index += width
+            start = index
+        else:
+            index += 1
+    pieces.append(ids[start:])
+    return pieces
+
+
+def _decoded(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
