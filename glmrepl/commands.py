@@ -15,7 +15,7 @@ from pathlib import Path
 from .app import App
 from .engine.errors import GlmreplError, LoadCancelled
 from .hints import explain, slash_words
-from .results import Error, Exit, Generate, Table, TerminalEscape, Text, WaitForLoad
+from .results import Error, Exit, Generate, Table, TerminalEscape, Text, WaitForLoad, WaitForTask
 from .tool_commands import cmd_observe, cmd_tools, describe_call
 
 Handler = Callable[[App, str], object]
@@ -415,6 +415,15 @@ def cmd_next(app: App, args: str):
     return Table(["token", "id", "probability"], rows, title=f"{k} most likely next tokens")
 
 
+def cmd_ppl(app: App, args: str):
+    if not args:
+        return Error("usage: /ppl FILE (the loaded model's perplexity on a text file)")
+    _require_ability(app, "start_perplexity", "/ppl")
+    app.require_model()
+    job = app.backend.start_perplexity(Path(args).expanduser())
+    return WaitForTask(job, lambda result: Text(result.describe()))
+
+
 def cmd_copy(app: App, args: str):
     reply = app.session.last_reply
     if reply is None:
@@ -480,6 +489,24 @@ def complete_setting(app: App, prefix: str) -> list[str]:
     from .engine.settings import SETTINGS
 
     return list(SETTINGS)
+
+
+def complete_path(app: App, prefix: str) -> list[str]:
+    """Files and folders (with a trailing /) whose path starts with ``prefix``."""
+    import os
+
+    folder, _, start = prefix.rpartition("/")
+    where = Path(folder or ("/" if prefix.startswith("/") else ".")).expanduser()
+    try:
+        names = sorted(os.listdir(where))
+    except OSError:
+        return []
+    head = f"{folder}/" if folder or prefix.startswith("/") else ""
+    return [
+        head + name + ("/" if (where / name).is_dir() else "")
+        for name in names
+        if name.startswith(start) and (start.startswith(".") or not name.startswith("."))
+    ]
 
 
 def complete_command(app: App, prefix: str) -> list[str]:
@@ -551,6 +578,14 @@ for _command in (
     Command("load", "/load FILE", "load a saved conversation (and its model)", cmd_load),
     Command("stats", "/stats", "figures of the last reply", cmd_stats),
     Command("next", "/next [K]", "the K most likely next tokens, without generating", cmd_next),
+    Command(
+        "ppl",
+        "/ppl FILE",
+        "the model's perplexity on a text file (sliding windows; lower is better; Ctrl-C stops)",
+        cmd_ppl,
+        (),
+        complete_path,
+    ),
     Command("copy", "/copy", "send the last reply to the terminal's clipboard (OSC 52, works over SSH)", cmd_copy),
     Command("exit", "/exit", "leave glmrepl (Ctrl-D does too)", cmd_exit, ("quit", "q")),
 ):

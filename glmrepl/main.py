@@ -18,6 +18,7 @@ EPILOG = """\
 other commands (each has --help):
   glmrepl list               list the local checkpoints and whether each is ready
   glmrepl check DIR          verify a checkpoint folder offline; say what to fix
+                             (--ppl FILE: then load it and print its perplexity on a text)
   glmrepl download REPO_ID   fetch what offline use of a hub repository needs (needs network)
   glmrepl serve MODEL        serve a model over HTTP (an OpenAI-style chat API)
 

@@ -90,6 +90,14 @@ MAX_COLUMN = 48  # a column other than the last is cut (with …) beyond this
 MIN_LAST_COLUMN = 20
 
 
+def progress_bar(fraction: float | None, width: int = 24) -> str:
+    """``[#########...............]  37%``; before the total is known, an empty bar."""
+    if fraction is None:
+        return "[" + "." * width + "]     "
+    filled = min(width, int(fraction * width))
+    return "[" + "#" * filled + "." * (width - filled) + f"] {fraction:4.0%}"
+
+
 def display_width(text: str) -> int:
     """Terminal cells the text takes: two for wide (CJK) characters, none for combining ones."""
     return sum(max(wcwidth(char), 0) for char in text)

@@ -18,8 +18,8 @@ from .commands import TABLE, describe_call, format_stats
 from .engine.errors import GlmreplError, Hint, LoadCancelled
 from .engine.service import record_reply
 from .hints import explain, flag_words, slash_words
-from .render import Renderer
-from .results import Exit, Generate, TerminalEscape, WaitForLoad
+from .render import Renderer, progress_bar
+from .results import Exit, Generate, TerminalEscape, WaitForLoad, WaitForTask
 from .typeahead import keys_wait_for_the_prompt
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ class LineHandler:
         elif isinstance(result, WaitForLoad):
             if self.wait_for_load(result.job):
                 return self.act(result.then)
+        elif isinstance(result, WaitForTask):
+            self.wait_for_task(result)
         elif isinstance(result, TerminalEscape):
             self.copy_to_clipboard(result)
         else:
@@ -149,6 +151,33 @@ class LineHandler:
             self.renderer.out.write("\r\x1b[K" + status)
             self.renderer.out.flush()
         return status
+
+    def wait_for_task(self, task: WaitForTask) -> None:
+        """Wait for a background task with a progress bar; Ctrl-C cancels it, the session stays."""
+        job, shown = task.job, ""
+        try:
+            while not job.wait(0.1):
+                shown = self._show_bar(job, shown)
+        except KeyboardInterrupt:
+            job.cancel()
+            self.interrupted = True  # as for a cut reply: piped input stops here
+            self._wait_ignoring_interrupts(job)
+        if shown:
+            self.renderer.out.write("\r\x1b[K")
+        if job.error is None:
+            self.act(task.report(job.result))
+        elif job.cancel_event.is_set():
+            self.renderer.text(explain(job.error, self.words), "warning")
+        else:
+            self.renderer.error(explain(job.error, self.words))
+
+    def _show_bar(self, job, shown: str) -> str:
+        line = f"{progress_bar(job.fraction)} {job.status} (Ctrl-C stops)"
+        if line != shown and self.interactive and self.renderer.color:
+            self.renderer.out.write("\r\x1b[K" + line)
+            self.renderer.out.flush()
+            return line
+        return shown
 
     @staticmethod
     def _wait_ignoring_interrupts(job) -> None:

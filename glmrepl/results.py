@@ -43,6 +43,17 @@ class WaitForLoad:
 
 
 @dataclass
+class WaitForTask:
+    """A task runs in the background (a perplexity run): show its progress bar; Ctrl-C cancels it.
+
+    ``job`` has ``status``, ``fraction``, ``wait``, ``cancel``, ``error`` and ``result``;
+    ``report`` turns the result into what is shown."""
+
+    job: Any
+    report: Any  # Callable[[result], object]
+
+
+@dataclass
 class TerminalEscape:
     """Raw bytes for the terminal itself (OSC 52 clipboard), never for a pipe."""
 

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--trust-remote-code", action="store_true", help="accept a checkpoint that needs its own Python code"
     )
+    add_perplexity_arguments(check)
 
     listing = commands.add_parser("list", help="list local checkpoints (models dir and Hugging Face cache)")
     listing.add_argument(
@@ -104,13 +105,101 @@ def folder_problems(folder, *, trust_remote_code: bool = False) -> list[str]:
 
 
 def run_check(args, out, err) -> int:
+    stray = [flag for flag in PERPLEXITY_FLAGS if getattr(args, flag, None) not in (None, "auto")]
+    if stray and not getattr(args, "ppl", None):
+        print(f"error: --{stray[0]} goes with --ppl FILE (it is about loading the model)", file=err)
+        return 2
     problems = folder_problems(args.folder, trust_remote_code=args.trust_remote_code)
     for problem in problems:
         print(problem, file=out)
     if problems:
         return 1
     print("ready", file=out)
+    return run_perplexity(args, out, err) if getattr(args, "ppl", None) else 0
+
+
+# -- check --ppl: load the model and score a text ----------------------------------
+
+
+PERPLEXITY_FLAGS = ("window", "stride", "device", "dtype", "quantize", "adapter")
+
+
+def add_perplexity_arguments(check: argparse.ArgumentParser) -> None:
+    scoring = check.add_argument_group("perplexity (loads the model)")
+    scoring.add_argument("--ppl", metavar="FILE", help="print the model's perplexity on a UTF-8 text file")
+    scoring.add_argument(
+        "--window", type=_positive, metavar="N", help="tokens per forward (default: the context, at most 1024)"
+    )
+    scoring.add_argument("--stride", type=_positive, metavar="N", help="tokens between windows (default: half)")
+    scoring.add_argument(
+        "--device", choices=("cpu", "gpu", "sharded", "auto"), default="auto", help="where the model runs"
+    )
+    scoring.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="weight precision"
+    )
+    scoring.add_argument("--quantize", type=int, choices=(4, 8), help="quantize ChatGLM layers to int4 or int8")
+    scoring.add_argument("--adapter", metavar="DIR", help="a LoRA or P-tuning v2 folder to put on the model")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of tokens")
+    return int(text)
+
+
+def run_perplexity(args, out, err) -> int:
+    """Load the folder as the REPL would and print its perplexity on ``args.ppl``; 130 on Ctrl-C."""
+    from pathlib import Path
+
+    from .engine.backend import LocalBackend
+    from .engine.errors import GlmreplError
+    from .engine.loading import LoadOptions
+    from .engine.perplexity import read_text
+    from .hints import explain, flag_words
+
+    folder = Path(args.folder)
+    options = LoadOptions(
+        mode=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        quantize=args.quantize,
+        adapter=Path(args.adapter).expanduser() if args.adapter else None,
+    )
+    backend = LocalBackend()
+    try:
+        read_text(args.ppl)  # a bad file is said before the model loads
+        backend.load_and_wait(options.for_model(folder, folder.name))
+        job = backend.start_perplexity(Path(args.ppl), args.window, args.stride)
+        _wait_with_progress(job, err)
+    except GlmreplError as error:
+        print(f"error: {explain(error, flag_words)}", file=err)
+        return 1
+    except KeyboardInterrupt:  # while loading: the shell's convention for an interrupted command
+        print("error: interrupted", file=err)
+        return 130
+    if job.error is not None:
+        print(f"error: {explain(job.error, flag_words)}", file=err)
+        return 130 if job.cancel_event.is_set() else 1
+    assert job.result is not None  # a job that ended without an error has its result
+    print(job.result.describe(), file=out)
     return 0
+
+
+def _wait_with_progress(job, err) -> None:
+    """Wait for the job, redrawing a bar on a terminal's stderr; Ctrl-C cancels it."""
+    from .render import progress_bar
+
+    terminal = hasattr(err, "isatty") and err.isatty()
+    try:
+        while not job.wait(0.2):
+            if terminal:
+                err.write(f"\r\x1b[K{progress_bar(job.fraction)} {job.status}")
+                err.flush()
+    except KeyboardInterrupt:
+        job.cancel()
+        job.wait()
+    if terminal:
+        err.write("\r\x1b[K")
 
 
 # -- list ------------------------------------------------------------------------

@@ -84,6 +84,14 @@ def qwen_checkpoint(tmp_path_factory) -> Path:
     return build_qwen2_chat(tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2-chat")
 
 
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Llama trained on a small grammar (see trained.py): its perplexity means something. Read-only."""
+    from trained import build_trained
+
+    return build_trained(tmp_path_factory.mktemp("checkpoints") / "tiny-llama-trained")
+
+
 @pytest.fixture
 def copy_checkpoint(tmp_path):
     """``copy_checkpoint(src, name=None) -> Path``: a private copy of a checkpoint folder to modify."""

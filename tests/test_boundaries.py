@@ -35,7 +35,7 @@ def test_engine_never_imports_prompt_toolkit():
     statement = (
         "import glmrepl.engine.manager, glmrepl.engine.generate, glmrepl.engine.chat, "
         "glmrepl.engine.catalog, glmrepl.engine.checkpoint, glmrepl.engine.formats, "
-        "glmrepl.engine.service, glmrepl.engine.backend"
+        "glmrepl.engine.service, glmrepl.engine.backend, glmrepl.engine.perplexity"
     )
     assert not imported_after(statement) & {"prompt_toolkit", "fastapi", "starlette", "uvicorn"}
     # even once the heavy libraries are in

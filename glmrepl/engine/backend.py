@@ -148,6 +148,24 @@ class LocalBackend:
                 for text, token_id, p in next_token_distribution(loaded.model, loaded.tokenizer, ids, k)
             ]
 
+    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None):
+        """Score the text file in the background (see perplexity.py); the PerplexityJob says how far it is.
+        A file or window that cannot be used raises PerplexityError here, before anything runs."""
+        from .perplexity import PerplexityJob, choose_window, read_text
+
+        text = read_text(path)
+        window, stride = choose_window(self._require_model().info.context_length, window, stride)
+        return PerplexityJob(Path(path).name).start(lambda job: self._perplexity(job, text, window, stride))
+
+    def _perplexity(self, job, text: str, window: int, stride: int):
+        from .perplexity import perplexity_of_text
+
+        with self.manager.lease.shared():  # a move or swap waits for the run to end
+            loaded = self._require_model()
+            return perplexity_of_text(
+                loaded.model, loaded.tokenizer, text, window, stride, job.cancel_event, job.progress
+            )
+
     def memory_report(self) -> list[tuple[str, str]]:
         from .devices import memory_report
 

@@ -251,6 +251,13 @@ class RemoteBackend:
             self.context_length,
         )
 
+    def start_perplexity(self, *args: Any, **kwargs: Any):
+        """Perplexity needs every token's probability, which a chat API does not give for a text."""
+        raise GlmreplError(
+            f"perplexity needs a local model: the model at {self.server} runs in the server's process "
+            "(start glmrepl with the checkpoint folder instead of --connect)"
+        )
+
     # -- replies ----------------------------------------------------------------------
     def plan_reply(
         self,
