@@ -16,6 +16,7 @@ from .app import App
 from .engine.errors import GlmreplError, LoadCancelled
 from .hints import explain, slash_words
 from .results import Error, Exit, Generate, Table, TerminalEscape, Text, WaitForLoad, WaitForTask
+from .tool_commands import cmd_observe, cmd_tools, describe_call
 
 Handler = Callable[[App, str], object]
 Completer = Callable[[App, str], list[str]]
@@ -294,6 +295,7 @@ def cmd_history(app: App, args: str):
     lines = [f"system: {app.session.system}"] if app.session.system else []
     for m in app.session.messages:
         lines.append(f"{m.role}: {m.content}" + ("  [cut]" if m.cut else ""))
+        lines += [f"  [tool call] {describe_call(call)}" for call in m.tool_calls or []]
     return Text("\n".join(lines))
 
 
@@ -559,6 +561,15 @@ for _command in (
         (),
         lambda app, prefix: ["chat", "complete"],
     ),
+    Command(
+        "tools",
+        "/tools [FILE|off]",
+        "show the tools the model may call, load a JSON list of functions, or drop them",
+        cmd_tools,
+        (),
+        lambda app, prefix: ["off"],
+    ),
+    Command("observe", "/observe TEXT", "answer the model's tool call with its result (then it replies)", cmd_observe),
     Command("history", "/history", "show the conversation", cmd_history),
     Command("undo", "/undo", "remove the last message and its reply", cmd_undo),
     Command("retry", "/retry", "generate the last reply again", cmd_retry),

@@ -14,7 +14,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from .app import App
-from .commands import TABLE, format_stats
+from .commands import TABLE, describe_call, format_stats
 from .engine.errors import GlmreplError, Hint, LoadCancelled
 from .engine.service import record_reply
 from .hints import explain, flag_words, slash_words
@@ -115,6 +115,10 @@ class LineHandler:
 
     def after_reply(self, reply) -> None:
         stats = reply.stats
+        for call in reply.tool_calls:
+            self.renderer.text(f"[tool call] {describe_call(call.as_dict())}")
+        if reply.tool_calls and self.interactive:
+            self.renderer.text("[/observe TEXT gives the model the result]", "dim")
         if reply.finish_reason == "cancelled":
             self.interrupted = True
             self.renderer.text("[reply cut: /retry generates it again]" if self.interactive else "[reply cut]", "dim")

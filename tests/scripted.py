@@ -9,6 +9,11 @@ head maps each token of a chain to the next one. After the generation prompt
 ends ("assistant\\n") the model answers ``pieces`` in order, then <|im_end|>.
 Each piece is added to the tokenizer as one token, so the chain never
 repeats a token.
+
+``TOOLS_TEMPLATE`` is a chat template in Qwen2.5's tool format (the tools as
+JSON lines in a ``<tools>`` block of the system message, calls as
+``<tool_call>`` JSON, results as ``<tool_response>`` in a user turn), written
+from that format's description, for a scripted checkpoint that calls tools.
 """
 
 from __future__ import annotations
@@ -17,10 +22,35 @@ from pathlib import Path
 
 from glmrepl.tiny import IM_END, build_qwen2_chat
 
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags.<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' + message.content }}"
+    "{%- for call in message.tool_calls %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + call.function.name + \'", "arguments": \' }}'
+    "{{- call.function.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 LOGIT_SCALE = 200.0  # large enough that sampling at any sane temperature picks the scripted token
 
 
-def build_scripted_qwen2(dest: Path, pieces: list[str]) -> Path:
+def build_scripted_qwen2(dest: Path, pieces: list[str], chat_template: str | None = None) -> Path:
+    import json
+
     import torch
     from tokenizers import AddedToken, Tokenizer
     from transformers import AutoModelForCausalLM
@@ -29,6 +59,10 @@ def build_scripted_qwen2(dest: Path, pieces: list[str]) -> Path:
     tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
     tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in pieces])
     tokenizer.save(str(dest / "tokenizer.json"))
+    if chat_template is not None:
+        config_file = dest / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config_file.write_text(json.dumps({**config, "chat_template": chat_template}), encoding="utf-8")
     newline = tokenizer.encode("\n", add_special_tokens=False).ids
     assert len(newline) == 1, newline
     chain = [newline[0], *(tokenizer.token_to_id(piece) for piece in pieces), tokenizer.token_to_id(IM_END)]

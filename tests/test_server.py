@@ -281,10 +281,19 @@ BAD_INPUT = [
         "unsupported parameter",
         "POST",
         "/v1/chat/completions",
-        {**GOOD, "tools": [{"type": "function"}]},
+        {**GOOD, "functions": [{"name": "f"}]},  # the legacy spelling of tools
+        400,
+        "functions",
+        "unsupported parameter 'functions'",
+    ),
+    (
+        "tools on a template without them",
+        "POST",
+        "/v1/chat/completions",
+        {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]},
         400,
         "tools",
-        "unsupported parameter 'tools'",
+        "has no place for tools",
     ),
     (
         "penalty",

@@ -15,7 +15,7 @@ SAVE_FORMAT_VERSION = 1
 
 @dataclass
 class Message:
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant" or "tool" (a tool's result)
     content: str
     cut: bool = False  # the reply was interrupted (Ctrl-C or length) before it ended
     # A reply as its family's own chat() keeps it for the next prompt, where that differs from the
@@ -23,6 +23,8 @@ class Message:
     # only to the prompt format named ``kept_for`` (another model gets the text shown).
     kept: dict[str, str] | None = None
     kept_for: str | None = None
+    tool_calls: list[dict] | None = None  # a reply's calls: [{"id", "name", "arguments" (JSON)}]
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 @dataclass
@@ -39,15 +41,38 @@ class ChatSession:
     def __init__(self, system: str | None = None):
         self.system = system or None
         self.messages: list[Message] = []
+        self.tools: list[dict] | None = None  # bare function dicts (tool_calls.normalize_tools)
 
     # -- editing -------------------------------------------------------------
     def add_user(self, text: str) -> None:
         self.messages.append(Message("user", text))
 
-    def add_assistant(self, text: str, cut: bool = False, kept: tuple[str, dict[str, str]] | None = None) -> None:
+    def add_assistant(
+        self,
+        text: str,
+        cut: bool = False,
+        kept: tuple[str, dict[str, str]] | None = None,
+        tool_calls: list[dict] | None = None,
+    ) -> None:
         """``kept``: (prompt format name, message fields), see Message.kept."""
         kept_for, fields = kept if kept else (None, None)
-        self.messages.append(Message("assistant", text, cut, fields, kept_for))
+        self.messages.append(Message("assistant", text, cut, fields, kept_for, tool_calls or None))
+
+    def add_tool_result(self, text: str, tool_call_id: str | None = None) -> None:
+        self.messages.append(Message("tool", text, tool_call_id=tool_call_id))
+
+    @property
+    def pending_calls(self) -> list[dict]:
+        """The last reply's calls that no tool result answers yet."""
+        answered = set()
+        for message in reversed(self.messages):
+            if message.role == "tool":
+                answered.add(message.tool_call_id)
+            elif message.role == "assistant":
+                return [c for c in message.tool_calls or [] if c.get("id") not in answered]
+            else:
+                break
+        return []
 
     def clear(self) -> None:
         self.messages.clear()
@@ -61,9 +86,10 @@ class ChatSession:
         return self.messages[-1] if self.messages and self.messages[-1].role == "assistant" else None
 
     def undo(self) -> int:
-        """Remove the last exchange (the reply and the message it answered); returns messages removed."""
+        """Remove the last exchange (the reply and the message it answered, with the tool calls
+        and results between them); returns messages removed."""
         removed = 0
-        if self.last_reply:
+        while self.messages and self.messages[-1].role in ("assistant", "tool"):
             self.messages.pop()
             removed += 1
         if self.messages and self.messages[-1].role == "user":
@@ -75,7 +101,7 @@ class ChatSession:
         """Drop the last reply so it can be generated again; returns the message it answers."""
         if self.last_reply:
             self.messages.pop()
-        if not self.messages or self.messages[-1].role != "user":
+        if not self.messages or self.messages[-1].role not in ("user", "tool"):
             raise GlmreplError("nothing to retry: send a message first")
         return self.messages[-1].content
 
@@ -83,10 +109,14 @@ class ChatSession:
     def as_dicts(self, messages: list[Message] | None = None, for_format: str | None = None) -> list[dict]:
         """The messages as dicts, each reply as shown, or as kept for ``for_format`` (a prompt
         format's name) where it kept one: the next prompt is then the one its family's chat() builds."""
-        out = [{"role": "system", "content": self.system}] if self.system else []
+        out: list[dict] = [{"role": "system", "content": None, "tools": self.tools}] if self.tools else []
+        out += [{"role": "system", "content": self.system}] if self.system else []
         for m in self.messages if messages is None else messages:
             kept = m.kept if m.kept and for_format is not None and m.kept_for == for_format else {}
-            out.append({"role": m.role, "content": m.content, **kept})
+            extra: dict = {"tool_calls": m.tool_calls} if m.tool_calls else {}
+            if m.role == "tool":
+                extra = {"tool_call_id": m.tool_call_id}
+            out.append({"role": m.role, "content": m.content, **extra, **kept})
         return out
 
     def fit(self, prompt_format: PromptFormat, context_length: int | None, max_new_tokens: int) -> FittedPrompt:
@@ -137,15 +167,20 @@ class ChatSession:
     def to_dict(self) -> dict:
         # kept and kept_for only where a reply has them: most messages are as shown.
         messages = [{k: v for k, v in asdict(m).items() if v is not None} for m in self.messages]
-        return {"system": self.system, "messages": messages}
+        saved = {"system": self.system, "messages": messages}
+        return {**saved, "tools": self.tools} if self.tools else saved
 
     def restore(self, data: dict) -> None:
+        from .tool_calls import normalize_tools
+
         messages = [
-            Message(m["role"], m["content"], bool(m.get("cut", False)), *_kept_fields(m))
+            Message(m["role"], m["content"], bool(m.get("cut", False)), *_kept_fields(m), *_tool_fields(m))
             for m in data.get("messages", [])
         ]
-        if any(m.role not in ("user", "assistant") for m in messages):
+        if any(m.role not in ("user", "assistant", "tool") for m in messages):
             raise GlmreplError("the file has messages with unknown roles; it was not written by glmrepl")
+        tools = data.get("tools")
+        self.tools = normalize_tools(tools) if tools else None
         self.system = data.get("system") or None
         self.messages = messages
 
@@ -160,6 +195,15 @@ def _kept_fields(message: dict) -> tuple[dict[str, str] | None, str | None]:
     return kept, kept_for
 
 
+def _tool_fields(message: dict) -> tuple[list[dict] | None, str | None]:
+    """A saved message's tool calls and call id, or none where the file's are malformed."""
+    calls, call_id = message.get("tool_calls"), message.get("tool_call_id")
+    keys = {"id", "name", "arguments"}
+    if not (isinstance(calls, list) and all(isinstance(c, dict) and set(c) == keys for c in calls)):
+        calls = None
+    return calls or None, call_id if isinstance(call_id, str) else None
+
+
 def _turn_starts(messages: list[Message]) -> list[int]:
     """Where the conversation starts with 0, 1, 2 ... oldest turns dropped (a turn: a user
     message and the reply that followed it), down to the last user message."""
@@ -169,7 +213,7 @@ def _turn_starts(messages: list[Message]) -> list[int]:
     starts = [0]
     while users_from[starts[-1]] > 1:
         start = starts[-1] + 1
-        if start < len(messages) and messages[start].role == "assistant":
+        while start < len(messages) and messages[start].role in ("assistant", "tool"):
             start += 1
         starts.append(start)
     return starts

@@ -101,3 +101,15 @@ class QueueFull(GlmreplError):
     def __init__(self, message: str, retry_after_s: int = 1):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ToolsUnsupported(GlmreplError):
+    """Tools (or tool messages) for a prompt format that has no place for them."""
+
+
+class InvalidTools(GlmreplError):
+    """A tool list, a tool call or a tool message that is not well formed; ``where`` names the field."""
+
+    def __init__(self, message: str, where: str = "tools"):
+        super().__init__(message)
+        self.where = where

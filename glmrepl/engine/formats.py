@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import InvalidTools, first_line
 from .protocols import PromptFormat
 
 
@@ -45,10 +46,30 @@ class ChatTemplateFormat(_TransformersTokenizerFormat):
     name = "chat template"
     is_chat = True
 
+    @property
+    def tool_syntax(self) -> str | None:
+        """How the template's model writes a call (tool_calls.py), or None: it takes no tools."""
+        template = self.tokenizer.chat_template
+        template = template if isinstance(template, str) else str(template or "")
+        if "tools" not in template:
+            return None
+        return "hermes" if "<tool_call>" in template else "json"
+
     def build(self, messages: list[dict]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
+        from .tool_calls import template_messages
+
+        tools, messages = template_messages(messages)
+        extra = {"tools": tools} if tools else {}
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
+            )
+        except Exception as error:  # jinja's raise_exception() and errors of the template's own code
+            if not (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+                raise
+            raise InvalidTools(
+                f"the chat template refused the tool messages: {first_line(error)}", "messages"
+            ) from None
         return list(encoded["input_ids"])
 
     def clean_reply(self, text: str) -> str:

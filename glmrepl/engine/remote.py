@@ -31,6 +31,7 @@ from .generate import GenerationStats
 from .remote_errors import ContextRefusal, RemoteError, explain, lost_mid_reply
 from .service import ModelStatus
 from .settings import Settings
+from .tool_calls import StreamedCalls, ToolCall, wire_messages
 
 # Settings the OpenAI chat API has a field for; the others stay in this process.
 SENT_SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "do_sample")
@@ -277,8 +278,10 @@ class RemoteBackend:
             raise RemoteError("completion mode is not available on a remote server")
         if self.model is None:
             self._select(None, lambda: True)
-        messages = conversation.as_dicts()
+        messages, tools = wire_messages(conversation.as_dicts())
         params = request_params(settings, self.context_length)
+        if tools:  # the server builds the prompt, and reads the calls back from the model's reply
+            params["tools"] = tools
         if stop:
             params["stop"] = list(stop)
         sent_at = time.perf_counter()
@@ -506,6 +509,7 @@ class RemoteReply:
         self._sent_at = sent_at
         self._messages = messages
         self._parts: list[str] = []
+        self._calls = StreamedCalls()
         self._server_finish: str | None = None
         self._cancelled = threading.Event()
         self._started = self._ended = self._closed = False
@@ -542,7 +546,9 @@ class RemoteReply:
         for choice in getattr(chunk, "choices", None) or []:
             if getattr(choice, "index", 0) != 0:
                 continue
-            text = getattr(getattr(choice, "delta", None), "content", None)
+            delta = getattr(choice, "delta", None)
+            self._calls.add(getattr(delta, "tool_calls", None))
+            text = getattr(delta, "content", None)
             if text:
                 now = time.perf_counter()
                 if self.stats.first_token_s is None:
@@ -570,7 +576,7 @@ class RemoteReply:
         self.stats.total_s = end - self._sent_at
         if not self.stats.usage_from_server:
             self.stats.new_tokens = self.stats.chunks  # the best count there is: most servers send a token a chunk
-        self.stats.stop_reason = self.finish_reason if self.finish_reason != "stop" else "end"
+        self.stats.stop_reason = "end" if self.finish_reason in ("stop", "tool_calls") else self.finish_reason
         if self.stats.usage_from_server and self.stats.prompt_tokens is not None:
             self.backend.note_usage(self._messages, self.text, self.stats.prompt_tokens + self.stats.new_tokens)
 
@@ -582,9 +588,11 @@ class RemoteReply:
 
     @property
     def finish_reason(self) -> str:
-        """ "stop", "length", or "cancelled" (Ctrl-C, or the stream ended early)."""
+        """ "stop", "tool_calls", "length", or "cancelled" (Ctrl-C, or the stream ended early)."""
         if self._server_finish is not None:
-            return "length" if self._server_finish == "length" else "stop"
+            if self._server_finish == "length":
+                return "length"
+            return "tool_calls" if self.tool_calls else "stop"
         return "cancelled" if self._cancelled.is_set() else "stop"
 
     @property
@@ -599,3 +607,8 @@ class RemoteReply:
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls the server read from the reply (none for a reply cut short)."""
+        return self._calls.calls() if self._server_finish not in (None, "length") else []

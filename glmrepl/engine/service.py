@@ -20,14 +20,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .chat import ChatSession, FittedPrompt
-from .errors import ContextLengthExceeded, EmptyPrompt, GlmreplError, MaxLengthExceeded, NoModelLoaded, QueueFull
+from .errors import (
+    ContextLengthExceeded,
+    EmptyPrompt,
+    GlmreplError,
+    MaxLengthExceeded,
+    NoModelLoaded,
+    QueueFull,
+    ToolsUnsupported,
+)
 from .prefix_cache import reuse_refused
 from .protocols import PromptFormat
 from .reply_tokens import reply_ids, splice_replies
 from .settings import Settings
 from .stops import StopStrings
+from .tool_calls import ParsedReply, ToolCall, ToolStream, forced_prefix, parse_reply, uses_tools
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class ModelStatus:
     sampling_defaults: dict = field(default_factory=dict)
     adapter: str | None = None  # the adapter in use, described
     adapter_path: Any = None
+    tool_syntax: str | None = None  # how the format's model writes tool calls; None: it takes no tools
 
 
 def status_of(loaded: Any, serial: int) -> ModelStatus:
@@ -67,6 +77,7 @@ def status_of(loaded: Any, serial: int) -> ModelStatus:
         dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
         adapter.describe() if adapter else None,
         adapter.info.path if adapter else None,
+        getattr(prompt_format, "tool_syntax", None),
     )
 
 
@@ -130,8 +141,16 @@ class Reply:
         stop: list[str] | tuple[str, ...],
         release,
         keep_cache=None,
+        tools: list[dict] | None = None,
+        prefix: str = "",
     ):
         self.run = run
+        self.prompt_ids = fitted.ids
+        self._prefix = prefix  # the start of a forced call, already in the prompt (tool_calls.forced_prefix)
+        # The functions the reply may call, and how its model writes a call (tool_calls.py).
+        self.tool_names = {f["name"] for f in tools or []}
+        self.tool_syntax = getattr(prompt_format, "tool_syntax", None) if tools else None
+        self._parsed: ParsedReply | None | bool = False  # False: not read yet
         self._keep_cache = keep_cache
         self.prompt_tokens = len(fitted.ids)
         self.dropped_turns = fitted.dropped_turns
@@ -149,18 +168,27 @@ class Reply:
         if self._deltas is not None or self._closed:
             raise GlmreplError("a reply can be streamed only once")
         self._deltas = iter(self.run)
+        held = ToolStream(self.tool_syntax) if self.tool_syntax else None
+        if held:
+            held.push(self._prefix)
+            held.shown = len(self._prefix)  # in the prompt, never streamed: only what follows is text
         try:
             for delta in self._deltas:
                 delta = self._stops.push(delta)
                 if delta:
                     self._emitted.append(delta)
-                    yield delta
+                    shown = held.push(delta) if held else delta
+                    if shown:
+                        yield shown
                 if self._stops.hit:
                     self.run.cancel()
                     break
             tail = "" if self._stops.hit else self._stops.flush()
             if tail:
                 self._emitted.append(tail)
+            if held:  # the reply has ended: what was held back is text unless it is a call
+                tail = held.push(tail) + held.finish(bool(self.tool_calls))
+            if tail:
                 yield tail
         finally:
             self.close()
@@ -199,10 +227,24 @@ class Reply:
 
     @property
     def finish_reason(self) -> str:
-        """ "stop" (end of turn or a stop string), "length", or "cancelled"."""
+        """ "stop" (end of turn or a stop string), "tool_calls", "length", or "cancelled"."""
         if self._stops.hit or self.stats.stop_reason == "end":
-            return "stop"
+            return "tool_calls" if self.tool_calls else "stop"
         return self.stats.stop_reason
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls the finished reply makes: none unless it ended by itself (a call cut by
+        max_tokens is not one) and its text parses as calls of the listed functions."""
+        if self._parsed is False:
+            self._parsed = None
+            ended = self._stops.hit or self.stats.stop_reason == "end"
+            if self.tool_syntax and ended:
+                self._parsed = parse_reply(self._raw_text(), self.tool_syntax, self.tool_names)
+        return self._parsed.calls if isinstance(self._parsed, ParsedReply) else []
+
+    def _raw_text(self) -> str:
+        return self._prefix + self.streamed_text  # a forced call's start is in the prompt, not the deltas
 
     @property
     def hit_context_end(self) -> bool:
@@ -211,8 +253,11 @@ class Reply:
 
     @property
     def text(self) -> str:
-        """The whole reply, decoded at once (authoritative over the deltas), tidied by its format."""
-        return self.prompt_format.clean_reply(self.streamed_text)
+        """The whole reply, decoded at once (authoritative over the deltas), tidied by its format;
+        of a reply that makes tool calls, the text before them."""
+        if self.tool_calls and isinstance(self._parsed, ParsedReply):
+            return self._parsed.content or ""
+        return self.prompt_format.clean_reply(self._raw_text())
 
     @property
     def streamed_text(self) -> str:
@@ -228,9 +273,12 @@ class Reply:
         text shown leaves out: the next prompt's ids match the release's only with it.
         """
         history_reply = getattr(self.prompt_format, "history_reply", None)
-        if history_reply is None or self._stops.hit:  # a stop string is glmrepl's own cut: kept as shown
+        # A stop string is glmrepl's own cut: kept as shown. A forced call's start is not in the ids.
+        if history_reply is None or self._stops.hit or self._prefix:
             return None
         fields = history_reply(list(self.stats.new_ids))
+        if self.tool_calls and "metadata" not in fields:  # the calls themselves are the reply kept
+            return None
         return None if fields == {"content": self.text} else (self.prompt_format.name, fields)
 
 
@@ -248,6 +296,7 @@ def plan_reply(
     stop: list[str] | tuple[str, ...] = (),
     completion: bool = False,
     max_length: int | None = None,
+    force_call: str | None = None,
 ) -> Reply:
     """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
 
@@ -256,7 +305,8 @@ def plan_reply(
     left when max_new_tokens does not fit (else raise). ``completion``:
     continue the text as written, whatever the model's chat format.
     ``max_length``: prompt and reply together stay within it (ChatGLM's api.py;
-    MaxLengthExceeded when the prompt alone reaches it).
+    MaxLengthExceeded when the prompt alone reaches it). ``force_call``: the reply is a call of
+    that function ("": of any of the conversation's tools), begun in the prompt.
     """
     queue.admit()
     try:
@@ -273,7 +323,7 @@ def plan_reply(
             queue.leave(tokens, seconds)
 
     try:
-        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length)
+        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
         return _plan(manager.current, conversation, settings, policy, release, manager)
     except BaseException:
         release()
@@ -287,6 +337,7 @@ class _Policy:
     stop: tuple[str, ...]
     completion: bool
     max_length: int | None
+    force_call: str | None = None
 
 
 def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, manager) -> Reply:
@@ -296,6 +347,12 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         raise NoModelLoaded("no model is loaded")
     prefixes, replies, batching = manager.prefixes, manager.replies, manager.batching
     prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
+    tools = None if policy.completion else conversation.tools
+    if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:
+        if uses_tools(conversation.as_dicts()):
+            raise ToolsUnsupported(
+                f"the model's prompt format ({prompt_format.name}) has no place for tools or tool messages"
+            )
     kwargs = settings.generation_kwargs()
     requested = kwargs["max_new_tokens"]
     try:
@@ -316,6 +373,9 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
     reusable = reuse_refused(loaded.info.family) is None
     if reusable and getattr(prompt_format, "splices_replies", False):
         fitted = _with_reply_ids(fitted, prompt_format, replies, loaded.info.context_length)
+    prefix = ""
+    if tools and policy.force_call is not None:
+        fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, policy.force_call)
     if policy.max_length is not None:
         fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
@@ -336,6 +396,8 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
             return
         if run.cache is not None:
             prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
+        if reply.tool_calls or prefix:  # the next prompt renders the calls, never the text they came as
+            return
         # A stop string cut the text short of the ids: reply_ids keeps those up to the cut.
         # As kept (tidied) and as streamed: an API client sends back the text it was given.
         for text in dict.fromkeys((reply.text, reply.streamed_text)):
@@ -343,7 +405,26 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
             if ids:
                 replies.remember(text, ids)
 
-    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache)
+    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools, prefix)
+
+
+def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[dict], force: str):
+    """The prompt with the start of the call written after it, and that start (the reply's room
+    shrinks by its tokens where the context is the limit)."""
+    prefix = forced_prefix(str(getattr(prompt_format, "tool_syntax", "")), force, tools)
+    ids = fitted.ids + list(loaded.tokenizer.encode(prefix, add_special_tokens=False))
+    room = fitted.max_new_tokens
+    context_length = loaded.info.context_length
+    if context_length is not None:
+        room = min(room, context_length - len(ids))
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens; the messages and "
+                f"the start of the forced tool call take {len(ids)}",
+                len(ids),
+                context_length,
+            )
+    return replace(fitted, ids=ids, max_new_tokens=room), prefix
 
 
 def _with_reply_ids(fitted: FittedPrompt, prompt_format, replies, context_length: int | None) -> FittedPrompt:
@@ -408,7 +489,8 @@ def record_reply(session: ChatSession, reply: Reply) -> str:
     """Keep what was generated; an interrupted reply stays, marked as cut. Returns the text shown
     (the next prompt may hold the reply as its family keeps it: Reply.kept)."""
     text = reply.text
-    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept)
+    calls = [call.as_dict() for call in reply.tool_calls]
+    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept, tool_calls=calls)
     return text
 
 
@@ -431,9 +513,14 @@ def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) ->
         return None
 
 
-def conversation_from_messages(messages: list[dict]) -> ChatSession:
-    """A ChatSession from API-style messages; system messages become the system prompt."""
+def conversation_from_messages(messages: list[dict], tools: list[dict] | None = None) -> ChatSession:
+    """A ChatSession from API-style messages; system messages become the system prompt.
+
+    An assistant message may carry ``tool_calls`` ([{"id", "name", "arguments"}]), a ``tool``
+    message a ``tool_call_id``; ``tools`` are bare function dicts (tool_calls.normalize_tools).
+    """
     session = ChatSession()
+    session.tools = list(tools) if tools else None
     systems = []
     for index, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
@@ -445,8 +532,10 @@ def conversation_from_messages(messages: list[dict]) -> ChatSession:
             systems.append(content)
         elif role == "user":
             session.add_user(content)
+        elif role == "tool":
+            session.add_tool_result(content, message.get("tool_call_id"))
         else:
-            session.add_assistant(content)
+            session.add_assistant(content, tool_calls=message.get("tool_calls"))
     session.system = "\n".join(systems) or None
     if not session.messages:
         raise GlmreplError("messages must contain at least one user or assistant message")

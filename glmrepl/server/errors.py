@@ -24,9 +24,11 @@ from ..engine.errors import (
     ContextLengthExceeded,
     EmptyPrompt,
     GlmreplError,
+    InvalidTools,
     MaxLengthExceeded,
     NoModelLoaded,
     QueueFull,
+    ToolsUnsupported,
     first_line,
 )
 
@@ -99,6 +101,10 @@ def error_response(
 
 def api_error_from_engine(error: GlmreplError) -> APIError:
     """Engine errors, worded by the engine, with the status each one means over HTTP."""
+    if isinstance(error, ToolsUnsupported):
+        return APIError(400, str(error), param="tools", code="unsupported_parameter")
+    if isinstance(error, InvalidTools):
+        return APIError(400, str(error), param=error.where)
     if isinstance(error, MaxLengthExceeded):
         return APIError(400, str(error), param="max_length", code="context_length_exceeded")
     if isinstance(error, ContextLengthExceeded):

@@ -22,6 +22,7 @@ from .protocol import (
     CompletionRequest,
     ResponseShape,
     SamplingRequest,
+    chosen_tools,
     message_dicts,
     refuse_invalid_text,
     refuse_unsupported,
@@ -60,12 +61,33 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     refuse_invalid_text(body.model_dump(exclude_none=True))
     refuse_unsupported(body)
     messages = message_dicts(body.messages)
+    tools, force_call = chosen_tools(body)
     try:
-        conversation = conversation_from_messages(messages)
+        conversation = conversation_from_messages(messages, tools)
     except GlmreplError as error:
         raise APIError(400, str(error), param="messages") from None
+    _refuse_tools_without_syntax(state_of(request).require_model(body.model), messages, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(request, body, conversation, max_tokens, "chat")
+    return await _respond(request, body, conversation, max_tokens, "chat", force_call)
+
+
+def _refuse_tools_without_syntax(status: ModelStatus, messages: list[dict], tools: list[dict] | None) -> None:
+    """A 400 before any work when the model's prompt format has no place for tools: dropping
+    them would answer as if the client had sent none."""
+    if status.tool_syntax is not None:
+        return
+    why = f"the model's prompt format ({status.format_name}) has no place for tools"
+    if tools:
+        raise APIError(400, f"'tools' are not supported: {why}", param="tools", code="unsupported_parameter")
+    for index, message in enumerate(messages):
+        if message["role"] == "tool" or message.get("tool_calls"):
+            field = "tool_calls" if message.get("tool_calls") else "role"
+            raise APIError(
+                400,
+                f"'messages[{index}].{field}' is not supported: {why}",
+                param=f"messages[{index}].{field}",
+                code="unsupported_parameter",
+            )
 
 
 @router.post("/v1/completions")
@@ -89,6 +111,7 @@ async def _respond(
     conversation: ChatSession,
     max_tokens: int | None,
     kind: Literal["chat", "text"],
+    force_call: str | None = None,
 ):
     state = state_of(request)
     status = state.require_model(body.model)
@@ -98,8 +121,15 @@ async def _respond(
     settings = state.settings_for(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
+    forcing = {"force_call": force_call} if force_call is not None else {}
     reply = await state.plan(
-        conversation, settings, drop_oldest=False, shorten_reply=max_tokens is None, stop=stops, completion=completion
+        conversation,
+        settings,
+        drop_oldest=False,
+        shorten_reply=max_tokens is None,
+        stop=stops,
+        completion=completion,
+        **forcing,
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -112,7 +142,12 @@ async def _respond(
         )
     text = await state.collect(reply, request)
     return shape.complete(
-        text, reply.finish_reason, reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens
+        text,
+        reply.finish_reason,
+        reply.prompt_tokens,
+        reply.stats.new_tokens,
+        reply.stats.reused_tokens,
+        tool_calls=reply.tool_calls,
     )
 
 
@@ -133,6 +168,8 @@ async def _events(
         except GlmreplError as error:  # the status line is gone: say it in the stream, as OpenAI does
             yield _event(error_body(500, first_line(error), code="generation_failed"))
             return
+        if shape.kind == "chat" and reply.tool_calls:  # read when the reply has ended, so whole
+            yield _event(shape.tool_calls_chunk(reply.tool_calls, with_usage=include_usage))
         yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
         if include_usage:
             yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens))

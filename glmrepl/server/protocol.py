@@ -9,12 +9,15 @@ there too. Responses are plain dicts shaped exactly as OpenAI's.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.errors import InvalidTools
+from ..engine.tool_calls import normalize_tools
 from .errors import APIError
 
 MAX_STOP_STRINGS = 4
@@ -27,11 +30,26 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str
+
+
+class RequestToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: str = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[RequestToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -62,6 +80,9 @@ class SamplingRequest(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = None  # checked by tool_calls.normalize_tools, which names the bad field
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted: a reply makes the calls its model writes
 
 
 class CompletionRequest(SamplingRequest):
@@ -165,20 +186,100 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                     param=f"{where}.{name}",
                     code="unsupported_parameter",
                 )
-        if message.name is not None:  # no prompt format glmrepl builds has a place for it
+        role = "system" if message.role == "developer" else message.role
+        # A tool message's name is its function's, which the call it answers already gives.
+        if message.name is not None and role != "tool":  # no prompt format glmrepl builds has a place for it
             raise APIError(
                 400,
                 f"'{where}.name' is not supported (message names are not part of any prompt format glmrepl builds)",
                 param=f"{where}.name",
                 code="unsupported_parameter",
             )
-        role = "system" if message.role == "developer" else message.role
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise APIError(
-                400, f"'{where}.role' must be system, user or assistant, not {message.role!r}", param=f"{where}.role"
+                400,
+                f"'{where}.role' must be system, user, assistant or tool, not {message.role!r}",
+                param=f"{where}.role",
             )
-        out.append({"role": role, "content": _text_content(message.content, where)})
+        out.append(_message_dict(message, role, where))
     return out
+
+
+def _message_dict(message: ChatMessage, role: str, where: str) -> dict:
+    for field in ("tool_calls", "tool_call_id"):
+        if getattr(message, field) is not None and role != ("assistant" if field == "tool_calls" else "tool"):
+            raise APIError(400, f"'{where}.{field}' is only for {_role_of(field)} messages", param=f"{where}.{field}")
+    if role == "tool" and not message.tool_call_id:
+        raise APIError(400, f"'{where}.tool_call_id' is missing", param=f"{where}.tool_call_id")
+    if role == "assistant" and message.tool_calls:
+        content = "" if message.content is None else _text_content(message.content, where)
+        return {"role": role, "content": content, "tool_calls": _calls(message.tool_calls, where)}
+    out = {"role": role, "content": _text_content(message.content, where)}
+    return {**out, "tool_call_id": message.tool_call_id} if role == "tool" else out
+
+
+def _role_of(field: str) -> str:
+    return "assistant" if field == "tool_calls" else "tool"
+
+
+def _calls(calls: list[RequestToolCall], where: str) -> list[dict]:
+    out = []
+    for index, call in enumerate(calls):
+        here = f"{where}.tool_calls[{index}]"
+        for name, value in {**(call.model_extra or {}), **(call.function.model_extra or {})}.items():
+            if value is not None:
+                raise APIError(400, f"unsupported parameter '{here}.{name}'", param=f"{here}.{name}")
+        if call.type != "function":
+            raise APIError(400, f"'{here}.type' must be 'function', not {call.type!r}", param=f"{here}.type")
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise APIError(
+                400, f"'{here}.function.arguments' must be a JSON object", param=f"{here}.function.arguments"
+            )
+        out.append({"id": call.id, "name": call.function.name, "arguments": call.function.arguments})
+    return out
+
+
+def chosen_tools(request: ChatCompletionRequest) -> tuple[list[dict] | None, str | None]:
+    """(the functions a reply may call, the call it must make), by ``tools`` and ``tool_choice``.
+
+    No tools offered: (None, None). ``auto``: (tools, None). ``required``: (tools, "") and a
+    named function: ([that function], its name), offered alone as GLM-4's own demo does; the
+    engine then begins the call in the prompt, so the model goes on with it.
+    """
+    choice = request.tool_choice
+    if choice is not None and request.tools is None:
+        raise APIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
+    if request.tools is None:
+        return None, None
+    try:
+        functions = normalize_tools(request.tools)
+    except InvalidTools as error:
+        raise APIError(400, str(error), param=error.where) from None
+    if choice in (None, "auto", "none") or not functions:
+        return (functions or None) if choice != "none" else None, None
+    if choice == "required":
+        return functions, ""
+    name = _named_choice(choice)
+    named = [f for f in functions if f["name"] == name]
+    if not named:
+        raise APIError(400, f"'tool_choice' names {name!r}, which 'tools' does not list", param="tool_choice")
+    return named, name
+
+
+def _named_choice(choice: Any) -> str:
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise APIError(
+            400,
+            '\'tool_choice\' must be \'auto\', \'none\' or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    return name
 
 
 def _text_content(content: str | list[TextPart] | None, where: str) -> str:
@@ -229,15 +330,19 @@ class ResponseShape:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
 
     def complete(
-        self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+        self,
+        text: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        tool_calls: list | None = None,
     ) -> dict:
         if self.kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:  # OpenAI's shape: content null when the reply is only calls
+                message = {"role": "assistant", "content": text or None, "tool_calls": _calls_out(tool_calls)}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
             body = self._envelope("chat.completion", [choice])
         else:
             body = self._envelope(
@@ -271,8 +376,24 @@ class ResponseShape:
             body["usage"] = None  # every chunk carries it when asked; only the last one has figures
         return body
 
+    def tool_calls_chunk(self, tool_calls: list, with_usage: bool = False) -> dict:
+        """The calls in one chunk, each whole (``index`` tells the client's accumulator which it is)."""
+        calls = [{"index": index, **call} for index, call in enumerate(_calls_out(tool_calls))]
+        choice = {"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+        body = self._envelope("chat.completion.chunk", [choice])
+        if with_usage:
+            body["usage"] = None
+        return body
+
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = self._envelope(object_name, [])
         body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
+
+
+def _calls_out(tool_calls: list) -> list[dict]:
+    return [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in tool_calls
+    ]

@@ -22,7 +22,21 @@ leaves it out), then that generation's own post-processing.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+
+from ...tool_calls import glm_messages
+
+# The system text ChatGLM3's OpenAI demo puts before its tool list (utils.process_chatglm_messages).
+CHATGLM3_TOOLS_HEADER = "Answer the following questions as best as you can. You have access to the following tools:"
+# GLM-4's, from its chat template (glm-4-9b-chat's latest revision; earlier ones name it ChatGLM:
+# GLM4Format reads the checkpoint's own template for it).
+GLM4_TOOLS_HEADER = (
+    "你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。"
+)
+GLM4_TOOL_FOOTER = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
 # The chat() defaults of the released code.
 GLM1_SAMPLING = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
@@ -111,6 +125,7 @@ class ChatGLM3Format:
 
     name = "ChatGLM3 roles"
     is_chat = True
+    tool_syntax = "chatglm3"
     prefix_tokens = ("[gMASK]", "sop")
     stop_roles = ("<|user|>", "<|observation|>")
 
@@ -121,10 +136,14 @@ class ChatGLM3Format:
 
     def build(self, messages: list[dict]) -> list[int]:
         ids = [self.tokenizer.get_command(token) for token in self.prefix_tokens]
-        for message in messages:
+        for message in glm_messages(messages, self.tool_syntax, self.tools_text):
             ids += self._message_ids(message["role"], message.get("metadata", ""), message["content"])
         ids.append(self.tokenizer.get_command("<|assistant|>"))
         return ids
+
+    def tools_text(self, functions: list[dict]) -> str:
+        """The system message of the tool list, as ChatGLM3's build_chat_input writes it."""
+        return CHATGLM3_TOOLS_HEADER + "\n" + json.dumps(functions, indent=4, ensure_ascii=False)
 
     def _message_ids(self, role: str, metadata: str, content: str) -> list[int]:
         role_id = self.tokenizer.get_command(f"<|{role}|>")
@@ -158,8 +177,33 @@ class GLM4Format(ChatGLM3Format):
     """GLM-4 chat: ChatGLM3's roles, with its own prefix token names."""
 
     name = "GLM-4 roles"
+    tool_syntax = "glm4"
     prefix_tokens = ("[gMASK]", "<sop>")
+
+    def tools_text(self, functions: list[dict]) -> str:
+        """The tools block of GLM-4's chat template (its ``function`` entries; the template's
+        built-in python, browser and cogview tools are not offered). Rendered as transformers
+        renders that template: its trim_blocks eats the first newline after the block tag, so
+        one newline, not two, comes before each ``## name``."""
+        header = getattr(self, "_tools_header", None)
+        if header is None:
+            header = self._tools_header = _template_tools_header(self.tokenizer) or GLM4_TOOLS_HEADER
+        blocks = "".join(
+            f"\n## {f['name']}\n\n{json.dumps(f, ensure_ascii=False, indent=4)}\n{GLM4_TOOL_FOOTER}" for f in functions
+        )
+        return f"{header}\n\n# 可用工具{blocks}"
 
     def history_reply(self, ids: list[int]) -> dict[str, str]:
         """As the reference run of GLM-4's code keeps it: all of it decoded, special tokens skipped."""
         return {"content": self.clean_reply(self.tokenizer.decode(ids, skip_special_tokens=True))}
+
+
+def _template_tools_header(tokenizer) -> str | None:
+    """The assistant's self-description that the checkpoint's chat template puts before its tools."""
+    try:
+        config = json.loads((Path(tokenizer.name_or_path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    match = re.search(r"<\|system\|>\n(.*?)\n\n# 可用工具", template if isinstance(template, str) else "", re.S)
+    return match.group(1) if match else None

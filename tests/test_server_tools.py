@@ -1,0 +1,269 @@
+"""Tool calls through `glmrepl serve`, with the openai package as the client.
+
+A scripted Qwen2 checkpoint (tests/scripted.py) with a Qwen2.5-style tool template answers every
+prompt with one call of get_weather in that template's syntax, so the server's parsing, response
+shapes and stream are checked against a known reply.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scripted import TOOLS_TEMPLATE, build_scripted_qwen2
+from serving import error_of, request, started_server, wait_idle
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+# Split where a forced call's start ends (tool_calls.forced_prefix), so that start is whole tokens.
+CALL_PIECES = [
+    "Checking.",
+    "<tool_call>",
+    '\n{"name": "get_weather", "arguments": ',
+    '{"city": "Paris"}}\n',
+    "</tool_call>",
+]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_checkpoint(tmp_path_factory):
+    return build_scripted_qwen2(tmp_path_factory.mktemp("checkpoints") / "tiny-caller", CALL_PIECES, TOOLS_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_checkpoint, tmp_path_factory):
+    server = started_server([str(tool_checkpoint), "--device", "cpu"], tmp_path_factory.mktemp("logs") / "serve.log")
+    yield server
+    server.stop()
+
+
+def _client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_a_call_comes_back_as_tool_calls(tool_server):
+    answer = _client(tool_server).chat.completions.create(
+        model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking."  # the text before the call, as the format gives it
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_a_streamed_call_never_shows_its_syntax_as_text(tool_server):
+    stream = _client(tool_server).chat.completions.create(
+        model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == "Checking."
+    deltas = [d for chunk in chunks if chunk.choices for d in chunk.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+        (0, "get_weather", {"city": "Paris"})
+    ]
+    assert deltas[0].id.startswith("call_") and deltas[0].type == "function"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_the_same_reply_is_text(tool_server):
+    answer = _client(tool_server).chat.completions.create(
+        model="tiny-caller", messages=QUESTION, max_tokens=16, temperature=0
+    )
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    assert "<tool_call>" in answer.choices[0].message.content
+    none = _client(tool_server).chat.completions.create(
+        model="tiny-caller", messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=16, temperature=0
+    )
+    assert none.choices[0].finish_reason == "stop" and not none.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"]
+)
+def test_a_forced_call_begins_in_the_prompt(tool_server, choice):
+    client = _client(tool_server)
+    free = client.chat.completions.create(model="tiny-caller", messages=QUESTION, tools=[WEATHER], temperature=0)
+    forced = client.chat.completions.create(
+        model="tiny-caller", messages=QUESTION, tools=[WEATHER], tool_choice=choice, temperature=0
+    )
+    [call] = forced.choices[0].message.tool_calls
+    assert forced.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert forced.choices[0].message.content is None  # the text before the call is skipped by the forcing
+    # The forced start (with one tool, "required" names it too) is prompt, not reply: two tokens.
+    assert forced.usage.prompt_tokens == free.usage.prompt_tokens + 2
+    assert forced.usage.completion_tokens == free.usage.completion_tokens - 3  # nor "Checking."
+
+
+def test_a_call_of_an_unlisted_function_is_text(tool_server):
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    answer = _client(tool_server).chat.completions.create(
+        model="tiny-caller", messages=QUESTION, tools=[other], max_tokens=16, temperature=0
+    )
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    assert '"get_weather"' in answer.choices[0].message.content
+
+
+def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
+    from serving import InProcessServer
+
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(tool_checkpoint, "tiny-caller"))
+    prompts: list[str] = []
+    plan = backend.plan_reply
+
+    def recording_plan(conversation, settings, **policy):  # the prompt text each request is given
+        reply = plan(conversation, settings, **policy)
+        loaded = backend.manager.current
+        prompts.append(loaded.tokenizer.decode(loaded.prompt_format.build(conversation.as_dicts())))
+        return reply
+
+    backend.plan_reply = recording_plan
+    with InProcessServer(create_app(ServerState(backend))) as server:
+        client = _client(server)
+        first = client.chat.completions.create(model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16)
+        call = first.choices[0].message.tool_calls[0]
+        follow_up = [
+            *QUESTION,
+            first.choices[0].message,  # as clients send it back: the whole message object
+            {"role": "tool", "tool_call_id": call.id, "content": "21 degrees and sunny"},
+        ]
+        client.chat.completions.create(model="tiny-caller", messages=follow_up, tools=[WEATHER], max_tokens=16)
+    prompt = prompts[-1]
+    order = [
+        prompt.index('"name": "get_weather"'),  # the tools block
+        prompt.index("What is the weather in Paris?"),
+        prompt.index('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+        prompt.index("<tool_response>\n21 degrees and sunny\n</tool_response>"),
+    ]
+    assert order == sorted(order)
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+BAD_TOOL_REQUESTS = [
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": "get_weather"}, "tools"),
+    (
+        {
+            "messages": [
+                *QUESTION,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+                },
+            ]
+        },
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    ({"messages": [*QUESTION, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id"),
+]
+
+
+@pytest.mark.parametrize("extra, param", BAD_TOOL_REQUESTS)
+def test_bad_tool_fields_get_a_400_naming_them(tool_server, extra, param):
+    body = {"model": "tiny-caller", "messages": QUESTION, "max_tokens": 4, **extra}
+    status, _, raw = request(tool_server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400, raw
+    assert error_of(raw)["param"] == param
+    wait_idle(tool_server)
+
+
+def test_a_template_without_tools_refuses_them(qwen_checkpoint, tmp_path):
+    server = started_server([str(qwen_checkpoint), "--device", "cpu"], tmp_path / "serve.log")
+    try:
+        body = {"model": "tiny-qwen2-chat", "messages": QUESTION, "max_tokens": 4, "tools": [WEATHER]}
+        status, _, raw = request(server.port, "POST", "/v1/chat/completions", body)
+        assert status == 400 and error_of(raw)["param"] == "tools"
+        assert "has no place for tools" in error_of(raw)["message"]
+        body = {
+            "model": "tiny-qwen2-chat",
+            "messages": [*QUESTION, {"role": "tool", "tool_call_id": "c", "content": "x"}],
+        }
+        status, _, raw = request(server.port, "POST", "/v1/chat/completions", body)
+        assert status == 400 and error_of(raw)["param"] == "messages[1].role"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("family", ["chatglm3", "glm4"])
+def test_chatglm_tool_requests_build_the_familys_prompt(family):
+    """ChatGLM3 and GLM-4 through the server: the call and its result in the family's roles."""
+    from chatglm_reference import DATA
+    from serving import InProcessServer
+
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    # glm4-tiny's context is 512 tokens of a small vocabulary: a short schema leaves room.
+    small_weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(DATA / f"{family}-tiny", family))
+    prompts: list[str] = []
+    plan = backend.plan_reply
+
+    sent: list[list[int]] = []
+
+    def recording_plan(conversation, settings, **policy):
+        loaded = backend.manager.current
+        prompts.append(
+            loaded.tokenizer.decode(loaded.prompt_format.build(conversation.as_dicts()), skip_special_tokens=False)
+        )
+        reply = plan(conversation, settings, **policy)
+        sent.append(reply.prompt_ids)
+        return reply
+
+    backend.plan_reply = recording_plan
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+    ]
+    with InProcessServer(create_app(ServerState(backend))) as server:
+        answer = _client(server).chat.completions.create(
+            model=family, messages=messages, tools=[small_weather], max_tokens=8, temperature=0
+        )
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        _client(server).chat.completions.create(
+            model=family, messages=QUESTION, tools=[small_weather], tool_choice=named, max_tokens=8, temperature=0
+        )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")  # random weights: any reply
+    # A named function is forced by writing its name as the reply's first line, after <|assistant|>.
+    tokenizer = backend.manager.current.tokenizer
+    name_line = tokenizer.encode("get_weather\n")
+    assert sent[-1][-len(name_line) - 1 :] == [tokenizer.get_command("<|assistant|>"), *name_line]
+    prompt = prompts[-2]
+    call_text = '{"city": "Paris"}' if family == "glm4" else "tool_call(city='Paris')"
+    order = [
+        prompt.index("get_weather"),  # the tools block
+        prompt.index("What is the weather in Paris?"),
+        prompt.index(call_text),
+        prompt.index("<|observation|>"),
+        prompt.index("21 degrees"),
+    ]
+    assert order == sorted(order)
+    assert prompt.rstrip().endswith("<|assistant|>")
