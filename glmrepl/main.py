@@ -20,6 +20,8 @@ other commands (each has --help):
   glmrepl check DIR          verify a checkpoint folder offline; say what to fix
   glmrepl download REPO_ID   fetch what offline use of a hub repository needs (needs network)
   glmrepl serve MODEL        serve a model over HTTP (an OpenAI-style chat API)
+  glmrepl quantize SRC DST --bits 4|8
+                             write an int4/int8 copy of a checkpoint that loads as it is
 
 In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits."""
 
@@ -81,7 +83,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         choices=(4, 8),
         metavar="{4,8}",
-        help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it",
+        help="quantize a float checkpoint's linear layers to int4 or int8 while loading it "
+        "(group-wise scales; ChatGLM keeps THUDM's per-row layout)",
     )
     parser.add_argument(
         "--adapter", metavar="DIR", help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model"
@@ -122,7 +125,7 @@ def _gpu_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     stay_offline()  # before anything can import huggingface_hub
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("download", "check", "list"):
+    if argv and argv[0] in ("download", "check", "list", "quantize"):
         from . import tools
 
         return tools.main(argv)
