@@ -196,11 +196,11 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, bits: int, group_size: int = 0) -> QuantizedLinear:
         """Quantize a float linear, or a GPT-2 ``Conv1D`` (weight [in, out]), on its own device;
         a per-row scale keeps the weight's dtype, group scales are float16."""
-        weight = linear.weight.detach()
+        weight: torch.Tensor = getattr(linear, "weight").detach()  # noqa: B009  (nn.Module types it loosely)
         if not isinstance(linear, nn.Linear):  # Conv1D computes x @ weight: its weight is [in, out]
             weight = weight.t()
         out_features, in_features = weight.shape
-        bias = linear.bias
+        bias: torch.Tensor | None = getattr(linear, "bias", None)
         layer = cls(
             in_features, out_features, bits, bias is not None, weight.device, weight.dtype, group_size=group_size
         )

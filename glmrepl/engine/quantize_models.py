@@ -15,7 +15,9 @@ float checkpoint gives the same tensors as the released int4/int8 ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
 from . import cpu_kernels
@@ -65,22 +67,21 @@ def _is_float_linear(module: nn.Module) -> bool:
 
 
 def _in_features(module: nn.Module) -> int:
-    weight = module.weight
+    weight: torch.Tensor = getattr(module, "weight")  # noqa: B009  (nn.Module types it loosely)
     return int(weight.shape[0] if _is_conv1d(module) else weight.shape[1])
 
 
 def quantizable_linears(model: nn.Module, bits: int, include_head: bool = False) -> list[str]:
     """Names of the linears to quantize: every float linear but the output head (unless
     ``include_head``) and any layer sharing its weight with the input embeddings."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head, embeddings = output_head(model), _call(model, "get_input_embeddings")
     shared = getattr(embeddings, "weight", None)
     names = []
     for name, module in model.named_modules():
         if not _is_float_linear(module):
             continue
         is_head = module is head
-        if (is_head and not include_head) or (not is_head and module.weight is shared):
+        if (is_head and not include_head) or (not is_head and getattr(module, "weight", None) is shared):
             continue
         if bits == 4 and _in_features(module) % 2:
             continue  # two values a byte: an odd width has no int4 form, and stays float
@@ -122,9 +123,10 @@ def quantize_model(
         names = quantizable_linears(model, bits, include_head)
     done = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not names and not done:
-        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        config: Any = model.config
+        architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         raise unsupported_architecture(architecture)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     for name in names:
         layer = model.get_submodule(name)
         if _is_float_linear(layer):
@@ -133,19 +135,30 @@ def quantize_model(
                 untie_head(model)
     release_freed_memory()
     cpu_kernels.library()  # built in the background while the reply starts
-    layers = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    first = model.get_submodule(layers[0])
-    return QuantizedLayout(bits, first.group_size, layers, include_head and head is not None)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    first = next(iter(layers.values()))
+    return QuantizedLayout(bits, first.group_size, list(layers), include_head and head is not None)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    return _call(model, "get_output_embeddings")
+
+
+def _call(model: nn.Module, method: str):
+    """A transformers model method, None when the model lacks it (a plain nn.Module)."""
+    found = getattr(model, method, None)
+    return found() if callable(found) else None
 
 
 def untie_head(model: nn.Module) -> None:
     """Keep transformers from tying the (now quantized) head back to the embeddings later."""
-    for config in {id(c): c for c in (model.config, _text_config(model))}.values():
+    configs: list[Any] = [model.config, _text_config(model)]
+    for config in {id(c): c for c in configs}.values():
         if getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
 
 
-def _text_config(model: nn.Module):
+def _text_config(model: nn.Module) -> Any:
     getter = getattr(model.config, "get_text_config", None)
     return getter() if getter else model.config
 

@@ -180,9 +180,7 @@ def load_source(info: Any, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .loading import quiet_transformers
-
-    quiet_transformers()
+    hf_logging.set_verbosity_error()  # transformers' advice is for library users
     hf_logging.disable_progress_bar()  # a command-line tool: its own line says what it did
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(info.dtype or "", torch.float32)
     try:
@@ -251,17 +249,16 @@ class _writing:
             raise QuantizeError(f"cannot write {self.dest}: {_reason(error)}") from None
         return self.scratch
 
-    def __exit__(self, kind, error, trace) -> bool:
+    def __exit__(self, kind, error, trace) -> None:
         if kind is None:
             try:
                 self._replace()
-                return False
+                return
             except OSError as failure:
-                kind, error = OSError, failure
+                error = failure
         shutil.rmtree(self.scratch, ignore_errors=True)
         if isinstance(error, OSError):
             raise QuantizeError(f"cannot write {self.dest}: {_reason(error)}") from None
-        return False
 
     def _replace(self) -> None:
         old = None
