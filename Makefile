@@ -33,6 +33,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/quant_models.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -267,6 +267,10 @@ def test_quantized_folder_loads_as_it_was_quantized(request, tmp_path, source):
     assert config["glmrepl_quantization"]["bits"] == 4 and config["glmrepl_quantization"]["group_size"] == 32
     assert (dest / "model.safetensors").exists() and not list(dest.glob("*.bin"))
     assert not list(tmp_path.glob(".int4.*"))  # the scratch folder was renamed, not left beside
+    from glmrepl.engine.catalog import listing_dtype
+    from glmrepl.tools import folder_problems
+
+    assert folder_problems(dest) == [] and listing_dtype(config, "float32") == "int4"
     saved = load_model(LoadRequest(path=dest, name="int4", mode="cpu"))
     on_load = load_model(LoadRequest(path=folder, name="float", mode="cpu", quantize=4))
     assert saved.info.placement.describe() == "cpu float32 int4"
