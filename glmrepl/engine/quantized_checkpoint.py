@@ -101,19 +101,29 @@ def empty_quantized_model(folder: Path, layout: QuantizedLayout, dtype, trust_re
 
 
 def read_tensors(folder: Path, files: list[Path], dtype) -> dict:
-    """Every stored tensor; float ones other than the scales at the placement's dtype."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every stored tensor; float ones other than the scales at the placement's dtype.
+
+    One tensor at a time, each copied off the file's mapping, and the freed heap handed back:
+    tensors left on the mapping kept it whole, and so its bfloat16 embeddings resident beside
+    their float32 copy (1.37x the packed weights on the Qwen2-0.5B benchmark)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .devices import release_freed_memory
 
     state = {}
     for file in files:
         try:
-            tensors = load_file(str(file))
+            with safe_open(str(file), framework="pt") as stored:
+                for name in stored.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+                    tensor = stored.get_tensor(name)
+                    keep = not tensor.is_floating_point() or name.endswith(".weight_scale")
+                    # A copy either way: a tensor left on the file's mapping keeps the whole
+                    # mapping alive, with every page read from it (the float embeddings too).
+                    state[name] = tensor.clone() if keep or tensor.dtype == dtype else tensor.to(dtype)
+                    del tensor
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{folder.name}: cannot read {file.name}: {first_line(error)}") from None
-        for name, tensor in tensors.items():
-            keep = not tensor.is_floating_point() or name.endswith(".weight_scale")
-            state[name] = tensor if keep else tensor.to(dtype)
+    release_freed_memory()
     return state
 
 
