@@ -87,6 +87,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(group-wise scales; ChatGLM keeps THUDM's per-row layout)",
     )
     parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        metavar="{32,64,128}",
+        help="with --quantize: input columns sharing one scale (default 32 for int4, 64 for int8)",
+    )
+    parser.add_argument(
         "--adapter", metavar="DIR", help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model"
     )
     parser.add_argument(
@@ -182,7 +189,17 @@ def build_app(args, config):
 
 
 # Flags about loading a model here, which a server decides for itself.
-LOCAL_ONLY_FLAGS = ("device", "dtype", "gpus", "max_gpu_memory", "offload", "quantize", "family", "trust_remote_code")
+LOCAL_ONLY_FLAGS = (
+    "device",
+    "dtype",
+    "gpus",
+    "max_gpu_memory",
+    "offload",
+    "quantize",
+    "group_size",
+    "family",
+    "trust_remote_code",
+)
 
 
 def build_backend(args):
@@ -215,9 +232,12 @@ def load_options(args, config):
         max_gpu_memory=args.max_gpu_memory,
         offload=args.offload,
         quantize=args.quantize,
+        group_size=args.group_size,
         adapter=Path(args.adapter).expanduser() if args.adapter else None,
         merge_adapter=args.merge_adapter,
     )
+    if args.group_size and not args.quantize:
+        raise ValueError("--group-size goes with --quantize 4|8")
     from .engine.cpu import request_threads
 
     request_threads(args.threads)  # ValueError -> usage error

@@ -340,3 +340,24 @@ def test_a_quantized_folder_missing_tensors_is_a_one_line_error(qwen_checkpoint,
     save_file(state, str(dest / "model.safetensors"))
     with pytest.raises(CheckpointError, match="lack model.layers.1.mlp.down_proj.weight_scale"):
         load_model(LoadRequest(path=dest, name="int4", mode="cpu"))
+
+
+def test_glmrepl_quantize_runs_from_the_command_line(qwen_checkpoint, tmp_path, capsys):
+    from glmrepl.main import main
+
+    assert main(["quantize", str(qwen_checkpoint), str(tmp_path / "int8"), "--bits", "8"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'int8'}: 14 linears at int8, groups of 64")
+    with pytest.raises(SystemExit):
+        main(["quantize", str(qwen_checkpoint), str(tmp_path / "x"), "--bits", "3"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_group_size_flag_goes_with_quantize():
+    from glmrepl.config import load_config
+    from glmrepl.main import build_parser, load_options
+
+    config = load_config()
+    options = load_options(build_parser().parse_args(["m", "--quantize", "4", "--group-size", "128"]), config)
+    assert options.quantize == 4 and options.group_size == 128
+    with pytest.raises(ValueError, match="--group-size goes with --quantize"):
+        load_options(build_parser().parse_args(["m", "--group-size", "64"]), config)
