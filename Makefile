@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/multiturn.py
+	$(PY) benchmarks/quant_models.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -544,7 +544,7 @@ for _command in (
     Command(
         "quantize",
         "/quantize 4|8",
-        "quantize the loaded ChatGLM model's layers to int4 or int8 in place",
+        "quantize the loaded model's linear layers to int4 or int8 in place",
         cmd_quantize,
         (),
         lambda app, prefix: ["4", "8"],

@@ -21,6 +21,8 @@ other commands (each has --help):
                              (--ppl FILE: then load it and print its perplexity on a text)
   glmrepl download REPO_ID   fetch what offline use of a hub repository needs (needs network)
   glmrepl serve MODEL        serve a model over HTTP (an OpenAI-style chat API)
+  glmrepl quantize SRC DST --bits 4|8
+                             write an int4/int8 copy of a checkpoint that loads as it is
 
 In the REPL, /help lists the commands. Ctrl-C stops a reply, Ctrl-D exits."""
 
@@ -82,7 +84,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         choices=(4, 8),
         metavar="{4,8}",
-        help="quantize a float ChatGLM checkpoint's layers to int4 or int8 while loading it",
+        help="quantize a float checkpoint's linear layers to int4 or int8 while loading it "
+        "(group-wise scales; ChatGLM keeps THUDM's per-row layout)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        metavar="{32,64,128}",
+        help="with --quantize: input columns sharing one scale (default 32 for int4, 64 for int8)",
     )
     parser.add_argument(
         "--adapter", metavar="DIR", help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model"
@@ -123,7 +133,7 @@ def _gpu_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     stay_offline()  # before anything can import huggingface_hub
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("download", "check", "list"):
+    if argv and argv[0] in ("download", "check", "list", "quantize"):
         from . import tools
 
         return tools.main(argv)
@@ -180,7 +190,17 @@ def build_app(args, config):
 
 
 # Flags about loading a model here, which a server decides for itself.
-LOCAL_ONLY_FLAGS = ("device", "dtype", "gpus", "max_gpu_memory", "offload", "quantize", "family", "trust_remote_code")
+LOCAL_ONLY_FLAGS = (
+    "device",
+    "dtype",
+    "gpus",
+    "max_gpu_memory",
+    "offload",
+    "quantize",
+    "group_size",
+    "family",
+    "trust_remote_code",
+)
 
 
 def build_backend(args):
@@ -213,9 +233,12 @@ def load_options(args, config):
         max_gpu_memory=args.max_gpu_memory,
         offload=args.offload,
         quantize=args.quantize,
+        group_size=args.group_size,
         adapter=Path(args.adapter).expanduser() if args.adapter else None,
         merge_adapter=args.merge_adapter,
     )
+    if args.group_size and not args.quantize:
+        raise ValueError("--group-size goes with --quantize 4|8")
     from .engine.cpu import request_threads
 
     request_threads(args.threads)  # ValueError -> usage error

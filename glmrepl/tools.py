@@ -1,9 +1,9 @@
-"""The folder tools: ``glmrepl download``, ``glmrepl check`` and ``glmrepl list``.
+"""The folder tools: ``glmrepl download``, ``check``, ``list`` and ``quantize``.
 
 They share the checks the loader makes (:mod:`glmrepl.engine.checkpoint`) and
 the catalog the REPL's ``/model`` listing shows (:mod:`glmrepl.engine.catalog`).
 Nothing heavy is imported at module level: ``glmrepl --help`` stays instant,
-and ``check`` and ``list`` never import torch.
+and ``check`` and ``list`` never import torch (``quantize`` does, once it runs).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("download", "check", "list")
+COMMANDS = ("download", "check", "list", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +51,37 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument(
         "--trust-remote-code", action="store_true", help="count checkpoints that need their own Python code as ready"
     )
+    add_quantize_parser(commands)
     return parser
+
+
+def add_quantize_parser(commands) -> None:
+    quantize = commands.add_parser(
+        "quantize", help="write an int4/int8 copy of a checkpoint folder that loads without re-quantizing"
+    )
+    quantize.add_argument("source", metavar="SRC", help="the float checkpoint folder")
+    quantize.add_argument("dest", metavar="DST", help="the folder to write (must not exist, unless --force)")
+    quantize.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight")
+    quantize.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        help="input columns sharing one scale (default: 32 for int4, 64 for int8)",
+    )
+    quantize.add_argument(
+        "--head", action="store_true", help="quantize the output head too (a tied head gets its own copy)"
+    )
+    quantize.add_argument("--force", action="store_true", help="replace DST if it exists")
+    quantize.add_argument(
+        "--trust-remote-code", action="store_true", help="run the checkpoint's own Python code to build the model"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "models_dir", None) is None and args.command in ("download", "list"):
         args.models_dir = configured_models_dir(sys.stderr)
-    handler = {"download": run_download, "check": run_check, "list": run_list}[args.command]
+    handler = {"download": run_download, "check": run_check, "list": run_list, "quantize": run_quantize}[args.command]
     return handler(args, sys.stdout, sys.stderr)
 
 
@@ -226,6 +249,35 @@ def format_table(rows) -> list[str]:
     """Left-aligned columns; the last column (the path) is never padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
+
+
+# -- quantize ----------------------------------------------------------------------
+
+
+def run_quantize(args, out, err) -> int:
+    from .engine.errors import GlmreplError
+    from .engine.quantized_checkpoint import quantize_checkpoint
+
+    try:
+        layout = quantize_checkpoint(
+            args.source,
+            args.dest,
+            args.bits,
+            args.group_size,
+            include_head=args.head,
+            overwrite=args.force,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except GlmreplError as error:
+        print(f"error: {error}", file=err)
+        return 1
+    head = ", the head too" if layout.head else ""
+    print(
+        f"wrote {args.dest}: {len(layout.modules)} linears at int{layout.bits}, "
+        f"groups of {layout.group_size} columns{head}",
+        file=out,
+    )
+    return 0
 
 
 if __name__ == "__main__":

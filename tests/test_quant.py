@@ -209,13 +209,14 @@ def test_quantize_cannot_requantize_a_quantized_checkpoint():
         load("chatglm2-int4", quantize=8)
 
 
-def test_quantize_refuses_other_architectures(gpt2_checkpoint):
+def test_quantize_on_load_takes_other_architectures_too(gpt2_checkpoint):
     from glmrepl.engine.manager import LoadRequest, load_model
-    from glmrepl.engine.quant import QuantizeError
+    from glmrepl.engine.quant import QuantizedLinear
 
-    request = LoadRequest(path=gpt2_checkpoint, name="tiny-gpt2", mode="cpu", quantize=4)
-    with pytest.raises(QuantizeError, match="cannot quantize GPT2LMHeadModel"):
-        load_model(request)
+    loaded = load_model(LoadRequest(path=gpt2_checkpoint, name="tiny-gpt2", mode="cpu", quantize=4))
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 8 and all(m.group_size == 32 for m in layers)  # GPT-2's Conv1D projections
+    assert loaded.info.placement.describe() == "cpu float32 int4"
 
 
 def test_manager_quantize_in_place_and_describe():

@@ -103,3 +103,32 @@ def test_sharded_quantized_layers_split_across_devices():
     with torch.inference_mode():
         logits = parts.model(input_ids=reference["input_ids"].cuda()).logits.cpu()
     assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_group_wise_layer_matches_the_cpu(bits):
+    import torch
+
+    from glmrepl.engine.quant import QuantizedLinear
+
+    torch.manual_seed(bits)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits, 32)
+    x = torch.randn(2, 3, 256)
+    expected = layer(x)
+    found = layer.cuda()(x.cuda()).cpu()
+    assert torch.allclose(found, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gpu_loads_a_quantized_folder(qwen_checkpoint, tmp_path):
+    import torch
+
+    from glmrepl.engine.loading import LoadRequest, load_model
+    from glmrepl.engine.quantized_checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(qwen_checkpoint, tmp_path / "int4", 4)
+    loaded = load_model(LoadRequest(path=tmp_path / "int4", name="int4", mode="gpu", dtype="float32"))
+    ids = torch.tensor([[3, 10, 20, 30]])
+    cpu = load_model(LoadRequest(path=tmp_path / "int4", name="int4", mode="cpu", dtype="float32"))
+    with torch.inference_mode():
+        found = loaded.model(ids.cuda()).logits.cpu()
+        assert torch.allclose(found, cpu.model(ids).logits, atol=1e-3, rtol=0)

@@ -88,7 +88,9 @@ def listing_dtype(config: dict | None, stored_dtype: str | None) -> str | None:
     config = config or {}
     bits = config.get("quantization_bit")  # ChatGLM's own quantized releases
     quantization = config.get("quantization_config")
-    if not bits and isinstance(quantization, dict):  # GPTQ, AWQ, bitsandbytes
+    if not isinstance(quantization, dict):  # `glmrepl quantize` folders record theirs apart
+        quantization = config.get("glmrepl_quantization")
+    if not bits and isinstance(quantization, dict):  # GPTQ, AWQ, bitsandbytes, glmrepl
         bits = quantization.get("bits") or (
             4 if quantization.get("load_in_4bit") else 8 if quantization.get("load_in_8bit") else None
         )

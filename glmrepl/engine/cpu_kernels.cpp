@@ -27,62 +27,6 @@ static inline __m256 bytes8(const int8_t* p) {  // 8 signed bytes -> 8 int32 lan
 }
 #endif
 
-// ---- int8 / int4 (glmrepl.engine.quant's layout) ---------------------------
-
-static float int8_row(const int8_t* w, const float* x, int64_t n) {
-    int64_t j = 0;
-    float acc = 0.f;
-#ifdef GLMREPL_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; j + 32 <= n; j += 32) {
-        a0 = _mm256_fmadd_ps(bytes8(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(bytes8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(bytes8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(bytes8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; j < n; j++) acc += (float)w[j] * x[j];
-    return acc;
-}
-
-static float int4_row(const int8_t* w, const float* even, const float* odd, int64_t n) {
-    int64_t j = 0;
-    float acc = 0.f;
-#ifdef GLMREPL_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; j + 16 <= n; j += 16) {
-        __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j)));
-        __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j + 8)));
-        // Sign-extended bytes: >> 4 is the high nibble, << 28 >> 28 the low one, both signed.
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b0, 4)), _mm256_loadu_ps(even + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b0, 28), 28)),
-                             _mm256_loadu_ps(odd + j), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b1, 4)), _mm256_loadu_ps(even + j + 8), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b1, 28), 28)),
-                             _mm256_loadu_ps(odd + j + 8), a3);
-    }
-    acc = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; j < n; j++) {
-        int8_t b = w[j];
-        acc += (float)(b >> 4) * even[j] + (float)((int8_t)(b << 4) >> 4) * odd[j];
-    }
-    return acc;
-}
-
-extern "C" void int8_gemv(const int8_t* w, const float* x, const float* scale, float* y,
-                          int64_t rows, int64_t cols, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_WORK)
-    for (int64_t r = 0; r < rows; r++) y[r] = int8_row(w + r * cols, x, cols) * scale[r];
-}
-
-extern "C" void int4_gemv(const int8_t* w, const float* even, const float* odd, const float* scale,
-                          float* y, int64_t rows, int64_t stored, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * stored * 2 >= PARALLEL_WORK)
-    for (int64_t r = 0; r < rows; r++) y[r] = int4_row(w + r * stored, even, odd, stored) * scale[r];
-}
-
 // ---- float32 / bfloat16 / float16 weights -----------------------------------
 
 enum Type { F32 = 0, BF16 = 1, F16 = 2 };  // the codes cpu_kernels.py passes
@@ -120,6 +64,236 @@ static inline void store_one(void* p, int type, int64_t i, float v) {
 #endif
         default: ((float*)p)[i] = v;
     }
+}
+
+// ---- int8 / int4 (glmrepl.engine.quant's layout) ---------------------------
+//
+// Each row's scales are one per group of `group` input columns (the last group may be
+// shorter); the per-row layout of ChatGLM's releases is one group as wide as the row.
+// Within a group the products are summed in 8 float lanes, then the lanes are scaled
+// once: one extra multiply-add per group rather than a multiply per weight, and no
+// horizontal sum until the row's end.
+
+#ifdef GLMREPL_AVX2
+// The products of w[j..end) and x[j..end) in 8 lanes, 32 at a time; j is left at the tail.
+static inline __m256 int8_span(const int8_t* w, const float* x, int64_t& j, int64_t end) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 32 <= end; j += 32) {
+        a0 = _mm256_fmadd_ps(bytes8(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(bytes8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(bytes8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(bytes8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+    }
+    return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+}
+
+// The same for packed int4 bytes w[j..end): high nibbles times even, low nibbles times odd.
+static inline __m256 int4_span(const int8_t* w, const float* even, const float* odd, int64_t& j, int64_t end) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 16 <= end; j += 16) {
+        __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j)));
+        __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + j + 8)));
+        // Sign-extended bytes: >> 4 is the high nibble, << 28 >> 28 the low one, both signed.
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b0, 4)), _mm256_loadu_ps(even + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b0, 28), 28)),
+                             _mm256_loadu_ps(odd + j), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b1, 4)), _mm256_loadu_ps(even + j + 8), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b1, 28), 28)),
+                             _mm256_loadu_ps(odd + j + 8), a3);
+    }
+    return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+}
+#endif
+
+// One row: n values in groups of `group`, scales[g] of s_type for group g.
+static float int8_row(const int8_t* w, const float* x, const void* scales, int s_type, int64_t n, int64_t group) {
+    float acc = 0.f;
+#ifdef GLMREPL_AVX2
+    __m256 total = _mm256_setzero_ps();
+#endif
+    for (int64_t g = 0, start = 0; start < n; g++, start += group) {
+        const int64_t end = start + group < n ? start + group : n;
+        const float s = load_one(scales, s_type, g);
+        int64_t j = start;
+#ifdef GLMREPL_AVX2
+        total = _mm256_fmadd_ps(int8_span(w, x, j, end), _mm256_set1_ps(s), total);
+#endif
+        float rest = 0.f;
+        for (; j < end; j++) rest += (float)w[j] * x[j];
+        acc += rest * s;
+    }
+#ifdef GLMREPL_AVX2
+    acc += sum8(total);
+#endif
+    return acc;
+}
+
+// One int4 row: n packed bytes (2n values), groups of `group_bytes` bytes.
+static float int4_row(const int8_t* w, const float* even, const float* odd, const void* scales, int s_type,
+                      int64_t n, int64_t group_bytes) {
+    float acc = 0.f;
+#ifdef GLMREPL_AVX2
+    __m256 total = _mm256_setzero_ps();
+#endif
+    for (int64_t g = 0, start = 0; start < n; g++, start += group_bytes) {
+        const int64_t end = start + group_bytes < n ? start + group_bytes : n;
+        const float s = load_one(scales, s_type, g);
+        int64_t j = start;
+#ifdef GLMREPL_AVX2
+        total = _mm256_fmadd_ps(int4_span(w, even, odd, j, end), _mm256_set1_ps(s), total);
+#endif
+        float rest = 0.f;
+        for (; j < end; j++) {
+            int8_t b = w[j];
+            rest += (float)(b >> 4) * even[j] + (float)((int8_t)(b << 4) >> 4) * odd[j];
+        }
+        acc += rest * s;
+    }
+#ifdef GLMREPL_AVX2
+    acc += sum8(total);
+#endif
+    return acc;
+}
+
+#ifdef GLMREPL_AVX2
+// Groups of a fixed G columns (32, 64 or 128; the row a whole number of them), the scales
+// already float32: a group's products are summed in two vectors that are scaled into the
+// row's two totals, so a group of 32 costs two multiply-adds more than per-row scales, and
+// no scalar work. (The general loop above spent about twice per-row's time at 32.)
+template <int G>
+static float int8_groups(const int8_t* w, const float* x, const float* s, int64_t n) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+    for (int64_t j = 0, g = 0; j < n; j += G, g++) {
+        __m256 p0 = _mm256_mul_ps(bytes8(w + j), _mm256_loadu_ps(x + j));
+        __m256 p1 = _mm256_mul_ps(bytes8(w + j + 8), _mm256_loadu_ps(x + j + 8));
+        for (int k = 16; k < G; k += 16) {
+            p0 = _mm256_fmadd_ps(bytes8(w + j + k), _mm256_loadu_ps(x + j + k), p0);
+            p1 = _mm256_fmadd_ps(bytes8(w + j + k + 8), _mm256_loadu_ps(x + j + k + 8), p1);
+        }
+        const __m256 scale = _mm256_broadcast_ss(s + g);
+        t0 = _mm256_fmadd_ps(p0, scale, t0);
+        t1 = _mm256_fmadd_ps(p1, scale, t1);
+    }
+    return sum8(_mm256_add_ps(t0, t1));
+}
+
+static inline __m256 high8(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4)); }
+static inline __m256 low8(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28)); }
+static inline __m256i packed8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+
+// The int4 layout, n bytes a row, G values (G / 2 bytes) a group.
+template <int G>
+static float int4_groups(const int8_t* w, const float* even, const float* odd, const float* s, int64_t n) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+    for (int64_t j = 0, g = 0; j < n; j += G / 2, g++) {
+        __m256i b = packed8(w + j);
+        __m256 p0 = _mm256_mul_ps(high8(b), _mm256_loadu_ps(even + j));
+        __m256 p1 = _mm256_mul_ps(low8(b), _mm256_loadu_ps(odd + j));
+        for (int k = 8; k < G / 2; k += 8) {
+            b = packed8(w + j + k);
+            p0 = _mm256_fmadd_ps(high8(b), _mm256_loadu_ps(even + j + k), p0);
+            p1 = _mm256_fmadd_ps(low8(b), _mm256_loadu_ps(odd + j + k), p1);
+        }
+        const __m256 scale = _mm256_broadcast_ss(s + g);
+        t0 = _mm256_fmadd_ps(p0, scale, t0);
+        t1 = _mm256_fmadd_ps(p1, scale, t1);
+    }
+    return sum8(_mm256_add_ps(t0, t1));
+}
+#endif
+
+// Groups the fixed-size loops take: scales widened to float32 once per row, on the stack.
+static const int64_t MAX_FAST_GROUPS = 4096;
+
+static bool fast_groups(int64_t group, int64_t values) {
+#ifdef GLMREPL_AVX2
+    return (group == 32 || group == 64 || group == 128) && values % group == 0 &&
+           values / group <= MAX_FAST_GROUPS;
+#else
+    (void)group;
+    (void)values;
+    return false;
+#endif
+}
+
+// A row's scales as float32: eight float16 at a time where F16C has them (a scalar
+// conversion per group cost about as much as the group's own products at 32 columns).
+static void widen_scales(const void* scales, int s_type, int64_t count, float* out) {
+    int64_t g = 0;
+#if defined(GLMREPL_AVX2) && defined(__F16C__)
+    if (s_type == F16)
+        for (; g + 8 <= count; g += 8)
+            _mm256_storeu_ps(out + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)scales + g))));
+#endif
+    for (; g < count; g++) out[g] = load_one(scales, s_type, g);
+}
+
+static bool known(int type);
+
+// y = dequantized weight @ x for one token. w int8 [rows, cols]; scale [rows, groups] of
+// s_type, groups = ceil(cols / group); x and y of x_type. Returns 0, or 1 for a type this
+// build cannot read (the caller uses torch instead).
+extern "C" int int8_gemv(const int8_t* w, const void* x, int x_type, const void* scale, int s_type, void* y,
+                         int64_t rows, int64_t cols, int64_t group, int64_t threads) {
+    if (!known(x_type) || !known(s_type) || group < 1) return 1;
+    const int64_t groups = (cols + group - 1) / group;
+    std::vector<float> vector(cols);
+    for (int64_t j = 0; j < cols; j++) vector[j] = load_one(x, x_type, j);
+    const int64_t s_size = s_type == F32 ? 4 : 2;
+    const bool fast = fast_groups(group, cols);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) {
+        const void* row_scales = (const char*)scale + r * groups * s_size;
+        const int8_t* row = w + r * cols;
+        float v;
+#ifdef GLMREPL_AVX2
+        if (fast) {
+            float s[MAX_FAST_GROUPS];
+            widen_scales(row_scales, s_type, groups, s);
+            v = group == 32 ? int8_groups<32>(row, vector.data(), s, cols)
+                : group == 64 ? int8_groups<64>(row, vector.data(), s, cols)
+                              : int8_groups<128>(row, vector.data(), s, cols);
+        } else
+#endif
+            v = int8_row(row, vector.data(), row_scales, s_type, cols, group);
+        store_one(y, x_type, r, v);
+    }
+    return 0;
+}
+
+// The int4 layout: w [rows, stored] holds 2 * stored values a row; group counts values
+// (even, so that a byte's two values share a group). The split of x into its even and
+// odd values is made here, once per call, so that the weight is never re-interleaved.
+extern "C" int int4_gemv(const int8_t* w, const void* x, int x_type, const void* scale, int s_type, void* y,
+                         int64_t rows, int64_t stored, int64_t group, int64_t threads) {
+    if (!known(x_type) || !known(s_type) || group < 2 || group % 2) return 1;
+    const int64_t group_bytes = group / 2, groups = (stored + group_bytes - 1) / group_bytes;
+    std::vector<float> even(stored), odd(stored);
+    for (int64_t j = 0; j < stored; j++) {
+        even[j] = load_one(x, x_type, 2 * j);
+        odd[j] = load_one(x, x_type, 2 * j + 1);
+    }
+    const int64_t s_size = s_type == F32 ? 4 : 2;
+    const bool fast = fast_groups(group, 2 * stored);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * stored * 2 >= PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) {
+        const void* row_scales = (const char*)scale + r * groups * s_size;
+        const int8_t* row = w + r * stored;
+        float v;
+#ifdef GLMREPL_AVX2
+        if (fast) {
+            float s[MAX_FAST_GROUPS];
+            widen_scales(row_scales, s_type, groups, s);
+            const float *e = even.data(), *o = odd.data();
+            v = group == 32 ? int4_groups<32>(row, e, o, s, stored)
+                : group == 64 ? int4_groups<64>(row, e, o, s, stored)
+                              : int4_groups<128>(row, e, o, s, stored);
+        } else
+#endif
+            v = int4_row(row, even.data(), odd.data(), row_scales, s_type, stored, group_bytes);
+        store_one(y, x_type, r, v);
+    }
+    return 0;
 }
 
 template <int T> struct Weights;

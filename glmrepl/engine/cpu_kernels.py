@@ -5,9 +5,10 @@ speed is set by how many bytes are read and how much work is done per byte.
 These kernels read each weight once, convert it to float in registers and
 accumulate in float32 (four accumulators, so the additions do not wait on each
 other); nothing the size of a float weight is ever written.
-- int8 / int4 in the checkpoint's own layout (glmrepl.engine.quant): for int4
-  the high nibbles meet the even inputs and the low nibbles the odd ones, so
-  only the activation vector is split, never the weight;
+- int8 / int4 in glmrepl.engine.quant's layout, with one scale per row or per
+  group of input columns (summed per group in vector lanes, scaled once a
+  group): for int4 the high nibbles meet the even inputs and the low nibbles
+  the odd ones, so only the activation vector is split (in C++), never the weight;
 - float32 / bfloat16 / float16 weights (glmrepl.engine.float_linear), where
   torch's one-row matmul reads float32 weights at about half the bandwidth;
   and the same for a few tokens at once (a step of batched decoding, one token
@@ -127,7 +128,9 @@ def _build() -> None:
     try:
         lib = ctypes.CDLL(str(_built_library()))
         for name in ("int8_gemv", "int4_gemv"):
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = ctypes.c_int
+            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+            getattr(lib, name).argtypes += [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
         lib.float_gemv.restype = ctypes.c_int
         # Declared, so that a call passes plain ints without building ctypes objects (it runs per layer).
         lib.float_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
@@ -170,41 +173,39 @@ def _built_library() -> Path:
     return target
 
 
-def int8_gemv(lib, packed, x, scale, threads: int):
-    """y[r] = scale[r] * sum_j packed[r, j] * x[j]; x, scale float32 contiguous, packed int8 [rows, cols]."""
+def int8_gemv(lib, packed, x, scale, group: int, threads: int):
+    """``x @ dequantized.T`` for one token: packed int8 [rows, cols], scale [rows] (one group as
+    wide as the row) or [rows, groups] of ``group`` columns each, any float type; x holds cols
+    values of float32/bfloat16/float16. The result has x's type, the last dimension rows; None
+    when this build cannot read a type."""
+    return _int_product(lib.int8_gemv, packed, x, scale, group, threads)
+
+
+def int4_gemv(lib, packed, x, scale, group: int, threads: int):
+    """``int8_gemv`` for the int4 layout: packed [rows, cols / 2], ``group`` counted in values."""
+    return _int_product(lib.int4_gemv, packed, x, scale, group, threads)
+
+
+def _int_product(kernel, packed, x, scale, group: int, threads: int):
     import torch
 
-    rows, cols = packed.shape
-    out = torch.empty(rows, dtype=torch.float32)
-    lib.int8_gemv(
-        _ptr(packed),
-        _ptr(x),
-        _ptr(scale),
-        _ptr(out),
-        ctypes.c_int64(rows),
-        ctypes.c_int64(cols),
-        ctypes.c_int64(threads),
-    )
-    return out
-
-
-def int4_gemv(lib, packed, even, odd, scale, threads: int):
-    """The int4 layout: high nibbles times ``even`` (x[0::2]), low nibbles times ``odd`` (x[1::2])."""
-    import torch
-
+    codes = _type_codes()
     rows, stored = packed.shape
-    out = torch.empty(rows, dtype=torch.float32)
-    lib.int4_gemv(
-        _ptr(packed),
-        _ptr(even),
-        _ptr(odd),
-        _ptr(scale),
-        _ptr(out),
-        ctypes.c_int64(rows),
-        ctypes.c_int64(stored),
-        ctypes.c_int64(threads),
+    out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
+    x, scale = x.contiguous(), scale.contiguous()
+    failed = kernel(
+        packed.data_ptr(),
+        x.data_ptr(),
+        codes[x.dtype],
+        scale.data_ptr(),
+        codes[scale.dtype],
+        out.data_ptr(),
+        rows,
+        stored,
+        group,
+        threads,
     )
-    return out
+    return None if failed else out
 
 
 # The codes the C++ side reads the float types by (cpu_kernels.cpp's ``Type``), by torch dtype name.
@@ -255,7 +256,3 @@ def _type_codes() -> dict:
     import torch
 
     return {getattr(torch, name): code for name, code in _FLOAT_TYPE_CODES.items()}
-
-
-def _ptr(tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())

@@ -39,7 +39,8 @@ class LoadOptions:
     gpus: list[int] | None = None  # sharded mode: which GPUs (None: all)
     max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
     offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
-    quantize: int | None = None  # --quantize: 4 or 8 bits for a float ChatGLM checkpoint
+    quantize: int | None = None  # --quantize: 4 or 8 bits for a float checkpoint's linears
+    group_size: int | None = None  # with quantize: columns a scale (None: the default for the bits)
     adapter: Path | None = None  # --adapter: a LoRA or P-tuning v2 folder put on the model (see adapters.py)
     merge_adapter: bool = False  # --merge-adapter: fold a LoRA into the weights
 
@@ -127,18 +128,22 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
     else:
-        if request.quantize:  # only native ChatGLM layers have a quantized form
-            from .quant import unsupported_architecture
-
-            raise unsupported_architecture(info.architecture)
         job.stage = "loading tokenizer"
         tokenizer = load_tokenizer(info, request.trust_remote_code)
         job.check_cancelled()
-        if placement.mode == "sharded":
-            placement.device_map = plan_generic_shards(info, placement, request.trust_remote_code)
-        job.stage = "loading weights"
-        with _weight_progress(job):
-            model = load_weights(info, placement, request.trust_remote_code)
+        layout = stored_layout(info)
+        if layout is not None:
+            model = load_quantized_weights(info, placement, request, layout, job)
+        else:
+            if placement.mode == "sharded":
+                placement.device_map = plan_generic_shards(info, placement, request.trust_remote_code)
+            job.stage = "loading weights"
+            with _weight_progress(job):
+                model = load_weights(info, placement, request.trust_remote_code)
+            if request.quantize:
+                job.stage = f"quantizing to int{request.quantize}"
+                quantize_loaded(model, request)
+        placement.quant_bits = _quant_bits(model)
         native_format = None
     use_float_kernels(model)
     adapter = attach_requested_adapter(model, request, job)
@@ -175,6 +180,27 @@ def attach_requested_adapter(model: Any, request: LoadRequest, job: LoadJob):
 
     job.stage = "applying the adapter"
     return attach_adapter(model, request.adapter, request.merge_adapter)
+
+
+def stored_layout(info: CheckpointInfo):
+    """The layout of a checkpoint ``glmrepl quantize`` wrote, or None for any other."""
+    from .quantized_checkpoint import read_layout
+
+    return read_layout(info.path)
+
+
+def load_quantized_weights(info: CheckpointInfo, placement: Placement, request: LoadRequest, layout, job: LoadJob):
+    from .quantized_checkpoint import load_quantized
+
+    job.stage = f"loading int{layout.bits} weights"
+    return load_quantized(info, placement, request, layout)
+
+
+def quantize_loaded(model: Any, request: LoadRequest) -> None:
+    from .quantize_models import quantize_model
+
+    assert request.quantize is not None  # called only when --quantize was given
+    quantize_model(model, request.quantize, request.group_size)
 
 
 def _quant_bits(model: Any) -> int:

@@ -225,15 +225,18 @@ class ModelManager:
         free_memory()
         return after
 
-    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Placement:
-        """Quantize the loaded model's layers in place (as ChatGLM's ``model.quantize(bits)``)."""
-        from .families.chatglm.quantized import quantize_in_place
+    def quantize(
+        self, bits: int, on_wait: Callable[[int], None] | None = None, group_size: int | None = None
+    ) -> Placement:
+        """Quantize the loaded model's linears in place (as ChatGLM's ``model.quantize(bits)``;
+        group-wise scales for other models, see quantize_models)."""
+        from .quantize_models import quantize_model
 
         with self.lease.exclusive(on_wait):
             loaded = self._require_model()
             if loaded.adapter and loaded.adapter.info.kind == "lora" and not loaded.adapter.merged:
                 raise GlmreplError("a LoRA adapter is on the layers: take it off, quantize, then put it on again")
-            quantize_in_place(loaded.model, bits)
+            quantize_model(loaded.model, bits, group_size)
             loaded.info.placement.quant_bits = bits
         free_memory()
         return loaded.info.placement

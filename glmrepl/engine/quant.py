@@ -1,24 +1,35 @@
-"""Weight-only int4 / int8 linears in the layout of THUDM's quantized ChatGLM releases.
+"""Weight-only int4 / int8 linears: THUDM's quantized ChatGLM layout, and group-wise scales.
 
 Layout: ``weight`` is int8 [out, in] (8 bits) or [out, in / 2] (4 bits: two
-signed values a byte, the even input index in the high nibble), and
-``weight_scale`` holds one scale per output row, ``row absmax / (2^(bits-1) - 1)``.
-The dequantized weight is ``value * weight_scale[row]``.
+signed values a byte, the even input index in the high nibble). ``weight_scale``
+holds either one scale per output row (``group_size`` 0: THUDM's releases,
+``row absmax / (2^(bits-1) - 1)`` in the model's dtype) or one per row and group
+of ``group_size`` input columns, [out, ceil(in / group_size)] in float16 (the
+last group may be shorter). The dequantized weight is ``value * scale``.
+
+Why groups: one scale per row lets a single outlier weight set the step for the
+whole row, so on real checkpoints (Llama, Qwen2) per-row int4 loses most of the
+row's small weights to zero; groups of 32 columns, as GGUF's Q4_0 and AWQ use,
+bound that damage to the group. The float16 scales add 0.5 bit a weight at 32
+columns (4.5 bits for int4); float32 ones would add 1. Group-wise int4 takes the
+group's largest-magnitude value to -8 (Q4_0's choice): all 16 levels are used,
+where a symmetric ``absmax / 7`` leaves -8 empty.
 
 CPU, one token (decoding): fused int8 / int4 matrix-vector kernels
-(glmrepl.engine.cpu_kernels) that read only the packed bytes, once they are
-built in the background; until then, with no C++ compiler, and for prompts
-(many tokens, where a float matmul is faster), plain torch ops: the weight
-stays packed in memory and is dequantized a block of rows at a time inside
-``forward``; for 4 bits the high
-and low nibbles are multiplied with the even and odd inputs separately, which
-skips re-interleaving them (the costliest step). Measured on a 4096x4096 layer
+(glmrepl.engine.cpu_kernels) that read only the packed bytes and the scales,
+once they are built in the background; until then, with no C++ compiler, and
+for prompts and batched steps (many tokens, where a float matmul is faster),
+plain torch ops: the weight stays packed in memory and is dequantized a block
+of rows at a time inside ``forward``; for 4 bits the high and low nibbles are
+multiplied with the even and odd inputs separately, which skips
+re-interleaving them (the costliest step). Measured on a 4096x4096 layer
 for one token: about 1.25x the time of a float32 matmul, where dequantizing the
 whole matrix per call took about 20x (benchmarks/quant.py). A cached float copy
 would be faster but costs the float32 memory that int4 is chosen to avoid.
 
-GPU: a dequantization kernel compiled through cpm_kernels (the ``quant``
-extra) when it is installed and works, else the same torch ops; the kernel
+GPU: per-row layers through a dequantization kernel compiled through
+cpm_kernels (the ``quant`` extra) when it is installed and works, group-wise
+ones (and per-row ones without it) through the same torch ops; the kernel
 failing once disables it with one warning.
 """
 
@@ -35,6 +46,11 @@ from .errors import GlmreplError, first_line
 from .float_linear import float_decode_path
 
 SUPPORTED_BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+# 0: one scale per row (THUDM's layout, kept for ChatGLM). See benchmarks/quant_models.py
+# and the README for the errors and speeds these were chosen from.
+DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
+GROUP_SCALE_DTYPE = torch.float16
 # Rows dequantized at once on CPU: a block of about this many float32 values
 # stays in the cache between dequantizing it and multiplying with it.
 _CPU_BLOCK_VALUES = 1 << 20
@@ -46,8 +62,7 @@ class QuantizeError(GlmreplError):
 
 def unsupported_architecture(architecture: str) -> QuantizeError:
     return QuantizeError(
-        f"glmrepl cannot quantize {architecture}: int4/int8 is supported for "
-        "ChatGLM-6B, ChatGLM2/3 and GLM-4 checkpoints"
+        f"glmrepl cannot quantize {architecture}: it has no linear layers glmrepl knows how to quantize"
     )
 
 
@@ -57,19 +72,45 @@ def check_bits(bits) -> int:
     return int(bits)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 packed weight, per-row scale) of a float [out, in] weight, as the reference does it:
-    scale = row absmax / (2^(bits-1) - 1), values rounded (half to even) and clamped."""
+def check_group_size(group_size) -> int:
+    if group_size != 0 and group_size not in GROUP_SIZES:
+        raise QuantizeError(f"group size {group_size!r} is not supported: choose 32, 64 or 128")
+    return int(group_size)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 packed weight, scale) of a float [out, in] weight.
+
+    ``group_size`` 0 does it as THUDM's reference does: scale = row absmax / (2^(bits-1) - 1)
+    in float32, values rounded (half to even) and clamped. Otherwise one float16 scale per
+    ``group_size`` columns (see the module docstring), the values divided by the rounded scale."""
     check_bits(bits)
+    if bits == 4 and weight.shape[-1] % 2:
+        raise ValueError(f"4-bit packing needs an even input size, not {weight.shape[-1]}")
     limit = 2 ** (bits - 1) - 1
-    scale = weight.abs().amax(dim=-1) / limit
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
-    values = torch.round(weight / divisor[:, None]).clamp_(-limit - 1, limit).to(torch.int8)
-    if bits == 4:
-        if weight.shape[-1] % 2:
-            raise ValueError(f"4-bit packing needs an even input size, not {weight.shape[-1]}")
-        values = pack_int4(values)
-    return values, scale
+    if group_size:
+        values, scale = _quantize_groups(weight, bits, group_size)
+    else:
+        scale = weight.abs().amax(dim=-1) / limit
+        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
+        values = torch.round(weight / divisor[:, None]).clamp_(-limit - 1, limit).to(torch.int8)
+    return (pack_int4(values) if bits == 4 else values), scale
+
+
+def _quantize_groups(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, columns = weight.shape
+    groups = -(-columns // group_size)
+    padded = F.pad(weight, (0, groups * group_size - columns)).view(rows, groups, group_size)
+    if bits == 4:  # the largest magnitude, with its sign, becomes -8
+        extreme = padded.gather(-1, padded.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        scale = (extreme / -8).to(GROUP_SCALE_DTYPE)
+    else:
+        scale = (padded.abs().amax(dim=-1) / 127).to(GROUP_SCALE_DTYPE)
+    divisor = scale.float()
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    limit = 2 ** (bits - 1) - 1
+    values = torch.round(padded / divisor[..., None]).clamp_(-limit - 1, limit).to(torch.int8)
+    return values.view(rows, -1)[:, :columns].contiguous(), scale
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -90,11 +131,27 @@ def unpacked_values(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).reshape(packed.shape[0], -1)
 
 
+def scaled(values: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """float ``values`` [rows, columns] times their scales, in place: ``scale`` [rows] (per row)
+    or [rows, groups] for groups of ``group`` columns, the last one possibly shorter."""
+    if scale.dim() == 1:
+        return values.mul_(scale[:, None])
+    rows, columns = values.shape
+    if columns % group == 0:
+        values.view(rows, -1, group).mul_(scale[:, :, None])
+        return values
+    return values.mul_(scale.repeat_interleave(group, dim=1)[:, :columns])
+
+
 def dequantize(
-    packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+    group_size: int = 0,
 ) -> torch.Tensor:
-    """The float [out, in] weight: each value times its row's scale, computed in ``dtype``."""
-    return unpacked_values(packed, bits).to(dtype) * scale.to(dtype)[:, None]
+    """The float [out, in] weight: each value times its row's (or group's) scale, in ``dtype``."""
+    return scaled(unpacked_values(packed, bits).to(dtype), scale.to(dtype), group_size)
 
 
 def model_bits(model: nn.Module) -> int:
@@ -117,119 +174,135 @@ class QuantizedLinear(nn.Module):
         bias: bool = False,
         device=None,
         dtype: torch.dtype | None = None,
+        group_size: int = 0,
     ):
         super().__init__()
-        self.bits = check_bits(bits)
+        self.bits, self.group_size = check_bits(bits), check_group_size(group_size)
         self.in_features, self.out_features = in_features, out_features
         stored = in_features * bits // 8
         self.weight = nn.Parameter(
             torch.empty(out_features, stored, dtype=torch.int8, device=device), requires_grad=False
         )
-        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        scale_shape = (out_features, -(-in_features // group_size)) if group_size else (out_features,)
+        scale_dtype = GROUP_SCALE_DTYPE if group_size else dtype
+        self.weight_scale = nn.Parameter(
+            torch.empty(scale_shape, dtype=scale_dtype, device=device), requires_grad=False
+        )
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
-        """Quantize a float linear (on its own device; the scale keeps its dtype)."""
-        weight = linear.weight.detach()
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int = 0) -> QuantizedLinear:
+        """Quantize a float linear, or a GPT-2 ``Conv1D`` (weight [in, out]), on its own device;
+        a per-row scale keeps the weight's dtype, group scales are float16."""
+        weight: torch.Tensor = getattr(linear, "weight").detach()  # noqa: B009  (nn.Module types it loosely)
+        if not isinstance(linear, nn.Linear):  # Conv1D computes x @ weight: its weight is [in, out]
+            weight = weight.t()
+        out_features, in_features = weight.shape
+        bias: torch.Tensor | None = getattr(linear, "bias", None)
         layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bits,
-            linear.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
+            in_features, out_features, bits, bias is not None, weight.device, weight.dtype, group_size=group_size
         )
-        packed, scale = quantize_weight(weight.float(), bits)
+        packed, scale = quantize_weight(weight.float(), bits, group_size)
         layer.weight.data = packed
-        layer.weight_scale.data = scale.to(weight.dtype)
-        if linear.bias is not None:
+        layer.weight_scale.data = scale if group_size else scale.to(weight.dtype)
+        if bias is not None:
             assert layer.bias is not None  # made with a bias because the linear has one
-            layer.bias.data = linear.bias.detach()
+            layer.bias.data = bias.detach()
         return layer
 
     def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}, "
             f"bias={self.bias is not None}"
         )
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
+        if dtype is None:  # the layer's float type: a per-row scale's, else the bias's
+            scale_dtype = self.weight_scale.dtype if not self.group_size else torch.float32
+            dtype = self.bias.dtype if self.bias is not None else scale_dtype
+        return dequantize(self.weight, self.weight_scale, self.bits, dtype, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.is_cuda:
-            output = F.linear(x, gpu_dequantize(self.weight, self.weight_scale, self.bits, x.dtype))
+            weight = gpu_dequantize(self.weight, self.weight_scale, self.bits, x.dtype, self.group_size)
+            output = F.linear(x, weight)
         else:
-            output = cpu_linear(x, self.weight, self.weight_scale, self.bits)
+            output = cpu_linear(x, self.weight, self.weight_scale, self.bits, self.group_size)
         return output if self.bias is None else output + self.bias.to(output.dtype)
 
 
-def cpu_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def cpu_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int = 0
+) -> torch.Tensor:
     """x @ dequantized.T: one token through the fused kernels when they are built, else (and
     for prompts, where a float matmul wins) dequantizing one block of rows at a time."""
-    if x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16) and packed.is_contiguous():
-        lib = cpu_kernels.library()
-        if lib is not None:
-            output = _fused_gemv(lib, x, packed, scale, bits)
-            if output is not None:
-                return output
-    return blocked_linear(x, packed, scale, bits)
-
-
-def _fused_gemv(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor | None:
-    """One token through the fused kernel; None (and the kernels off) if it fails."""
-    rows, in_features = packed.shape[0], packed.shape[1] * 8 // bits
+    in_features = packed.shape[1] * 8 // bits
     if x.shape[-1] != in_features:
         raise RuntimeError(f"input has {x.shape[-1]} features, the layer takes {in_features}")
-    vector = x.reshape(-1).to(torch.float32).contiguous()
-    scale = scale.to(torch.float32).contiguous()
+    if x.numel() == in_features and x.dtype in _KERNEL_TYPES and packed.is_contiguous():
+        lib = cpu_kernels.library()
+        if lib is not None:
+            output = _fused_gemv(lib, x, packed, scale, bits, group_size or in_features)
+            if output is not None:
+                return output
+    return blocked_linear(x, packed, scale, bits, group_size)
+
+
+_KERNEL_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_gemv(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, group: int):
+    """One token through the fused kernel; None (and the kernels off) if it fails."""
     threads = torch.get_num_threads()
     try:
         if bits == 8:
-            output = cpu_kernels.int8_gemv(lib, packed, vector, scale, threads)
-        else:
-            output = cpu_kernels.int4_gemv(
-                lib, packed, vector[0::2].contiguous(), vector[1::2].contiguous(), scale, threads
-            )
+            return cpu_kernels.int8_gemv(lib, packed, x, scale, group, threads)
+        return cpu_kernels.int4_gemv(lib, packed, x, scale, group, threads)
     except Exception as error:  # a library that loaded but cannot run here: keep the reply going
         cpu_kernels.disable(f"fused kernel failed: {first_line(error)}")
         return None
-    return output.to(x.dtype).reshape(*x.shape[:-1], rows)
 
 
-def blocked_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def blocked_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int = 0
+) -> torch.Tensor:
     """x @ dequantized.T, dequantizing one block of rows at a time (see the module docstring)."""
     rows, in_features = packed.shape[0], packed.shape[1] * 8 // bits
     block = max(1, _CPU_BLOCK_VALUES // in_features)
-    scale = scale.to(x.dtype)[:, None]
+    scale = scale.to(x.dtype)
     output = x.new_empty(*x.shape[:-1], rows)
     if bits == 4:
         even, odd = x[..., 0::2].contiguous(), x[..., 1::2].contiguous()
     for start in range(0, rows, block):
-        part, row_scale, out = (
+        part, part_scale, out = (
             packed[start : start + block],
             scale[start : start + block],
             output[..., start : start + block],
         )
         if bits == 8:
-            out.copy_(F.linear(x, part.to(x.dtype).mul_(row_scale)))
+            out.copy_(F.linear(x, scaled(part.to(x.dtype), part_scale, group_size)))
             continue
+        # The even and odd columns of a group are half of it: the group spans group_size / 2 of them.
         high, low = unpack_int4(part)
-        out.copy_(F.linear(even, high.to(x.dtype).mul_(row_scale)))
-        out.add_(F.linear(odd, low.to(x.dtype).mul_(row_scale)))
+        out.copy_(F.linear(even, scaled(high.to(x.dtype), part_scale, group_size // 2)))
+        out.add_(F.linear(odd, scaled(low.to(x.dtype), part_scale, group_size // 2)))
     return output
 
 
 # -- GPU -----------------------------------------------------------------------
 
 
-def gpu_dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The whole float weight on the GPU (as the reference GPU path does): the cpm_kernels
-    kernel for float16 when it works, torch otherwise; both compute value x scale in float
-    and round once, so they agree bit for bit."""
+def gpu_dequantize(
+    packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype, group_size: int = 0
+) -> torch.Tensor:
+    """The whole float weight on the GPU (as the reference GPU path does): for per-row scales the
+    cpm_kernels kernel for float16 when it works, torch otherwise; both compute value x scale in
+    float and round once, so they agree bit for bit. Group-wise scales take the torch ops."""
+    if group_size:
+        return dequantize(packed, scale, bits, dtype, group_size)
     kernel = _kernels()
     if kernel is not None and dtype == torch.float16 and scale.dtype == torch.float16:
         try:

@@ -1,0 +1,212 @@
+"""int4 / int8 against float32 on the Qwen2-0.5B-shaped checkpoint: decode speed, resident memory.
+
+    python benchmarks/quant_models.py [--threads 2] [--repeats 3] [--new-tokens 64] [--no-llamacpp]
+
+The checkpoint (benchmarks/checkpoint.py, bfloat16 safetensors) is quantized
+once into benchmarks/cache by ``glmrepl quantize``: int8 and int4 at their
+default group sizes, each with the output head left float (the default) and
+with ``--head``. Then, each in a child process: float32 (the source at
+``--dtype float32``) and the four quantized folders loaded side by side by
+path, as ``glmrepl DST`` loads them, and decoded in turns through
+GenerationRun (medians; the machine's other load hits every variant alike);
+and each variant alone in a fresh process for its resident memory against the
+bytes of its parameters. llama.cpp's Q8_0 / Q4_0 of the same checkpoint are
+printed beside when its environment exists (benchmarks/llamacpp.py).
+Figures, not a test: nothing here fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# label -> (bits, quantize the head too)
+VARIANTS = {"int8": (8, False), "int4": (4, False), "int8 +head": (8, True), "int4 +head": (4, True)}
+TARGETS = {"int8": 2.5, "int4": 3.0}
+GIB = 1 << 30
+
+
+def quantized_folders(cache: Path) -> tuple[Path, dict[str, Path]]:
+    """The source checkpoint and its quantized copies, written on first use."""
+    import checkpoint
+
+    from glmrepl.engine.quantized_checkpoint import quantize_checkpoint
+
+    source = checkpoint.ensure_checkpoint(cache)
+    folders = {}
+    for label, (bits, head) in VARIANTS.items():
+        folder = cache / f"{source.name}-int{bits}{'-head' if head else ''}"
+        if not folder.exists():  # written atomically: a folder there is a whole one
+            print(f"[quant_models] glmrepl quantize {source.name} -> {folder.name} ...", flush=True)
+            quantize_checkpoint(source, folder, bits, include_head=head)
+        folders[label] = folder
+    return source, folders
+
+
+def load(path: Path):
+    from glmrepl.engine.loading import LoadRequest, load_model
+
+    return load_model(LoadRequest(path=path, name=path.name, mode="cpu", dtype="float32"))
+
+
+def generation(loaded, ids: list[int], new_tokens: int) -> dict:
+    import speed
+
+    return speed.glmrepl_generation(loaded, ids, new_tokens)
+
+
+def speed_child(paths: dict, threads: int, repeats: int, new_tokens: int) -> dict:
+    """In a child: every variant loaded side by side, decoded in turns."""
+    import speed
+
+    from glmrepl.engine import cpu, cpu_kernels
+
+    cpu.request_threads(threads)
+    cpu.apply_threads()
+    models = {label: load(Path(path)) for label, path in paths.items()}
+    built = cpu_kernels.wait_until_built() is not None
+    ids = speed.prompt_ids(models["float32"].model.config.vocab_size)[:16]
+    for loaded in models.values():  # warm-up: pages read in, thread pools built
+        generation(loaded, ids, 4)
+    runs: dict = {label: [] for label in models}
+    for _ in range(repeats):
+        for label, loaded in models.items():
+            runs[label].append(generation(loaded, ids, new_tokens))
+    return {
+        "kernels_built": built,
+        "threads": threads,
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "variants": {
+            label: {
+                "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in found),
+                "runs": [round(r["decode_tokens_per_s"], 2) for r in found],
+                "path": found[-1]["path"],
+            }
+            for label, found in runs.items()
+        },
+    }
+
+
+def memory_child(path: str, threads: int) -> dict:
+    """In a fresh child: resident memory growth of a load and a short reply."""
+    import gc
+
+    import transformers.modeling_utils  # noqa: F401  (the libraries a load imports are the baseline)
+
+    import glmrepl.engine.quantized_checkpoint  # noqa: F401
+    from glmrepl.engine import cpu
+    from glmrepl.engine.devices import release_freed_memory, resident_memory_bytes
+
+    cpu.request_threads(threads)
+    cpu.apply_threads()
+    baseline = resident_memory_bytes() or 0
+    loaded = load(Path(path))
+    generation(loaded, [3, 4, 5, 6], 2)
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in loaded.model.parameters()}
+    grown = (resident_memory_bytes() or 0) - baseline
+    # What the model itself holds: what dropping it (and nothing else) gives back. The growth
+    # also holds fixed costs (the 151936-token tokenizer, the modules a load imports, thread
+    # pools) that weigh more beside a smaller model.
+    before_drop = resident_memory_bytes() or 0
+    loaded.model = None
+    gc.collect()
+    release_freed_memory()
+    held = before_drop - (resident_memory_bytes() or 0)
+    return {"rss_growth_bytes": grown, "model_bytes": held, "parameter_bytes": sum(unique.values())}
+
+
+def child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"child {args[:1]} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1])
+
+
+def measure(args) -> dict:
+    source, folders = quantized_folders(args.cache)
+    paths = {"float32": str(source)} | {label: str(folder) for label, folder in folders.items()}
+    results: dict = {"load_average_before": os.getloadavg()}
+    print("[quant_models] decode, all variants in turns ...", flush=True)
+    results["speed"] = child("--speed", json.dumps(paths), str(args.threads), str(args.repeats), str(args.new_tokens))
+    print("[quant_models] resident memory, each alone ...", flush=True)
+    results["memory"] = {label: child("--memory", path, str(args.threads)) for label, path in paths.items()}
+    results["load_average_after"] = os.getloadavg()
+    if not args.no_llamacpp:
+        import llamacpp
+
+        figures = llamacpp.measure(args.cache, args.llama_python, args.threads, max(1, args.repeats))
+        results["llama_cpp"] = figures
+    return results
+
+
+def table(results: dict) -> str:
+    variants = results["speed"]["variants"]
+    base = variants["float32"]["decode_tokens_per_s"]
+    rows = [("variant", "decode tok/s", "vs float32", "target", "RSS held by the model / parameters", "decode path")]
+    for label, figures in variants.items():
+        memory = results["memory"][label]
+        ratio = memory["model_bytes"] / memory["parameter_bytes"]
+        target = TARGETS.get(label.split()[0]) if label != "float32" else None
+        rows.append(
+            (
+                label,
+                f"{figures['decode_tokens_per_s']:.2f}",
+                f"{figures['decode_tokens_per_s'] / base:.2f}x",
+                f">= {target}x" if target else "",
+                f"{memory['model_bytes'] / GIB:.2f} / {memory['parameter_bytes'] / GIB:.2f} GiB = {ratio:.2f}x"
+                + ("" if label == "float32" else " (<= 1.2x)")
+                + f"; load grew {memory['rss_growth_bytes'] / GIB:.2f}",
+                figures["path"],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    speed = results["speed"]
+    lines.append(
+        f"{speed['threads']} threads, {speed['new_tokens']} new tokens, median of {speed['repeats']}; "
+        f"load average {results['load_average_before'][0]:.2f} before, {results['load_average_after'][0]:.2f} after"
+    )
+    if "llama_cpp" in results:
+        import llamacpp
+
+        lines.append(llamacpp.table(results["llama_cpp"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's figures")
+    parser.add_argument("--llama-python", type=Path, default=HERE / "cache" / "llama-env" / "bin" / "python")
+    if sys.argv[1:2] == ["--speed"]:
+        paths, threads, repeats, new_tokens = sys.argv[2:6]
+        print(json.dumps(speed_child(json.loads(paths), int(threads), int(repeats), int(new_tokens))))
+        return
+    if sys.argv[1:2] == ["--memory"]:
+        print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]))))
+        return
+    args = parser.parse_args()
+    results = measure(args)
+    print(table(results))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT))
+    main()
