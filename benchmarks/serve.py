@@ -5,7 +5,9 @@
   of --repeats (target: ratio >= 0.97);
 - time to first byte (the response's first chunk, the role) vs time to first token (first
   content chunk) of a streamed request, beside the REPL path's time to first token;
-- aggregate tokens/s with 1, 4 and 8 concurrent clients (one generation worker: replies queue).
+- aggregate tokens/s with 1, 4 and 8 concurrent clients (decoded together up to --max-batch): over
+  the whole run, and while all of them decode (from the last first token to the first last one;
+  target at 8 clients: 3x one client's).
 
 The server is a real `glmrepl serve` process on a free loopback port; the client reads the SSE
 stream with http.client. Figures go to the terminal and to benchmarks/results/<date>-serve-<kind>.json.
@@ -41,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (median taken)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per reply for the decode comparison")
-    parser.add_argument("--client-tokens", type=int, default=24, help="tokens per reply with concurrent clients")
+    parser.add_argument("--client-tokens", type=int, default=64, help="tokens per reply with concurrent clients")
     parser.add_argument("--device", default="cpu", help="device mode for both sides (default cpu)")
     parser.add_argument("--dtype", default="float32", help="dtype for both sides (default float32)")
     parser.add_argument("--threads", type=int, help="compute threads for both sides (default: the physical cores)")
@@ -141,6 +143,7 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
     response = connection.getresponse()
     first_byte = first_content = last_content = None
     tokens = None
+    content_at: list[float] = []  # when each content chunk came (about one a token)
     for line in response:
         now = time.perf_counter()
         first_byte = first_byte or now
@@ -152,6 +155,8 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
         if chunk["choices"] and (chunk["choices"][0]["delta"].get("content") or chunk["choices"][0]["finish_reason"]):
             first_content = first_content or now
             last_content = now
+            if chunk["choices"][0]["delta"].get("content"):
+                content_at.append(now)
     connection.close()
     decode = (tokens - 1) / (last_content - first_content) if tokens and tokens > 1 else None
     return {
@@ -160,6 +165,7 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
         "decode_tokens_per_s": decode,
         "new_tokens": tokens,
         "total_s": last_content - started,
+        "content_at": content_at,
     }
 
 
@@ -239,10 +245,24 @@ def concurrent_clients(server: Server, clients: int, new_tokens: int) -> dict:
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
+        "aggregate_decode_tokens_per_s": decoding_together(results),
         "median_first_byte_s": median_of(results, "first_byte_s"),
         "median_first_token_s": median_of(results, "first_token_s"),
         "max_first_token_s": max(r["first_token_s"] for r in results),
     }
+
+
+def decoding_together(results: list[dict]) -> float | None:
+    """Tokens/s of all clients together while every one of them is decoding: from the last
+    first token to the first last token, so no prompt reading and no lone tail is counted."""
+    times = [r.pop("content_at") for r in results]
+    if any(len(t) < 2 for t in times):
+        return None
+    start, end = max(t[0] for t in times), min(t[-1] for t in times)
+    if end <= start:
+        return None
+    inside = sum(1 for t in times for moment in t if start < moment <= end)
+    return inside / (end - start)
 
 
 def table(figures: dict) -> str:
@@ -272,6 +292,7 @@ def table(figures: dict) -> str:
             "",
         ),
     ]
+    alone = next((r["aggregate_decode_tokens_per_s"] for r in figures["concurrent"] if r["clients"] == 1), None)
     for row in figures["concurrent"]:
         rows.append(
             (
@@ -280,6 +301,17 @@ def table(figures: dict) -> str:
                 f"{row['aggregate_tokens_per_s']:.2f}",
                 f"first token median {row['median_first_token_s']:.2f} s, worst {row['max_first_token_s']:.2f} s",
                 "report",
+            )
+        )
+        together = row["aggregate_decode_tokens_per_s"]
+        ratio = f"{together / alone:.2f}x one client" if together and alone else ""
+        rows.append(
+            (
+                f"  decode tok/s, all {row['clients']} decoding",
+                "",
+                f"{together:.2f}" if together else "-",
+                ratio,
+                ">= 3x one client at 8" if row["clients"] == 8 else "",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
