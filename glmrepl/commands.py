@@ -6,7 +6,6 @@ results.py); they never print. Nothing here imports torch at module level.
 
 from __future__ import annotations
 
-import base64
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from pathlib import Path
 from .app import App
 from .engine.errors import GlmreplError, LoadCancelled
 from .hints import explain, slash_words
-from .results import Error, Exit, Generate, Table, TerminalEscape, Text, WaitForLoad, WaitForTask
+from .reply_commands import cmd_copy, cmd_next, cmd_ppl, cmd_stats, require_ability
+from .results import Error, Exit, Generate, Table, Text, WaitForLoad
 from .tool_commands import cmd_observe, cmd_tools, describe_call
 
 Handler = Callable[[App, str], object]
@@ -156,7 +156,7 @@ def no_models_message(app: App) -> str:
 def cmd_device(app: App, args: str):
     from .engine.devices import DTYPES, MODES
 
-    _require_ability(app, "move", "/device")
+    require_ability(app, "move", "/device")
     words = args.split()
     if not words:
         status = app.require_model()
@@ -184,7 +184,7 @@ def cmd_device(app: App, args: str):
     status = app.require_model()
     if _already_on(status.placement, mode, dtype):
         return Text(f"already on {status.placement.describe()}", "dim")
-    _require_ability(app, "move", "/device")
+    require_ability(app, "move", "/device")
     placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=_waiting_message(app, "moving"))
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
@@ -194,7 +194,7 @@ def cmd_adapter(app: App, args: str):
     status = app.require_model()
     if not args:
         return Text(f"adapter: {status.adapter}" if status.adapter else "no adapter (/adapter DIR puts one on)")
-    _require_ability(app, "set_adapter", "/adapter")
+    require_ability(app, "set_adapter", "/adapter")
     if args == "off":
         app.backend.set_adapter(None, on_wait=_waiting_message(app, "taking the adapter off"))
         return Text(f"adapter {status.adapter} off: the base model again; conversation kept")
@@ -222,17 +222,9 @@ def cmd_quantize(app: App, args: str):
     if args.strip() not in ("4", "8"):
         return Error("/quantize needs 4 or 8 (bits per weight)")
     app.require_model()
-    _require_ability(app, "quantize", "/quantize")
+    require_ability(app, "quantize", "/quantize")
     placement = app.backend.quantize(int(args), on_wait=_waiting_message(app, "quantizing"))
     return Text(f"model now on {placement.describe()}; conversation kept")
-
-
-def _require_ability(app: App, ability: str, command: str) -> None:
-    if not hasattr(app.backend, ability):
-        where = getattr(
-            app.backend, "missing_ability_reason", "here: the model runs in another process that does not offer it"
-        )
-        raise GlmreplError(f"{command} is not available {where}")
 
 
 def _waiting_message(app: App, doing: str):
@@ -376,84 +368,6 @@ def cmd_load(app: App, args: str):
     return message
 
 
-def cmd_stats(app: App, args: str):
-    stats = app.last_stats
-    if stats is None:
-        return Text("no reply yet", "dim")
-    prompt = f" · prompt {stats.prompt_tokens} tokens" if stats.prompt_tokens is not None else ""
-    reused = getattr(stats, "reused_tokens", None)
-    if prompt and reused is not None:
-        prompt += f" ({reused} reused from a cache, {stats.prompt_tokens - reused} read)"
-    counted = getattr(stats, "usage_from_server", None)
-    source = (
-        "" if counted is None else " · counts from the server" if counted else " · tokens counted as streamed chunks"
-    )
-    path = f" · path: {stats.path}" if getattr(stats, "path", None) else ""
-    return Text(format_stats(stats) + f"{prompt} · stopped: {stats.stop_reason}{source}{path}")
-
-
-def format_stats(stats) -> str:
-    parts = [f"{stats.new_tokens} tokens"]
-    if stats.first_token_s is not None:
-        parts.append(f"first token {stats.first_token_s:.2f} s")
-    speed = stats.decode_tokens_per_s
-    if speed:
-        parts.append(f"{speed:.1f} tok/s")
-    return " · ".join(parts)
-
-
-def cmd_next(app: App, args: str):
-    try:
-        k = int(args) if args else 10
-    except ValueError:
-        return Error(f"/next takes a number of tokens from 1 to 100, not {args!r}")
-    if not 1 <= k <= 100:
-        return Error(f"/next takes a number of tokens from 1 to 100, not {k}")
-    app.require_model()
-    _require_ability(app, "next_tokens", "/next")
-    rows = [[repr(text), str(token_id), f"{p:.2%}"] for text, token_id, p in app.backend.next_tokens(app.session, k)]
-    return Table(["token", "id", "probability"], rows, title=f"{k} most likely next tokens")
-
-
-def cmd_ppl(app: App, args: str):
-    if not args:
-        return Error("usage: /ppl FILE (the loaded model's perplexity on a text file)")
-    _require_ability(app, "start_perplexity", "/ppl")
-    app.require_model()
-    job = app.backend.start_perplexity(Path(args).expanduser())
-    return WaitForTask(job, lambda result: Text(result.describe()))
-
-
-def cmd_copy(app: App, args: str):
-    reply = app.session.last_reply
-    if reply is None:
-        return Error("no reply to copy yet")
-    payload = base64.b64encode(reply.content.encode("utf-8")).decode("ascii")
-    # Whether the terminal took it cannot be known (OSC 52 has no answer): say what was done, not "copied".
-    message = f"sent the last reply ({len(reply.content)} characters) to the terminal's clipboard (OSC 52)"
-    return TerminalEscape(f"\x1b]52;c;{payload}\x07", message + tmux_clipboard_hint())
-
-
-def tmux_clipboard_hint() -> str:
-    """Inside tmux, OSC 52 reaches the outer terminal only with set-clipboard on: say so unless it is."""
-    import os
-    import subprocess
-
-    if not os.environ.get("TMUX"):
-        return ""
-    try:
-        setting = subprocess.run(
-            ["tmux", "show-options", "-gv", "set-clipboard"], capture_output=True, text=True, timeout=2
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        setting = ""
-    if setting == "on":
-        return ""
-    return "; inside tmux it reaches your terminal only with `set -g set-clipboard on` in ~/.tmux.conf" + (
-        f" (it is {setting} now)" if setting else ""
-    )
-
-
 def cmd_mode(app: App, args: str):
     if not args:
         status = app.status()
@@ -467,7 +381,7 @@ def cmd_mode(app: App, args: str):
     app.options.prompt_mode = args
     if app.status() is None:
         return Text(f"{args} mode will apply when a model is loaded", "dim")
-    _require_ability(app, "set_prompt_mode", "/mode")
+    require_ability(app, "set_prompt_mode", "/mode")
     name = app.backend.set_prompt_mode(args)
     return Text(f"{args} mode ({name})", "dim")
 

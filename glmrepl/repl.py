@@ -14,11 +14,12 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from .app import App
-from .commands import TABLE, describe_call, format_stats
+from .commands import TABLE, describe_call
 from .engine.errors import GlmreplError, Hint, LoadCancelled
 from .engine.service import record_reply
 from .hints import explain, flag_words, slash_words
 from .render import Renderer, progress_bar
+from .reply_commands import format_stats
 from .results import Exit, Generate, TerminalEscape, WaitForLoad, WaitForTask
 from .typeahead import keys_wait_for_the_prompt
 
