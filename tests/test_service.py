@@ -10,8 +10,9 @@ from support import loaded_app
 
 from glmrepl.engine.chat import ChatSession
 from glmrepl.engine.errors import ContextLengthExceeded, GlmreplError, QueueFull
-from glmrepl.engine.service import StopStrings, conversation_from_messages, record_reply
+from glmrepl.engine.service import conversation_from_messages, record_reply
 from glmrepl.engine.settings import Settings
+from glmrepl.engine.stops import StopStrings
 
 UI_MODULES = ("repl.py", "commands.py", "toolbar.py", "keys.py", "completer.py", "app.py")
 
