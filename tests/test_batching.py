@@ -213,3 +213,31 @@ def test_the_queue_admits_a_whole_batch_and_then_max_waiting_more():
         backend.queue.admit()
     with pytest.raises(QueueFull):
         backend.queue.admit()
+
+
+def test_replies_sent_together_batch_and_a_lone_one_runs_alone_after_a_moment():
+    """The first of two replies a few milliseconds apart waits for the second, so both decode
+    together instead of the second waiting for the whole first reply; a lone reply runs alone."""
+    import threading
+    import time
+
+    from glmrepl.engine.batching import Lanes
+
+    lanes = Lanes(max_batch=8, before_alone=lambda: None, grace_s=0.5)
+    never, give_up = threading.Event(), threading.Event()
+    got: list[str | None] = []
+    replies = [threading.Thread(target=lambda: got.append(lanes.enter(True, give_up)), daemon=True) for _ in "ab"]
+    for reply in replies:
+        reply.start()
+        time.sleep(0.05)
+    for reply in replies:
+        reply.join(5)
+    give_up.set()  # a reply still waiting (the first ran alone) stops, so the test ends
+    assert got == ["batch", "batch"]
+    lanes.leave()
+    lanes.leave()
+    started = time.monotonic()
+    assert lanes.enter(True, never) == "alone"
+    assert time.monotonic() - started >= 0.45  # it waited for company first
+    lanes.leave()
+    assert lanes.enter(False, never) == "alone"  # one that cannot batch never waits for company

@@ -28,6 +28,8 @@ from .generate import GenerationStats, IncrementalDecoder, classify_stop
 PAGE_SIZE = 32  # tokens a KV block holds: small, so that a shared system prompt shares whole blocks
 MAX_BATCH_TOKENS = 256  # tokens one step reads at most (longer prompts are prefilled in chunks)
 DEFAULT_CACHE_BYTES = 512 * 2**20
+# How long a reply that finds the model idle waits for another to batch with (see Lanes).
+BATCH_GRACE_S = 0.03
 _CANCELLED = object()
 
 
@@ -277,14 +279,18 @@ class Lanes:
     """Which path a starting reply takes: alone (``generate``) or in the batch.
 
     A reply that finds the model idle and no other reply waiting runs alone,
-    with the fastest single-stream path and the exact prefix reuse. When
+    with the fastest single-stream path and the exact prefix reuse; it first
+    waits ``grace_s`` for company, because clients that send together (an
+    agent's parallel calls, a benchmark) arrive a few milliseconds apart and
+    the first one alone would hold the others back for a whole reply. When
     several wait, they start a batch, which others join while it runs (up to
     ``max_batch``). The two never overlap; a reply that must run alone waits
     for the batch to drain, and meanwhile no new reply joins the batch.
     """
 
-    def __init__(self, max_batch: int, before_alone: Callable[[], None]):
+    def __init__(self, max_batch: int, before_alone: Callable[[], None], grace_s: float = BATCH_GRACE_S):
         self.max_batch = max_batch
+        self.grace_s = grace_s
         self._before_alone = before_alone  # stops the batch, so that generate has the model's own attention
         self._changed = threading.Condition()
         self._mode: str | None = None
@@ -294,16 +300,20 @@ class Lanes:
     def enter(self, batchable: bool, cancelled: threading.Event) -> str | None:
         """Wait for a lane: "alone" or "batch"; None when cancelled while waiting."""
         want = "batch" if batchable else "alone"
+        alone_after = time.monotonic() + self.grace_s
         with self._changed:
             self._waiting[want] += 1
+            self._changed.notify_all()  # a reply waiting for company has some now
             try:
                 while not cancelled.is_set():
                     lane = self._lane_for(batchable)
+                    if lane == "alone" and batchable and time.monotonic() < alone_after:
+                        lane = None  # a moment more: another reply may be on its way
                     if lane is not None:
                         self._mode = lane
                         self.active += 1
                         break
-                    self._changed.wait(0.05)
+                    self._changed.wait(min(0.05, max(0.001, alone_after - time.monotonic())))
                 else:
                     return None
             finally:
