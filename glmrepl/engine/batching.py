@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .batch_sampling import speed_up_warpers
 from .errors import GenerationError
 from .generate import GenerationStats, IncrementalDecoder, classify_stop
 
@@ -139,6 +140,7 @@ class Batcher:
             seed=None,  # a seed here would reseed the whole process
         )
         manager = self.model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
+        speed_up_warpers(manager)
         manager.start()
         self._manager = manager
         self._dispatcher = threading.Thread(target=self._dispatch, args=(manager,), name="glmrepl-batch", daemon=True)
@@ -257,7 +259,7 @@ def _new_tokens(route: queue.Queue) -> Iterator[tuple[float, list[int]]]:
 def batch_sampling(kwargs: dict, model: Any) -> dict:
     """A request's own sampling values, as the batch's per-request processors take them."""
     if not kwargs.get("do_sample"):
-        return {"top_k": 1}
+        return {"top_k": 1, "top_p": 1.0}  # no nucleus to sort for
     vocabulary = model.config.get_text_config().vocab_size
     return {
         "temperature": float(kwargs.get("temperature") or 1.0),
