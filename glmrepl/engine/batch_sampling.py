@@ -25,13 +25,13 @@ def speed_up_warpers(manager: Any) -> int:
         cb.ContinuousBatchingTopKLogitsWarper: TopK,
         cb.ContinuousBatchingTopPLogitsWarper: TopP,
     }
-    processors = getattr(getattr(manager, "logit_processor", None), "logits_processor", None)
+    processors: Any = getattr(getattr(manager, "logit_processor", None), "logits_processor", None)
     swapped = 0
     for index, processor in enumerate(processors or ()):
         fast = faster.get(type(processor))
         if fast is not None:
             # The same state in a subclass: the list still sees the per-request warper it made.
-            replacement = object.__new__(type(fast.__name__, (fast, type(processor)), {}))
+            replacement: Any = object.__new__(type(fast.__name__, (fast, type(processor)), {}))
             replacement.__dict__.update(vars(processor))
             processors[index] = replacement
             swapped += 1
