@@ -6,8 +6,6 @@ nothing a model writes in them acts on the terminal.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .app import App
 from .engine.errors import GlmreplError
 from .results import Error, Generate, Table, Text
@@ -29,19 +27,10 @@ def cmd_tools(app: App, args: str):
 
 
 def read_tools(path: str) -> list[dict]:
-    import json
-
+    from .engine.chat import read_json_file
     from .engine.tool_calls import normalize_tools
 
-    file = Path(path).expanduser()
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GlmreplError(f"{file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GlmreplError(f"{file}: not JSON ({error})") from None
-    except OSError as error:
-        raise GlmreplError(f"{file}: cannot read it ({error.strerror})") from None
+    file, data = read_json_file(path)
     tools = normalize_tools([data] if isinstance(data, dict) else data, where=file.name)
     if not tools:
         raise GlmreplError(f"{file}: the list of functions is empty (/tools off drops the tools)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..atomic import write_text_atomic
 from .errors import GlmreplError
@@ -228,17 +229,23 @@ def save_conversation(
     return write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
 
 
-def read_conversation(path: str | Path) -> dict:
-    """Read a saved conversation; one-line errors for missing or foreign files."""
+def read_json_file(path: str | Path, invalid: str = "not JSON ({error})") -> tuple[Path, Any]:
+    """(the file, its JSON); one-line errors for a missing, unreadable or invalid file
+    (``invalid`` says what it is not, with the parser's ``{error}``)."""
     file = Path(path).expanduser()
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        return file, json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GlmreplError(f"{file}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GlmreplError(f"{file}: not a glmrepl conversation (invalid JSON: {error})") from None
+        raise GlmreplError(f"{file}: " + invalid.format(error=error)) from None
     except OSError as error:
         raise GlmreplError(f"{file}: cannot read it ({error.strerror})") from None
+
+
+def read_conversation(path: str | Path) -> dict:
+    """Read a saved conversation; one-line errors for missing or foreign files."""
+    file, data = read_json_file(path, "not a glmrepl conversation (invalid JSON: {error})")
     if not isinstance(data, dict) or "messages" not in data or not isinstance(data["messages"], list):
         raise GlmreplError(f"{file}: not a glmrepl conversation (no 'messages' list)")
     return data
