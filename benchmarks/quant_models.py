@@ -54,9 +54,14 @@ def quantized_folders(cache: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def load(path: Path):
+    from glmrepl.engine.cpu import release_thread_pool
     from glmrepl.engine.loading import LoadRequest, load_model
 
-    return load_model(LoadRequest(path=path, name=path.name, mode="cpu", dtype="float32"))
+    loaded = load_model(LoadRequest(path=path, name=path.name, mode="cpu", dtype="float32"))
+    # The REPL loads in a thread that ends, taking its OpenMP threads with it; loading here
+    # keeps this thread's, and two pools on two cores slow every decode step (cpu.py).
+    release_thread_pool()
+    return loaded
 
 
 def generation(loaded, ids: list[int], new_tokens: int) -> dict:

@@ -90,9 +90,11 @@ def measure_mode(
 
 
 def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: int) -> dict:
+    from glmrepl.engine.cpu import release_thread_pool
     from glmrepl.engine.manager import LoadRequest, free_memory, load_model
 
     loaded = load_model(LoadRequest(path=model_path, name=model_path.name, mode=mode.mode, dtype=mode.dtype))
+    release_thread_pool()  # as the REPL's loading thread, which ends (cpu.release_thread_pool)
     result = speed.compare_generation(loaded, repeats)
     weight_bytes = machine.weight_bytes_per_token(loaded.model)
     result["roof"] = {

@@ -60,6 +60,8 @@ def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int =
 def _plain_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int) -> dict:
     import torch
 
+    from glmrepl.engine.cpu import release_thread_pool
+
     started = time.perf_counter()
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     streamer = _TimestampStreamer()
@@ -72,6 +74,9 @@ def _plain_generation(model, ids: list[int], stop_ids: list[int], new_tokens: in
             pad_token_id=stop_ids[0],
             **greedy_kwargs(new_tokens),
         )
+    # This thread's OpenMP threads go, as glmrepl's generation thread's do after a reply:
+    # the side measured next must not find a second pool (cpu.release_thread_pool).
+    release_thread_pool()
     first, last = streamer.times[0], streamer.times[-1]
     return {
         "first_token_s": first - started,

@@ -113,3 +113,34 @@ def test_native_bf16_is_read_from_the_processor_flags(monkeypatch):
         cpu.native_bf16.cache_clear()
         assert cpu.native_bf16() == expected
     cpu.native_bf16.cache_clear()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to count threads")
+def test_a_thread_done_with_compute_lets_its_openmp_threads_go():
+    """A pool left behind by one thread would make the decoding thread's pool sleep between
+    regions (cpu.release_thread_pool); this one goes when released, and the next region works."""
+    import threading
+
+    import torch
+
+    from glmrepl.engine.cpu import release_thread_pool
+
+    counts: dict[str, int] = {}
+
+    def compute() -> None:
+        torch.set_num_threads(4)
+        before = len(os.listdir("/proc/self/task"))
+        big = torch.ones(4_000_000) * 2  # parallel regions: the pool's helper threads start
+        counts["with pool"] = len(os.listdir("/proc/self/task"))
+        release_thread_pool()
+        counts["released"] = len(os.listdir("/proc/self/task"))
+        counts["again"] = int((big * 3).sum().item() == 24_000_000)
+        counts["before"] = before
+
+    worker = threading.Thread(target=compute)
+    worker.start()
+    worker.join()
+    if counts["with pool"] == counts["before"]:
+        pytest.skip("torch ran the region on one thread here")
+    assert counts["released"] < counts["with pool"]
+    assert counts["again"] == 1

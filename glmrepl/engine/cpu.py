@@ -131,3 +131,33 @@ def threads_line() -> str:
     threads = apply_threads()
     origin = "--threads" if _requested_threads else "the physical cores available"
     return f"{threads} compute thread{'s' if threads != 1 else ''} ({origin})"
+
+
+def release_thread_pool() -> None:
+    """Let the calling thread's OpenMP helper threads go (a no-op where it has none).
+
+    libgomp keeps a pool of helper threads per thread that ran a parallel region, and once
+    the pools together hold more threads than there are cores, every pool stops spin-waiting
+    between regions and sleeps instead: a decode step runs hundreds of short regions (each
+    layer, each kernel), and waking from sleep for each made int4 decoding a third slower on
+    two cores. A thread that is done with its compute (a reply, a plan) lets its pool go, so
+    the thread that decodes next is the only one with a pool."""
+    import sys
+
+    pause = _openmp_pause() if "torch" in sys.modules else None  # no torch, no pool
+    if pause is not None:
+        pause(1)  # omp_pause_soft: threads end, the next parallel region starts new ones
+
+
+@functools.cache
+def _openmp_pause():
+    """libgomp's omp_pause_resource_all when torch runs on it (already loaded), else None."""
+    import ctypes
+
+    try:
+        runtime = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        pause = runtime.omp_pause_resource_all
+    except (OSError, AttributeError):  # another OpenMP runtime, or none loaded
+        return None
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cpu import release_thread_pool
 from .errors import GenerationError, Hint, first_line
 from .protocols import Tokenizer
 
@@ -244,6 +245,7 @@ class GenerationRun:
         except BaseException as error:  # handed to the consumer thread
             self._error = _translate_error(error)
         finally:
+            release_thread_pool()
             self._tokens.put(_DONE)
             self._worker_done.set()
 
@@ -251,6 +253,7 @@ class GenerationRun:
         import torch
 
         from .cpu import apply_threads
+        from .nucleus import cheaper_nucleus
         from .quant import decode_path
 
         apply_threads()
@@ -272,7 +275,7 @@ class GenerationRun:
                 pad_token_id=pad,
                 return_dict_in_generate=True,
                 **continued,
-                **self.generate_kwargs,
+                **cheaper_nucleus(self.generate_kwargs),
             )
         self.stats.reused_tokens = self.reuse.tokens if reused is not None else 0
         self.cache = getattr(output, "cache", None)

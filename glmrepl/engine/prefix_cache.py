@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .cpu import release_thread_pool
+
 # Families whose cached prefix is not what a fresh prefill of a longer prompt computes.
 NO_REUSE_FAMILIES = {"chatglm1": "ChatGLM-6B's prompt attends both ways"}
 DEFAULT_MAX_BYTES = 1024 * 2**20
@@ -92,6 +94,7 @@ class PrefixCache:
             else:
                 self._entries.move_to_end(best_key)
                 cache = copy.deepcopy(entry.cache)
+                release_thread_pool()  # a large copy runs in parallel; the decoding thread should be alone
             self.tokens_reused += reuse
         crop_to(cache, reuse)
         return Reuse(cache, reuse)
