@@ -144,6 +144,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
                 job.stage = f"quantizing to int{request.quantize}"
                 quantize_loaded(model, request)
         placement.quant_bits = _quant_bits(model)
+        keep_stored_head(model, info.dtype)
         native_format = None
     use_float_kernels(model)
     adapter = attach_requested_adapter(model, request, job)
@@ -153,6 +154,12 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
     return LoadedModel(
         model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids, request, adapter
     )
+
+
+def keep_stored_head(model: Any, stored_dtype: str | None) -> None:
+    from .half_head import keep_head_stored
+
+    keep_head_stored(model, stored_dtype)
 
 
 def use_float_kernels(model: Any) -> None:
