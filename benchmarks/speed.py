@@ -25,8 +25,10 @@ def prompt_ids(vocab_size: int) -> list[int]:
 
 
 def greedy_kwargs(new_tokens: int = NEW_TOKENS) -> dict:
-    # min_new_tokens keeps both sides at exactly new_tokens even if a stop token wins.
-    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    # No min_new_tokens: its processors scan the whole vocabulary for stop ids at every token
+    # (about 2.5 ms a token on two cores), which a chat never pays. The rates are per token
+    # made, so a reply that stops early still counts right.
+    return dict(max_new_tokens=new_tokens, do_sample=False)
 
 
 class _TimestampStreamer:

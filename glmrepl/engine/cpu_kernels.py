@@ -43,8 +43,11 @@ from pathlib import Path
 
 from .errors import first_line
 
-# The C++ source ships beside this module; its text is part of the cache key.
-_SOURCE = Path(__file__).with_suffix(".cpp").read_text(encoding="utf-8")
+# The C++ sources ship beside this module; their text is part of the cache key. The fused
+# decoder layer (decode_layer.cpp, for decode_step.py) calls the kernels, so it follows them.
+_SOURCE = "\n".join(
+    (Path(__file__).parent / name).read_text(encoding="utf-8") for name in ("cpu_kernels.cpp", "decode_layer.cpp")
+)
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_WAIT_AT_EXIT_S = 60.0
@@ -135,6 +138,8 @@ def _build() -> None:
         # Declared, so that a call passes plain ints without building ctypes objects (it runs per layer).
         lib.float_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         lib.float_gemv.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        lib.glm_decode_layer.restype = ctypes.c_int
+        lib.glm_decode_layer.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
         lib.float_gemm.restype = ctypes.c_int
         lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]
         _state["library"] = lib

@@ -53,7 +53,7 @@ def keep_head_stored(model: Any, stored_dtype: str | None) -> bool:
     Only a plain, bias-free head of a model with quantized layers, and only when the 16-bit
     copy holds exactly the same values; its tied embeddings follow."""
     half = _STORED_HALVES.get(stored_dtype or "")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head: Any = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if half is None or not model_bits(model) or type(head) not in (nn.Linear, KernelLinear):
         return False
     weight = head.weight

@@ -148,12 +148,19 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         native_format = None
     use_float_kernels(model)
     adapter = attach_requested_adapter(model, request, job)
+    fuse_decode_steps(model)
     stop_ids = formats.eos_ids(getattr(model, "generation_config", None))  # e.g. Llama 3's <|eot_id|>
     prompt_format = choose_format(tokenizer, native_format, request.prompt_mode, stop_ids)
     placement.summary = describe_layout(model, placement)
     return LoadedModel(
         model, tokenizer, prompt_format, describe(request, info, placement), native_format, stop_ids, request, adapter
     )
+
+
+def fuse_decode_steps(model: Any) -> None:
+    from .decode_step import enable
+
+    enable(model)
 
 
 def keep_stored_head(model: Any, stored_dtype: str | None) -> None:

@@ -109,6 +109,8 @@ class ModelManager:
         """Every change to the model passes here, holding the lease alone: what belongs to the old state goes."""
         self.prefixes.clear()
         self.replies.clear()
+        if self.current is not None:
+            forget_decode_plan(self.current.model)
         if self.batching is not None:
             self.batching.model_changed()
 
@@ -331,3 +333,10 @@ def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
     if isinstance(error, KeyboardInterrupt):
         return LoadCancelled(f"loading {request.name} was cancelled")
     return ModelLoadError(f"could not load {request.name}: {first_line(error)}")
+
+
+def forget_decode_plan(model: Any) -> None:
+    """The fused decode step planned for the model's layers as they were (decode_step)."""
+    from .decode_step import forget
+
+    forget(model)

@@ -1,0 +1,128 @@
+// One decoding step of a Llama-style decoder layer for one token, in one call (see decode_step.py).
+//
+// Built together with cpu_kernels.cpp (this text follows it): the projections are its
+// matrix-vector kernels. A step of transformers' layer is some thirty torch operations
+// around the seven products, each a few microseconds of dispatch on vectors of a few
+// thousand values: with int4 weights that was a third of a 0.5B model's step on two cores.
+// Here the norms, the rotary embedding, the cache write, the attention over the cached
+// positions and the gated activation are plain loops over float32 values, in the order
+// transformers computes them (llama/qwen2/mistral modeling code).
+#include <cmath>
+#include <vector>
+
+struct GlmLinear {
+    int32_t kind;    // 0: float weight of w_type, 1: int8, 2: int4 (quant.py's layouts)
+    int32_t w_type;  // kind 0: the weight's type (F32/BF16/F16)
+    int32_t s_type;  // kinds 1 and 2: the scales' type
+    int32_t unused;
+    const void* weight;
+    const void* scale;
+    const float* bias;  // float32 or null
+    int64_t rows;       // outputs
+    int64_t stored;     // the weight's stored columns: values (float, int8) or bytes (int4)
+    int64_t group;      // kinds 1 and 2: values a scale
+};
+
+struct GlmLayer {
+    GlmLinear q, k, v, o, gate, up, down;
+    const float* norm_in;
+    const float* norm_post;
+    float eps_in, eps_post, scaling, unused;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+};
+
+// y = linear(x) for one token, both float32; nonzero when a kernel cannot read a type.
+static int glm_linear(const GlmLinear& L, const float* x, float* y, int64_t threads) {
+    int failed;
+    if (L.kind == 0)
+        failed = float_gemv(L.weight, L.w_type, x, F32, nullptr, y, L.rows, L.stored, threads);
+    else if (L.kind == 1)
+        failed = int8_gemv((const int8_t*)L.weight, x, F32, L.scale, L.s_type, y, L.rows, L.stored, L.group, threads);
+    else
+        failed = int4_gemv((const int8_t*)L.weight, x, F32, L.scale, L.s_type, y, L.rows, L.stored, L.group, threads);
+    if (!failed && L.bias)
+        for (int64_t i = 0; i < L.rows; i++) y[i] += L.bias[i];
+    return failed;
+}
+
+// weight * (x * rsqrt(mean(x^2) + eps)), as the RMSNorm modules compute it in float32.
+static void glm_rms_norm(const float* x, const float* weight, float eps, float* out, int64_t n) {
+    float squares = 0.f;
+    for (int64_t i = 0; i < n; i++) squares += x[i] * x[i];
+    const float inverse = 1.f / std::sqrt(squares / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+// x * cos + rotate_half(x) * sin for each head: rotate_half(x) is (-x2, x1) of its halves.
+static void glm_rope(float* x, int64_t heads, int64_t dim, const float* cos, const float* sin) {
+    const int64_t half = dim / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float* v = x + h * dim;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+// Softmax attention of each query head over positions 0..n-1 of its key/value head; the
+// caches are [kv_heads, capacity, dim], query heads share a kv head in consecutive runs.
+static void glm_attention(const GlmLayer* L, const float* q, const float* keys, const float* values,
+                          int64_t capacity, int64_t n, float* out, int64_t threads) {
+    const int64_t dim = L->head_dim, per_kv = L->heads / L->kv_heads;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (L->heads * n * dim >= PARALLEL_WORK)
+    for (int64_t h = 0; h < L->heads; h++) {
+        const float* query = q + h * dim;
+        const float* K = keys + (h / per_kv) * capacity * dim;
+        const float* V = values + (h / per_kv) * capacity * dim;
+        std::vector<float> scores(n);
+        float largest = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            float dot = 0.f;
+            for (int64_t i = 0; i < dim; i++) dot += query[i] * K[t * dim + i];
+            scores[t] = dot * L->scaling;
+            largest = std::max(largest, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < n; t++) total += (scores[t] = std::exp(scores[t] - largest));
+        float* o = out + h * dim;
+        for (int64_t i = 0; i < dim; i++) o[i] = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float p = scores[t] / total;
+            for (int64_t i = 0; i < dim; i++) o[i] += p * V[t * dim + i];
+        }
+    }
+}
+
+// The layer for the token at `position`: x (hidden float32 values) is updated in place, the
+// token's key and value are written at `position` of the caches, and attention reads
+// positions 0..position. cos and sin hold head_dim values for the position (the model's own
+// rotary embedding, its scaling included). Returns 0, or 1 when a kernel could not run.
+extern "C" int glm_decode_layer(const GlmLayer* L, float* x, const float* cos, const float* sin, float* keys,
+                                float* values, int64_t capacity, int64_t position, int64_t threads) {
+    const int64_t hidden = L->hidden, dim = L->head_dim, kv = L->kv_heads * dim;
+    std::vector<float> h(hidden), q(L->heads * dim), k(kv), v(kv), attended(L->heads * dim), out(hidden);
+    glm_rms_norm(x, L->norm_in, L->eps_in, h.data(), hidden);
+    if (glm_linear(L->q, h.data(), q.data(), threads) || glm_linear(L->k, h.data(), k.data(), threads) ||
+        glm_linear(L->v, h.data(), v.data(), threads))
+        return 1;
+    glm_rope(q.data(), L->heads, dim, cos, sin);
+    glm_rope(k.data(), L->kv_heads, dim, cos, sin);
+    for (int64_t head = 0; head < L->kv_heads; head++)
+        for (int64_t i = 0; i < dim; i++) {
+            keys[(head * capacity + position) * dim + i] = k[head * dim + i];
+            values[(head * capacity + position) * dim + i] = v[head * dim + i];
+        }
+    glm_attention(L, q.data(), keys, values, capacity, position + 1, attended.data(), threads);
+    if (glm_linear(L->o, attended.data(), out.data(), threads)) return 1;
+    for (int64_t i = 0; i < hidden; i++) x[i] += out[i];
+    glm_rms_norm(x, L->norm_post, L->eps_post, h.data(), hidden);
+    std::vector<float> gate(L->intermediate), up(L->intermediate);
+    if (glm_linear(L->gate, h.data(), gate.data(), threads) || glm_linear(L->up, h.data(), up.data(), threads))
+        return 1;
+    for (int64_t i = 0; i < L->intermediate; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    if (glm_linear(L->down, gate.data(), out.data(), threads)) return 1;
+    for (int64_t i = 0; i < hidden; i++) x[i] += out[i];
+    return 0;
+}
