@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import cpu_kernels
+from .devices import release_freed_memory
 from .float_linear import MAX_KERNEL_ROWS, KernelLinear, widened_product
 from .quant import model_bits
 
@@ -70,4 +71,6 @@ def keep_head_stored(model: Any, stored_dtype: str | None) -> bool:
     head.__class__ = StoredPrecisionHead
     if tied:
         embeddings.__class__ = WideningEmbedding
+    del narrow, weight
+    release_freed_memory()  # the float32 copy's pages go back now, not at some later trim
     return True
