@@ -66,6 +66,51 @@ static void glm_rope(float* x, int64_t heads, int64_t dim, const float* cos, con
     }
 }
 
+#ifdef GLMREPL_AVX2
+// exp of 8 floats: 2^n * exp(r), x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor
+// polynomial to r^7 (relative error about 2e-7, float32's own rounding); inputs are clamped
+// to where float32 neither overflows nor underflows to a denormal.
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), x));
+    __m256 p = _mm256_set1_ps(1.f / 5040.f);
+    const float terms[] = {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
+    for (float c : terms) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+#endif
+
+// gate = silu(gate) * up = gate / (1 + exp(-gate)) * up, eight at a time where AVX2 is.
+static void glm_silu_times(float* gate, const float* up, int64_t n) {
+    int64_t i = 0;
+#ifdef GLMREPL_AVX2
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+static inline float glm_dot(const float* a, const float* b, int64_t n) {
+    int64_t i = 0;
+    float dot = 0.f;
+#ifdef GLMREPL_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    dot = sum8(_mm256_add_ps(s0, s1));
+#endif
+    for (; i < n; i++) dot += a[i] * b[i];
+    return dot;
+}
+
 // Softmax attention of each query head over positions 0..n-1 of its key/value head; the
 // caches are [kv_heads, capacity, dim], query heads share a kv head in consecutive runs.
 static void glm_attention(const GlmLayer* L, const float* q, const float* keys, const float* values,
@@ -79,9 +124,7 @@ static void glm_attention(const GlmLayer* L, const float* q, const float* keys, 
         std::vector<float> scores(n);
         float largest = -INFINITY;
         for (int64_t t = 0; t < n; t++) {
-            float dot = 0.f;
-            for (int64_t i = 0; i < dim; i++) dot += query[i] * K[t * dim + i];
-            scores[t] = dot * L->scaling;
+            scores[t] = glm_dot(query, K + t * dim, dim) * L->scaling;
             largest = std::max(largest, scores[t]);
         }
         float total = 0.f;
@@ -121,7 +164,7 @@ extern "C" int glm_decode_layer(const GlmLayer* L, float* x, const float* cos, c
     std::vector<float> gate(L->intermediate), up(L->intermediate);
     if (glm_linear(L->gate, h.data(), gate.data(), threads) || glm_linear(L->up, h.data(), up.data(), threads))
         return 1;
-    for (int64_t i = 0; i < L->intermediate; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    glm_silu_times(gate.data(), up.data(), L->intermediate);
     if (glm_linear(L->down, gate.data(), out.data(), threads)) return 1;
     for (int64_t i = 0; i < hidden; i++) x[i] += out[i];
     return 0;
