@@ -49,12 +49,15 @@ class _TimestampStreamer:
 
 def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
     """Plain transformers on the same model object: glmrepl's kernel linears are made plain
-    ``nn.Linear`` again for the run (the same parameters, nothing copied)."""
+    ``nn.Linear`` again and its fused decoding step is off for the run (the same parameters,
+    nothing copied)."""
+    from glmrepl.engine.decode_step import transformers_steps
     from glmrepl.engine.float_linear import restore_linears, use_kernels
 
     restore_linears(model)
     try:
-        return _plain_generation(model, ids, stop_ids, new_tokens)
+        with transformers_steps(model):
+            return _plain_generation(model, ids, stop_ids, new_tokens)
     finally:
         use_kernels(model)
 

@@ -436,13 +436,17 @@ def _compile_ptx(architecture: str) -> bytes:
 
 
 def decode_path(model) -> str:
-    """How a model decodes, for /stats: 'eager', or its quantized or float layers' path."""
+    """How a model decodes, for /stats: 'eager', or its quantized or float layers' path, and
+    whether its steps ran as whole fused layers (decode_step)."""
     layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
     if layer is None:
-        return float_decode_path(model)
-    if layer.weight.device.type != "cpu":
+        path = float_decode_path(model)
+    elif layer.weight.device.type != "cpu":
         return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
-    return f"int{layer.bits} {cpu_kernels.status()}"
+    else:
+        path = f"int{layer.bits} {cpu_kernels.status()}"
+    fused = getattr(model, "__dict__", {}).get("_glmrepl_decode_plan")
+    return f"{path}, fused layers" if fused else path
 
 
 def fallback_note(model) -> str | None:
