@@ -158,6 +158,77 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+TWO_CALL_PIECES = [
+    "<tool_call>",
+    '\n{"name": "get_weather", "arguments": ',
+    '{"city": "Paris"}}\n',
+    "</tool_call>",
+    # One token (a scripted reply never repeats one), so the second call is a single piece.
+    '\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>',
+]
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+@pytest.fixture(scope="module")
+def two_call_server(tmp_path_factory):
+    from serving import InProcessServer
+
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    folder = build_scripted_qwen2(tmp_path_factory.mktemp("checkpoints") / "tiny-two", TWO_CALL_PIECES, TOOLS_TEMPLATE)
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(folder, "tiny-two"))
+    with InProcessServer(create_app(ServerState(backend))) as server:
+        yield server
+
+
+def _two_call_request(server, stream: bool, **extra):
+    """(finish_reason, [(name, arguments)], ids) of a reply that writes two calls."""
+    answer = _client(server).chat.completions.create(
+        model="tiny-two", messages=QUESTION, tools=[WEATHER, TIME], max_tokens=16, temperature=0, stream=stream, **extra
+    )
+    if stream:
+        chunks = [chunk for chunk in answer if chunk.choices]
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == ""
+        calls = [d for chunk in chunks for d in chunk.choices[0].delta.tool_calls or []]
+        assert [d.index for d in calls] == list(range(len(calls)))
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        calls, finish = answer.choices[0].message.tool_calls, answer.choices[0].finish_reason
+    return finish, [(c.function.name, json.loads(c.function.arguments)) for c in calls], {c.id for c in calls}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_parallel_tool_calls_false_returns_the_first_call_only(two_call_server, stream):
+    both = [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Rome"})]
+    for parallel in ({}, {"parallel_tool_calls": True}):
+        finish, calls, ids = _two_call_request(two_call_server, stream, **parallel)
+        assert (finish, calls, len(ids)) == ("tool_calls", both, 2)
+    finish, calls, _ = _two_call_request(two_call_server, stream, parallel_tool_calls=False)
+    assert (finish, calls) == ("tool_calls", both[:1])
+
+
+@pytest.mark.parametrize("value", ["false", 0, None, [False]], ids=["string", "zero", "null-ok", "list"])
+def test_parallel_tool_calls_must_be_a_boolean(two_call_server, value):
+    body = {
+        "model": "tiny-two",
+        "messages": QUESTION,
+        "tools": [WEATHER],
+        "max_tokens": 4,
+        "parallel_tool_calls": value,
+    }
+    status, _, raw = request(two_call_server.port, "POST", "/v1/chat/completions", body)
+    if value is None:  # null is the field left out
+        assert status == 200, raw
+        return
+    assert status == 400, raw
+    error = error_of(raw)
+    assert error["param"] == "parallel_tool_calls" and "parallel_tool_calls" in error["message"]
+
+
 BAD_TOOL_REQUESTS = [
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..engine.errors import InvalidTools
 from ..engine.tool_calls import normalize_tools
@@ -82,7 +82,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None  # checked by tool_calls.normalize_tools, which names the bad field
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # accepted: a reply makes the calls its model writes
+    # False: a reply that makes several calls returns its first only. Strict, as a bool's
+    # lax parsing would read "no" or 0 as a choice the client never spelled out.
+    parallel_tool_calls: StrictBool | None = None
 
 
 class CompletionRequest(SamplingRequest):
