@@ -181,8 +181,8 @@ async def _events(
             yield _event(error_body(500, first_line(error), code="generation_failed"))
             return
         calls = calls_of() if shape.kind == "chat" else []  # read when the reply has ended, so whole
-        if calls:
-            yield _event(shape.tool_calls_chunk(calls, with_usage=include_usage))
+        for chunk in shape.tool_call_chunks(calls, with_usage=include_usage):
+            yield _event(chunk)
         yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
         if include_usage:
             yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens))
