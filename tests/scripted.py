@@ -10,6 +10,11 @@ ends ("assistant\\n") the model answers ``pieces`` in order, then <|im_end|>.
 Each piece is added to the tokenizer as one token, so the chain never
 repeats a token.
 
+``build_scripted_chatglm3`` does the same to a copy of the ChatGLM3 reference fixture
+(tests/data/chatglm/chatglm3-tiny), whose sentencepiece vocabulary is mostly bytes: its
+pieces are appended to ``tokenizer.model`` as user-defined pieces, the special tokens move up
+by as many ids (they are numbered after the pieces), and the weights move with them.
+
 ``TOOLS_TEMPLATE`` is a chat template in Qwen2.5's tool format (the tools as
 JSON lines in a ``<tools>`` block of the system message, calls as
 ``<tool_call>`` JSON, results as ``<tool_response>`` in a user turn), written
@@ -18,6 +23,9 @@ from that format's description, for a scripted checkpoint that calls tools.
 
 from __future__ import annotations
 
+import json
+import shutil
+import struct
 from pathlib import Path
 
 from glmrepl.tiny import IM_END, build_qwen2_chat
@@ -49,8 +57,6 @@ LOGIT_SCALE = 200.0  # large enough that sampling at any sane temperature picks 
 
 
 def build_scripted_qwen2(dest: Path, pieces: list[str], chat_template: str | None = None) -> Path:
-    import json
-
     import torch
     from tokenizers import AddedToken, Tokenizer
     from transformers import AutoModelForCausalLM
@@ -89,3 +95,76 @@ def build_scripted_qwen2(dest: Path, pieces: list[str], chat_template: str | Non
         stale.unlink()  # the resized weights are written afresh
     model.save_pretrained(dest, max_shard_size="200KB")
     return dest
+
+
+def build_scripted_chatglm3(dest: Path, pieces: list[str]) -> Path:
+    """chatglm3-tiny answering ``pieces`` after ``<|assistant|>``, then ``<|observation|>``
+    (the role ChatGLM3 ends a tool call with), as its own sentencepiece pieces."""
+    import torch
+    from chatglm_reference import DATA
+    from safetensors.torch import load_file, save_file
+
+    from glmrepl.engine.families.chatglm.tokenizers import ChatGLM2Tokenizer
+
+    source = DATA / "chatglm3-tiny"
+    dest = Path(dest)
+    shutil.copytree(source, dest)
+    model_file = dest / "tokenizer.model"
+    model_file.write_bytes(model_file.read_bytes() + b"".join(_user_defined_piece(p) for p in pieces))
+    config = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+    base = config["padded_vocab_size"] - CHATGLM3_SPECIAL_TOKENS  # the sentencepiece pieces before ours
+    vocabulary = config["padded_vocab_size"] + len(pieces)
+    (dest / "config.json").write_text(
+        json.dumps({**config, "padded_vocab_size": vocabulary, "vocab_size": vocabulary}, indent=2), encoding="utf-8"
+    )
+    ours = list(range(base, base + len(pieces)))
+    tokenizer = ChatGLM2Tokenizer(model_file, role_tokens=True)
+    assert [tokenizer.sp.piece_to_id(p) for p in pieces] == ours, "a scripted piece is already in the vocabulary"
+    assistant, observation = tokenizer.get_command("<|assistant|>"), tokenizer.get_command("<|observation|>")
+    weights = load_file(str(source / "model.safetensors"))
+    for name, tensor in weights.items():
+        if name.endswith(("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")):
+            tensor.zero_()  # every block writes nothing: the last hidden state is the token's embedding
+        elif name.endswith("final_layernorm.weight"):
+            tensor.fill_(1.0)
+    embeddings, head = (_with_rows(weights[name], base, len(pieces)) for name in (_EMBEDDINGS, _HEAD))
+    head.zero_()
+    chain = [assistant, *ours, observation]
+    hidden = embeddings.shape[1]
+    for step, (token, following) in enumerate(zip(chain, chain[1:])):
+        direction = torch.zeros(hidden)
+        direction[step] = 1.0
+        embeddings[token] = direction
+        head[following] = LOGIT_SCALE * direction
+    save_file({**weights, _EMBEDDINGS: embeddings, _HEAD: head}, str(dest / "model.safetensors"))
+    return dest
+
+
+CHATGLM3_SPECIAL_TOKENS = 9  # [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>
+_EMBEDDINGS = "transformer.embedding.word_embeddings.weight"
+_HEAD = "transformer.output_layer.weight"
+
+
+def _with_rows(matrix, at: int, count: int):
+    """``matrix`` with ``count`` zero rows inserted before row ``at`` (the special tokens' rows move up)."""
+    import torch
+
+    return torch.cat([matrix[:at], torch.zeros(count, matrix.shape[1]), matrix[at:]]).contiguous()
+
+
+def _user_defined_piece(text: str) -> bytes:
+    """One entry of ModelProto's repeated ``pieces`` (field 1): piece (1), score (2), type (3) =
+    USER_DEFINED (4). Protobuf appends a repeated field's entries found later in the message, so
+    this written after the model's bytes adds a piece, which encoding and decoding keep whole."""
+    encoded = text.encode("utf-8")
+    piece = b"\x0a" + _varint(len(encoded)) + encoded + b"\x15" + struct.pack("<f", 0.0) + b"\x18" + _varint(4)
+    return b"\x0a" + _varint(len(piece)) + piece
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -71,11 +71,32 @@ def test_a_streamed_call_never_shows_its_syntax_as_text(tool_server):
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert text == "Checking."
     deltas = [d for chunk in chunks if chunk.choices for d in chunk.choices[0].delta.tool_calls or []]
-    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
-        (0, "get_weather", {"city": "Paris"})
-    ]
-    assert deltas[0].id.startswith("call_") and deltas[0].type == "function"
+    # OpenAI's incremental shape: index, id, type and name first (empty arguments), then the arguments.
+    first, rest = deltas[0], deltas[1:]
+    assert (first.index, first.type, first.function.name, first.function.arguments) == (
+        0,
+        "function",
+        "get_weather",
+        "",
+    )
+    assert first.id.startswith("call_")
+    assert rest and all(d.index == 0 and d.id is None and d.type is None and d.function.name is None for d in rest)
+    assert json.loads("".join(d.function.arguments for d in rest)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_openai_stream_helper_assembles_the_call(tool_server):
+    """The client's own accumulator (chat.completions.stream) reads the deltas back into the call."""
+    with _client(tool_server).chat.completions.stream(
+        model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0
+    ) as stream:
+        done = [event for event in stream if event.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls" and final.choices[0].message.content == "Checking."
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert [(e.name, e.index, json.loads(e.arguments)) for e in done] == [("get_weather", 0, {"city": "Paris"})]
 
 
 def test_without_tools_the_same_reply_is_text(tool_server):
@@ -156,6 +177,79 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
     ]
     assert order == sorted(order)
     assert prompt.endswith("<|im_start|>assistant\n")
+
+
+TWO_CALL_PIECES = [
+    "<tool_call>",
+    '\n{"name": "get_weather", "arguments": ',
+    '{"city": "Paris"}}\n',
+    "</tool_call>",
+    # One token (a scripted reply never repeats one), so the second call is a single piece.
+    '\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>',
+]
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+@pytest.fixture(scope="module")
+def two_call_server(tmp_path_factory):
+    from serving import InProcessServer
+
+    from glmrepl.engine.backend import LocalBackend
+    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.server.app import create_app
+    from glmrepl.server.state import ServerState
+
+    folder = build_scripted_qwen2(tmp_path_factory.mktemp("checkpoints") / "tiny-two", TWO_CALL_PIECES, TOOLS_TEMPLATE)
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu").for_model(folder, "tiny-two"))
+    with InProcessServer(create_app(ServerState(backend))) as server:
+        yield server
+
+
+def _two_call_request(server, stream: bool, **extra):
+    """(finish_reason, [(name, arguments)], ids) of a reply that writes two calls."""
+    answer = _client(server).chat.completions.create(
+        model="tiny-two", messages=QUESTION, tools=[WEATHER, TIME], max_tokens=16, temperature=0, stream=stream, **extra
+    )
+    if not stream:
+        calls, finish = answer.choices[0].message.tool_calls, answer.choices[0].finish_reason
+        return finish, [(c.function.name, json.loads(c.function.arguments)) for c in calls], {c.id for c in calls}
+    chunks = [chunk for chunk in answer if chunk.choices]
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == ""
+    deltas = [d for chunk in chunks for d in chunk.choices[0].delta.tool_calls or []]
+    named = [d for d in deltas if d.function.name]  # each call's first delta
+    assert [d.index for d in named] == list(range(len(named)))
+    arguments = ["".join(d.function.arguments for d in deltas if d.index == n.index) for n in named]
+    calls = [(n.function.name, json.loads(a)) for n, a in zip(named, arguments)]
+    return chunks[-1].choices[0].finish_reason, calls, {n.id for n in named}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_parallel_tool_calls_false_returns_the_first_call_only(two_call_server, stream):
+    both = [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Rome"})]
+    for parallel in ({}, {"parallel_tool_calls": True}):
+        finish, calls, ids = _two_call_request(two_call_server, stream, **parallel)
+        assert (finish, calls, len(ids)) == ("tool_calls", both, 2)
+    finish, calls, _ = _two_call_request(two_call_server, stream, parallel_tool_calls=False)
+    assert (finish, calls) == ("tool_calls", both[:1])
+
+
+@pytest.mark.parametrize("value", ["false", 0, None, [False]], ids=["string", "zero", "null-ok", "list"])
+def test_parallel_tool_calls_must_be_a_boolean(two_call_server, value):
+    body = {
+        "model": "tiny-two",
+        "messages": QUESTION,
+        "tools": [WEATHER],
+        "max_tokens": 4,
+        "parallel_tool_calls": value,
+    }
+    status, _, raw = request(two_call_server.port, "POST", "/v1/chat/completions", body)
+    if value is None:  # null is the field left out
+        assert status == 200, raw
+        return
+    assert status == 400, raw
+    error = error_of(raw)
+    assert error["param"] == "parallel_tool_calls" and "parallel_tool_calls" in error["message"]
 
 
 BAD_TOOL_REQUESTS = [

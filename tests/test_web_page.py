@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from scripted import build_scripted_qwen2
+from scripted import TOOLS_TEMPLATE, build_scripted_qwen2
 from serving import ServerProcess, request, started_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -65,6 +65,27 @@ def chat_server(qwen_checkpoint, tmp_path_factory):
 def markup_server(tmp_path_factory):
     checkpoint = build_scripted_qwen2(tmp_path_factory.mktemp("checkpoints") / "tiny-markup", MARKUP)
     server = _serve(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log", "--api-key", API_KEY)
+    yield server
+    server.stop()
+
+
+# A call whose arguments hold markup, after a line of text (Qwen2.5's tool syntax).
+CALL_PIECES = [
+    "Checking.",
+    "<tool_call>",
+    '\n{"name": "get_weather", "arguments": ',
+    '{"city": "<b>Paris</b>"}}\n',
+    "</tool_call>",
+]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    checkpoint = build_scripted_qwen2(
+        tmp_path_factory.mktemp("checkpoints") / "tiny-caller", CALL_PIECES, TOOLS_TEMPLATE
+    )
+    server = _serve(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log")
     yield server
     server.stop()
 
@@ -246,3 +267,38 @@ def test_an_unreachable_server_is_said_plainly(page, tmp_path, qwen_checkpoint):
     sync_api.expect(page.locator(".msg.error")).to_contain_text("server unreachable")
     assert page.input_value("#input") == "anyone there?"
     assert page.locator(".msg.user").count() == 0
+
+
+def test_a_tool_call_is_shown_as_text_with_its_markup_literal(tool_server, page):
+    _open(page, tool_server)
+    page.fill("#tools", "[not json")
+    _send(page, "weather?")
+    sync_api.expect(page.locator(".msg.error")).to_contain_text("tools: not valid JSON")
+    assert page.input_value("#input") == "weather?" and page.locator(".msg.user").count() == 0
+
+    page.fill("#tools", json.dumps([WEATHER]))
+    page.fill("#temperature", "0")
+    page.press("#input", "Enter")
+    _wait_reply_done(page, 1)
+    shown = '[tool call] get_weather({"city": "<b>Paris</b>"})'
+    reply = _assistant(page).first
+    sync_api.expect(reply.locator(".toolcall")).to_have_text([shown])
+    assert reply.locator(".body").inner_text() == "Checking.\n" + shown
+    assert reply.locator("b").count() == 0, "the call's arguments were read as HTML"
+    assert "tool call" in reply.locator(".meta").inner_text()
+    # From the stored conversation as well; the next message sends the call back as tool_calls,
+    # which the server accepts (a 400 would show as an error bubble).
+    page.reload()
+    bodies: list[str] = []
+    page.on("request", lambda sent: bodies.append(sent.post_data) if sent.url.endswith("/completions") else None)
+    sync_api.expect(_assistant(page).first.locator(".toolcall")).to_have_text([shown])
+    assert page.input_value("#tools") == json.dumps([WEATHER])
+    sync_api.expect(page.locator("#status")).to_have_text("ready")  # it knows the model's name again
+    _send(page, "and tomorrow?")
+    _wait_reply_done(page, 2)
+    sync_api.expect(_assistant(page).nth(1).locator(".toolcall")).to_have_text([shown])
+    [_, sent_back, _] = json.loads(bodies[-1])["messages"]
+    assert sent_back["content"] == "Checking."
+    [call] = sent_back["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "<b>Paris</b>"}'}
+    assert page.locator(".msg.error").count() == 0 and page.locator("b").count() == 0 and page.errors == []

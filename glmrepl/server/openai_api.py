@@ -7,7 +7,7 @@ a prompt that does not fit is a 400 ``context_length_exceeded``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from ..engine.chat import ChatSession
 from ..engine.errors import GlmreplError, first_line
 from ..engine.service import ModelStatus, Reply, conversation_from_messages
+from ..engine.tool_calls import ToolCall
 from .errors import APIError, error_body
 from .protocol import (
     ChatCompletionRequest,
@@ -136,7 +137,7 @@ async def _respond(
         # Generation starts now: the pump owns the reply even if the response is never sent.
         deltas = stream_deltas(reply, state.executor)
         return StreamingResponse(
-            _events(request, reply, deltas, shape, include_usage),
+            _events(request, reply, deltas, shape, include_usage, lambda: _calls_of(body, reply)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -147,8 +148,14 @@ async def _respond(
         reply.prompt_tokens,
         reply.stats.new_tokens,
         reply.stats.reused_tokens,
-        tool_calls=reply.tool_calls,
+        tool_calls=_calls_of(body, reply),
     )
+
+
+def _calls_of(body: SamplingRequest, reply: Reply) -> list[ToolCall]:
+    """The reply's calls, or only its first where the request set ``parallel_tool_calls`` false."""
+    calls = reply.tool_calls
+    return calls[:1] if getattr(body, "parallel_tool_calls", None) is False else calls
 
 
 def _event(payload: dict) -> str:
@@ -156,7 +163,12 @@ def _event(payload: dict) -> str:
 
 
 async def _events(
-    request: Request, reply: Reply, deltas: AsyncIterator[str], shape: ResponseShape, include_usage: bool
+    request: Request,
+    reply: Reply,
+    deltas: AsyncIterator[str],
+    shape: ResponseShape,
+    include_usage: bool,
+    calls_of: Callable[[], list[ToolCall]],
 ) -> AsyncIterator[str]:
     """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked, [DONE]."""
     try:
@@ -168,8 +180,9 @@ async def _events(
         except GlmreplError as error:  # the status line is gone: say it in the stream, as OpenAI does
             yield _event(error_body(500, first_line(error), code="generation_failed"))
             return
-        if shape.kind == "chat" and reply.tool_calls:  # read when the reply has ended, so whole
-            yield _event(shape.tool_calls_chunk(reply.tool_calls, with_usage=include_usage))
+        calls = calls_of() if shape.kind == "chat" else []  # read when the reply has ended, so whole
+        for chunk in shape.tool_call_chunks(calls, with_usage=include_usage):
+            yield _event(chunk)
         yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
         if include_usage:
             yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens))

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..engine.errors import InvalidTools
 from ..engine.tool_calls import normalize_tools
@@ -82,7 +82,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None  # checked by tool_calls.normalize_tools, which names the bad field
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # accepted: a reply makes the calls its model writes
+    # False: a reply that makes several calls returns its first only. Strict, as a bool's
+    # lax parsing would read "no" or 0 as a choice the client never spelled out.
+    parallel_tool_calls: StrictBool | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -376,10 +378,22 @@ class ResponseShape:
             body["usage"] = None  # every chunk carries it when asked; only the last one has figures
         return body
 
-    def tool_calls_chunk(self, tool_calls: list, with_usage: bool = False) -> dict:
-        """The calls in one chunk, each whole (``index`` tells the client's accumulator which it is)."""
-        calls = [{"index": index, **call} for index, call in enumerate(_calls_out(tool_calls))]
-        choice = {"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+    def tool_call_chunks(self, tool_calls: list, with_usage: bool = False) -> list[dict]:
+        """The calls in OpenAI's incremental shape: for each, a first delta with its index, id, type
+        and name (arguments empty), then one with its arguments, which clients append by index.
+
+        The arguments come whole: a reply is known to make a call only once it has ended and
+        parsed (text that looks like a call may not be one), so there is nothing to send earlier.
+        """
+        chunks = []
+        for index, call in enumerate(_calls_out(tool_calls)):
+            name = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+            arguments = {"function": {"arguments": call["function"]["arguments"]}}
+            chunks += [self._tool_call_chunk({"index": index, **part}, with_usage) for part in (name, arguments)]
+        return chunks
+
+    def _tool_call_chunk(self, delta: dict, with_usage: bool) -> dict:
+        choice = {"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
         body = self._envelope("chat.completion.chunk", [choice])
         if with_usage:
             body["usage"] = None
