@@ -445,7 +445,8 @@ def decode_path(model) -> str:
         return f"int{layer.bits} eager (dequantized on the {layer.weight.device.type})"
     else:
         path = f"int{layer.bits} {cpu_kernels.status()}"
-    fused = getattr(model, "__dict__", {}).get("_glmrepl_decode_plan")
+    state = getattr(model, "__dict__", {})
+    fused = state.get("_glmrepl_decode_plan") and "forward" in state  # planned, and not turned off
     return f"{path}, fused layers" if fused else path
 
 
