@@ -223,6 +223,8 @@ def test_a_wrong_key_is_asked_again_and_markup_in_a_reply_is_shown_not_run(marku
     sync_api.expect(page.locator("#status")).to_contain_text("API key")
     page.fill("#keyinput", "not-the-key")
     page.press("#keyinput", "Enter")
+    # The page checks the key it was given at once (a refused /v1/models), then the message is refused too.
+    sync_api.expect(page.locator("#status")).to_contain_text("wrong or missing API key")
     _send(page, "show me some html")
     sync_api.expect(page.locator("#status")).to_contain_text("wrong or missing API key")
     assert page.input_value("#input") == "show me some html", "the message must not be lost"
