@@ -320,13 +320,14 @@ extern "C" int int4_gemv(const int8_t* w, const void* x, int x_type, const void*
                          int64_t rows, int64_t stored, int64_t group, int64_t threads) {
     if (!known(x_type) || !known(s_type) || group < 2 || group % 2) return 1;
     const int64_t group_bytes = group / 2, groups = (stored + group_bytes - 1) / group_bytes;
-    std::vector<float> even(stored), odd(stored);
-    for (int64_t j = 0; j < stored; j++) {
+    const int64_t s_size = s_type == F32 ? 4 : 2;
+    const bool fast = groups > 1 && fast_groups(group, 2 * stored);
+    // The float split serves the per-row loop; the group loops read the 16-bit one below.
+    std::vector<float> even(fast ? 0 : stored), odd(fast ? 0 : stored);
+    for (int64_t j = 0; !fast && j < stored; j++) {
         even[j] = load_one(x, x_type, 2 * j);
         odd[j] = load_one(x, x_type, 2 * j + 1);
     }
-    const int64_t s_size = s_type == F32 ? 4 : 2;
-    const bool fast = groups > 1 && fast_groups(group, 2 * stored);
     std::vector<int16_t> rounded(fast ? 2 * stored : 0), even16(fast ? stored : 0), odd16(fast ? stored : 0);
     std::vector<float> x_scales(fast ? groups : 0);
     if (fast) {
