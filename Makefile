@@ -6,17 +6,31 @@ PIP := $(PY) -m pip
 # Installed before the package so that pip keeps this build and never pulls
 # a CUDA-flavoured torch as a dependency of transformers or accelerate.
 TORCH_PIN ?= torch==2.13.0
+# The versions the tests passed with; setup.cfg keeps the ranges for pip users.
+CONSTRAINTS := constraints.txt
+EXTRAS := dev,serve,adapters
 
-.PHONY: install test lint demo bench clean
+.PHONY: install lock test lint demo bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg setup.py
+$(VENV)/.installed: setup.cfg setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_PIN)"
-	$(PIP) install --quiet -e ".[dev,serve,adapters]"
+	$(PIP) install --quiet -c $(CONSTRAINTS) pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) "$(TORCH_PIN)"
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
+
+# Refresh the tested set on purpose: the newest releases within setup.cfg's ranges, in a
+# scratch environment, recorded in $(CONSTRAINTS). Run `make clean install test` after it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH_PIN)"
+	.venv-lock/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
+	.venv-lock/bin/python scripts/lock_versions.py .venv-lock $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 test: install lint
 	$(PY) -m pytest
@@ -37,4 +51,4 @@ bench: install
 	$(PY) benchmarks/quant_models.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache
