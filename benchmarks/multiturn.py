@@ -167,7 +167,7 @@ def repl_turn(backend, session, new_tokens: int, fresh: bool) -> dict:
     from glmrepl.engine.settings import Settings
 
     if fresh:
-        backend.manager.prefixes.clear()  # nothing to reuse: the whole prompt is read
+        backend.prefixes.clear()  # nothing to reuse: the whole prompt is read
     started = time.perf_counter()
     reply = backend.plan_reply(session, Settings({"max_new_tokens": new_tokens, "do_sample": False}))
     planned_s = time.perf_counter() - started
@@ -197,7 +197,7 @@ def warm_up(backend) -> None:
     session = ChatSession()
     session.add_user("hello there")
     repl_turn(backend, session, 4, fresh=True)
-    backend.manager.prefixes.clear()
+    backend.prefixes.clear()
 
 
 def repl_conversation(model: Path, args, messages: list[str]) -> list[dict]:

@@ -111,7 +111,8 @@ def memory_child(path: str, threads: int) -> dict:
 
     import glmrepl.engine.quantized_checkpoint  # noqa: F401
     from glmrepl.engine import cpu
-    from glmrepl.engine.devices import release_freed_memory, resident_memory_bytes
+    from glmrepl.engine.cpu import release_freed_memory
+    from glmrepl.engine.devices import resident_memory_bytes
 
     cpu.request_threads(threads)
     cpu.apply_threads()

@@ -57,7 +57,7 @@ def assert_batched_like_alone(backend: LocalBackend) -> None:
         assert [b[:3] for b in batched] == [a[:3] for a in alone]  # ids, streamed text, whole text
         assert sum("continuous batching" in b[3] for b in batched) >= 2, [b[3] for b in batched]
     finally:
-        backend.manager.batching.model_changed()
+        backend.batching.model_changed()
 
 
 def test_qwen2_replies_in_a_batch_are_the_replies_alone(qwen_checkpoint):
@@ -108,7 +108,7 @@ def test_a_seeded_or_penalised_reply_runs_alone_beside_a_batch(qwen_checkpoint):
         penalised = answer(backend, "hello", repetition_penalty=1.3)
         assert "continuous batching" not in penalised[3]
     finally:
-        backend.manager.batching.model_changed()
+        backend.batching.model_changed()
 
 
 def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish(qwen_checkpoint):
@@ -142,7 +142,7 @@ def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish
         assert replies[1].stats.new_tokens <= at_cancel + 2
         assert [replies[i].stats.new_ids for i in (0, 2)] == [alone[i][0] for i in (0, 2)]
     finally:
-        backend.manager.batching.model_changed()
+        backend.batching.model_changed()
 
 
 def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
@@ -151,12 +151,12 @@ def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
     try:
         first = together(backend, QUESTIONS[:3])
         backend.move("cpu", "bfloat16")
-        assert backend.manager.batching._batcher is None
+        assert backend.batching._batcher is None
         again = together(backend, QUESTIONS[:3])
         assert sum("continuous batching" in r[3] for r in again) >= 2
         assert all(r[0] for r in first + again)
     finally:
-        backend.manager.batching.model_changed()
+        backend.batching.model_changed()
 
 
 # -- through the server -----------------------------------------------------------

@@ -40,7 +40,7 @@ def load(path, name, **options) -> LocalBackend:
 
 def turn(backend: LocalBackend, session: ChatSession, max_new_tokens: int, fresh: bool):
     if fresh:
-        backend.manager.prefixes.clear()
+        backend.prefixes.clear()
     reply = backend.plan_reply(session, Settings({"max_new_tokens": max_new_tokens, "do_sample": False}))
     with reply:
         "".join(reply)
@@ -124,15 +124,15 @@ def test_a_cache_is_never_reused_after_the_model_changes(qwen_checkpoint):
     session = ChatSession()
     session.add_user("hello there")
     turn(backend, session, 6, fresh=False)
-    assert len(backend.manager.prefixes) == 1
+    assert len(backend.prefixes) == 1
     backend.move("cpu", "bfloat16")  # another dtype: the old cache holds float32 keys of other weights
-    assert len(backend.manager.prefixes) == 0
+    assert len(backend.prefixes) == 0
     session.add_user("and more")
     assert turn(backend, session, 6, fresh=False)[1] == 0
     session.add_user("and again")
     assert turn(backend, session, 6, fresh=False)[1] > 0  # the new state's own cache is reused
     backend.set_prompt_mode("complete")
-    assert len(backend.manager.prefixes) == 0
+    assert len(backend.prefixes) == 0
 
 
 def test_an_adapter_change_drops_the_caches():
@@ -140,9 +140,9 @@ def test_an_adapter_change_drops_the_caches():
     session = ChatSession()
     session.add_user("hello")
     turn(backend, session, 6, fresh=False)
-    assert len(backend.manager.prefixes) == 1
+    assert len(backend.prefixes) == 1
     backend.set_adapter(DATA / "chatglm2-lora-tiny")
-    assert len(backend.manager.prefixes) == 0
+    assert len(backend.prefixes) == 0
     session.add_user("again")
     assert turn(backend, session, 6, fresh=False)[1] == 0
 
@@ -156,7 +156,7 @@ def test_a_new_conversation_gets_a_copy_of_a_shared_beginning_and_leaves_the_ent
     other.add_user("a different question")
     _, reused, _ = turn(backend, other, 8, fresh=False)
     assert reused > 10  # the system prompt's tokens
-    assert len(backend.manager.prefixes) == 2  # the first conversation's cache is still there
+    assert len(backend.prefixes) == 2  # the first conversation's cache is still there
     first.add_user("and more")
     _, reused_again, prompt = turn(backend, first, 8, fresh=False)
     assert reused_again > prompt // 2
@@ -224,7 +224,7 @@ def test_an_openai_client_resending_its_history_gets_the_saving_and_the_same_rep
             )
             cached = answer.usage.prompt_tokens_details.cached_tokens
             assert (cached == 0) if index == 0 else (0 < cached < answer.usage.prompt_tokens), answer.usage
-            alone.manager.prefixes.clear()
+            alone.prefixes.clear()
             reply = alone.plan_reply(
                 conversation_from_messages(messages), Settings({"max_new_tokens": 8, "do_sample": False})
             )

@@ -35,7 +35,7 @@ def play_turns(backend, max_new_tokens: int = 16) -> list[tuple[int, int, int, i
         figures.append((prompt, reused, *previous))
         reply = session.last_reply
         assert reply is not None
-        kept = backend.manager.replies.lookup(reply.content)
+        kept = backend.replies.lookup(reply.content)
         previous = (prompt, len(kept) if kept else 0)
     return figures
 
@@ -61,12 +61,12 @@ def test_the_spliced_prompt_is_the_same_text_with_the_generated_ids(qwen_checkpo
     turn(backend, session, 16, fresh=False)
     reply = session.last_reply
     assert reply is not None
-    remembered = backend.manager.replies.lookup(reply.content)
+    remembered = backend.replies.lookup(reply.content)
     assert remembered and decoded(loaded.tokenizer, remembered) == reply.content
     session.add_user("and more")
     messages = session.as_dicts()
     fresh = loaded.prompt_format.build(messages)
-    spliced = splice_replies(loaded.prompt_format, messages, fresh, backend.manager.replies)
+    spliced = splice_replies(loaded.prompt_format, messages, fresh, backend.replies)
     assert spliced != fresh  # a random model's reply never tokenizes back to its own ids
     assert decoded(loaded.tokenizer, spliced) == decoded(loaded.tokenizer, fresh)
     start = len(loaded.prompt_format.build(session.as_dicts(session.messages[:1])))
@@ -88,7 +88,7 @@ def test_a_reply_the_template_rewrites_falls_back_to_the_fresh_prompt(qwen_check
     prompt_format = backend.manager.current.prompt_format
     messages = session.as_dicts()
     fresh = prompt_format.build(messages)
-    assert splice_replies(prompt_format, messages, fresh, backend.manager.replies) is fresh
+    assert splice_replies(prompt_format, messages, fresh, backend.replies) is fresh
     ids, _, prompt = turn(backend, session, 8, fresh=True)
     assert prompt == len(fresh)
 
@@ -137,9 +137,9 @@ def test_a_model_change_forgets_the_replies(qwen_checkpoint):
     session = ChatSession()
     session.add_user("hello there")
     turn(backend, session, 8, fresh=False)
-    assert len(backend.manager.replies) == 1
+    assert len(backend.replies) == 1
     backend.set_prompt_mode("complete")  # another prompt format: its ids would be other ids
-    assert len(backend.manager.replies) == 0
+    assert len(backend.replies) == 0
 
 
 def test_a_reply_cut_inside_a_character_keeps_its_ids_up_to_the_cut():

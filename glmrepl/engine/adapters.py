@@ -25,15 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GlmreplError, first_line
+from .errors import AdapterError, first_line
+from .families import architecture_name
 
 LORA_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PTUNING_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 _PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(GlmreplError):
-    """An adapter folder is unusable, or does not fit the loaded model."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +123,6 @@ def _checkpoint_config(path: Path) -> dict:
         return _read_json(path / "config.json")
     except AdapterError:
         return {}
-
-
-def architecture_name(model: Any) -> str:
-    return (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
 
 
 def read_adapter_tensors(file: Path) -> dict:

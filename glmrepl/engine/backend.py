@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 from .chat import ChatSession
 from .errors import GlmreplError
 from .loading import LoadJob, LoadOptions
+from .prefix_cache import PrefixCache
+from .reply_tokens import ReplyTokens
 from .service import GenerationQueue, ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
 from .settings import Settings
 
@@ -46,6 +48,18 @@ class LocalBackend:
             manager = ModelManager()
         self.manager = manager
         self.queue = GenerationQueue(max_queue)
+        # Replies' KV caches and their own ids, for the next prompt (see prefix_cache, reply_tokens);
+        # both belong to the model as it is, and go with every change to it.
+        self.prefixes = PrefixCache()
+        self.replies = ReplyTokens()
+        self.batching: Any = None  # batching.Batching when replies may decode together (glmrepl serve)
+        manager.change_hooks.append(self._model_changing)
+
+    def _model_changing(self) -> None:
+        self.prefixes.clear()
+        self.replies.clear()
+        if self.batching is not None:
+            self.batching.model_changed()
 
     # -- models ----------------------------------------------------------------
     def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list:
@@ -86,12 +100,12 @@ class LocalBackend:
         """Let up to ``max_batch`` concurrent replies decode together (see batching.py)."""
         from .batching import DEFAULT_CACHE_BYTES, Batching
 
-        self.manager.batching = Batching(max_batch, cache_bytes or DEFAULT_CACHE_BYTES)
+        self.batching = Batching(max_batch, cache_bytes or DEFAULT_CACHE_BYTES)
         self.queue.slots = max_batch
 
     def batching_status(self) -> dict[str, Any]:
         """For /health and the start line: whether replies batch, how many run, and why not."""
-        batching = self.manager.batching
+        batching = self.batching
         if batching is None:
             return {"enabled": False, "max_batch": 1, "running": min(self.queue.admitted, 1), "why_not": "off"}
         why_not = batching.why_not(self.manager.current)
@@ -109,7 +123,7 @@ class LocalBackend:
     # -- replies ---------------------------------------------------------------
     def plan_reply(self, conversation: ChatSession, settings: Settings, **policy) -> Reply:
         """See service.plan_reply for the policy keywords."""
-        return plan_reply(self.manager, self.queue, conversation, settings, **policy)
+        return plan_reply(self, conversation, settings, **policy)
 
     def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
         return context_usage(self.manager.current, conversation, max_new_tokens)

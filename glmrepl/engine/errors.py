@@ -113,3 +113,7 @@ class InvalidTools(GlmreplError):
     def __init__(self, message: str, where: str = "tools"):
         super().__init__(message)
         self.where = where
+
+
+class AdapterError(GlmreplError):
+    """An adapter folder is unusable, or does not fit the loaded model."""

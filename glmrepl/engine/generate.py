@@ -12,12 +12,12 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from .cpu import release_thread_pool
 from .errors import GenerationError, Hint, first_line
 from .protocols import Tokenizer
+from .status import GenerationStats
 
 _DONE = object()
 
@@ -57,26 +57,6 @@ class IncrementalDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    first_token_s: float | None = None  # time to first token (prefill)
-    total_s: float = 0.0
-    stop_reason: str = "end"  # "end" (a stop token), "length", "cancelled"
-    new_ids: list[int] = field(default_factory=list)
-    reused_tokens: int = 0  # prompt tokens whose KV came from an earlier reply's cache
-    path: str = ""  # how decoding ran (eager, fused quantized kernels...), for /stats
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """Speed after the first token, the figure that compares across prompt lengths."""
-        if self.first_token_s is None or self.new_tokens < 2:
-            return None
-        decode_time = self.total_s - self.first_token_s
-        return (self.new_tokens - 1) / decode_time if decode_time > 0 else None
 
 
 class _QueueStreamer:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import cpu_kernels
-from .devices import release_freed_memory
+from .cpu import release_freed_memory
 from .float_linear import MAX_KERNEL_ROWS, KernelLinear, widened_product
 from .quant import model_bits
 

@@ -20,11 +20,10 @@ from dataclasses import replace
 from typing import Any
 
 from .checkpoint import inspect_checkpoint
-from .devices import Placement, move_model, plan_placement, release_freed_memory, sizing_dtype, weights_bytes_at
+from .cpu import release_freed_memory
+from .devices import Placement, move_model, plan_placement, sizing_dtype, weights_bytes_at
 from .errors import DeviceError, GlmreplError, Hint, LoadCancelled, ModelLoadError, first_line
 from .loading import LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo, choose_format, load_model  # noqa: F401 (re-exported)
-from .prefix_cache import PrefixCache
-from .reply_tokens import ReplyTokens
 
 
 class ModelLease:
@@ -96,23 +95,18 @@ class ModelManager:
     def __init__(self) -> None:
         self.current: LoadedModel | None = None
         self.job: LoadJob | None = None
-        # Replies' KV caches; emptied by every change to the model (see prefix_cache).
-        self.prefixes = PrefixCache()
-        # Replies' own ids, for the next prompt (see reply_tokens); they belong to one tokenizer.
-        self.replies = ReplyTokens()
-        self.batching: Any = None  # batching.Batching when replies may decode together (glmrepl serve)
+        # What belongs to the model as it is (caches, a batch) goes through these on every change.
+        self.change_hooks: list[Callable[[], None]] = []
         self.lease = ModelLease(on_exclusive=self._model_changing)
         self.serial = 0  # counts installed models, so front ends notice a swap
         self._lock = threading.Lock()
 
     def _model_changing(self) -> None:
         """Every change to the model passes here, holding the lease alone: what belongs to the old state goes."""
-        self.prefixes.clear()
-        self.replies.clear()
         if self.current is not None:
             forget_decode_plan(self.current.model)
-        if self.batching is not None:
-            self.batching.model_changed()
+        for hook in self.change_hooks:
+            hook()
 
     # -- loading -------------------------------------------------------------
     def start_load(self, request: LoadRequest) -> LoadJob:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .devices import release_freed_memory
+from .cpu import release_freed_memory
 from .quant import (
     DEFAULT_GROUP_SIZE,
     SUPPORTED_BITS,

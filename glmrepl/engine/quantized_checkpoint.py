@@ -108,7 +108,7 @@ def read_tensors(folder: Path, files: list[Path], dtype) -> dict:
     their float32 copy (1.37x the packed weights on the Qwen2-0.5B benchmark)."""
     from safetensors import SafetensorError, safe_open
 
-    from .devices import release_freed_memory
+    from .cpu import release_freed_memory
 
     state = {}
     for file in files:

@@ -29,8 +29,8 @@ from .chat import ChatSession
 from .errors import GlmreplError, LoadCancelled
 from .remote_errors import ContextRefusal, RemoteError, explain
 from .remote_reply import RemoteReply
-from .service import ModelStatus
 from .settings import Settings
+from .status import ModelStatus
 from .tool_calls import wire_messages
 
 # Settings the OpenAI chat API has a field for; the others stay in this process.

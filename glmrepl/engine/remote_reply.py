@@ -6,15 +6,20 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import GlmreplError
-from .generate import GenerationStats
 from .remote_errors import lost_mid_reply
+from .status import GenerationStats
 from .tool_calls import StreamedCalls, ToolCall
 
-if TYPE_CHECKING:
-    from .remote import RemoteBackend
+
+class Server(Protocol):
+    """What a reply tells the backend that sent it (remote.RemoteBackend)."""
+
+    base_url: str
+
+    def note_usage(self, messages: list[dict], reply_text: str, total_tokens: int) -> None: ...
 
 
 @dataclass
@@ -38,9 +43,7 @@ class RemoteReply:
     stopped_by_string = False
     kept = None  # the server builds its own prompts: the reply is kept as shown
 
-    def __init__(
-        self, backend: RemoteBackend, stream, sent_at: float, requested: int, sent: int | None, messages: list[dict]
-    ):
+    def __init__(self, backend: Server, stream, sent_at: float, requested: int, sent: int | None, messages: list[dict]):
         self.backend = backend
         self.requested_max_new_tokens = requested
         self.max_new_tokens = requested if sent is None else sent  # less when fitted to the server's context

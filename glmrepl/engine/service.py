@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .chat import ChatSession, FittedPrompt
@@ -33,30 +33,10 @@ from .protocols import PromptFormat
 from .reply import Reply
 from .reply_tokens import reply_ids, splice_replies
 from .settings import Settings
+from .status import ModelStatus
 from .tool_calls import forced_prefix, uses_tools
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """What a front end may know about the loaded model (never the model object itself)."""
-
-    serial: int  # changes on every load, swap or unload
-    name: str
-    path: Any
-    architecture: str
-    family: str | None
-    family_reason: str | None
-    placement: Any  # devices.Placement
-    format_name: str
-    is_chat: bool
-    context_length: int | None
-    checkpoint_defaults: dict = field(default_factory=dict)
-    sampling_defaults: dict = field(default_factory=dict)
-    adapter: str | None = None  # the adapter in use, described
-    adapter_path: Any = None
-    tool_syntax: str | None = None  # how the format's model writes tool calls; None: it takes no tools
 
 
 def status_of(loaded: Any, serial: int) -> ModelStatus:
@@ -127,8 +107,7 @@ class GenerationQueue:
 
 
 def plan_reply(
-    manager: Any,
-    queue: GenerationQueue,
+    backend: Any,
     conversation: ChatSession,
     settings: Settings,
     *,
@@ -149,6 +128,7 @@ def plan_reply(
     MaxLengthExceeded when the prompt alone reaches it). ``force_call``: the reply is a call of
     that function ("": of any of the conversation's tools), begun in the prompt.
     """
+    manager, queue = backend.manager, backend.queue
     queue.admit()
     try:
         manager.lease.acquire_shared()
@@ -165,7 +145,7 @@ def plan_reply(
 
     try:
         policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
-        return _plan(manager.current, conversation, settings, policy, release, manager)
+        return _plan(manager.current, conversation, settings, policy, release, backend)
     except BaseException:
         release()
         raise
@@ -181,12 +161,12 @@ class _Policy:
     force_call: str | None = None
 
 
-def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, manager) -> Reply:
+def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, backend) -> Reply:
     from .generate import GenerationRun
 
     if loaded is None:
         raise NoModelLoaded("no model is loaded")
-    prefixes, replies, batching = manager.prefixes, manager.replies, manager.batching
+    prefixes, replies, batching = backend.prefixes, backend.replies, backend.batching
     prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
     tools = None if policy.completion else conversation.tools
     if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:

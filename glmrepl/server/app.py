@@ -76,7 +76,7 @@ async def health(request: Request) -> dict[str, Any]:
 
 
 def _prefix_cache_figures(backend) -> dict[str, Any] | None:
-    prefixes = getattr(getattr(backend, "manager", None), "prefixes", None)
+    prefixes = getattr(backend, "prefixes", None)
     if prefixes is None:
         return None
     return {

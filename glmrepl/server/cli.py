@@ -182,9 +182,7 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
         return 1
     backend = LocalBackend(max_queue=args.max_queue)
     # Many conversations share one server: keep up to PREFIX_CACHE_ENTRIES caches within the budget.
-    backend.manager.prefixes.configure(
-        PREFIX_CACHE_ENTRIES if args.prefix_cache_mb else 0, args.prefix_cache_mb * 2**20
-    )
+    backend.prefixes.configure(PREFIX_CACHE_ENTRIES if args.prefix_cache_mb else 0, args.prefix_cache_mb * 2**20)
     if not args.no_batching and args.max_batch > 1:
         backend.enable_batching(args.max_batch)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -246,8 +244,8 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if backend.manager.batching is not None:  # its thread would keep the process alive
-            backend.manager.batching.model_changed()
+        if backend.batching is not None:  # its thread would keep the process alive
+            backend.batching.model_changed()
     return 0 if server.started else 1
 
 

@@ -72,3 +72,8 @@ def load_family(
     from .chatglm.load import load_chatglm
 
     return load_chatglm(path, match, weight_files=weight_files, dtype=dtype, device_map=device_map, quantize=quantize)
+
+
+def architecture_name(model: Any) -> str:
+    """The model's class as its config names it (what an adapter says it was trained on)."""
+    return (getattr(model.config, "architectures", None) or [type(model).__name__])[0]

@@ -29,6 +29,8 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .prefix import prepend_prefix
+
 # The released generate() replaced NaN/inf scores by a certain win for this id.
 INVALID_SCORE_TOKEN = 5
 _MASKED_SCORE = -10000.0  # the released code's fill value for hidden positions
@@ -144,8 +146,6 @@ class GLM1Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if getattr(self, "prefix_key", None) is not None:  # a P-tuning v2 prefix, see ptuning.py
-            from .ptuning import prepend_prefix
-
             key, value, visible = prepend_prefix(self, key, value, visible)
         context = self._attend(query, key, value, visible)
         return self.dense(context.transpose(1, 2).reshape(batch, length, -1))

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import re
 
-from ...adapters import AdapterError, architecture_name
+from ...errors import AdapterError
+from .. import architecture_name
 
 _REMOTE_PREFIX = "base_model.model.transformer.encoder.layers."
 _KEY = re.compile(

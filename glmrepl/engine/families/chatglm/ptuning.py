@@ -23,7 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from ...adapters import AdapterError, architecture_name
+from ...errors import AdapterError
+from .. import architecture_name
+from .prefix import prepend_prefix
 
 ATTENTION_NAME = "glmrepl_prefix_sdpa"
 _PREFIX = "transformer.prefix_encoder."
@@ -145,16 +147,6 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         mask = _causal_or_given(attention_mask, query.shape[2], key.shape[2], query.device)
         key, value, attention_mask = prepend_prefix(module, key, value, mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def prepend_prefix(module, key, value, mask):
-    """Keys and values [batch, heads, length, size] with the module's prefix in front, and the
-    mask (bool: True attends; float: 0 attends) widened so that every query sees the prefix."""
-    batch, length = key.shape[0], module.prefix_key.shape[1]
-    key = torch.cat([module.prefix_key.to(key.device, key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([module.prefix_value.to(value.device, value.dtype).expand(batch, -1, -1, -1), value], dim=2)
-    seen = torch.ones(*mask.shape[:-1], length, dtype=mask.dtype, device=mask.device)
-    return key, value, torch.cat([seen if mask.dtype == torch.bool else seen.zero_(), mask], dim=-1)
 
 
 def _causal_or_given(mask, query_length: int, key_length: int, device):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ... import cpu_kernels
-from ...devices import release_freed_memory
+from ...cpu import release_freed_memory
 from ...errors import CheckpointError
 from ...quant import (
     SUPPORTED_BITS,
