@@ -35,11 +35,12 @@ lock:
 test: install lint
 	$(PY) -m pytest
 
-# Lint, format and type checks; part of `make test`.
+# Lint, format, type and import-layer checks (.importlinter); part of `make test`.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 demo: install
 	$(PY) -m glmrepl.demo

@@ -74,7 +74,7 @@ def kernel_call(lib, weight, x):
     """The kernel glmrepl runs for x's rows, whatever its dispatch limit."""
     import torch
 
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     threads = torch.get_num_threads()
     product = cpu_kernels.float_gemv if x.numel() == weight.shape[1] else cpu_kernels.float_gemm
@@ -85,7 +85,7 @@ def torch_calls(weight, x) -> dict:
     """torch's paths for the same product: F.linear, and the widened one where KernelLinear used it."""
     from torch.nn import functional as F
 
-    from glmrepl.engine import float_linear
+    from glmrepl.engine.cpu import float_linear
 
     calls = {"F.linear": lambda: F.linear(x, weight)}
     if weight.dtype in float_linear._HALF_TYPES and float_linear._widen_half_prompts():
@@ -96,8 +96,8 @@ def torch_calls(weight, x) -> dict:
 def time_layers(args) -> None:
     import torch
 
-    from glmrepl.engine import cpu_kernels
-    from glmrepl.engine.float_linear import MAX_KERNEL_ROWS
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.cpu.float_linear import MAX_KERNEL_ROWS
 
     lib = cpu_kernels.wait_until_built()
     if lib is None:
@@ -143,9 +143,10 @@ def time_batching(args) -> None:
     from checkpoint import ensure_checkpoint
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from glmrepl.engine import cpu_kernels, float_linear
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.cpu import float_linear
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.models.loading import LoadOptions
 
     backend = LocalBackend()
     folder = ensure_checkpoint(args.cache)

@@ -16,8 +16,8 @@ SWAPS = 10
 
 def measure(first: Path, second: Path, dtype: str, mode: str = "cpu", swaps: int = SWAPS) -> dict:
 
-    from glmrepl.engine.devices import resident_memory_bytes
-    from glmrepl.engine.manager import LoadRequest, ModelManager
+    from glmrepl.engine.devices.modes import resident_memory_bytes
+    from glmrepl.engine.models.manager import LoadRequest, ModelManager
 
     manager = ModelManager()
     baseline = resident_memory_bytes()

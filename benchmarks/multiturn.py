@@ -153,7 +153,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def repl_backend(model: Path, device: str, dtype: str):
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
 
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode=device, dtype=dtype).for_model(model, model.name))
@@ -163,7 +163,7 @@ def repl_backend(model: Path, device: str, dtype: str):
 def repl_turn(backend, session, new_tokens: int, fresh: bool) -> dict:
     """One turn as the REPL plays it; the first token is timed from planning (the whole history
     is tokenized then, a cost that grows with the turns), as the user waits for it."""
-    from glmrepl.engine.service import record_reply
+    from glmrepl.engine.generation.service import record_reply
     from glmrepl.engine.settings import Settings
 
     if fresh:
@@ -192,7 +192,7 @@ def repl_turn(backend, session, new_tokens: int, fresh: bool) -> dict:
 
 def warm_up(backend) -> None:
     """Kernels chosen, weights paged in, the worker's thread pool built; its cache dropped."""
-    from glmrepl.engine.chat import ChatSession
+    from glmrepl.engine.conversation.chat import ChatSession
 
     session = ChatSession()
     session.add_user("hello there")
@@ -202,8 +202,8 @@ def warm_up(backend) -> None:
 
 def repl_conversation(model: Path, args, messages: list[str]) -> list[dict]:
     """Both conversations, a backend each (the store of the one with reuse stays untouched)."""
-    from glmrepl.engine.chat import ChatSession
-    from glmrepl.engine.manager import free_memory
+    from glmrepl.engine.conversation.chat import ChatSession
+    from glmrepl.engine.models.manager import free_memory
 
     backends = [repl_backend(model, args.device, args.dtype), repl_backend(model, args.device, args.dtype)]
     for backend in backends:
@@ -582,7 +582,7 @@ def main() -> int:
     import checkpoint
     import machine
 
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     model = checkpoint.ensure_checkpoint(args.cache)
     cpu.request_threads(args.threads)  # the REPL side, in this process; the servers get --threads

@@ -111,7 +111,7 @@ def load(folder: Path, bits: int):
 
 def generation(parts, prompt_tokens: int, new_tokens: int) -> dict:
     """One greedy reply through glmrepl's streaming path (GenerationRun)."""
-    from glmrepl.engine.generate import GenerationRun
+    from glmrepl.engine.generation.run import GenerationRun
 
     ids = [3 + (i * 7) % 400 for i in range(prompt_tokens)]  # ids every vocabulary here has
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -129,7 +129,8 @@ def alternating_speed(folder: str, threads: int, repeats: int) -> dict:
     """Run in a child process: float32, int8 and int4 loaded side by side, timed in turns."""
     import statistics
 
-    from glmrepl.engine import cpu, cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.cpu import machine as cpu
 
     cpu.request_threads(threads)
     cpu.apply_threads()
@@ -163,8 +164,8 @@ def resident(folder: str, bits: int, threads: int) -> dict:
     # about 0.1 GiB that does not grow with the model.
     import transformers.modeling_utils  # noqa: F401
 
-    from glmrepl.engine import cpu
-    from glmrepl.engine.devices import resident_memory_bytes
+    from glmrepl.engine.cpu import machine as cpu
+    from glmrepl.engine.devices.modes import resident_memory_bytes
     from glmrepl.engine.families.chatglm import load as _loader  # noqa: F401
 
     cpu.request_threads(threads)
@@ -177,7 +178,7 @@ def resident(folder: str, bits: int, threads: int) -> dict:
 
 def first_reply(folder: str, bits: int, threads: int) -> dict:
     """Run in a child process: load, then the first reply, as a user sees them."""
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     cpu.request_threads(threads)
     started = time.perf_counter()
@@ -192,7 +193,8 @@ def layer_strategies(threads: int, size: int = 4096, repeats: int = 20) -> list[
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine import cpu_kernels, quant
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant import layers as quant
 
     torch.set_num_threads(threads)
     cpu_kernels.wait_until_built()

@@ -40,7 +40,7 @@ def quantized_folders(cache: Path) -> tuple[Path, dict[str, Path]]:
     """The source checkpoint and its quantized copies, written on first use."""
     import checkpoint
 
-    from glmrepl.engine.quantized_checkpoint import quantize_checkpoint
+    from glmrepl.engine.models.quantized_folder import quantize_checkpoint
 
     source = checkpoint.ensure_checkpoint(cache)
     folders = {}
@@ -54,8 +54,8 @@ def quantized_folders(cache: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def load(path: Path):
-    from glmrepl.engine.cpu import release_thread_pool
-    from glmrepl.engine.loading import LoadRequest, load_model
+    from glmrepl.engine.cpu.machine import release_thread_pool
+    from glmrepl.engine.models.loading import LoadRequest, load_model
 
     loaded = load_model(LoadRequest(path=path, name=path.name, mode="cpu", dtype="float32"))
     # The REPL loads in a thread that ends, taking its OpenMP threads with it; loading here
@@ -74,7 +74,8 @@ def speed_child(paths: dict, threads: int, repeats: int, new_tokens: int) -> dic
     """In a child: every variant loaded side by side, decoded in turns."""
     import speed
 
-    from glmrepl.engine import cpu, cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.cpu import machine as cpu
 
     cpu.request_threads(threads)
     cpu.apply_threads()
@@ -109,10 +110,10 @@ def memory_child(path: str, threads: int) -> dict:
 
     import transformers.modeling_utils  # noqa: F401  (the libraries a load imports are the baseline)
 
-    import glmrepl.engine.quantized_checkpoint  # noqa: F401
-    from glmrepl.engine import cpu
-    from glmrepl.engine.cpu import release_freed_memory
-    from glmrepl.engine.devices import resident_memory_bytes
+    import glmrepl.engine.models.quantized_folder  # noqa: F401
+    from glmrepl.engine.cpu import machine as cpu
+    from glmrepl.engine.cpu.machine import release_freed_memory
+    from glmrepl.engine.devices.modes import resident_memory_bytes
 
     cpu.request_threads(threads)
     cpu.apply_threads()

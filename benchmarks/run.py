@@ -90,8 +90,8 @@ def measure_mode(
 
 
 def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: int) -> dict:
-    from glmrepl.engine.cpu import release_thread_pool
-    from glmrepl.engine.manager import LoadRequest, free_memory, load_model
+    from glmrepl.engine.cpu.machine import release_thread_pool
+    from glmrepl.engine.models.manager import LoadRequest, free_memory, load_model
 
     loaded = load_model(LoadRequest(path=model_path, name=model_path.name, mode=mode.mode, dtype=mode.dtype))
     release_thread_pool()  # as the REPL's loading thread, which ends (cpu.release_thread_pool)
@@ -142,7 +142,7 @@ def main() -> int:
         "new_tokens": speed.NEW_TOKENS,
         "modes": {},
     }
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     cpu.request_threads(args.threads)
     results["threads"] = cpu.apply_threads()  # raw and glmrepl share the process, so the threads too

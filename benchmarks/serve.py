@@ -174,7 +174,7 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
 
 def repl_backend(model: Path, device: str, dtype: str):
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
 
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode=device, dtype=dtype).for_model(model, model.name))
@@ -183,7 +183,7 @@ def repl_backend(model: Path, device: str, dtype: str):
 
 def repl_reply(backend, prompt: str, new_tokens: int) -> dict:
     """What the REPL does for one message: plan_reply, then consume the deltas it prints."""
-    from glmrepl.engine.chat import ChatSession
+    from glmrepl.engine.conversation.chat import ChatSession
     from glmrepl.engine.settings import Settings
 
     session = ChatSession()
@@ -329,7 +329,7 @@ def main() -> int:
 
         args.model = checkpoint.ensure_checkpoint(args.cache)
     print(f"serve benchmark on {args.model.name} ({args.device} {args.dtype}) ...", flush=True)
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     cpu.request_threads(args.threads)  # the REPL side, in this process; the server gets --threads
     server = Server(args.model, args.device, args.dtype, args.threads)

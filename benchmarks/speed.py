@@ -51,8 +51,8 @@ def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int =
     """Plain transformers on the same model object: glmrepl's kernel linears are made plain
     ``nn.Linear`` again and its fused decoding step is off for the run (the same parameters,
     nothing copied)."""
-    from glmrepl.engine.decode_step import transformers_steps
-    from glmrepl.engine.float_linear import restore_linears, use_kernels
+    from glmrepl.engine.cpu.float_linear import restore_linears, use_kernels
+    from glmrepl.engine.quant.decode_step import transformers_steps
 
     restore_linears(model)
     try:
@@ -65,7 +65,7 @@ def raw_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int =
 def _plain_generation(model, ids: list[int], stop_ids: list[int], new_tokens: int) -> dict:
     import torch
 
-    from glmrepl.engine.cpu import release_thread_pool
+    from glmrepl.engine.cpu.machine import release_thread_pool
 
     started = time.perf_counter()
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
@@ -98,7 +98,7 @@ def long_prompt_ids(vocab_size: int, length: int = LONG_PROMPT_TOKENS) -> list[i
 
 
 def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
-    from glmrepl.engine.generate import GenerationRun
+    from glmrepl.engine.generation.run import GenerationRun
 
     run = GenerationRun(
         loaded.model, loaded.tokenizer, ids, greedy_kwargs(new_tokens), loaded.prompt_format.stop_token_ids
@@ -164,7 +164,7 @@ def raw_load(path: Path, dtype, device_map: str) -> float:
 
 
 def glmrepl_load(path: Path, mode: str, dtype_name: str) -> float:
-    from glmrepl.engine.manager import LoadRequest, load_model
+    from glmrepl.engine.models.manager import LoadRequest, load_model
 
     started = time.perf_counter()
     loaded = load_model(LoadRequest(path=path, name=path.name, mode=mode, dtype=dtype_name))
@@ -176,7 +176,7 @@ def glmrepl_load(path: Path, mode: str, dtype_name: str) -> float:
 
 def compare_load(path: Path, mode: str, dtype_name: str, device_map: str, repeats: int) -> dict:
     """Load time, raw vs glmrepl; a warm-up load first so both read from the page cache."""
-    from glmrepl.engine.devices import torch_dtype
+    from glmrepl.engine.devices.modes import torch_dtype
 
     dtype = torch_dtype(dtype_name)
     raw_load(path, dtype, device_map)

@@ -17,7 +17,7 @@ PARTNER = {
 
 
 def compare_switch(path: Path, mode: str, dtype: str, repeats: int) -> dict:
-    from glmrepl.engine.manager import LoadRequest, ModelManager
+    from glmrepl.engine.models.manager import LoadRequest, ModelManager
 
     manager = ModelManager()
     fresh = []

@@ -14,8 +14,8 @@ def load_reference(name, quantize=None, device_map="cpu", dtype=None):
     """LoadedParts of ``<name>-tiny`` (or of a folder) through glmrepl's native loader."""
     import torch
 
-    from glmrepl.engine.checkpoint import scan_checkpoint
     from glmrepl.engine.families import detect_family, load_family
+    from glmrepl.engine.models.checkpoint import scan_checkpoint
 
     folder = name if isinstance(name, Path) else DATA / f"{name}-tiny"
     match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))

@@ -125,7 +125,7 @@ def unwritable_dir(tmp_path) -> Path:
 @pytest.fixture
 def kernels():
     """glmrepl's CPU kernels, built fresh (a failed build fails the test: CI has a compiler)."""
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     cpu_kernels.reset()
     lib = cpu_kernels.wait_until_built()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from glmrepl.app import App
 from glmrepl.engine.backend import LocalBackend
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.loading import LoadOptions
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.models.loading import LoadOptions
 from glmrepl.engine.settings import Settings
+from glmrepl.repl.app import App
 
 
 def make_app(models_dir: Path | None = None, **settings) -> App:
@@ -30,7 +30,7 @@ def drive_repl(app: App, keys: str, color: bool = False, history_path: Path | No
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
 
-    from glmrepl.repl import Repl
+    from glmrepl.repl.loop import Repl
 
     out = io.StringIO()
     with create_pipe_input() as pipe:

@@ -11,7 +11,7 @@ from chatglm_reference import DATA, expected, load_reference, reference_logits
 from support import loaded_app
 from test_cli import run
 
-from glmrepl.results import Error, Text
+from glmrepl.repl.results import Error, Text
 
 BASE = DATA / "chatglm2-tiny"
 LORA = DATA / "chatglm2-lora-tiny"
@@ -50,7 +50,7 @@ def logits_of(app) -> torch.Tensor:
 
 
 def test_adapter_command_on_off_and_back(tmp_path):
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(BASE)
     base = logits_of(app)
@@ -74,7 +74,7 @@ def test_adapter_command_on_off_and_back(tmp_path):
 
 
 def test_load_puts_the_saved_adapter_back(tmp_path):
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(BASE)
     TABLE.dispatch(app, f"/adapter {PTUNING}")
@@ -87,7 +87,7 @@ def test_load_puts_the_saved_adapter_back(tmp_path):
 
 
 def test_quantize_waits_for_the_lora_to_come_off():
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(BASE)
     TABLE.dispatch(app, f"/adapter {LORA}")
@@ -102,7 +102,7 @@ def test_quantize_waits_for_the_lora_to_come_off():
 
 
 def test_failed_switch_keeps_the_adapter_in_use(tmp_path, qwen_checkpoint):
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(BASE)
     TABLE.dispatch(app, f"/adapter {LORA}")
@@ -118,7 +118,7 @@ def test_failed_switch_keeps_the_adapter_in_use(tmp_path, qwen_checkpoint):
 
 
 def test_loading_an_adapter_folder_as_a_model_says_how_to_use_it():
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(BASE)
     result = TABLE.dispatch(app, f"/model {LORA}")

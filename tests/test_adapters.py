@@ -15,7 +15,7 @@ import pytest
 import torch
 from chatglm_reference import DATA, as_messages, expected, load_reference, reference_logits
 
-from glmrepl.engine.adapters import AdapterError, attach_adapter, inspect_adapter, looks_like_adapter
+from glmrepl.engine.models.adapters import AdapterError, attach_adapter, inspect_adapter, looks_like_adapter
 
 CHATGLM_ADAPTERS = (
     ("chatglm2", "chatglm2-lora"),
@@ -151,7 +151,7 @@ def dequantized_copy(quantized_model):
     """The same model with every quantized linear replaced by a float one of its dequantized weight."""
     import copy
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     model = copy.deepcopy(quantized_model)
     for name, module in list(model.named_modules()):
@@ -169,7 +169,7 @@ def dequantized_copy(quantized_model):
 def test_adapters_on_int4_layers(name):
     """LoRA stays unmerged beside the int4 layers; both kinds give what the same adapter gives on the
     dequantized float model."""
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     quantized = load_reference("chatglm2-int4").model
     float_twin = dequantized_copy(quantized)
@@ -269,7 +269,7 @@ def test_lora_for_another_model_size(chatglm2, tmp_path):
     """A remote-layout LoRA whose fused query_key_value is wider than the loaded model's."""
     from safetensors.torch import save_file
 
-    from glmrepl.engine.adapters import read_adapter_tensors
+    from glmrepl.engine.models.adapters import read_adapter_tensors
 
     folder = Path(shutil.copytree(adapter_dir("chatglm2-lora"), tmp_path / "wider"))
     state = read_adapter_tensors(folder / "adapter_model.bin")

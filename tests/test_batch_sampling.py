@@ -7,7 +7,7 @@ import torch
 from transformers.generation.continuous_batching import cb_logits_processors as cb
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from glmrepl.engine.batch_sampling import speed_up_warpers
+from glmrepl.engine.generation.batch_sampling import speed_up_warpers
 
 
 class _Manager:

@@ -10,8 +10,8 @@ import pytest
 from chatglm_reference import DATA
 
 from glmrepl.engine.backend import LocalBackend
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.loading import LoadOptions
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.models.loading import LoadOptions
 from glmrepl.engine.settings import Settings
 
 QUESTIONS = ["hello there", "tell me a long story about dragons", "what is two plus two", "x", "why?"]
@@ -221,7 +221,7 @@ def test_replies_sent_together_batch_and_a_lone_one_runs_alone_after_a_moment():
     import threading
     import time
 
-    from glmrepl.engine.batching import Lanes
+    from glmrepl.engine.generation.batching import Lanes
 
     lanes = Lanes(max_batch=8, before_alone=lambda: None, grace_s=0.5)
     never, give_up = threading.Event(), threading.Event()

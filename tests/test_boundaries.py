@@ -17,13 +17,13 @@ def imported_after(statement: str) -> set[str]:
 @pytest.mark.parametrize(
     "module",
     [
-        "glmrepl.main",
-        "glmrepl.repl",
-        "glmrepl.commands",
-        "glmrepl.completer",
-        "glmrepl.render",
-        "glmrepl.toolbar",
-        "glmrepl.server.cli",
+        "glmrepl.cli.main",
+        "glmrepl.repl.loop",
+        "glmrepl.repl.commands",
+        "glmrepl.repl.completer",
+        "glmrepl.repl.render",
+        "glmrepl.repl.toolbar",
+        "glmrepl.cli.serve",
     ],
 )
 def test_ui_modules_do_not_import_heavy_libraries(module):
@@ -33,9 +33,9 @@ def test_ui_modules_do_not_import_heavy_libraries(module):
 
 def test_engine_never_imports_prompt_toolkit():
     statement = (
-        "import glmrepl.engine.manager, glmrepl.engine.generate, glmrepl.engine.chat, "
-        "glmrepl.engine.catalog, glmrepl.engine.checkpoint, glmrepl.engine.formats, "
-        "glmrepl.engine.service, glmrepl.engine.backend, glmrepl.engine.perplexity"
+        "import glmrepl.engine.models.manager, glmrepl.engine.generation.run, glmrepl.engine.conversation.chat, "
+        "glmrepl.engine.models.catalog, glmrepl.engine.models.checkpoint, glmrepl.engine.conversation.formats, "
+        "glmrepl.engine.generation.service, glmrepl.engine.backend, glmrepl.engine.generation.perplexity"
     )
     assert not imported_after(statement) & {"prompt_toolkit", "fastapi", "starlette", "uvicorn"}
     # even once the heavy libraries are in
@@ -43,5 +43,5 @@ def test_engine_never_imports_prompt_toolkit():
 
 
 def test_the_remote_backend_needs_neither_torch_nor_a_terminal_library():
-    loaded = imported_after("import glmrepl.engine.remote")
+    loaded = imported_after("import glmrepl.engine.remote.backend")
     assert not loaded & {*HEAVY, "prompt_toolkit", "openai"}  # the client library loads when first used

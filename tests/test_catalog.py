@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from glmrepl.engine import catalog
-from glmrepl.engine.catalog import (
+from glmrepl.engine.errors import CheckpointError
+from glmrepl.engine.models import catalog
+from glmrepl.engine.models.catalog import (
     HF_CACHE,
     MODELS_DIR,
     default_models_dir,
@@ -17,7 +18,6 @@ from glmrepl.engine.catalog import (
     hf_cache_dir,
     resolve_model,
 )
-from glmrepl.engine.errors import CheckpointError
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,8 @@ def test_models_dir_precedence(tmp_path, monkeypatch):
 
 def test_relative_xdg_directories_are_ignored(tmp_path, monkeypatch):
     """The XDG spec: a relative path in an XDG variable is invalid and must be ignored."""
-    from glmrepl.config import config_dir, data_dir, history_file
+    from glmrepl.common.paths import config_dir, data_dir
+    from glmrepl.repl.config import history_file
 
     monkeypatch.delenv("GLMREPL_MODELS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

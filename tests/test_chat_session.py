@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from glmrepl.engine.chat import ChatSession, read_conversation, save_conversation
+from glmrepl.engine.conversation.chat import ChatSession, read_conversation, save_conversation
 from glmrepl.engine.errors import GlmreplError
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from glmrepl.engine.checkpoint import scan_checkpoint
 from glmrepl.engine.families import detect_family, load_family
 from glmrepl.engine.families.chatglm.glm4_tokenizer import GLM4_SPECIAL_TOKENS, SPLIT_PATTERN, GLM4Tokenizer
+from glmrepl.engine.models.checkpoint import scan_checkpoint
 
 DATA = Path(__file__).parent / "data" / "chatglm"
 CORPUS = (

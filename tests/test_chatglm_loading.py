@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from glmrepl.engine.checkpoint import scan_checkpoint
 from glmrepl.engine.errors import CheckpointError, ModelLoadError
 from glmrepl.engine.families import FamilyMatch, detect_family, load_family
 from glmrepl.engine.families.chatglm import weights
+from glmrepl.engine.models.checkpoint import scan_checkpoint
 
 DATA = Path(__file__).parent / "data" / "chatglm"
 TRAP = 'raise RuntimeError("checkpoint code was executed")\n'
@@ -232,7 +232,7 @@ def test_model_moves_to_another_dtype_and_still_generates():
 def test_the_loader_reads_the_weights_the_validator_checked(copy_of, monkeypatch):
     """The index rewritten between validation and loading (a download still running, an edit):
     the load pipeline reads the shards that were checked, not the new index."""
-    from glmrepl.engine import loading
+    from glmrepl.engine.models import loading
 
     folder = copy_of("chatglm3")
     first_shard, first_names = next(iter(shard_in_two(folder).items()))

@@ -23,8 +23,8 @@ from chatglm_reference import (
     reference_logits,
 )
 
-from glmrepl.engine.checkpoint import inspect_checkpoint, scan_checkpoint
 from glmrepl.engine.families import detect_family, load_family
+from glmrepl.engine.models.checkpoint import inspect_checkpoint, scan_checkpoint
 
 FIXTURES = ("chatglm2-32k", "chatglm3-32k", "glm4")
 

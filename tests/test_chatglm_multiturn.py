@@ -13,9 +13,9 @@ import pytest
 from chatglm_reference import DATA, as_messages, chat_history_reply, expected, greedy_reply
 
 from glmrepl.engine.backend import LocalBackend
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.loading import LoadOptions
-from glmrepl.engine.service import record_reply
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.generation.service import record_reply
+from glmrepl.engine.models.loading import LoadOptions
 from glmrepl.engine.settings import Settings
 
 GENERATIONS = ("chatglm1", "chatglm2", "chatglm3", "glm4")

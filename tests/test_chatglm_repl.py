@@ -6,7 +6,7 @@ import pytest
 import torch
 from support import drive_repl, loaded_app
 
-from glmrepl.toolbar import Toolbar
+from glmrepl.repl.toolbar import Toolbar
 
 DATA = Path(__file__).parent / "data" / "chatglm"
 ENTER = "\r"

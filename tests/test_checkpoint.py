@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from glmrepl.engine import checkpoint, families
-from glmrepl.engine.checkpoint import find_problems, inspect_checkpoint, scan_checkpoint
+from glmrepl.engine import families
 from glmrepl.engine.errors import CheckpointError
 from glmrepl.engine.families import FamilyMatch
+from glmrepl.engine.models import checkpoint
+from glmrepl.engine.models.checkpoint import find_problems, inspect_checkpoint, scan_checkpoint
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
@@ -111,7 +112,7 @@ def test_context_length_from_seq_length(gpt2_checkpoint, copy_checkpoint):
 
 def test_checking_imports_neither_torch_nor_transformers(qwen_checkpoint):
     code = (
-        "import sys; from glmrepl.engine.checkpoint import find_problems; "
+        "import sys; from glmrepl.engine.models.checkpoint import find_problems; "
         f"assert find_problems({str(qwen_checkpoint)!r}) == []; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )

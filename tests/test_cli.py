@@ -149,7 +149,7 @@ def test_auto_device_with_float16_runs_on_a_cpu_only_machine(qwen_checkpoint):
 
 
 def test_help_names_the_other_commands(capsys):
-    from glmrepl.main import main
+    from glmrepl.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -160,7 +160,7 @@ def test_help_names_the_other_commands(capsys):
 
 
 def test_download_help_says_what_each_weights_choice_takes(capsys):
-    from glmrepl.main import main
+    from glmrepl.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["download", "--help"])
@@ -170,9 +170,9 @@ def test_download_help_says_what_each_weights_choice_takes(capsys):
 
 
 def test_the_readme_documents_every_option_and_command():
-    from glmrepl.commands import TABLE
-    from glmrepl.main import build_parser
-    from glmrepl.tools import build_parser as build_tools_parser
+    from glmrepl.cli.main import build_parser
+    from glmrepl.cli.tools import build_parser as build_tools_parser
+    from glmrepl.repl.commands import TABLE
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     tools = build_tools_parser()
@@ -204,7 +204,7 @@ def test_family_on_a_checkpoint_that_is_not_chatglm_is_said_to_be_ignored(qwen_c
 
 def test_demo_with_a_read_only_cache_builds_in_a_temporary_folder(unwritable_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "glmrepl.demo", "-p", "hi", "--max-new-tokens", "3"],
+        [sys.executable, "-m", "glmrepl.cli.demo", "-p", "hi", "--max-new-tokens", "3"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -222,10 +222,10 @@ def test_the_entry_points_set_offline_and_importing_the_engine_does_not(tmp_path
     from glmrepl.engine import OFFLINE_ENVIRONMENT
 
     code = (
-        "import os, sys, glmrepl.engine.loading, glmrepl.main, glmrepl.demo\n"
+        "import os, sys, glmrepl.engine.models.loading, glmrepl.cli.main, glmrepl.cli.demo\n"
         f"names = {sorted(OFFLINE_ENVIRONMENT)!r}\n"
         "print(sorted(n for n in names if n in os.environ))\n"
-        f"glmrepl.main.main(['list', '--models-dir', {str(tmp_path)!r}])\n"
+        f"glmrepl.cli.main.main(['list', '--models-dir', {str(tmp_path)!r}])\n"
         "print({n: os.environ.get(n) for n in names})\n"
     )
     env = {name: value for name, value in os.environ.items() if name not in OFFLINE_ENVIRONMENT}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from glmrepl.config import load_config
-from glmrepl.main import build_app, build_parser, main
+from glmrepl.cli.main import build_app, build_parser, main
+from glmrepl.repl.config import load_config
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def test_threads_must_be_positive(value):
 def test_threads_are_applied_and_default_to_the_physical_cores():
     import torch
 
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     before = torch.get_num_threads()
     try:
@@ -63,7 +63,7 @@ def test_threads_are_applied_and_default_to_the_physical_cores():
 
 
 def test_physical_cores_count_hyperthreads_once(monkeypatch):
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     info = "".join(f"processor\t: {n}\nphysical id\t: 0\ncore id\t\t: {n // 2}\n\n" for n in range(4))
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
@@ -88,8 +88,8 @@ def test_physical_cores_count_hyperthreads_once(monkeypatch):
     ],
 )
 def test_auto_dtype_on_cpu(monkeypatch, native, stored, expected, why):
-    from glmrepl.engine import cpu
-    from glmrepl.engine.devices import plan_placement
+    from glmrepl.engine.cpu import machine as cpu
+    from glmrepl.engine.devices.modes import plan_placement
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
     placement = plan_placement("cpu", "auto", stored)
@@ -100,7 +100,7 @@ def test_auto_dtype_on_cpu(monkeypatch, native, stored, expected, why):
 def test_native_bf16_is_read_from_the_processor_flags(monkeypatch):
     import torch
 
-    from glmrepl.engine import cpu
+    from glmrepl.engine.cpu import machine as cpu
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
@@ -123,7 +123,7 @@ def test_a_thread_done_with_compute_lets_its_openmp_threads_go():
 
     import torch
 
-    from glmrepl.engine.cpu import release_thread_pool
+    from glmrepl.engine.cpu.machine import release_thread_pool
 
     counts: dict[str, int] = {}
 

@@ -10,7 +10,8 @@ from chatglm_reference import load_reference, reference_logits
 @pytest.fixture
 def compiler(monkeypatch, tmp_path):
     """Set the C++ compiler (CXX, as torch.compile reads it) on an empty kernel cache."""
-    from glmrepl.engine import cpu, cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.cpu import machine as cpu
 
     def use(command: str) -> None:
         monkeypatch.setenv("CXX", command)
@@ -34,7 +35,7 @@ def test_fused_gemv_matches_dequantized_matmul(kernels, bits, shape):
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     torch.manual_seed(bits)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=True), bits)
@@ -52,7 +53,7 @@ def test_fused_gemv_matches_dequantized_matmul(kernels, bits, shape):
 def test_fused_gemv_refuses_a_wrong_input_size(kernels):
     import torch
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), 8)
     with pytest.raises(RuntimeError, match="64"):
@@ -65,7 +66,7 @@ def test_decoding_through_the_kernels_matches_reference_logits(kernels, name):
     reference's whole-prompt logits."""
     import torch
 
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     model = load_reference(name).model
     reference = reference_logits(name)
@@ -81,8 +82,8 @@ def test_no_compiler_keeps_the_torch_path_and_says_why(no_compiler):
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine import cpu_kernels
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     assert cpu_kernels.wait_until_built() is None
     assert "no C++ compiler" in cpu_kernels.status() and "/nonexistent/bin/g++" in cpu_kernels.status()
@@ -93,7 +94,7 @@ def test_no_compiler_keeps_the_torch_path_and_says_why(no_compiler):
 
 def test_a_compiler_that_fails_keeps_the_torch_path(compiler, tmp_path):
     """A compiler that answers --version but cannot build (a broken install)."""
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     broken = tmp_path / "g++"
     broken.write_text(
@@ -107,7 +108,7 @@ def test_a_compiler_that_fails_keeps_the_torch_path(compiler, tmp_path):
 
 
 def test_the_library_is_built_once_and_reused(compiler):
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     compiler("g++")
     assert cpu_kernels.wait_until_built() is not None
@@ -122,8 +123,8 @@ def test_the_library_is_built_once_and_reused(compiler):
 def test_a_kernel_failing_at_run_time_falls_back_without_losing_the_reply(kernels, monkeypatch):
     import torch
 
-    from glmrepl.engine import cpu_kernels
-    from glmrepl.engine.generate import GenerationRun
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.generation.run import GenerationRun
 
     parts = load_reference("chatglm2-int8")
     ids = reference_logits("chatglm2-int8")["input_ids"][0].tolist()
@@ -143,8 +144,9 @@ def test_a_kernel_failing_at_run_time_falls_back_without_losing_the_reply(kernel
 def test_the_load_report_note_names_the_reason_only_when_the_kernels_cannot_run(kernels, compiler):
     import torch
 
-    from glmrepl.engine import cpu_kernels, quant
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant import layers as quant
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     model = torch.nn.Sequential(QuantizedLinear.from_linear(torch.nn.Linear(16, 4), 4))
     assert quant.fallback_note(model) is None and quant.decode_path(model) == "int4 fused kernels (compiled)"

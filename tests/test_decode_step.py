@@ -15,10 +15,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from glmrepl.engine import decode_step
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.quant import QuantizedLinear
-from glmrepl.engine.quantize_models import quantize_model
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.models.quantize import quantize_model
+from glmrepl.engine.quant import decode_step
+from glmrepl.engine.quant.layers import QuantizedLinear
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11]
 

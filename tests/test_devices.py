@@ -4,9 +4,8 @@ import pytest
 import torch
 from support import loaded_app
 
-from glmrepl.engine import devices
-from glmrepl.engine.errors import DeviceError
-from glmrepl.engine.placement import (
+from glmrepl.engine.devices import modes as devices
+from glmrepl.engine.devices.placement import (
     block_names,
     outer_module_names,
     parse_gpu_memory,
@@ -14,6 +13,7 @@ from glmrepl.engine.placement import (
     plan_shards,
     summarize,
 )
+from glmrepl.engine.errors import DeviceError
 
 MiB = 2**20
 
@@ -140,7 +140,7 @@ def test_auto_picks_gpu_then_sharded_then_cpu_and_says_why(fake_gpus):
 
 def test_gpu_mode_errors_name_the_figures_and_the_mode_that_fits(fake_gpus):
     fake_gpus(10 * 2**30, 10 * 2**30)
-    from glmrepl.hints import explain
+    from glmrepl.repl.hints import explain
 
     with pytest.raises(DeviceError) as fits_sharded:
         devices.plan_placement("gpu", needed_bytes=12 * 2**30)
@@ -178,7 +178,7 @@ def test_ten_model_swaps_give_the_memory_back(qwen_checkpoint, gpt2_checkpoint):
 def test_swap_unloads_first_when_both_do_not_fit_and_reloads_after_a_failure(
     qwen_checkpoint, gpt2_checkpoint, copy_checkpoint, monkeypatch
 ):
-    from glmrepl.engine import manager as manager_module
+    from glmrepl.engine.models import manager as manager_module
 
     app = loaded_app(qwen_checkpoint)
     monkeypatch.setattr(manager_module, "available_bytes", lambda placement: 0)  # no room for two
@@ -201,7 +201,7 @@ def test_swap_unloads_first_when_both_do_not_fit_and_reloads_after_a_failure(
 
 
 def test_device_without_argument_shows_mode_memory_and_layout(qwen_checkpoint):
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(qwen_checkpoint)
     text = TABLE.dispatch(app, "/device").text

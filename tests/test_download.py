@@ -8,8 +8,8 @@ import socket
 import pytest
 from hubserver import LocalHub, build_test_repos
 
-from glmrepl.engine.download import MANIFEST_NAME, DownloadError, download_checkpoint, select_files
-from glmrepl.main import main
+from glmrepl.cli.main import main
+from glmrepl.engine.models.download import MANIFEST_NAME, DownloadError, download_checkpoint, select_files
 
 TOKENIZER_AND_CONFIG = ["config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
 

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from glmrepl.engine.chat import ChatSession, Message
+from glmrepl.engine.conversation.chat import ChatSession, Message
+from glmrepl.engine.conversation.stops import StopStrings
 from glmrepl.engine.errors import QueueFull
-from glmrepl.engine.service import GenerationQueue
+from glmrepl.engine.generation.service import GenerationQueue
 from glmrepl.engine.settings import Settings
-from glmrepl.engine.stops import StopStrings
 
 
 class CountingWordFormat:

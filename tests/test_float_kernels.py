@@ -12,7 +12,7 @@ from chatglm_reference import DATA, load_reference, reference_logits
 def calls(monkeypatch):
     """Counts the kernels' calls, so a test knows a kernel (not F.linear) produced its figures:
     "n" the one-token kernel's, "rows" the few-token one's (a step of batched decoding)."""
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     counted = {"n": 0, "rows": 0}
 
@@ -33,7 +33,7 @@ def calls(monkeypatch):
 def _kernel_linear(rows: int, cols: int, bias: bool, dtype):
     import torch
 
-    from glmrepl.engine.float_linear import use_kernels
+    from glmrepl.engine.cpu.float_linear import use_kernels
 
     model = torch.nn.Sequential(torch.nn.Linear(cols, rows, bias=bias)).to(dtype)
     assert use_kernels(model) == 1
@@ -81,7 +81,7 @@ def test_a_few_tokens_float32_match_f_linear(kernels, calls, shape, bias):
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine.float_linear import MAX_KERNEL_ROWS
+    from glmrepl.engine.cpu.float_linear import MAX_KERNEL_ROWS
 
     torch.manual_seed(shape[1])
     layer = _kernel_linear(*shape, bias, torch.float32)
@@ -114,7 +114,7 @@ def test_a_few_tokens_in_half_types_round_like_f_linear(kernels, calls, dtype_na
 def test_prompts_and_other_inputs_keep_f_linear(kernels, calls):
     import torch
 
-    from glmrepl.engine.float_linear import MAX_KERNEL_ROWS
+    from glmrepl.engine.cpu.float_linear import MAX_KERNEL_ROWS
 
     layer = _kernel_linear(16, 32, True, torch.float32)
     assert layer(torch.randn(1, MAX_KERNEL_ROWS, 32)).shape == (1, MAX_KERNEL_ROWS, 16)
@@ -137,10 +137,10 @@ def test_greedy_replies_equal_plain_transformers(kernels, calls, request, fixtur
     """The same model, the same prompt: the kernels' greedy ids are plain nn.Linear's."""
     import torch
 
-    from glmrepl.engine.decode_step import transformers_steps
-    from glmrepl.engine.float_linear import restore_linears, use_kernels
-    from glmrepl.engine.loading import LoadOptions, load_model
-    from glmrepl.engine.quant import decode_path
+    from glmrepl.engine.cpu.float_linear import restore_linears, use_kernels
+    from glmrepl.engine.models.loading import LoadOptions, load_model
+    from glmrepl.engine.quant.decode_step import transformers_steps
+    from glmrepl.engine.quant.layers import decode_path
 
     folder = request.getfixturevalue(fixture) if fixture.endswith("_checkpoint") else DATA / fixture
     loaded = load_model(LoadOptions(mode="cpu").for_model(folder, "tiny"))
@@ -166,7 +166,7 @@ def test_continuous_batching_replies_equal_generate_alone(kernels, calls, qwen_c
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
 
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(qwen_checkpoint, "tiny"))
@@ -206,7 +206,7 @@ def test_decoding_through_the_kernel_matches_reference_logits(kernels, calls, na
     reference's whole-prompt logits."""
     import torch
 
-    from glmrepl.engine.float_linear import use_kernels
+    from glmrepl.engine.cpu.float_linear import use_kernels
 
     model = load_reference(name).model
     assert use_kernels(model) > 0
@@ -222,10 +222,11 @@ def test_decoding_through_the_kernel_matches_reference_logits(kernels, calls, na
 
 
 def test_no_compiler_keeps_f_linear_and_the_load_report_says_why(monkeypatch, tmp_path, qwen_checkpoint):
-    from glmrepl.engine import cpu, cpu_kernels
-    from glmrepl.engine.generate import GenerationRun
-    from glmrepl.engine.loading import LoadOptions, load_model
-    from glmrepl.engine.quant import decode_path, fallback_note
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.cpu import machine as cpu
+    from glmrepl.engine.generation.run import GenerationRun
+    from glmrepl.engine.models.loading import LoadOptions, load_model
+    from glmrepl.engine.quant.layers import decode_path, fallback_note
 
     monkeypatch.setenv("CXX", "/nonexistent/bin/g++")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -247,9 +248,9 @@ def test_no_compiler_keeps_f_linear_and_the_load_report_says_why(monkeypatch, tm
 
 
 def test_a_kernel_failing_mid_reply_falls_back_without_losing_it(kernels, monkeypatch):
-    from glmrepl.engine import cpu_kernels
-    from glmrepl.engine.float_linear import use_kernels
-    from glmrepl.engine.generate import GenerationRun
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.cpu.float_linear import use_kernels
+    from glmrepl.engine.generation.run import GenerationRun
 
     parts = load_reference("chatglm3")
     use_kernels(parts.model)
@@ -277,7 +278,7 @@ def test_half_prompts_widen_blocks_to_float32(monkeypatch, dtype_name):
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine import float_linear
+    from glmrepl.engine.cpu import float_linear
 
     monkeypatch.setattr(float_linear, "_PROMPT_BLOCK_VALUES", 64 * 70)  # 64 rows a block: 5 blocks
     monkeypatch.setattr(float_linear, "_widen_half_prompts", lambda: True)

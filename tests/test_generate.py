@@ -5,7 +5,7 @@ import torch
 from support import loaded_app
 
 from glmrepl.engine.errors import GenerationError
-from glmrepl.engine.generate import GenerationRun, IncrementalDecoder, next_token_distribution
+from glmrepl.engine.generation.run import GenerationRun, IncrementalDecoder, next_token_distribution
 
 
 @pytest.fixture(scope="module")

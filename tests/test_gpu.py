@@ -11,7 +11,7 @@ DATA = Path(__file__).parent / "data" / "chatglm"
 
 def reply(app, text="hello"):
     app.session.add_user(text)
-    from glmrepl.engine.service import record_reply
+    from glmrepl.engine.generation.service import record_reply
 
     reply = app.plan_reply()
     "".join(reply)
@@ -52,7 +52,7 @@ def test_sharded_with_a_small_budget_spills_to_cpu_only_with_offload(qwen_checkp
 def test_cpu_to_sharded_and_back_without_reading_the_disk(qwen_checkpoint, monkeypatch):
     app = make_app()
     app.manager.load(app.load_request(str(qwen_checkpoint)))
-    monkeypatch.setattr("glmrepl.engine.manager.load_model", lambda *a, **k: pytest.fail("read the disk"))
+    monkeypatch.setattr("glmrepl.engine.models.manager.load_model", lambda *a, **k: pytest.fail("read the disk"))
     placement = app.manager.move("sharded")
     assert placement.summary.startswith("cuda:0 layers")
     assert reply(app).new_tokens > 0

@@ -5,8 +5,8 @@ import copy
 import torch
 from test_decode_step import tiny
 
-from glmrepl.engine.half_head import StoredPrecisionHead, WideningEmbedding, keep_head_stored
-from glmrepl.engine.quantize_models import quantize_model
+from glmrepl.engine.models.quantize import quantize_model
+from glmrepl.engine.quant.half_head import StoredPrecisionHead, WideningEmbedding, keep_head_stored
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3]])
 

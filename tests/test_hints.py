@@ -3,7 +3,7 @@
 import pytest
 
 from glmrepl.engine.errors import DeviceError, GlmreplError, Hint
-from glmrepl.hints import explain, flag_words, slash_words
+from glmrepl.repl.hints import explain, flag_words, slash_words
 
 
 def test_one_error_worded_for_the_repl_the_command_line_and_plainly():
@@ -25,7 +25,7 @@ def test_settings_and_errors_without_hints():
 def test_the_engine_words_no_front_end():
     import torch
 
-    from glmrepl.engine.devices import plan_placement
+    from glmrepl.engine.devices.modes import plan_placement
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from support import loaded_app, make_app
 
+from glmrepl.engine.conversation.formats import ChatTemplateFormat, CompletionFormat
 from glmrepl.engine.errors import CheckpointError, DeviceError, LoadCancelled
-from glmrepl.engine.formats import ChatTemplateFormat, CompletionFormat
-from glmrepl.engine.manager import LoadJob, LoadRequest, load_model
+from glmrepl.engine.models.manager import LoadJob, LoadRequest, load_model
 
 
 def test_loads_a_chat_model_and_a_base_model_with_the_right_format(qwen_checkpoint, gpt2_checkpoint):
@@ -54,7 +54,7 @@ def test_cancel_inside_the_weight_loading_loop(qwen_checkpoint):
 
 def test_cancelled_background_load_keeps_the_previous_model(qwen_checkpoint, gpt2_checkpoint, monkeypatch):
     app = loaded_app(gpt2_checkpoint)
-    monkeypatch.setattr("glmrepl.engine.manager.LoadJob", CancelWhenWeightsStart)
+    monkeypatch.setattr("glmrepl.engine.models.manager.LoadJob", CancelWhenWeightsStart)
     job = app.start_load(str(qwen_checkpoint))
     job.wait(60)
     assert isinstance(job.error, LoadCancelled)
@@ -127,7 +127,7 @@ def test_generation_config_end_of_turn_ids_also_stop_replies(qwen_checkpoint, co
 
 
 def test_a_failed_move_with_an_empty_error_message_still_rolls_back(qwen_checkpoint, monkeypatch):
-    from glmrepl.engine import devices
+    from glmrepl.engine.devices import modes as devices
 
     app = loaded_app(qwen_checkpoint)
     real_place = devices.place_model

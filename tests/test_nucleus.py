@@ -5,8 +5,8 @@ import torch
 from support import loaded_app
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from glmrepl.engine.generate import GenerationRun
-from glmrepl.engine.nucleus import FIRST_CANDIDATES, NucleusFilter, cheaper_nucleus
+from glmrepl.engine.generation.nucleus import FIRST_CANDIDATES, NucleusFilter, cheaper_nucleus
+from glmrepl.engine.generation.run import GenerationRun
 
 
 def transformers_kept(scores, top_p, temperature, top_k):

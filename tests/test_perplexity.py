@@ -19,7 +19,7 @@ from chatglm_reference import DATA
 from support import loaded_app
 from trained import grammar_text
 
-from glmrepl.engine.perplexity import (
+from glmrepl.engine.generation.perplexity import (
     PerplexityCancelled,
     PerplexityError,
     choose_window,
@@ -257,7 +257,7 @@ def test_quantized_perplexity_stays_near_the_float_one(trained, trained_checkpoi
     """``--quantize`` (LoadRequest.quantize) on the trained model, scored by the same function as the float one."""
     from transformers import LlamaForCausalLM
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     quantized = loaded(trained_checkpoint, quantize=bits)
     assert quantized.info.placement.describe() == f"cpu float32 int{bits}"

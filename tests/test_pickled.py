@@ -2,7 +2,7 @@ import pickle
 
 import torch
 
-from glmrepl.engine.checkpoint import inspect_checkpoint
+from glmrepl.engine.models.checkpoint import inspect_checkpoint
 from glmrepl.engine.pickled import count_pickled_parameters, count_pickled_tensors
 
 

@@ -13,12 +13,12 @@ import pytest
 from support import drive_repl, loaded_app, make_app
 from trained import grammar_text
 
-from glmrepl.app import App
-from glmrepl.commands import TABLE
-from glmrepl.engine.perplexity import perplexity_of_text
-from glmrepl.engine.remote import RemoteBackend
-from glmrepl.main import main
-from glmrepl.repl import run_piped
+from glmrepl.cli.main import main
+from glmrepl.engine.generation.perplexity import perplexity_of_text
+from glmrepl.engine.remote.backend import RemoteBackend
+from glmrepl.repl.app import App
+from glmrepl.repl.commands import TABLE
+from glmrepl.repl.loop import run_piped
 
 ENTER = "\r"
 RESULT = re.compile(
@@ -126,7 +126,7 @@ def test_help_and_path_completion(app, texts):
     from prompt_toolkit.completion import CompleteEvent
     from prompt_toolkit.document import Document
 
-    from glmrepl.completer import CommandCompleter
+    from glmrepl.repl.completer import CommandCompleter
 
     assert "/ppl FILE" in piped(app, "/help ppl")[1]
     completer = CommandCompleter(TABLE, app)

@@ -13,10 +13,10 @@ import torch
 from chatglm_reference import DATA, reference_logits
 
 from glmrepl.engine.backend import LocalBackend
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.loading import LoadOptions
-from glmrepl.engine.prefix_cache import PrefixCache, crop_to
-from glmrepl.engine.service import record_reply
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.generation.prefix_cache import PrefixCache, crop_to
+from glmrepl.engine.generation.service import record_reply
+from glmrepl.engine.models.loading import LoadOptions
 from glmrepl.engine.settings import Settings
 
 CAUSAL_CHATGLM = ("chatglm2", "chatglm3", "glm4", "chatglm2-32k", "chatglm3-32k")
@@ -209,7 +209,7 @@ def test_an_openai_client_resending_its_history_gets_the_saving_and_the_same_rep
     pytest.importorskip("fastapi")
     from serving import ServerProcess
 
-    from glmrepl.engine.service import conversation_from_messages
+    from glmrepl.engine.generation.service import conversation_from_messages
 
     server = ServerProcess([str(qwen_checkpoint), "--device", "cpu"], tmp_path / "serve.log")
     try:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from glmrepl.engine.conversation.formats import ChatTemplateFormat, CompletionFormat
 from glmrepl.engine.families.chatglm.load import _glm2_tokenizer_and_format
 from glmrepl.engine.families.chatglm.prompts import ChatGLM1Format, ChatGLM2Format, ChatGLM3Format, GLM4Format
 from glmrepl.engine.families.chatglm.tokenizers import ChatGLM1Tokenizer
-from glmrepl.engine.formats import ChatTemplateFormat, CompletionFormat
-from glmrepl.engine.loading import choose_format
+from glmrepl.engine.models.loading import choose_format
 from glmrepl.engine.protocols import PromptFormat, Tokenizer
 
 DATA = Path(__file__).parent / "data" / "chatglm"

@@ -34,7 +34,7 @@ def loaded():
 def test_int4_dequantizes_hand_built_bytes():
     import torch
 
-    from glmrepl.engine.quant import dequantize, unpacked_values
+    from glmrepl.engine.quant.layers import dequantize, unpacked_values
 
     # high nibble first: 0x7F = (7, -1), 0x80 = (-8, 0), 0x08 = (0, -8), 0xF7 = (-1, 7)
     packed = torch.tensor([[0x7F, 0x80 - 256], [0x08, 0xF7 - 256]], dtype=torch.int8)
@@ -46,7 +46,7 @@ def test_int4_dequantizes_hand_built_bytes():
 def test_int8_dequantizes_hand_built_bytes():
     import torch
 
-    from glmrepl.engine.quant import dequantize
+    from glmrepl.engine.quant.layers import dequantize
 
     packed = torch.tensor([[-128, 127, 0, -1]], dtype=torch.int8)
     assert dequantize(packed, torch.tensor([0.25]), 8).tolist() == [[-32.0, 31.75, 0.0, -0.25]]
@@ -56,7 +56,7 @@ def test_int8_dequantizes_hand_built_bytes():
 def test_quantize_round_trips_the_layout(bits):
     import torch
 
-    from glmrepl.engine.quant import dequantize, quantize_weight, unpacked_values
+    from glmrepl.engine.quant.layers import dequantize, quantize_weight, unpacked_values
 
     limit = 2 ** (bits - 1) - 1
     values = torch.randint(-limit, limit + 1, (6, 16), dtype=torch.int8)
@@ -71,7 +71,7 @@ def test_quantize_round_trips_the_layout(bits):
 def test_quantized_linear_matches_dequantized_matmul():
     import torch
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     torch.manual_seed(0)
     for bits in (4, 8):
@@ -100,7 +100,7 @@ def test_logits_match_reference(loaded, name):
 def test_layers_stay_quantized_in_memory(loaded, name):
     import torch
 
-    from glmrepl.engine.quant import QuantizedLinear, model_bits
+    from glmrepl.engine.quant.layers import QuantizedLinear, model_bits
 
     model = loaded[name].model
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -112,7 +112,7 @@ def test_layers_stay_quantized_in_memory(loaded, name):
 
 
 def quantized_state(model) -> dict:
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     return {name: (m.weight, m.weight_scale) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
@@ -153,7 +153,7 @@ def test_quantize_other_generations_on_load(family):
     computes with the dequantized weights in place of its own."""
     import torch
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     quantized = load(family, quantize=4).model
     float_model = load(family).model
@@ -203,15 +203,15 @@ def test_quantized_weight_shape_not_matching_config(tmp_path):
 
 
 def test_quantize_cannot_requantize_a_quantized_checkpoint():
-    from glmrepl.engine.quant import QuantizeError
+    from glmrepl.engine.quant.layers import QuantizeError
 
     with pytest.raises(QuantizeError, match="already quantized to int4"):
         load("chatglm2-int4", quantize=8)
 
 
 def test_quantize_on_load_takes_other_architectures_too(gpt2_checkpoint):
-    from glmrepl.engine.manager import LoadRequest, load_model
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.models.manager import LoadRequest, load_model
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     loaded = load_model(LoadRequest(path=gpt2_checkpoint, name="tiny-gpt2", mode="cpu", quantize=4))
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
@@ -220,7 +220,7 @@ def test_quantize_on_load_takes_other_architectures_too(gpt2_checkpoint):
 
 
 def test_manager_quantize_in_place_and_describe():
-    from glmrepl.engine.manager import LoadRequest, ModelManager
+    from glmrepl.engine.models.manager import LoadRequest, ModelManager
 
     manager = ModelManager()
     manager.load(LoadRequest(path=DATA / "chatglm2-tiny", name="chatglm2-tiny", mode="cpu"))
@@ -233,7 +233,7 @@ def test_manager_quantize_in_place_and_describe():
 def test_cpm_kernels_failure_warns_once_and_falls_back(monkeypatch):
     import torch
 
-    from glmrepl.engine import quant
+    from glmrepl.engine.quant import layers as quant
 
     class Broken:
         calls = 0
@@ -259,7 +259,7 @@ def test_cpm_kernels_failure_warns_once_and_falls_back(monkeypatch):
 def test_cpm_kernels_import_failure_warns_and_missing_is_silent(monkeypatch):
     import torch
 
-    from glmrepl.engine import quant
+    from glmrepl.engine.quant import layers as quant
 
     def broken():
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")

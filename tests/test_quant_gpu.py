@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(params=["torch", "cpm_kernels"])
 def kernel(request, monkeypatch):
-    from glmrepl.engine import quant
+    from glmrepl.engine.quant import layers as quant
 
     quant.reset_kernels()
     if request.param == "torch":
@@ -33,7 +33,7 @@ def kernel(request, monkeypatch):
 def test_gpu_dequantize_is_bit_exact(kernel, bits):
     import torch
 
-    from glmrepl.engine import quant
+    from glmrepl.engine.quant import layers as quant
 
     weight = torch.randn(300, 128)
     packed, scale = quant.quantize_weight(weight, bits)
@@ -109,7 +109,7 @@ def test_sharded_quantized_layers_split_across_devices():
 def test_gpu_group_wise_layer_matches_the_cpu(bits):
     import torch
 
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     torch.manual_seed(bits)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits, 32)
@@ -122,8 +122,8 @@ def test_gpu_group_wise_layer_matches_the_cpu(bits):
 def test_gpu_loads_a_quantized_folder(qwen_checkpoint, tmp_path):
     import torch
 
-    from glmrepl.engine.loading import LoadRequest, load_model
-    from glmrepl.engine.quantized_checkpoint import quantize_checkpoint
+    from glmrepl.engine.models.loading import LoadRequest, load_model
+    from glmrepl.engine.models.quantized_folder import quantize_checkpoint
 
     quantize_checkpoint(qwen_checkpoint, tmp_path / "int4", 4)
     loaded = load_model(LoadRequest(path=tmp_path / "int4", name="int4", mode="gpu", dtype="float32"))

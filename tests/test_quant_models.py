@@ -28,7 +28,7 @@ def reference_dequantize(values, scale, group):
 def test_group_dequantize_matches_plain_torch(bits, group, columns):
     import torch
 
-    from glmrepl.engine.quant import dequantize, quantize_weight, unpacked_values
+    from glmrepl.engine.quant.layers import dequantize, quantize_weight, unpacked_values
 
     torch.manual_seed(group + columns)
     weight = torch.randn(5, columns)
@@ -49,7 +49,7 @@ def test_group_dequantize_matches_plain_torch(bits, group, columns):
 def test_int4_group_takes_the_largest_magnitude_to_minus_eight():
     import torch
 
-    from glmrepl.engine.quant import quantize_weight, unpacked_values
+    from glmrepl.engine.quant.layers import quantize_weight, unpacked_values
 
     weight = torch.zeros(1, 32)
     weight[0, 3], weight[0, 7] = 0.8, -0.4  # the extreme is positive: the scale is negative
@@ -62,7 +62,7 @@ def test_int4_group_takes_the_largest_magnitude_to_minus_eight():
 def test_int4_groups_beat_per_row_on_a_weight_with_outliers():
     import torch
 
-    from glmrepl.engine.quant import dequantize, quantize_weight
+    from glmrepl.engine.quant.layers import dequantize, quantize_weight
 
     torch.manual_seed(0)
     weight = torch.randn(256, 512) * 0.02
@@ -87,8 +87,8 @@ def test_group_kernels_match_dequantized_matmul(kernels, bits, group, shape):
     import torch
     from torch.nn import functional as F
 
-    from glmrepl.engine import cpu_kernels
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     torch.manual_seed(bits + group)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=True), bits, group)
@@ -117,7 +117,7 @@ def test_group_kernel_reads_the_layout_not_torchs_answer(kernels):
     """The kernel on hand-made bytes and scales (guards against both sides sharing a bug)."""
     import torch
 
-    from glmrepl.engine import cpu_kernels
+    from glmrepl.engine.cpu import kernels as cpu_kernels
 
     values = torch.arange(64, dtype=torch.int8).remainder(16).sub(8).view(1, 64)  # -8..7, four times
     scale = torch.tensor([[0.5, 2.0]], dtype=torch.float16)  # columns 0-31, then 32-63
@@ -162,9 +162,9 @@ def greedy(model, steps: int = 12) -> list[int]:
 def test_quantized_tiny_models_generate_alike_through_kernels_and_torch(kernels, monkeypatch, kind, bits):
     import torch
 
-    from glmrepl.engine import cpu_kernels
-    from glmrepl.engine.quant import QuantizedLinear
-    from glmrepl.engine.quantize_models import quantize_model
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.models.quantize import quantize_model
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     model = tiny_model(kind)
     layout = quantize_model(model, bits)
@@ -190,7 +190,7 @@ def test_quantized_tiny_models_generate_alike_through_kernels_and_torch(kernels,
 def test_int8_stays_close_to_float_and_int4_further(kind):
     import torch
 
-    from glmrepl.engine.quantize_models import quantize_model
+    from glmrepl.engine.models.quantize import quantize_model
 
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
     with torch.no_grad():
@@ -208,8 +208,8 @@ def test_int8_stays_close_to_float_and_int4_further(kind):
 def test_embeddings_norms_and_the_head_stay_float_unless_asked():
     import torch
 
-    from glmrepl.engine.quant import QuantizedLinear
-    from glmrepl.engine.quantize_models import quantize_model
+    from glmrepl.engine.models.quantize import quantize_model
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     model = tiny_model("qwen2")  # a tied head
     quantize_model(model, 4)
@@ -225,8 +225,8 @@ def test_embeddings_norms_and_the_head_stay_float_unless_asked():
 
 
 def test_quantize_refuses_bad_bits_and_other_bits_than_the_models():
-    from glmrepl.engine.quant import QuantizeError
-    from glmrepl.engine.quantize_models import quantize_model
+    from glmrepl.engine.models.quantize import quantize_model
+    from glmrepl.engine.quant.layers import QuantizeError
 
     model = tiny_model("llama")
     with pytest.raises(QuantizeError, match="choose 4 or 8"):
@@ -239,7 +239,7 @@ def test_quantize_refuses_bad_bits_and_other_bits_than_the_models():
 
 
 def test_manager_quantizes_a_qwen2_model_in_place(qwen_checkpoint):
-    from glmrepl.engine.manager import LoadRequest, ModelManager
+    from glmrepl.engine.models.manager import LoadRequest, ModelManager
 
     manager = ModelManager()
     manager.load(LoadRequest(path=qwen_checkpoint, name="tiny-qwen2", mode="cpu"))
@@ -254,7 +254,7 @@ def test_manager_quantizes_a_qwen2_model_in_place(qwen_checkpoint):
 def quantize_cli(*args: str) -> tuple[int, str, str]:
     import io
 
-    from glmrepl import tools
+    from glmrepl.cli import tools
 
     out, err = io.StringIO(), io.StringIO()
     parsed = tools.build_parser().parse_args(["quantize", *args])
@@ -266,8 +266,8 @@ def quantize_cli(*args: str) -> tuple[int, str, str]:
 def test_quantized_folder_loads_as_it_was_quantized(request, tmp_path, source):
     import torch
 
-    from glmrepl.engine.loading import LoadRequest, load_model
-    from glmrepl.engine.quant import QuantizedLinear
+    from glmrepl.engine.models.loading import LoadRequest, load_model
+    from glmrepl.engine.quant.layers import QuantizedLinear
 
     folder = request.getfixturevalue(source)
     dest = tmp_path / "int4"
@@ -277,8 +277,8 @@ def test_quantized_folder_loads_as_it_was_quantized(request, tmp_path, source):
     assert config["glmrepl_quantization"]["bits"] == 4 and config["glmrepl_quantization"]["group_size"] == 32
     assert (dest / "model.safetensors").exists() and not list(dest.glob("*.bin"))
     assert not list(tmp_path.glob(".int4.*"))  # the scratch folder was renamed, not left beside
-    from glmrepl.engine.catalog import listing_dtype
-    from glmrepl.tools import folder_problems
+    from glmrepl.cli.tools import folder_problems
+    from glmrepl.engine.models.catalog import listing_dtype
 
     assert folder_problems(dest) == [] and listing_dtype(config, "float32") == "int4"
     saved = load_model(LoadRequest(path=dest, name="int4", mode="cpu"))
@@ -298,8 +298,8 @@ def test_quantized_folder_loads_as_it_was_quantized(request, tmp_path, source):
 def test_quantized_folder_with_its_head_and_int8(qwen_checkpoint, tmp_path):
     import torch
 
-    from glmrepl.engine.loading import LoadRequest, load_model
-    from glmrepl.engine.quant import QuantizedLinear, QuantizeError
+    from glmrepl.engine.models.loading import LoadRequest, load_model
+    from glmrepl.engine.quant.layers import QuantizedLinear, QuantizeError
 
     dest = tmp_path / "int8"
     code, out, _ = quantize_cli(str(qwen_checkpoint), str(dest), "--bits", "8", "--group-size", "32", "--head")
@@ -341,7 +341,7 @@ def test_a_quantized_folder_missing_tensors_is_a_one_line_error(qwen_checkpoint,
     from safetensors.torch import load_file, save_file
 
     from glmrepl.engine.errors import CheckpointError
-    from glmrepl.engine.loading import LoadRequest, load_model
+    from glmrepl.engine.models.loading import LoadRequest, load_model
 
     dest = tmp_path / "int4"
     assert quantize_cli(str(qwen_checkpoint), str(dest), "--bits", "4")[0] == 0
@@ -353,7 +353,7 @@ def test_a_quantized_folder_missing_tensors_is_a_one_line_error(qwen_checkpoint,
 
 
 def test_glmrepl_quantize_runs_from_the_command_line(qwen_checkpoint, tmp_path, capsys):
-    from glmrepl.main import main
+    from glmrepl.cli.main import main
 
     assert main(["quantize", str(qwen_checkpoint), str(tmp_path / "int8"), "--bits", "8"]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'int8'}: 14 linears at int8, groups of 64")
@@ -363,8 +363,8 @@ def test_glmrepl_quantize_runs_from_the_command_line(qwen_checkpoint, tmp_path, 
 
 
 def test_group_size_flag_goes_with_quantize():
-    from glmrepl.config import load_config
-    from glmrepl.main import build_parser, load_options
+    from glmrepl.cli.main import build_parser, load_options
+    from glmrepl.repl.config import load_config
 
     config = load_config()
     options = load_options(build_parser().parse_args(["m", "--quantize", "4", "--group-size", "128"]), config)

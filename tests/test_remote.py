@@ -14,13 +14,13 @@ from email.utils import format_datetime
 import pytest
 from openai_stub import Canned, StubServer
 
-from glmrepl.app import App
-from glmrepl.engine.chat import ChatSession
+from glmrepl.engine.conversation.chat import ChatSession
 from glmrepl.engine.errors import GlmreplError
-from glmrepl.engine.remote import RemoteBackend, normalize_url
-from glmrepl.engine.remote_errors import RemoteError
-from glmrepl.engine.service import record_reply
+from glmrepl.engine.generation.service import record_reply
+from glmrepl.engine.remote.backend import RemoteBackend, normalize_url
+from glmrepl.engine.remote.errors import RemoteError
 from glmrepl.engine.settings import Settings
+from glmrepl.repl.app import App
 
 CHAT = "/v1/chat/completions"
 

@@ -1,7 +1,7 @@
 import io
 
-from glmrepl.render import Renderer, ReplyStream
-from glmrepl.results import Table
+from glmrepl.repl.render import Renderer, ReplyStream
+from glmrepl.repl.results import Table
 
 
 def stream_text(deltas, color=True):
@@ -61,8 +61,8 @@ def rendered_table(table, monkeypatch, columns: int) -> list[str]:
 
 
 def test_help_wraps_to_the_terminal_instead_of_cutting(monkeypatch):
-    from glmrepl.commands import TABLE, cmd_help
-    from glmrepl.render import display_width
+    from glmrepl.repl.commands import TABLE, cmd_help
+    from glmrepl.repl.render import display_width
 
     long_help = max((c.help for c in TABLE.commands), key=len)
     assert len(long_help) > 60
@@ -74,7 +74,7 @@ def test_help_wraps_to_the_terminal_instead_of_cutting(monkeypatch):
 
 
 def test_columns_align_by_display_width_with_wide_characters(monkeypatch):
-    from glmrepl.render import display_width
+    from glmrepl.repl.render import display_width
 
     lines = rendered_table(
         Table(["token", "id"], [["'日本語'", "1"], ["'ab'", "22"], ["'<0xE4>'", "3"]]), monkeypatch, 80

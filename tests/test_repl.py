@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from support import drive_repl, loaded_app, make_app
 
-from glmrepl.commands import TABLE
-from glmrepl.completer import CommandCompleter
+from glmrepl.repl.commands import TABLE
+from glmrepl.repl.completer import CommandCompleter
 
 ENTER = "\r"
 
@@ -212,7 +212,7 @@ def test_an_unexpected_failure_is_reported_and_the_session_goes_on(qwen_checkpoi
 def test_ctrl_c_on_an_empty_line_cancels_a_load_in_progress(qwen_checkpoint, gpt2_checkpoint):
     import threading
 
-    from glmrepl.engine.manager import LoadJob
+    from glmrepl.engine.models.manager import LoadJob
 
     app = loaded_app(gpt2_checkpoint)
     job = LoadJob(app.load_request(str(qwen_checkpoint)))  # a load that is "running" until we finish it
@@ -229,7 +229,7 @@ def test_model_listing_reads_the_same_cells_as_glmrepl_list(qwen_checkpoint, tmp
     import shutil
     from contextlib import redirect_stdout
 
-    from glmrepl import tools
+    from glmrepl.cli import tools
 
     shutil.copytree(qwen_checkpoint, tmp_path / "my-qwen")
     (tmp_path / "broken").mkdir()
@@ -383,7 +383,7 @@ def test_a_path_typed_at_the_prompt_gets_the_double_slash_hint():
 def test_toolbar_counts_the_tokens_that_will_be_sent_not_the_whole_history(qwen_checkpoint, copy_checkpoint):
     import re
 
-    from glmrepl.toolbar import Toolbar
+    from glmrepl.repl.toolbar import Toolbar
 
     short = copy_checkpoint(qwen_checkpoint)
     config = json.loads((short / "config.json").read_text())
@@ -394,7 +394,7 @@ def test_toolbar_counts_the_tokens_that_will_be_sent_not_the_whole_history(qwen_
     used, limit = map(int, re.search(r"(\d+)/(\d+) tokens", Toolbar(app)()).groups())
     whole_history = len(app.manager.current.prompt_format.build(app.session.as_dicts()))
     assert limit == 48 and 0 < used <= limit < whole_history
-    from glmrepl.engine.chat import ChatSession
+    from glmrepl.engine.conversation.chat import ChatSession
 
     plain = ChatSession()
     for index, text in enumerate(("one two", "three", "four five", "six", "seven eight", "nine")):

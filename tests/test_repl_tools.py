@@ -8,8 +8,8 @@ import pytest
 from scripted import TOOLS_TEMPLATE, build_scripted_qwen2
 from support import drive_repl, loaded_app
 
-from glmrepl.app import App
 from glmrepl.engine.settings import Settings
+from glmrepl.repl.app import App
 
 ENTER = "\r"
 # The scripted reply: a call whose argument holds an escape sequence and a bidi override, which
@@ -77,7 +77,7 @@ def test_a_template_without_tools_says_so(qwen_checkpoint, tools_file):
 def test_tools_go_to_the_server_with_connect(caller, tools_file, tmp_path):
     from serving import started_server
 
-    from glmrepl.engine.remote import RemoteBackend
+    from glmrepl.engine.remote.backend import RemoteBackend
 
     server = started_server([str(caller), "--device", "cpu"], tmp_path / "serve.log")
     try:

@@ -16,8 +16,8 @@ import shutil
 import pytest
 from test_prefix_reuse import load, turn
 
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.reply_tokens import MARKER, ReplyTokens, reply_ids, splice_replies
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.conversation.reply_tokens import MARKER, ReplyTokens, reply_ids, splice_replies
 
 MESSAGES = ["hello there", "tell me more about it, please", "and then what happened", "ok, one more"]
 

@@ -38,7 +38,7 @@ def served(tmp_path_factory):
     from serving import InProcessServer
 
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 
@@ -102,7 +102,7 @@ def test_the_tool_result_is_an_observation_in_the_next_prompt(served):
     """The follow-up prompt, id for id, as ChatGLM3's build_chat_input lays it out: each message
     is its role token, ``metadata + "\\n"`` encoded, then its content encoded; the call is the
     assistant's message with the function's name as metadata, the result an observation."""
-    from glmrepl.engine.tool_calls import normalize_tools
+    from glmrepl.engine.conversation.tool_calls import normalize_tools
 
     server, backend, sent = served
     client = _client(server)

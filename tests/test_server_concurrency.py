@@ -22,7 +22,7 @@ DATA = Path(__file__).parent / "data" / "chatglm"
 
 def test_eight_clients_get_their_own_replies_and_a_move_waits_for_them(qwen_checkpoint):
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 
@@ -104,8 +104,8 @@ def test_schemathesis_finds_no_server_error(gpt2_checkpoint, tmp_path):
 @pytest.mark.parametrize("family", ["chatglm1", "chatglm3"])
 def test_chatglm_families_serve_with_their_own_format_and_stop_ids(family):
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
-    from glmrepl.engine.service import conversation_from_messages
+    from glmrepl.engine.generation.service import conversation_from_messages
+    from glmrepl.engine.models.loading import LoadOptions
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 

@@ -142,7 +142,7 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
     from serving import InProcessServer
 
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 
@@ -195,7 +195,7 @@ def two_call_server(tmp_path_factory):
     from serving import InProcessServer
 
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 
@@ -308,7 +308,7 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
     from serving import InProcessServer
 
     from glmrepl.engine.backend import LocalBackend
-    from glmrepl.engine.loading import LoadOptions
+    from glmrepl.engine.models.loading import LoadOptions
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 

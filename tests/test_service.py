@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from support import loaded_app
 
-from glmrepl.engine.chat import ChatSession
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.conversation.stops import StopStrings
 from glmrepl.engine.errors import ContextLengthExceeded, GlmreplError, QueueFull
-from glmrepl.engine.service import conversation_from_messages, record_reply
+from glmrepl.engine.generation.service import conversation_from_messages, record_reply
 from glmrepl.engine.settings import Settings
-from glmrepl.engine.stops import StopStrings
 
 UI_MODULES = ("repl.py", "commands.py", "toolbar.py", "keys.py", "completer.py", "app.py")
 
@@ -109,8 +109,8 @@ def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
 
 
 def test_device_keeps_the_gpu_chosen_at_load(qwen_checkpoint, monkeypatch):
-    from glmrepl.commands import TABLE
-    from glmrepl.engine import manager as manager_module
+    from glmrepl.engine.models import manager as manager_module
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(qwen_checkpoint)
     app.manager.current.request.gpu = 1  # as if loaded with --gpu 1
@@ -162,7 +162,7 @@ def test_an_empty_prompt_is_refused_before_generating(gpt2_checkpoint):
 
 
 def test_the_repl_says_that_a_move_waits_for_a_running_reply(qwen_checkpoint):
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(qwen_checkpoint, max_new_tokens=30)
     said = []

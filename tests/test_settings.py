@@ -63,9 +63,9 @@ def test_set_lists_where_each_value_comes_from(tmp_path, monkeypatch, copy_check
     import json
     from pathlib import Path
 
-    from glmrepl.commands import TABLE
-    from glmrepl.config import load_config
-    from glmrepl.main import build_app, build_parser
+    from glmrepl.cli.main import build_app, build_parser
+    from glmrepl.repl.commands import TABLE
+    from glmrepl.repl.config import load_config
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))
     checkpoint = copy_checkpoint(Path(__file__).parent / "data" / "chatglm" / "chatglm2-tiny")

@@ -93,7 +93,12 @@ def test_the_first_demo_run_builds_quietly(tmp_path):
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_DATA_HOME": str(tmp_path / "data")}
     result = subprocess.run(
-        [sys.executable, "-m", "glmrepl.demo"], input="/exit\n", capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "glmrepl.cli.demo"],
+        input="/exit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cache" / "glmrepl" / "demo-checkpoint" / "model.safetensors.index.json").is_file()

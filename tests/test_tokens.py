@@ -2,7 +2,7 @@
 
 import re
 
-from glmrepl.engine.tokens import escape_partial_characters, token_label
+from glmrepl.engine.conversation.tokens import escape_partial_characters, token_label
 
 
 def test_partial_utf8_is_shown_as_byte_escapes():
@@ -39,7 +39,7 @@ def test_sentencepiece_byte_fallback_pieces():
 def test_next_shows_no_replacement_characters(qwen_checkpoint):
     from support import loaded_app
 
-    from glmrepl.commands import TABLE
+    from glmrepl.repl.commands import TABLE
 
     app = loaded_app(qwen_checkpoint)
     app.session.add_user("日本の東京")

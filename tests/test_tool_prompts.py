@@ -14,14 +14,9 @@ import re
 import pytest
 from chatglm_reference import DATA, expected, load_reference
 
-from glmrepl.engine.chat import ChatSession
-from glmrepl.engine.service import conversation_from_messages
-from glmrepl.engine.tool_calls import (
-    ToolStream,
-    glm_call_text,
-    normalize_tools,
-    parse_reply,
-)
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.conversation.tool_calls import ToolStream, glm_call_text, normalize_tools, parse_reply
+from glmrepl.engine.generation.service import conversation_from_messages
 
 WEATHER = {
     "name": "get_weather",
@@ -250,8 +245,8 @@ def test_a_conversation_with_tools_saves_restores_and_undoes():
 
 
 def test_forced_calls_begin_in_each_syntax():
+    from glmrepl.engine.conversation.tool_calls import forced_prefix
     from glmrepl.engine.errors import InvalidTools
-    from glmrepl.engine.tool_calls import forced_prefix
 
     one, two = [WEATHER], [WEATHER, {"name": "get_time"}]
     assert forced_prefix("glm4", "", one) == forced_prefix("chatglm3", "get_weather", two) == "get_weather\n"

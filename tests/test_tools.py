@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hubserver import LocalHub, build_test_repos
 
-from glmrepl.engine.download import MANIFEST_NAME, download_checkpoint
-from glmrepl.main import main
+from glmrepl.cli.main import main
+from glmrepl.engine.models.download import MANIFEST_NAME, download_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_list_with_nothing_to_show(tmp_path, monkeypatch, capsys):
 
 def test_tool_commands_do_not_import_torch(downloaded):
     code = (
-        "import sys; from glmrepl.main import main; status = main(['check', sys.argv[1]]); "
+        "import sys; from glmrepl.cli.main import main; status = main(['check', sys.argv[1]]); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
         "sys.exit(status)"
     )
@@ -228,7 +228,7 @@ def test_list_judges_an_unknown_model_type_without_importing_transformers(downlo
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
     code = (
-        "import sys; from glmrepl.main import main; status = main(['list', '--models-dir', sys.argv[1]]); "
+        "import sys; from glmrepl.cli.main import main; status = main(['list', '--models-dir', sys.argv[1]]); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
         "sys.exit(status)"
     )

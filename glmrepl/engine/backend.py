@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .chat import ChatSession
+from .conversation.chat import ChatSession
+from .conversation.reply_tokens import ReplyTokens
 from .errors import GlmreplError
-from .loading import LoadJob, LoadOptions
-from .prefix_cache import PrefixCache
-from .reply_tokens import ReplyTokens
-from .service import GenerationQueue, ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
+from .generation.prefix_cache import PrefixCache
+from .generation.service import GenerationQueue, ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
+from .models.loading import LoadJob, LoadOptions
 from .settings import Settings
 
 
@@ -43,7 +43,7 @@ class LocalBackend:
 
     def __init__(self, manager: Any = None, max_queue: int | None = None):
         if manager is None:
-            from .manager import ModelManager
+            from .models.manager import ModelManager
 
             manager = ModelManager()
         self.manager = manager
@@ -64,7 +64,7 @@ class LocalBackend:
     # -- models ----------------------------------------------------------------
     def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list:
         """Local checkpoints, with the folders beside ``beside`` (the loaded model's) too."""
-        from .catalog import find_checkpoints
+        from .models.catalog import find_checkpoints
 
         return find_checkpoints(models_dir, beside=beside)
 
@@ -90,7 +90,7 @@ class LocalBackend:
 
     def load_notes(self) -> list[str]:
         """What the load report adds about the loaded model (e.g. why its quantized layers run slower)."""
-        from .quant import fallback_note
+        from .quant.layers import fallback_note
 
         loaded = self.manager.current
         note = fallback_note(loaded.model) if loaded is not None else None
@@ -98,7 +98,7 @@ class LocalBackend:
 
     def enable_batching(self, max_batch: int, cache_bytes: int | None = None) -> None:
         """Let up to ``max_batch`` concurrent replies decode together (see batching.py)."""
-        from .batching import DEFAULT_CACHE_BYTES, Batching
+        from .generation.batching import DEFAULT_CACHE_BYTES, Batching
 
         self.batching = Batching(max_batch, cache_bytes or DEFAULT_CACHE_BYTES)
         self.queue.slots = max_batch
@@ -149,8 +149,8 @@ class LocalBackend:
     def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, int, float]]:
         """The k most likely next tokens after the conversation: (text, id, probability); a token
         that is part of a character shows its bytes (``<0xE4>``)."""
-        from .generate import next_token_distribution
-        from .tokens import token_label
+        from .conversation.tokens import token_label
+        from .generation.run import next_token_distribution
 
         with self.manager.lease.shared():
             loaded = self._require_model()
@@ -165,14 +165,14 @@ class LocalBackend:
     def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None):
         """Score the text file in the background (see perplexity.py); the PerplexityJob says how far it is.
         A file or window that cannot be used raises PerplexityError here, before anything runs."""
-        from .perplexity import PerplexityJob, choose_window, read_text
+        from .generation.perplexity import PerplexityJob, choose_window, read_text
 
         text = read_text(path)
         window, stride = choose_window(self._require_model().info.context_length, window, stride)
         return PerplexityJob(Path(path).name).start(lambda job: self._perplexity(job, text, window, stride))
 
     def _perplexity(self, job, text: str, window: int, stride: int):
-        from .perplexity import perplexity_of_text
+        from .generation.perplexity import perplexity_of_text
 
         with self.manager.lease.shared():  # a move or swap waits for the run to end
             loaded = self._require_model()
@@ -181,7 +181,7 @@ class LocalBackend:
             )
 
     def memory_report(self) -> list[tuple[str, str]]:
-        from .devices import memory_report
+        from .devices.modes import memory_report
 
         return memory_report()
 

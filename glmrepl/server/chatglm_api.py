@@ -12,7 +12,7 @@ import datetime
 
 from fastapi import APIRouter, Request
 
-from ..engine.chat import ChatSession
+from ..engine import ChatSession
 from .errors import APIError
 from .protocol import ChatGLMRequest, refuse_invalid_text
 from .state import state_of

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ..engine.errors import (
+from ..engine import (
     ContextLengthExceeded,
     EmptyPrompt,
     GlmreplError,

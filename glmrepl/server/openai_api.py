@@ -13,10 +13,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..engine.chat import ChatSession
-from ..engine.errors import GlmreplError, first_line
-from ..engine.service import ModelStatus, Reply, conversation_from_messages
-from ..engine.tool_calls import ToolCall
+from ..engine import ChatSession, GlmreplError, ModelStatus, Reply, ToolCall, conversation_from_messages, first_line
 from .errors import APIError, error_body
 from .protocol import (
     ChatCompletionRequest,

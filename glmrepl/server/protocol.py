@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from ..engine.errors import InvalidTools
-from ..engine.tool_calls import normalize_tools
+from ..engine import InvalidTools, normalize_tools
 from .errors import APIError
 
 MAX_STOP_STRINGS = 4

@@ -16,10 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
-from ..engine.chat import ChatSession
-from ..engine.errors import GlmreplError, NoModelLoaded
-from ..engine.service import ModelStatus, Reply
-from ..engine.settings import SETTINGS, Settings
+from ..engine import SETTINGS, ChatSession, GlmreplError, ModelStatus, NoModelLoaded, Reply, Settings
 from .errors import APIError, api_error_from_engine
 from .streaming import stream_deltas
 

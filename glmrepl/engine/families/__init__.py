@@ -26,7 +26,7 @@ class LoadedParts:
 
     model: Any  # a transformers PreTrainedModel (generate() works on it)
     tokenizer: Any  # encode(text) -> ids, decode(ids, skip_special_tokens=True) -> str
-    prompt_format: Any  # see glmrepl.engine.formats.PromptFormat
+    prompt_format: Any  # see glmrepl.engine.conversation.formats.PromptFormat
 
 
 KNOWN_FAMILIES = ("chatglm1", "chatglm2", "chatglm3", "glm4")

@@ -1,4 +1,4 @@
-"""Each ChatGLM generation's own conversation format (see glmrepl.engine.formats).
+"""Each ChatGLM generation's own conversation format (see glmrepl.engine.conversation.formats).
 
 ``build(messages)`` reproduces the ids the released ``chat()`` fed its model
 for the same conversation:
@@ -26,7 +26,7 @@ import json
 import re
 from pathlib import Path
 
-from ...tool_calls import glm_messages
+from ...conversation.tool_calls import glm_messages
 
 # The system text ChatGLM3's OpenAI demo puts before its tool list (utils.process_chatglm_messages).
 CHATGLM3_TOOLS_HEADER = "Answer the following questions as best as you can. You have access to the following tools:"

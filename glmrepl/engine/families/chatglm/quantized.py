@@ -1,8 +1,8 @@
 """Quantized ChatGLM layers: THUDM's int4 / int8 checkpoints, and quantizing float ones.
 
 The released quantized checkpoints store the four linears of every layer as
-int8 ``weight`` + per-row ``weight_scale`` (see glmrepl.engine.quant). Here
-those linears become :class:`~glmrepl.engine.quant.QuantizedLinear` modules,
+int8 ``weight`` + per-row ``weight_scale`` (see glmrepl.engine.quant.layers). Here
+those linears become :class:`~glmrepl.engine.quant.layers.QuantizedLinear` modules,
 on the meta device before loading (so accelerate's device maps size and place
 them like any other block) or in place on a loaded model (``/quantize``).
 A float tensor loaded into a quantized layer is quantized on the CPU first,
@@ -18,10 +18,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ... import cpu_kernels
-from ...cpu import release_freed_memory
+from ...cpu import kernels as cpu_kernels
+from ...cpu.machine import release_freed_memory
 from ...errors import CheckpointError
-from ...quant import (
+from ...quant.layers import (
     SUPPORTED_BITS,
     QuantizedLinear,
     QuantizeError,

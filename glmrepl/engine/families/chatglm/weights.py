@@ -15,9 +15,9 @@ from typing import Any, cast
 
 import torch
 
+from ...devices.placement import device_for
 from ...errors import CheckpointError, ModelLoadError, first_line
 from ...pickled import count_pickled_tensors
-from ...placement import device_for
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 

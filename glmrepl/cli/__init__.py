@@ -1,0 +1,1 @@
+"""Entry points: the glmrepl command and its subcommands (list, check, download, serve, quantize, demo)."""

@@ -1,0 +1,1 @@
+"""Small helpers every part of glmrepl may use: atomic writes, units, its folders. They import nothing of glmrepl."""

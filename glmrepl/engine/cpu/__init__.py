@@ -1,0 +1,1 @@
+"""The CPU side: compute threads and the compiler, the C++ kernels, the float linears that call them, freeing memory."""

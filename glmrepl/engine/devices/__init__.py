@@ -1,0 +1,1 @@
+"""Device modes (cpu float, gpu half, sharded) and where a model's parts go."""

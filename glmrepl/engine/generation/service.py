@@ -1,0 +1,363 @@
+"""One chat turn, the same for every front end: plan a reply, stream it, record it.
+
+``plan_reply`` formats a conversation with the loaded model's prompt format,
+fits it into the context (policy chosen by the front end: the REPL drops the
+oldest turns, the API refuses), turns settings into generation arguments,
+takes a place in the generation queue and a shared lease on the model. The
+returned ``Reply`` streams text deltas (stop strings applied), can be
+cancelled from any thread, and gives back its queue place and lease when it
+ends. ``record_reply`` keeps the finished reply in a ChatSession.
+
+Nothing here knows about terminals or HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..conversation.chat import ChatSession, FittedPrompt
+from ..conversation.reply_tokens import reply_ids, splice_replies
+from ..conversation.tool_calls import forced_prefix, uses_tools
+from ..errors import (
+    ContextLengthExceeded,
+    EmptyPrompt,
+    GlmreplError,
+    MaxLengthExceeded,
+    NoModelLoaded,
+    QueueFull,
+    ToolsUnsupported,
+)
+from ..protocols import PromptFormat
+from ..settings import Settings
+from ..status import ModelStatus
+from .prefix_cache import reuse_refused
+from .reply import Reply
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def status_of(loaded: Any, serial: int) -> ModelStatus:
+    info, prompt_format, adapter = loaded.info, loaded.prompt_format, getattr(loaded, "adapter", None)
+    return ModelStatus(
+        serial,
+        info.name,
+        info.path,
+        info.architecture,
+        info.family,
+        info.family_reason,
+        info.placement,
+        prompt_format.name,
+        prompt_format.is_chat,
+        info.context_length,
+        dict(info.checkpoint_defaults),
+        dict(getattr(prompt_format, "sampling_defaults", {}) or {}),
+        adapter.describe() if adapter else None,
+        adapter.info.path if adapter else None,
+        getattr(prompt_format, "tool_syntax", None),
+    )
+
+
+class GenerationQueue:
+    """Admission to the one generation worker: one reply runs, at most ``max_waiting`` wait.
+
+    ``max_waiting=None`` admits everyone (the REPL); the server bounds it and
+    answers 503 with a Retry-After estimated from how long recent replies took.
+    """
+
+    def __init__(self, max_waiting: int | None = None, slots: int = 1):
+        self.max_waiting = max_waiting
+        self.slots = slots  # replies that run at once (more than one when they decode in a batch)
+        self.tokens_generated = 0  # by the replies that ended, for /health and the tests
+        self.mean_reply_s: float | None = None  # moving average of the time a reply holds the worker
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    @property
+    def admitted(self) -> int:
+        """Replies planned and not yet finished (the running one included)."""
+        return self._admitted
+
+    def admit(self) -> None:
+        with self._lock:
+            if self.max_waiting is not None and self._admitted >= self.max_waiting + self.slots:
+                raise QueueFull(
+                    f"{self._admitted - self.slots} requests are already waiting for the model; retry shortly",
+                    self.retry_after_s(),
+                )
+            self._admitted += 1
+
+    def leave(self, tokens: int = 0, seconds: float | None = None) -> None:
+        with self._lock:
+            self._admitted -= 1
+            self.tokens_generated += tokens
+            if seconds is not None:
+                previous = self.mean_reply_s
+                self.mean_reply_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+    def retry_after_s(self) -> int:
+        """Seconds until a place is likely free: one reply's time at the recent pace (1 to 600)."""
+        pace = self.mean_reply_s if self.mean_reply_s is not None else 1.0
+        return max(1, min(600, math.ceil(pace)))
+
+
+# -- planning -------------------------------------------------------------------
+
+
+def plan_reply(
+    backend: Any,
+    conversation: ChatSession,
+    settings: Settings,
+    *,
+    drop_oldest: bool = True,
+    shorten_reply: bool = True,
+    stop: list[str] | tuple[str, ...] = (),
+    completion: bool = False,
+    max_length: int | None = None,
+    force_call: str | None = None,
+) -> Reply:
+    """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
+
+    ``drop_oldest``: leave out the oldest turns that do not fit (else raise
+    ContextLengthExceeded). ``shorten_reply``: give the reply the room that is
+    left when max_new_tokens does not fit (else raise). ``completion``:
+    continue the text as written, whatever the model's chat format.
+    ``max_length``: prompt and reply together stay within it (ChatGLM's api.py;
+    MaxLengthExceeded when the prompt alone reaches it). ``force_call``: the reply is a call of
+    that function ("": of any of the conversation's tools), begun in the prompt.
+    """
+    manager, queue = backend.manager, backend.queue
+    queue.admit()
+    try:
+        manager.lease.acquire_shared()
+    except BaseException:
+        queue.leave()
+        raise
+    released = threading.Event()
+
+    def release(tokens: int = 0, seconds: float | None = None) -> None:
+        if not released.is_set():
+            released.set()
+            manager.lease.release_shared()
+            queue.leave(tokens, seconds)
+
+    try:
+        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
+        return _plan(manager.current, conversation, settings, policy, release, backend)
+    except BaseException:
+        release()
+        raise
+
+
+@dataclass(frozen=True)
+class _Policy:
+    drop_oldest: bool
+    shorten_reply: bool
+    stop: tuple[str, ...]
+    completion: bool
+    max_length: int | None
+    force_call: str | None = None
+
+
+def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, backend) -> Reply:
+    from .run import GenerationRun
+
+    if loaded is None:
+        raise NoModelLoaded("no model is loaded")
+    prefixes, replies, batching = backend.prefixes, backend.replies, backend.batching
+    prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
+    tools = None if policy.completion else conversation.tools
+    if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:
+        if uses_tools(conversation.as_dicts()):
+            raise ToolsUnsupported(
+                f"the model's prompt format ({prompt_format.name}) has no place for tools or tool messages"
+            )
+    kwargs = settings.generation_kwargs()
+    requested = kwargs["max_new_tokens"]
+    try:
+        fitted = fit_prompt(
+            conversation,
+            prompt_format,
+            loaded.info.context_length,
+            requested,
+            drop_oldest=policy.drop_oldest,
+            shorten_reply=policy.shorten_reply,
+        )
+    except ContextLengthExceeded as error:
+        if policy.max_length is not None and error.prompt_tokens >= policy.max_length:
+            raise _max_length_exceeded(error.prompt_tokens, policy.max_length) from None
+        raise
+    if not fitted.ids:
+        raise EmptyPrompt("the prompt is empty: there is nothing to continue")
+    reusable = reuse_refused(loaded.info.family) is None
+    if reusable and getattr(prompt_format, "splices_replies", False):
+        fitted = _with_reply_ids(fitted, prompt_format, replies, loaded.info.context_length)
+    prefix = ""
+    if tools and policy.force_call is not None:
+        fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, policy.force_call)
+    if policy.max_length is not None:
+        fitted = _within_max_length(fitted, policy.max_length)
+    kwargs["max_new_tokens"] = fitted.max_new_tokens
+    run: Any = GenerationRun(
+        loaded.model,
+        loaded.tokenizer,
+        fitted.ids,
+        kwargs,
+        prompt_format.stop_token_ids,
+        seed=settings.get("seed"),
+        reuse=prefixes.take(fitted.ids) if reusable else None,
+    )
+    if batching is not None:
+        run = batching.run_for(loaded, run, kwargs, settings.get("seed"))
+
+    def keep_cache(reply: Reply) -> None:  # called while the reply still holds the model: all is for this model
+        if not reusable:
+            return
+        if run.cache is not None:
+            prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
+        if reply.tool_calls or prefix:  # the next prompt renders the calls, never the text they came as
+            return
+        # A stop string cut the text short of the ids: reply_ids keeps those up to the cut.
+        # As kept (tidied) and as streamed: an API client sends back the text it was given.
+        for text in dict.fromkeys((reply.text, reply.streamed_text)):
+            ids = reply_ids(loaded.tokenizer, run.stats.new_ids, prompt_format.stop_token_ids, text)
+            if ids:
+                replies.remember(text, ids)
+
+    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools, prefix)
+
+
+def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[dict], force: str):
+    """The prompt with the start of the call written after it, and that start (the reply's room
+    shrinks by its tokens where the context is the limit)."""
+    prefix = forced_prefix(str(getattr(prompt_format, "tool_syntax", "")), force, tools)
+    ids = fitted.ids + list(loaded.tokenizer.encode(prefix, add_special_tokens=False))
+    room = fitted.max_new_tokens
+    context_length = loaded.info.context_length
+    if context_length is not None:
+        room = min(room, context_length - len(ids))
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens; the messages and "
+                f"the start of the forced tool call take {len(ids)}",
+                len(ids),
+                context_length,
+            )
+    return replace(fitted, ids=ids, max_new_tokens=room), prefix
+
+
+def _with_reply_ids(fitted: FittedPrompt, prompt_format, replies, context_length: int | None) -> FittedPrompt:
+    """The fitted prompt with its replies as the model wrote them, where that keeps to the budget."""
+    ids = splice_replies(prompt_format, fitted.messages, fitted.ids, replies)
+    if ids is fitted.ids or (context_length is not None and len(ids) + fitted.max_new_tokens > context_length):
+        return fitted
+    return replace(fitted, ids=ids)
+
+
+def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
+    return MaxLengthExceeded(
+        f"the prompt and history take {prompt_tokens} tokens, max_length is {max_length}", prompt_tokens, max_length
+    )
+
+
+def _within_max_length(fitted: FittedPrompt, max_length: int) -> FittedPrompt:
+    if len(fitted.ids) >= max_length:
+        raise _max_length_exceeded(len(fitted.ids), max_length)
+    room = min(fitted.max_new_tokens, max_length - len(fitted.ids))
+    return replace(fitted, max_new_tokens=room)
+
+
+def completion_format(loaded: Any) -> PromptFormat:
+    from ..models.loading import choose_format
+
+    if not loaded.prompt_format.is_chat:
+        return loaded.prompt_format
+    return choose_format(loaded.tokenizer, loaded.native_format, "complete", loaded.extra_stop_ids)
+
+
+def fit_prompt(
+    conversation: ChatSession,
+    prompt_format: PromptFormat,
+    context_length: int | None,
+    max_new_tokens: int,
+    *,
+    drop_oldest: bool = True,
+    shorten_reply: bool = True,
+) -> FittedPrompt:
+    """Prompt ids for the conversation within the context, by the front end's policy."""
+    if drop_oldest and shorten_reply:
+        return conversation.fit(prompt_format, context_length, max_new_tokens)
+    dicts = conversation.as_dicts(for_format=prompt_format.name)
+    ids = prompt_format.build(dicts)
+    if context_length is None or len(ids) + max_new_tokens <= context_length:
+        return FittedPrompt(ids, 0, max_new_tokens, dicts)
+    if shorten_reply and len(ids) < context_length:
+        return FittedPrompt(ids, 0, context_length - len(ids), dicts)
+    asked = f"{len(ids) + max_new_tokens} tokens ({len(ids)} in the messages, {max_new_tokens} in the completion)"
+    if len(ids) >= context_length:
+        asked = f"{len(ids)} tokens in the messages"
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {context_length} tokens. However, you "
+        f"requested {asked}. Please reduce the length of the messages or completion.",
+        len(ids),
+        context_length,
+    )
+
+
+def record_reply(session: ChatSession, reply: Reply) -> str:
+    """Keep what was generated; an interrupted reply stays, marked as cut. Returns the text shown
+    (the next prompt may hold the reply as its family keeps it: Reply.kept)."""
+    text = reply.text
+    calls = [call.as_dict() for call in reply.tool_calls]
+    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept, tool_calls=calls)
+    return text
+
+
+def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
+    """(prompt tokens the next reply would be given, context length), or None when unknown.
+
+    Counted as the REPL sends it: the oldest turns that leave no room for
+    ``max_new_tokens`` are left out, so the figure never exceeds the context.
+    """
+    if loaded is None:
+        return None
+    context_length = loaded.info.context_length
+    if not session.messages:
+        return 0, context_length
+    try:
+        return len(session.fit(loaded.prompt_format, context_length, max_new_tokens).ids), context_length
+    except GlmreplError:  # even the newest turn alone leaves no room: the context is full
+        return context_length, context_length
+    except Exception:  # a template that rejects a partial conversation: show nothing rather than fail
+        return None
+
+
+def conversation_from_messages(messages: list[dict], tools: list[dict] | None = None) -> ChatSession:
+    """A ChatSession from API-style messages; system messages become the system prompt.
+
+    An assistant message may carry ``tool_calls`` ([{"id", "name", "arguments"}]), a ``tool``
+    message a ``tool_call_id``; ``tools`` are bare function dicts (tool_calls.normalize_tools).
+    """
+    session = ChatSession()
+    session.tools = list(tools) if tools else None
+    systems = []
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise GlmreplError(f"messages[{index}].role must be one of {', '.join(ROLES)}, not {role!r}")
+        if not isinstance(content, str):
+            raise GlmreplError(f"messages[{index}].content must be a string")
+        if role == "system":
+            systems.append(content)
+        elif role == "user":
+            session.add_user(content)
+        elif role == "tool":
+            session.add_tool_result(content, message.get("tool_call_id"))
+        else:
+            session.add_assistant(content, tool_calls=message.get("tool_calls"))
+    session.system = "\n".join(systems) or None
+    if not session.messages:
+        raise GlmreplError("messages must contain at least one user or assistant message")
+    return session

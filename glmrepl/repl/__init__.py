@@ -1,0 +1,1 @@
+"""The terminal front end (prompt_toolkit): the loop, slash commands, rendering, the toolbar."""

@@ -1,0 +1,85 @@
+"""The application state shared by the REPL, the command handlers and one-shot mode.
+
+It holds the front end's side of things (the conversation, the settings, the
+load options) and a backend that owns the model. Nothing here touches the
+model object, and there is no terminal code, so non-interactive use and tests
+drive the same paths as the REPL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine import ChatSession, GlmreplError, Hint, LoadOptions, Settings
+
+
+@dataclass
+class App:
+    backend: Any  # engine.backend.Backend (built lazily by main so the prompt comes first)
+    settings: Settings = field(default_factory=Settings)
+    session: ChatSession = field(default_factory=ChatSession)
+    models_dir: Path | None = None
+    options: LoadOptions = field(default_factory=LoadOptions)
+    last_stats: Any = None  # GenerationStats of the last reply, for /stats
+    notify: Callable[[str], None] = lambda message: None  # the front end's way to say "waiting..."
+    _defaults_applied_for: Any = None
+
+    @property
+    def manager(self):
+        """The local backend's ModelManager, for engine-level tests and tools (front ends use ``backend``)."""
+        return self.backend.manager
+
+    # -- models --------------------------------------------------------------
+    def status(self):
+        """The loaded model's ModelStatus, with the settings layer it brings applied."""
+        status = self.backend.status()
+        if status is not None and status.serial != self._defaults_applied_for:
+            self.settings.set_model_defaults(status.checkpoint_defaults, status.sampling_defaults)
+            self._defaults_applied_for = status.serial
+        return status
+
+    def load_request(self, target: str) -> LoadOptions:
+        from ..engine import resolve_model
+
+        path = resolve_model(target, self.models_dir)
+        request = self.options.for_model(path, display_name(target, path))
+        self.options.adapter = None  # --adapter belongs to the first model only, not to /model switches
+        return request
+
+    def start_load(self, target: str | None):
+        if hasattr(self.backend, "select_model"):  # a server: choose among its models (None: the first)
+            return self.backend.select_model(target)
+        assert target is not None  # only a server chooses a model for us (a local load always names one)
+        return self.backend.load(self.load_request(target))
+
+    def loading_job(self):
+        """The load in progress, or None."""
+        job = self.backend.job
+        return job if job is not None and not job.done.is_set() else None
+
+    def require_model(self):
+        status = self.status()
+        if status is None:
+            job = self.loading_job()
+            if job is not None:
+                raise GlmreplError(f"still {job.status}")
+            raise GlmreplError("no model is loaded", Hint("model", sentence="choose one with {}"))
+        return status
+
+    # -- replies -------------------------------------------------------------
+    def plan_reply(self):
+        """The REPL's policy: drop the oldest turns that no longer fit (and say so)."""
+        self.require_model()
+        return self.backend.plan_reply(self.session, self.settings)
+
+    def context_usage(self) -> tuple[int, int | None] | None:
+        """Tokens of the conversation as the next reply will send it (old turns that no longer fit left out)."""
+        return self.backend.context_usage(self.session, self.settings.get("max_new_tokens"))
+
+
+def display_name(target: str, path: Path) -> str:
+    candidate = Path(target)
+    return path.name if candidate.is_absolute() or target.startswith((".", "~")) or candidate.exists() else target
