@@ -1,7 +1,7 @@
 """Float linears on the CPU: glmrepl's kernels against torch for one token and for a few.
 
-    python benchmarks/kernels.py [--threads 2] [--rounds 7] [--best] [--dtype float32] [--rows 1,2,4,8,16,32]
-    python benchmarks/kernels.py --batching [--requests 1,4,8] [--new-tokens 32]
+    python benchmarks/kernel_speed.py [--threads 2] [--rounds 7] [--best] [--dtype float32] [--rows 1,2,4,8,16,32]
+    python benchmarks/kernel_speed.py --batching [--requests 1,4,8] [--new-tokens 32]
 
 Layers: random weights of Qwen2-0.5B's linear shapes (q/o 896->896, k/v 896->128,
 gate/up 896->4864, down 4864->896, lm_head 896->151936). For each shape and row count M
