@@ -15,7 +15,6 @@ from glmrepl.engine.generation.service import conversation_from_messages, record
 from glmrepl.engine.settings import Settings
 
 
-
 def test_front_end_modules_never_reach_into_the_loaded_model():
     package = Path(__file__).parent.parent / "glmrepl"
     front_ends = sorted(path for folder in ("repl", "server", "cli") for path in (package / folder).glob("*.py"))
