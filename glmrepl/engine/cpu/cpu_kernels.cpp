@@ -164,7 +164,7 @@ static float int4_row(const int8_t* w, const float* even, const float* odd, cons
 // in 32-bit lanes, and one conversion to float and one multiply-add by the group's two
 // scales per group. Widening every weight to float and multiplying in float, as the per-row
 // loops above do, took about four times the instructions a value: the int4 loop ran at a
-// fifth of the memory's speed on Zen 3 (benchmarks/kernels.py). The rounding of the
+// fifth of the memory's speed on Zen 3 (benchmarks/kernel_speed.py). The rounding of the
 // activations, at most 1/65534 of the group's largest, is far below the weights' own
 // (1/254 of theirs for int8, 1/14 for int4).
 static inline __m256i words16(const int8_t* p) {  // 16 signed bytes -> 16 int16 lanes
@@ -444,7 +444,7 @@ extern "C" int float_gemv(const void* weight, int w_type, const void* x, int x_t
 // multiply-add latency) and the two vectors' values fit AVX2's 16 registers; each weight
 // loaded serves 2 multiply-adds and each vector value 6. Of the shapes tried on Zen 3
 // (2 x 4, 4 x 2, 4 x 3, 3 x 4, 8 x 1), this one was the fastest or close on every layer
-// of a 0.5B model from 2 to 16 vectors (benchmarks/kernels.py prints the layer times).
+// of a 0.5B model from 2 to 16 vectors (benchmarks/kernel_speed.py prints the layer times).
 static const int TILE_ROWS = 6;
 static const int TILE_VECTORS = 2;
 

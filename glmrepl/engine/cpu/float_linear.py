@@ -3,7 +3,7 @@
 Decoding one token multiplies each weight matrix by one vector, so its speed
 is how fast the weights are read. torch's one-row matmul reads float32 weights
 at about half the memory bandwidth that a plain fused loop reaches with the
-same threads (benchmarks/kernels.py prints both, layer by layer), and the
+same threads (benchmarks/kernel_speed.py prints both, layer by layer), and the
 weights of a 0.5B model in float32 are 2 GB per token. ``KernelLinear`` is
 ``nn.Linear`` with one change: a single token on the CPU goes through
 ``cpu_kernels.float_gemv`` (float32, bfloat16 or float16 weights, accumulated
@@ -41,7 +41,7 @@ _PROMPT_BLOCK_VALUES = 1 << 20
 # through the kernel, which reads each weight row once for all of them; more rows are a
 # prompt, for torch's matmul. At 16 rows the kernel still beat F.linear on every large layer
 # of a 0.5B model (1.4x to 2.7x in float32, more in bfloat16); from about 24 the smaller
-# layers went faster through F.linear (benchmarks/kernels.py), sooner with wider vectors.
+# layers went faster through F.linear (benchmarks/kernel_speed.py), sooner with wider vectors.
 MAX_KERNEL_ROWS = 16
 
 

@@ -15,7 +15,7 @@ other); nothing the size of a float weight is ever written.
   per request), each weight row read once for all of them: torch's matmul took
   2 to 3 times as long for a 0.5B model's linears at 2 to 16 rows as at one,
   the kernel 1.1 times at 2 rows and 3 times at 16, where the multiply-adds
-  rather than the reading set the pace (benchmarks/kernels.py).
+  rather than the reading set the pace (benchmarks/kernel_speed.py).
 
 Why C++ and not a ``torch.compile``d expression: on AVX2 processors
 inductor loads 8 int8 lanes at a time through a bounce buffer, and the
