@@ -112,10 +112,11 @@ def load(folder: Path, bits: int):
 def generation(parts, prompt_tokens: int, new_tokens: int) -> dict:
     """One greedy reply through glmrepl's streaming path (GenerationRun)."""
     from glmrepl.engine.generation.run import GenerationRun
+    from glmrepl.engine.generation.scheduler import private_scheduler
 
     ids = [3 + (i * 7) % 400 for i in range(prompt_tokens)]  # ids every vocabulary here has
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    run = GenerationRun(parts.model, parts.tokenizer, ids, kwargs, [])
+    run = GenerationRun(parts.model, parts.tokenizer, ids, kwargs, [], scheduler=private_scheduler())
     for _ in run:
         pass
     return {

@@ -99,9 +99,15 @@ def long_prompt_ids(vocab_size: int, length: int = LONG_PROMPT_TOKENS) -> list[i
 
 def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> dict:
     from glmrepl.engine.generation.run import GenerationRun
+    from glmrepl.engine.generation.scheduler import private_scheduler
 
     run = GenerationRun(
-        loaded.model, loaded.tokenizer, ids, greedy_kwargs(new_tokens), loaded.prompt_format.stop_token_ids
+        loaded.model,
+        loaded.tokenizer,
+        ids,
+        greedy_kwargs(new_tokens),
+        loaded.prompt_format.stop_token_ids,
+        scheduler=private_scheduler(),
     )
     for _delta in run:  # the REPL prints these; consuming them is the work it does
         pass

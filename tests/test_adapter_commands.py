@@ -69,7 +69,7 @@ def test_adapter_command_on_off_and_back(tmp_path):
 
     off = TABLE.dispatch(app, "/adapter off")
     assert isinstance(off, Text) and "the base model again" in off.text
-    assert torch.equal(logits_of(app), base)
+    assert torch.allclose(logits_of(app), base, atol=1e-5, rtol=0)  # the sums may run in another order
     assert isinstance(TABLE.dispatch(app, "/adapter off"), Error)
 
 

@@ -57,7 +57,7 @@ def assert_batched_like_alone(backend: LocalBackend) -> None:
         assert [b[:3] for b in batched] == [a[:3] for a in alone]  # ids, streamed text, whole text
         assert sum("continuous batching" in b[3] for b in batched) >= 2, [b[3] for b in batched]
     finally:
-        backend.batching.model_changed()
+        backend.stop()
 
 
 def test_qwen2_replies_in_a_batch_are_the_replies_alone(qwen_checkpoint):
@@ -82,7 +82,7 @@ def test_chatglm1_says_why_it_decodes_one_at_a_time_and_still_serves_everyone():
     assert together(backend, QUESTIONS[:3]) == alone
 
 
-def test_a_seeded_or_penalised_reply_runs_alone_beside_a_batch(qwen_checkpoint):
+def test_a_seeded_or_penalised_reply_takes_turns_beside_a_batch(qwen_checkpoint):
     backend = load(qwen_checkpoint, "qwen")
     seeded = answer(backend, "hello there", do_sample=True, temperature=0.9, seed=5)
     backend.enable_batching(8)
@@ -108,7 +108,7 @@ def test_a_seeded_or_penalised_reply_runs_alone_beside_a_batch(qwen_checkpoint):
         penalised = answer(backend, "hello", repetition_penalty=1.3)
         assert "continuous batching" not in penalised[3]
     finally:
-        backend.batching.model_changed()
+        backend.stop()
 
 
 def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish(qwen_checkpoint):
@@ -142,7 +142,7 @@ def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish
         assert replies[1].stats.new_tokens <= at_cancel + 2
         assert [replies[i].stats.new_ids for i in (0, 2)] == [alone[i][0] for i in (0, 2)]
     finally:
-        backend.batching.model_changed()
+        backend.stop()
 
 
 def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
@@ -151,12 +151,12 @@ def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
     try:
         first = together(backend, QUESTIONS[:3])
         backend.move("cpu", "bfloat16")
-        assert backend.batching._batcher is None
+        assert not backend.scheduler.batch_running
         again = together(backend, QUESTIONS[:3])
         assert sum("continuous batching" in r[3] for r in again) >= 2
         assert all(r[0] for r in first + again)
     finally:
-        backend.batching.model_changed()
+        backend.stop()
 
 
 # -- through the server -----------------------------------------------------------
@@ -210,34 +210,6 @@ def test_the_queue_admits_a_whole_batch_and_then_max_waiting_more():
     backend = LocalBackend(max_queue=1)
     backend.enable_batching(3)
     for _ in range(4):  # three decode together, one waits
-        backend.queue.admit()
+        backend.scheduler.admit()
     with pytest.raises(QueueFull):
-        backend.queue.admit()
-
-
-def test_replies_sent_together_batch_and_a_lone_one_runs_alone_after_a_moment():
-    """The first of two replies a few milliseconds apart waits for the second, so both decode
-    together instead of the second waiting for the whole first reply; a lone reply runs alone."""
-    import threading
-    import time
-
-    from glmrepl.engine.generation.batching import Lanes
-
-    lanes = Lanes(max_batch=8, before_alone=lambda: None, grace_s=0.5)
-    never, give_up = threading.Event(), threading.Event()
-    got: list[str | None] = []
-    replies = [threading.Thread(target=lambda: got.append(lanes.enter(True, give_up)), daemon=True) for _ in "ab"]
-    for reply in replies:
-        reply.start()
-        time.sleep(0.05)
-    for reply in replies:
-        reply.join(5)
-    give_up.set()  # a reply still waiting (the first ran alone) stops, so the test ends
-    assert got == ["batch", "batch"]
-    lanes.leave()
-    lanes.leave()
-    started = time.monotonic()
-    assert lanes.enter(True, never) == "alone"
-    assert time.monotonic() - started >= 0.45  # it waited for company first
-    lanes.leave()
-    assert lanes.enter(False, never) == "alone"  # one that cannot batch never waits for company
+        backend.scheduler.admit()

@@ -125,17 +125,22 @@ def test_a_kernel_failing_at_run_time_falls_back_without_losing_the_reply(kernel
 
     from glmrepl.engine.cpu import kernels as cpu_kernels
     from glmrepl.engine.generation.run import GenerationRun
+    from glmrepl.engine.generation.scheduler import private_scheduler
 
     parts = load_reference("chatglm2-int8")
     ids = reference_logits("chatglm2-int8")["input_ids"][0].tolist()
-    expected_run = GenerationRun(parts.model, parts.tokenizer, ids, {"max_new_tokens": 6, "do_sample": False}, [])
+    expected_run = GenerationRun(
+        parts.model, parts.tokenizer, ids, {"max_new_tokens": 6, "do_sample": False}, [], scheduler=private_scheduler()
+    )
     expected_text = "".join(expected_run)
 
     def broken(*args, **kwargs):
         raise OSError("illegal instruction")
 
     monkeypatch.setattr(cpu_kernels, "int8_gemv", broken)
-    run = GenerationRun(parts.model, parts.tokenizer, ids, {"max_new_tokens": 6, "do_sample": False}, [])
+    run = GenerationRun(
+        parts.model, parts.tokenizer, ids, {"max_new_tokens": 6, "do_sample": False}, [], scheduler=private_scheduler()
+    )
     assert "".join(run) == expected_text and run.stats.new_tokens == 6
     assert "fused kernel failed: illegal instruction" in cpu_kernels.status()
     assert torch.get_num_threads() >= 1

@@ -10,7 +10,7 @@ import pytest
 from glmrepl.engine.conversation.chat import ChatSession, Message
 from glmrepl.engine.conversation.stops import StopStrings
 from glmrepl.engine.errors import QueueFull
-from glmrepl.engine.generation.service import GenerationQueue
+from glmrepl.engine.generation.scheduler import Scheduler
 from glmrepl.engine.settings import Settings
 
 
@@ -93,7 +93,7 @@ def test_long_stop_strings_cost_their_own_length_once_not_per_token():
 
 
 def test_retry_after_follows_how_long_replies_take():
-    queue = GenerationQueue(max_waiting=0)
+    queue = Scheduler(max_waiting=0)
     queue.admit()
     with pytest.raises(QueueFull) as first:
         queue.admit()

@@ -225,6 +225,7 @@ def test_no_compiler_keeps_f_linear_and_the_load_report_says_why(monkeypatch, tm
     from glmrepl.engine.cpu import kernels as cpu_kernels
     from glmrepl.engine.cpu import machine as cpu
     from glmrepl.engine.generation.run import GenerationRun
+    from glmrepl.engine.generation.scheduler import private_scheduler
     from glmrepl.engine.models.loading import LoadOptions, load_model
     from glmrepl.engine.quant.layers import decode_path, fallback_note
 
@@ -239,7 +240,14 @@ def test_no_compiler_keeps_f_linear_and_the_load_report_says_why(monkeypatch, tm
             "float32 layers decode with torch ops, slower: no C++ compiler: /nonexistent/bin/g++ not found"
         )
         ids = loaded.tokenizer.encode("hello")
-        run = GenerationRun(loaded.model, loaded.tokenizer, ids, {"max_new_tokens": 5, "min_new_tokens": 5}, [])
+        run = GenerationRun(
+            loaded.model,
+            loaded.tokenizer,
+            ids,
+            {"max_new_tokens": 5, "min_new_tokens": 5},
+            [],
+            scheduler=private_scheduler(),
+        )
         "".join(run)
         assert run.stats.new_tokens == 5 and "torch ops" in run.stats.path
     finally:
@@ -251,12 +259,15 @@ def test_a_kernel_failing_mid_reply_falls_back_without_losing_it(kernels, monkey
     from glmrepl.engine.cpu import kernels as cpu_kernels
     from glmrepl.engine.cpu.float_linear import use_kernels
     from glmrepl.engine.generation.run import GenerationRun
+    from glmrepl.engine.generation.scheduler import private_scheduler
 
     parts = load_reference("chatglm3")
     use_kernels(parts.model)
     ids = reference_logits("chatglm3")["input_ids"][0].tolist()
     settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
-    expected_text = "".join(GenerationRun(parts.model, parts.tokenizer, ids, settings, []))
+    expected_text = "".join(
+        GenerationRun(parts.model, parts.tokenizer, ids, settings, [], scheduler=private_scheduler())
+    )
     real, count = cpu_kernels.float_gemv, {"n": 0}
 
     def fails_later(*args, **kwargs):  # the first steps run, then the library breaks
@@ -266,7 +277,7 @@ def test_a_kernel_failing_mid_reply_falls_back_without_losing_it(kernels, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, "float_gemv", fails_later)
-    run = GenerationRun(parts.model, parts.tokenizer, ids, settings, [])
+    run = GenerationRun(parts.model, parts.tokenizer, ids, settings, [], scheduler=private_scheduler())
     assert "".join(run) == expected_text and run.stats.new_tokens == 6
     assert run.stats.path == "float32 torch ops (fused kernel failed: illegal instruction)"
 

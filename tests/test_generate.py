@@ -6,6 +6,7 @@ from support import loaded_app
 
 from glmrepl.engine.errors import GenerationError
 from glmrepl.engine.generation.run import GenerationRun, IncrementalDecoder, next_token_distribution
+from glmrepl.engine.generation.scheduler import private_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def test_streamed_greedy_reply_equals_raw_generate(qwen):
         prompt,
         {"max_new_tokens": 12, "do_sample": False},
         qwen.prompt_format.stop_token_ids,
+        scheduler=private_scheduler(),
     )
     streamed = "".join(run)
     raw = qwen.model.generate(
@@ -56,7 +58,14 @@ def test_streamed_greedy_reply_equals_raw_generate(qwen):
 
 def test_cancel_stops_within_a_token_and_the_model_is_reusable(qwen):
     prompt = qwen.prompt_format.build([{"role": "user", "content": "Tell me everything"}])
-    run = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 400, "do_sample": False}, [])
+    run = GenerationRun(
+        qwen.model,
+        qwen.tokenizer,
+        prompt,
+        {"max_new_tokens": 400, "do_sample": False},
+        [],
+        scheduler=private_scheduler(),
+    )
     pieces = []
     for delta in run:
         pieces.append(delta)
@@ -64,17 +73,27 @@ def test_cancel_stops_within_a_token_and_the_model_is_reusable(qwen):
             run.cancel()
     assert run.stats.stop_reason == "cancelled"
     assert run.stats.new_tokens < 20
-    # one long-lived worker serves every reply: no thread is left behind per reply
-    assert sum(t.name == "glmrepl-generate" for t in threading.enumerate()) == 1
-    again = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 3, "do_sample": False}, [])
+    threads = set(threading.enumerate())
+    again = GenerationRun(
+        qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 3, "do_sample": False}, [], scheduler=private_scheduler()
+    )
     "".join(again)
     assert again.stats.new_tokens == 3 and again.stats.stop_reason == "length"
+    # one long-lived model thread serves every reply: no thread is left behind per reply
+    assert set(threading.enumerate()) == threads and again.scheduler is run.scheduler
 
 
 def test_closing_the_stream_early_stops_the_worker(qwen):
     """What the REPL does on Ctrl-C: it closes the delta iterator."""
     prompt = qwen.prompt_format.build([{"role": "user", "content": "Go on"}])
-    run = GenerationRun(qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 400, "do_sample": False}, [])
+    run = GenerationRun(
+        qwen.model,
+        qwen.tokenizer,
+        prompt,
+        {"max_new_tokens": 400, "do_sample": False},
+        [],
+        scheduler=private_scheduler(),
+    )
     deltas = iter(run)
     next(deltas)
     deltas.close()
@@ -83,7 +102,14 @@ def test_closing_the_stream_early_stops_the_worker(qwen):
 
 
 def test_a_failure_in_generate_becomes_a_one_line_generation_error(qwen):
-    run = GenerationRun(qwen.model, qwen.tokenizer, [10**9], {"max_new_tokens": 2, "do_sample": False}, [])
+    run = GenerationRun(
+        qwen.model,
+        qwen.tokenizer,
+        [10**9],
+        {"max_new_tokens": 2, "do_sample": False},
+        [],
+        scheduler=private_scheduler(),
+    )
     with pytest.raises(GenerationError, match="^generation failed: "):
         list(run)
 

@@ -27,7 +27,7 @@ def test_a_failed_load_keeps_the_current_model_working(qwen_checkpoint, gpt2_che
         app.manager.load(app.load_request(str(broken)))
     assert app.manager.current.info.path == gpt2_checkpoint
     app.session.add_user("Once upon a time")
-    run = app.plan_reply()  # a Reply: iterating it gives the model lease back
+    run = app.plan_reply()  # a Reply: iterating it gives its place back
     assert "".join(run) and run.stats.new_tokens == 8  # the old model still replies
 
 
@@ -67,7 +67,7 @@ def test_move_between_float32_and_bfloat16_on_cpu(qwen_checkpoint):
     assert manager.move("cpu", "bfloat16").dtype == "bfloat16"
     assert {p.dtype for p in manager.current.model.parameters()} == {torch.bfloat16}
     app.session.add_user("hi")
-    run = app.plan_reply()  # a Reply: iterating it gives the model lease back
+    run = app.plan_reply()  # a Reply: iterating it gives its place back
     "".join(run)
     assert run.stats.new_tokens > 0
     manager.move("cpu", "float32")

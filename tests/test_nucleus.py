@@ -7,6 +7,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 from glmrepl.engine.generation.nucleus import FIRST_CANDIDATES, NucleusFilter, cheaper_nucleus
 from glmrepl.engine.generation.run import GenerationRun
+from glmrepl.engine.generation.scheduler import private_scheduler
 
 
 def transformers_kept(scores, top_p, temperature, top_k):
@@ -57,7 +58,7 @@ def test_sampled_replies_equal_transformers_own_sampling(qwen_checkpoint):
     prompt = loaded.prompt_format.build([{"role": "user", "content": "Hello there"}])
     kwargs = {"max_new_tokens": 24, "do_sample": True, "temperature": 0.8, "top_p": 0.6, "top_k": 50}
     stop = loaded.prompt_format.stop_token_ids
-    run = GenerationRun(loaded.model, loaded.tokenizer, prompt, kwargs, stop, seed=7)
+    run = GenerationRun(loaded.model, loaded.tokenizer, prompt, kwargs, stop, seed=7, scheduler=private_scheduler())
     "".join(run)
     torch.manual_seed(7)
     with torch.inference_mode():

@@ -62,7 +62,7 @@ def test_ppl_prints_one_result_line_equal_to_the_engine(app, texts):
     expected = perplexity_of_text(loaded.model, loaded.tokenizer, (texts / "held-out.txt").read_text(), 64, 32)
     assert match.group(1) == f"{expected.perplexity:,.2f}"
     assert match.groups()[1:] == (f"{expected.tokens:,}", str(expected.windows), "64", "32")
-    assert app.manager.lease.readers == 0  # the run gave the model back
+    assert app.backend.scheduler.admitted == 0  # the run gave the model back
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_progress_bar_and_ctrl_c_keep_the_repl(app, texts, monkeypatch):
     assert re.search(r"perplexity cancelled after [0-9,]+ of [0-9,]+ tokens", out)
     plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out).replace("\r", "\n")
     assert RESULT.search(plain)  # the second run, after the cancelled one
-    assert app.manager.lease.readers == 0
+    assert app.backend.scheduler.admitted == 0
 
 
 def test_help_and_path_completion(app, texts):

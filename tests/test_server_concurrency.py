@@ -46,14 +46,14 @@ def test_eight_clients_get_their_own_replies_and_a_move_waits_for_them(qwen_chec
         for thread in clients:
             thread.start()
         deadline = time.monotonic() + 60
-        while backend.queue.admitted < CLIENTS:  # every request is in before the move is asked for
-            assert time.monotonic() < deadline, f"only {backend.queue.admitted} requests arrived"
+        while backend.scheduler.admitted < CLIENTS:  # every request is in before the move is asked for
+            assert time.monotonic() < deadline, f"only {backend.scheduler.admitted} requests arrived"
             time.sleep(0.005)
         said, after_move = [], {}
 
         def move() -> None:
             backend.move("cpu", "bfloat16", on_wait=said.append)
-            after_move["admitted"] = backend.queue.admitted
+            after_move["admitted"] = backend.scheduler.admitted
 
         mover = threading.Thread(target=move)
         mover.start()

@@ -1,5 +1,5 @@
 """The chat turn in the engine (service.py, backend.py): the policy of each front end,
-the queue bound, stop strings, and the lease that keeps moves away from running replies."""
+the queue bound, stop strings, and the scheduler that keeps moves away from running replies."""
 
 import threading
 import time
@@ -73,7 +73,7 @@ def test_the_api_policy_refuses_what_the_repl_policy_shortens(qwen_app):
     kept = backend.plan_reply(conversation("word " * 300, "hi"), Settings({"max_new_tokens": 8}))
     with kept:
         assert kept.dropped_turns == 1  # the REPL's policy
-    assert backend.queue.admitted == 0 and backend.manager.lease.readers == 0  # every plan gave its place back
+    assert backend.scheduler.admitted == 0  # every plan gave its place back
 
 
 def test_the_queue_bound_refuses_the_next_request_until_one_ends(qwen_checkpoint):
@@ -88,7 +88,7 @@ def test_the_queue_bound_refuses_the_next_request_until_one_ends(qwen_checkpoint
     "".join(running)
     third = backend.plan_reply(conversation("c"), app.settings)
     "".join(waiting), "".join(third)
-    assert backend.queue.admitted == 0
+    assert backend.scheduler.admitted == 0
 
 
 def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
@@ -158,7 +158,7 @@ def test_an_empty_prompt_is_refused_before_generating(gpt2_checkpoint):
     app = loaded_app(gpt2_checkpoint)
     with pytest.raises(EmptyPrompt, match="the prompt is empty"):
         app.backend.plan_reply(conversation(""), app.settings)
-    assert app.backend.queue.admitted == 0 and app.manager.lease.readers == 0
+    assert app.backend.scheduler.admitted == 0
 
 
 def test_the_repl_says_that_a_move_waits_for_a_running_reply(qwen_checkpoint):

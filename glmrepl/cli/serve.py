@@ -74,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BATCH,
         metavar="N",
         help="concurrent replies decoded together in one batch (transformers' continuous batching); a reply "
-        f"alone keeps the one-at-a-time path (default {DEFAULT_MAX_BATCH})",
+        f"alone keeps the one-sequence path (default {DEFAULT_MAX_BATCH})",
     )
     parser.add_argument(
         "--no-batching",
         action="store_true",
-        help="decode one reply at a time, in arrival order",
+        help="no batch: concurrent replies take turns, 16 tokens at a time",
     )
     parser.add_argument(
         "--prefix-cache-mb",
@@ -242,8 +242,7 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if backend.batching is not None:  # its thread would keep the process alive
-            backend.batching.model_changed()
+        backend.stop()
     return 0 if server.started else 1
 
 

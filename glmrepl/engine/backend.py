@@ -9,7 +9,8 @@ ends check with ``hasattr`` and say why when one is missing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,7 +18,8 @@ from .conversation.chat import ChatSession
 from .conversation.reply_tokens import ReplyTokens
 from .errors import GlmreplError
 from .generation.prefix_cache import PrefixCache
-from .generation.service import GenerationQueue, ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
+from .generation.scheduler import Scheduler, scheduler_for
+from .generation.service import ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
 from .models.loading import LoadJob, LoadOptions
 from .settings import Settings
 
@@ -39,7 +41,7 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The engine in this process: one ModelManager, one generation worker behind a queue."""
+    """The engine in this process: one ModelManager, and the scheduler that owns its model."""
 
     def __init__(self, manager: Any = None, max_queue: int | None = None):
         if manager is None:
@@ -47,19 +49,17 @@ class LocalBackend:
 
             manager = ModelManager()
         self.manager = manager
-        self.queue = GenerationQueue(max_queue)
+        self.scheduler: Scheduler = scheduler_for(manager)
+        self.scheduler.max_waiting = max_queue
         # Replies' KV caches and their own ids, for the next prompt (see prefix_cache, reply_tokens);
         # both belong to the model as it is, and go with every change to it.
         self.prefixes = PrefixCache()
         self.replies = ReplyTokens()
-        self.batching: Any = None  # batching.Batching when replies may decode together (glmrepl serve)
         manager.change_hooks.append(self._model_changing)
 
     def _model_changing(self) -> None:
         self.prefixes.clear()
         self.replies.clear()
-        if self.batching is not None:
-            self.batching.model_changed()
 
     # -- models ----------------------------------------------------------------
     def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list:
@@ -98,23 +98,33 @@ class LocalBackend:
 
     def enable_batching(self, max_batch: int, cache_bytes: int | None = None) -> None:
         """Let up to ``max_batch`` concurrent replies decode together (see batching.py)."""
-        from .generation.batching import DEFAULT_CACHE_BYTES, Batching
-
-        self.batching = Batching(max_batch, cache_bytes or DEFAULT_CACHE_BYTES)
-        self.queue.slots = max_batch
+        self.scheduler.enable_batching(max_batch, cache_bytes)
 
     def batching_status(self) -> dict[str, Any]:
         """For /health and the start line: whether replies batch, how many run, and why not."""
-        batching = self.batching
-        if batching is None:
-            return {"enabled": False, "max_batch": 1, "running": min(self.queue.admitted, 1), "why_not": "off"}
-        why_not = batching.why_not(self.manager.current)
+        scheduler = self.scheduler
+        why_not = scheduler.why_not_batching(self.manager.current)
         return {
             "enabled": why_not is None,
-            "max_batch": batching.max_batch if why_not is None else 1,
-            "running": batching.lanes.active,
+            "max_batch": scheduler.max_batch if why_not is None else 1,
+            "running": scheduler.running,
             "why_not": why_not,
         }
+
+    def replies_status(self) -> dict[str, Any]:
+        """For /health: replies decoding, waiting, the bound on waiting, tokens made so far."""
+        scheduler = self.scheduler
+        running = scheduler.running
+        return {
+            "running": running,
+            "waiting": max(scheduler.admitted - running, 0),
+            "max_waiting": scheduler.max_waiting,
+            "tokens_generated": scheduler.tokens_generated,
+        }
+
+    def stop(self) -> None:
+        """Stop the batch (its thread would keep the process alive)."""
+        self.scheduler.stop_batch()
 
     def loading(self) -> bool:
         job = self.manager.job
@@ -152,15 +162,13 @@ class LocalBackend:
         from .conversation.tokens import token_label
         from .generation.run import next_token_distribution
 
-        with self.manager.lease.shared():
-            loaded = self._require_model()
-            ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
-            if not ids:
-                raise GlmreplError("the conversation is empty: there is nothing to continue")
-            return [
-                (token_label(loaded.tokenizer, token_id, text), token_id, p)
-                for text, token_id, p in next_token_distribution(loaded.model, loaded.tokenizer, ids, k)
-            ]
+        loaded = self._require_model()
+        ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
+        if not ids:
+            raise GlmreplError("the conversation is empty: there is nothing to continue")
+        with self._reading():
+            table = self.scheduler.call(lambda: next_token_distribution(loaded.model, loaded.tokenizer, ids, k))
+        return [(token_label(loaded.tokenizer, token_id, text), token_id, p) for text, token_id, p in table]
 
     def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None):
         """Score the text file in the background (see perplexity.py); the PerplexityJob says how far it is.
@@ -174,16 +182,27 @@ class LocalBackend:
     def _perplexity(self, job, text: str, window: int, stride: int):
         from .generation.perplexity import perplexity_of_text
 
-        with self.manager.lease.shared():  # a move or swap waits for the run to end
+        with self._reading():  # a move or swap waits for the run to end
             loaded = self._require_model()
-            return perplexity_of_text(
-                loaded.model, loaded.tokenizer, text, window, stride, job.cancel_event, job.progress
+            return self.scheduler.call(
+                lambda: perplexity_of_text(
+                    loaded.model, loaded.tokenizer, text, window, stride, job.cancel_event, job.progress
+                )
             )
 
     def memory_report(self) -> list[tuple[str, str]]:
         from .devices.modes import memory_report
 
         return memory_report()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A place with the scheduler for work other than a reply (never refused by the queue bound)."""
+        self.scheduler.admit(bounded=False)
+        try:
+            yield
+        finally:
+            self.scheduler.leave()
 
     def _require_model(self):
         loaded = self.manager.current

@@ -8,6 +8,8 @@ family knows what to provide.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -40,3 +42,10 @@ class PromptFormat(Protocol):
     def clean_reply(self, text: str) -> str:
         """The final touch on a finished reply (e.g. ChatGLM's punctuation)."""
         ...
+
+
+class ModelGate(Protocol):
+    """What lets a change to the loaded model happen: ``exclusive`` waits for the running
+    replies (``on_wait(n)`` first, when n run) and keeps new ones out until it ends."""
+
+    def exclusive(self, on_wait: Callable[[int], None] | None = None) -> AbstractContextManager[None]: ...

@@ -57,19 +57,13 @@ async def health(request: Request) -> dict[str, Any]:
     backend = state_of(request).backend
     status = backend.status()
     ready = status is not None and not backend.loading()
-    queue = backend.queue
     batching = backend.batching_status()
     return {
         "status": "ready" if ready else "loading",
         "model": status.name if status else None,
         "device": status.placement.describe() if status else None,
         "context_length": status.context_length if status else None,
-        "replies": {
-            "running": batching["running"],
-            "waiting": max(queue.admitted - batching["running"], 0),
-            "max_waiting": queue.max_waiting,
-            "tokens_generated": queue.tokens_generated,
-        },
+        "replies": backend.replies_status(),
         "batching": {key: batching[key] for key in ("enabled", "max_batch", "why_not")},
         "prefix_cache": _prefix_cache_figures(backend),
     }

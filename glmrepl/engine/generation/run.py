@@ -1,9 +1,11 @@
-"""Streaming generation with cancellation and timing.
+"""One reply's decoding: its state, its text deltas, and a stretch of it decoded alone.
 
-``model.generate`` runs in a worker thread; tokens come back through a queue
-and are turned into text deltas here, in the caller's thread. Cancelling sets
-an event that a stopping criterion checks after every token, so Ctrl-C stops
-a reply within one decoding step and leaves the model ready for the next.
+The scheduler (scheduler.py) decides when and how a run decodes: alone, in
+stretches of ``model.generate`` that continue from the run's own cache, or in
+the batch. Whatever the path, tokens come back through the run's queue and are
+turned into text deltas here, in the consumer's thread. Cancelling sets an
+event that a stopping criterion checks after every token, so Ctrl-C stops a
+reply within one decoding step and leaves the model ready for the next.
 """
 
 from __future__ import annotations
@@ -11,15 +13,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
-from ..cpu.machine import release_thread_pool
 from ..errors import GenerationError, Hint, first_line
 from ..protocols import Tokenizer
 from ..status import GenerationStats
 
 _DONE = object()
+
+
+class RunQueue(Protocol):
+    """Who decodes runs (scheduler.Scheduler)."""
+
+    def submit(self, run: GenerationRun) -> None: ...
+
+    def cancelled(self, run: GenerationRun) -> None: ...
 
 
 class IncrementalDecoder:
@@ -59,65 +68,13 @@ class IncrementalDecoder:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
 
-class _QueueStreamer:
-    """transformers streamer protocol: ``put`` gets the prompt first, then each new token."""
-
-    def __init__(self, sink: queue.Queue):
-        self.sink = sink
-        self.saw_prompt = False
-
-    def put(self, value: Any) -> None:
-        if not self.saw_prompt:
-            self.saw_prompt = True
-            return
-        # Stamped here, where the token is made: the consumer may wake later.
-        self.sink.put((time.perf_counter(), value.reshape(-1).tolist()))
-
-    def end(self) -> None:
-        pass
-
-
-def _cancel_criterion(cancel: threading.Event):
-    from transformers import StoppingCriteria
-
-    class CancelOnEvent(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return CancelOnEvent()
-
-
-class _Worker:
-    """One long-lived thread that runs every generation.
-
-    torch keeps a pool of compute threads per calling thread; a fresh thread
-    per reply would build that pool again before each first token.
-    """
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue = queue.Queue()
-        self.thread: threading.Thread | None = None
-        self.lock = threading.Lock()
-
-    def submit(self, job) -> None:
-        with self.lock:
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._serve, name="glmrepl-generate", daemon=True)
-                self.thread.start()
-        self.jobs.put(job)
-
-    def _serve(self) -> None:
-        while True:
-            self.jobs.get()()
-
-
-_WORKER = _Worker()
-
-
 class GenerationRun:
-    """One reply being generated. Iterate it for text deltas; ``stats`` after."""
+    """One reply being generated. Iterate it for text deltas; ``stats`` after.
+
+    The consumer's side (iteration, ``text``, ``stats``) and the scheduler's side (``emit``,
+    ``finish``, ``made``, the cache it continues from) meet only in the token queue and the
+    ``done`` event: the scheduler touches the model for this run until ``done`` is set.
+    """
 
     def __init__(
         self,
@@ -128,48 +85,84 @@ class GenerationRun:
         stop_ids: list[int],
         seed: int | None = None,
         reuse: Any = None,
+        scheduler: RunQueue | None = None,
     ):
-        """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids."""
+        """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids.
+        ``scheduler``: who decodes it (scheduler.private_scheduler() for a run of its own)."""
         self.model = model
         self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_ids = prompt_ids
         self.generate_kwargs = generate_kwargs
+        self.max_new_tokens: int = generate_kwargs.get("max_new_tokens") or 0
         self.stop_ids = stop_ids
         self.seed = seed
         self.cancel_event = threading.Event()
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.reuse = reuse
-        self.cache: Any = None  # the model's cache after the reply, when it ended without an error
+        self.scheduler = scheduler
+        self.may_batch = False  # the scheduler may decode it in a batch (its model can batch)
+        self.cache: Any = None  # the model's cache after the reply, when it ended alone without an error
+        # The scheduler's side: ids made so far, the random state of a seeded run between stretches.
+        self.made: list[int] = []
+        self.rng_state: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
         self._tokens: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._worker_done = threading.Event()
 
+    # -- the scheduler's side ------------------------------------------------------
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.made)
+
+    def emit(self, ids: list[int], made_at: float) -> None:
+        self.made.extend(ids)
+        self._tokens.put((made_at, ids))
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The scheduler is done with this run (it ended, failed or was cancelled)."""
+        if self.done.is_set():
+            return
+        self.error = error
+        self._tokens.put(_DONE)
+        self.done.set()
+
+    def ended(self) -> bool:
+        """Nothing more to decode: cancelled, a stop id made, or the length reached."""
+        if self.cancel_event.is_set() or self.remaining <= 0:
+            return True
+        return bool(self.made) and self.made[-1] in self.stop_ids
+
+    # -- the consumer's side -------------------------------------------------------
     def cancel(self) -> None:
         self.cancel_event.set()
+        if self.scheduler is not None:
+            self.scheduler.cancelled(self)
 
     def __iter__(self) -> Iterator[str]:
+        if self.scheduler is None:
+            raise GenerationError("a run needs a scheduler to decode it")
         self._started = time.perf_counter()
-        _WORKER.submit(self._work)
+        self.scheduler.submit(self)
         try:
             yield from self._deltas()
         finally:
             # Reached on normal end, on an error in the consumer and on
-            # KeyboardInterrupt: the worker must stop before the model is reused.
-            self._stop_worker()
-        if self._error is not None:
-            raise self._error
+            # KeyboardInterrupt: the scheduler must be done with the run before its cache is used.
+            self._wait_done()
+        if self.error is not None:
+            raise self.error
 
     _finished = False
     _started = 0.0
     _last_token_at = 0.0
 
-    def _stop_worker(self) -> None:
+    def _wait_done(self) -> None:
         if not self._finished:
-            self.cancel_event.set()
-        while not self._worker_done.is_set():
+            self.cancel()
+        while not self.done.is_set():
             try:
-                self._worker_done.wait()
-            except KeyboardInterrupt:  # a second Ctrl-C: the worker is already stopping
+                self.done.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: the run is already stopping
                 continue
         if self._finished and self._last_token_at:
             self.stats.total_s = self._last_token_at - self._started
@@ -217,49 +210,120 @@ class GenerationRun:
         self._classify_stop()
 
     def _classify_stop(self) -> None:
-        classify_stop(self.stats, self.cancel_event, self.stop_ids, self.generate_kwargs.get("max_new_tokens"))
+        classify_stop(self.stats, self.cancel_event, self.stop_ids, self.max_new_tokens or None)
 
-    def _work(self) -> None:
-        try:
-            self._generate()
-        except BaseException as error:  # handed to the consumer thread
-            self._error = _translate_error(error)
-        finally:
-            release_thread_pool()
-            self._tokens.put(_DONE)
-            self._worker_done.set()
 
-    def _generate(self) -> None:
-        import torch
+class _RunStreamer:
+    """transformers' streamer protocol: ``put`` gets the prompt first, then each new token."""
 
-        from ..cpu.machine import apply_threads
-        from ..quant.layers import decode_path
-        from .nucleus import cheaper_nucleus
+    def __init__(self, run: GenerationRun):
+        self.run = run
+        self.saw_prompt = False
 
-        apply_threads()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-        device = _input_device(self.model)
-        input_ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
-        pad = self.stop_ids[0] if self.stop_ids else None
-        reused = self.reuse.cache if self.reuse is not None else None
-        # generate reads only the ids past the given cache's length
-        continued = {"cache": reused} if reused is not None else {}
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                streamer=_QueueStreamer(self._tokens),
-                stopping_criteria=[_cancel_criterion(self.cancel_event)],
-                eos_token_id=self.stop_ids or None,
-                pad_token_id=pad,
-                return_dict_in_generate=True,
-                **continued,
-                **cheaper_nucleus(self.generate_kwargs),
-            )
-        self.stats.reused_tokens = self.reuse.tokens if reused is not None else 0
-        self.cache = getattr(output, "cache", None)
-        self.stats.path = decode_path(self.model)  # after: a kernel failing mid-reply changes it
+    def put(self, value: Any) -> None:
+        if not self.saw_prompt:
+            self.saw_prompt = True
+            return
+        # Stamped here, where the token is made: the consumer may wake later.
+        self.run.emit(value.reshape(-1).tolist(), time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _stop_criterion(run: GenerationRun, should_yield: Callable[[int], bool]):
+    """Stops generate when the run is cancelled, or when the scheduler wants the model back
+    (``should_yield(tokens made in this stretch)``)."""
+    from transformers import StoppingCriteria
+
+    class StopOrYield(StoppingCriteria):
+        def __init__(self) -> None:
+            self.made = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            self.made += 1
+            stop = run.cancel_event.is_set() or should_yield(self.made)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return StopOrYield()
+
+
+def decode_alone(run: GenerationRun, should_yield: Callable[[int], bool]) -> bool:
+    """Decode ``run`` on this thread, one sequence, until it ends or ``should_yield`` says the
+    scheduler wants the model back. Returns whether the run ended. A later stretch continues
+    from the run's cache (and, when seeded, its random state), so stretches make the tokens
+    one ``generate`` would."""
+    try:
+        _generate_stretch(run, should_yield)
+    except BaseException as error:  # handed to the consumer thread
+        run.cache = None
+        run.finish(translate_error(error))
+        return True
+    return run.ended()
+
+
+def _generate_stretch(run: GenerationRun, should_yield: Callable[[int], bool]) -> None:
+    import torch
+
+    from ..cpu.machine import apply_threads
+    from ..quant.layers import decode_path
+    from .nucleus import cheaper_nucleus
+
+    apply_threads()
+    first = not run.made and run.cache is None
+    _restore_random_state(run, first)
+    ids = run.prompt_ids + run.made
+    device = _input_device(run.model)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    cache = run.cache if not first else (run.reuse.cache if run.reuse is not None else None)
+    # generate reads only the ids past the given cache's length
+    continued = {"cache": cache} if cache is not None else {}
+    kwargs = dict(run.generate_kwargs, max_new_tokens=run.remaining)
+    if "min_new_tokens" in kwargs:
+        kwargs["min_new_tokens"] = max(0, kwargs["min_new_tokens"] - len(run.made))
+    pad = run.stop_ids[0] if run.stop_ids else None
+    with torch.inference_mode():
+        output = run.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=_RunStreamer(run),
+            stopping_criteria=[_stop_criterion(run, should_yield)],
+            eos_token_id=run.stop_ids or None,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            **continued,
+            **cheaper_nucleus(kwargs),
+        )
+    if first:
+        run.stats.reused_tokens = run.reuse.tokens if cache is not None else 0
+    run.cache = getattr(output, "cache", None)
+    if run.seed is not None:
+        run.rng_state = _random_state()
+    run.stats.path = decode_path(run.model)  # after: a kernel failing mid-reply changes it
+
+
+def _restore_random_state(run: GenerationRun, first: bool) -> None:
+    """A seeded run draws from its own sequence, whatever ran between its stretches."""
+    import torch
+
+    if run.seed is None:
+        return
+    if first or run.rng_state is None:
+        torch.manual_seed(run.seed)
+        return
+    cpu, cuda = run.rng_state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _random_state() -> tuple[Any, Any]:
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
 
 
 def classify_stop(stats: GenerationStats, cancel: threading.Event, stop_ids: list[int], limit: int | None) -> None:
@@ -278,7 +342,7 @@ def _input_device(model: Any):
     return embeddings.weight.device if embeddings is not None else model.device
 
 
-def _translate_error(error: BaseException) -> BaseException:
+def translate_error(error: BaseException) -> BaseException:
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):

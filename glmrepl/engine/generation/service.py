@@ -3,17 +3,15 @@
 ``plan_reply`` formats a conversation with the loaded model's prompt format,
 fits it into the context (policy chosen by the front end: the REPL drops the
 oldest turns, the API refuses), turns settings into generation arguments,
-takes a place in the generation queue and a shared lease on the model. The
-returned ``Reply`` streams text deltas (stop strings applied), can be
-cancelled from any thread, and gives back its queue place and lease when it
-ends. ``record_reply`` keeps the finished reply in a ChatSession.
+takes a place with the scheduler that owns the model. The returned ``Reply``
+streams text deltas (stop strings applied), can be cancelled from any thread,
+and gives its place back when it ends. ``record_reply`` keeps the finished reply in a ChatSession.
 
 Nothing here knows about terminals or HTTP.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,7 +25,6 @@ from ..errors import (
     GlmreplError,
     MaxLengthExceeded,
     NoModelLoaded,
-    QueueFull,
     ToolsUnsupported,
 )
 from ..protocols import PromptFormat
@@ -60,49 +57,6 @@ def status_of(loaded: Any, serial: int) -> ModelStatus:
     )
 
 
-class GenerationQueue:
-    """Admission to the one generation worker: one reply runs, at most ``max_waiting`` wait.
-
-    ``max_waiting=None`` admits everyone (the REPL); the server bounds it and
-    answers 503 with a Retry-After estimated from how long recent replies took.
-    """
-
-    def __init__(self, max_waiting: int | None = None, slots: int = 1):
-        self.max_waiting = max_waiting
-        self.slots = slots  # replies that run at once (more than one when they decode in a batch)
-        self.tokens_generated = 0  # by the replies that ended, for /health and the tests
-        self.mean_reply_s: float | None = None  # moving average of the time a reply holds the worker
-        self._admitted = 0
-        self._lock = threading.Lock()
-
-    @property
-    def admitted(self) -> int:
-        """Replies planned and not yet finished (the running one included)."""
-        return self._admitted
-
-    def admit(self) -> None:
-        with self._lock:
-            if self.max_waiting is not None and self._admitted >= self.max_waiting + self.slots:
-                raise QueueFull(
-                    f"{self._admitted - self.slots} requests are already waiting for the model; retry shortly",
-                    self.retry_after_s(),
-                )
-            self._admitted += 1
-
-    def leave(self, tokens: int = 0, seconds: float | None = None) -> None:
-        with self._lock:
-            self._admitted -= 1
-            self.tokens_generated += tokens
-            if seconds is not None:
-                previous = self.mean_reply_s
-                self.mean_reply_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
-
-    def retry_after_s(self) -> int:
-        """Seconds until a place is likely free: one reply's time at the recent pace (1 to 600)."""
-        pace = self.mean_reply_s if self.mean_reply_s is not None else 1.0
-        return max(1, min(600, math.ceil(pace)))
-
-
 # -- planning -------------------------------------------------------------------
 
 
@@ -128,20 +82,14 @@ def plan_reply(
     MaxLengthExceeded when the prompt alone reaches it). ``force_call``: the reply is a call of
     that function ("": of any of the conversation's tools), begun in the prompt.
     """
-    manager, queue = backend.manager, backend.queue
-    queue.admit()
-    try:
-        manager.lease.acquire_shared()
-    except BaseException:
-        queue.leave()
-        raise
+    manager, scheduler = backend.manager, backend.scheduler
+    scheduler.admit()
     released = threading.Event()
 
     def release(tokens: int = 0, seconds: float | None = None) -> None:
         if not released.is_set():
             released.set()
-            manager.lease.release_shared()
-            queue.leave(tokens, seconds)
+            scheduler.leave(tokens, seconds)
 
     try:
         policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
@@ -166,7 +114,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
 
     if loaded is None:
         raise NoModelLoaded("no model is loaded")
-    prefixes, replies, batching = backend.prefixes, backend.replies, backend.batching
+    prefixes, replies, scheduler = backend.prefixes, backend.replies, backend.scheduler
     prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
     tools = None if policy.completion else conversation.tools
     if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:
@@ -200,7 +148,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
     if policy.max_length is not None:
         fitted = _within_max_length(fitted, policy.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
-    run: Any = GenerationRun(
+    run = GenerationRun(
         loaded.model,
         loaded.tokenizer,
         fitted.ids,
@@ -208,9 +156,9 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         prompt_format.stop_token_ids,
         seed=settings.get("seed"),
         reuse=prefixes.take(fitted.ids) if reusable else None,
+        scheduler=scheduler,
     )
-    if batching is not None:
-        run = batching.run_for(loaded, run, kwargs, settings.get("seed"))
+    run.may_batch = scheduler.why_not_batching(loaded) is None
 
     def keep_cache(reply: Reply) -> None:  # called while the reply still holds the model: all is for this model
         if not reusable:

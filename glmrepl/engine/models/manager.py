@@ -1,8 +1,10 @@
 """ModelManager: load, swap, move and free models; loads run in the background.
 
-Replies share the loaded model through a lease (``lease.shared()``); a move,
-quantize, format change or swap takes it exclusively, so it waits for the
-replies that are running and never changes weights under one.
+Every change to the model (a move, quantize, format change or swap) passes
+through the manager's ``gate``: the scheduler that owns the model
+(generation/scheduler.py) makes it wait for the replies that are running and
+never changes weights under one; a manager no scheduler serves (``glmrepl
+quantize``) changes one thing at a time.
 
 The steps of a load live in loading.py. A load never disturbs the current
 model unless memory forces it (see the swap policy below): it is built beside
@@ -22,73 +24,21 @@ from typing import Any
 from ..cpu.machine import release_freed_memory
 from ..devices.modes import Placement, move_model, plan_placement, sizing_dtype, weights_bytes_at
 from ..errors import DeviceError, GlmreplError, Hint, LoadCancelled, ModelLoadError, first_line
+from ..protocols import ModelGate
 from .checkpoint import inspect_checkpoint
 from .loading import LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo, choose_format, load_model  # noqa: F401 (re-exported)
 
 
-class ModelLease:
-    """A readers-writer lock on the loaded model.
+class SerialGate:
+    """Changes one at a time, for a manager that no scheduler serves."""
 
-    Replies hold it shared for as long as they stream; changes to the model
-    hold it alone. A change that is waiting stops new replies from starting,
-    so a steady stream of requests cannot put it off for ever.
-    """
-
-    def __init__(self, on_exclusive: Callable[[], None] | None = None) -> None:
-        self._on_exclusive = on_exclusive  # every change to the model passes here
-        self._changed = threading.Condition()
-        self._readers = 0
-        self._writing = False
-        self._writers_waiting = 0
-
-    @property
-    def readers(self) -> int:
-        return self._readers
-
-    def acquire_shared(self) -> None:
-        with self._changed:
-            while self._writing or self._writers_waiting:
-                self._changed.wait()
-            self._readers += 1
-
-    def release_shared(self) -> None:
-        with self._changed:
-            self._readers -= 1
-            self._changed.notify_all()
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        self.acquire_shared()
-        try:
-            yield
-        finally:
-            self.release_shared()
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
 
     @contextmanager
     def exclusive(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
-        """Wait for running replies to end, then hold the model alone.
-
-        ``on_wait(n)`` is called once, before waiting, when n replies are running.
-        """
-        running = self._readers
-        if running and on_wait is not None:
-            on_wait(running)
-        with self._changed:
-            self._writers_waiting += 1
-            try:
-                while self._readers or self._writing:
-                    self._changed.wait()
-                self._writing = True
-            finally:
-                self._writers_waiting -= 1
-        try:
-            if self._on_exclusive is not None:
-                self._on_exclusive()
+        with self._lock:
             yield
-        finally:
-            with self._changed:
-                self._writing = False
-                self._changed.notify_all()
 
 
 class ModelManager:
@@ -97,12 +47,19 @@ class ModelManager:
         self.job: LoadJob | None = None
         # What belongs to the model as it is (caches, a batch) goes through these on every change.
         self.change_hooks: list[Callable[[], None]] = []
-        self.lease = ModelLease(on_exclusive=self._model_changing)
+        # Who lets a change happen: the scheduler once a backend serves this manager.
+        self.gate: ModelGate = SerialGate()
         self.serial = 0  # counts installed models, so front ends notice a swap
         self._lock = threading.Lock()
 
+    @contextmanager
+    def changing(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
+        """Hold the model alone for a change; what belongs to the old state goes first."""
+        with self.gate.exclusive(on_wait):
+            self._model_changing()
+            yield
+
     def _model_changing(self) -> None:
-        """Every change to the model passes here, holding the lease alone: what belongs to the old state goes."""
         if self.current is not None:
             forget_decode_plan(self.current.model)
         for hook in self.change_hooks:
@@ -167,7 +124,7 @@ class ModelManager:
             self.unload()
 
     def _install(self, loaded: LoadedModel) -> None:
-        with self.lease.exclusive():
+        with self.changing():
             with self._lock:
                 old, self.current = self.current, loaded
                 self.serial += 1
@@ -175,7 +132,7 @@ class ModelManager:
         free_memory()
 
     def unload(self) -> None:
-        with self.lease.exclusive():
+        with self.changing():
             with self._lock:
                 self.current = None
                 self.serial += 1
@@ -184,7 +141,7 @@ class ModelManager:
     # -- changes to the loaded model -----------------------------------------
     def set_prompt_mode(self, mode: str | None) -> str:
         """Switch between the checkpoint's chat format and plain completion."""
-        with self.lease.exclusive():
+        with self.changing():
             loaded = self._require_model()
             loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
             return loaded.prompt_format.name
@@ -198,7 +155,7 @@ class ModelManager:
         The old placement's memory is given back (hooks removed, caches
         emptied); if the move fails the model returns to where it was.
         """
-        with self.lease.exclusive(on_wait):
+        with self.changing(on_wait):
             loaded = self._require_model()
             before = loaded.info.placement
             request = loaded.request or LoadOptions()
@@ -228,7 +185,7 @@ class ModelManager:
         group-wise scales for other models, see quantize_models)."""
         from .quantize import quantize_model
 
-        with self.lease.exclusive(on_wait):
+        with self.changing(on_wait):
             loaded = self._require_model()
             if loaded.adapter and loaded.adapter.info.kind == "lora" and not loaded.adapter.merged:
                 raise GlmreplError("a LoRA adapter is on the layers: take it off, quantize, then put it on again")
@@ -242,7 +199,7 @@ class ModelManager:
         was when the adapter does not fit. Waits for running replies. Returns the adapter now in use, or None."""
         from .adapters import swap_adapter
 
-        with self.lease.exclusive(on_wait):
+        with self.changing(on_wait):
             loaded = self._require_model()
             loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
             if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back

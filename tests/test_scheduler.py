@@ -1,0 +1,105 @@
+"""The scheduler that owns the model: a newcomer never waits for another's whole reply, a reply
+decoded in stretches or moved into the batch is the reply it would be alone. Every step of the
+model passes a gate the test opens one step at a time (gated.py): no sleeps, no retries."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from gated import StepGate
+
+from glmrepl.engine.backend import LocalBackend
+from glmrepl.engine.generation.run import GenerationRun
+from glmrepl.engine.generation.scheduler import STRETCH_TOKENS
+from glmrepl.engine.models.loading import LoadOptions
+
+
+@pytest.fixture
+def backend(qwen_checkpoint):
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(qwen_checkpoint, "qwen"))
+    yield backend
+    backend.stop()
+
+
+def make_run(backend: LocalBackend, text: str, tokens: int, seed: int | None = None) -> GenerationRun:
+    """A reply that runs to ``tokens`` (no stop ids), greedy unless seeded."""
+    loaded = backend.manager.current
+    ids = loaded.prompt_format.build([{"role": "user", "content": text}])
+    sampling = {"do_sample": True, "temperature": 0.9, "top_k": 50} if seed is not None else {"do_sample": False}
+    run = GenerationRun(
+        loaded.model, loaded.tokenizer, ids, {"max_new_tokens": tokens, **sampling}, [], seed, None, backend.scheduler
+    )
+    run.may_batch = backend.scheduler.why_not_batching(loaded) is None
+    return run
+
+
+def alone(backend: LocalBackend, text: str, tokens: int, seed: int | None = None) -> list[int]:
+    run = make_run(backend, text, tokens, seed)
+    "".join(run)
+    return run.stats.new_ids
+
+
+def start(run: GenerationRun) -> threading.Thread:
+    thread = threading.Thread(target=lambda: "".join(run), daemon=True)
+    thread.start()
+    return thread
+
+
+def newcomer_beside_a_long_reply(backend: LocalBackend) -> tuple[GenerationRun, GenerationRun, int]:
+    """A 60-token reply runs; after its third token a 3-token reply arrives. Returns both and
+    the steps the newcomer took to finish."""
+    model = backend.manager.current.model
+    with StepGate(model) as gate:
+        long = make_run(backend, "Tell me everything about dragons", 60)
+        threads = [start(long)]
+        gate.step_until(lambda: len(long.made) >= 3, most=10)
+        short = make_run(backend, "hi", 3)
+        threads.append(start(short))
+        steps = gate.step_until(short.done.is_set, most=20)
+        assert len(long.made) < 3 + STRETCH_TOKENS  # the long reply did not run on meanwhile
+        gate.step_until(long.done.is_set, most=80)
+    for thread in threads:
+        thread.join(60)
+    return long, short, steps
+
+
+def test_a_newcomer_takes_turns_with_a_long_reply_and_both_are_as_alone(backend):
+    expected = alone(backend, "Tell me everything about dragons", 60), alone(backend, "hi", 3)
+    long, short, steps = newcomer_beside_a_long_reply(backend)
+    assert steps <= 5  # the long reply's step under way, then the newcomer's three
+    assert (long.stats.new_ids, short.stats.new_ids) == expected  # a stretch continues exactly
+    assert "continuous batching" not in long.stats.path
+
+
+def test_a_newcomer_moves_the_long_reply_into_the_batch_and_both_are_as_alone(backend):
+    expected = alone(backend, "Tell me everything about dragons", 60), alone(backend, "hi", 3)
+    backend.enable_batching(8)
+    long, short, steps = newcomer_beside_a_long_reply(backend)
+    assert steps <= 6
+    assert (long.stats.new_ids, short.stats.new_ids) == expected
+    assert "continuous batching" in long.stats.path and "continuous batching" in short.stats.path
+
+
+def test_a_seeded_newcomer_takes_turns_with_the_batch_without_stopping_it(backend):
+    greedy_texts = ["Tell me everything about dragons", "and about castles"]
+    expected = [alone(backend, text, 40) for text in greedy_texts]
+    expected_seeded = alone(backend, "pick a number", 5, seed=11)
+    backend.enable_batching(8)
+    model = backend.manager.current.model
+    with StepGate(model) as gate:
+        batched = [make_run(backend, text, 40) for text in greedy_texts]
+        threads = [start(run) for run in batched]
+        gate.step_until(lambda: all(len(run.made) >= 2 for run in batched), most=10)
+        seeded = make_run(backend, "pick a number", 5, seed=11)
+        threads.append(start(seeded))
+        gate.step_until(seeded.done.is_set, most=20)
+        assert max(len(run.made) for run in batched) < 40 - 10  # the batch did not finish first
+        gate.step_until(lambda: all(run.done.is_set() for run in batched), most=80)
+    for thread in threads:
+        thread.join(60)
+    assert [run.stats.new_ids for run in batched] == expected
+    assert seeded.stats.new_ids == expected_seeded  # its own random sequence, whatever ran between
+    assert all("continuous batching" in run.stats.path for run in batched)
+    assert "continuous batching" not in seeded.stats.path
