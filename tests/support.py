@@ -8,8 +8,26 @@ from pathlib import Path
 from glmrepl.engine.backend import LocalBackend
 from glmrepl.engine.conversation.chat import ChatSession
 from glmrepl.engine.models.loading import LoadOptions
+from glmrepl.engine.request import FitPolicy, GenerateRequest, SamplingParams
 from glmrepl.engine.settings import Settings
 from glmrepl.repl.app import App
+
+
+def request(
+    conversation: ChatSession,
+    settings: Settings | None = None,
+    *,
+    stop=(),
+    drop_oldest: bool = True,
+    shorten_reply: bool = True,
+    max_length: int | None = None,
+    completion: bool = False,
+    force_call: str | None = None,
+) -> GenerateRequest:
+    """The engine request a test means: the settings resolved as the REPL resolves them."""
+    sampling = SamplingParams.from_settings(settings or Settings())
+    fit = FitPolicy(drop_oldest, shorten_reply, max_length)
+    return GenerateRequest(conversation, sampling, tuple(stop), fit, completion, force_call)
 
 
 def make_app(models_dir: Path | None = None, **settings) -> App:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from chatglm_reference import DATA
+from support import request
 
 from glmrepl.engine.backend import LocalBackend
 from glmrepl.engine.conversation.chat import ChatSession
@@ -26,7 +27,7 @@ def load(path, name) -> LocalBackend:
 def answer(backend: LocalBackend, question: str, new_tokens: int = 16, **settings):
     session = ChatSession()
     session.add_user(question)
-    reply = backend.plan_reply(session, Settings({"do_sample": False, "max_new_tokens": new_tokens, **settings}))
+    reply = backend.generate(request(session, Settings({"do_sample": False, "max_new_tokens": new_tokens, **settings})))
     with reply:
         streamed = "".join(reply)
     return reply.stats.new_ids, streamed, reply.text, reply.stats.path
@@ -121,7 +122,7 @@ def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish
             session = ChatSession()
             session.add_user(question)
             sessions.append(session)
-        replies = [backend.plan_reply(s, Settings({"do_sample": False, "max_new_tokens": 60})) for s in sessions]
+        replies = [backend.generate(request(s, Settings({"do_sample": False, "max_new_tokens": 60}))) for s in sessions]
         iterators = [iter(r) for r in replies]
         texts = ["", "", ""]
         # Start all three (each takes its lane on its first delta), then cancel the second.

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pytest
 from chatglm_reference import DATA, as_messages, chat_history_reply, expected, greedy_reply
+from support import request
 
 from glmrepl.engine.backend import LocalBackend
+from glmrepl.engine.contract import record_reply
 from glmrepl.engine.conversation.chat import ChatSession
-from glmrepl.engine.generation.service import record_reply
 from glmrepl.engine.models.loading import LoadOptions
 from glmrepl.engine.settings import Settings
 
@@ -35,7 +36,7 @@ def loaded_backend(family: str) -> LocalBackend:
 
 def answer(backend: LocalBackend, session: ChatSession, max_new_tokens: int):
     """One greedy turn as the REPL runs it: plan, stream, record. Returns the reply and its deltas."""
-    reply = backend.plan_reply(session, Settings({"max_new_tokens": max_new_tokens, "do_sample": False}))
+    reply = backend.generate(request(session, Settings({"max_new_tokens": max_new_tokens, "do_sample": False})))
     with reply:
         streamed = "".join(reply)
     record_reply(session, reply)
@@ -103,7 +104,7 @@ def test_a_reply_cut_by_a_stop_string_is_kept_as_shown(backends):
     session = ChatSession()
     session.add_user(expected("glm4")["cases"][3]["query"])
     settings = Settings({"max_new_tokens": 6, "do_sample": False})
-    with backends["glm4"].plan_reply(session, settings, stop=["问我"]) as reply:
+    with backends["glm4"].generate(request(session, settings, stop=["问我"])) as reply:
         "".join(reply)
     assert reply.stopped_by_string and "问我" not in record_reply(session, reply)
     assert session.messages[-1].kept is None

@@ -11,6 +11,7 @@ from glmrepl.engine.conversation.chat import ChatSession, Message
 from glmrepl.engine.conversation.stops import StopStrings
 from glmrepl.engine.errors import QueueFull
 from glmrepl.engine.generation.scheduler import Scheduler
+from glmrepl.engine.request import SamplingParams
 from glmrepl.engine.settings import Settings
 
 
@@ -107,9 +108,12 @@ def test_retry_after_follows_how_long_replies_take():
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-39, 1e-30, 9e-6])
 def test_a_temperature_next_to_zero_is_greedy(temperature):
-    kwargs = Settings({"temperature": temperature, "do_sample": True}).generation_kwargs()
+    kwargs = SamplingParams.from_settings(Settings({"temperature": temperature, "do_sample": True})).generate_kwargs()
     assert kwargs["do_sample"] is False and kwargs["temperature"] is None
 
 
 def test_a_small_real_temperature_still_samples():
-    assert Settings({"temperature": 0.01, "do_sample": True}).generation_kwargs()["do_sample"] is True
+    assert (
+        SamplingParams.from_settings(Settings({"temperature": 0.01, "do_sample": True})).generate_kwargs()["do_sample"]
+        is True
+    )

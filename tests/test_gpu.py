@@ -11,7 +11,7 @@ DATA = Path(__file__).parent / "data" / "chatglm"
 
 def reply(app, text="hello"):
     app.session.add_user(text)
-    from glmrepl.engine.generation.service import record_reply
+    from glmrepl.engine.contract import record_reply
 
     reply = app.plan_reply()
     "".join(reply)

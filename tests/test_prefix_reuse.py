@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from chatglm_reference import DATA, reference_logits
+from support import request
 
 from glmrepl.engine.backend import LocalBackend
+from glmrepl.engine.contract import record_reply
 from glmrepl.engine.conversation.chat import ChatSession
 from glmrepl.engine.generation.prefix_cache import PrefixCache, crop_to
-from glmrepl.engine.generation.service import record_reply
 from glmrepl.engine.models.loading import LoadOptions
 from glmrepl.engine.settings import Settings
 
@@ -41,7 +42,7 @@ def load(path, name, **options) -> LocalBackend:
 def turn(backend: LocalBackend, session: ChatSession, max_new_tokens: int, fresh: bool):
     if fresh:
         backend.prefixes.clear()
-    reply = backend.plan_reply(session, Settings({"max_new_tokens": max_new_tokens, "do_sample": False}))
+    reply = backend.generate(request(session, Settings({"max_new_tokens": max_new_tokens, "do_sample": False})))
     with reply:
         "".join(reply)
     record_reply(session, reply)
@@ -225,8 +226,8 @@ def test_an_openai_client_resending_its_history_gets_the_saving_and_the_same_rep
             cached = answer.usage.prompt_tokens_details.cached_tokens
             assert (cached == 0) if index == 0 else (0 < cached < answer.usage.prompt_tokens), answer.usage
             alone.prefixes.clear()
-            reply = alone.plan_reply(
-                conversation_from_messages(messages), Settings({"max_new_tokens": 8, "do_sample": False})
+            reply = alone.generate(
+                request(conversation_from_messages(messages), Settings({"max_new_tokens": 8, "do_sample": False}))
             )
             with reply:
                 "".join(reply)

@@ -13,10 +13,11 @@ from email.utils import format_datetime
 
 import pytest
 from openai_stub import Canned, StubServer
+from support import request
 
+from glmrepl.engine.contract import record_reply
 from glmrepl.engine.conversation.chat import ChatSession
 from glmrepl.engine.errors import GlmreplError
-from glmrepl.engine.generation.service import record_reply
 from glmrepl.engine.remote.backend import RemoteBackend, normalize_url
 from glmrepl.engine.remote.errors import RemoteError
 from glmrepl.engine.settings import Settings
@@ -60,7 +61,7 @@ def test_a_reply_streams_records_and_sends_only_what_the_api_has(stub):
     settings = Settings(
         {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3, "seed": 11, "max_new_tokens": 30}
     )
-    reply = backend.plan_reply(session, settings)
+    reply = backend.generate(request(session, settings))
     assert list(reply) == ["Hello", " there", "!"]
     assert record_reply(session, reply) == "Hello there!"
     assert session.messages[-1].content == "Hello there!" and not session.messages[-1].cut
@@ -81,7 +82,7 @@ def test_a_reply_streams_records_and_sends_only_what_the_api_has(stub):
 
 def test_greedy_settings_send_temperature_zero_and_a_key_goes_as_bearer(stub):
     backend = connected(stub, api_key="sekrit")
-    list(backend.plan_reply(conversation(), Settings({"do_sample": False, "temperature": 0.9})))
+    list(backend.generate(request(conversation(), Settings({"do_sample": False, "temperature": 0.9}))))
     sent = stub.chat_requests()[-1]
     assert sent.body["temperature"] == 0 and "top_p" not in sent.body
     assert sent.headers["authorization"] == "Bearer sekrit"
@@ -92,7 +93,7 @@ def test_usage_from_the_server_and_client_side_timing(stub):
     stub.delay_s = 0.05
     backend = connected(stub)
     session = conversation()
-    reply = backend.plan_reply(session, Settings())
+    reply = backend.generate(request(session, Settings()))
     list(reply)
     stats = reply.stats
     assert stats.usage_from_server and (stats.prompt_tokens, stats.new_tokens) == (7, 3)
@@ -107,7 +108,7 @@ def test_usage_from_the_server_and_client_side_timing(stub):
 def test_without_usage_tokens_are_counted_as_chunks(stub):
     stub.usage = False
     backend = connected(stub)
-    reply = backend.plan_reply(conversation(), Settings())
+    reply = backend.generate(request(conversation(), Settings()))
     list(reply)
     assert not reply.stats.usage_from_server
     assert reply.stats.new_tokens == 3 and reply.stats.prompt_tokens is None
@@ -117,7 +118,7 @@ def test_a_server_that_rejects_stream_options_is_asked_again_without_them(stub):
     stub.reject_stream_options = True
     backend = connected(stub)
     for _ in range(2):
-        assert "".join(backend.plan_reply(conversation(), Settings())) == "Hello there!"
+        assert "".join(backend.generate(request(conversation(), Settings()))) == "Hello there!"
     bodies = [entry.body for entry in stub.chat_requests()]
     assert ["stream_options" in body for body in bodies] == [True, False, False]  # remembered after one refusal
 
@@ -126,7 +127,7 @@ def test_closing_a_reply_closes_the_stream_at_once_and_keeps_the_part(stub):
     stub.endless, stub.delay_s = True, 0.02
     backend = connected(stub)
     session = conversation()
-    reply = backend.plan_reply(session, Settings())
+    reply = backend.generate(request(session, Settings()))
     deltas = iter(reply)
     assert [next(deltas) for _ in range(4)] == ["Hello", " there", "!", "Hello"]
     reply.close()
@@ -139,7 +140,7 @@ def test_closing_a_reply_closes_the_stream_at_once_and_keeps_the_part(stub):
 def test_cancel_from_another_thread_ends_a_blocked_read(stub):
     stub.endless, stub.delay_s = True, 0.5
     backend = connected(stub)
-    reply = backend.plan_reply(conversation(), Settings())
+    reply = backend.generate(request(conversation(), Settings()))
     threading.Timer(0.8, reply.cancel).start()
     started = time.monotonic()
     received = list(reply)  # blocks in the socket read between chunks until cancel closes it
@@ -151,7 +152,7 @@ def test_cancel_from_another_thread_ends_a_blocked_read(stub):
 def test_a_connection_lost_mid_reply_is_one_line_and_the_next_reply_works(stub):
     stub.drop_after = 2
     backend = connected(stub)
-    reply = backend.plan_reply(conversation(), Settings())
+    reply = backend.generate(request(conversation(), Settings()))
     received = []
     with pytest.raises(
         RemoteError, match=r"^the connection to http://127\.0\.0\.1:\d+/v1 was lost mid-reply \("
@@ -160,7 +161,7 @@ def test_a_connection_lost_mid_reply_is_one_line_and_the_next_reply_works(stub):
             received.append(delta)
     assert received == ["Hello", " there"] and "\n" not in str(error.value)
     stub.drop_after = None
-    assert "".join(backend.plan_reply(conversation(), Settings())) == "Hello there!"
+    assert "".join(backend.generate(request(conversation(), Settings()))) == "Hello there!"
 
 
 def _http_date(seconds_from_now: int) -> str:
@@ -229,9 +230,9 @@ def test_http_failures_are_one_line_and_the_next_message_retries(stub, answer, a
     stub.queue(CHAT, answer)
     session = conversation()
     with pytest.raises(RemoteError, match=expected) as error:
-        backend.plan_reply(session, Settings())
+        backend.generate(request(session, Settings()))
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
-    assert "".join(backend.plan_reply(session, Settings())) == "Hello there!"  # the next one goes through
+    assert "".join(backend.generate(request(session, Settings()))) == "Hello there!"  # the next one goes through
 
 
 def sent_max_tokens(stub: StubServer) -> list:
@@ -242,7 +243,7 @@ def sent_max_tokens(stub: StubServer) -> list:
 def test_a_reply_too_long_for_the_context_is_asked_again_with_the_room_the_server_says_is_left(stub, words):
     stub.context_length, stub.prompt_tokens, stub.refusal_words, stub.finish_reason = 100, 30, words, "length"
     backend = connected(stub)
-    reply = backend.plan_reply(conversation(), Settings({"max_new_tokens": 512}))
+    reply = backend.generate(request(conversation(), Settings({"max_new_tokens": 512})))
     assert "".join(reply) == "Hello there!"
     assert sent_max_tokens(stub) == [512, 70]
     assert (reply.max_new_tokens, reply.requested_max_new_tokens) == (70, 512)
@@ -252,7 +253,7 @@ def test_a_reply_too_long_for_the_context_is_asked_again_with_the_room_the_serve
 def test_a_refusal_without_numbers_is_asked_again_without_max_tokens(stub):
     stub.context_length, stub.prompt_tokens, stub.refusal_words = 100, 30, "bare"
     backend = connected(stub)
-    assert "".join(backend.plan_reply(conversation(), Settings({"max_new_tokens": 512}))) == "Hello there!"
+    assert "".join(backend.generate(request(conversation(), Settings({"max_new_tokens": 512})))) == "Hello there!"
     assert sent_max_tokens(stub) == [512, "none"]  # the server picks the reply's length itself
 
 
@@ -262,7 +263,7 @@ def test_the_context_in_the_model_card_caps_max_tokens(stub):
     backend = connected(stub)
     assert backend.status().context_length == 100
     for max_new_tokens in (512, 50):
-        assert "".join(backend.plan_reply(conversation(), Settings({"max_new_tokens": max_new_tokens})))
+        assert "".join(backend.generate(request(conversation(), Settings({"max_new_tokens": max_new_tokens}))))
     assert sent_max_tokens(stub) == [100, 70, 50]  # never more than the context; a setting that fits as it is
 
 
@@ -271,7 +272,7 @@ def test_a_prompt_longer_than_the_context_is_one_line(stub, words, requests):
     stub.context_length, stub.prompt_tokens, stub.refusal_words = 100, 120, words
     backend = connected(stub)
     with pytest.raises(RemoteError, match=r"^the server refused the conversation: .*\(/clear or /undo makes room\)$"):
-        backend.plan_reply(conversation(), Settings({"max_new_tokens": 512}))
+        backend.generate(request(conversation(), Settings({"max_new_tokens": 512})))
     assert len(stub.chat_requests()) == requests  # asked again only when the server did not say the prompt's size
 
 
@@ -312,7 +313,7 @@ def test_an_unreachable_server_is_one_line_and_a_later_message_connects(stub):
     assert str(job.error).startswith("cannot reach") and down.status().name == "org/wanted"  # asked for later
     up = RemoteBackend(stub.url)  # a message with no model chosen yet asks the server for its first one
     assert up.status().name == "no model chosen yet"
-    assert "".join(up.plan_reply(conversation(), Settings())) == "Hello there!"
+    assert "".join(up.generate(request(conversation(), Settings()))) == "Hello there!"
     assert up.status().name == "stub-model"
 
 

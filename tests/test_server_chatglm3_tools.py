@@ -47,14 +47,14 @@ def served(tmp_path_factory):
     backend.load_and_wait(LoadOptions(mode="cpu").for_model(folder, "chatglm3-caller"))
     assert backend.manager.current.info.family == "chatglm3"
     sent: list[list[int]] = []
-    plan = backend.plan_reply
+    plan = backend.generate
 
-    def recording_plan(conversation, settings, **policy):  # the server exposes no prompt: read it here
-        reply = plan(conversation, settings, **policy)
+    def recording_plan(request):  # the server exposes no prompt: read it here
+        reply = plan(request)
         sent.append(list(reply.prompt_ids))
         return reply
 
-    backend.plan_reply = recording_plan
+    backend.generate = recording_plan
     with InProcessServer(create_app(ServerState(backend))) as server:
         yield server, backend, sent
 

@@ -106,6 +106,7 @@ def test_chatglm_families_serve_with_their_own_format_and_stop_ids(family):
     from glmrepl.engine.backend import LocalBackend
     from glmrepl.engine.generation.service import conversation_from_messages
     from glmrepl.engine.models.loading import LoadOptions
+    from glmrepl.engine.request import API_FIT, GenerateRequest
     from glmrepl.server.app import create_app
     from glmrepl.server.state import ServerState
 
@@ -115,8 +116,8 @@ def test_chatglm_families_serve_with_their_own_format_and_stop_ids(family):
     state = ServerState(backend)
     messages = [{"role": "user", "content": "你好"}]
     conversation = conversation_from_messages(messages)
-    settings = state.settings_for(backend.status(), max_tokens=6, temperature=0)
-    with backend.plan_reply(conversation, settings, drop_oldest=False) as reply:
+    sampling = state.sampling_for(backend.status(), max_tokens=6, temperature=0)
+    with backend.generate(GenerateRequest(conversation, sampling, fit=API_FIT)) as reply:
         expected = "".join(reply)
         expected_text = reply.text
     with InProcessServer(create_app(state)) as server:

@@ -149,15 +149,15 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode="cpu").for_model(tool_checkpoint, "tiny-caller"))
     prompts: list[str] = []
-    plan = backend.plan_reply
+    plan = backend.generate
 
-    def recording_plan(conversation, settings, **policy):  # the prompt text each request is given
-        reply = plan(conversation, settings, **policy)
+    def recording_plan(request):  # the prompt text each request is given
+        reply = plan(request)
         loaded = backend.manager.current
-        prompts.append(loaded.tokenizer.decode(loaded.prompt_format.build(conversation.as_dicts())))
+        prompts.append(loaded.tokenizer.decode(loaded.prompt_format.build(request.conversation.as_dicts())))
         return reply
 
-    backend.plan_reply = recording_plan
+    backend.generate = recording_plan
     with InProcessServer(create_app(ServerState(backend))) as server:
         client = _client(server)
         first = client.chat.completions.create(model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16)
@@ -317,20 +317,22 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode="cpu").for_model(DATA / f"{family}-tiny", family))
     prompts: list[str] = []
-    plan = backend.plan_reply
+    plan = backend.generate
 
     sent: list[list[int]] = []
 
-    def recording_plan(conversation, settings, **policy):
+    def recording_plan(request):
         loaded = backend.manager.current
         prompts.append(
-            loaded.tokenizer.decode(loaded.prompt_format.build(conversation.as_dicts()), skip_special_tokens=False)
+            loaded.tokenizer.decode(
+                loaded.prompt_format.build(request.conversation.as_dicts()), skip_special_tokens=False
+            )
         )
-        reply = plan(conversation, settings, **policy)
+        reply = plan(request)
         sent.append(reply.prompt_ids)
         return reply
 
-    backend.plan_reply = recording_plan
+    backend.generate = recording_plan
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     messages = [
         *QUESTION,

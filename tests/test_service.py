@@ -6,12 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
-from support import loaded_app
+from support import loaded_app, request
 
+from glmrepl.engine.contract import record_reply
 from glmrepl.engine.conversation.chat import ChatSession
 from glmrepl.engine.conversation.stops import StopStrings
 from glmrepl.engine.errors import ContextLengthExceeded, GlmreplError, QueueFull
-from glmrepl.engine.generation.service import conversation_from_messages, record_reply
+from glmrepl.engine.generation.service import conversation_from_messages
 from glmrepl.engine.settings import Settings
 
 
@@ -48,11 +49,13 @@ def test_stop_strings_cut_the_text_and_hold_back_a_possible_start():
 
 def test_a_stop_string_ends_the_reply_with_finish_reason_stop(qwen_app):
     backend = qwen_app.backend
-    free = backend.plan_reply(conversation("hello"), Settings({"temperature": 0, "max_new_tokens": 12}))
+    free = backend.generate(request(conversation("hello"), Settings({"temperature": 0, "max_new_tokens": 12})))
     full = "".join(free)
     assert free.finish_reason == "length" and len(full) > 4
     stop = full[2:4]
-    reply = backend.plan_reply(conversation("hello"), Settings({"temperature": 0, "max_new_tokens": 12}), stop=[stop])
+    reply = backend.generate(
+        request(conversation("hello"), Settings({"temperature": 0, "max_new_tokens": 12}), stop=[stop])
+    )
     streamed = "".join(reply)
     assert streamed == full[: full.index(stop)] == reply.text
     assert reply.finish_reason == "stop" and reply.stats.new_tokens < 12
@@ -62,15 +65,15 @@ def test_the_api_policy_refuses_what_the_repl_policy_shortens(qwen_app):
     backend = qwen_app.backend
     long_text = "word " * 600  # more than the tiny model's 512-token context
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 512 tokens") as caught:
-        backend.plan_reply(conversation(long_text), Settings(), drop_oldest=False, shorten_reply=False)
+        backend.generate(request(conversation(long_text), Settings(), drop_oldest=False, shorten_reply=False))
     assert caught.value.prompt_tokens > 512
     settings = Settings({"max_new_tokens": 500})
     with pytest.raises(ContextLengthExceeded, match="in the completion"):
-        backend.plan_reply(conversation("hi"), settings, drop_oldest=False, shorten_reply=False)
-    shortened = backend.plan_reply(conversation("hi"), settings, drop_oldest=False, shorten_reply=True)
+        backend.generate(request(conversation("hi"), settings, drop_oldest=False, shorten_reply=False))
+    shortened = backend.generate(request(conversation("hi"), settings, drop_oldest=False, shorten_reply=True))
     with shortened:
         assert shortened.max_new_tokens == 512 - shortened.prompt_tokens
-    kept = backend.plan_reply(conversation("word " * 300, "hi"), Settings({"max_new_tokens": 8}))
+    kept = backend.generate(request(conversation("word " * 300, "hi"), Settings({"max_new_tokens": 8})))
     with kept:
         assert kept.dropped_turns == 1  # the REPL's policy
     assert backend.scheduler.admitted == 0  # every plan gave its place back
@@ -81,12 +84,12 @@ def test_the_queue_bound_refuses_the_next_request_until_one_ends(qwen_checkpoint
 
     app = loaded_app(qwen_checkpoint)
     backend = LocalBackend(app.manager, max_queue=1)
-    running = backend.plan_reply(conversation("a"), app.settings)
-    waiting = backend.plan_reply(conversation("b"), app.settings)
+    running = backend.generate(request(conversation("a"), app.settings))
+    waiting = backend.generate(request(conversation("b"), app.settings))
     with pytest.raises(QueueFull, match="1 requests are already waiting"):
-        backend.plan_reply(conversation("c"), app.settings)
+        backend.generate(request(conversation("c"), app.settings))
     "".join(running)
-    third = backend.plan_reply(conversation("c"), app.settings)
+    third = backend.generate(request(conversation("c"), app.settings))
     "".join(waiting), "".join(third)
     assert backend.scheduler.admitted == 0
 
@@ -94,7 +97,7 @@ def test_the_queue_bound_refuses_the_next_request_until_one_ends(qwen_checkpoint
 def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
     app = loaded_app(qwen_checkpoint, max_new_tokens=40)
     backend = app.backend
-    reply = backend.plan_reply(conversation("hello"), app.settings)
+    reply = backend.generate(request(conversation("hello"), app.settings))
     said, moved = [], threading.Event()
     mover = threading.Thread(target=lambda: (backend.move("cpu", "bfloat16", on_wait=said.append), moved.set()))
     mover.start()
@@ -105,7 +108,7 @@ def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
     assert moved.wait(30)
     mover.join()
     assert backend.status().placement.describe() == "cpu bfloat16"
-    assert "".join(backend.plan_reply(conversation("again"), app.settings))
+    assert "".join(backend.generate(request(conversation("again"), app.settings)))
 
 
 def test_device_keeps_the_gpu_chosen_at_load(qwen_checkpoint, monkeypatch):
@@ -144,7 +147,7 @@ def test_messages_from_an_api_become_a_conversation():
 
 def test_a_cancelled_reply_is_recorded_as_cut(qwen_app):
     session = conversation("hello")
-    reply = qwen_app.backend.plan_reply(session, Settings({"temperature": 0, "max_new_tokens": 50}))
+    reply = qwen_app.backend.generate(request(session, Settings({"temperature": 0, "max_new_tokens": 50})))
     for _ in reply:
         reply.cancel()
     assert reply.finish_reason == "cancelled" and reply.stats.new_tokens < 50
@@ -157,7 +160,7 @@ def test_an_empty_prompt_is_refused_before_generating(gpt2_checkpoint):
 
     app = loaded_app(gpt2_checkpoint)
     with pytest.raises(EmptyPrompt, match="the prompt is empty"):
-        app.backend.plan_reply(conversation(""), app.settings)
+        app.backend.generate(request(conversation(""), app.settings))
     assert app.backend.scheduler.admitted == 0
 
 
@@ -167,7 +170,7 @@ def test_the_repl_says_that_a_move_waits_for_a_running_reply(qwen_checkpoint):
     app = loaded_app(qwen_checkpoint, max_new_tokens=30)
     said = []
     app.notify = said.append
-    reply = app.backend.plan_reply(conversation("hello"), app.settings)  # as a server's request would hold it
+    reply = app.backend.generate(request(conversation("hello"), app.settings))  # as a server's request would hold it
     result = {}
     command = threading.Thread(target=lambda: result.update(out=TABLE.dispatch(app, "/device cpu bfloat16")))
     command.start()

@@ -1,5 +1,6 @@
 import pytest
 
+from glmrepl.engine.request import SamplingParams
 from glmrepl.engine.settings import SETTINGS, Settings
 
 
@@ -33,11 +34,11 @@ def test_layers_user_beats_family_beats_checkpoint_beats_default():
 
 def test_temperature_zero_means_greedy_and_clears_sampling_flags():
     settings = Settings({"temperature": 0})
-    kwargs = settings.generation_kwargs()
+    kwargs = SamplingParams.from_settings(settings).generate_kwargs()
     assert kwargs["do_sample"] is False
     assert kwargs["temperature"] is None and kwargs["top_p"] is None
     settings.set("temperature", "0.7")
-    kwargs = settings.generation_kwargs()
+    kwargs = SamplingParams.from_settings(settings).generate_kwargs()
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.7
 
 

@@ -151,7 +151,7 @@ def load_or_report(app, target: str | None) -> bool:
     from ..engine import GlmreplError
     from ..repl.hints import explain, flag_words
 
-    if hasattr(app.backend, "select_model"):
+    if app.backend.can("server_models"):
         return _choose_on_server(app, target)
     if target is None:
         print("error: give a MODEL (a checkpoint folder or name) for non-interactive use", file=sys.stderr)

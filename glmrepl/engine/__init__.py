@@ -8,8 +8,12 @@ one concern (see its own docstring), layered from the bottom up:
     quant, devices  quantized and fused layers; device modes and placement
     families      checkpoints transformers has no class for (ChatGLM)
     models        checkpoint folders, the catalog, loading, the model manager, adapters
-    generation    runs, batching, prefix caches, replies, perplexity
+    generation    the scheduler that owns the model, runs, batching, prefix caches, perplexity
+    contract      what a front end may ask of a backend (Backend, ReplyHandle, abilities)
     backend, remote  the engine in this process, and an OpenAI-compatible server as one
+
+A reply is asked for with a GenerateRequest (the conversation, SamplingParams, stop strings,
+a FitPolicy...) and comes back as a ReplyHandle.
 
 Nothing under this package imports prompt_toolkit or the web framework; torch and
 transformers are imported inside functions, so that a front end starts at once.
@@ -17,7 +21,8 @@ transformers are imported inside functions, so that a front end starts at once.
 
 import os
 
-from .backend import Backend, LocalBackend
+from .backend import LocalBackend
+from .contract import ABILITIES, Backend, LoadProgress, ReplyHandle, record_reply
 from .conversation.chat import ChatSession, read_conversation, read_json_file, save_conversation
 from .conversation.tool_calls import ToolCall, normalize_tools
 from .cpu.machine import request_threads, threads_line
@@ -38,16 +43,19 @@ from .errors import (
 )
 from .families import ignored_family_override
 from .generation.perplexity import read_text
-from .generation.service import Reply, conversation_from_messages, record_reply
+from .generation.service import Reply, conversation_from_messages
 from .models.catalog import LISTING_COLUMNS, default_models_dir, find_checkpoints, listing_cells, resolve_model
 from .models.checkpoint import find_problems
 from .models.download import download_checkpoint, manifest_problems
 from .models.loading import LoadJob, LoadOptions
 from .remote.backend import RemoteBackend, ServerJob
+from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, SamplingParams
 from .settings import SETTINGS, Settings
 from .status import GenerationStats, ModelStatus
 
 __all__ = [
+    "ABILITIES",
+    "API_FIT",
     "DTYPES",
     "LISTING_COLUMNS",
     "MODES",
@@ -56,6 +64,8 @@ __all__ = [
     "ChatSession",
     "ContextLengthExceeded",
     "EmptyPrompt",
+    "FitPolicy",
+    "GenerateRequest",
     "GenerationStats",
     "GlmreplError",
     "Hint",
@@ -63,13 +73,17 @@ __all__ = [
     "LoadCancelled",
     "LoadJob",
     "LoadOptions",
+    "LoadProgress",
     "LocalBackend",
     "MaxLengthExceeded",
     "ModelStatus",
     "NoModelLoaded",
     "QueueFull",
+    "REPL_FIT",
     "RemoteBackend",
     "Reply",
+    "ReplyHandle",
+    "SamplingParams",
     "ServerJob",
     "Settings",
     "ToolCall",

@@ -1,10 +1,6 @@
-"""What a front end (the REPL, the HTTP server) may ask of the engine.
-
-``Backend`` is the protocol; ``LocalBackend`` serves it from a ModelManager
-in this process. Front ends talk to a backend only: they never hold the model,
-its tokenizer or its prompt format. Optional abilities (moving the model,
-quantizing it, the next-token table) are methods a backend may lack; front
-ends check with ``hasattr`` and say why when one is missing.
+"""The engine in this process: ``LocalBackend`` serves the Backend protocol (contract.py)
+from a ModelManager and the scheduler that owns its model. Front ends talk to a backend
+only: they never hold the model, its tokenizer or its prompt format.
 """
 
 from __future__ import annotations
@@ -12,8 +8,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
+from .contract import Abilities
 from .conversation.chat import ChatSession
 from .conversation.reply_tokens import ReplyTokens
 from .errors import GlmreplError
@@ -21,27 +18,13 @@ from .generation.prefix_cache import PrefixCache
 from .generation.scheduler import Scheduler, scheduler_for
 from .generation.service import ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
 from .models.loading import LoadJob, LoadOptions
-from .settings import Settings
+from .request import GenerateRequest
 
 
-@runtime_checkable
-class Backend(Protocol):
-    def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list: ...
-
-    def load(self, request: LoadOptions) -> LoadJob: ...
-
-    @property
-    def job(self) -> LoadJob | None: ...
-
-    def status(self) -> ModelStatus | None: ...
-
-    def plan_reply(self, conversation: ChatSession, settings: Settings, **policy) -> Reply: ...
-
-    def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None: ...
-
-
-class LocalBackend:
+class LocalBackend(Abilities):
     """The engine in this process: one ModelManager, and the scheduler that owns its model."""
+
+    abilities = frozenset({"move", "quantize", "adapters", "prompt_mode", "next_tokens", "perplexity", "memory_report"})
 
     def __init__(self, manager: Any = None, max_queue: int | None = None):
         if manager is None:
@@ -131,9 +114,9 @@ class LocalBackend:
         return job is not None and not job.done.is_set()
 
     # -- replies ---------------------------------------------------------------
-    def plan_reply(self, conversation: ChatSession, settings: Settings, **policy) -> Reply:
-        """See service.plan_reply for the policy keywords."""
-        return plan_reply(self, conversation, settings, **policy)
+    def generate(self, request: GenerateRequest) -> Reply:
+        """Plan the reply ``request`` asks for (service.plan_reply); iterate it to run it."""
+        return plan_reply(self, request)
 
     def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
         return context_usage(self.manager.current, conversation, max_new_tokens)

@@ -153,18 +153,3 @@ class Settings:
 
     def effective(self) -> dict[str, Any]:
         return {key: self.get(key) for key in SETTINGS}
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``; temperature 0 (or next to it) means greedy."""
-        values = self.effective()
-        greedy = not values["do_sample"] or values["temperature"] < GREEDY_BELOW_TEMPERATURE
-        kwargs: dict[str, Any] = {"max_new_tokens": values["max_new_tokens"], "do_sample": not greedy}
-        if values["repetition_penalty"] != 1.0:
-            kwargs["repetition_penalty"] = values["repetition_penalty"]
-        if not greedy:
-            kwargs.update(temperature=values["temperature"], top_p=values["top_p"], top_k=values["top_k"])
-        else:
-            # Clear sampling values a checkpoint's generation_config may carry,
-            # so transformers does not warn about unused flags on every reply.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs

@@ -13,12 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import ChatSession, GlmreplError, Hint, LoadOptions, Settings
+from ..engine import (
+    Backend,
+    ChatSession,
+    GenerateRequest,
+    GlmreplError,
+    Hint,
+    LoadOptions,
+    ReplyHandle,
+    SamplingParams,
+    Settings,
+)
 
 
 @dataclass
 class App:
-    backend: Any  # engine.backend.Backend (built lazily by main so the prompt comes first)
+    backend: Backend  # built lazily by main, so the prompt comes first
     settings: Settings = field(default_factory=Settings)
     session: ChatSession = field(default_factory=ChatSession)
     models_dir: Path | None = None
@@ -28,9 +38,9 @@ class App:
     _defaults_applied_for: Any = None
 
     @property
-    def manager(self):
+    def manager(self) -> Any:
         """The local backend's ModelManager, for engine-level tests and tools (front ends use ``backend``)."""
-        return self.backend.manager
+        return getattr(self.backend, "manager", None)
 
     # -- models --------------------------------------------------------------
     def status(self):
@@ -50,7 +60,7 @@ class App:
         return request
 
     def start_load(self, target: str | None):
-        if hasattr(self.backend, "select_model"):  # a server: choose among its models (None: the first)
+        if self.backend.can("server_models"):  # a server: choose among its models (None: the first)
             return self.backend.select_model(target)
         assert target is not None  # only a server chooses a model for us (a local load always names one)
         return self.backend.load(self.load_request(target))
@@ -70,10 +80,10 @@ class App:
         return status
 
     # -- replies -------------------------------------------------------------
-    def plan_reply(self):
+    def plan_reply(self) -> ReplyHandle:
         """The REPL's policy: drop the oldest turns that no longer fit (and say so)."""
         self.require_model()
-        return self.backend.plan_reply(self.session, self.settings)
+        return self.backend.generate(GenerateRequest(self.session, SamplingParams.from_settings(self.settings)))
 
     def context_usage(self) -> tuple[int, int | None] | None:
         """Tokens of the conversation as the next reply will send it (old turns that no longer fit left out)."""

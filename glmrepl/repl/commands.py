@@ -111,7 +111,7 @@ def cmd_model(app: App, args: str):
 def _model_table(app: App):
     from ..engine import LISTING_COLUMNS, listing_cells
 
-    if hasattr(app.backend, "select_model"):
+    if app.backend.can("server_models"):
         return _server_model_table(app)
     current = app.status()
     entries = app.backend.list_models(app.models_dir, beside=current.path if current else None)
@@ -130,7 +130,7 @@ def _server_model_table(app: App):
     models = app.backend.list_models()
     current = app.status().path
     if not models:
-        return Text(f"the server at {app.backend.base_url} lists no models")
+        return Text(f"the server at {app.backend.where()} lists no models")
     rows = [
         [
             ("*" if m.name == current else "") + m.name,
@@ -140,7 +140,7 @@ def _server_model_table(app: App):
         for m in models
     ]
     return Table(
-        ["name", "owned by", "context"], rows, title=f"Models on {app.backend.base_url} (/model NAME picks one)"
+        ["name", "owned by", "context"], rows, title=f"Models on {app.backend.where()} (/model NAME picks one)"
     )
 
 
@@ -164,7 +164,7 @@ def cmd_device(app: App, args: str):
         lines = [f"{placement.describe()}" + (f" ({placement.reason})" if placement.reason else "")]
         if placement.summary:
             lines.append(f"  layers: {placement.summary}")
-        if hasattr(app.backend, "memory_report"):
+        if app.backend.can("memory_report"):
             from ..engine import threads_line
 
             lines += [f"  {device}: {figures}" for device, figures in app.backend.memory_report()]
@@ -194,7 +194,7 @@ def cmd_adapter(app: App, args: str):
     status = app.require_model()
     if not args:
         return Text(f"adapter: {status.adapter}" if status.adapter else "no adapter (/adapter DIR puts one on)")
-    require_ability(app, "set_adapter", "/adapter")
+    require_ability(app, "adapters", "/adapter")
     if args == "off":
         app.backend.set_adapter(None, on_wait=_waiting_message(app, "taking the adapter off"))
         return Text(f"adapter {status.adapter} off: the base model again; conversation kept")
@@ -212,8 +212,10 @@ def _device_for_next_load(app: App, mode: str | None, dtype: str):
     """No model: the choice is for the next load, and a load that failed (no GPU, no room) is tried with it."""
     app.options.mode, app.options.dtype = mode or app.options.mode, dtype
     job = app.backend.job
-    if job is not None and job.error is not None and not isinstance(job.error, LoadCancelled) and job.request.path:
-        return WaitForLoad(app.backend.load(app.options.for_model(job.request.path, job.request.name)))
+    failed = job is not None and job.error is not None and not isinstance(job.error, LoadCancelled)
+    request = job.request if failed and job is not None else None
+    if request is not None and request.path:
+        return WaitForLoad(app.backend.load(app.options.for_model(request.path, request.name)))
     chosen = app.options.mode + ("" if dtype == "auto" else f" {dtype}")
     return Text(f"{chosen} will apply when a model is loaded", "dim")
 
@@ -264,7 +266,7 @@ def cmd_set(app: App, args: str):
         parsed = app.settings.set(key, value.strip())
     except ValueError as error:
         return Error(str(error))
-    note = app.backend.setting_note(key) if hasattr(app.backend, "setting_note") else None
+    note = app.backend.setting_note(key)
     done = Text(f"{key} = {_show(parsed)}" + (f" ({note})" if note else ""), "dim")
     if key in UNUSUALLY_HIGH and parsed > UNUSUALLY_HIGH[key][0]:
         return [done, Text(f"{key} {_show(parsed)} is unusually high: {UNUSUALLY_HIGH[key][1]}", "warning")]
@@ -352,12 +354,7 @@ def cmd_load(app: App, args: str):
             app.options.adapter = None
             return [message, Error(f"the conversation's model is not available ({error}); keeping the current one")]
     current_adapter = str(loaded.adapter_path) if loaded is not None and loaded.adapter_path else None
-    if (
-        saved_adapter
-        and loaded is not None
-        and current_adapter != saved_adapter
-        and hasattr(app.backend, "set_adapter")
-    ):
+    if saved_adapter and loaded is not None and current_adapter != saved_adapter and app.backend.can("adapters"):
         try:
             adapter = app.backend.set_adapter(
                 Path(saved_adapter), on_wait=_waiting_message(app, "putting the adapter on")
@@ -381,7 +378,7 @@ def cmd_mode(app: App, args: str):
     app.options.prompt_mode = args
     if app.status() is None:
         return Text(f"{args} mode will apply when a model is loaded", "dim")
-    require_ability(app, "set_prompt_mode", "/mode")
+    require_ability(app, "prompt_mode", "/mode")
     name = app.backend.set_prompt_mode(args)
     return Text(f"{args} mode ({name})", "dim")
 

@@ -23,7 +23,7 @@ from .results import Exit, Generate, TerminalEscape, WaitForLoad, WaitForTask
 from .typeahead import keys_wait_for_the_prompt
 
 if TYPE_CHECKING:
-    from ..engine import LoadJob, ServerJob
+    from ..engine import LoadProgress
 
 
 class LineHandler:
@@ -35,7 +35,7 @@ class LineHandler:
         self.interactive = interactive
         self.words = slash_words if interactive else flag_words  # how hints are worded for this user
         self.interrupted = False  # a reply was cut by Ctrl-C (non-interactive use then stops)
-        self.reported_job: LoadJob | ServerJob | None = None  # the load job last reported
+        self.reported_job: LoadProgress | None = None  # the load job last reported
         app.notify = lambda message: renderer.text(message, "dim")
 
     def handle(self, line: str) -> bool:
@@ -192,7 +192,7 @@ class LineHandler:
         if job is not None and job.done.is_set():
             self.report_job(job)
 
-    def report_job(self, job: LoadJob | ServerJob) -> bool:
+    def report_job(self, job: LoadProgress) -> bool:
         """Say once how a load ended; True when it succeeded."""
         if job is self.reported_job:
             return job.error is None
@@ -220,7 +220,7 @@ class LineHandler:
             self.renderer.text(f"  {info.family}: {info.family_reason}", "dim")
         if info.placement.reason:
             self.renderer.text(f"  {info.placement.mode}: {info.placement.reason}", "dim")
-        for note in self.app.backend.load_notes() if hasattr(self.app.backend, "load_notes") else ():
+        for note in self.app.backend.load_notes():
             self.renderer.text(f"  {note}", "dim")
         return True
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from ..engine import GlmreplError
 from .app import App
 from .results import Error, Table, TerminalEscape, Text, WaitForTask
 
 
 def require_ability(app: App, ability: str, command: str) -> None:
     """Refuse ``command`` in one line where the backend (a remote server) cannot do it."""
-    if not hasattr(app.backend, ability):
-        where = getattr(
-            app.backend, "missing_ability_reason", "here: the model runs in another process that does not offer it"
-        )
-        raise GlmreplError(f"{command} is not available {where}")
+    if not app.backend.can(ability):
+        raise app.backend.refuse(ability, command)
 
 
 def cmd_stats(app: App, args: str):
@@ -61,7 +57,7 @@ def cmd_next(app: App, args: str):
 def cmd_ppl(app: App, args: str):
     if not args:
         return Error("usage: /ppl FILE (the loaded model's perplexity on a text file)")
-    require_ability(app, "start_perplexity", "/ppl")
+    require_ability(app, "perplexity", "/ppl")
     app.require_model()
     job = app.backend.start_perplexity(Path(args).expanduser())
     return WaitForTask(job, lambda result: Text(result.describe()))

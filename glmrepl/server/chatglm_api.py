@@ -12,7 +12,7 @@ import datetime
 
 from fastapi import APIRouter, Request
 
-from ..engine import ChatSession
+from ..engine import ChatSession, FitPolicy, GenerateRequest
 from .errors import APIError
 from .protocol import ChatGLMRequest, refuse_invalid_text
 from .state import state_of
@@ -35,14 +35,15 @@ async def chatglm_api(body: ChatGLMRequest, request: Request) -> dict:
     history = body.history or []
     conversation = _conversation(history, body.prompt)
     max_length = body.max_length or DEFAULT_MAX_LENGTH
-    settings = state.settings_for(
+    sampling = state.sampling_for(
         status,
         max_tokens=max_length,  # at most; the plan leaves max_length minus the prompt
         temperature=body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE,
         top_p=body.top_p if body.top_p is not None else DEFAULT_TOP_P,
     )
     # The prompt is built and counted once, in the pool: a long history never holds the event loop.
-    reply = await state.plan(conversation, settings, drop_oldest=False, shorten_reply=True, max_length=max_length)
+    fit = FitPolicy(drop_oldest=False, shorten_reply=True, max_length=max_length)
+    reply = await state.plan(GenerateRequest(conversation, sampling, fit=fit))
     response = await state.collect(reply, request)
     return {
         "response": response,

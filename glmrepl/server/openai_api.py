@@ -13,7 +13,18 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..engine import ChatSession, GlmreplError, ModelStatus, Reply, ToolCall, conversation_from_messages, first_line
+from ..engine import (
+    API_FIT,
+    ChatSession,
+    FitPolicy,
+    GenerateRequest,
+    GlmreplError,
+    ModelStatus,
+    Reply,
+    ToolCall,
+    conversation_from_messages,
+    first_line,
+)
 from .errors import APIError, error_body
 from .protocol import (
     ChatCompletionRequest,
@@ -116,18 +127,12 @@ async def _respond(
     shape = ResponseShape(kind, status.name)  # the model that answers, whatever placeholder was asked for
     completion = kind == "text"
     stops = stop_strings(body.stop)
-    settings = state.settings_for(
+    sampling = state.sampling_for(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
-    forcing = {"force_call": force_call} if force_call is not None else {}
+    fit = API_FIT if max_tokens is not None else FitPolicy(drop_oldest=False, shorten_reply=True)
     reply = await state.plan(
-        conversation,
-        settings,
-        drop_oldest=False,
-        shorten_reply=max_tokens is None,
-        stop=stops,
-        completion=completion,
-        **forcing,
+        GenerateRequest(conversation, sampling, tuple(stops), fit, completion=completion, force_call=force_call)
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

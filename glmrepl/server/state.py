@@ -12,18 +12,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 from fastapi import Request
 
-from ..engine import SETTINGS, ChatSession, GlmreplError, ModelStatus, NoModelLoaded, Reply, Settings
+from ..engine import (
+    SETTINGS,
+    GenerateRequest,
+    GlmreplError,
+    LocalBackend,
+    ModelStatus,
+    NoModelLoaded,
+    Reply,
+    SamplingParams,
+    Settings,
+)
 from .errors import APIError, api_error_from_engine
 from .streaming import stream_deltas
 
 
 @dataclass
 class ServerState:
-    backend: Any  # engine.backend.LocalBackend
+    backend: LocalBackend
     defaults: Settings = field(default_factory=Settings)  # --temperature, --max-new-tokens ... of `glmrepl serve`
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(64, "glmrepl-request"))
     started: int = field(default_factory=lambda: int(time.time()))
@@ -42,7 +51,7 @@ class ServerState:
             )
         return status
 
-    def settings_for(
+    def sampling_for(
         self,
         status: ModelStatus,
         *,
@@ -50,8 +59,8 @@ class ServerState:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-    ) -> Settings:
-        """Generation settings: glmrepl's defaults < the model's < the command line's < the request's."""
+    ) -> SamplingParams:
+        """Sampling parameters: glmrepl's defaults < the model's < the command line's < the request's."""
         chosen = self.defaults.layers
         settings = Settings(
             chosen["/set"],
@@ -74,11 +83,11 @@ class ServerState:
                 settings.set("seed", seed)
         except ValueError as error:
             raise APIError(400, str(error)) from None
-        return settings
+        return SamplingParams.from_settings(settings)
 
-    async def plan(self, conversation: ChatSession, settings: Settings, **policy) -> Reply:
+    async def plan(self, request: GenerateRequest) -> Reply:
         """Plan in the pool (it may wait for a move); a reply nobody will read is closed."""
-        future = self.executor.submit(partial(self.backend.plan_reply, conversation, settings, **policy))
+        future = self.executor.submit(partial(self.backend.generate, request))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -86,7 +95,7 @@ class ServerState:
             raise
         except GlmreplError as error:
             translated = api_error_from_engine(error)
-            if policy.get("completion") and translated.param == "messages":
+            if request.completion and translated.param == "messages":
                 translated.param = "prompt"  # /v1/completions has no messages
             raise translated from None
 

@@ -191,11 +191,19 @@ class ParsedReply:
     calls: list[ToolCall]
 
 
+# How a model writes its calls, by the syntax its prompt format names (formats.py, the families'
+# prompts): GLM's metadata line and JSON (ChatGLM3 and GLM-4 render their prompts each their own
+# way), Hermes' <tool_call> JSON, or bare JSON.
+SYNTAX_KINDS = {"glm": "glm", "chatglm3": "glm", "glm4": "glm", "hermes": "hermes"}
+
+
+def syntax_kind(syntax: str | None) -> str:
+    return SYNTAX_KINDS.get(syntax or "", "json")
+
+
 def parse_reply(text: str, syntax: str, names: set[str]) -> ParsedReply | None:
     """The calls a finished reply makes (None: it is plain text)."""
-    parser = {"glm": _parse_glm, "chatglm3": _parse_glm, "glm4": _parse_glm, "hermes": _parse_hermes}.get(
-        syntax, _parse_json
-    )
+    parser = {"glm": _parse_glm, "hermes": _parse_hermes}.get(syntax_kind(syntax), _parse_json)
     try:
         return parser(text, names)
     except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
@@ -314,7 +322,7 @@ class ToolStream:
 
     def _safe_length(self) -> int:
         text = self.text
-        if self.syntax in ("glm", "chatglm3", "glm4"):
+        if syntax_kind(self.syntax) == "glm":
             metadata, newline, _ = text.partition("\n")
             return len(text) if newline and not metadata.strip() else 0
         if self.syntax == "hermes":
@@ -413,7 +421,7 @@ def forced_prefix(syntax: str, force: str, functions: list[dict]) -> str:
     name = force or (functions[0]["name"] if len(functions) == 1 else "")
     if syntax == "hermes":
         return f'{HERMES_OPEN}\n{{"name": "{name}", "arguments": ' if name else f"{HERMES_OPEN}\n"
-    if syntax not in ("glm", "chatglm3", "glm4"):
+    if syntax_kind(syntax) != "glm":
         return f'{{"name": "{name}", "parameters": ' if name else '{"name": "'
     if not name:
         raise InvalidTools(

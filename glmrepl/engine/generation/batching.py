@@ -30,9 +30,11 @@ DEFAULT_CACHE_BYTES = 512 * 2**20
 
 def batching_refused(loaded: Any) -> str | None:
     """Why this model cannot decode in a batch, or None."""
-    family = getattr(loaded.info, "family", None)
-    if family == "chatglm1":
-        return "ChatGLM-6B's own implementation has no paged cache"
+    from ..families.traits import traits_of
+
+    refused = traits_of(loaded.info.family).no_batching
+    if refused is not None:
+        return refused
     model = loaded.model
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in (None, "sdpa", "eager"):

@@ -114,20 +114,18 @@ def read_text(path: Path | str) -> str:
 
 def text_prefix(tokenizer: Any, model: Any = None) -> list[int]:
     """The ids each window starts with (see the module docstring); fed, never scored."""
-    if model is not None and _is_chatglm1(model):
-        return [tokenizer.gmask_token_id, tokenizer.bos_token_id]  # [gMASK] <sop>
+    if model is not None:
+        from ..families.traits import model_traits
+
+        own = model_traits(model).window_prefix
+        if own is not None:
+            return own(tokenizer)
     plain = list(tokenizer.encode(_PREFIX_PROBE, add_special_tokens=False))
     marked = list(tokenizer.encode(_PREFIX_PROBE, add_special_tokens=True))
     for start in range(len(marked) - len(plain) + 1):
         if marked[start : start + len(plain)] == plain:
             return marked[:start]
     return []
-
-
-def _is_chatglm1(model: Any) -> bool:
-    from ..families.chatglm.glm1_model import ChatGLM1ForCausalLM  # torch is in: a model is loaded
-
-    return isinstance(model, ChatGLM1ForCausalLM)
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:

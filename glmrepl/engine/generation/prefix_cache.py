@@ -23,8 +23,6 @@ from typing import Any
 
 from ..cpu.machine import release_thread_pool
 
-# Families whose cached prefix is not what a fresh prefill of a longer prompt computes.
-NO_REUSE_FAMILIES = {"chatglm1": "ChatGLM-6B's prompt attends both ways"}
 DEFAULT_MAX_BYTES = 1024 * 2**20
 
 
@@ -128,7 +126,9 @@ def crop_to(cache: Any, length: int) -> None:
 
 def reuse_refused(family: str | None) -> str | None:
     """Why this family's caches are never reused, or None."""
-    return NO_REUSE_FAMILIES.get(family or "")
+    from ..families.traits import traits_of
+
+    return traits_of(family).no_prefix_reuse
 
 
 def cache_bytes(cache: Any) -> int:

@@ -13,11 +13,12 @@ Nothing here knows about terminals or HTTP.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Protocol
 
 from ..conversation.chat import ChatSession, FittedPrompt
-from ..conversation.reply_tokens import reply_ids, splice_replies
+from ..conversation.reply_tokens import ReplyTokens, reply_ids, splice_replies
 from ..conversation.tool_calls import forced_prefix, uses_tools
 from ..errors import (
     ContextLengthExceeded,
@@ -28,10 +29,11 @@ from ..errors import (
     ToolsUnsupported,
 )
 from ..protocols import PromptFormat
-from ..settings import Settings
+from ..request import GenerateRequest
 from ..status import ModelStatus
-from .prefix_cache import reuse_refused
+from .prefix_cache import PrefixCache, reuse_refused
 from .reply import Reply
+from .scheduler import Scheduler
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -60,29 +62,15 @@ def status_of(loaded: Any, serial: int) -> ModelStatus:
 # -- planning -------------------------------------------------------------------
 
 
-def plan_reply(
-    backend: Any,
-    conversation: ChatSession,
-    settings: Settings,
-    *,
-    drop_oldest: bool = True,
-    shorten_reply: bool = True,
-    stop: list[str] | tuple[str, ...] = (),
-    completion: bool = False,
-    max_length: int | None = None,
-    force_call: str | None = None,
-) -> Reply:
-    """Set up a reply to ``conversation`` (not started: iterate the Reply to run it).
+def plan_reply(backend: LocalBackendParts, request: GenerateRequest) -> Reply:
+    """Set up the reply ``request`` asks for (not started: iterate the Reply to run it).
 
-    ``drop_oldest``: leave out the oldest turns that do not fit (else raise
-    ContextLengthExceeded). ``shorten_reply``: give the reply the room that is
-    left when max_new_tokens does not fit (else raise). ``completion``:
-    continue the text as written, whatever the model's chat format.
-    ``max_length``: prompt and reply together stay within it (ChatGLM's api.py;
-    MaxLengthExceeded when the prompt alone reaches it). ``force_call``: the reply is a call of
-    that function ("": of any of the conversation's tools), begun in the prompt.
+    The request's fit policy says what happens when the conversation and the reply
+    do not fit (FitPolicy); ``completion`` continues the text as written, whatever
+    the model's chat format; ``force_call`` begins a call of that function in the
+    prompt ("": of any of the conversation's tools).
     """
-    manager, scheduler = backend.manager, backend.scheduler
+    scheduler = backend.scheduler
     scheduler.admit()
     released = threading.Event()
 
@@ -92,37 +80,43 @@ def plan_reply(
             scheduler.leave(tokens, seconds)
 
     try:
-        policy = _Policy(drop_oldest, shorten_reply, tuple(stop), completion, max_length, force_call)
-        return _plan(manager.current, conversation, settings, policy, release, backend)
+        return _plan(backend.manager.current, request, release, backend)
     except BaseException:
         release()
         raise
 
 
-@dataclass(frozen=True)
-class _Policy:
-    drop_oldest: bool
-    shorten_reply: bool
-    stop: tuple[str, ...]
-    completion: bool
-    max_length: int | None
-    force_call: str | None = None
+class LocalBackendParts(Protocol):
+    """What planning needs of the backend: the model, its scheduler, its caches."""
+
+    @property
+    def manager(self) -> Any: ...
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def prefixes(self) -> PrefixCache: ...
+
+    @property
+    def replies(self) -> ReplyTokens: ...
 
 
-def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy, release, backend) -> Reply:
+def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], backend: LocalBackendParts) -> Reply:
     from .run import GenerationRun
 
     if loaded is None:
         raise NoModelLoaded("no model is loaded")
+    conversation, fit = request.conversation, request.fit
     prefixes, replies, scheduler = backend.prefixes, backend.replies, backend.scheduler
-    prompt_format = completion_format(loaded) if policy.completion else loaded.prompt_format
-    tools = None if policy.completion else conversation.tools
-    if not policy.completion and getattr(prompt_format, "tool_syntax", None) is None:
+    prompt_format = completion_format(loaded) if request.completion else loaded.prompt_format
+    tools = None if request.completion else conversation.tools
+    if not request.completion and getattr(prompt_format, "tool_syntax", None) is None:
         if uses_tools(conversation.as_dicts()):
             raise ToolsUnsupported(
                 f"the model's prompt format ({prompt_format.name}) has no place for tools or tool messages"
             )
-    kwargs = settings.generation_kwargs()
+    kwargs = request.sampling.generate_kwargs()
     requested = kwargs["max_new_tokens"]
     try:
         fitted = fit_prompt(
@@ -130,12 +124,12 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
             prompt_format,
             loaded.info.context_length,
             requested,
-            drop_oldest=policy.drop_oldest,
-            shorten_reply=policy.shorten_reply,
+            drop_oldest=fit.drop_oldest,
+            shorten_reply=fit.shorten_reply,
         )
     except ContextLengthExceeded as error:
-        if policy.max_length is not None and error.prompt_tokens >= policy.max_length:
-            raise _max_length_exceeded(error.prompt_tokens, policy.max_length) from None
+        if fit.max_length is not None and error.prompt_tokens >= fit.max_length:
+            raise _max_length_exceeded(error.prompt_tokens, fit.max_length) from None
         raise
     if not fitted.ids:
         raise EmptyPrompt("the prompt is empty: there is nothing to continue")
@@ -143,10 +137,10 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
     if reusable and getattr(prompt_format, "splices_replies", False):
         fitted = _with_reply_ids(fitted, prompt_format, replies, loaded.info.context_length)
     prefix = ""
-    if tools and policy.force_call is not None:
-        fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, policy.force_call)
-    if policy.max_length is not None:
-        fitted = _within_max_length(fitted, policy.max_length)
+    if tools and request.force_call is not None:
+        fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, request.force_call)
+    if fit.max_length is not None:
+        fitted = _within_max_length(fitted, fit.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
     run = GenerationRun(
         loaded.model,
@@ -154,7 +148,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
         fitted.ids,
         kwargs,
         prompt_format.stop_token_ids,
-        seed=settings.get("seed"),
+        seed=request.sampling.seed,
         reuse=prefixes.take(fitted.ids) if reusable else None,
         scheduler=scheduler,
     )
@@ -174,7 +168,7 @@ def _plan(loaded, conversation: ChatSession, settings: Settings, policy: _Policy
             if ids:
                 replies.remember(text, ids)
 
-    return Reply(run, fitted, requested, prompt_format, policy.stop, release, keep_cache, tools, prefix)
+    return Reply(run, fitted, requested, prompt_format, request.stop, release, keep_cache, tools, prefix)
 
 
 def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[dict], force: str):
@@ -252,15 +246,6 @@ def fit_prompt(
         len(ids),
         context_length,
     )
-
-
-def record_reply(session: ChatSession, reply: Reply) -> str:
-    """Keep what was generated; an interrupted reply stays, marked as cut. Returns the text shown
-    (the next prompt may hold the reply as its family keeps it: Reply.kept)."""
-    text = reply.text
-    calls = [call.as_dict() for call in reply.tool_calls]
-    session.add_assistant(text, cut=reply.finish_reason in ("cancelled", "length"), kept=reply.kept, tool_calls=calls)
-    return text
 
 
 def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..cpu import kernels as cpu_kernels
 from ..cpu.machine import release_freed_memory
+from ..families.traits import model_traits
 from ..quant.layers import (
     DEFAULT_GROUP_SIZE,
     SUPPORTED_BITS,
@@ -89,16 +90,6 @@ def quantizable_linears(model: nn.Module, bits: int, include_head: bool = False)
     return names
 
 
-def is_chatglm(model: nn.Module) -> bool:
-    from ..families.chatglm.quantized import linear_names
-
-    try:
-        linear_names(model)
-    except QuantizeError:
-        return False
-    return True
-
-
 def quantize_model(
     model: nn.Module, bits: int, group_size: int | None = None, include_head: bool = False
 ) -> QuantizedLayout:
@@ -113,14 +104,9 @@ def quantize_model(
         raise QuantizeError(
             f"the model is already quantized to int{current}: reload the float checkpoint to use int{bits}"
         )
-    chatglm = is_chatglm(model)
-    group = check_group_size(group_size if group_size is not None else (0 if chatglm else DEFAULT_GROUP_SIZE[bits]))
-    if chatglm:
-        from ..families.chatglm.quantized import linear_names
-
-        names = linear_names(model)
-    else:
-        names = quantizable_linears(model, bits, include_head)
+    rows = model_traits(model).row_quantized_linears  # the release's own layout: a scale per row
+    group = check_group_size(group_size if group_size is not None else (0 if rows else DEFAULT_GROUP_SIZE[bits]))
+    names = rows(model) if rows is not None else quantizable_linears(model, bits, include_head)
     done = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not names and not done:
         config: Any = model.config

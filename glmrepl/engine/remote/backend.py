@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..contract import Abilities
 from ..conversation.chat import ChatSession
 from ..conversation.tool_calls import wire_messages
 from ..errors import GlmreplError, LoadCancelled
-from ..settings import Settings
+from ..request import GenerateRequest, SamplingParams
 from ..status import ModelStatus
 from .errors import ContextRefusal, RemoteError, explain
 from .reply import RemoteReply
@@ -85,6 +86,8 @@ class ServerPlacement:
 class ServerJob:
     """Choosing a model on the server in the background, shown like a load (Ctrl-C cancels)."""
 
+    request = None  # no local load to try again
+
     def __init__(self, status: str, work: Callable[[Callable[[], bool]], None]):
         self.status = status
         self.done = threading.Event()
@@ -117,10 +120,11 @@ class ServerJob:
         return self.done.wait(timeout)
 
 
-class RemoteBackend:
+class RemoteBackend(Abilities):
     """The model of an OpenAI-compatible server; nothing is loaded in this process."""
 
-    missing_ability_reason = "on a remote server (the model runs in the server's process)"
+    abilities = frozenset({"next_tokens", "server_models"})
+    unavailable_where = "on a remote server (the model runs in the server's process)"
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None):
         self.base_url = normalize_url(url)
@@ -242,42 +246,40 @@ class RemoteBackend:
             self.context_length,
         )
 
-    def start_perplexity(self, *args: Any, **kwargs: Any):
-        """Perplexity needs every token's probability, which a chat API does not give for a text."""
-        raise GlmreplError(
-            f"perplexity needs a local model: the model at {self.server} runs in the server's process "
-            "(start glmrepl with the checkpoint folder instead of --connect)"
-        )
+    def refuse(self, ability: str, command: str) -> GlmreplError:
+        if ability == "perplexity":  # every token's probability, which a chat API does not give for a text
+            return GlmreplError(
+                f"perplexity needs a local model: the model at {self.server} runs in the server's process "
+                "(start glmrepl with the checkpoint folder instead of --connect)"
+            )
+        return super().refuse(ability, command)
+
+    def where(self) -> str:
+        return self.base_url
 
     # -- replies ----------------------------------------------------------------------
-    def plan_reply(
-        self,
-        conversation: ChatSession,
-        settings: Settings,
-        *,
-        drop_oldest: bool = True,
-        shorten_reply: bool = True,
-        stop: list[str] | tuple[str, ...] = (),
-        completion: bool = False,
-    ) -> RemoteReply:
+    def generate(self, request: GenerateRequest) -> RemoteReply:
         """Send the conversation; the returned reply streams the answer.
 
         The server applies its own context policy (an error when it does not
-        fit), so ``drop_oldest``/``shorten_reply`` do not apply here.
+        fit), so the request's fit policy does not apply here.
         """
-        if completion:
+        if request.completion:
             raise RemoteError("completion mode is not available on a remote server")
+        if request.force_call is not None:
+            raise RemoteError("a forced tool call is not available on a remote server")
         if self.model is None:
             self._select(None, lambda: True)
-        messages, tools = wire_messages(conversation.as_dicts())
-        params = request_params(settings, self.context_length)
+        messages, tools = wire_messages(request.conversation.as_dicts())
+        params = request_params(request.sampling, self.context_length)
         if tools:  # the server builds the prompt, and reads the calls back from the model's reply
             params["tools"] = tools
-        if stop:
-            params["stop"] = list(stop)
+        if request.stop:
+            params["stop"] = list(request.stop)
         sent_at = time.perf_counter()
         stream, sent = self._open_fitted_stream(messages, params)
-        return RemoteReply(self, stream, sent_at, settings.get("max_new_tokens"), sent.get("max_tokens"), messages)
+        requested = request.sampling.max_new_tokens
+        return RemoteReply(self, stream, sent_at, requested, sent.get("max_tokens"), messages)
 
     def _open_fitted_stream(self, messages: list[dict], params: dict) -> tuple[Any, dict]:
         """The stream and the parameters that opened it.
@@ -375,22 +377,21 @@ class RemoteBackend:
         return "not sent to a remote server: the OpenAI chat API has no field for it"
 
 
-def request_params(settings: Settings, context_length: int | None = None) -> dict:
-    """OpenAI chat parameters from the settings; temperature 0 (or do_sample off) means greedy.
+def request_params(sampling: SamplingParams, context_length: int | None = None) -> dict:
+    """OpenAI chat parameters from the sampling parameters; temperature 0 (or do_sample off) means greedy.
 
     A reply is never asked for more than the server's context, when the server said it.
     """
-    values = settings.effective()
-    max_tokens = values["max_new_tokens"]
+    max_tokens = sampling.max_new_tokens
     if context_length:
         max_tokens = min(max_tokens, context_length)
     params: dict[str, Any] = {"max_tokens": max_tokens}
-    if not values["do_sample"] or values["temperature"] == 0:
+    if not sampling.do_sample or sampling.temperature == 0:
         params["temperature"] = 0
     else:
-        params.update(temperature=values["temperature"], top_p=values["top_p"])
-    if values["seed"] is not None:
-        params["seed"] = values["seed"]
+        params.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    if sampling.seed is not None:
+        params["seed"] = sampling.seed
     return params
 
 

@@ -1,0 +1,87 @@
+"""What crosses the engine's boundary: a ``GenerateRequest`` goes in, a reply handle comes out.
+
+The REPL resolves its layered settings into ``SamplingParams``; the server builds
+them from the HTTP request; the remote backend sends the same request to
+another server. Front-end policy travels as typed fields (``FitPolicy``, a forced
+tool call, a cache namespace), never as keyword bags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .conversation.chat import ChatSession
+from .settings import GREEDY_BELOW_TEMPERATURE, SETTINGS, Settings
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the reply's tokens are chosen, and how many at most (defaults: the settings table's)."""
+
+    max_new_tokens: int = SETTINGS["max_new_tokens"].default
+    do_sample: bool = SETTINGS["do_sample"].default
+    temperature: float = SETTINGS["temperature"].default
+    top_p: float = SETTINGS["top_p"].default
+    top_k: int = SETTINGS["top_k"].default  # 0: no limit
+    repetition_penalty: float = SETTINGS["repetition_penalty"].default
+    seed: int | None = SETTINGS["seed"].default
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SamplingParams:
+        """The values in effect in layered settings (the REPL's /set, the server's defaults)."""
+        return cls(**{f.name: settings.get(f.name) for f in fields(cls)})
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 (or next to it), or sampling off: always the most likely token."""
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    def with_max_new_tokens(self, max_new_tokens: int) -> SamplingParams:
+        return replace(self, max_new_tokens=max_new_tokens)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if not self.greedy:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            # Clear sampling values a checkpoint's generation_config may carry,
+            # so transformers does not warn about unused flags on every reply.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class FitPolicy:
+    """What to do when the conversation and the reply do not fit in the context.
+
+    The REPL leaves out the oldest turns and shortens the reply (``REPL``); the
+    OpenAI API refuses (``API``); ChatGLM's api.py counts prompt and reply
+    together against ``max_length``.
+    """
+
+    drop_oldest: bool = True
+    shorten_reply: bool = True
+    max_length: int | None = None  # prompt and reply together stay within it
+
+
+REPL_FIT = FitPolicy()
+API_FIT = FitPolicy(drop_oldest=False, shorten_reply=False)
+
+
+@dataclass
+class GenerateRequest:
+    """One reply to ask for: the conversation, how to sample, and the front end's policy."""
+
+    conversation: ChatSession
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    fit: FitPolicy = REPL_FIT
+    completion: bool = False  # continue the text as written, whatever the model's chat format
+    # The reply is a call of this function ("": of any of the conversation's tools), begun in the prompt.
+    force_call: str | None = None
+    # Whose caches a reply may reuse: requests in different namespaces never share a cached prefix.
+    cache_namespace: str = ""
