@@ -233,6 +233,6 @@ def test_an_openai_client_resending_its_history_gets_the_saving_and_the_same_rep
                 "".join(reply)
             assert answer.choices[0].message.content == reply.text
             messages.append({"role": "assistant", "content": answer.choices[0].message.content})
-        assert server.health()["prefix_cache"]["tokens_reused"] > 0
+        assert server.health()["kv_cache"]["prefix_cache"]["tokens_reused"] > 0
     finally:
         server.stop()

@@ -13,7 +13,6 @@ import os
 import sys
 
 DEFAULT_MAX_QUEUE = 16
-DEFAULT_PREFIX_CACHE_MB = 1024
 DEFAULT_MAX_BATCH = 8
 PREFIX_CACHE_ENTRIES = 64
 DEFAULT_IDLE_TIMEOUT = 10.0
@@ -82,12 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="no batch: concurrent replies take turns, 16 tokens at a time",
     )
     parser.add_argument(
+        "--kv-budget-mb",
+        type=int,
+        metavar="MB",
+        help="memory for KV caches: the batch's paged pool (half, at most 512 MB) and the caches of recent "
+        "requests (the rest) share it (default: a quarter of the memory available at start, 256 to 2048)",
+    )
+    parser.add_argument(
         "--prefix-cache-mb",
         type=int,
-        default=DEFAULT_PREFIX_CACHE_MB,
         metavar="MB",
-        help="memory for the KV caches of recent requests, so a client resending its conversation has only "
-        f"the new tokens read; least recently used dropped first, 0 turns it off (default {DEFAULT_PREFIX_CACHE_MB})",
+        help="at most this much of the KV budget for the caches of recent requests, so a client resending its "
+        "conversation has only the new tokens read; least recently used dropped first, 0 turns them off",
     )
     return parser
 
@@ -157,8 +162,10 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.max_connections = max(MIN_MAX_CONNECTIONS, args.max_queue + 16)
     elif args.max_connections < 1:
         parser.error("--max-connections must be 1 or more")
-    if args.prefix_cache_mb < 0:
+    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
         parser.error("--prefix-cache-mb must be 0 or more")
+    if args.kv_budget_mb is not None and args.kv_budget_mb < 1:
+        parser.error("--kv-budget-mb must be 1 or more")
     if args.max_batch < 1:
         parser.error("--max-batch must be 1 or more")
 
@@ -166,7 +173,7 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def serve(args, options, settings, api_key: str | None, config) -> int:
     from pathlib import Path
 
-    from ..engine import GlmreplError, LocalBackend, resolve_model
+    from ..engine import GlmreplError, LocalBackend, default_kv_budget_mb, resolve_model
     from ..repl.app import display_name
 
     models_dir = args.models_dir or config.get("model", "models_dir") or None
@@ -179,10 +186,12 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
     if sockets is None:
         return 1
     backend = LocalBackend(max_queue=args.max_queue)
-    # Many conversations share one server: keep up to PREFIX_CACHE_ENTRIES caches within the budget.
-    backend.prefixes.configure(PREFIX_CACHE_ENTRIES if args.prefix_cache_mb else 0, args.prefix_cache_mb * 2**20)
     if not args.no_batching and args.max_batch > 1:
         backend.enable_batching(args.max_batch)
+    # Many conversations share one server: up to PREFIX_CACHE_ENTRIES caches within the budget.
+    budget_mb = args.kv_budget_mb or default_kv_budget_mb()
+    cap = None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20
+    backend.set_kv_budget(budget_mb * 2**20, cap, PREFIX_CACHE_ENTRIES)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         status = backend.load_and_wait(options.for_model(path, display_name(args.model, path)))

@@ -21,7 +21,7 @@ transformers are imported inside functions, so that a front end starts at once.
 
 import os
 
-from .backend import LocalBackend
+from .backend import LocalBackend, default_kv_budget_mb
 from .contract import ABILITIES, Backend, LoadProgress, ReplyHandle, record_reply
 from .conversation.chat import ChatSession, read_conversation, read_json_file, save_conversation
 from .conversation.tool_calls import ToolCall, normalize_tools
@@ -89,6 +89,7 @@ __all__ = [
     "ToolCall",
     "ToolsUnsupported",
     "conversation_from_messages",
+    "default_kv_budget_mb",
     "default_models_dir",
     "download_checkpoint",
     "find_checkpoints",

@@ -38,6 +38,7 @@ class LocalBackend(Abilities):
         # both belong to the model as it is, and go with every change to it.
         self.prefixes = PrefixCache()
         self.replies = ReplyTokens()
+        self.kv_budget_bytes: int | None = None  # set_kv_budget (glmrepl serve)
         manager.change_hooks.append(self._model_changing)
 
     def _model_changing(self) -> None:
@@ -82,6 +83,33 @@ class LocalBackend(Abilities):
     def enable_batching(self, max_batch: int, cache_bytes: int | None = None) -> None:
         """Let up to ``max_batch`` concurrent replies decode together (see batching.py)."""
         self.scheduler.enable_batching(max_batch, cache_bytes)
+
+    def set_kv_budget(self, budget_bytes: int, prefix_cap_bytes: int | None = None, entries: int = 64) -> None:
+        """One memory budget for KV caches: the batch's paged pool (when batching is on) takes its
+        share, the prefix caches of recent replies the rest (at most ``prefix_cap_bytes``)."""
+        from .generation.batching import batch_pool_bytes
+
+        pool = batch_pool_bytes(budget_bytes) if self.scheduler.batching else 0
+        self.scheduler.cache_bytes = max(pool, 1)
+        prefix_bytes = budget_bytes - pool
+        if prefix_cap_bytes is not None:
+            prefix_bytes = min(prefix_bytes, prefix_cap_bytes)
+        self.prefixes.configure(entries if prefix_bytes > 0 else 0, prefix_bytes)
+        self.kv_budget_bytes = budget_bytes
+
+    def kv_status(self) -> dict[str, Any]:
+        """For /health: the KV budget and what uses it now."""
+        prefixes = self.prefixes
+        return {
+            "budget_bytes": self.kv_budget_bytes,
+            "batch_pool_bytes": self.scheduler.batch_pool_bytes,
+            "prefix_cache": {
+                "entries": len(prefixes),
+                "bytes": prefixes.nbytes,
+                "max_bytes": prefixes.max_bytes,
+                "tokens_reused": prefixes.tokens_reused,
+            },
+        }
 
     def batching_status(self) -> dict[str, Any]:
         """For /health and the start line: whether replies batch, how many run, and why not."""
@@ -192,3 +220,10 @@ class LocalBackend(Abilities):
         if loaded is None:
             raise GlmreplError("no model is loaded")
         return loaded
+
+
+def default_kv_budget_mb() -> int:
+    """A quarter of the memory available now, between 256 MiB and 2 GiB."""
+    from .models.manager import memory_available_bytes
+
+    return max(256, min(2048, memory_available_bytes() // 4 // 2**20))

@@ -65,19 +65,7 @@ async def health(request: Request) -> dict[str, Any]:
         "context_length": status.context_length if status else None,
         "replies": backend.replies_status(),
         "batching": {key: batching[key] for key in ("enabled", "max_batch", "why_not")},
-        "prefix_cache": _prefix_cache_figures(backend),
-    }
-
-
-def _prefix_cache_figures(backend) -> dict[str, Any] | None:
-    prefixes = getattr(backend, "prefixes", None)
-    if prefixes is None:
-        return None
-    return {
-        "entries": len(prefixes),
-        "bytes": prefixes.nbytes,
-        "max_bytes": prefixes.max_bytes,
-        "tokens_reused": prefixes.tokens_reused,
+        "kv_cache": backend.kv_status(),
     }
 
 

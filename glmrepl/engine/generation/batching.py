@@ -28,6 +28,12 @@ MAX_BATCH_TOKENS = 256  # tokens one step reads at most (longer prompts are pref
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
+def batch_pool_bytes(budget_bytes: int) -> int:
+    """The batch's share of a KV budget: half of it, at most DEFAULT_CACHE_BYTES (the prefix
+    caches of recent replies take the rest)."""
+    return min(DEFAULT_CACHE_BYTES, budget_bytes // 2)
+
+
 def batching_refused(loaded: Any) -> str | None:
     """Why this model cannot decode in a batch, or None."""
     from ..families.traits import traits_of
@@ -65,6 +71,7 @@ class Batcher:
         per_token = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
         self.num_blocks = max(cache_bytes // (per_token * PAGE_SIZE), 4)
         self.capacity_tokens = self.num_blocks * PAGE_SIZE
+        self.pool_bytes = self.num_blocks * PAGE_SIZE * per_token
         self.broken: str | None = None  # set when the manager failed: the model decodes alone from then on
         self._on_change = on_change
         self._manager: Any = None

@@ -40,6 +40,7 @@ class _Entry:
     cache: Any
     nbytes: int
     prompt_length: int  # of the request that left it: a request sharing all of it continues that conversation
+    namespace: str = ""  # whose it is: a request in another namespace never reuses it
 
 
 class PrefixCache:
@@ -69,7 +70,7 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def take(self, ids: list[int]) -> Reuse:
+    def take(self, ids: list[int], namespace: str = "") -> Reuse:
         """The cache sharing the longest prefix with ``ids``, cropped to it (at least one token left to read).
 
         A request that shares the entry's whole prompt (the next turn, a retry) takes it
@@ -79,6 +80,8 @@ class PrefixCache:
         with self._lock:
             best_key, best = None, 0
             for key, entry in self._entries.items():
+                if entry.namespace != namespace:
+                    continue
                 shared = _common_prefix(entry.ids, ids)
                 if shared > best:
                     best_key, best = key, shared
@@ -97,12 +100,13 @@ class PrefixCache:
         crop_to(cache, reuse)
         return Reuse(cache, reuse)
 
-    def put(self, ids: list[int], cache: Any, prompt_length: int | None = None) -> None:
+    def put(self, ids: list[int], cache: Any, prompt_length: int | None = None, namespace: str = "") -> None:
         """Keep the cache of ``ids`` (what the model has read: the prompt and the reply but its last
         token); ``prompt_length``: how many of them were the request's prompt."""
         if cache is None or not ids or not hasattr(cache, "crop") or self.max_entries < 1:
             return
-        entry = _Entry(list(ids), cache, cache_bytes(cache), len(ids) if prompt_length is None else prompt_length)
+        length = len(ids) if prompt_length is None else prompt_length
+        entry = _Entry(list(ids), cache, cache_bytes(cache), length, namespace)
         with self._lock:
             if self.max_bytes is not None and entry.nbytes > self.max_bytes:
                 return

@@ -87,7 +87,9 @@ class GenerationRun:
         reuse: Any = None,
         scheduler: RunQueue | None = None,
     ):
-        """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids.
+        """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids, or
+        a function that finds one (called when the run starts decoding alone: a run that goes
+        to the batch, or never starts, copies no cache).
         ``scheduler``: who decodes it (scheduler.private_scheduler() for a run of its own)."""
         self.model = model
         self.decoder = IncrementalDecoder(tokenizer)
@@ -277,6 +279,8 @@ def _generate_stretch(run: GenerationRun, should_yield: Callable[[int], bool]) -
     ids = run.prompt_ids + run.made
     device = _input_device(run.model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    if first and callable(run.reuse):
+        run.reuse = run.reuse()
     cache = run.cache if not first else (run.reuse.cache if run.reuse is not None else None)
     # generate reads only the ids past the given cache's length
     continued = {"cache": cache} if cache is not None else {}

@@ -166,6 +166,12 @@ class Scheduler:
         return refused
 
     @property
+    def batch_pool_bytes(self) -> int:
+        """Bytes of the batch's paged KV pool while a batch runs (0 when none does)."""
+        batcher = self._batcher
+        return batcher.pool_bytes if batcher is not None and batcher.running else 0
+
+    @property
     def batch_running(self) -> bool:
         return self._batcher is not None and self._batcher.running
 

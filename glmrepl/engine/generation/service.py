@@ -149,7 +149,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         kwargs,
         prompt_format.stop_token_ids,
         seed=request.sampling.seed,
-        reuse=prefixes.take(fitted.ids) if reusable else None,
+        reuse=(lambda: prefixes.take(fitted.ids, request.cache_namespace)) if reusable else None,
         scheduler=scheduler,
     )
     run.may_batch = scheduler.why_not_batching(loaded) is None
@@ -158,7 +158,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         if not reusable:
             return
         if run.cache is not None:
-            prefixes.put(run.cached_ids(), run.cache, len(fitted.ids))
+            prefixes.put(run.cached_ids(), run.cache, len(fitted.ids), request.cache_namespace)
         if reply.tool_calls or prefix:  # the next prompt renders the calls, never the text they came as
             return
         # A stop string cut the text short of the ids: reply_ids keeps those up to the cut.

@@ -1,0 +1,77 @@
+"""One memory budget for KV caches; a cache is copied when a reply starts, never when it is admitted;
+a cached prefix serves only requests of its own namespace."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from support import request
+
+from glmrepl.engine.backend import LocalBackend
+from glmrepl.engine.conversation.chat import ChatSession
+from glmrepl.engine.generation.batching import DEFAULT_CACHE_BYTES
+from glmrepl.engine.models.loading import LoadOptions
+from glmrepl.engine.settings import Settings
+
+GREEDY = Settings({"max_new_tokens": 4, "do_sample": False})
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 4
+
+
+@pytest.fixture
+def backend(qwen_checkpoint):
+    backend = LocalBackend()
+    backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(qwen_checkpoint, "qwen"))
+    backend.set_kv_budget(64 * 2**20)
+    yield backend
+    backend.stop()
+
+
+def conversation(question: str) -> ChatSession:
+    session = ChatSession()
+    session.system = SYSTEM
+    session.add_user(question)
+    return session
+
+
+def ask(backend: LocalBackend, question: str, namespace: str = "") -> int:
+    """The reply's reused prompt tokens."""
+    asked = dataclasses.replace(request(conversation(question), GREEDY), cache_namespace=namespace)
+    with backend.generate(asked) as reply:
+        "".join(reply)
+    return reply.stats.reused_tokens
+
+
+def test_the_batch_pool_and_the_prefix_caches_share_one_budget(backend):
+    backend.enable_batching(8)
+    backend.set_kv_budget(3 * 2**30)
+    kv = backend.kv_status()
+    assert kv["budget_bytes"] == 3 * 2**30
+    assert backend.scheduler.cache_bytes == DEFAULT_CACHE_BYTES  # the pool's share: half, at most 512 MiB
+    assert kv["prefix_cache"]["max_bytes"] == 3 * 2**30 - DEFAULT_CACHE_BYTES
+    backend.set_kv_budget(3 * 2**30, prefix_cap_bytes=100 * 2**20)
+    assert backend.kv_status()["prefix_cache"]["max_bytes"] == 100 * 2**20
+    backend.set_kv_budget(64 * 2**20)
+    assert backend.scheduler.cache_bytes + backend.kv_status()["prefix_cache"]["max_bytes"] == 64 * 2**20
+
+
+def test_admitted_replies_copy_no_cache_until_they_start(backend):
+    ask(backend, "hello there")  # leaves the shared system prompt's cache behind
+    cached = backend.prefixes.nbytes
+    assert cached > 0 and backend.prefixes.tokens_reused == 0
+    planned = [backend.generate(request(conversation(f"question {i}"), GREEDY)) for i in range(6)]
+    assert backend.prefixes.tokens_reused == 0  # admitted, not started: nothing copied, nothing counted
+    for reply in planned[1:]:
+        reply.close()  # never started: never counted
+    assert backend.prefixes.tokens_reused == 0
+    with planned[0]:
+        "".join(planned[0])
+    assert planned[0].stats.reused_tokens > 0
+    assert backend.prefixes.tokens_reused == planned[0].stats.reused_tokens  # counts what was reused
+
+
+def test_a_cached_prefix_serves_only_its_own_namespace(backend):
+    assert ask(backend, "hello there", namespace="alice") == 0
+    assert ask(backend, "hello there", namespace="bob") == 0  # alice's system prompt is not bob's cache
+    assert ask(backend, "something else", namespace="alice") > 0
+    assert ask(backend, "something else", namespace="bob") > 0
