@@ -1,6 +1,6 @@
 """A multi-turn conversation with and without the reused prefix cache: part of `make bench`.
 
-    python benchmarks/multiturn.py [--turns 10] [--new-tokens 64] [--threads N] [--quick]
+    python benchmarks/multiturn.py [--turns 10] [--new-tokens 64] [--threads N] [--quick] [--smoke]
 
 Ten turns on the Qwen2-0.5B-shaped checkpoint (benchmarks/checkpoint.py), each user message
 about 40 tokens of deterministic text, each reply exactly --new-tokens greedy tokens. Each turn's
@@ -21,11 +21,12 @@ whole prompt read), the two conversations taking turns so that drift on the mach
 Targets: the last turn's first token within 1.3x of the first turn's with reuse, and without
 reuse at least 5x slower than with it at the last turn. Decode tokens/s are printed to show
 reuse leaves them unchanged, and whether the greedy replies are the same with and without reuse.
-Figures go to the terminal and to benchmarks/results/<date>-multiturn.json.
+Figures go to the terminal and to benchmarks/results/<date>-multiturn.json. ``--smoke`` plays
+all of it on a tiny checkpoint (benchmarks/smoke.py).
 
 This file also runs inside the llama environment (``--llama-child``), which has no glmrepl and
-no torch: only the standard library and the helper beside it that imports nothing else
-(multiturn_figures.py) are imported at the top.
+no torch: only the standard library and the helpers beside it that import nothing else
+(smoke.py, multiturn_figures.py) are imported at the top.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import smoke
 from multiturn_figures import against_repl, report, summary, without_ids
 
 HERE = Path(__file__).resolve().parent
@@ -99,14 +101,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device mode for glmrepl's sides (default cpu)")
     parser.add_argument("--dtype", default="float32", help="dtype for glmrepl's sides (default float32)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
+    parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results)")
     parser.add_argument(
         "--llama-python",
         type=Path,
         default=HERE / "cache" / "llama-env" / "bin" / "python",
         help="a Python with llama-cpp-python for the optional llama.cpp comparison (skipped when absent)",
     )
+    smoke.add_flag(parser)
     args = parser.parse_args()
+    args.results = smoke.results_folder(args, HERE / "results")
+    if args.smoke:
+        args.turns, args.new_tokens = smoke.TURNS, smoke.NEW_TOKENS
     args.turns = args.turns or (QUICK_TURNS if args.quick else TURNS)
     args.new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else NEW_TOKENS)
     return args
@@ -320,21 +326,25 @@ def server_health(server) -> dict | None:
 # -- llama.cpp ------------------------------------------------------------------------------
 
 
-def llama_conversation(cache: Path, python: Path, threads: int, prompts: list[list[int]], new_tokens: int) -> dict:
+def llama_conversation(args, threads: int, prompts: list[list[int]]) -> dict:
     """llama.cpp on the REPL path's prompt ids, or {"skipped": why}."""
     import llamacpp
 
-    problem = llamacpp.available(python)
+    problem = llamacpp.available(args.llama_python)
     if problem:
         return {"skipped": problem}
     request = {
-        "file": str(llamacpp.ensure_float_file(cache, python)),
+        "file": str(llamacpp.ensure_float_file(args.cache, args.llama_python, args.smoke)),
         "threads": threads,
         "prompts": prompts,
-        "new_tokens": new_tokens,
+        "new_tokens": args.new_tokens,
     }
     output = subprocess.run(
-        [str(python), __file__, "--llama-child"], input=json.dumps(request), capture_output=True, text=True, check=True
+        [str(args.llama_python), __file__, "--llama-child"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -406,7 +416,7 @@ def measure(args, model: Path, threads: int) -> dict:
     results["served"]["against_repl"] = against_repl(served, repl)
     print("llama.cpp on the same prompt ids (optional) ...", flush=True)
     prompts = [row["with"]["prompt_ids"] for row in repl]
-    llama = llama_conversation(args.cache, args.llama_python, threads, prompts, args.new_tokens)
+    llama = llama_conversation(args, threads, prompts)
     if "turns" in llama:
         llama["summary"] = summary(llama["turns"], args.new_tokens)
     results["llama_cpp"] = llama
@@ -437,11 +447,11 @@ def main() -> int:
 
     from glmrepl.engine.cpu import machine as cpu
 
-    model = checkpoint.ensure_checkpoint(args.cache)
+    model = checkpoint.ensure_checkpoint(args.cache, args.smoke)
     cpu.request_threads(args.threads)  # the REPL side, in this process; the servers get --threads
     results = {
         "machine": machine.describe_machine(),
-        "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
+        "checkpoint": checkpoint.shape(args.smoke),
         "placement": f"{args.device} {args.dtype}",
         "threads": cpu.apply_threads(),
         # Other processes on the machine skew timings: the load average tells.
@@ -453,9 +463,13 @@ def main() -> int:
     results.update(measure(args, model, results["threads"]))
     results["load_average_after"] = os.getloadavg()
     print()
+    if args.smoke:
+        print(smoke.NOTE)
     print(report(results))
     print(f"\nload average before {results['load_average_before']}, after {results['load_average_after']}")
     print(f"written: {write_results(results, args.results)}")
+    if args.smoke:
+        print(smoke.NOTE)
     return 0
 
 
