@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 CONSTRAINTS := constraints.txt
 EXTRAS := dev,serve,adapters
 
-.PHONY: install lock test lint demo bench clean
+.PHONY: install lock test lint demo bench bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,14 @@ bench: install
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/multiturn.py
 	$(PY) benchmarks/quant_models.py
+
+# The same scripts on a tiny checkpoint, to show they still run (benchmarks/README.md); the
+# figures they print are not measurements.
+bench-smoke: install
+	$(PY) benchmarks/run.py --smoke
+	$(PY) benchmarks/serve.py --smoke
+	$(PY) benchmarks/multiturn.py --smoke
+	$(PY) benchmarks/quant_models.py --smoke
 
 clean:
 	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache

@@ -2,6 +2,7 @@
 
 Built once into the cache directory and reused; a marker file written last
 means a half-written folder (an interrupted build) is rebuilt, never loaded.
+A smoke run (``--smoke``) builds the same kind of folder at a few MB.
 """
 
 from __future__ import annotations
@@ -25,14 +26,28 @@ QWEN2_0_5B_SHAPE = dict(
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
 )
+# The same layout, tokenizer and storage, small enough to build and decode in moments. A head of
+# 64 values as in the real shape; widths that divide into the quantizers' groups (64, 32).
+SMOKE_SHAPE = QWEN2_0_5B_SHAPE | dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=256,
+    vocab_size=1024,
+)
 READY_MARKER = ".complete"
 
 
-def ensure_checkpoint(cache: Path) -> Path:
-    """The 0.5B checkpoint folder, built on first use."""
-    dest = Path(cache) / "qwen2-0.5b-random"
+def shape(smoke: bool = False) -> dict:
+    return SMOKE_SHAPE if smoke else QWEN2_0_5B_SHAPE
+
+
+def ensure_checkpoint(cache: Path, smoke: bool = False) -> Path:
+    """The 0.5B checkpoint folder (or the smoke run's), built on first use."""
+    dest = Path(cache) / ("qwen2-smoke-random" if smoke else "qwen2-0.5b-random")
     if not (dest / READY_MARKER).exists():
-        build_checkpoint(dest)
+        build_checkpoint(dest, shape(smoke))
     return dest
 
 
@@ -49,16 +64,16 @@ def ensure_twin(original: Path) -> Path:
     return twin
 
 
-def build_checkpoint(dest: Path) -> None:
+def build_checkpoint(dest: Path, sizes: dict = QWEN2_0_5B_SHAPE) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     dest.mkdir(parents=True, exist_ok=True)
-    tokenizer = padded_tokenizer(QWEN2_0_5B_SHAPE["vocab_size"])
+    tokenizer = padded_tokenizer(sizes["vocab_size"])
     tokenizer.save(str(dest / "tokenizer.json"))
     eot, im_end = tokenizer.token_to_id(tiny.ENDOFTEXT), tokenizer.token_to_id(tiny.IM_END)
     (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
-    config = Qwen2Config(**QWEN2_0_5B_SHAPE, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, dtype="bfloat16")
+    config = Qwen2Config(**sizes, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, dtype="bfloat16")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.SEED)
         # Built directly in bfloat16: half the memory and time of a float32 init.

@@ -1,6 +1,6 @@
 """llama.cpp on the benchmark checkpoint, at the precisions glmrepl offers: an optional comparison.
 
-    python benchmarks/llamacpp.py [--llama-python PATH] [--threads 2] [--repeats 3]
+    python benchmarks/llamacpp.py [--llama-python PATH] [--threads 2] [--repeats 3] [--smoke]
 
 llama.cpp is what CPU users pick instead of transformers, so `make bench` shows its decode speed
 beside glmrepl's when it is installed: never a dependency of glmrepl, it lives in the benchmark's
@@ -12,7 +12,8 @@ The Qwen2-0.5B-shaped checkpoint (benchmarks/checkpoint.py) is written once as a
 file by ``write_gguf`` (this process: torch reads the safetensors, the ``gguf`` package writes),
 then llama.cpp's own quantizer makes the bfloat16, Q8_0 and Q4_0 files. Each is timed in the
 llama environment (``_child``): the same 64 prompt ids, 128 greedy new tokens, decode tokens/s
-from the first to the last new token, as benchmarks/speed.py measures glmrepl.
+from the first to the last new token, as benchmarks/speed.py measures glmrepl. ``--smoke`` does the
+same on the smoke run's tiny checkpoint (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import smoke
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV = HERE / "cache" / "llama-env" / "bin" / "python"
@@ -36,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    smoke.add_flag(parser)
     return parser.parse_args()
 
 
@@ -47,7 +51,7 @@ def available(python: Path) -> str | None:
     return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
-def measure(cache: Path, python: Path, threads: int, repeats: int) -> dict:
+def measure(cache: Path, python: Path, threads: int, repeats: int, smoke_run: bool = False) -> dict:
     """Decode figures per precision, or {"skipped": why}."""
     problem = available(python)
     if problem:
@@ -55,23 +59,25 @@ def measure(cache: Path, python: Path, threads: int, repeats: int) -> dict:
     import checkpoint
     import speed
 
-    float_file = ensure_float_file(cache, python)
-    ids = speed.prompt_ids(checkpoint.QWEN2_0_5B_SHAPE["vocab_size"])
-    request = {"threads": threads, "repeats": repeats, "ids": ids, "new_tokens": speed.NEW_TOKENS, "files": {}}
+    float_file = ensure_float_file(cache, python, smoke_run)
+    ids = speed.prompt_ids(checkpoint.shape(smoke_run)["vocab_size"])
+    new_tokens = smoke.NEW_TOKENS if smoke_run else speed.NEW_TOKENS
+    request = {"threads": threads, "repeats": repeats, "ids": ids, "new_tokens": new_tokens, "files": {}}
+    stem = float_file.name.removesuffix("-f32.gguf")
     for label, file_type in FILE_TYPES.items():
-        request["files"][label] = [str(float_file), file_type, str(cache / f"qwen2-0.5b-random-{file_type}.gguf")]
+        request["files"][label] = [str(float_file), file_type, str(cache / f"{stem}-{file_type}.gguf")]
     output = subprocess.run(
         [str(python), __file__, "--child"], input=json.dumps(request), capture_output=True, text=True, check=True
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def ensure_float_file(cache: Path, python: Path) -> Path:
+def ensure_float_file(cache: Path, python: Path, smoke_run: bool = False) -> Path:
     """The checkpoint's float32 GGUF file, written once by the llama environment (it has ``gguf``)."""
     import checkpoint
 
-    folder = checkpoint.ensure_checkpoint(cache)
-    float_file = cache / "qwen2-0.5b-random-f32.gguf"
+    folder = checkpoint.ensure_checkpoint(cache, smoke_run)
+    float_file = cache / f"{folder.name}-f32.gguf"
     if not float_file.exists():
         subprocess.run([str(python), __file__, "--write", str(folder), str(float_file)], check=True)
     return float_file
@@ -229,7 +235,10 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     args = parse_args()
-    print(table(measure(args.cache, args.llama_python, args.threads, args.repeats)))
+    repeats = smoke.REPEATS if args.smoke else args.repeats
+    print(table(measure(args.cache, args.llama_python, args.threads, repeats, args.smoke)))
+    if args.smoke:
+        print(smoke.NOTE)
     return 0
 
 

@@ -1,6 +1,6 @@
 """A multi-turn conversation with and without the reused prefix cache: part of `make bench`.
 
-    python benchmarks/multiturn.py [--turns 10] [--new-tokens 64] [--threads N] [--quick]
+    python benchmarks/multiturn.py [--turns 10] [--new-tokens 64] [--threads N] [--quick] [--smoke]
 
 Ten turns on the Qwen2-0.5B-shaped checkpoint (benchmarks/checkpoint.py), each user message
 about 40 tokens of deterministic text, each reply exactly --new-tokens greedy tokens. Each turn's
@@ -21,10 +21,12 @@ whole prompt read), the two conversations taking turns so that drift on the mach
 Targets: the last turn's first token within 1.3x of the first turn's with reuse, and without
 reuse at least 5x slower than with it at the last turn. Decode tokens/s are printed to show
 reuse leaves them unchanged, and whether the greedy replies are the same with and without reuse.
-Figures go to the terminal and to benchmarks/results/<date>-multiturn.json.
+Figures go to the terminal and to benchmarks/results/<date>-multiturn.json. ``--smoke`` plays
+all of it on a tiny checkpoint (benchmarks/smoke.py).
 
 This file also runs inside the llama environment (``--llama-child``), which has no glmrepl and
-no torch: only the standard library is imported at the top.
+no torch: only the standard library and the helpers beside it that import nothing else
+(smoke.py, multiturn_figures.py) are imported at the top.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import gc
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
 from functools import partial
 from pathlib import Path
+
+import smoke
+from multiturn_figures import against_repl, report, summary, without_ids
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -49,8 +53,6 @@ NEW_TOKENS = 64
 USER_TOKENS = 40
 QUICK_TURNS, QUICK_NEW_TOKENS = 4, 16
 TEXT_SEED = 11
-GROWTH_TARGET = 1.3  # last turn's first token over the first turn's, with reuse: at most
-SPEEDUP_TARGET = 5.0  # without reuse over with reuse at the last turn: at least
 
 OPENINGS = ("Tell me", "Explain", "Describe", "Remind me", "Help me understand", "Write down", "Guess")
 SUBJECTS = (
@@ -99,14 +101,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device mode for glmrepl's sides (default cpu)")
     parser.add_argument("--dtype", default="float32", help="dtype for glmrepl's sides (default float32)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
+    parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results)")
     parser.add_argument(
         "--llama-python",
         type=Path,
         default=HERE / "cache" / "llama-env" / "bin" / "python",
         help="a Python with llama-cpp-python for the optional llama.cpp comparison (skipped when absent)",
     )
+    smoke.add_flag(parser)
     args = parser.parse_args()
+    args.results = smoke.results_folder(args, HERE / "results")
+    if args.smoke:
+        args.turns, args.new_tokens = smoke.TURNS, smoke.NEW_TOKENS
     args.turns = args.turns or (QUICK_TURNS if args.quick else TURNS)
     args.new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else NEW_TOKENS)
     return args
@@ -320,21 +326,25 @@ def server_health(server) -> dict | None:
 # -- llama.cpp ------------------------------------------------------------------------------
 
 
-def llama_conversation(cache: Path, python: Path, threads: int, prompts: list[list[int]], new_tokens: int) -> dict:
+def llama_conversation(args, threads: int, prompts: list[list[int]]) -> dict:
     """llama.cpp on the REPL path's prompt ids, or {"skipped": why}."""
     import llamacpp
 
-    problem = llamacpp.available(python)
+    problem = llamacpp.available(args.llama_python)
     if problem:
         return {"skipped": problem}
     request = {
-        "file": str(llamacpp.ensure_float_file(cache, python)),
+        "file": str(llamacpp.ensure_float_file(args.cache, args.llama_python, args.smoke)),
         "threads": threads,
         "prompts": prompts,
-        "new_tokens": new_tokens,
+        "new_tokens": args.new_tokens,
     }
     output = subprocess.run(
-        [str(python), __file__, "--llama-child"], input=json.dumps(request), capture_output=True, text=True, check=True
+        [str(args.llama_python), __file__, "--llama-child"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -391,105 +401,6 @@ def _llama_turn(model, ids: list[int], new_tokens: int, fresh: bool) -> dict:
     }
 
 
-# -- figures ------------------------------------------------------------------------------
-
-
-def reply_reuse(rows: list[dict]) -> list[int | None]:
-    """Per turn, how many of the reused tokens lie past the previous prompt: the previous reply's
-    tokens whose cache was kept (its text, sent back, must tokenize to the ids generated)."""
-    reused = [None]
-    for previous, row in zip(rows, rows[1:]):
-        tokens = row["with"]["reused_tokens"]
-        reused.append(None if tokens is None else max(0, tokens - previous["with"]["prompt_tokens"]))
-    return reused
-
-
-def summary(rows: list[dict], new_tokens: int) -> dict:
-    first, last = rows[0], rows[-1]
-    with_decode = [r["with"]["decode_tokens_per_s"] for r in rows if r["with"]["decode_tokens_per_s"]]
-    without_decode = [r["without"]["decode_tokens_per_s"] for r in rows if r["without"]["decode_tokens_per_s"]]
-    short = [
-        f"turn {r['turn']} {side}: {r[side]['new_tokens']} tokens ({r[side]['finish_reason']})"
-        for r in rows
-        for side in ("with", "without")
-        if r[side]["new_tokens"] != new_tokens
-    ]
-    return {
-        "growth": last["with"]["first_token_s"] / first["with"]["first_token_s"],
-        "speedup": last["without"]["first_token_s"] / last["with"]["first_token_s"],
-        "decode_with_tokens_per_s": statistics.median(with_decode) if with_decode else None,
-        "decode_without_tokens_per_s": statistics.median(without_decode) if without_decode else None,
-        "same_replies": all(r["with"]["reply"] == r["without"]["reply"] for r in rows),
-        "differing_turns": [r["turn"] for r in rows if r["with"]["reply"] != r["without"]["reply"]],
-        "short_replies": short,
-        "reply_tokens_reused": reply_reuse(rows),
-        "without_reused_tokens": [r["without"]["reused_tokens"] for r in rows],
-    }
-
-
-def table(title: str, rows: list[dict], figures: dict) -> str:
-    header = ("turn", "prompt", "reused", "of reply", "read", "first tok with", "without", "decode with", "without")
-    lines = [_cells((*header, "same reply"))]
-    for row, of_reply in zip(rows, figures["reply_tokens_reused"]):
-        used, fresh = row["with"], row["without"]
-        lines.append(
-            _cells(
-                (
-                    str(row["turn"]),
-                    str(used["prompt_tokens"]),
-                    str(used["reused_tokens"]),
-                    "-" if of_reply is None else str(of_reply),
-                    str(used["prompt_tokens"] - (used["reused_tokens"] or 0)),
-                    f"{used['first_token_s']:.3f} s",
-                    f"{fresh['first_token_s']:.3f} s",
-                    _rate(used["decode_tokens_per_s"]),
-                    _rate(fresh["decode_tokens_per_s"]),
-                    "yes" if used["reply"] == fresh["reply"] else "NO",
-                )
-            )
-        )
-    lines.insert(1, "-" * len(lines[0]))
-    last = rows[-1]["turn"]
-    lines += [
-        f"turn {last} vs turn 1, with reuse: {figures['growth']:.2f}x "
-        f"(target <= {GROWTH_TARGET}: {_verdict(figures['growth'] <= GROWTH_TARGET)})",
-        f"without / with reuse at turn {last}: {figures['speedup']:.2f}x "
-        f"(target >= {SPEEDUP_TARGET}: {_verdict(figures['speedup'] >= SPEEDUP_TARGET)})",
-        f"decode tok/s, median: {_rate(figures['decode_with_tokens_per_s'])} with reuse, "
-        f"{_rate(figures['decode_without_tokens_per_s'])} without",
-        "greedy replies identical with and without reuse: "
-        + ("yes" if figures["same_replies"] else f"NO (turns {figures['differing_turns']})"),
-    ]
-    if any(figures["without_reused_tokens"]):
-        lines.append(f"the side without reuse reused tokens: {figures['without_reused_tokens']}")
-    if figures["short_replies"]:
-        lines.append("replies that ended early: " + "; ".join(figures["short_replies"]))
-    return f"{title}\n" + "\n".join(lines)
-
-
-def _cells(cells) -> str:
-    widths = (4, 6, 6, 8, 5, 14, 9, 11, 7, 10)
-    return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths))
-
-
-def _rate(value: float | None) -> str:
-    return f"{value:.2f}" if value else "-"
-
-
-def _verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
-
-
-def without_ids(rows: list[dict]) -> list[dict]:
-    """The rows for the JSON file: replies and prompts as lengths, the ids being thousands of numbers."""
-    kept = []
-    for row in rows:
-        kept.append({"turn": row["turn"]})
-        for side in ("with", "without"):
-            kept[-1][side] = {k: v for k, v in row[side].items() if k not in ("reply", "text", "prompt_ids")}
-    return kept
-
-
 # -- the run ------------------------------------------------------------------------------
 
 
@@ -505,59 +416,11 @@ def measure(args, model: Path, threads: int) -> dict:
     results["served"]["against_repl"] = against_repl(served, repl)
     print("llama.cpp on the same prompt ids (optional) ...", flush=True)
     prompts = [row["with"]["prompt_ids"] for row in repl]
-    llama = llama_conversation(args.cache, args.llama_python, threads, prompts, args.new_tokens)
+    llama = llama_conversation(args, threads, prompts)
     if "turns" in llama:
         llama["summary"] = summary(llama["turns"], args.new_tokens)
     results["llama_cpp"] = llama
     return results
-
-
-def against_repl(served: list[dict], repl: list[dict]) -> dict:
-    """Turns where the streamed reply is not the REPL's. The server builds its prompts from the
-    texts it sent: with the same texts, the same prompts. Streamed deltas are the reply before
-    the chat format's clean_reply (trailing spaces go), the REPL's history after it: both are compared."""
-    pairs = [(s["with"]["reply"], r["with"]["text"]) for s, r in zip(served, repl)]
-    return {
-        "differing_turns": [turn for turn, (a, b) in enumerate(pairs, 1) if a != b],
-        "differing_turns_after_strip": [turn for turn, (a, b) in enumerate(pairs, 1) if a.rstrip() != b],
-        "differing_prompt_tokens": [
-            s["turn"] for s, r in zip(served, repl) if s["with"]["prompt_tokens"] != r["with"]["prompt_tokens"]
-        ],
-    }
-
-
-def against_repl_line(figures: dict) -> str:
-    exact, stripped = figures["differing_turns"], figures["differing_turns_after_strip"]
-    if not exact:
-        return "streamed replies identical to the REPL's: yes"
-    line = f"streamed replies identical to the REPL's: NO at turns {exact}"
-    if stripped:
-        return f"{line}, even without trailing spaces at turns {stripped}"
-    return (
-        f"{line}; without trailing spaces yes (the REPL keeps a reply so, the stream sends it as generated;"
-        f" prompt tokens differ from turn {min(figures['differing_prompt_tokens'], default='-')})"
-    )
-
-
-def report(results: dict) -> str:
-    placement = f"{results['placement']}, {results['threads']} threads"
-    parts = [
-        table(f"REPL path ({placement}):", results["repl"]["turns"], results["repl"]["summary"]),
-        table(
-            f"glmrepl serve, openai client, whole history each turn ({placement}):",
-            results["served"]["turns"],
-            results["served"]["summary"],
-        )
-        + "\n"
-        + against_repl_line(results["served"]["against_repl"]),
-    ]
-    llama = results["llama_cpp"]
-    if "skipped" in llama:
-        parts.append(f"llama.cpp multi-turn comparison skipped: {llama['skipped']}")
-    else:
-        title = f"llama.cpp {llama['llama_cpp']} float32 GGUF ({llama['threads']} threads), the REPL path's prompt ids:"
-        parts.append(table(title, llama["turns"], llama["summary"]))
-    return "\n\n".join(parts)
 
 
 def write_results(results: dict, folder: Path) -> Path:
@@ -584,11 +447,11 @@ def main() -> int:
 
     from glmrepl.engine.cpu import machine as cpu
 
-    model = checkpoint.ensure_checkpoint(args.cache)
+    model = checkpoint.ensure_checkpoint(args.cache, args.smoke)
     cpu.request_threads(args.threads)  # the REPL side, in this process; the servers get --threads
     results = {
         "machine": machine.describe_machine(),
-        "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
+        "checkpoint": checkpoint.shape(args.smoke),
         "placement": f"{args.device} {args.dtype}",
         "threads": cpu.apply_threads(),
         # Other processes on the machine skew timings: the load average tells.
@@ -600,9 +463,13 @@ def main() -> int:
     results.update(measure(args, model, results["threads"]))
     results["load_average_after"] = os.getloadavg()
     print()
+    if args.smoke:
+        print(smoke.NOTE)
     print(report(results))
     print(f"\nload average before {results['load_average_before']}, after {results['load_average_after']}")
     print(f"written: {write_results(results, args.results)}")
+    if args.smoke:
+        print(smoke.NOTE)
     return 0
 
 

@@ -1,6 +1,6 @@
 """int4 / int8 against float32 on the CPU: decode speed, first tokens, resident memory.
 
-    python benchmarks/quant.py [--threads 2] [--repeats 5] [--layers 2 --hidden 4096 --ffn 13696 --vocab 4096]
+    python benchmarks/quant.py [--threads 2] [--repeats 5] [--layers 2 --hidden 4096 --ffn 13696 --vocab 4096] [--smoke]
 
 Builds (once, into benchmarks/cache) a random-weight ChatGLM2 checkpoint with
 ChatGLM2-6B's layer shapes but 2 layers and a 4096-token vocabulary (about
@@ -10,6 +10,7 @@ one token under each CPU strategy; float32, int8 and int4 loaded side by side
 and timed in turns through GenerationRun (medians); resident memory of each
 variant alone; and the first int4 reply after a load with no compiler (the
 torch path), with the kernels compiled during it, and with them cached.
+``--smoke`` runs all of it on a one-layer checkpoint of a few MB (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import smoke
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "data" / "chatglm" / "chatglm2-tiny"
 PROMPT_TOKENS, NEW_TOKENS = 64, 64
+SHAPE = dict(layers=2, hidden=4096, ffn=13696, vocab=4096)
+SMOKE_SHAPE = dict(layers=1, hidden=256, ffn=512, vocab=4096)
+# The smoke run's layer timings: one round, and torch.compile only tracing (no inductor), whose
+# first compile on a fresh machine takes about 25 s on two cores.
+SMOKE_LAYER = dict(repeats=1, rounds=1, backend="eager")
 
 
 def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: int) -> int:
@@ -189,7 +197,9 @@ def first_reply(folder: str, bits: int, threads: int) -> dict:
     return {"load_s": loaded - started, "first_reply_s": time.perf_counter() - loaded, "path": reply["path"]}
 
 
-def layer_strategies(threads: int, size: int = 4096, repeats: int = 20) -> list[dict]:
+def layer_strategies(
+    threads: int, size: int = 4096, repeats: int = 20, rounds: int = 7, backend: str = "inductor"
+) -> list[dict]:
     """ms per call of one size x size layer for one token, CPU strategies side by side."""
     import torch
     from torch.nn import functional as F
@@ -204,9 +214,11 @@ def layer_strategies(threads: int, size: int = 4096, repeats: int = 20) -> list[
     packed8, scale8 = quant.quantize_weight(weight, 8)
     packed4, scale4 = quant.quantize_weight(weight, 4)
     even, odd = x[0, 0, 0::2].contiguous(), x[0, 0, 1::2].contiguous()
-    compiled8 = torch.compile(lambda v, w, s: (w.float() * v).sum(-1) * s, dynamic=False)
+    compiled8 = torch.compile(lambda v, w, s: (w.float() * v).sum(-1) * s, dynamic=False, backend=backend)
     compiled4 = torch.compile(
-        lambda e, o, w, s: ((w >> 4).float() * e + ((w << 4) >> 4).float() * o).sum(-1) * s, dynamic=False
+        lambda e, o, w, s: ((w >> 4).float() * e + ((w << 4) >> 4).float() * o).sum(-1) * s,
+        dynamic=False,
+        backend=backend,
     )
     strategies = {
         "float32 F.linear": lambda: F.linear(x, weight),
@@ -222,7 +234,7 @@ def layer_strategies(threads: int, size: int = 4096, repeats: int = 20) -> list[
         for run in strategies.values():
             run()
             run()
-        for _ in range(7):  # in turns, so load from other processes hits every strategy
+        for _ in range(rounds):  # in turns, so load from other processes hits every strategy
             for name, run in strategies.items():
                 times[name].append(_timed(run, repeats))
     return [{"strategy": name, "ms_per_call": round(min(found) * 1e3, 3)} for name, found in times.items()]
@@ -247,9 +259,10 @@ def child(*args: str, env: dict | None = None) -> dict:
     return json.loads(lines[-1])
 
 
-def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads: int, repeats: int) -> dict:
+def measure(
+    cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads: int, repeats: int, smoke_run: bool = False
+) -> dict:
     import os
-    import statistics
 
     folder, params = ensure_checkpoint(cache, layers, hidden, ffn, vocab)
     results = {
@@ -258,7 +271,7 @@ def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads
         "load_average_before": os.getloadavg(),
     }
     print("[quant] one 4096x4096 layer ...", flush=True)
-    results["layer_4096"] = child("--layer", "--threads", str(threads))
+    results["layer_4096"] = child("--layer", "--threads", str(threads), *(["--smoke"] if smoke_run else []))
     print("[quant] decode, float32 / int8 / int4 in turns ...", flush=True)
     results["speed"] = child("--speed", str(folder), "--threads", str(threads), "--repeats", str(repeats))
     print("[quant] resident memory ...", flush=True)
@@ -267,20 +280,33 @@ def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads
         "[quant] first reply after load (int4): no compiler (the torch path), kernels cold, kernels cached ...",
         flush=True,
     )
+    rounds = 1 if smoke_run else max(2, repeats // 2)
+    results["first_reply_int4"] = first_replies(folder, threads, rounds, smoke_run)
+    results["load_average_after"] = os.getloadavg()
+    return results
+
+
+def first_replies(folder: Path, threads: int, rounds: int, smoke_run: bool = False) -> dict:
+    """The first int4 reply after a load, each side in a fresh child, the sides in turns."""
+    import statistics
+
     with tempfile.TemporaryDirectory(prefix="glmrepl-kernel-cache-") as scratch:
         sides = {
             "no compiler": {"CXX": "/nonexistent/g++"},
             "kernels built during it": None,
-            "kernels cached": {"XDG_CACHE_HOME": scratch},
+            # A smoke run fills no cache of its own (a child and a build, about 10 s on two
+            # cores): its children before these, waiting for the kernels, built them into the usual one.
+            "kernels cached": {} if smoke_run else {"XDG_CACHE_HOME": scratch},
         }
-        child("--first-reply", f"{folder}:4", "--threads", str(threads), env=sides["kernels cached"])  # fills it
+        if not smoke_run:
+            child("--first-reply", f"{folder}:4", "--threads", str(threads), env=sides["kernels cached"])  # fills it
         runs: dict = {side: [] for side in sides}
-        for _ in range(max(2, repeats // 2)):
+        for _ in range(rounds):
             for side, env in sides.items():
                 if env is None:
                     env = {"XDG_CACHE_HOME": tempfile.mkdtemp(dir=scratch)}
                 runs[side].append(child("--first-reply", f"{folder}:4", "--threads", str(threads), env=env))
-    results["first_reply_int4"] = {
+    return {
         side: {
             "first_reply_s": statistics.median(r["first_reply_s"] for r in found),
             "load_s": statistics.median(r["load_s"] for r in found),
@@ -288,8 +314,6 @@ def measure(cache: Path, layers: int, hidden: int, ffn: int, vocab: int, threads
         }
         for side, found in runs.items()
     }
-    results["load_average_after"] = os.getloadavg()
-    return results
 
 
 def table(results: dict) -> str:
@@ -336,13 +360,14 @@ def _memory_cell(figures: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--ffn", type=int, default=13696)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=SHAPE["layers"])
+    parser.add_argument("--hidden", type=int, default=SHAPE["hidden"])
+    parser.add_argument("--ffn", type=int, default=SHAPE["ffn"])
+    parser.add_argument("--vocab", type=int, default=SHAPE["vocab"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
+    smoke.add_flag(parser)
     # In the child processes:
     parser.add_argument("--layer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--speed", help=argparse.SUPPRESS)
@@ -350,7 +375,7 @@ def main() -> None:
     parser.add_argument("--first-reply", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layer:
-        print(json.dumps(layer_strategies(args.threads)))
+        print(json.dumps(layer_strategies(args.threads, **(SMOKE_LAYER if args.smoke else {}))))
     elif args.speed:
         print(json.dumps(alternating_speed(args.speed, args.threads, args.repeats)))
     elif args.resident or args.first_reply:
@@ -358,9 +383,20 @@ def main() -> None:
         measure_child = resident if args.resident else first_reply
         print(json.dumps(measure_child(folder, int(bits), args.threads)))
     else:
-        results = measure(args.cache, args.layers, args.hidden, args.ffn, args.vocab, args.threads, args.repeats)
-        print(table(results))
-        print(json.dumps(results))
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The whole benchmark, as `python benchmarks/quant.py` runs it."""
+    if args.smoke:
+        shape, repeats = SMOKE_SHAPE, smoke.REPEATS
+    else:
+        shape, repeats = dict(layers=args.layers, hidden=args.hidden, ffn=args.ffn, vocab=args.vocab), args.repeats
+    results = measure(args.cache, **shape, threads=args.threads, repeats=repeats, smoke_run=args.smoke)
+    print(table(results))
+    if args.smoke:
+        print(smoke.NOTE)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

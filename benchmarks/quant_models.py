@@ -1,6 +1,6 @@
 """int4 / int8 against float32 on the Qwen2-0.5B-shaped checkpoint: decode speed, resident memory.
 
-    python benchmarks/quant_models.py [--threads 2] [--repeats 3] [--new-tokens 64] [--no-llamacpp]
+    python benchmarks/quant_models.py [--threads 2] [--repeats 3] [--new-tokens 64] [--no-llamacpp] [--smoke]
 
 The checkpoint (benchmarks/checkpoint.py, bfloat16 safetensors) is quantized
 once into benchmarks/cache by ``glmrepl quantize``: int8 and int4 at their
@@ -12,7 +12,8 @@ GenerationRun (medians; the machine's other load hits every variant alike);
 and each variant alone in a fresh process for its resident memory against the
 bytes of its parameters. llama.cpp's Q8_0 / Q4_0 of the same checkpoint are
 printed beside when its environment exists (benchmarks/llamacpp.py).
-Figures, not a test: nothing here fails on a slow machine.
+Figures, not a test: nothing here fails on a slow machine. ``--smoke`` runs all of it on a
+tiny checkpoint (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import smoke
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -36,13 +39,13 @@ TARGETS = {"int8": 2.5, "int4": 3.0}
 GIB = 1 << 30
 
 
-def quantized_folders(cache: Path) -> tuple[Path, dict[str, Path]]:
+def quantized_folders(cache: Path, smoke_run: bool = False) -> tuple[Path, dict[str, Path]]:
     """The source checkpoint and its quantized copies, written on first use."""
     import checkpoint
 
     from glmrepl.engine.models.quantized_folder import quantize_checkpoint
 
-    source = checkpoint.ensure_checkpoint(cache)
+    source = checkpoint.ensure_checkpoint(cache, smoke_run)
     folders = {}
     for label, (bits, head) in VARIANTS.items():
         folder = cache / f"{source.name}-int{bits}{'-head' if head else ''}"
@@ -142,7 +145,7 @@ def child(*args: str) -> dict:
 
 
 def measure(args) -> dict:
-    source, folders = quantized_folders(args.cache)
+    source, folders = quantized_folders(args.cache, args.smoke)
     paths = {"float32": str(source)} | {label: str(folder) for label, folder in folders.items()}
     results: dict = {"load_average_before": os.getloadavg()}
     print("[quant_models] decode, all variants in turns ...", flush=True)
@@ -153,7 +156,7 @@ def measure(args) -> dict:
     if not args.no_llamacpp:
         import llamacpp
 
-        figures = llamacpp.measure(args.cache, args.llama_python, args.threads, max(1, args.repeats))
+        figures = llamacpp.measure(args.cache, args.llama_python, args.threads, max(1, args.repeats), args.smoke)
         results["llama_cpp"] = figures
     return results
 
@@ -200,6 +203,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's figures")
     parser.add_argument("--llama-python", type=Path, default=HERE / "cache" / "llama-env" / "bin" / "python")
+    smoke.add_flag(parser)
     if sys.argv[1:2] == ["--speed"]:
         paths, threads, repeats, new_tokens = sys.argv[2:6]
         print(json.dumps(speed_child(json.loads(paths), int(threads), int(repeats), int(new_tokens))))
@@ -208,8 +212,12 @@ def main() -> None:
         print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]))))
         return
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.new_tokens = smoke.REPEATS, smoke.NEW_TOKENS
     results = measure(args)
     print(table(results))
+    if args.smoke:
+        print(smoke.NOTE)
     print(json.dumps(results))
 
 

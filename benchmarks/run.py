@@ -2,6 +2,7 @@
 
 Prints a table with the targets beside the figures and writes them as JSON
 to benchmarks/results/<date>-<cpu|gpu>.json. See benchmarks/README.md.
+``--smoke`` runs every part on a tiny checkpoint (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import llamacpp  # noqa: E402
 import machine  # noqa: E402
 import quant  # noqa: E402
 import report  # noqa: E402
+import smoke  # noqa: E402
 import speed  # noqa: E402
 import switch  # noqa: E402
 import terminal  # noqa: E402
@@ -50,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per side for each timing (median taken)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the checkpoint is built")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
+    parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -64,7 +66,13 @@ def parse_args() -> argparse.Namespace:
         default=llamacpp.DEFAULT_ENV,
         help="a Python with llama-cpp-python for the optional llama.cpp comparison (skipped when absent)",
     )
-    return parser.parse_args()
+    smoke.add_flag(parser)
+    args = parser.parse_args()
+    args.results = smoke.results_folder(args, HERE / "results")
+    if args.smoke:
+        args.repeats = smoke.REPEATS
+    args.new_tokens = smoke.NEW_TOKENS if args.smoke else speed.NEW_TOKENS
+    return args
 
 
 def available_modes() -> tuple[Mode, ...]:
@@ -73,12 +81,11 @@ def available_modes() -> tuple[Mode, ...]:
     return CPU_MODES + GPU_MODES if torch.cuda.is_available() else CPU_MODES
 
 
-def measure_mode(
-    mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, repeats: int, quick: bool = False
-) -> dict:
+def measure_mode(mode: Mode, model_path: Path, twin_path: Path, bandwidth: float, args: argparse.Namespace) -> dict:
+    repeats = args.repeats
     print(f"[{mode.label}] generation ...", flush=True)
-    figures = {"generation": generation_figures(mode, model_path, bandwidth, repeats)}
-    if quick:
+    figures = {"generation": generation_figures(mode, model_path, bandwidth, repeats, args.new_tokens)}
+    if args.quick:
         return figures
     print(f"[{mode.label}] loading ...", flush=True)
     figures["load"] = speed.compare_load(model_path, mode.mode, mode.dtype, mode.device_map, repeats)
@@ -89,13 +96,13 @@ def measure_mode(
     return figures
 
 
-def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: int) -> dict:
+def generation_figures(mode: Mode, model_path: Path, bandwidth: float, repeats: int, new_tokens: int) -> dict:
     from glmrepl.engine.cpu.machine import release_thread_pool
     from glmrepl.engine.models.manager import LoadRequest, free_memory, load_model
 
     loaded = load_model(LoadRequest(path=model_path, name=model_path.name, mode=mode.mode, dtype=mode.dtype))
     release_thread_pool()  # as the REPL's loading thread, which ends (cpu.release_thread_pool)
-    result = speed.compare_generation(loaded, repeats)
+    result = speed.compare_generation(loaded, repeats, new_tokens)
     weight_bytes = machine.weight_bytes_per_token(loaded.model)
     result["roof"] = {
         "bandwidth_bytes_per_s": bandwidth,
@@ -131,15 +138,34 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # raw loads would draw bars; glmrepl's hook still runs without them
-    model_path = checkpoint.ensure_checkpoint(args.cache)
+    results = measure(args)
+    print()
+    if args.smoke:
+        print(smoke.NOTE)
+    print(report.table(results))
+    if "quantized" in results:
+        print()
+        print(quant.table(results["quantized"]))
+    print()
+    print(llamacpp.table(results["llama_cpp"]))
+    kind = "gpu" if "gpu" in results["bandwidth_bytes_per_s"] else "cpu"
+    results["load_average_after"] = os.getloadavg()
+    print(f"\nwritten: {write_results(results, args.results, kind)}")
+    if args.smoke:
+        print(smoke.NOTE)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    model_path = checkpoint.ensure_checkpoint(args.cache, args.smoke)
     twin_path = checkpoint.ensure_twin(model_path)
     results = {
         "machine": machine.describe_machine(),
-        "checkpoint": checkpoint.QWEN2_0_5B_SHAPE,
+        "checkpoint": checkpoint.shape(args.smoke),
         # Other processes on the machine skew timings: the load average tells.
         "load_average_before": os.getloadavg(),
         "prompt_tokens": speed.PROMPT_TOKENS,
-        "new_tokens": speed.NEW_TOKENS,
+        "new_tokens": args.new_tokens,
         "modes": {},
     }
     from glmrepl.engine.cpu import machine as cpu
@@ -148,32 +174,32 @@ def main() -> int:
     results["threads"] = cpu.apply_threads()  # raw and glmrepl share the process, so the threads too
     if not args.quick:
         print("measuring start-up in a terminal ...", flush=True)
-        results["startup"] = terminal.measure_startup(model_path, "float32", max(args.repeats, 5))
-    modes = available_modes()
+        startup_repeats = args.repeats if args.smoke else max(args.repeats, 5)
+        results["startup"] = terminal.measure_startup(model_path, "float32", startup_repeats)
+    results |= measure_modes(args, model_path, twin_path)
+    if not args.no_quant:
+        results["quantized"] = measure_quantized(args, results["threads"])
+    print("llama.cpp on the same checkpoint (optional) ...", flush=True)
+    results["llama_cpp"] = llamacpp.measure(args.cache, args.llama_python, results["threads"], args.repeats, args.smoke)
+    return results
+
+
+def measure_modes(args: argparse.Namespace, model_path: Path, twin_path: Path) -> dict:
+    """Each device mode's figures, and the read bandwidth their roofs come from."""
+    # A smoke run takes one mode: the others go through the same code.
+    modes = available_modes()[:1] if args.smoke else available_modes()
     bandwidth = {"cpu": machine.read_bandwidth("cpu")}
     if any(mode.mode == "gpu" for mode in modes):
         bandwidth["gpu"] = machine.read_bandwidth("cuda:0")
-    results["bandwidth_bytes_per_s"] = bandwidth
-    for mode in modes:
-        results["modes"][mode.label] = measure_mode(
-            mode, model_path, twin_path, bandwidth[mode.mode], args.repeats, args.quick
-        )
-    if not args.no_quant:
-        print("int8 / int4 against float32 on a ChatGLM2-6B-shaped checkpoint ...", flush=True)
-        results["quantized"] = quant.measure(args.cache, 2, 4096, 13696, 4096, results["threads"], max(args.repeats, 3))
-    print("llama.cpp on the same checkpoint (optional) ...", flush=True)
-    results["llama_cpp"] = llamacpp.measure(args.cache, args.llama_python, results["threads"], args.repeats)
-    print()
-    print(report.table(results))
-    if "quantized" in results:
-        print()
-        print(quant.table(results["quantized"]))
-    print()
-    print(llamacpp.table(results["llama_cpp"]))
-    kind = "gpu" if "gpu" in bandwidth else "cpu"
-    results["load_average_after"] = os.getloadavg()
-    print(f"\nwritten: {write_results(results, args.results, kind)}")
-    return 0
+    figures = {mode.label: measure_mode(mode, model_path, twin_path, bandwidth[mode.mode], args) for mode in modes}
+    return {"bandwidth_bytes_per_s": bandwidth, "modes": figures}
+
+
+def measure_quantized(args: argparse.Namespace, threads: int) -> dict:
+    print("int8 / int4 against float32 on a ChatGLM2-6B-shaped checkpoint ...", flush=True)
+    if args.smoke:
+        return quant.measure(args.cache, **quant.SMOKE_SHAPE, threads=threads, repeats=args.repeats, smoke_run=True)
+    return quant.measure(args.cache, **quant.SHAPE, threads=threads, repeats=max(args.repeats, 3))
 
 
 if __name__ == "__main__":

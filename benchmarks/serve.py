@@ -11,6 +11,7 @@
 
 The server is a real `glmrepl serve` process on a free loopback port; the client reads the SSE
 stream with http.client. Figures go to the terminal and to benchmarks/results/<date>-serve-<kind>.json.
+``--smoke`` runs all of it on a tiny checkpoint (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+import smoke  # noqa: E402
+
 PROMPT = "Write a long story about a lighthouse keeper who talks to the sea, with many details."
 
 
@@ -49,8 +52,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="compute threads for both sides (default: the physical cores)")
     parser.add_argument("--model", type=Path, help="a checkpoint folder (default: the benchmark checkpoint)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
-    return parser.parse_args()
+    parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results)")
+    smoke.add_flag(parser)
+    args = parser.parse_args()
+    args.results = smoke.results_folder(args, HERE / "results")
+    if args.smoke:
+        args.repeats = smoke.REPEATS
+        args.new_tokens = args.client_tokens = smoke.NEW_TOKENS
+    return args
 
 
 # -- the server side ----------------------------------------------------------------
@@ -327,7 +336,7 @@ def main() -> int:
     if args.model is None:
         import checkpoint
 
-        args.model = checkpoint.ensure_checkpoint(args.cache)
+        args.model = checkpoint.ensure_checkpoint(args.cache, args.smoke)
     print(f"serve benchmark on {args.model.name} ({args.device} {args.dtype}) ...", flush=True)
     from glmrepl.engine.cpu import machine as cpu
 
@@ -355,12 +364,16 @@ def main() -> int:
     finally:
         server.stop()
     print()
+    if args.smoke:
+        print(smoke.NOTE)
     print(table(results))
     kind = "gpu" if args.device in ("gpu", "sharded") else "cpu"
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{datetime.date.today().isoformat()}-serve-{kind}.json"
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\nwritten: {path}")
+    if args.smoke:
+        print(smoke.NOTE)
     return 0
 
 

@@ -119,7 +119,7 @@ def glmrepl_generation(loaded, ids: list[int], new_tokens: int = NEW_TOKENS) -> 
     }
 
 
-def compare_generation(loaded, repeats: int) -> dict:
+def compare_generation(loaded, repeats: int, new_tokens: int = NEW_TOKENS) -> dict:
     """Decode speed and time to first token, raw vs glmrepl, alternating."""
     ids = prompt_ids(loaded.model.config.vocab_size)
     stop_ids = loaded.prompt_format.stop_token_ids
@@ -129,8 +129,8 @@ def compare_generation(loaded, repeats: int) -> dict:
     glmrepl_generation(loaded, ids, new_tokens=8)
     raw, ours = [], []
     for _ in range(repeats):
-        raw.append(raw_generation(loaded.model, ids, stop_ids))
-        ours.append(glmrepl_generation(loaded, ids))
+        raw.append(raw_generation(loaded.model, ids, stop_ids, new_tokens))
+        ours.append(glmrepl_generation(loaded, ids, new_tokens))
     long_ids = long_prompt_ids(loaded.model.config.vocab_size)
     raw_long, ours_long = [], []
     for _ in range(repeats):  # time to first token of a long prompt: prefill dominates
