@@ -43,7 +43,7 @@ lint: install
 	$(VENV)/bin/lint-imports --no-cache
 
 demo: install
-	$(PY) -m glmrepl.demo
+	$(PY) -m glmrepl.cli.demo
 
 bench: install
 	$(PY) benchmarks/run.py

@@ -7,7 +7,7 @@ about 40 tokens of deterministic text, each reply exactly --new-tokens greedy to
 time to first token is measured with the KV cache of the last reply reused and without it (the
 whole prompt read), the two conversations taking turns so that drift on the machine hits both:
 
-- the REPL path, in this process: ``LocalBackend.plan_reply``, its Reply consumed, then
+- the REPL path, in this process: ``LocalBackend.generate``, its Reply consumed, then
   ``record_reply`` into a ``ChatSession``, as the REPL does; "without" empties the backend's
   prefix store before each turn;
 - a real `glmrepl serve` process with the default --prefix-cache-mb beside one with
@@ -169,13 +169,12 @@ def repl_backend(model: Path, device: str, dtype: str):
 def repl_turn(backend, session, new_tokens: int, fresh: bool) -> dict:
     """One turn as the REPL plays it; the first token is timed from planning (the whole history
     is tokenized then, a cost that grows with the turns), as the user waits for it."""
-    from glmrepl.engine.generation.service import record_reply
-    from glmrepl.engine.settings import Settings
+    from glmrepl.engine import GenerateRequest, SamplingParams, record_reply
 
     if fresh:
         backend.prefixes.clear()  # nothing to reuse: the whole prompt is read
     started = time.perf_counter()
-    reply = backend.plan_reply(session, Settings({"max_new_tokens": new_tokens, "do_sample": False}))
+    reply = backend.generate(GenerateRequest(session, SamplingParams(max_new_tokens=new_tokens, do_sample=False)))
     planned_s = time.perf_counter() - started
     with reply:
         for _delta in reply:

@@ -1,7 +1,7 @@
 """`glmrepl serve` against the REPL's own path, on the benchmark checkpoint: part of `make bench`.
 
 - decode tokens/s of one streamed /v1/chat/completions request vs the REPL path (the engine's
-  plan_reply/Reply in this process) on the same checkpoint and placement, alternating, median
+  generate/Reply in this process) on the same checkpoint and placement, alternating, median
   of --repeats (target: ratio >= 0.97);
 - time to first byte (the response's first chunk, the role) vs time to first token (first
   content chunk) of a streamed request, beside the REPL path's time to first token;
@@ -191,13 +191,13 @@ def repl_backend(model: Path, device: str, dtype: str):
 
 
 def repl_reply(backend, prompt: str, new_tokens: int) -> dict:
-    """What the REPL does for one message: plan_reply, then consume the deltas it prints."""
-    from glmrepl.engine.conversation.chat import ChatSession
-    from glmrepl.engine.settings import Settings
+    """What the REPL does for one message: generate, then consume the deltas it prints."""
+    from glmrepl.engine import ChatSession, GenerateRequest, SamplingParams
 
     session = ChatSession()
     session.add_user(prompt)
-    with backend.plan_reply(session, Settings({"temperature": 0, "max_new_tokens": new_tokens})) as reply:
+    request = GenerateRequest(session, SamplingParams(max_new_tokens=new_tokens, temperature=0))
+    with backend.generate(request) as reply:
         for _delta in reply:
             pass
     stats = reply.stats

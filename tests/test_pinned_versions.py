@@ -78,3 +78,15 @@ def test_the_makefile_installs_with_the_constraints():
     installs = re.findall(r"^\t\$\(PIP\) install .*$", makefile, re.M)
     assert installs and all("-c $(CONSTRAINTS)" in line for line in installs)
     assert re.search(r"^CONSTRAINTS := constraints\.txt$", makefile, re.M)
+
+
+def test_every_module_and_script_the_makefile_runs_exists():
+    """`make demo`, `make bench` and the rest name modules and scripts that a move could leave behind."""
+    import importlib.util
+
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    modules = re.findall(r"\$\(PY\) -m ([\w.]+)", makefile)
+    scripts = re.findall(r"\$\(PY\) ((?:benchmarks|scripts)/[\w/]+\.py)", makefile)
+    assert modules and scripts
+    assert [m for m in modules if importlib.util.find_spec(m) is None] == []
+    assert [s for s in scripts if not (ROOT / s).is_file()] == []
