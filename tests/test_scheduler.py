@@ -23,20 +23,19 @@ def backend(qwen_checkpoint):
     backend.stop()
 
 
-def make_run(backend: LocalBackend, text: str, tokens: int, seed: int | None = None) -> GenerationRun:
+def make_run(backend: LocalBackend, text: str, tokens: int, seed: int | None = None, **extra: object) -> GenerationRun:
     """A reply that runs to ``tokens`` (no stop ids), greedy unless seeded."""
     loaded = backend.manager.current
     ids = loaded.prompt_format.build([{"role": "user", "content": text}])
     sampling = {"do_sample": True, "temperature": 0.9, "top_k": 50} if seed is not None else {"do_sample": False}
-    run = GenerationRun(
-        loaded.model, loaded.tokenizer, ids, {"max_new_tokens": tokens, **sampling}, [], seed, None, backend.scheduler
-    )
+    kwargs = {"max_new_tokens": tokens, **sampling, **extra}
+    run = GenerationRun(loaded.model, loaded.tokenizer, ids, kwargs, [], seed, None, backend.scheduler)
     run.may_batch = backend.scheduler.why_not_batching(loaded) is None
     return run
 
 
-def alone(backend: LocalBackend, text: str, tokens: int, seed: int | None = None) -> list[int]:
-    run = make_run(backend, text, tokens, seed)
+def alone(backend: LocalBackend, text: str, tokens: int, seed: int | None = None, **extra: object) -> list[int]:
+    run = make_run(backend, text, tokens, seed, **extra)
     "".join(run)
     return run.stats.new_ids
 
@@ -47,12 +46,14 @@ def start(run: GenerationRun) -> threading.Thread:
     return thread
 
 
-def newcomer_beside_a_long_reply(backend: LocalBackend) -> tuple[GenerationRun, GenerationRun, int]:
+def newcomer_beside_a_long_reply(
+    backend: LocalBackend, seed: int | None = None
+) -> tuple[GenerationRun, GenerationRun, int]:
     """A 60-token reply runs; after its third token a 3-token reply arrives. Returns both and
     the steps the newcomer took to finish."""
     model = backend.manager.current.model
     with StepGate(model) as gate:
-        long = make_run(backend, "Tell me everything about dragons", 60)
+        long = make_run(backend, "Tell me everything about dragons", 60, seed)
         threads = [start(long)]
         gate.step_until(lambda: len(long.made) >= 3, most=10)
         short = make_run(backend, "hi", 3)
@@ -82,24 +83,34 @@ def test_a_newcomer_moves_the_long_reply_into_the_batch_and_both_are_as_alone(ba
     assert "continuous batching" in long.stats.path and "continuous batching" in short.stats.path
 
 
-def test_a_seeded_newcomer_takes_turns_with_the_batch_without_stopping_it(backend):
+def test_a_seeded_reply_moves_into_the_batch_with_its_own_random_sequence(backend):
+    expected = alone(backend, "Tell me everything about dragons", 60, seed=7), alone(backend, "hi", 3)
+    backend.enable_batching(8)
+    long, short, steps = newcomer_beside_a_long_reply(backend, seed=7)
+    assert steps <= 6
+    assert (long.stats.new_ids, short.stats.new_ids) == expected  # its draws went on where they were
+    assert "continuous batching" in long.stats.path
+
+
+def test_a_reply_that_cannot_batch_takes_turns_with_the_batch_without_stopping_it(backend):
     greedy_texts = ["Tell me everything about dragons", "and about castles"]
     expected = [alone(backend, text, 40) for text in greedy_texts]
-    expected_seeded = alone(backend, "pick a number", 5, seed=11)
+    expected_lone = alone(backend, "pick a number", 5, seed=11, min_new_tokens=5)  # the batch has no minimum
     backend.enable_batching(8)
     model = backend.manager.current.model
     with StepGate(model) as gate:
         batched = [make_run(backend, text, 40) for text in greedy_texts]
         threads = [start(run) for run in batched]
         gate.step_until(lambda: all(len(run.made) >= 2 for run in batched), most=10)
-        seeded = make_run(backend, "pick a number", 5, seed=11)
-        threads.append(start(seeded))
-        gate.step_until(seeded.done.is_set, most=20)
+        lone = make_run(backend, "pick a number", 5, seed=11, min_new_tokens=5)
+        threads.append(start(lone))
+        gate.step_until(lone.done.is_set, most=20)
         assert max(len(run.made) for run in batched) < 40 - 10  # the batch did not finish first
+        assert backend.scheduler.batch_running  # paused, never stopped
         gate.step_until(lambda: all(run.done.is_set() for run in batched), most=80)
     for thread in threads:
         thread.join(60)
     assert [run.stats.new_ids for run in batched] == expected
-    assert seeded.stats.new_ids == expected_seeded  # its own random sequence, whatever ran between
+    assert lone.stats.new_ids == expected_lone  # its own random sequence, whatever ran between
     assert all("continuous batching" in run.stats.path for run in batched)
-    assert "continuous batching" not in seeded.stats.path
+    assert "continuous batching" not in lone.stats.path

@@ -69,3 +69,156 @@ class TopP:
         scores = scores.clone()
         scores[filtering] = super().__call__(scores[filtering], tensor_arg[:rows][filtering])  # type: ignore[misc]
         return scores
+
+
+def add_request_processors(manager: Any) -> tuple[RepetitionPenalty, SeededDraws] | None:
+    """Give the batch per-request repetition penalties and seeds, so that such replies decode in
+    the batch rather than beside it; returns both (None: this transformers is not as expected)."""
+    try:
+        from transformers.generation.continuous_batching import cb_logits_processors as cb
+    except ImportError:
+        return None
+    processors: Any = getattr(manager, "logit_processor", None)
+    if processors is None or not hasattr(processors, "supported_keys"):
+        return None
+    penalty = type("RepetitionPenalty", (RepetitionPenalty, cb.ContinuousBatchingLogitsProcessor), {})()
+    draws = type("SeededDraws", (SeededDraws, cb.ContinuousBatchingLogitsProcessor), {})()
+    # generate's order: the penalty before the warpers; the draw after them, from what they kept.
+    processors.logits_processor.insert(0, penalty)
+    processors.logits_processor.append(draws)
+    processors.tensors_required += 2
+    processors.supported_keys.update(RepetitionPenalty.supported_kwargs, **SeededDraws.supported_kwargs)
+    processors.do_processing = True
+    return penalty, draws
+
+
+class _RequestSlots:
+    """A small number per request that its row's tensor argument carries (-1: nothing to do), so
+    a step's rows find their request's state whatever order the batch prepares steps in."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, int] = {}
+        self._free: list[int] = []
+
+    def slot(self, request_id: str) -> int:
+        slot = self._slots.get(request_id)
+        if slot is None:
+            slot = self._free.pop() if self._free else len(self._slots)
+            self._slots[request_id] = slot
+        return slot
+
+    def release(self, request_id: str) -> int | None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
+        return slot
+
+    def rows(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> list[tuple[int, int]]:
+        """(row, slot) of the rows that carry a slot."""
+        return [(row, slot) for row, slot in enumerate(tensor_arg[: scores.shape[0]].tolist()) if slot >= 0]
+
+
+class RepetitionPenalty:
+    """transformers' repetition penalty, per request: the scores of each row's prompt and
+    generated ids are divided (positive) or multiplied (negative) by the request's penalty."""
+
+    supported_kwargs: dict[str, type] = {"repetition_penalty": float}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.slots = _RequestSlots()
+        self._states: dict[int, Any] = {}
+
+    def forget(self, request_id: str) -> None:
+        slot = self.slots.release(request_id)
+        self._states.pop(slot if slot is not None else -1, None)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(-1)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        rows = []
+        for request in requests_with_new_token:
+            state = request.state
+            if float(state.logit_processor_kwargs.get("repetition_penalty", 1.0)) == 1.0:
+                rows.append(-1)
+                continue
+            slot = self.slots.slot(state.request_id)
+            self._states[slot] = state
+            rows.append(slot)
+        return torch.tensor(rows, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        rows = self.slots.rows(scores, tensor_arg)
+        if not rows:
+            return scores
+        scores = scores.clone()
+        for row, slot in rows:
+            state = self._states[slot]
+            penalty = float(state.logit_processor_kwargs["repetition_penalty"])
+            ids = list(state.initial_tokens) + list(state.generated_tokens)  # as generate's input_ids
+            index = torch.tensor(ids, dtype=torch.long, device=scores.device)
+            picked = scores[row].gather(0, index)
+            scores[row].scatter_(0, index, torch.where(picked < 0, picked * penalty, picked / penalty))
+        return scores
+
+
+class SeededDraws:
+    """The draw of a seeded request from its own generator, as ``generate`` draws after
+    ``torch.manual_seed``: its row's scores become that token alone, so the batch's shared
+    sampler can only pick it. Rows without a seed pass unchanged."""
+
+    supported_kwargs: dict[str, type] = {"seed": int}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.slots = _RequestSlots()
+        self._generators: dict[int, torch.Generator] = {}
+        self._starts: dict[str, torch.Tensor] = {}  # where a request's draws start (a run moved into the batch)
+
+    def start_from(self, request_id: str, state: torch.Tensor) -> None:
+        """The request's draws continue from this CPU generator state (given before it is added)."""
+        self._starts[request_id] = state
+
+    def forget(self, request_id: str) -> None:
+        slot = self.slots.release(request_id)
+        self._generators.pop(slot if slot is not None else -1, None)
+        self._starts.pop(request_id, None)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(-1)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        rows = []
+        for request in requests_with_new_token:
+            state = request.state
+            seed = state.logit_processor_kwargs.get("seed")
+            if seed is None:
+                rows.append(-1)
+                continue
+            slot = self.slots.slot(state.request_id)
+            if slot not in self._generators:
+                self._generators[slot] = self._new_generator(state.request_id, int(seed))
+            rows.append(slot)
+        return torch.tensor(rows, dtype=torch.int32)
+
+    def _new_generator(self, request_id: str, seed: int) -> torch.Generator:
+        generator = torch.Generator()
+        start = self._starts.pop(request_id, None)
+        if start is not None:
+            generator.set_state(start)
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        rows = self.slots.rows(scores, tensor_arg)
+        if not rows:
+            return scores
+        scores = scores.clone()
+        for row, slot in rows:
+            probabilities = torch.softmax(scores[row : row + 1].float(), dim=-1).cpu()
+            token = int(torch.multinomial(probabilities, 1, generator=self._generators[slot]))
+            scores[row].fill_(float("-inf"))
+            scores[row, token] = 0.0
+        return scores

@@ -6,10 +6,12 @@ as a step for one does. The scheduler hands concurrent replies to one
 joining and leaving the batch between steps, shared prefix blocks); a reply
 that runs alone keeps the one-at-a-time path (``run.decode_alone``).
 
-A model that cannot batch (``batching_refused``), and a reply that needs
-what the batch cannot give (a seed, a repetition penalty, more cache than the
-batch holds: ``unbatchable``), decode alone in stretches between the
-batch's steps, which pause meanwhile (``Batcher.paused``).
+Seeds and repetition penalties are per request in the batch
+(batch_sampling.py), so such replies batch like any other. A model that cannot
+batch (``batching_refused``), and a reply that needs what the batch cannot give
+(a minimum length, more cache than the batch holds: ``unbatchable``), decode
+alone in stretches between the batch's steps, which pause meanwhile
+(``Batcher.paused``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class Batcher:
         self.capacity_tokens = self.num_blocks * PAGE_SIZE
         self.pool_bytes = self.num_blocks * PAGE_SIZE * per_token
         self.broken: str | None = None  # set when the manager failed: the model decodes alone from then on
+        # Per-request repetition penalties and seeds (batch_sampling); False once this transformers has none.
+        self.per_request = True
+        self._processors: Any = None
+        self._next_id = 0
         self._on_change = on_change
         self._manager: Any = None
         self._runs: dict[str, _Route] = {}
@@ -109,14 +115,20 @@ class Batcher:
 
         with self._lock:
             self._start()
-            request_id = self._manager.add_request(
+            self._next_id += 1
+            request_id = f"glmrepl-{self._next_id}"
+            sampling = batch_sampling(run.generate_kwargs, self.model, run.seed if self.per_request else None)
+            if "seed" in sampling and run.rng_state is not None:
+                self._processors[1].start_from(request_id, run.rng_state[0])  # it decoded alone until now
+            added = self._manager.add_request(
                 run.prompt_ids + run.made,
+                request_id=request_id,
                 max_new_tokens=run.remaining,
                 streaming=True,
                 eos_token_id=list(run.stop_ids) or None,
-                **batch_sampling(run.generate_kwargs, self.model),
+                **sampling,
             )
-            if request_id is None:
+            if added is None:
                 raise GenerationError("generation failed: the batch is not running")
             self._runs[request_id] = _Route(run)
         run.cache = None  # its blocks are the batch's from now on
@@ -131,6 +143,7 @@ class Batcher:
             del self._runs[request_id]
             if self._manager is not None:
                 self._manager.cancel_request(request_id)
+            self._forget(request_id)
         run.finish()
         self._on_change()
         return True
@@ -166,7 +179,7 @@ class Batcher:
             return
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        from .batch_sampling import speed_up_warpers
+        from .batch_sampling import add_request_processors, speed_up_warpers
 
         vocabulary = self.model.config.get_text_config().vocab_size
         # Sampling on, with every processor present, so that each request sets its own values
@@ -184,6 +197,8 @@ class Batcher:
         )
         manager = self.model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
         speed_up_warpers(manager)
+        self._processors = add_request_processors(manager)
+        self.per_request = self._processors is not None
         manager.start()
         self._manager = manager
         self._dispatcher = threading.Thread(target=self._dispatch, args=(manager,), name="glmrepl-batch", daemon=True)
@@ -204,8 +219,13 @@ class Batcher:
             if route is not None and route.deliver(output, time.perf_counter()):
                 with self._lock:
                     self._runs.pop(output.request_id, None)
+                    self._forget(output.request_id)
                 route.run.finish(route.error)
                 self._on_change()
+
+    def _forget(self, request_id: str) -> None:
+        for keeper in self._processors or ():
+            keeper.forget(request_id)
 
     def _fail_all(self, manager: Any, failure: Any) -> None:
         with self._lock:
@@ -241,23 +261,31 @@ class _Route:
         return output.is_finished()
 
 
-def batch_sampling(kwargs: dict, model: Any) -> dict:
+def batch_sampling(kwargs: dict, model: Any, seed: int | None = None) -> dict:
     """A request's own sampling values, as the batch's per-request processors take them."""
+    values: dict[str, Any] = {}
+    penalty = kwargs.get("repetition_penalty", 1.0)
+    if penalty != 1.0:
+        values["repetition_penalty"] = float(penalty)
     if not kwargs.get("do_sample"):
-        return {"top_k": 1, "top_p": 1.0}  # no nucleus to sort for
+        return {**values, "top_k": 1, "top_p": 1.0}  # no nucleus to sort for, nothing to draw
     vocabulary = model.config.get_text_config().vocab_size
-    return {
-        "temperature": float(kwargs.get("temperature") or 1.0),
-        "top_p": float(kwargs.get("top_p") or 1.0),
-        "top_k": int(kwargs.get("top_k") or vocabulary),
-    }
+    values.update(
+        temperature=float(kwargs.get("temperature") or 1.0),
+        top_p=float(kwargs.get("top_p") or 1.0),
+        top_k=int(kwargs.get("top_k") or vocabulary),
+    )
+    if seed is not None:
+        values["seed"] = int(seed)
+    return values
 
 
-def unbatchable(run: GenerationRun) -> str | None:
-    """Why a reply with these settings decodes alone, or None."""
-    if run.seed is not None:
-        return "a seed (the batch samples all replies with one generator)"
-    if run.generate_kwargs.get("repetition_penalty", 1.0) != 1.0:
+def unbatchable(run: GenerationRun, per_request: bool = True) -> str | None:
+    """Why a reply with these settings decodes alone, or None (``per_request``: the batch takes
+    seeds and repetition penalties per request)."""
+    if not per_request and run.seed is not None:
+        return "a seed (this batch samples all replies with one generator)"
+    if not per_request and run.generate_kwargs.get("repetition_penalty", 1.0) != 1.0:
         return "a repetition penalty"
     if "min_new_tokens" in run.generate_kwargs:
         return "a minimum length"

@@ -309,7 +309,9 @@ class Scheduler:
 
     # -- the batch ---------------------------------------------------------------
     def _may_batch(self, run: GenerationRun) -> bool:
-        if not self.batching or not run.may_batch or unbatchable(run) is not None:
+        if not self.batching or not run.may_batch:
+            return False
+        if unbatchable(run, self._batcher.per_request if self._batcher is not None else True) is not None:
             return False
         batcher = self._batcher
         if batcher is not None and batcher.model is run.model and batcher.broken:
