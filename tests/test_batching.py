@@ -8,6 +8,7 @@ import time
 
 import pytest
 from chatglm_reference import DATA
+from gated import StepGate
 from support import request
 
 from glmrepl.engine.backend import LocalBackend
@@ -123,26 +124,24 @@ def test_a_cancelled_reply_leaves_the_batch_within_a_token_and_the_others_finish
             session = ChatSession()
             session.add_user(question)
             sessions.append(session)
-        replies = [backend.generate(request(s, Settings({"do_sample": False, "max_new_tokens": 60}))) for s in sessions]
-        iterators = [iter(r) for r in replies]
-        texts = ["", "", ""]
-        # Start all three (each takes its lane on its first delta), then cancel the second.
-        for index, iterator in enumerate(iterators):
-            threading.Thread(target=lambda i=index, it=iterator: texts.__setitem__(i, "".join(it))).start()
-        deadline = time.monotonic() + 120
-        while replies[1].stats.new_tokens < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        replies[1].cancel()
-        at_cancel = replies[1].stats.new_tokens
-        while backend.batching_status()["running"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        for reply in replies:
-            reply.close()
+        settings = Settings({"do_sample": False, "max_new_tokens": 60})
+        with StepGate(backend.manager.current.model) as gate:
+            replies = [backend.generate(request(s, settings)) for s in sessions]
+            threads = [threading.Thread(target=lambda r=r: "".join(r)) for r in replies]
+            for thread in threads:
+                thread.start()
+            runs = [reply.run for reply in replies]
+            gate.step_until(lambda: all(len(run.made) >= 3 for run in runs), most=20)
+            replies[1].cancel()
+            at_cancel = len(runs[1].made)
+            assert runs[1].done.is_set()  # out of the batch at once
+            gate.step_until(lambda: all(run.done.is_set() for run in runs), most=80)
+        for thread in threads:
+            thread.join(60)
         assert replies[1].finish_reason == "cancelled"
-        assert replies[1].stats.new_tokens <= at_cancel + 2
+        assert replies[1].stats.new_tokens <= at_cancel
         assert [replies[i].stats.new_ids for i in (0, 2)] == [alone[i][0] for i in (0, 2)]
+        assert all("continuous batching" in replies[i].stats.path for i in (0, 2))
     finally:
         backend.stop()
 

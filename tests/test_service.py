@@ -101,7 +101,10 @@ def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
     said, moved = [], threading.Event()
     mover = threading.Thread(target=lambda: (backend.move("cpu", "bfloat16", on_wait=said.append), moved.set()))
     mover.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while backend.scheduler.changes_waiting != 1:  # the move is in, waiting: the reply holds its place
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     assert not moved.is_set() and said == [1]  # waits for the reply, and said it does
     deltas = list(reply)
     assert deltas and reply.stats.new_tokens == 40  # the reply was not disturbed

@@ -93,6 +93,11 @@ class Scheduler:
 
     _decoding_alone = False
 
+    @property
+    def changes_waiting(self) -> int:
+        """Changes to the model waiting for the admitted replies to end."""
+        return self._changes_waiting
+
     def admit(self, bounded: bool = True) -> None:
         """Take a place (raises QueueFull when too many wait); waits while the model changes."""
         with self._changed:
