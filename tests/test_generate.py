@@ -2,6 +2,7 @@ import threading
 
 import pytest
 import torch
+from gated import StepGate
 from support import loaded_app
 
 from glmrepl.engine.errors import GenerationError
@@ -66,13 +67,15 @@ def test_cancel_stops_within_a_token_and_the_model_is_reusable(qwen):
         [],
         scheduler=private_scheduler(),
     )
-    pieces = []
-    for delta in run:
-        pieces.append(delta)
-        if len(pieces) == 3:
-            run.cancel()
+    with StepGate(qwen.model) as gate:  # each token waits for the test: the cancel lands after the third
+        consumer = threading.Thread(target=lambda: "".join(run))
+        consumer.start()
+        gate.step_until(lambda: len(run.made) >= 3, most=5)
+        run.cancel()
+        gate.step_until(run.done.is_set, most=2)
+    consumer.join(30)
     assert run.stats.stop_reason == "cancelled"
-    assert run.stats.new_tokens < 20
+    assert run.stats.new_tokens <= 4  # the step under way when it was cancelled, at most
     threads = set(threading.enumerate())
     again = GenerationRun(
         qwen.model, qwen.tokenizer, prompt, {"max_new_tokens": 3, "do_sample": False}, [], scheduler=private_scheduler()
