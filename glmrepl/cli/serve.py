@@ -285,5 +285,5 @@ def batching_words(batching: dict) -> str:
     if batching["enabled"]:
         return f"up to {batching['max_batch']} replies decoded together"
     if batching["why_not"] == "off":
-        return "one reply at a time"
-    return f"one reply at a time ({batching['why_not']})"
+        return "replies take turns"
+    return f"replies take turns ({batching['why_not']})"
