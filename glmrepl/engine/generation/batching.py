@@ -95,6 +95,12 @@ class Batcher:
         return len(self._runs)
 
     @property
+    def prefilling(self) -> bool:
+        """Some run in the batch has no token yet (its prompt is being read)."""
+        with self._lock:
+            return any(route.seen == 0 for route in self._runs.values())
+
+    @property
     def has_room(self) -> bool:
         return self.active < self.max_batch
 
@@ -216,12 +222,15 @@ class Batcher:
                 continue
             with self._lock:
                 route = self._runs.get(output.request_id)
+            first = route is not None and route.seen == 0
             if route is not None and route.deliver(output, time.perf_counter()):
                 with self._lock:
                     self._runs.pop(output.request_id, None)
                     self._forget(output.request_id)
                 route.run.finish(route.error)
                 self._on_change()
+            elif first and route is not None and route.seen:
+                self._on_change()  # a first token: a run waiting for the newcomers' prefill may join
 
     def _forget(self, request_id: str) -> None:
         for keeper in self._processors or ():

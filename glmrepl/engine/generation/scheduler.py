@@ -251,8 +251,11 @@ class Scheduler:
                 self._alone.append(item)
         if self._batch_is_worth_it():
             for run in [r for r in self._alone if isinstance(r, GenerationRun) and self._may_batch(r)]:
-                if not self._batcher_for(run).has_room:
+                batcher = self._batcher_for(run)
+                if not batcher.has_room:
                     break
+                if run.made and batcher.prefilling:
+                    continue  # under way: it is read again in the batch once the newcomers have a first token
                 self._alone.remove(run)
                 self._join_batch(run)
 
