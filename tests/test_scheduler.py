@@ -114,3 +114,38 @@ def test_a_reply_that_cannot_batch_takes_turns_with_the_batch_without_stopping_i
     assert lone.stats.new_ids == expected_lone  # its own random sequence, whatever ran between
     assert all("continuous batching" in run.stats.path for run in batched)
     assert "continuous batching" not in lone.stats.path
+
+
+def test_a_reply_cancelled_while_it_waits_for_its_turn_decodes_no_more(backend):
+    model = backend.manager.current.model
+    with StepGate(model) as gate:
+        first = make_run(backend, "Tell me everything about dragons", 60)
+        threads = [start(first)]
+        gate.step_until(lambda: len(first.made) >= 2, most=10)
+        second = make_run(backend, "and about castles", 60)
+        threads.append(start(second))
+        gate.step_until(lambda: len(second.made) >= 1, most=5)  # the first waits for its turn now
+        made = len(first.made)
+        first.cancel()
+        gate.step_until(lambda: first.done.is_set() and second.done.is_set(), most=80)
+    for thread in threads:
+        thread.join(60)
+    assert first.stats.stop_reason == "cancelled" and len(first.made) == made
+    assert second.stats.stop_reason == "length" and len(second.made) == 60
+
+
+def test_a_batch_that_cannot_be_made_leaves_the_replies_decoding_alone_and_says_why(backend, monkeypatch):
+    from glmrepl.engine.generation import scheduler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no room for a batch")
+
+    expected = [alone(backend, text, 8) for text in ("one", "two")]
+    backend.enable_batching(8)
+    monkeypatch.setattr(scheduler, "Batcher", broken)
+    runs = [make_run(backend, text, 8) for text in ("one", "two")]
+    threads = [start(run) for run in runs]
+    for thread in threads:
+        thread.join(60)
+    assert [run.stats.new_ids for run in runs] == expected and all(run.error is None for run in runs)
+    assert "the batch could not start (no room for a batch)" in backend.batching_status()["why_not"]

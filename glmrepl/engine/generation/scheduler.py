@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..cpu.machine import release_thread_pool
-from ..errors import QueueFull
+from ..errors import QueueFull, first_line
 from .batching import DEFAULT_CACHE_BYTES, Batcher, batching_refused, unbatchable
 from .run import GenerationRun, decode_alone, translate_error
 
@@ -221,11 +221,34 @@ class Scheduler:
     # -- the model thread ----------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            item = self._next_alone()
+            try:
+                item = self._next_alone()
+            except Exception as error:  # noqa: BLE001 - placing failed: the waiting runs fail, the thread lives on
+                self._fail_waiting(translate_error(error))
+                continue
+            try:
+                if isinstance(item, Task):
+                    self._with_batch_paused(item.run)
+                else:
+                    self._decode_stretch(item)
+            except Exception as error:  # noqa: BLE001 - the batch could not pause: this item fails, not the thread
+                if isinstance(item, Task):
+                    item.error = error
+                    item.done.set()
+                else:
+                    item.finish(translate_error(error))
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        with self._changed:
+            waiting = [*self._inbox, *self._alone]
+            self._inbox.clear()
+            self._alone.clear()
+        for item in waiting:
             if isinstance(item, Task):
-                self._with_batch_paused(item.run)
+                item.error = error
+                item.done.set()
             else:
-                self._decode_stretch(item)
+                item.finish(error)
 
     def _next_alone(self) -> GenerationRun | Task:
         """Wait for what decodes alone next; meanwhile place arrivals (into the batch when they may)."""
@@ -243,12 +266,11 @@ class Scheduler:
                 self._changed.wait(timeout if timeout else (0.05 if self._alone else None))
 
     def _place_arrivals(self) -> None:
-        while self._inbox:
-            item = self._inbox.popleft()
-            if item.cancel_event.is_set() and isinstance(item, GenerationRun):
-                item.finish()
-            else:
-                self._alone.append(item)
+        self._alone.extend(self._inbox)
+        self._inbox.clear()
+        for run in [r for r in self._alone if isinstance(r, GenerationRun) and r.cancel_event.is_set()]:
+            self._alone.remove(run)  # cancelled while it waited: it ends here, never decoded again
+            run.finish()
         if self._batch_is_worth_it():
             for run in [r for r in self._alone if isinstance(r, GenerationRun) and self._may_batch(r)]:
                 batcher = self._batcher_for(run)
@@ -324,7 +346,11 @@ class Scheduler:
         batcher = self._batcher
         if batcher is not None and batcher.model is run.model and batcher.broken:
             return False
-        return self._batcher_for(run).fits(run)
+        try:
+            return self._batcher_for(run).fits(run)
+        except Exception as error:  # noqa: BLE001 - no batch for this model: its replies decode alone
+            self._batcher = _NoBatch(run.model, f"the batch could not start ({first_line(error)})")
+            return False
 
     def _batcher_for(self, run: GenerationRun) -> Batcher:
         if self._batcher is None or self._batcher.model is not run.model:
@@ -333,14 +359,32 @@ class Scheduler:
         return self._batcher
 
     def _join_batch(self, run: GenerationRun) -> None:
+        batcher = self._batcher_for(run)
         try:
-            self._batcher_for(run).submit(run)
-        except BaseException as error:  # noqa: BLE001 - handed to the run's consumer
-            run.finish(translate_error(error))
+            batcher.submit(run)
+        except Exception as error:  # noqa: BLE001 - the batch failed to start: this model decodes alone
+            batcher.broken = f"the batch could not start ({first_line(error)})"
+            self._alone.append(run)
 
     def _wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
+
+
+class _NoBatch(Batcher):
+    """What stands for the batch of a model whose batch could not be made: it says why."""
+
+    def __init__(self, model: Any, reason: str):  # noqa: D107 - nothing of Batcher's is set up
+        self.model = model
+        self.broken = reason
+        self.per_request = False
+        self._lock = threading.Lock()
+        self._runs = {}
+        self._manager = None
+        self.pool_bytes = 0
+
+    def stop(self) -> None:
+        pass
 
 
 _PRIVATE: list[Scheduler] = []
