@@ -81,6 +81,8 @@ def test_a_newcomer_moves_the_long_reply_into_the_batch_and_both_are_as_alone(ba
     assert steps <= 6
     assert (long.stats.new_ids, short.stats.new_ids) == expected
     assert "continuous batching" in long.stats.path and "continuous batching" in short.stats.path
+    # Alone, then in the batch, then alone again once the newcomer left: the same ids throughout.
+    assert long.stats.path.count(" then ") == 2 and not long.stats.path.endswith("continuous batching")
 
 
 def test_a_seeded_reply_moves_into_the_batch_with_its_own_random_sequence(backend):
@@ -89,7 +91,7 @@ def test_a_seeded_reply_moves_into_the_batch_with_its_own_random_sequence(backen
     long, short, steps = newcomer_beside_a_long_reply(backend, seed=7)
     assert steps <= 6
     assert (long.stats.new_ids, short.stats.new_ids) == expected  # its draws went on where they were
-    assert "continuous batching" in long.stats.path
+    assert "continuous batching" in long.stats.path and long.stats.path.count(" then ") == 2
 
 
 def test_a_reply_that_cannot_batch_takes_turns_with_the_batch_without_stopping_it(backend):

@@ -107,6 +107,9 @@ class _RequestSlots:
             self._slots[request_id] = slot
         return slot
 
+    def find(self, request_id: str) -> int:
+        return self._slots.get(request_id, -1)
+
     def release(self, request_id: str) -> int | None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
@@ -184,6 +187,11 @@ class SeededDraws:
         slot = self.slots.release(request_id)
         self._generators.pop(slot if slot is not None else -1, None)
         self._starts.pop(request_id, None)
+
+    def state_of(self, request_id: str) -> torch.Tensor | None:
+        """Where the request's draws stand (None: it has drawn nothing yet)."""
+        generator = self._generators.get(self.slots.find(request_id))
+        return generator.get_state() if generator is not None else self._starts.get(request_id)
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(-1)

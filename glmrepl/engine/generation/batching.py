@@ -138,7 +138,7 @@ class Batcher:
                 raise GenerationError("generation failed: the batch is not running")
             self._runs[request_id] = _Route(run)
         run.cache = None  # its blocks are the batch's from now on
-        run.stats.path = f"{decode_path(self.model)}, continuous batching"
+        run.note_path(f"{decode_path(self.model)}, continuous batching")
 
     def cancel(self, run: GenerationRun) -> bool:
         """Take ``run`` out of the batch (it ends as cancelled); False when it is not in it."""
@@ -153,6 +153,28 @@ class Batcher:
         run.finish()
         self._on_change()
         return True
+
+    def withdraw(self, run: GenerationRun) -> bool:
+        """Take ``run`` out of the batch to decode alone from what it made so far (a token the
+        batch made after this is dropped, never shown); False when it is not in the batch."""
+        with self._lock:
+            request_id = next((rid for rid, route in self._runs.items() if route.run is run), None)
+            if request_id is None:
+                return False
+            del self._runs[request_id]
+            if self._manager is not None:
+                self._manager.cancel_request(request_id)
+            if run.seed is not None and self._processors is not None:
+                state = self._processors[1].state_of(request_id)
+                run.rng_state = (state, None) if state is not None else run.rng_state
+            self._forget(request_id)
+        return True
+
+    def only_run(self) -> GenerationRun | None:
+        """The run in the batch when it is the only one."""
+        with self._lock:
+            routes = list(self._runs.values())
+        return routes[0].run if len(routes) == 1 else None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -220,13 +242,14 @@ class Batcher:
                     self._fail_all(manager, failure)
                     return
                 continue
-            with self._lock:
+            with self._lock:  # delivered under the lock: a run taken out of the batch gets nothing after
                 route = self._runs.get(output.request_id)
-            first = route is not None and route.seen == 0
-            if route is not None and route.deliver(output, time.perf_counter()):
-                with self._lock:
+                first = route is not None and route.seen == 0
+                over = route is not None and route.deliver(output, time.perf_counter())
+                if over:
                     self._runs.pop(output.request_id, None)
                     self._forget(output.request_id)
+            if route is not None and over:
                 route.run.finish(route.error)
                 self._on_change()
             elif first and route is not None and route.seen:

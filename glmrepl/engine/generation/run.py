@@ -128,6 +128,11 @@ class GenerationRun:
         self._tokens.put(_DONE)
         self.done.set()
 
+    def note_path(self, path: str) -> None:
+        """How this stretch decoded, after the paths before it (alone, then in the batch...)."""
+        if self.stats.path.rsplit(" then ", 1)[-1] != path:
+            self.stats.path = f"{self.stats.path} then {path}" if self.stats.path else path
+
     def ended(self) -> bool:
         """Nothing more to decode: cancelled, a stop id made, or the length reached."""
         if self.cancel_event.is_set() or self.remaining <= 0:
@@ -305,7 +310,7 @@ def _generate_stretch(run: GenerationRun, should_yield: Callable[[int], bool]) -
     run.cache = getattr(output, "cache", None)
     if run.seed is not None:
         run.rng_state = _random_state()
-    run.stats.path = decode_path(run.model)  # after: a kernel failing mid-reply changes it
+    run.note_path(decode_path(run.model))  # after: a kernel failing mid-reply changes it
 
 
 def _restore_random_state(run: GenerationRun, first: bool) -> None:

@@ -36,6 +36,9 @@ from .run import GenerationRun, decode_alone, translate_error
 
 # Tokens a reply decodes alone before it lets another have the model (when others wait).
 STRETCH_TOKENS = 16
+# The fewest tokens left for which the last reply of a batch goes back to decoding alone (it
+# reads its context again first, so a reply about to end stays where it is).
+LEAVE_BATCH_TOKENS = 32
 
 
 class Task:
@@ -268,6 +271,7 @@ class Scheduler:
     def _place_arrivals(self) -> None:
         self._alone.extend(self._inbox)
         self._inbox.clear()
+        self._leave_a_batch_of_one()
         for run in [r for r in self._alone if isinstance(r, GenerationRun) and r.cancel_event.is_set()]:
             self._alone.remove(run)  # cancelled while it waited: it ends here, never decoded again
             run.finish()
@@ -280,6 +284,17 @@ class Scheduler:
                     continue  # under way: it is read again in the batch once the newcomers have a first token
                 self._alone.remove(run)
                 self._join_batch(run)
+
+    def _leave_a_batch_of_one(self) -> None:
+        """The last reply of a batch goes back to the one-sequence path when nothing else waits and
+        enough of it is left to pay for reading its context again (the path is faster alone)."""
+        batcher = self._batcher
+        run = batcher.only_run() if batcher is not None and not self._alone else None
+        if run is None or run.cancel_event.is_set():
+            return
+        context = len(run.prompt_ids) + len(run.made)
+        if run.remaining >= max(LEAVE_BATCH_TOKENS, context // 4) and batcher is not None and batcher.withdraw(run):
+            self._alone.append(run)
 
     def _batch_is_worth_it(self) -> bool:
         """A batch runs, or two replies that may batch wait (one alone is faster alone)."""
