@@ -17,6 +17,7 @@ from ..engine import (
     Backend,
     ChatSession,
     GenerateRequest,
+    GenerationStats,
     GlmreplError,
     Hint,
     LoadOptions,
@@ -33,7 +34,7 @@ class App:
     session: ChatSession = field(default_factory=ChatSession)
     models_dir: Path | None = None
     options: LoadOptions = field(default_factory=LoadOptions)
-    last_stats: Any = None  # GenerationStats of the last reply, for /stats
+    last_stats: GenerationStats | None = None  # of the last reply, for /stats
     notify: Callable[[str], None] = lambda message: None  # the front end's way to say "waiting..."
     _defaults_applied_for: Any = None
 

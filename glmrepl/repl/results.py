@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..engine import LoadProgress
 
 
 @dataclass
@@ -38,7 +42,7 @@ class Generate:
 class WaitForLoad:
     """A model load was started; wait for it with progress (Ctrl-C cancels)."""
 
-    job: Any
+    job: LoadProgress
     then: list = field(default_factory=list)  # results to handle once the load succeeded
 
 
@@ -50,7 +54,7 @@ class WaitForTask:
     ``report`` turns the result into what is shown."""
 
     job: Any
-    report: Any  # Callable[[result], object]
+    report: Callable[[Any], object]
 
 
 @dataclass

@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
+from ..engine import ReplyHandle
+
 _END = object()
 
 
-def stream_deltas(reply: Any, executor: Executor) -> AsyncIterator[str]:
+def stream_deltas(reply: ReplyHandle, executor: Executor) -> AsyncIterator[str]:
     """Start generating now; the returned iterator yields the text deltas.
 
     From this call on the pool's thread owns the Reply (it closes it); the
@@ -52,7 +54,7 @@ def stream_deltas(reply: Any, executor: Executor) -> AsyncIterator[str]:
     return _read(queue, reply)
 
 
-async def _read(queue: asyncio.Queue, reply: Any) -> AsyncIterator[str]:
+async def _read(queue: asyncio.Queue, reply: ReplyHandle) -> AsyncIterator[str]:
     try:
         while True:
             item = await queue.get()
