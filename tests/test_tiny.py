@@ -86,7 +86,7 @@ def test_demo_says_it_is_random(tmp_path):
     assert (demo / "model.safetensors.index.json").exists()
 
 
-def test_the_first_demo_run_builds_quietly(tmp_path):
+def test_the_first_demo_run_builds_quietly_and_keeps_its_turns(tmp_path):
     import os
     import subprocess
     import sys
@@ -94,7 +94,7 @@ def test_the_first_demo_run_builds_quietly(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_DATA_HOME": str(tmp_path / "data")}
     result = subprocess.run(
         [sys.executable, "-m", "glmrepl.cli.demo"],
-        input="/exit\n",
+        input="hello there\nand then?\n/exit\n",
         capture_output=True,
         text=True,
         env=env,
@@ -104,3 +104,4 @@ def test_the_first_demo_run_builds_quietly(tmp_path):
     assert (tmp_path / "cache" / "glmrepl" / "demo-checkpoint" / "model.safetensors.index.json").is_file()
     assert "building a tiny random checkpoint" in result.stdout
     assert "Writing model shards" not in result.stderr and "it/s" not in result.stderr
+    assert "left out" not in result.stdout + result.stderr  # the demo leaves its replies room for turns

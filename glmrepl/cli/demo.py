@@ -15,6 +15,10 @@ from pathlib import Path
 from ..common.paths import xdg_dir
 from ..engine import stay_offline
 
+# The demo model's context is 512 tokens: replies of at most 128 leave room for a few turns
+# (the usual 512 would leave out the whole history at every turn). Flags given after win.
+DEMO_FLAGS = ["--device", "cpu", "--max-new-tokens", "128"]
+
 
 def main(argv: list[str] | None = None) -> int:
     stay_offline()  # before the demo checkpoint is built with transformers
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     print("This demo model has RANDOM weights: it answers gibberish. It shows the program, not a model.", flush=True)
     from .main import main as glmrepl_main
 
-    return glmrepl_main([str(folder), "--device", "cpu", *(argv if argv is not None else sys.argv[1:])])
+    return glmrepl_main([str(folder), *DEMO_FLAGS, *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
