@@ -75,3 +75,16 @@ def test_a_cached_prefix_serves_only_its_own_namespace(backend):
     assert ask(backend, "hello there", namespace="bob") == 0  # alice's system prompt is not bob's cache
     assert ask(backend, "something else", namespace="alice") > 0
     assert ask(backend, "something else", namespace="bob") > 0
+
+
+def test_a_refused_quantize_keeps_the_caches(backend):
+    from glmrepl.engine.errors import GlmreplError
+
+    backend.quantize(8)
+    ask(backend, "hello there")
+    cached = len(backend.prefixes)
+    assert cached
+    with pytest.raises(GlmreplError, match="already quantized to int8"):
+        backend.quantize(4)
+    assert len(backend.prefixes) == cached  # nothing changed, so nothing was thrown away
+    assert ask(backend, "something else") > 0

@@ -183,16 +183,26 @@ class ModelManager:
     ) -> Placement:
         """Quantize the loaded model's linears in place (as ChatGLM's ``model.quantize(bits)``;
         group-wise scales for other models, see quantize_models)."""
-        from .quantize import quantize_model
+        from .quantize import quantize_model, quantize_refusal
 
+        refused = self._quantize_refusal(bits, quantize_refusal)
+        if refused is not None:  # said before the model changes: its caches stay
+            raise refused
         with self.changing(on_wait):
             loaded = self._require_model()
-            if loaded.adapter and loaded.adapter.info.kind == "lora" and not loaded.adapter.merged:
-                raise GlmreplError("a LoRA adapter is on the layers: take it off, quantize, then put it on again")
+            refused = self._quantize_refusal(bits, quantize_refusal)
+            if refused is not None:
+                raise refused
             quantize_model(loaded.model, bits, group_size)
             loaded.info.placement.quant_bits = bits
         free_memory()
         return loaded.info.placement
+
+    def _quantize_refusal(self, bits: int, refusal: Callable[[Any, int], GlmreplError | None]) -> GlmreplError | None:
+        loaded = self._require_model()
+        if loaded.adapter and loaded.adapter.info.kind == "lora" and not loaded.adapter.merged:
+            return GlmreplError("a LoRA adapter is on the layers: take it off, quantize, then put it on again")
+        return refusal(loaded.model, bits)
 
     def set_adapter(self, path, merge: bool = False, on_wait: Callable[[int], None] | None = None):
         """Put an adapter on the loaded model (``path`` None: take it off); the model stays as it

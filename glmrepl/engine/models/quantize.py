@@ -90,6 +90,18 @@ def quantizable_linears(model: nn.Module, bits: int, include_head: bool = False)
     return names
 
 
+def quantize_refusal(model: nn.Module, bits: int) -> QuantizeError | None:
+    """Why the model cannot be quantized to ``bits`` as it is, or None (checked before anything changes)."""
+    if bits not in SUPPORTED_BITS:
+        return QuantizeError(f"quantizing to {bits!r} bits is not supported: choose 4 or 8")
+    current = model_bits(model)
+    if current and current != bits:
+        return QuantizeError(
+            f"the model is already quantized to int{current}: reload the float checkpoint to use int{bits}"
+        )
+    return None
+
+
 def quantize_model(
     model: nn.Module, bits: int, group_size: int | None = None, include_head: bool = False
 ) -> QuantizedLayout:
@@ -97,13 +109,9 @@ def quantize_model(
     float matrix), on the device each is on. ``group_size`` None: the default for the bits
     (per row for ChatGLM). QuantizeError for bits other than 4/8, a model already quantized
     to other bits, or one with nothing to quantize."""
-    if bits not in SUPPORTED_BITS:
-        raise QuantizeError(f"quantizing to {bits!r} bits is not supported: choose 4 or 8")
-    current = model_bits(model)
-    if current and current != bits:
-        raise QuantizeError(
-            f"the model is already quantized to int{current}: reload the float checkpoint to use int{bits}"
-        )
+    refused = quantize_refusal(model, bits)
+    if refused is not None:
+        raise refused
     rows = model_traits(model).row_quantized_linears  # the release's own layout: a scale per row
     group = check_group_size(group_size if group_size is not None else (0 if rows else DEFAULT_GROUP_SIZE[bits]))
     names = rows(model) if rows is not None else quantizable_linears(model, bits, include_head)
