@@ -169,12 +169,14 @@ def test_download_help_says_what_each_weights_choice_takes(capsys):
     assert "'bin' prefers the .bin files" in out and "'all' takes every weights file in every format" in out
 
 
-def test_the_readme_documents_every_option_and_command():
+def test_the_docs_document_every_option_and_command():
+    """The README and the pages under docs/ together name every option and slash command."""
     from glmrepl.cli.main import build_parser
     from glmrepl.cli.tools import build_parser as build_tools_parser
     from glmrepl.repl.commands import TABLE
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    root = Path(__file__).parent.parent
+    readme = "\n".join(path.read_text(encoding="utf-8") for path in [root / "README.md", *root.glob("docs/*.md")])
     tools = build_tools_parser()
     subparsers = next(action for action in tools._actions if action.choices and isinstance(action.choices, dict))
     parsers = [build_parser(), *subparsers.choices.values()]
