@@ -121,7 +121,24 @@ class _RequestSlots:
         return [(row, slot) for row, slot in enumerate(tensor_arg[: scores.shape[0]].tolist()) if slot >= 0]
 
 
-class RepetitionPenalty:
+class _PerRequest:
+    """A per-request processor of the batch: each row's tensor argument is its request's slot."""
+
+    def __init__(self) -> None:
+        self.slots = _RequestSlots()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(-1)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        return torch.tensor([self._row(request.state) for request in requests_with_new_token], dtype=torch.int32)
+
+    def _row(self, state: Any) -> int:
+        """The row's slot, or -1 when the processor leaves the request's scores alone."""
+        raise NotImplementedError
+
+
+class RepetitionPenalty(_PerRequest):
     """transformers' repetition penalty, per request: the scores of each row's prompt and
     generated ids are divided (positive) or multiplied (negative) by the request's penalty."""
 
@@ -129,27 +146,19 @@ class RepetitionPenalty:
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self.slots = _RequestSlots()
+        super().__init__()
         self._states: dict[int, Any] = {}
 
     def forget(self, request_id: str) -> None:
         slot = self.slots.release(request_id)
         self._states.pop(slot if slot is not None else -1, None)
 
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(-1)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        rows = []
-        for request in requests_with_new_token:
-            state = request.state
-            if float(state.logit_processor_kwargs.get("repetition_penalty", 1.0)) == 1.0:
-                rows.append(-1)
-                continue
-            slot = self.slots.slot(state.request_id)
-            self._states[slot] = state
-            rows.append(slot)
-        return torch.tensor(rows, dtype=torch.int32)
+    def _row(self, state: Any) -> int:
+        if float(state.logit_processor_kwargs.get("repetition_penalty", 1.0)) == 1.0:
+            return -1
+        slot = self.slots.slot(state.request_id)
+        self._states[slot] = state
+        return slot
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         rows = self.slots.rows(scores, tensor_arg)
@@ -166,7 +175,7 @@ class RepetitionPenalty:
         return scores
 
 
-class SeededDraws:
+class SeededDraws(_PerRequest):
     """The draw of a seeded request from its own generator, as ``generate`` draws after
     ``torch.manual_seed``: its row's scores become that token alone, so the batch's shared
     sampler can only pick it. Rows without a seed pass unchanged."""
@@ -175,7 +184,7 @@ class SeededDraws:
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self.slots = _RequestSlots()
+        super().__init__()
         self._generators: dict[int, torch.Generator] = {}
         self._starts: dict[str, torch.Tensor] = {}  # where a request's draws start (a run moved into the batch)
 
@@ -193,22 +202,14 @@ class SeededDraws:
         generator = self._generators.get(self.slots.find(request_id))
         return generator.get_state() if generator is not None else self._starts.get(request_id)
 
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(-1)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        rows = []
-        for request in requests_with_new_token:
-            state = request.state
-            seed = state.logit_processor_kwargs.get("seed")
-            if seed is None:
-                rows.append(-1)
-                continue
-            slot = self.slots.slot(state.request_id)
-            if slot not in self._generators:
-                self._generators[slot] = self._new_generator(state.request_id, int(seed))
-            rows.append(slot)
-        return torch.tensor(rows, dtype=torch.int32)
+    def _row(self, state: Any) -> int:
+        seed = state.logit_processor_kwargs.get("seed")
+        if seed is None:
+            return -1
+        slot = self.slots.slot(state.request_id)
+        if slot not in self._generators:
+            self._generators[slot] = self._new_generator(state.request_id, int(seed))
+        return slot
 
     def _new_generator(self, request_id: str, seed: int) -> torch.Generator:
         generator = torch.Generator()

@@ -142,14 +142,8 @@ class Batcher:
 
     def cancel(self, run: GenerationRun) -> bool:
         """Take ``run`` out of the batch (it ends as cancelled); False when it is not in it."""
-        with self._lock:
-            request_id = next((rid for rid, route in self._runs.items() if route.run is run), None)
-            if request_id is None:
-                return False
-            del self._runs[request_id]
-            if self._manager is not None:
-                self._manager.cancel_request(request_id)
-            self._forget(request_id)
+        if not self._take_out(run):
+            return False
         run.finish()
         self._on_change()
         return True
@@ -157,6 +151,9 @@ class Batcher:
     def withdraw(self, run: GenerationRun) -> bool:
         """Take ``run`` out of the batch to decode alone from what it made so far (a token the
         batch made after this is dropped, never shown); False when it is not in the batch."""
+        return self._take_out(run, keep_draws=True)
+
+    def _take_out(self, run: GenerationRun, keep_draws: bool = False) -> bool:
         with self._lock:
             request_id = next((rid for rid, route in self._runs.items() if route.run is run), None)
             if request_id is None:
@@ -164,8 +161,8 @@ class Batcher:
             del self._runs[request_id]
             if self._manager is not None:
                 self._manager.cancel_request(request_id)
-            if run.seed is not None and self._processors is not None:
-                state = self._processors[1].state_of(request_id)
+            if keep_draws and run.seed is not None and self._processors is not None:
+                state = self._processors[1].state_of(request_id)  # where its draws go on alone
                 run.rng_state = (state, None) if state is not None else run.rng_state
             self._forget(request_id)
         return True
