@@ -137,6 +137,19 @@ class _PerRequest:
         """The row's slot, or -1 when the processor leaves the request's scores alone."""
         raise NotImplementedError
 
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        rows = self.slots.rows(scores, tensor_arg)
+        if not rows:
+            return scores
+        scores = scores.clone()
+        for row, slot in rows:
+            self._apply(scores, row, slot)
+        return scores
+
+    def _apply(self, scores: torch.Tensor, row: int, slot: int) -> None:
+        """Change the row's scores in place."""
+        raise NotImplementedError
+
 
 class RepetitionPenalty(_PerRequest):
     """transformers' repetition penalty, per request: the scores of each row's prompt and
@@ -160,19 +173,13 @@ class RepetitionPenalty(_PerRequest):
         self._states[slot] = state
         return slot
 
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows = self.slots.rows(scores, tensor_arg)
-        if not rows:
-            return scores
-        scores = scores.clone()
-        for row, slot in rows:
-            state = self._states[slot]
-            penalty = float(state.logit_processor_kwargs["repetition_penalty"])
-            ids = list(state.initial_tokens) + list(state.generated_tokens)  # as generate's input_ids
-            index = torch.tensor(ids, dtype=torch.long, device=scores.device)
-            picked = scores[row].gather(0, index)
-            scores[row].scatter_(0, index, torch.where(picked < 0, picked * penalty, picked / penalty))
-        return scores
+    def _apply(self, scores: torch.Tensor, row: int, slot: int) -> None:
+        state = self._states[slot]
+        penalty = float(state.logit_processor_kwargs["repetition_penalty"])
+        ids = list(state.initial_tokens) + list(state.generated_tokens)  # as generate's input_ids
+        index = torch.tensor(ids, dtype=torch.long, device=scores.device)
+        picked = scores[row].gather(0, index)
+        scores[row].scatter_(0, index, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 class SeededDraws(_PerRequest):
@@ -220,14 +227,8 @@ class SeededDraws(_PerRequest):
             generator.manual_seed(seed)
         return generator
 
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows = self.slots.rows(scores, tensor_arg)
-        if not rows:
-            return scores
-        scores = scores.clone()
-        for row, slot in rows:
-            probabilities = torch.softmax(scores[row : row + 1].float(), dim=-1).cpu()
-            token = int(torch.multinomial(probabilities, 1, generator=self._generators[slot]))
-            scores[row].fill_(float("-inf"))
-            scores[row, token] = 0.0
-        return scores
+    def _apply(self, scores: torch.Tensor, row: int, slot: int) -> None:
+        probabilities = torch.softmax(scores[row : row + 1].float(), dim=-1).cpu()
+        token = int(torch.multinomial(probabilities, 1, generator=self._generators[slot]))
+        scores[row].fill_(float("-inf"))
+        scores[row, token] = 0.0
