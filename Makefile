@@ -48,6 +48,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/scheduling.py
 	$(PY) benchmarks/multiturn.py
 	$(PY) benchmarks/quant_models.py
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,8 +135,18 @@ class Server:
         self.process.wait(30)
 
 
-def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
-    """One streamed chat request, timed from sending it: first byte, first content, last chunk."""
+def streamed_request(
+    server: Server,
+    prompt: str,
+    new_tokens: int,
+    sampling: dict | None = None,
+    on_first_token: Callable[[], None] | None = None,
+) -> dict:
+    """One streamed chat request, timed from sending it: first byte, first content, last chunk.
+
+    Greedy unless ``sampling`` overrides the body's fields (a seed, a temperature);
+    ``on_first_token`` is called as the first content chunk arrives (benchmarks/scheduling.py
+    sends a second request a while after it)."""
     body = json.dumps(
         {
             "model": server.model_id,
@@ -144,6 +155,7 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **(sampling or {}),
         }
     )
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
@@ -162,6 +174,8 @@ def streamed_request(server: Server, prompt: str, new_tokens: int) -> dict:
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
         if chunk["choices"] and (chunk["choices"][0]["delta"].get("content") or chunk["choices"][0]["finish_reason"]):
+            if first_content is None and on_first_token is not None:
+                on_first_token()
             first_content = first_content or now
             last_content = now
             if chunk["choices"][0]["delta"].get("content"):
@@ -232,12 +246,13 @@ def compare_single(backend, server: Server, repeats: int, new_tokens: int) -> di
     return figures
 
 
-def concurrent_clients(server: Server, clients: int, new_tokens: int) -> dict:
+def concurrent_clients(server: Server, clients: int, new_tokens: int, sampling: dict[int, dict] | None = None) -> dict:
+    """``clients`` streamed requests at once; ``sampling`` maps a client's index to its own body fields."""
     results: list[dict] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        result = streamed_request(server, f"{PROMPT} (reader {i})", new_tokens)
+        result = streamed_request(server, f"{PROMPT} (reader {i})", new_tokens, (sampling or {}).get(i))
         with lock:
             results.append(result)
 
