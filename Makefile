@@ -59,6 +59,7 @@ bench-smoke: install
 	$(PY) benchmarks/serve.py --smoke
 	$(PY) benchmarks/multiturn.py --smoke
 	$(PY) benchmarks/quant_models.py --smoke
+	$(PY) benchmarks/scheduling.py --smoke
 
 clean:
 	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache

@@ -13,8 +13,8 @@ Measured against a real `glmrepl serve` process (benchmarks/serve.py's server an
 2. head-of-line, the Qwen2-0.5B-shaped checkpoint: a 16-token request sent 1 s into a 512-token
    reply, its time to first token against its time alone; target: at most 2x;
 3. mixed traffic on that checkpoint (float32, default threads): aggregate tokens/s of 8 concurrent
-   greedy streaming clients against 8 where one sends a seed and temperature 0.8 (it may not
-   batch, so it takes turns with the batch of 7); target: mixed at least 0.8x all-greedy.
+   greedy streaming clients against 8 where one sends a seed and temperature 0.8 (it decodes in the
+   batch with its own generator); target: mixed at least 0.8x all-greedy.
 
 Each figure is the median of --repeats runs. --smoke runs everything on the tiny model with few
 tokens and one repeat: a check that the script works, not a measurement. Figures go to the
@@ -39,7 +39,7 @@ from serve import HERE, PROMPT, Server, concurrent_clients, streamed_request
 
 SHORT_PROMPT = "Say hello."
 DELAY_S = 1.0  # from the long reply's first token to sending the short request
-SEEDED = {"seed": 7, "temperature": 0.8}  # a reply that may not batch
+SEEDED = {"seed": 7, "temperature": 0.8}  # a reply with its own random sequence, in the batch
 CLIENTS = 8
 # The tiny checkpoint is built with 512 positions; its rotary embedding does not depend on the
 # figure, so widening it lets a 1,500-token reply through the server's context check.
