@@ -9,6 +9,7 @@ its maximum, and only the rows that really filter pay for a top-k or a sort.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -93,28 +94,27 @@ def add_request_processors(manager: Any) -> tuple[RepetitionPenalty, SeededDraws
 
 
 class _RequestSlots:
-    """A small number per request that its row's tensor argument carries (-1: nothing to do), so
-    a step's rows find their request's state whatever order the batch prepares steps in."""
+    """A number per request that its row's tensor argument carries (-1: nothing to do), so a
+    step's rows find their request's state whatever order the batch prepares steps in. Numbers
+    are never reused: a request taken out while its step runs (cancelled, or back to decoding
+    alone) leaves a number that finds nothing, and its row is left as it is."""
 
     def __init__(self) -> None:
         self._slots: dict[str, int] = {}
-        self._free: list[int] = []
+        self._next = 0
 
     def slot(self, request_id: str) -> int:
         slot = self._slots.get(request_id)
         if slot is None:
-            slot = self._free.pop() if self._free else len(self._slots)
-            self._slots[request_id] = slot
+            slot = self._slots[request_id] = self._next
+            self._next = (self._next + 1) % 2**31  # the tensor argument is int32
         return slot
 
     def find(self, request_id: str) -> int:
         return self._slots.get(request_id, -1)
 
     def release(self, request_id: str) -> int | None:
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            self._free.append(slot)
-        return slot
+        return self._slots.pop(request_id, None)
 
     def rows(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> list[tuple[int, int]]:
         """(row, slot) of the rows that carry a slot."""
@@ -174,7 +174,9 @@ class RepetitionPenalty(_PerRequest):
         return slot
 
     def _apply(self, scores: torch.Tensor, row: int, slot: int) -> None:
-        state = self._states[slot]
+        state = self._states.get(slot)
+        if state is None:  # taken out of the batch while this step ran: its token is never used
+            return
         penalty = float(state.logit_processor_kwargs["repetition_penalty"])
         ids = list(state.initial_tokens) + list(state.generated_tokens)  # as generate's input_ids
         index = torch.tensor(ids, dtype=torch.long, device=scores.device)
@@ -194,6 +196,10 @@ class SeededDraws(_PerRequest):
         super().__init__()
         self._generators: dict[int, torch.Generator] = {}
         self._starts: dict[str, torch.Tensor] = {}  # where a request's draws start (a run moved into the batch)
+        # Per slot: draws made, and the generator's state after each of the last few of them (a
+        # draw whose token never reached the run is undone when the run leaves the batch).
+        self._draws: dict[int, int] = {}
+        self._recent: dict[int, deque[tuple[int, torch.Tensor]]] = {}
 
     def start_from(self, request_id: str, state: torch.Tensor) -> None:
         """The request's draws continue from this CPU generator state (given before it is added)."""
@@ -201,13 +207,20 @@ class SeededDraws(_PerRequest):
 
     def forget(self, request_id: str) -> None:
         slot = self.slots.release(request_id)
-        self._generators.pop(slot if slot is not None else -1, None)
+        for table in (self._generators, self._draws, self._recent):
+            table.pop(slot if slot is not None else -1, None)
         self._starts.pop(request_id, None)
 
-    def state_of(self, request_id: str) -> torch.Tensor | None:
-        """Where the request's draws stand (None: it has drawn nothing yet)."""
-        generator = self._generators.get(self.slots.find(request_id))
-        return generator.get_state() if generator is not None else self._starts.get(request_id)
+    def state_of(self, request_id: str, delivered: int) -> torch.Tensor | None:
+        """The generator's state after the request's first ``delivered`` draws (the tokens its run
+        received), or None when it cannot be told."""
+        slot = self.slots.find(request_id)
+        generator = self._generators.get(slot)
+        if generator is None:
+            return self._starts.get(request_id) if delivered == 0 else None
+        if delivered >= self._draws.get(slot, 0):
+            return generator.get_state()
+        return next((state for count, state in self._recent.get(slot, ()) if count == delivered), None)
 
     def _row(self, state: Any) -> int:
         seed = state.logit_processor_kwargs.get("seed")
@@ -228,7 +241,13 @@ class SeededDraws(_PerRequest):
         return generator
 
     def _apply(self, scores: torch.Tensor, row: int, slot: int) -> None:
+        generator = self._generators.get(slot)
+        if generator is None:  # taken out of the batch while this step ran: its token is never used
+            return
+        count = self._draws.get(slot, 0)
+        self._recent.setdefault(slot, deque(maxlen=8)).append((count, generator.get_state()))
+        self._draws[slot] = count + 1
         probabilities = torch.softmax(scores[row : row + 1].float(), dim=-1).cpu()
-        token = int(torch.multinomial(probabilities, 1, generator=self._generators[slot]))
+        token = int(torch.multinomial(probabilities, 1, generator=generator))
         scores[row].fill_(float("-inf"))
         scores[row, token] = 0.0

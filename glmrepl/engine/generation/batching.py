@@ -158,11 +158,12 @@ class Batcher:
             request_id = next((rid for rid, route in self._runs.items() if route.run is run), None)
             if request_id is None:
                 return False
-            del self._runs[request_id]
+            route = self._runs.pop(request_id)
             if self._manager is not None:
                 self._manager.cancel_request(request_id)
             if keep_draws and run.seed is not None and self._processors is not None:
-                state = self._processors[1].state_of(request_id)  # where its draws go on alone
+                # Where its draws go on alone: after the tokens it received, not any the batch made since.
+                state = self._processors[1].state_of(request_id, route.seen)
                 run.rng_state = (state, None) if state is not None else run.rng_state
             self._forget(request_id)
         return True
