@@ -90,7 +90,8 @@ class LocalBackend(Abilities):
         from .generation.batching import batch_pool_bytes
 
         pool = batch_pool_bytes(budget_bytes) if self.scheduler.batching else 0
-        self.scheduler.cache_bytes = max(pool, 1)
+        if pool:
+            self.scheduler.cache_bytes = pool
         prefix_bytes = budget_bytes - pool
         if prefix_cap_bytes is not None:
             prefix_bytes = min(prefix_bytes, prefix_cap_bytes)

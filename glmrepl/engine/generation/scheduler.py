@@ -69,7 +69,6 @@ class Scheduler:
         self.max_batch = 1  # replies that decode together (more than one once batching is on)
         self.cache_bytes = DEFAULT_CACHE_BYTES
         self.batching = False
-        self.change_hooks: list[Callable[[], None]] = []  # what belongs to the model as it is
         self.tokens_generated = 0  # by the replies that ended, for /health and the tests
         self.mean_reply_s: float | None = None  # moving average of a reply's time
         self._admitted = 0
@@ -78,6 +77,7 @@ class Scheduler:
         self._inbox: deque[GenerationRun | Task] = deque()
         self._alone: deque[GenerationRun | Task] = deque()
         self._batcher: Batcher | None = None
+        self._decoding_alone = False  # a run decodes alone on the model thread now
         self._batch_turn_until = 0.0  # after a stretch alone beside the batch, the batch's own turn
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -93,8 +93,6 @@ class Scheduler:
         """Replies decoding now (alone or in the batch)."""
         batch = self._batcher.active if self._batcher is not None else 0
         return batch + (1 if self._decoding_alone else 0)
-
-    _decoding_alone = False
 
     @property
     def changes_waiting(self) -> int:
@@ -148,8 +146,6 @@ class Scheduler:
                 self._changes_waiting -= 1
         try:
             self.stop_batch()  # the batch belongs to the model as it was
-            for hook in self.change_hooks:
-                hook()
             yield
         finally:
             with self._changed:
@@ -275,8 +271,9 @@ class Scheduler:
         for run in [r for r in self._alone if isinstance(r, GenerationRun) and r.cancel_event.is_set()]:
             self._alone.remove(run)  # cancelled while it waited: it ends here, never decoded again
             run.finish()
-        if self._batch_is_worth_it():
-            for run in [r for r in self._alone if isinstance(r, GenerationRun) and self._may_batch(r)]:
+        batchable = [r for r in self._alone if isinstance(r, GenerationRun) and self._may_batch(r)]
+        if self._batch_is_worth_it(batchable):
+            for run in batchable:
                 batcher = self._batcher_for(run)
                 if not batcher.has_room:
                     break
@@ -289,19 +286,18 @@ class Scheduler:
         """The last reply of a batch goes back to the one-sequence path when nothing else waits and
         enough of it is left to pay for reading its context again (the path is faster alone)."""
         batcher = self._batcher
-        run = batcher.only_run() if batcher is not None and not self._alone else None
+        if batcher is None or self._alone:
+            return
+        run = batcher.only_run()
         if run is None or run.cancel_event.is_set():
             return
         context = len(run.prompt_ids) + len(run.made)
-        if run.remaining >= max(LEAVE_BATCH_TOKENS, context // 4) and batcher is not None and batcher.withdraw(run):
+        if run.remaining >= max(LEAVE_BATCH_TOKENS, context // 4) and batcher.withdraw(run):
             self._alone.append(run)
 
-    def _batch_is_worth_it(self) -> bool:
+    def _batch_is_worth_it(self, batchable: list[GenerationRun]) -> bool:
         """A batch runs, or two replies that may batch wait (one alone is faster alone)."""
-        if self._batcher is not None and self._batcher.active:
-            return True
-        waiting = [r for r in self._alone if isinstance(r, GenerationRun) and self._may_batch(r)]
-        return len(waiting) >= 2
+        return bool(self._batcher is not None and self._batcher.active) or len(batchable) >= 2
 
     def _pick_alone(self) -> GenerationRun | Task | None:
         """The first waiting item that may decode alone now."""
