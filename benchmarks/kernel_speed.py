@@ -39,7 +39,21 @@ SHAPES = {  # name: (in_features, out_features)
 LAYERS = 24
 USES = {"q/o 896->896": 2 * LAYERS, "k/v 896->128": 2 * LAYERS, "gate/up 896->4864": 2 * LAYERS}
 USES |= {"down 4864->896": LAYERS, "lm_head": 1}  # how often each shape runs in one decode step
-OUTGROW_CACHES_BYTES = 96 << 20
+MIN_OUTGROW_BYTES = 96 << 20
+
+
+def outgrow_caches_bytes() -> int:
+    """Bytes of weight copies that no cache holds: twice the largest cache (some server
+    processors have hundreds of MB of L3), at least MIN_OUTGROW_BYTES."""
+    largest = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            largest = max(largest, int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(MIN_OUTGROW_BYTES, 2 * largest)
 PROMPT_TOKENS = 16
 
 
@@ -120,7 +134,7 @@ def layer_figures(lib, name: str, dtype, counts: list[int], args) -> dict:
     import torch
 
     cols, rows = SHAPES[name]
-    copies = max(1, OUTGROW_CACHES_BYTES // (rows * cols * dtype.itemsize))
+    copies = max(1, outgrow_caches_bytes() // (rows * cols * dtype.itemsize))
     weights = [(torch.randn(rows, cols) / cols**0.5).to(dtype) for _ in range(copies)]
     figures = {}
     for m in counts:

@@ -230,6 +230,11 @@ def median_of(runs: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def is_figure(value) -> bool:
+    """A number a median can be taken of (a run also keeps lists, e.g. its token times)."""
+    return value is None or isinstance(value, (int, float))
+
+
 def compare_single(backend, server: Server, repeats: int, new_tokens: int) -> dict:
     streamed_request(server, PROMPT, 4)  # warm-ups: kernels, pages, thread pools on both sides
     repl_reply(backend, PROMPT, 4)
@@ -238,8 +243,8 @@ def compare_single(backend, server: Server, repeats: int, new_tokens: int) -> di
         served.append(streamed_request(server, PROMPT, new_tokens))
         repl.append(repl_reply(backend, PROMPT, new_tokens))
     figures = {
-        "served": {key: median_of(served, key) for key in served[0]},
-        "repl": {key: median_of(repl, key) for key in repl[0]},
+        "served": {key: median_of(served, key) for key in served[0] if is_figure(served[0][key])},
+        "repl": {key: median_of(repl, key) for key in repl[0] if is_figure(repl[0][key])},
         "runs": {"served": served, "repl": repl},
     }
     figures["decode_ratio"] = figures["served"]["decode_tokens_per_s"] / figures["repl"]["decode_tokens_per_s"]

@@ -46,7 +46,8 @@ from ..errors import first_line
 # The C++ sources ship beside this module; their text is part of the cache key. The fused
 # decoder layer (decode_layer.cpp, for decode_step.py) calls the kernels, so it follows them.
 _SOURCE = "\n".join(
-    (Path(__file__).parent / name).read_text(encoding="utf-8") for name in ("cpu_kernels.cpp", "decode_layer.cpp")
+    (Path(__file__).parent / name).read_text(encoding="utf-8")
+    for name in ("cpu_kernels.cpp", "float_kernels.cpp", "decode_layer.cpp")
 )
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")

@@ -205,7 +205,7 @@ class Batcher:
             return
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        from .batch_sampling import add_request_processors, speed_up_warpers
+        from .batch_sampling import add_request_processors, speed_up_draws, speed_up_warpers
 
         vocabulary = self.model.config.get_text_config().vocab_size
         # Sampling on, with every processor present, so that each request sets its own values
@@ -223,6 +223,7 @@ class Batcher:
         )
         manager = self.model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
         speed_up_warpers(manager)
+        speed_up_draws(manager)
         self._processors = add_request_processors(manager)
         self.per_request = self._processors is not None
         manager.start()
