@@ -54,6 +54,8 @@ def outgrow_caches_bytes() -> int:
         except ValueError:
             continue
     return max(MIN_OUTGROW_BYTES, 2 * largest)
+
+
 PROMPT_TOKENS = 16
 
 
