@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/scheduling.py
+	$(PY) benchmarks/kv_memory.py
 	$(PY) benchmarks/multiturn.py
 	$(PY) benchmarks/quant_models.py
 
@@ -60,6 +61,7 @@ bench-smoke: install
 	$(PY) benchmarks/multiturn.py --smoke
 	$(PY) benchmarks/quant_models.py --smoke
 	$(PY) benchmarks/scheduling.py --smoke
+	$(PY) benchmarks/kv_memory.py --smoke
 
 clean:
 	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache

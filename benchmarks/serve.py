@@ -54,6 +54,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="a checkpoint folder (default: the benchmark checkpoint)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
     parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results)")
+    parser.add_argument(
+        "--busy-core",
+        action="store_true",
+        help="another process keeps one core busy the whole run (the figure under load)",
+    )
     smoke.add_flag(parser)
     args = parser.parse_args()
     args.results = smoke.results_folder(args, HERE / "results")
@@ -141,16 +146,18 @@ def streamed_request(
     new_tokens: int,
     sampling: dict | None = None,
     on_first_token: Callable[[], None] | None = None,
+    system: str | None = None,
 ) -> dict:
     """One streamed chat request, timed from sending it: first byte, first content, last chunk.
 
     Greedy unless ``sampling`` overrides the body's fields (a seed, a temperature);
     ``on_first_token`` is called as the first content chunk arrives (benchmarks/scheduling.py
-    sends a second request a while after it)."""
+    sends a second request a while after it); ``system``: a system message before the prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
     body = json.dumps(
         {
             "model": server.model_id,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": [*messages, {"role": "user", "content": prompt}],
             "max_tokens": new_tokens,
             "temperature": 0,
             "stream": True,
@@ -362,6 +369,7 @@ def main() -> int:
 
     cpu.request_threads(args.threads)  # the REPL side, in this process; the server gets --threads
     server = Server(args.model, args.device, args.dtype, args.threads)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy_core else None
     try:
         backend = repl_backend(args.model, args.device, args.dtype)
         results = {
@@ -373,6 +381,7 @@ def main() -> int:
             "prompt": PROMPT,
             "new_tokens": args.new_tokens,
             "client_tokens": args.client_tokens,
+            "busy_core": args.busy_core,
         }
         print("one streamed request vs the REPL path ...", flush=True)
         results["single"] = compare_single(backend, server, args.repeats, args.new_tokens)
@@ -383,13 +392,16 @@ def main() -> int:
         results["load_average_after"] = os.getloadavg()
     finally:
         server.stop()
+        if busy is not None:
+            busy.kill()
     print()
     if args.smoke:
         print(smoke.NOTE)
     print(table(results))
     kind = "gpu" if args.device in ("gpu", "sharded") else "cpu"
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{datetime.date.today().isoformat()}-serve-{kind}.json"
+    busy_part = "-busy" if args.busy_core else ""
+    path = args.results / f"{datetime.date.today().isoformat()}-serve-{kind}{busy_part}.json"
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\nwritten: {path}")
     if args.smoke:

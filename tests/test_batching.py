@@ -214,3 +214,25 @@ def test_the_queue_admits_a_whole_batch_and_then_max_waiting_more():
         backend.scheduler.admit()
     with pytest.raises(QueueFull):
         backend.scheduler.admit()
+
+
+def test_the_batch_lets_its_compute_helpers_go_while_a_lone_reply_decodes(qwen_checkpoint, monkeypatch):
+    """With the paused batch's OpenMP pool kept, the lone reply's helper threads slept between
+    regions instead of spinning (two pools on few cores): the batch's thread releases its pool
+    as it parks, so a lone reply after a burst decodes as fast as before it."""
+    from glmrepl.engine.generation import batching
+
+    released_by: list[int] = []
+    monkeypatch.setattr(batching, "release_thread_pool", lambda: released_by.append(threading.get_ident()))
+    backend = load(qwen_checkpoint, "qwen")
+    backend.enable_batching(4)
+    try:
+        burst = together(backend, QUESTIONS[:3])
+        assert sum("continuous batching" in r[3] for r in burst) >= 2
+        assert backend.scheduler.batch_running and not released_by  # the batch ran without parking
+        lone = answer(backend, QUESTIONS[3])
+        assert "continuous batching" not in lone[3] and lone[0]
+        batch_thread = backend.scheduler._batcher._manager._generation_thread
+        assert released_by and set(released_by) == {batch_thread.ident}
+    finally:
+        backend.stop()

@@ -55,6 +55,23 @@ def test_the_batch_pool_and_the_prefix_caches_share_one_budget(backend):
     assert backend.scheduler.cache_bytes + backend.kv_status()["prefix_cache"]["max_bytes"] == 64 * 2**20
 
 
+def test_a_warmed_batch_holds_its_pool_before_any_reply_and_replies_still_come(backend):
+    backend.enable_batching(8)
+    backend.set_kv_budget(64 * 2**20)
+    assert backend.scheduler.batch_pool_bytes == 0
+    backend.warm_batch()
+    backend.scheduler.call(lambda: None)  # the model thread's queue is first in, first out
+    assert backend.scheduler.batch_running
+    assert backend.scheduler.batch_pool_bytes > 0 and backend.batching_status()["why_not"] is None
+    assert ask(backend, "What is a cache?") == 0  # a lone reply decodes beside the idle batch
+
+
+def test_no_batch_is_warmed_while_batching_is_off(backend):
+    backend.warm_batch()
+    backend.scheduler.call(lambda: None)
+    assert not backend.scheduler.batch_running
+
+
 def test_admitted_replies_copy_no_cache_until_they_start(backend):
     ask(backend, "hello there")  # leaves the shared system prompt's cache behind
     cached = backend.prefixes.nbytes

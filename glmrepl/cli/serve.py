@@ -197,6 +197,7 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
         status = backend.load_and_wait(options.for_model(path, display_name(args.model, path)))
     except GlmreplError as error:
         return load_failed(error)
+    backend.warm_batch()
     return run_server(backend, settings, api_key, args, sockets, status)
 
 

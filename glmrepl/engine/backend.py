@@ -84,6 +84,10 @@ class LocalBackend(Abilities):
         """Let up to ``max_batch`` concurrent replies decode together (see batching.py)."""
         self.scheduler.enable_batching(max_batch, cache_bytes)
 
+    def warm_batch(self) -> None:
+        """Start the loaded model's batch ahead of the first concurrent replies (glmrepl serve)."""
+        self.scheduler.warm_batch(self.manager.current)
+
     def set_kv_budget(self, budget_bytes: int, prefix_cap_bytes: int | None = None, entries: int = 64) -> None:
         """One memory budget for KV caches: the batch's paged pool (when batching is on) takes its
         share, the prefix caches of recent replies the rest (at most ``prefix_cap_bytes``)."""

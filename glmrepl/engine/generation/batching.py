@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..cpu.machine import release_thread_pool
 from ..errors import GenerationError
 from .run import GenerationRun
 
@@ -113,6 +114,12 @@ class Batcher:
 
     def fits(self, run: GenerationRun) -> bool:
         return len(run.prompt_ids) + run.max_new_tokens <= self.capacity_tokens
+
+    def start(self) -> None:
+        """Start the batch with no request yet: its manager makes the paged pool in its own
+        thread, so the first replies that batch do not wait for it."""
+        with self._lock:
+            self._start()
 
     def submit(self, run: GenerationRun) -> None:
         """Decode the rest of ``run`` in the batch: its prompt and what it made so far are the
@@ -224,6 +231,7 @@ class Batcher:
         manager = self.model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
         speed_up_warpers(manager)
         speed_up_draws(manager)
+        release_pool_when_parked(manager)
         self._processors = add_request_processors(manager)
         self.per_request = self._processors is not None
         manager.start()
@@ -268,6 +276,20 @@ class Batcher:
         for route in routes.values():
             route.run.finish(GenerationError(f"generation failed: {failure}"))
         self._on_change()
+
+
+def release_pool_when_parked(manager: Any) -> None:
+    """The batch's thread lets its OpenMP helpers go before it parks for a pause, so that a reply
+    decoding alone meanwhile is the only thread with a pool (see ``release_thread_pool``: with
+    the batch's pool kept, the lone reply's helpers slept between regions instead of spinning)."""
+    status = manager.background_thread_status
+    park = status.pause_and_wait
+
+    def release_then_park() -> None:
+        release_thread_pool()
+        park()
+
+    status.pause_and_wait = release_then_park
 
 
 class _Route:
