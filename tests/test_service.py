@@ -114,6 +114,23 @@ def test_a_move_waits_for_running_replies_and_says_so(qwen_checkpoint):
     assert "".join(backend.generate(request(conversation("again"), app.settings)))
 
 
+def test_changes_to_the_model_run_on_the_model_thread_like_its_replies(qwen_checkpoint, monkeypatch):
+    from glmrepl.engine.models import manager as manager_module
+
+    app = loaded_app(qwen_checkpoint)
+    backend = app.backend
+    moved_on, real_move = [], manager_module.move_model
+    monkeypatch.setattr(
+        manager_module, "move_model", lambda *a: (moved_on.append(threading.current_thread().name), real_move(*a))
+    )
+    "".join(backend.generate(request(conversation("hello"), app.settings)))
+    backend.move("cpu", "bfloat16")
+    backend.set_prompt_mode("complete")
+    assert moved_on == [backend.scheduler._thread.name] == ["glmrepl-model"]
+    assert backend.status().placement.describe() == "cpu bfloat16" and backend.status().format_name == "completion"
+    assert "".join(backend.generate(request(conversation("again"), app.settings)))
+
+
 def test_device_keeps_the_gpu_chosen_at_load(qwen_checkpoint, monkeypatch):
     from glmrepl.engine.models import manager as manager_module
     from glmrepl.repl.commands import TABLE

@@ -10,9 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..engine import stay_offline
+
+if TYPE_CHECKING:
+    from ..engine import Backend
 from .arguments import add_model_arguments, generation_settings, load_options
 
 EPILOG = """\
@@ -116,7 +120,7 @@ LOCAL_ONLY_FLAGS = (
 )
 
 
-def build_backend(args):
+def build_backend(args) -> Backend:
     """The model here (LocalBackend), or on a server with --connect (RemoteBackend)."""
     if not args.connect:
         if args.api_key:

@@ -22,7 +22,7 @@ transformers are imported inside functions, so that a front end starts at once.
 import os
 
 from .backend import LocalBackend, default_kv_budget_mb
-from .contract import ABILITIES, Backend, LoadProgress, ReplyHandle, record_reply
+from .contract import ABILITIES, Backend, BackgroundTask, LoadProgress, ReplyHandle, record_reply
 from .conversation.chat import ChatSession, read_conversation, read_json_file, save_conversation
 from .conversation.tool_calls import ToolCall, normalize_tools
 from .cpu.machine import request_threads, threads_line
@@ -47,11 +47,11 @@ from .generation.service import Reply, conversation_from_messages
 from .models.catalog import LISTING_COLUMNS, default_models_dir, find_checkpoints, listing_cells, resolve_model
 from .models.checkpoint import find_problems
 from .models.download import download_checkpoint, manifest_problems
-from .models.loading import LoadJob, LoadOptions
+from .models.loading import LoadJob
 from .remote.backend import RemoteBackend, ServerJob
-from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, SamplingParams
+from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, LoadOptions, SamplingParams
 from .settings import SETTINGS, Settings
-from .status import GenerationStats, ModelStatus
+from .status import GenerationStats, ModelStatus, Placement
 
 __all__ = [
     "ABILITIES",
@@ -61,6 +61,7 @@ __all__ = [
     "MODES",
     "SETTINGS",
     "Backend",
+    "BackgroundTask",
     "ChatSession",
     "ContextLengthExceeded",
     "EmptyPrompt",
@@ -78,6 +79,7 @@ __all__ = [
     "MaxLengthExceeded",
     "ModelStatus",
     "NoModelLoaded",
+    "Placement",
     "QueueFull",
     "REPL_FIT",
     "RemoteBackend",

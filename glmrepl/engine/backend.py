@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .contract import Abilities
+from .contract import Abilities, NextToken
 from .conversation.chat import ChatSession
 from .conversation.reply_tokens import ReplyTokens
 from .errors import GlmreplError
@@ -19,6 +19,11 @@ from .generation.scheduler import Scheduler, scheduler_for
 from .generation.service import ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
 from .models.loading import LoadJob, LoadOptions
 from .request import GenerateRequest
+from .status import Placement
+
+if TYPE_CHECKING:
+    from .generation.perplexity import PerplexityJob
+    from .models.manager import ModelManager
 
 
 class LocalBackend(Abilities):
@@ -26,7 +31,7 @@ class LocalBackend(Abilities):
 
     abilities = frozenset({"move", "quantize", "adapters", "prompt_mode", "next_tokens", "perplexity", "memory_report"})
 
-    def __init__(self, manager: Any = None, max_queue: int | None = None):
+    def __init__(self, manager: ModelManager | None = None, max_queue: int | None = None):
         if manager is None:
             from .models.manager import ModelManager
 
@@ -155,11 +160,11 @@ class LocalBackend(Abilities):
         return context_usage(self.manager.current, conversation, max_new_tokens)
 
     # -- optional abilities ----------------------------------------------------
-    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None):
+    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None) -> Placement:
         """Move the model (waits for running replies first); returns the new Placement."""
         return self.manager.move(mode, dtype, on_wait=on_wait)
 
-    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None):
+    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Placement:
         return self.manager.quantize(bits, on_wait=on_wait)
 
     def set_adapter(
@@ -172,7 +177,7 @@ class LocalBackend(Abilities):
     def set_prompt_mode(self, mode: str | None) -> str:
         return self.manager.set_prompt_mode(mode)
 
-    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, int, float]]:
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[NextToken]:
         """The k most likely next tokens after the conversation: (text, id, probability); a token
         that is part of a character shows its bytes (``<0xE4>``)."""
         from .conversation.tokens import token_label
@@ -186,7 +191,7 @@ class LocalBackend(Abilities):
             table = self.scheduler.call(lambda: next_token_distribution(loaded.model, loaded.tokenizer, ids, k))
         return [(token_label(loaded.tokenizer, token_id, text), token_id, p) for text, token_id, p in table]
 
-    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None):
+    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> PerplexityJob:
         """Score the text file in the background (see perplexity.py); the PerplexityJob says how far it is.
         A file or window that cannot be used raises PerplexityError here, before anything runs."""
         from .generation.perplexity import PerplexityJob, choose_window, read_text

@@ -11,15 +11,16 @@ end probes for methods.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .conversation.chat import ChatSession
 from .conversation.tool_calls import ToolCall
 from .errors import GlmreplError
-from .request import GenerateRequest
-from .status import GenerationStats, ModelStatus
+from .request import GenerateRequest, LoadOptions
+from .status import GenerationStats, ModelStatus, Placement
 
 # What a backend may be able to do, and the words a refusal uses for it.
 ABILITIES = {
@@ -72,8 +73,11 @@ class ReplyHandle(Protocol):
 class LoadProgress(Protocol):
     """A load (or a server's model choice) under way."""
 
-    done: Any  # threading.Event
-    request: Any  # the LoadOptions of a local load; None for a server's model choice
+    done: threading.Event
+
+    @property
+    def request(self) -> LoadOptions | None:
+        """What was loaded, to load it again; None for a server's model choice."""
 
     @property
     def status(self) -> str: ...
@@ -86,6 +90,37 @@ class LoadProgress(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+class Describable(Protocol):
+    def describe(self) -> str: ...
+
+
+class BackgroundTask(Protocol):
+    """Work under way in the background (a perplexity run): front ends show its status and
+    progress, may cancel it, and show its result's description once done."""
+
+    done: threading.Event
+    cancel_event: threading.Event
+    error: BaseException | None
+
+    @property
+    def result(self) -> Describable | None: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def fraction(self) -> float | None: ...
+
+    def cancel(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+# A row of the next-token table: the token's text, its id (a server that sends no ids: "-"),
+# its probability.
+NextToken = tuple[str, int | str, float]
+
+
 class Backend(Protocol):
     abilities: frozenset[str]
 
@@ -96,7 +131,7 @@ class Backend(Protocol):
     # -- models --------------------------------------------------------------------
     def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list: ...
 
-    def load(self, request: Any) -> LoadProgress: ...
+    def load(self, request: LoadOptions) -> LoadProgress: ...
 
     def select_model(self, name: str | None = None) -> LoadProgress: ...
 
@@ -117,9 +152,9 @@ class Backend(Protocol):
     def setting_note(self, key: str) -> str | None: ...
 
     # -- abilities -------------------------------------------------------------------
-    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None) -> Any: ...
+    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None) -> Placement: ...
 
-    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Any: ...
+    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Placement: ...
 
     def set_adapter(
         self, path: Path | None, merge: bool = False, on_wait: Callable[[int], None] | None = None
@@ -127,9 +162,9 @@ class Backend(Protocol):
 
     def set_prompt_mode(self, mode: str | None) -> str: ...
 
-    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, Any, float]]: ...
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[NextToken]: ...
 
-    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> Any: ...
+    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> BackgroundTask: ...
 
     def memory_report(self) -> list[tuple[str, str]]: ...
 
@@ -162,10 +197,10 @@ class Abilities:
     def setting_note(self, key: str) -> str | None:
         return None
 
-    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None) -> Any:
+    def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None) -> Placement:
         raise self._refuse("move")
 
-    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Any:
+    def quantize(self, bits: int, on_wait: Callable[[int], None] | None = None) -> Placement:
         raise self._refuse("quantize")
 
     def set_adapter(
@@ -176,10 +211,10 @@ class Abilities:
     def set_prompt_mode(self, mode: str | None) -> str:
         raise self._refuse("prompt_mode")
 
-    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, Any, float]]:
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[NextToken]:
         raise self._refuse("next_tokens")
 
-    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> Any:
+    def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> BackgroundTask:
         raise self._refuse("perplexity")
 
     def memory_report(self) -> list[tuple[str, str]]:

@@ -9,8 +9,9 @@ family knows what to provide.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -45,7 +46,8 @@ class PromptFormat(Protocol):
 
 
 class ModelGate(Protocol):
-    """What lets a change to the loaded model happen: ``exclusive`` waits for the running
-    replies (``on_wait(n)`` first, when n run) and keeps new ones out until it ends."""
+    """What lets a change to the loaded model happen: ``change`` waits for the running replies
+    (``on_wait(n)`` first, when n run), keeps new ones out, and runs ``work`` where the model's
+    owner runs it; returns what ``work`` returns."""
 
-    def exclusive(self, on_wait: Callable[[int], None] | None = None) -> AbstractContextManager[None]: ...
+    def change(self, work: Callable[[], T], on_wait: Callable[[int], None] | None = None) -> T: ...

@@ -3,12 +3,14 @@
 The REPL resolves its layered settings into ``SamplingParams``; the server builds
 them from the HTTP request; the remote backend sends the same request to
 another server. Front-end policy travels as typed fields (``FitPolicy``, a forced
-tool call, a cache namespace), never as keyword bags.
+tool call, a cache namespace), never as keyword bags. A model is asked for with
+``LoadOptions`` (the command line's, then one copy per checkpoint).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .conversation.chat import ChatSession
@@ -85,3 +87,31 @@ class GenerateRequest:
     force_call: str | None = None
     # Whose caches a reply may reuse: requests in different namespaces never share a cached prefix.
     cache_namespace: str = ""
+
+
+@dataclass
+class LoadOptions:
+    """How a model is loaded: one type from the command line (and /device, /mode) to the loader.
+
+    Front ends keep one without ``path``/``name`` as their defaults and give
+    the loader a copy for one checkpoint (``for_model``).
+    """
+
+    path: Path | None = None
+    name: str = ""
+    mode: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    family: str | None = None  # the user's --family override
+    prompt_mode: str | None = None  # "chat" / "complete" override
+    gpu: int = 0  # gpu mode: which GPU
+    gpus: list[int] | None = None  # sharded mode: which GPUs (None: all)
+    max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
+    offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
+    quantize: int | None = None  # --quantize: 4 or 8 bits for a float checkpoint's linears
+    group_size: int | None = None  # with quantize: columns a scale (None: the default for the bits)
+    adapter: Path | None = None  # --adapter: a LoRA or P-tuning v2 folder put on the model (see adapters.py)
+    merge_adapter: bool = False  # --merge-adapter: fold a LoRA into the weights
+
+    def for_model(self, path: Path, name: str) -> LoadOptions:
+        return replace(self, path=Path(path), name=name)

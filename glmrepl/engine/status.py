@@ -3,7 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class Placement:
+    """Where the model's weights are and in what precision (devices/modes.py plans and moves them)."""
+
+    mode: str  # "cpu", "gpu" or "sharded" (never "auto": it is resolved)
+    dtype: str  # "float32", "bfloat16" or "float16"
+    device_map: Any  # what loaders take: "cpu", "cuda:0", or a {module: device} dict once planned
+    reason: str = ""  # why auto chose this mode, for the user
+    budgets: dict[int, int] = field(default_factory=dict)  # sharded: bytes per GPU index
+    offload: bool = False  # sharded: layers that fit on no GPU may go to the CPU
+    summary: str = ""  # where the layers ended up, once loaded
+    quant_bits: int = 0  # 4 or 8 when the layers are quantized (int4/int8), else 0
+
+    def describe(self) -> str:
+        quantized = f" int{self.quant_bits}" if self.quant_bits else ""
+        return f"{self.mode} {self.dtype}{quantized}"
+
+
+class PlacementView(Protocol):
+    """What a front end reads of where the model runs: a local ``Placement``, or a server's."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def summary(self) -> str | None: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -12,18 +49,18 @@ class ModelStatus:
 
     serial: int  # changes on every load, swap or unload
     name: str
-    path: Any
+    path: Path | str  # the checkpoint folder, or the model's id on a server
     architecture: str
     family: str | None
     family_reason: str | None
-    placement: Any  # devices.Placement
+    placement: PlacementView
     format_name: str
     is_chat: bool
     context_length: int | None
     checkpoint_defaults: dict = field(default_factory=dict)
     sampling_defaults: dict = field(default_factory=dict)
     adapter: str | None = None  # the adapter in use, described
-    adapter_path: Any = None
+    adapter_path: Path | None = None
     tool_syntax: str | None = None  # how the format's model writes tool calls; None: it takes no tools
 
 

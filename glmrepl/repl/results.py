@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..engine import LoadProgress
+    from ..engine import BackgroundTask, LoadProgress
 
 
 @dataclass
@@ -53,7 +53,7 @@ class WaitForTask:
     ``job`` has ``status``, ``fraction``, ``wait``, ``cancel``, ``error`` and ``result``;
     ``report`` turns the result into what is shown."""
 
-    job: Any
+    job: BackgroundTask
     report: Callable[[Any], object]
 
 

@@ -10,11 +10,11 @@ layers across GPUs with accelerate. ``auto`` picks for the machine, and says why
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from ...common.units import human_bytes
 from ..errors import DeviceError, Hint, first_line
+from ..status import Placement  # noqa: F401 (re-exported: the devices code makes and moves them)
 
 MODES = ("cpu", "gpu", "sharded", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -22,22 +22,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Headroom kept free on each GPU for activations and the KV cache.
 GPU_HEADROOM = 0.9
-
-
-@dataclass
-class Placement:
-    mode: str  # "cpu", "gpu" or "sharded" (never "auto": it is resolved)
-    dtype: str  # "float32", "bfloat16" or "float16"
-    device_map: Any  # what loaders take: "cpu", "cuda:0", or a {module: device} dict once planned
-    reason: str = ""  # why auto chose this mode, for the user
-    budgets: dict[int, int] = field(default_factory=dict)  # sharded: bytes per GPU index
-    offload: bool = False  # sharded: layers that fit on no GPU may go to the CPU
-    summary: str = ""  # where the layers ended up, once loaded
-    quant_bits: int = 0  # 4 or 8 when the layers are quantized (int4/int8), else 0
-
-    def describe(self) -> str:
-        quantized = f" int{self.quant_bits}" if self.quant_bits else ""
-        return f"{self.mode} {self.dtype}{quantized}"
 
 
 def cuda_device_count() -> int:

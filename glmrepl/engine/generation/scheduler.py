@@ -15,8 +15,9 @@ steps, what the model does next.
 - No reply ever waits for another's whole reply.
 
 Admission bounds the waiting requests (503 with Retry-After in the server).
-Changes to the model (load, move, quantize, adapter, prompt mode) wait for
-the admitted replies to end and keep new ones out meanwhile (``exclusive``).
+Changes to the model (load, move, quantize, adapter, prompt mode) are tasks on
+the model thread too (``change``): they wait for the admitted replies to end
+and keep new ones out meanwhile, so nothing else touches the model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from ..cpu.machine import release_thread_pool
 from ..errors import QueueFull, first_line
@@ -39,6 +40,8 @@ STRETCH_TOKENS = 16
 # The fewest tokens left for which the last reply of a batch goes back to decoding alone (it
 # reads its context again first, so a reply about to end stays where it is).
 LEAVE_BATCH_TOKENS = 32
+
+T = TypeVar("T")
 
 
 class Task:
@@ -152,6 +155,12 @@ class Scheduler:
                 self._changing = False
                 self._changed.notify_all()
 
+    def change(self, work: Callable[[], T], on_wait: Callable[[int], None] | None = None) -> T:
+        """A change to the model: a task on the model thread, once the admitted replies end
+        (new ones wait until it is done)."""
+        with self.exclusive(on_wait):
+            return self.call(work)
+
     def enable_batching(self, max_batch: int, cache_bytes: int | None = None) -> None:
         self.batching = max_batch > 1
         self.max_batch = max_batch
@@ -201,6 +210,8 @@ class Scheduler:
 
     def call(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` on the model thread, between two decoding steps; returns its result."""
+        if threading.current_thread() is self._thread:
+            return work()  # already there (a task's own work): queueing it would wait for itself
         task = Task(work)
         self.submit(task)
         while not task.done.is_set():

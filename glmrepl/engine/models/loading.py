@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +17,8 @@ from ..conversation import formats
 from ..devices.modes import Placement, plan_placement, sizing_dtype, torch_dtype, weights_bytes_at
 from ..errors import GlmreplError, Hint, LoadCancelled
 from ..families import load_family
+from ..request import LoadOptions
 from .checkpoint import CheckpointInfo, inspect_checkpoint
-
-
-@dataclass
-class LoadOptions:
-    """How a model is loaded: one type from the command line (and /device, /mode) to the loader.
-
-    Front ends keep one without ``path``/``name`` as their defaults and give
-    the loader a copy for one checkpoint (``for_model``).
-    """
-
-    path: Path | None = None
-    name: str = ""
-    mode: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    family: str | None = None  # the user's --family override
-    prompt_mode: str | None = None  # "chat" / "complete" override
-    gpu: int = 0  # gpu mode: which GPU
-    gpus: list[int] | None = None  # sharded mode: which GPUs (None: all)
-    max_gpu_memory: str | None = None  # sharded: "20GiB" each, or "0:20GiB,1:10GiB"
-    offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
-    quantize: int | None = None  # --quantize: 4 or 8 bits for a float checkpoint's linears
-    group_size: int | None = None  # with quantize: columns a scale (None: the default for the bits)
-    adapter: Path | None = None  # --adapter: a LoRA or P-tuning v2 folder put on the model (see adapters.py)
-    merge_adapter: bool = False  # --merge-adapter: fold a LoRA into the weights
-
-    def for_model(self, path: Path, name: str) -> LoadOptions:
-        return replace(self, path=Path(path), name=name)
-
 
 # The name the load pipeline's callers know; the same type, not a copy of it.
 LoadRequest = LoadOptions

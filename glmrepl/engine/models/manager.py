@@ -1,10 +1,10 @@
 """ModelManager: load, swap, move and free models; loads run in the background.
 
-Every change to the model (a move, quantize, format change or swap) passes
-through the manager's ``gate``: the scheduler that owns the model
-(generation/scheduler.py) makes it wait for the replies that are running and
-never changes weights under one; a manager no scheduler serves (``glmrepl
-quantize``) changes one thing at a time.
+Every change to the model (a move, quantize, adapter, format change or swap)
+passes through the manager's ``gate``: the scheduler that owns the model
+(generation/scheduler.py) runs it as a task on its model thread once the
+running replies end, so weights never change under one; a manager no scheduler
+serves (``glmrepl quantize``) changes one thing at a time.
 
 The steps of a load live in loading.py. A load never disturbs the current
 model unless memory forces it (see the swap policy below): it is built beside
@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from ..cpu.machine import release_freed_memory
 from ..devices.modes import Placement, move_model, plan_placement, sizing_dtype, weights_bytes_at
@@ -28,6 +27,8 @@ from ..protocols import ModelGate
 from .checkpoint import inspect_checkpoint
 from .loading import LoadedModel, LoadJob, LoadOptions, LoadRequest, ModelInfo, choose_format, load_model  # noqa: F401 (re-exported)
 
+T = TypeVar("T")
+
 
 class SerialGate:
     """Changes one at a time, for a manager that no scheduler serves."""
@@ -35,10 +36,9 @@ class SerialGate:
     def __init__(self) -> None:
         self._lock = threading.RLock()
 
-    @contextmanager
-    def exclusive(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
+    def change(self, work: Callable[[], T], on_wait: Callable[[int], None] | None = None) -> T:
         with self._lock:
-            yield
+            return work()
 
 
 class ModelManager:
@@ -52,12 +52,15 @@ class ModelManager:
         self.serial = 0  # counts installed models, so front ends notice a swap
         self._lock = threading.Lock()
 
-    @contextmanager
-    def changing(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
-        """Hold the model alone for a change; what belongs to the old state goes first."""
-        with self.gate.exclusive(on_wait):
+    def _change(self, work: Callable[[], T], on_wait: Callable[[int], None] | None = None) -> T:
+        """Run a change to the model where its owner runs it (the scheduler's model thread, once
+        the running replies end); what belongs to the old state goes first."""
+
+        def change() -> T:
             self._model_changing()
-            yield
+            return work()
+
+        return self.gate.change(change, on_wait)
 
     def _model_changing(self) -> None:
         if self.current is not None:
@@ -123,28 +126,28 @@ class ModelManager:
         except BaseException:  # the user is told no model is loaded; the conversation stays
             self.unload()
 
-    def _install(self, loaded: LoadedModel) -> None:
-        with self.changing():
+    def _install(self, loaded: LoadedModel | None) -> None:
+        def install() -> None:
             with self._lock:
-                old, self.current = self.current, loaded
+                self.current = loaded  # the old model's last reference goes here
                 self.serial += 1
-            del old
+
+        self._change(install)
         free_memory()
 
     def unload(self) -> None:
-        with self.changing():
-            with self._lock:
-                self.current = None
-                self.serial += 1
-        free_memory()
+        self._install(None)
 
     # -- changes to the loaded model -----------------------------------------
     def set_prompt_mode(self, mode: str | None) -> str:
         """Switch between the checkpoint's chat format and plain completion."""
-        with self.changing():
+
+        def choose() -> str:
             loaded = self._require_model()
             loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
             return loaded.prompt_format.name
+
+        return self._change(choose)
 
     def move(
         self, mode: str, dtype: str = "auto", gpu: int | None = None, on_wait: Callable[[int], None] | None = None
@@ -155,16 +158,17 @@ class ModelManager:
         The old placement's memory is given back (hooks removed, caches
         emptied); if the move fails the model returns to where it was.
         """
-        with self.changing(on_wait):
+
+        def move() -> Placement:
             loaded = self._require_model()
             before = loaded.info.placement
             request = loaded.request or LoadOptions()
-            gpu = request.gpu if gpu is None else gpu
+            chosen_gpu = request.gpu if gpu is None else gpu
             after = plan_placement(
                 mode,
                 dtype,
                 before.dtype,
-                gpu,
+                chosen_gpu,
                 needed_bytes=_needed_bytes(loaded.model, dtype, mode),
                 gpus=request.gpus,
                 max_gpu_memory=request.max_gpu_memory,
@@ -174,7 +178,10 @@ class ModelManager:
             move_model(loaded.model, before, after)
             loaded.info.placement = after
             if loaded.request is not None:  # a reload after a failed swap comes back here
-                loaded.request = replace(loaded.request, mode=after.mode, dtype=dtype, gpu=gpu)
+                loaded.request = replace(loaded.request, mode=after.mode, dtype=dtype, gpu=chosen_gpu)
+            return after
+
+        after = self._change(move, on_wait)
         free_memory()
         return after
 
@@ -188,15 +195,19 @@ class ModelManager:
         refused = self._quantize_refusal(bits, quantize_refusal)
         if refused is not None:  # said before the model changes: its caches stay
             raise refused
-        with self.changing(on_wait):
+
+        def quantize() -> Placement:
             loaded = self._require_model()
             refused = self._quantize_refusal(bits, quantize_refusal)
             if refused is not None:
                 raise refused
             quantize_model(loaded.model, bits, group_size)
             loaded.info.placement.quant_bits = bits
+            return loaded.info.placement
+
+        placement = self._change(quantize, on_wait)
         free_memory()
-        return loaded.info.placement
+        return placement
 
     def _quantize_refusal(self, bits: int, refusal: Callable[[Any, int], GlmreplError | None]) -> GlmreplError | None:
         loaded = self._require_model()
@@ -209,7 +220,7 @@ class ModelManager:
         was when the adapter does not fit. Waits for running replies. Returns the adapter now in use, or None."""
         from .adapters import swap_adapter
 
-        with self.changing(on_wait):
+        def swap():
             loaded = self._require_model()
             loaded.adapter = swap_adapter(loaded.model, loaded.adapter, path, merge)
             if loaded.request is not None:  # a reload (after a failed swap) brings the same adapter back
@@ -218,7 +229,9 @@ class ModelManager:
                     adapter=loaded.adapter.info.path if loaded.adapter else None,
                     merge_adapter=bool(loaded.adapter and loaded.adapter.merged),
                 )
-        return loaded.adapter
+            return loaded.adapter
+
+        return self._change(swap, on_wait)
 
     def _require_model(self) -> LoadedModel:
         if self.current is None:

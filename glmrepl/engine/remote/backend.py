@@ -22,14 +22,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..contract import Abilities
+from ..contract import Abilities, NextToken
 from ..conversation.chat import ChatSession
 from ..conversation.tool_calls import wire_messages
 from ..errors import GlmreplError, LoadCancelled
-from ..request import GenerateRequest, SamplingParams
+from ..request import GenerateRequest, LoadOptions, SamplingParams
 from ..status import ModelStatus
 from .errors import ContextRefusal, RemoteError, explain
 from .reply import RemoteReply
@@ -78,6 +79,7 @@ class ServerPlacement:
     reason: str | None = None
     mode: str = "remote"
     summary: str | None = None
+    dtype: str = ""  # the server does not say
 
     def describe(self) -> str:
         return f"at {self.server}"
@@ -86,7 +88,7 @@ class ServerPlacement:
 class ServerJob:
     """Choosing a model on the server in the background, shown like a load (Ctrl-C cancels)."""
 
-    request = None  # no local load to try again
+    request: LoadOptions | None = None  # no local load to try again
 
     def __init__(self, status: str, work: Callable[[Callable[[], bool]], None]):
         self.status = status
@@ -181,7 +183,7 @@ class RemoteBackend(Abilities):
             raise explain(error, self, action) from None
 
     # -- models ---------------------------------------------------------------------
-    def list_models(self, models_dir: Any = None) -> list[ServerModel]:
+    def list_models(self, models_dir: Path | None = None, beside: Path | None = None) -> list[ServerModel]:
         """The server's /v1/models (``models_dir`` is a local notion and is ignored)."""
         raw = self._call(
             "listing the server's models",
@@ -195,7 +197,7 @@ class RemoteBackend(Abilities):
         self._job = job
         return job
 
-    def load(self, request: Any) -> ServerJob:
+    def load(self, request: LoadOptions) -> ServerJob:
         """The protocol's load: on a server it only chooses among the served models."""
         return self.select_model(request.name or str(request.path))
 
@@ -336,7 +338,7 @@ class RemoteBackend(Abilities):
         count = sum(1 for m in messages if m["role"] != "system") + 1
         self._usage_mark = (count, reply_text, system, total_tokens)
 
-    def next_tokens(self, conversation: ChatSession, k: int) -> list[tuple[str, str, float]]:
+    def next_tokens(self, conversation: ChatSession, k: int) -> list[NextToken]:
         """/next from a server that returns top_logprobs (vLLM, llama-server...): (text, "-", probability)."""
         if not conversation.messages:
             raise GlmreplError("the conversation is empty: there is nothing to continue")
