@@ -66,6 +66,20 @@ def test_a_warmed_batch_holds_its_pool_before_any_reply_and_replies_still_come(b
     assert ask(backend, "What is a cache?") == 0  # a lone reply decodes beside the idle batch
 
 
+def test_the_batch_pool_holds_no_more_than_its_replies_can_fill(backend):
+    from glmrepl.engine.generation.batching import PAGE_SIZE, kv_bytes_per_token
+
+    model = backend.manager.current.model
+    per_token = kv_bytes_per_token(model.config, 4)
+    context = model.config.max_position_embeddings
+    backend.enable_batching(4)
+    backend.set_kv_budget(3 * 2**30)  # a share far beyond four whole contexts of the tiny model
+    backend.warm_batch()
+    backend.scheduler.call(lambda: None)
+    assert backend.scheduler.batch_pool_bytes == -(-4 * context // PAGE_SIZE) * PAGE_SIZE * per_token
+    assert backend.scheduler.batch_pool_bytes < DEFAULT_CACHE_BYTES // 8
+
+
 def test_no_batch_is_warmed_while_batching_is_off(backend):
     backend.warm_batch()
     backend.scheduler.call(lambda: None)

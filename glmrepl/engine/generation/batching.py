@@ -64,6 +64,16 @@ def kv_bytes_per_token(config: Any, element_size: int) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * element_size
 
 
+def context_tokens(config: Any) -> int | None:
+    """The model's context length from its config (ChatGLM's ``seq_length``), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class Batcher:
     """One continuous-batching manager for the loaded model, and a thread routing its outputs
     to the runs that are in the batch. ``on_change`` is called whenever a run leaves it."""
@@ -72,7 +82,11 @@ class Batcher:
         self.model = model
         self.max_batch = max_batch
         per_token = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
-        self.num_blocks = max(cache_bytes // (per_token * PAGE_SIZE), 4)
+        blocks = cache_bytes // (per_token * PAGE_SIZE)
+        context = context_tokens(model.config)
+        if context:  # never more than its replies can fill: max_batch whole contexts
+            blocks = min(blocks, -(-max_batch * context // PAGE_SIZE))
+        self.num_blocks = max(blocks, 4)
         self.capacity_tokens = self.num_blocks * PAGE_SIZE
         self.pool_bytes = self.num_blocks * PAGE_SIZE * per_token
         self.broken: str | None = None  # set when the manager failed: the model decodes alone from then on
