@@ -236,3 +236,12 @@ def test_the_entry_points_set_offline_and_importing_the_engine_does_not(tmp_path
     lines = result.stdout.splitlines()
     assert lines[0] == "[]"  # importing sets nothing: a library user's environment is theirs
     assert lines[-1] == str({name: "1" for name in sorted(OFFLINE_ENVIRONMENT)})
+
+
+def test_next_before_any_message_is_one_line_and_the_lines_after_it_run(qwen_checkpoint):
+    result = run(str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4", stdin="/next\nhello\n/next 3\n")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: the conversation is empty: there is nothing to continue"]
+    assert result.stdout.count("%") == 3, result.stdout  # the table of /next after the message

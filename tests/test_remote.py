@@ -50,7 +50,7 @@ def test_urls_default_to_the_v1_api():
     assert normalize_url("http://gpubox:8000/") == "http://gpubox:8000/v1"
     assert normalize_url("http://127.0.0.1:11434/v1") == "http://127.0.0.1:11434/v1"
     assert normalize_url("https://host/api/v1/") == "https://host/api/v1"
-    for bad in ("ftp://host", "http://", "http://host:port"):
+    for bad in ("ftp://host", "http://", "http://host:port", "not a url", "http://gpu box:8000"):
         with pytest.raises(ValueError):
             normalize_url(bad)
 

@@ -65,8 +65,11 @@ def test_broken_model_swap_reports_and_keeps_everything(qwen_checkpoint, copy_ch
 
 
 def test_unknown_command_suggests_the_closest(qwen_checkpoint):
-    out = drive_repl(make_app(), "/modle" + ENTER + "/set temperature hot" + ENTER + "/set tempreature 1" + ENTER)
+    out = drive_repl(
+        make_app(), "/modle" + ENTER + "/set temperature hot" + ENTER + "/set tempreature 1" + ENTER + "/foo" + ENTER
+    )
     assert "unknown command /modle — did you mean /model?" in out
+    assert "unknown command /foo (/help lists them" in out  # nothing close: no far-fetched /tools
     assert "temperature must be a number from 0 to 10, not 'hot'" in out
     assert "did you mean temperature?" in out
 
@@ -422,4 +425,48 @@ def test_a_history_file_on_a_full_disk_turns_history_off_with_one_warning(qwen_c
     out = drive_repl(app, "hello" + ENTER + "again" + ENTER, history_path=full)
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "No space left on device" in warnings[0] and "history is off" in warnings[0]
+    assert app.session.turns == 2
+
+
+def test_load_keeps_an_unsaved_conversation_until_told_and_says_what_it_skipped(qwen_checkpoint, tmp_path):
+    app = loaded_app(qwen_checkpoint, max_new_tokens=4)
+    saved, foreign = tmp_path / "chat.json", tmp_path / "foreign.json"
+    drive_repl(app, "first" + ENTER + f"/save {saved}" + ENTER)
+    data = json.loads(saved.read_text())
+    foreign.write_text(json.dumps({**data, "settings": {"temperature": "hot", "warp": 9, "top_k": 5}}))
+    out = drive_repl(app, f"/load {foreign}" + ENTER)  # as saved: nothing to lose
+    assert "loaded 1 turn from" in out and "setting temperature skipped" in out and "keeping" in out
+    assert "setting warp skipped: not a setting" in out and app.settings.get("top_k") == 5
+    out = drive_repl(app, "second" + ENTER + f"/load {saved}" + ENTER)
+    assert "the conversation has 2 unsaved turns: /save FILE keeps it, /load! " in out
+    assert [m.content for m in app.session.messages if m.role == "user"] == ["first", "second"]
+    drive_repl(app, f"/load! {saved}" + ENTER)
+    assert [m.content for m in app.session.messages if m.role == "user"] == ["first"]
+
+
+def test_load_of_a_message_without_text_is_one_line_and_changes_nothing(qwen_checkpoint, tmp_path):
+    app = loaded_app(qwen_checkpoint, max_new_tokens=4)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"messages": [{"role": "user"}]}))
+    out = drive_repl(app, f"/load {broken}" + ENTER)
+    assert f"{broken}: message 1 has no text ('content')" in out and "KeyError" not in out
+    assert app.session.turns == 0
+
+
+def test_an_unexpected_failure_in_piped_input_is_one_line_and_the_lines_after_it_run(qwen_checkpoint, monkeypatch):
+    import io
+
+    from glmrepl.repl.loop import run_piped
+
+    app = loaded_app(qwen_checkpoint, max_new_tokens=4)
+    import dataclasses
+
+    broken = [
+        dataclasses.replace(c, handler=lambda app, args: 1 / 0) if c.name == "history" else c for c in TABLE.commands
+    ]
+    monkeypatch.setattr(TABLE, "commands", broken)
+    out, err = io.StringIO(), io.StringIO()
+    status = run_piped(app, ["hello", "/history", "again"], out, err)
+    assert status == 1 and "Traceback" not in err.getvalue()
+    assert "error: unexpected ZeroDivisionError: division by zero (the conversation is kept)" in err.getvalue()
     assert app.session.turns == 2

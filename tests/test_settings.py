@@ -94,3 +94,19 @@ def test_set_lists_where_each_value_comes_from(tmp_path, monkeypatch, copy_check
         "do_sample": "family",
         "stats": "default",
     }
+
+
+@pytest.mark.parametrize("typed", ["-1", " -1", "11", "1e3"])
+def test_an_out_of_range_value_is_quoted_as_typed(typed):
+    from glmrepl.engine.settings import SETTINGS
+
+    with pytest.raises(ValueError) as refused:
+        SETTINGS["temperature"].parse(typed)
+    assert str(refused.value) == f"temperature must be a number from 0 to 10, not {typed.strip()}"
+
+
+def test_counts_are_spelled_in_the_singular_for_one():
+    from glmrepl.common.units import counted
+
+    assert [counted(n, "turn") for n in (0, 1, 2, 1000)] == ["0 turns", "1 turn", "2 turns", "1,000 turns"]
+    assert counted(1, "reply", "replies") == "1 reply" and counted(3, "reply", "replies") == "3 replies"

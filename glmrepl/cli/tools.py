@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..common.units import counted
+
 COMMANDS = ("download", "check", "list", "quantize")
 
 
@@ -109,7 +111,8 @@ def run_download(args, out, err) -> int:
         print(f"error: {error}", file=err)
         return 1
     print(
-        f"downloaded {len(result.files)} files of {result.repo_id} at {result.revision[:12]} to {result.path}", file=out
+        f"downloaded {counted(len(result.files), 'file')} of {result.repo_id} at {result.revision[:12]} to {result.path}",
+        file=out,
     )
     return run_check(argparse.Namespace(folder=str(result.path), trust_remote_code=True), out, err)
 

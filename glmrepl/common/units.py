@@ -11,6 +11,11 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} GiB"
 
 
+def counted(count: int, word: str, plural: str | None = None) -> str:
+    """'1 turn', '3 turns' ('plural' for words that do not just take an s: reply, replies)."""
+    return f"{count:,} {word if count == 1 else plural or word + 's'}"
+
+
 def human_count(count: int | None) -> str:
     """Parameter counts: 494.0M, 6.2B; '-' when unknown (e.g. pickled weights)."""
     if not count:

@@ -184,6 +184,8 @@ class LocalBackend(Abilities):
         from .generation.run import next_token_distribution
 
         loaded = self._require_model()
+        if not conversation.messages:
+            raise GlmreplError("the conversation is empty: there is nothing to continue")
         ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
         if not ids:
             raise GlmreplError("the conversation is empty: there is nothing to continue")

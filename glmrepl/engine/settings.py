@@ -35,7 +35,10 @@ class Setting:
             value = parser(text)
         except ValueError:
             raise ValueError(f"{self.key} must be {self.describe_range()}, not {text!r}") from None
-        self.check(value)
+        try:
+            self.check(value)
+        except ValueError:  # said as typed: "-1", not "-1.0"
+            raise ValueError(f"{self.key} must be {self.describe_range()}, not {text.strip()}") from None
         return value
 
     def check(self, value: Any) -> None:

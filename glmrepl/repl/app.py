@@ -37,6 +37,17 @@ class App:
     last_stats: GenerationStats | None = None  # of the last reply, for /stats
     notify: Callable[[str], None] = lambda message: None  # the front end's way to say "waiting..."
     _defaults_applied_for: Any = None
+    _saved: dict | None = None  # the conversation as last saved or loaded
+
+    # -- the conversation ------------------------------------------------------
+    def mark_saved(self) -> None:
+        self._saved = self.session.to_dict()
+
+    def unsaved_turns(self) -> int:
+        """Turns that a /load would lose: none when the conversation is as saved (or empty)."""
+        if not self.session.messages or self.session.to_dict() == self._saved:
+            return 0
+        return max(self.session.turns, 1)
 
     @property
     def manager(self) -> Any:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import GlmreplError, LoadCancelled
+from ..common.units import counted
+from ..engine import SETTINGS, GlmreplError, LoadCancelled
 from .app import App
 from .hints import explain, slash_words
 from .reply_commands import cmd_copy, cmd_next, cmd_ppl, cmd_stats, require_ability
@@ -73,7 +74,7 @@ def closest(word: str, candidates: list[str]) -> str | None:
     swapped = [c for c in candidates if sorted(c) == sorted(word)]
     if swapped:
         return swapped[0]
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)  # 0.5 offered /tools for /foo
     return close[0] if close else None
 
 
@@ -324,35 +325,38 @@ def cmd_save(app: App, args: str, overwrite: bool = False):
         path = save_conversation(args, app.session, app.settings.chosen(), model, adapter)
     except OSError as error:
         return Error(f"{args}: cannot write it ({error.strerror or error})")
-    return Text(f"saved {app.session.turns} turns to {path}", "dim")
+    app.mark_saved()
+    return Text(f"saved {counted(app.session.turns, 'turn')} to {path}", "dim")
 
 
 def cmd_save_over(app: App, args: str):
     return cmd_save(app, args, overwrite=True)
 
 
-def cmd_load(app: App, args: str):
+def cmd_load(app: App, args: str, replace: bool = False):
     from ..engine import read_conversation
 
     if not args:
         return Error("usage: /load FILE")
     data = read_conversation(args)
+    unsaved = app.unsaved_turns()
+    if unsaved and not replace:
+        return Error(
+            f"the conversation has {counted(unsaved, 'unsaved turn')}: /save FILE keeps it, /load! {args} replaces it"
+        )
     app.session.restore(data)
-    for key, value in (data.get("settings") or {}).items():
-        try:
-            app.settings.set(key, value)
-        except (KeyError, ValueError):
-            pass  # a setting from another version: skip it, keep the conversation
-    message = Text(f"loaded {app.session.turns} turns from {args}", "dim")
+    app.mark_saved()
+    said: list = [Text(f"loaded {counted(app.session.turns, 'turn')} from {args}", "dim")]
+    said += [Text(f"setting {key} skipped: {why}", "warning") for key, why in _restore_settings(app, data)]
     saved_model, saved_adapter = data.get("model"), data.get("adapter")
     loaded = app.status()
-    if saved_model and (loaded is None or str(loaded.path) != saved_model):
+    if saved_model and not _same_model(app, loaded, saved_model):
         app.options.adapter = Path(saved_adapter) if saved_adapter else None  # goes on with the model
         try:
-            return WaitForLoad(app.start_load(saved_model), then=[message])
+            return WaitForLoad(app.start_load(saved_model), then=said)
         except GlmreplError as error:
             app.options.adapter = None
-            return [message, Error(f"the conversation's model is not available ({error}); keeping the current one")]
+            return [*said, Error(f"the conversation's model is not available ({error}); keeping the current one")]
     current_adapter = str(loaded.adapter_path) if loaded is not None and loaded.adapter_path else None
     if saved_adapter and loaded is not None and current_adapter != saved_adapter and app.backend.can("adapters"):
         try:
@@ -360,9 +364,37 @@ def cmd_load(app: App, args: str):
                 Path(saved_adapter), on_wait=_waiting_message(app, "putting the adapter on")
             )
         except GlmreplError as error:
-            return [message, Error(f"the conversation's adapter is not available ({error})")]
-        return [message, Text(f"adapter {adapter} on, as when it was saved", "dim")]
-    return message
+            return [*said, Error(f"the conversation's adapter is not available ({error})")]
+        return [*said, Text(f"adapter {adapter} on, as when it was saved", "dim")]
+    return said
+
+
+def cmd_load_over(app: App, args: str):
+    return cmd_load(app, args, replace=True)
+
+
+def _restore_settings(app: App, data: dict) -> list[tuple[str, str]]:
+    """Apply the file's settings; (key, why) for each one skipped (the current value stays)."""
+    skipped = []
+    settings = data.get("settings")
+    for key, value in (settings if isinstance(settings, dict) else {}).items():
+        try:
+            app.settings.set(key, value)
+        except KeyError:
+            skipped.append((key, "not a setting of this glmrepl"))
+        except (TypeError, ValueError) as error:
+            skipped.append((key, f"{error}; keeping {app.settings.get(key)}" if key in SETTINGS else str(error)))
+    return skipped
+
+
+def _same_model(app: App, loaded, saved_model: str) -> bool:
+    """Whether the conversation's model is the one in use: the same folder, or on a server, the
+    served model named as the folder is (as --connect URL MODEL matches it)."""
+    if loaded is None:
+        return False
+    if str(loaded.path) == saved_model:
+        return True
+    return app.backend.can("server_models") and Path(saved_model).name.casefold() == loaded.name.casefold()
 
 
 def cmd_mode(app: App, args: str):
@@ -487,6 +519,7 @@ for _command in (
     Command("save", "/save FILE", "save conversation, settings and model name as JSON (a new file)", cmd_save),
     Command("save!", "/save! FILE", "save, replacing FILE if it exists", cmd_save_over),
     Command("load", "/load FILE", "load a saved conversation (and its model)", cmd_load),
+    Command("load!", "/load! FILE", "load one over a conversation that is not saved", cmd_load_over),
     Command("stats", "/stats", "figures of the last reply", cmd_stats),
     Command("next", "/next [K]", "the K most likely next tokens, without generating", cmd_next),
     Command(

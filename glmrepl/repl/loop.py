@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from ..engine import GlmreplError, Hint, LoadCancelled, record_reply
+from ..engine import GlmreplError, Hint, LoadCancelled, first_line, record_reply
 from .app import App
 from .commands import TABLE, describe_call
 from .hints import explain, flag_words, slash_words
@@ -289,12 +289,10 @@ class Repl:
                 break
             try:
                 with keys_wait_for_the_prompt(self._keyboard):
-                    if not self.handler.handle(line):
+                    if not handle_line(self.handler, self.renderer, line):
                         break
             except KeyboardInterrupt:
                 self.renderer.text("(interrupted)", "dim")
-            except Exception as error:  # a bug must not cost the user the session
-                self.renderer.error(f"unexpected {type(error).__name__}: {error} (the conversation is kept)")
 
     def _watch_load(self) -> None:
         """At the prompt, a load in the background keeps the toolbar current and says
@@ -326,6 +324,16 @@ class Repl:
             self.renderer.text(f"warning: {history.problem}", "warning")
 
 
+def handle_line(handler: LineHandler, renderer: Renderer, line: str) -> bool:
+    """One line, as ``handler.handle``; an error no command expected is said in one line, and the
+    session goes on (a bug must not cost the user the conversation)."""
+    try:
+        return handler.handle(line)
+    except Exception as error:  # noqa: BLE001 - said, not raised: see above
+        renderer.error(f"unexpected {type(error).__name__}: {first_line(error)} (the conversation is kept)")
+        return True
+
+
 def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
     """Non-interactive: each input line is a message (or a /command); plain text out.
 
@@ -333,7 +341,7 @@ def run_piped(app: App, lines, out: TextIO, err: TextIO) -> int:
     renderer = Renderer(out, color=False, err=err)
     handler = LineHandler(app, renderer, interactive=False)
     for line in lines:
-        if not handler.handle(line) or handler.interrupted:
+        if not handle_line(handler, renderer, line) or handler.interrupted:
             break
     if handler.interrupted:
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from ..common.units import counted
 from .app import App
 from .results import Error, Table, TerminalEscape, Text, WaitForTask
 
@@ -32,7 +33,7 @@ def cmd_stats(app: App, args: str):
 
 
 def format_stats(stats) -> str:
-    parts = [f"{stats.new_tokens} tokens"]
+    parts = [counted(stats.new_tokens, "token")]
     if stats.first_token_s is not None:
         parts.append(f"first token {stats.first_token_s:.2f} s")
     speed = stats.decode_tokens_per_s

@@ -248,4 +248,9 @@ def read_conversation(path: str | Path) -> dict:
     file, data = read_json_file(path, "not a glmrepl conversation (invalid JSON: {error})")
     if not isinstance(data, dict) or "messages" not in data or not isinstance(data["messages"], list):
         raise GlmreplError(f"{file}: not a glmrepl conversation (no 'messages' list)")
+    for index, message in enumerate(data["messages"], 1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise GlmreplError(f"{file}: message {index} has no role; it was not written by glmrepl")
+        if not isinstance(message.get("content"), str):
+            raise GlmreplError(f"{file}: message {index} has no text ('content'); it was not written by glmrepl")
     return data

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...common.units import counted
 from ..errors import GlmreplError
 
 DEFAULT_MAX_WINDOW = 1024  # the default window when the context is longer: CPU-sized forwards
@@ -75,9 +76,9 @@ class PerplexityResult:
     seconds: float
 
     def describe(self) -> str:
-        windows = f"{self.windows} window{'s' if self.windows != 1 else ''} of {self.window}"
+        windows = f"{counted(self.windows, 'window')} of {self.window}"
         return (
-            f"perplexity {self.perplexity:,.2f} over {self.tokens:,} tokens "
+            f"perplexity {self.perplexity:,.2f} over {counted(self.tokens, 'token')} "
             f"({windows}, stride {self.stride}) in {self.seconds:.1f} s"
         )
 

@@ -48,7 +48,7 @@ def normalize_url(url: str) -> str:
     if "://" not in text:
         text = "http://" + text
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
         raise ValueError(f"--connect needs an http(s) URL like http://127.0.0.1:8000/v1, not {url!r}")
     try:
         _ = parts.port  # raises on a port that is not a number
