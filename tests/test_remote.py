@@ -4,6 +4,7 @@ cancelling, usage, what is sent, and every failure as one line that leaves the b
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import socket
 import threading
@@ -381,3 +382,19 @@ def test_next_tokens_from_a_server_that_returns_top_logprobs(stub):
         backend.next_tokens(conversation(), 2)
     with pytest.raises(GlmreplError, match="the conversation is empty"):
         backend.next_tokens(ChatSession(), 2)
+
+
+def test_a_conversation_saved_with_a_local_folder_loads_on_the_server_serving_that_name(stub, tmp_path):
+    from support import drive_repl
+
+    app = App(RemoteBackend(stub.url), Settings())
+    app.start_load(None).wait(30)
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps({"model": "/models/stub-model", "messages": [{"role": "user", "content": "hi"}]}))
+    out = drive_repl(app, f"/load {saved}\n")
+    assert "loaded 1 turn from" in out and "error" not in out
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": "/models/elsewhere", "messages": [{"role": "user", "content": "yo"}]}))
+    out = drive_repl(app, f"/load {other}\n")
+    assert "loaded 1 turn from" in out and "error" not in out  # a local folder is not looked for on the server
+    assert "it was saved with /models/elsewhere; the server's model is stub-model (/model NAME picks one)" in out

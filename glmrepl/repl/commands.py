@@ -350,6 +350,12 @@ def cmd_load(app: App, args: str, replace: bool = False):
     said += [Text(f"setting {key} skipped: {why}", "warning") for key, why in _restore_settings(app, data)]
     saved_model, saved_adapter = data.get("model"), data.get("adapter")
     loaded = app.status()
+    if saved_model and not _same_model(app, loaded, saved_model) and app.backend.can("server_models"):
+        serving = loaded.name if loaded is not None else "no model yet"
+        return [
+            *said,
+            Text(f"it was saved with {saved_model}; the server's model is {serving} (/model NAME picks one)", "dim"),
+        ]
     if saved_model and not _same_model(app, loaded, saved_model):
         app.options.adapter = Path(saved_adapter) if saved_adapter else None  # goes on with the model
         try:
