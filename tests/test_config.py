@@ -68,3 +68,13 @@ def test_a_bad_command_line_value_is_still_a_usage_error(config_file, capsys):
         main(["--max-new-tokens", "0", "-p", "hi"])
     assert exit_info.value.code == 2
     assert "max_new_tokens must be an integer from 1 to 1000000, not 0" in capsys.readouterr().err
+
+
+def test_a_key_outside_its_section_is_named_with_the_section_it_belongs_under(config_file):
+    path = config_file('max_new_tokens = "lots"\ndevice = "cpu"\n[ui]\nstats = false\n')
+    assert load_config().problems == [
+        f"{path}: max_new_tokens ignored: it belongs under [generation]",
+        f"{path}: device ignored: it belongs under [model]",
+    ]
+    app = app_for([])
+    assert app.settings.get("max_new_tokens") == 512 and app.settings.get("stats") is False

@@ -62,6 +62,18 @@ def test_threads_are_applied_and_default_to_the_physical_cores():
         torch.set_num_threads(before)
 
 
+def test_more_threads_than_cores_are_taken_with_a_warning(monkeypatch):
+    from glmrepl.engine.cpu import machine as cpu
+
+    monkeypatch.setattr(cpu, "physical_cores", lambda: 2)
+    try:
+        assert cpu.request_threads(2) is None and cpu.request_threads(None) is None
+        warning = cpu.request_threads(64)
+        assert warning is not None and warning.startswith("--threads 64 is more than the 2 cores")
+    finally:
+        cpu.request_threads(None)
+
+
 def test_physical_cores_count_hyperthreads_once(monkeypatch):
     from glmrepl.engine.cpu import machine as cpu
 

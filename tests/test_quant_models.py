@@ -322,6 +322,20 @@ def test_quantize_refuses_an_existing_folder_unless_forced(qwen_checkpoint, tmp_
     assert code == 0 and not (dest / "keep.txt").exists() and (dest / "model.safetensors").exists()
 
 
+def test_a_quantized_folder_can_be_read_by_others_as_the_umask_allows(qwen_checkpoint, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        code, _, _ = quantize_cli(str(qwen_checkpoint), str(tmp_path / "shared"), "--bits", "8")
+    finally:
+        os.umask(old)
+    assert code == 0
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "shared").iterdir()}
+    assert modes and all(mode & 0o044 == 0o044 for mode in modes.values()), modes
+
+
 def test_quantize_reports_an_unwritable_destination_in_one_line(qwen_checkpoint, unwritable_dir):
     code, out, err = quantize_cli(str(qwen_checkpoint), str(unwritable_dir / "int4"), "--bits", "4")
     assert code == 1 and out == "" and err.startswith("error: cannot write ") and err.count("\n") == 1

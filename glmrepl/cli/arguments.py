@@ -4,6 +4,7 @@ settings and load options built from them and the config file."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 SETTING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -117,7 +118,9 @@ def load_options(args, config):
         raise ValueError("--group-size goes with --quantize 4|8")
     from ..engine import request_threads
 
-    request_threads(args.threads)  # ValueError -> usage error
+    too_many = request_threads(args.threads)  # ValueError -> usage error
+    if too_many:
+        print(f"warning: {too_many}", file=sys.stderr)
     if args.max_gpu_memory:
         from ..engine import parse_gpu_memory
 

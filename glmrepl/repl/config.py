@@ -55,12 +55,23 @@ def load_config(path: Path | None = None) -> Config:
     return Config(_merge(defaults, user), problems, user)
 
 
+def _misplaced(key: str, defaults: dict) -> str | None:
+    """For a key written outside its section (``max_new_tokens = 64`` at the top): where it goes."""
+    home = next((section for section, table in defaults.items() if isinstance(table, dict) and key in table), None)
+    if home is None:
+        return None
+    return f"{key} ignored: it belongs under [{home}]"
+
+
 def _drop_invalid(user: dict, defaults: dict) -> list[str]:
     """Remove the entries glmrepl cannot use from ``user``; one message per entry, naming the valid values."""
     problems = []
     for section, table in list(user.items()):
         if section not in defaults or not isinstance(table, dict):
-            problems.append(f"unknown section [{section}] ignored (sections: {', '.join(defaults)})")
+            problems.append(
+                _misplaced(section, defaults)
+                or f"unknown section [{section}] ignored (sections: {', '.join(defaults)})"
+            )
             del user[section]
             continue
         for key, value in list(table.items()):

@@ -109,11 +109,16 @@ def auto_dtype(stored_dtype: str | None) -> tuple[str, str]:
 _requested_threads: list[int] = []  # --threads, once given
 
 
-def request_threads(count: int | None) -> None:
-    """Remember --threads (applied when generation starts: torch is not imported here)."""
+def request_threads(count: int | None) -> str | None:
+    """Remember --threads (applied when generation starts: torch is not imported here); returns a
+    warning when there are more threads than cores."""
     if count is not None and count < 1:
         raise ValueError(f"--threads must be 1 or more, not {count}")
     _requested_threads[:] = [count] if count else []
+    cores = physical_cores()
+    if count and count > cores:
+        return f"--threads {count} is more than the {cores} cores this process may run on: threads beyond the cores wait on each other"
+    return None
 
 
 def apply_threads() -> int:

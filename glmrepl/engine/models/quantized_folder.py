@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ...common.atomic import current_umask
 from ..errors import CheckpointError, first_line
 from ..quant.layers import SUPPORTED_BITS, QuantizeError, check_group_size
 from .quantize import QuantizedLayout
@@ -220,6 +221,7 @@ def save_tensors(model, path: Path) -> None:
         seen.add(marker)
         tensors[key] = tensor.contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600: others may read a shared models dir
 
 
 def copy_side_files(source: Path, dest: Path) -> None:
@@ -255,6 +257,7 @@ class _writing:
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             self.scratch = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".partial", dir=self.dest.parent))
+            os.chmod(self.scratch, 0o777 & ~current_umask())  # mkdtemp's is 0700: others may read a shared models dir
         except OSError as error:
             raise QuantizeError(f"cannot write {self.dest}: {_reason(error)}") from None
         return self.scratch
