@@ -110,4 +110,3 @@ def test_counts_are_spelled_in_the_singular_for_one():
 
     assert [counted(n, "turn") for n in (0, 1, 2, 1000)] == ["0 turns", "1 turn", "2 turns", "1,000 turns"]
     assert counted(1, "reply", "replies") == "1 reply" and counted(3, "reply", "replies") == "3 replies"
-
