@@ -245,3 +245,23 @@ def test_next_before_any_message_is_one_line_and_the_lines_after_it_run(qwen_che
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == ["error: the conversation is empty: there is nothing to continue"]
     assert result.stdout.count("%") == 3, result.stdout  # the table of /next after the message
+
+
+def test_a_terminal_typing_into_a_pipe_gets_plain_text_out(qwen_checkpoint):
+    """`glmrepl MODEL | tee log`: lines typed on the terminal, replies written as plain text, no
+    prompt, toolbar or cursor codes in the pipe."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [GLMREPL, str(qwen_checkpoint), "--temperature", "0", "--max-new-tokens", "4"],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(terminal)
+    os.write(controller, b"hello\n/history\n\x04")
+    out, _ = process.communicate(timeout=240)
+    os.close(controller)
+    assert process.returncode == 0
+    assert b"user: hello" in out and b"\x1b" not in out

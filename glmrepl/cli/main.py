@@ -81,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         _warn_if_family_ignored(app, args.model, args.family)
     if args.prompt is not None and not args.prompt.strip():
         parser.error("-p needs a message: TEXT is empty")
-    if not args.model and not args.connect and (args.prompt is not None or not sys.stdin.isatty()):
+    # Output to a pipe or a file (`glmrepl MODEL | tee log`) is plain text, lines read as typed.
+    plain = not (sys.stdin.isatty() and sys.stdout.isatty())
+    if not args.model and not args.connect and (args.prompt is not None or plain):
         parser.error("give a MODEL (a checkpoint folder or name) for non-interactive use")
     try:
         if args.prompt is not None:
             # -p text is always a message, even when it starts with "/".
             return run_script(app, args, ["/" + args.prompt if args.prompt.startswith("/") else args.prompt])
-        if not sys.stdin.isatty():
+        if plain:
             return run_script(app, args, sys.stdin)
     except KeyboardInterrupt:  # Ctrl-C while loading: the shell's convention for an interrupted command
         return 130
