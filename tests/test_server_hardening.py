@@ -177,13 +177,13 @@ def test_control_characters_in_a_path_reach_the_log_escaped(keyed_server):
     mark = len(keyed_server.output())
     status, _, raw = ask(keyed_server.port, "GET", ANSI_AND_FORGERY, headers=AUTH)
     assert status == 404 and "\x1b" not in error_of(raw)["message"]  # the answer names the path escaped too
-    lines = log_lines_after(keyed_server, mark, r" 404 - tokens ")
+    lines = log_lines_after(keyed_server, mark, r" 404 ")
     log = keyed_server.output()[mark:]
     for character in ("\x1b", "\x07", "\r", "\u2028", "\u202e", "\x9b"):
         assert character not in log, repr(character)
     assert not re.search(r"^POST /v1/forged", log, re.M)  # no forged line
     assert len(lines) == 1 and lines[0].startswith(r"GET /\x1b[2J\x1b]0;pwned\x07"), lines
-    assert r"\r\nPOST /v1/forged 200 1 tokens 0.001s\u2028\u202e\x9b 404 - tokens" in lines[0]
+    assert r"\r\nPOST /v1/forged 200 1 tokens 0.001s\u2028\u202e\x9b 404 " in lines[0]
 
 
 def test_an_unexpected_error_is_one_escaped_line_and_a_json_500(caplog):
@@ -267,7 +267,7 @@ def test_connections_over_the_cap_get_a_json_503_and_the_server_serves_after(gua
     while ask(port, "GET", "/health")[0] != 200:  # the held connections are counted out as they close
         assert time.monotonic() < deadline, "the server still refuses after the connections closed"
         time.sleep(0.1)
-    assert re.search(r"^GET /health 503 - tokens", guarded_server.output(), re.M)
+    assert re.search(r"^GET /health 503 ", guarded_server.output(), re.M)
 
 
 # -- HTTP details ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from importlib import resources
 from typing import Any, TextIO
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from .. import __version__
 from . import chatglm_api, openai_api
@@ -41,6 +41,7 @@ def create_app(
     # HEAD answers as GET does, headers only (the server drops the body); left out of the document.
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/", chat_page, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route("/favicon.ico", no_icon, methods=["GET", "HEAD"], include_in_schema=False)
     install_error_handlers(app)
     document_errors_as_answered(app)
     # Added last is outermost: the log sees every answer, including 403, 401, 413 and 500.
@@ -67,6 +68,11 @@ async def health(request: Request) -> dict[str, Any]:
         "batching": {key: batching[key] for key in ("enabled", "max_batch", "why_not")},
         "kv_cache": backend.kv_status(),
     }
+
+
+async def no_icon() -> Response:
+    """Browsers ask for /favicon.ico with every page: no icon, and no 404 in the log for it."""
+    return Response(status_code=204)
 
 
 async def chat_page() -> HTMLResponse:

@@ -22,7 +22,7 @@ from .errors import error_body, log_unexpected, loggable
 
 OPEN_PATHS = ("/health",)  # answered without a key: load balancers and `curl /health` need no secret
 # The chat page holds no data and asks for the key itself; POST / (api.py) still needs the key.
-OPEN_PAGES = ("/",)
+OPEN_PAGES = ("/", "/favicon.ico")
 
 
 async def send_error(send, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
@@ -176,7 +176,7 @@ class LimitBody:
 
 
 class AccessLog:
-    """One line per request on stderr: method, path, status, tokens, seconds."""
+    """One line per request on stderr: method, path, status, tokens (of a reply), seconds."""
 
     def __init__(self, app, stream: TextIO | None = None):
         self.app = app
@@ -199,9 +199,10 @@ class AccessLog:
             await self.app(scope, receive, noted_send)
         finally:
             tokens = state.get("tokens")
+            counted = f" {tokens} tokens" if tokens is not None else ""  # only replies make tokens
             line = (
-                f"{loggable(scope['method'])} {loggable(scope['path'])} {status or 'disconnected'} "
-                f"{tokens if tokens is not None else '-'} tokens {time.perf_counter() - started:.3f}s"
+                f"{loggable(scope['method'])} {loggable(scope['path'])} {status or 'disconnected'}"
+                f"{counted} {time.perf_counter() - started:.3f}s"
             )
             print(line, file=self.stream or sys.stderr, flush=True)
 
