@@ -121,6 +121,17 @@ def test_models_dir_listing(models_dir):
     assert broken.size_bytes > 0
 
 
+def test_a_download_without_its_config_is_listed_as_not_ready_and_empty_folders_are_not(models_dir):
+    half = models_dir / "half-downloaded"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    (models_dir / "empty").mkdir()
+    (models_dir / "acme" / "notes.txt").write_text("an org folder holding a file stays an org folder")
+    entries = {e.name: e for e in find_checkpoints(models_dir)}
+    assert set(entries) == {"acme/tiny-qwen", "broken", "tiny-gpt2", "half-downloaded"}
+    assert not entries["half-downloaded"].ready and "config.json" in entries["half-downloaded"].problem
+
+
 def test_default_models_dir_is_used(models_dir, monkeypatch):
     monkeypatch.setenv("GLMREPL_MODELS", str(models_dir))
     assert len(find_checkpoints(None)) == 3

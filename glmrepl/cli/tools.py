@@ -239,7 +239,7 @@ def run_list(args, out, err) -> int:
     for line in format_table(rows):
         print(line, file=out)
     if not all(entry.ready for entry in entries):
-        print("`glmrepl check PATH` says what is wrong with a checkpoint and how to fix it", file=err)
+        print("glmrepl check PATH says what is wrong with a checkpoint and how to fix it", file=err)
     return 0
 
 

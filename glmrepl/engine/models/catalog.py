@@ -217,12 +217,18 @@ def _models_dir_checkpoints(root: Path) -> list[tuple[str, Path]]:
         if _has_config(child):
             found.append((child.name, child))
             continue
-        found.extend(
-            (f"{child.name}/{grandchild.name}", grandchild)
-            for grandchild in _subfolders(child)
-            if _has_config(grandchild)
-        )
+        inside = [(f"{child.name}/{g.name}", g) for g in _subfolders(child) if _has_config(g)]
+        if not inside and _holds_files(child):
+            inside = [(child.name, child)]  # a download without its config.json: listed as not ready, not hidden
+        found.extend(inside)
     return found
+
+
+def _holds_files(folder: Path) -> bool:
+    try:
+        return any(entry.is_file() and not entry.name.startswith(".") for entry in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _looks_like_a_path(name: str) -> bool:
