@@ -207,6 +207,11 @@ def test_device_without_argument_shows_mode_memory_and_layout(qwen_checkpoint):
     text = TABLE.dispatch(app, "/device").text
     assert text.startswith("cpu float32")
     assert "layers: cpu: all layers" in text and "resident" in text
+    from glmrepl.common.units import human_bytes
+
+    model = app.manager.current.model
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert f"cpu: weights {human_bytes(weights)}; the process " in text  # the model's share, then the whole
 
 
 def test_no_cuda_is_mentioned_only_when_a_gpu_was_to_be_expected(monkeypatch):

@@ -216,7 +216,8 @@ class LocalBackend(Abilities):
     def memory_report(self) -> list[tuple[str, str]]:
         from .devices.modes import memory_report
 
-        return memory_report()
+        loaded = self.manager.current
+        return memory_report(loaded.model if loaded is not None else None)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:

@@ -193,12 +193,16 @@ def resident_memory_bytes() -> int | None:
         return None
 
 
-def memory_report() -> list[tuple[str, str]]:
-    """(device, figures) lines for /device: process RSS and each GPU's allocated/free memory."""
+def memory_report(model: Any = None) -> list[tuple[str, str]]:
+    """(device, figures) lines for /device: the model's weights on each device, the process's
+    resident memory, each GPU's allocated/free memory."""
     lines = []
+    weights = weights_by_device(model) if model is not None else {}
     rss = resident_memory_bytes()
-    if rss is not None:
-        lines.append(("cpu", f"{human_bytes(rss)} resident"))
+    if rss is not None or "cpu" in weights:
+        held = f"weights {human_bytes(weights['cpu'])}" if "cpu" in weights else None
+        whole = f"the process {human_bytes(rss)} resident" if rss is not None else None
+        lines.append(("cpu", "; ".join(filter(None, (held, whole)))))
     import sys
 
     torch = sys.modules.get("torch")  # only report GPUs once torch is in use anyway
@@ -206,10 +210,23 @@ def memory_report() -> list[tuple[str, str]]:
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
             used = torch.cuda.memory_allocated(index)
+            held = f"weights {human_bytes(weights[f'cuda:{index}'])}; " if f"cuda:{index}" in weights else ""
             lines.append(
-                (f"cuda:{index}", f"{human_bytes(used)} allocated, {human_bytes(free)} free of {human_bytes(total)}")
+                (
+                    f"cuda:{index}",
+                    f"{held}{human_bytes(used)} allocated, {human_bytes(free)} free of {human_bytes(total)}",
+                )
             )
     return lines
+
+
+def weights_by_device(model: Any) -> dict[str, int]:
+    """Bytes of the model's parameters and buffers on each device ("cpu", "cuda:0"...)."""
+    totals: dict[str, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        device = str(tensor.device) if tensor.device.type != "cuda" else f"cuda:{tensor.device.index or 0}"
+        totals[device] = totals.get(device, 0) + tensor.numel() * tensor.element_size()
+    return totals
 
 
 def place_model(model: Any, placement: Placement) -> None:
