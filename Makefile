@@ -32,8 +32,9 @@ lock:
 	.venv-lock/bin/python scripts/lock_versions.py .venv-lock $(CONSTRAINTS)
 	rm -rf .venv-lock
 
+# Two workers, a test file each at a time (module fixtures such as a started server stay shared).
 test: install lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # Lint, format, type and import-layer checks (.importlinter); part of `make test`.
 lint: install

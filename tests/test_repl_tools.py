@@ -68,10 +68,23 @@ def test_bad_tool_files_get_one_line_errors(qwen_checkpoint, tmp_path, content, 
     assert "no tool call is waiting for a result" in out and app.session.tools is None
 
 
-def test_a_template_without_tools_says_so(qwen_checkpoint, tools_file):
-    app = loaded_app(qwen_checkpoint)
+def test_a_template_without_tools_says_so_when_given_them(qwen_checkpoint, tools_file):
+    app = loaded_app(qwen_checkpoint, max_new_tokens=4)
     out = drive_repl(app, f"/tools {tools_file}" + ENTER + "hi" + ENTER)
-    assert "has no place for tools" in out and not app.session.messages
+    assert "has no place for tools: the tools were not kept" in out and app.session.tools is None
+    assert app.session.turns == 1  # the next message is answered
+
+
+def test_a_history_with_calls_on_a_model_without_tools_says_how_to_go_on(qwen_checkpoint):
+    """As after /model from a model that called a tool: /tools off cannot help, /clear does."""
+    app = loaded_app(qwen_checkpoint, max_new_tokens=4)
+    app.session.add_user("weather?")
+    app.session.add_assistant("", tool_calls=[{"id": "call_1", "name": "weather", "arguments": "{}"}])
+    app.session.add_tool_result("sunny", "call_1")
+    out = drive_repl(app, "/tools off" + ENTER + "and now?" + ENTER)
+    assert "has no place for tools or tool messages: /clear starts over (the conversation holds tool calls)" in out
+    out = drive_repl(app, "/clear" + ENTER + "and now?" + ENTER)
+    assert app.session.turns == 1 and "error" not in out
 
 
 def test_tools_go_to_the_server_with_connect(caller, tools_file, tmp_path):

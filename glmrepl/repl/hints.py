@@ -25,8 +25,8 @@ def flag_words(hint: Hint) -> str:
         return "--" + hint.value.replace("_", "-")
     if hint.action == "model":
         return "a MODEL argument"
-    if hint.action == "mode":  # no flag: a line of piped input sets it
-        return f"an input line /mode {hint.value}"
+    if hint.action in ("mode", "clear", "tools"):  # no flag: a line of piped input does it
+        return f"an input line /{hint.action} {hint.value}".rstrip()
     return f"--{hint.action} {hint.value}".rstrip()
 
 

@@ -21,7 +21,13 @@ def cmd_tools(app: App, args: str):
     if args.lower() == "off":
         app.session.tools = None
         return Text("tools off: replies are text again", "dim")
-    app.session.tools = read_tools(args)
+    tools = read_tools(args)
+    status = app.status()
+    if status is not None and status.tool_syntax is None:
+        return Error(
+            f"{status.name}'s prompt format ({status.format_name}) has no place for tools: the tools were not kept"
+        )
+    app.session.tools = tools
     names = ", ".join(f["name"] for f in app.session.tools)
     return Text(f"{len(app.session.tools)} tool(s) for this conversation: {names}", "dim")
 

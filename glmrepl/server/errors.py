@@ -102,7 +102,7 @@ def error_response(
 def api_error_from_engine(error: GlmreplError) -> APIError:
     """Engine errors, worded by the engine, with the status each one means over HTTP."""
     if isinstance(error, ToolsUnsupported):
-        return APIError(400, str(error), param="tools", code="unsupported_parameter")
+        return APIError(400, error.message, param="tools", code="unsupported_parameter")  # no REPL hint
     if isinstance(error, InvalidTools):
         return APIError(400, str(error), param=error.where)
     if isinstance(error, MaxLengthExceeded):

@@ -24,6 +24,7 @@ from ..errors import (
     ContextLengthExceeded,
     EmptyPrompt,
     GlmreplError,
+    Hint,
     MaxLengthExceeded,
     NoModelLoaded,
     ToolsUnsupported,
@@ -112,9 +113,14 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
     prompt_format = completion_format(loaded) if request.completion else loaded.prompt_format
     tools = None if request.completion else conversation.tools
     if not request.completion and getattr(prompt_format, "tool_syntax", None) is None:
-        if uses_tools(conversation.as_dicts()):
+        messages = conversation.as_dicts()
+        if uses_tools(messages):
+            calls = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
             raise ToolsUnsupported(
-                f"the model's prompt format ({prompt_format.name}) has no place for tools or tool messages"
+                f"the model's prompt format ({prompt_format.name}) has no place for tools or tool messages",
+                Hint("clear", sentence="{} starts over (the conversation holds tool calls)")
+                if calls
+                else Hint("tools", "off", sentence="{} drops the tools"),
             )
     kwargs = request.sampling.generate_kwargs()
     requested = kwargs["max_new_tokens"]

@@ -246,6 +246,7 @@ class RemoteBackend(Abilities):
             "server's chat template",
             True,
             self.context_length,
+            tool_syntax="server",  # the server parses the calls
         )
 
     def refuse(self, ability: str, command: str) -> GlmreplError:
