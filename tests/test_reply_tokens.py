@@ -121,6 +121,68 @@ def test_reply_ids_leave_out_the_end_of_turn_and_a_tail_the_text_lost(qwen_check
     assert reply_ids(tokenizer, ids, stop, "something else") is None
 
 
+def test_a_reply_holding_a_special_token_its_text_leaves_out_keeps_its_ids(qwen_checkpoint):
+    """A random model may write <|im_start|> mid-reply: the text shows none of it, the ids keep it
+    (its keys and values are in the cache), and the spliced prompt differs from the fresh one
+    only by it."""
+    backend = load(qwen_checkpoint, "qwen")
+    loaded = backend.manager.current
+    tokenizer = loaded.tokenizer
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert start not in tokenizer.all_special_ids  # an added special token only: the case that was missed
+    ids = [
+        *tokenizer.encode("hello ", add_special_tokens=False),
+        start,
+        *tokenizer.encode("there", add_special_tokens=False),
+    ]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text == "hello there" and reply_ids(tokenizer, ids, [], text) == ids
+    memory = ReplyTokens()
+    memory.remember(text, ids)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "more"},
+    ]
+    fresh = loaded.prompt_format.build(messages)
+    spliced = splice_replies(loaded.prompt_format, messages, fresh, memory)
+    assert spliced != fresh and spliced.count(start) == fresh.count(start) + 1
+    assert decoded(tokenizer, [i for i in spliced if i != start]) == decoded(
+        tokenizer, [i for i in fresh if i != start]
+    )
+
+
+def test_the_fit_counts_replies_as_sent_so_turns_that_fit_are_kept(qwen_checkpoint):
+    """A reply of 40 lone bytes shows as 40 U+FFFD, which tokenize to 120 ids; the prompt sends
+    its 40 ids, and the fit counts those: the first turn stays where the sent prompt fits."""
+    from support import request
+
+    from glmrepl.engine.settings import Settings
+
+    backend = load(qwen_checkpoint, "qwen")
+    loaded = backend.manager.current
+    tokenizer = loaded.tokenizer
+    ids = [tokenizer.convert_tokens_to_ids("¸")] * 40  # the byte-level piece of 0xB8, alone
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(tokenizer.encode(text, add_special_tokens=False)) > 2 * len(ids)
+    backend.replies.remember(text, ids)
+    session = ChatSession()
+    session.add_user("hi")
+    session.add_assistant(text)
+    session.add_user("and now?")
+    messages = session.as_dicts()
+    fresh = loaded.prompt_format.build(messages)
+    spliced = splice_replies(loaded.prompt_format, messages, fresh, backend.replies)
+    assert len(spliced) < len(fresh)
+    room = loaded.info.context_length - len(spliced)  # fits as sent, not as re-tokenized
+    assert session.fit(loaded.prompt_format, loaded.info.context_length, room).dropped_turns == 1
+    reply = backend.generate(request(session, Settings({"max_new_tokens": room, "do_sample": False})))
+    with reply:
+        "".join(reply)
+    assert reply.dropped_turns == 0 and reply.stats.prompt_tokens == len(spliced)
+    assert backend.context_usage(session, room) == (len(spliced), loaded.info.context_length)
+
+
 def test_the_memory_keeps_recent_replies_within_its_budget():
     memory = ReplyTokens(max_ids=10)
     memory.remember("a", [1, 2, 3, 4])

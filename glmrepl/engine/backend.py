@@ -157,7 +157,7 @@ class LocalBackend(Abilities):
         return plan_reply(self, request)
 
     def context_usage(self, conversation: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
-        return context_usage(self.manager.current, conversation, max_new_tokens)
+        return context_usage(self.manager.current, conversation, max_new_tokens, self.replies)
 
     # -- optional abilities ----------------------------------------------------
     def move(self, mode: str, dtype: str = "auto", on_wait: Callable[[int], None] | None = None) -> Placement:

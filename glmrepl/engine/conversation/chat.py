@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,22 +121,31 @@ class ChatSession:
             out.append({"role": m.role, "content": m.content, **extra, **kept})
         return out
 
-    def fit(self, prompt_format: PromptFormat, context_length: int | None, max_new_tokens: int) -> FittedPrompt:
+    def fit(
+        self,
+        prompt_format: PromptFormat,
+        context_length: int | None,
+        max_new_tokens: int,
+        build: Callable[[list[dict]], list] | None = None,
+    ) -> FittedPrompt:
         """Build prompt ids for the current conversation within the context budget.
 
         Oldest turns are dropped first (the system prompt stays); the caller
         tells the user how many. When only the newest message is left and it
         still leaves less room than max_new_tokens, the reply gets the room
         there is. The conversation itself is not changed, so a later model
-        with a longer context sees everything again.
+        with a longer context sees everything again. ``build`` makes the ids of some messages
+        (default: the format's own; the engine's puts replies back as their generated ids), so
+        what is counted is what is sent.
         """
+        make_ids = build or prompt_format.build
         starts = _turn_starts(self.messages)
         built: dict[int, tuple[list[dict], list]] = {}
 
         def built_without(dropped: int) -> tuple[list[dict], list]:
             if dropped not in built:
                 dicts = self.as_dicts(self.messages[starts[dropped] :], prompt_format.name)
-                built[dropped] = dicts, prompt_format.build(dicts)
+                built[dropped] = dicts, make_ids(dicts)
             return built[dropped]
 
         def ids_without(dropped: int) -> list:

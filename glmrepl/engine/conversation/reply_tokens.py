@@ -76,13 +76,14 @@ def reply_ids(tokenizer: Any, new_ids: list[int], stop_ids: list[int], text: str
     ids = list(new_ids)
     while ids and ids[-1] in stop_ids:
         ids.pop()
+    hidden = _special_ids(tokenizer)
     for kept in range(len(ids), max(len(ids) - MAX_TRAILING_IDS, 0), -1):
-        head = _decoded(tokenizer, ids[:kept])
+        head = _shown(tokenizer, ids[:kept], hidden)
         if head == text:
             return ids[:kept]
         if text.startswith(head):
             candidate = ids[:kept] + tokenizer.encode(text[len(head) :], add_special_tokens=False)
-            if _decoded(tokenizer, candidate) == text:
+            if _shown(tokenizer, candidate, hidden) == text:
                 return candidate
     return None
 
@@ -102,11 +103,13 @@ def splice_replies(prompt_format: Any, messages: list[dict], fresh: list[int], m
         return fresh
     if pieces is None or len(pieces) != len(replies) + 1:
         return fresh
-    spliced = list(pieces[0])
+    hidden = _special_ids(tokenizer)
+    spliced, visible = list(pieces[0]), list(pieces[0])
     for ids, piece in zip(replies, pieces[1:]):
-        spliced += ids
-        spliced += piece
-    if spliced == fresh or _decoded(tokenizer, spliced) != _decoded(tokenizer, fresh):
+        spliced += [*ids, *piece]
+        visible += [*(i for i in ids if i not in hidden), *piece]
+    # The replies' own special ids (the text shows none) are the only difference allowed.
+    if spliced == fresh or _decoded(tokenizer, visible) != _decoded(tokenizer, fresh):
         return fresh
     return spliced
 
@@ -125,6 +128,19 @@ def _split(ids: list[int], marker: list[int]) -> list[list[int]] | None:
             index += 1
     pieces.append(ids[start:])
     return pieces
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids a reply's text leaves out (it is decoded skipping special tokens): the named special
+    tokens and the added tokens marked special (Qwen's <|im_start|> is only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    flagged = (index for index, token in added.items() if getattr(token, "special", False))
+    return frozenset((*(getattr(tokenizer, "all_special_ids", None) or ()), *flagged))
+
+
+def _shown(tokenizer: Any, ids: list[int], hidden: frozenset[int]) -> str:
+    """The text of ``ids`` as a reply shows it."""
+    return _decoded(tokenizer, [i for i in ids if i not in hidden])
 
 
 def _decoded(tokenizer: Any, ids: list[int]) -> str:

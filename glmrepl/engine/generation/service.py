@@ -124,6 +124,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
             )
     kwargs = request.sampling.generate_kwargs()
     requested = kwargs["max_new_tokens"]
+    reusable = reuse_refused(loaded.info.family) is None
     try:
         fitted = fit_prompt(
             conversation,
@@ -132,6 +133,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
             requested,
             drop_oldest=fit.drop_oldest,
             shorten_reply=fit.shorten_reply,
+            build=reply_ids_builder(prompt_format, replies) if reusable else None,
         )
     except ContextLengthExceeded as error:
         if fit.max_length is not None and error.prompt_tokens >= fit.max_length:
@@ -139,9 +141,6 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         raise
     if not fitted.ids:
         raise EmptyPrompt("the prompt is empty: there is nothing to continue")
-    reusable = reuse_refused(loaded.info.family) is None
-    if reusable and getattr(prompt_format, "splices_replies", False):
-        fitted = _with_reply_ids(fitted, prompt_format, replies, loaded.info.context_length)
     prefix = ""
     if tools and request.force_call is not None:
         fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, request.force_call)
@@ -196,12 +195,12 @@ def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[d
     return replace(fitted, ids=ids, max_new_tokens=room), prefix
 
 
-def _with_reply_ids(fitted: FittedPrompt, prompt_format, replies, context_length: int | None) -> FittedPrompt:
-    """The fitted prompt with its replies as the model wrote them, where that keeps to the budget."""
-    ids = splice_replies(prompt_format, fitted.messages, fitted.ids, replies)
-    if ids is fitted.ids or (context_length is not None and len(ids) + fitted.max_new_tokens > context_length):
-        return fitted
-    return replace(fitted, ids=ids)
+def reply_ids_builder(prompt_format: PromptFormat, replies: ReplyTokens) -> Callable[[list[dict]], list] | None:
+    """Prompt ids with each remembered reply as the ids the model wrote (reply_tokens.py), for a
+    format that allows it; the fit counts these, so the turns kept are those that fit as sent."""
+    if not getattr(prompt_format, "splices_replies", False):
+        return None
+    return lambda dicts: splice_replies(prompt_format, dicts, prompt_format.build(dicts), replies)
 
 
 def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
@@ -233,12 +232,14 @@ def fit_prompt(
     *,
     drop_oldest: bool = True,
     shorten_reply: bool = True,
+    build: Callable[[list[dict]], list] | None = None,
 ) -> FittedPrompt:
-    """Prompt ids for the conversation within the context, by the front end's policy."""
+    """Prompt ids for the conversation within the context, by the front end's policy (``build``:
+    see ChatSession.fit)."""
     if drop_oldest and shorten_reply:
-        return conversation.fit(prompt_format, context_length, max_new_tokens)
+        return conversation.fit(prompt_format, context_length, max_new_tokens, build)
     dicts = conversation.as_dicts(for_format=prompt_format.name)
-    ids = prompt_format.build(dicts)
+    ids = (build or prompt_format.build)(dicts)
     if context_length is None or len(ids) + max_new_tokens <= context_length:
         return FittedPrompt(ids, 0, max_new_tokens, dicts)
     if shorten_reply and len(ids) < context_length:
@@ -254,7 +255,9 @@ def fit_prompt(
     )
 
 
-def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) -> tuple[int, int | None] | None:
+def context_usage(
+    loaded: Any, session: ChatSession, max_new_tokens: int = 0, replies: ReplyTokens | None = None
+) -> tuple[int, int | None] | None:
     """(prompt tokens the next reply would be given, context length), or None when unknown.
 
     Counted as the REPL sends it: the oldest turns that leave no room for
@@ -266,7 +269,10 @@ def context_usage(loaded: Any, session: ChatSession, max_new_tokens: int = 0) ->
     if not session.messages:
         return 0, context_length
     try:
-        return len(session.fit(loaded.prompt_format, context_length, max_new_tokens).ids), context_length
+        build = reply_ids_builder(loaded.prompt_format, replies) if replies is not None else None
+        if reuse_refused(loaded.info.family) is not None:
+            build = None  # its replies are sent as text (see plan_reply)
+        return len(session.fit(loaded.prompt_format, context_length, max_new_tokens, build).ids), context_length
     except GlmreplError:  # even the newest turn alone leaves no room: the context is full
         return context_length, context_length
     except Exception:  # a template that rejects a partial conversation: show nothing rather than fail
