@@ -76,6 +76,23 @@ CASES = {
     "truncated safetensors": (None, truncated_shard, ["truncated"]),
     "TensorFlow weights only": (None, only_tensorflow_weights, ["tf_model.h5", "TensorFlow"]),
     "corrupt pytorch_model.bin": ("gpt2", corrupt_bin, ["pytorch_model.bin", "not PyTorch weights"]),
+    "config of another size": (
+        None,
+        lambda folder: edit_config(hidden_size=2 * json.loads((folder / "config.json").read_text())["hidden_size"])(
+            folder
+        ),
+        ["does not match the weights", "model.embed_tokens.weight as [", "hidden_size"],
+    ),
+    "a size written as text": (
+        None,
+        edit_config(num_hidden_layers="2"),
+        ["num_hidden_layers must be a positive whole number, not '2'"],
+    ),
+    "config of another size, pickled": (
+        "gpt2",
+        edit_config(n_embd=48),
+        ["another shape than config.json makes it", "download it again"],
+    ),
 }
 
 

@@ -24,6 +24,7 @@ from .. import families
 from ..errors import CheckpointError
 from ..families import FamilyMatch
 from ..pickled import count_pickled_parameters
+from .config_checks import config_value_problems, embedding_of, embedding_problem
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 
@@ -232,6 +233,8 @@ def _check_config(scan: CheckpointScan, trust_remote_code: bool, family_override
         scan.add_problem(f"{config_path} does not hold a JSON object: {REDOWNLOAD}")
         return
     scan.config = config
+    for problem in config_value_problems(config, config_path):
+        scan.add_problem(problem)
     model_type = scan.model_type
     if model_type is None:
         scan.add_problem(_no_model_type_message(config_path, config))
@@ -493,6 +496,11 @@ def _check_safetensors(scan: CheckpointScan, file: Path) -> int:
         return 0
     if tensors and scan.weights_dtype is None:
         scan.weights_dtype = SAFETENSORS_DTYPES.get(str(tensors[0].get("dtype")))
+    embedding = embedding_of(header)
+    if embedding is not None and scan.config is not None:
+        mismatch = embedding_problem(scan.config, scan.path / "config.json", file, *embedding)
+        if mismatch:
+            scan.add_problem(mismatch)
     return params
 
 

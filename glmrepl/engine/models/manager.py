@@ -306,6 +306,11 @@ def _as_load_error(error: BaseException, request: LoadRequest) -> GlmreplError:
         )
     if isinstance(error, KeyboardInterrupt):
         return LoadCancelled(f"loading {request.name} was cancelled")
+    if "ignore_mismatched_sizes" in str(error):  # transformers' words point at a report it logged
+        return ModelLoadError(
+            f"could not load {request.name}: a tensor in the weights has another shape than config.json "
+            "makes it: config.json is for another model or size; download it again"
+        )
     return ModelLoadError(f"could not load {request.name}: {first_line(error)}")
 
 
