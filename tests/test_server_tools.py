@@ -363,3 +363,14 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
     ]
     assert order == sorted(order)
     assert prompt.rstrip().endswith("<|assistant|>")
+
+
+def test_a_forced_call_cut_short_is_the_same_text_streamed_or_not(tool_server):
+    client = _client(tool_server)
+    asked = {"model": "tiny-caller", "messages": QUESTION, "tools": [WEATHER], "tool_choice": "required"}
+    whole = client.chat.completions.create(**asked, temperature=0, max_tokens=2)
+    stream = client.chat.completions.create(**asked, temperature=0, max_tokens=2, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert whole.choices[0].finish_reason == "length" and not whole.choices[0].message.tool_calls
+    assert whole.choices[0].message.content.startswith("<tool_call>")  # the forced start is part of the text
+    assert streamed == whole.choices[0].message.content

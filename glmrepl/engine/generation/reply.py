@@ -64,6 +64,7 @@ class Reply:
         if held:
             held.push(self._prefix)
             held.shown = len(self._prefix)  # in the prompt, never streamed: only what follows is text
+        yielded = False
         try:
             for delta in self._deltas:
                 delta = self._stops.push(delta)
@@ -71,6 +72,7 @@ class Reply:
                     self._emitted.append(delta)
                     shown = held.push(delta) if held else delta
                     if shown:
+                        yielded = True
                         yield shown
                 if self._stops.hit:
                     self.run.cancel()
@@ -79,6 +81,8 @@ class Reply:
             if tail:
                 self._emitted.append(tail)
             if held:  # the reply has ended: what was held back is text unless it is a call
+                if not yielded and not self.tool_calls:
+                    held.shown = 0  # a forced call that did not parse is text from its start, as unstreamed
                 tail = held.push(tail) + held.finish(bool(self.tool_calls))
             if tail:
                 yield tail
