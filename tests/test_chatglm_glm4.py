@@ -152,3 +152,14 @@ def test_rope_ratio_scales_the_rotary_base(glm4_folder, tmp_path):
         device_map="cpu",
     )
     assert parts.model.config.rope_parameters["rope_theta"] == 5_000_000
+
+
+def test_a_token_holding_part_of_a_character_is_labelled_by_its_bytes(tokenizer):
+    """GLM-4's pieces write such bytes as backslash escapes: /next shows <0xE5>, not the escape text."""
+    from glmrepl.engine.conversation.tokens import token_label
+
+    ids = tokenizer.encode("東京", add_special_tokens=False)
+    partial = [i for i in ids if "\ufffd" in tokenizer.decode([i])]
+    assert partial  # the tiny vocabulary splits these characters
+    labels = [token_label(tokenizer, i, tokenizer.decode([i])) for i in partial]
+    assert all(label.startswith("<0x") and "\\" not in label for label in labels), labels

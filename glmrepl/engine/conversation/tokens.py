@@ -25,6 +25,9 @@ def token_label(tokenizer, token_id: int, text: str) -> str:
 
 def token_bytes(tokenizer, token_id: int) -> bytes | None:
     """The raw bytes of a byte-level or byte-fallback token; None when the vocabulary says nothing of bytes."""
+    own = getattr(tokenizer, "id_to_bytes", None)  # a tokenizer that keeps its tokens as bytes (GLM-4's)
+    if own is not None:
+        return own(int(token_id))
     try:
         piece = tokenizer.convert_ids_to_tokens(int(token_id))
     except Exception:  # noqa: BLE001 - a tokenizer without pieces keeps the decoded text

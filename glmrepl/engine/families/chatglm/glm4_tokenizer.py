@@ -112,6 +112,10 @@ class GLM4Tokenizer:
             return self._id_to_token(ids)
         return [self._id_to_token(i) for i in ids if not (skip_special_tokens and i in self.all_special_ids)]
 
+    def id_to_bytes(self, index: int) -> bytes | None:
+        """A token's own bytes (its piece writes those that are not a whole character as ``\\xe5``)."""
+        return None if index in self.special_token_names else self.tokens.get(index)
+
     def _id_to_token(self, index: int) -> str:
         if index in self.special_token_names:
             return self.special_token_names[index]
