@@ -89,6 +89,21 @@ def test_tiktoken_vocabulary_means_glm4(tmp_path):
     assert detect_chatglm(folder, config_of(folder), None).family == "glm4"
 
 
+def test_glm4_keeps_chatglm3_role_tokens_without_a_disagreement(tmp_path):
+    """GLM-4 ships <|user|> and auto_map as ChatGLM3 does: a correct load says no "but ... suggests"."""
+    folder = copy_config_only("chatglm3-tiny", tmp_path / "model", _name_or_path="")
+    (folder / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n", encoding="ascii")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config["added_tokens_decoder"] = {"151336": {"content": "<|user|>", "special": True}}
+    tokenizer_config["name_or_path"] = ""
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    match = detect_chatglm(folder, config_of(folder), None)
+    assert match.family == "glm4" and "suggests" not in match.reason, match.reason
+    named = copy_config_only("chatglm3-tiny", tmp_path / "chatglm3-6b", _name_or_path="")
+    (named / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n", encoding="ascii")
+    assert "suggests chatglm3" in detect_chatglm(named, config_of(named), None).reason  # a name still dissents
+
+
 def test_unrecognised_chatglm_config_names_the_fields(tmp_path):
     folder = tmp_path / "odd"
     folder.mkdir()

@@ -33,6 +33,9 @@ from .. import KNOWN_FAMILIES, FamilyMatch
 
 _GEN2_FIELDS = ("multi_query_attention", "padded_vocab_size", "ffn_hidden_size")
 _ROLE_TOKEN = "<|user|>"
+# GLM-4 keeps ChatGLM3's role tokens and auto_map: a signal from those alone ("chatglm3+") agrees
+# with glm4; only a name or ChatGLM3's own tokenizer says chatglm3 against glm4.
+_AGREES = {("chatglm3+", "glm4")}
 _NAME_PATTERNS = (  # checked in order: "chatglm3" before its substring matches
     ("glm4", re.compile(r"glm-?4", re.IGNORECASE)),
     ("chatglm3", re.compile(r"chatglm-?3", re.IGNORECASE)),
@@ -49,11 +52,16 @@ def detect_chatglm(path: Path, config: dict, override: str | None) -> FamilyMatc
     signals = _gen2_signals(path, config)
     if not signals:
         return FamilyMatch("chatglm2", "no role tokens or name found; assuming ChatGLM2")
-    family, reason = signals[0]
-    dissent = next((s for s in signals[1:] if s[0] != family), None)
+    family, reason = _named(signals[0][0]), signals[0][1]
+    dissent = next((s for s in signals[1:] if _named(s[0]) != family and (s[0], family) not in _AGREES), None)
     if dissent:
-        reason += f" (but {dissent[1]} suggests {dissent[0]}; --family overrides)"
+        reason += f" (but {dissent[1]} suggests {_named(dissent[0])}; --family overrides)"
     return FamilyMatch(family, reason)
+
+
+def _named(signal_family: str) -> str:
+    """The family a signal names ("chatglm3+": ChatGLM3's role tokens, which GLM-4 keeps too)."""
+    return signal_family.rstrip("+")
 
 
 def _architecture(path: Path, config: dict) -> str:
@@ -88,9 +96,9 @@ def _gen2_signals(path: Path, config: dict) -> list[tuple[str, str]]:
         )
     tokenizer_config = _read_json(path / "tokenizer_config.json")
     if _ROLE_TOKEN in str(tokenizer_config.get("chat_template", "")):
-        signals.append(("chatglm3", f"tokenizer_config chat template has {_ROLE_TOKEN}"))
+        signals.append(("chatglm3+", f"tokenizer_config chat template has {_ROLE_TOKEN}"))
     if _ROLE_TOKEN in json.dumps(tokenizer_config.get("added_tokens_decoder", {})):
-        signals.append(("chatglm3", f"tokenizer_config adds {_ROLE_TOKEN}"))
+        signals.append(("chatglm3+", f"tokenizer_config adds {_ROLE_TOKEN}"))
     for label, name in (
         ("_name_or_path", config.get("_name_or_path")),
         ("tokenizer name_or_path", tokenizer_config.get("name_or_path")),
@@ -100,7 +108,7 @@ def _gen2_signals(path: Path, config: dict) -> list[tuple[str, str]]:
         if family:
             signals.append((family, f"{label} {name}"))
     if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
-        signals.append(("chatglm3", "auto_map has AutoModelForCausalLM"))
+        signals.append(("chatglm3+", "auto_map has AutoModelForCausalLM"))
     return signals
 
 
