@@ -48,7 +48,26 @@ def pytest_unconfigure(config):
         shutil.rmtree(_sandbox, ignore_errors=True)
 
 
+# The slow layers, by module: `pytest -m "not (pty or server or browser)"` leaves them out (the
+# inner loop); `make test` runs everything.
+LAYERS = {
+    "test_e2e_pty": "pty",
+    "test_connect_pty": "pty",
+    "test_web_page": "browser",
+    "test_server": "server",
+    "test_server_chatglm3_tools": "server",
+    "test_server_concurrency": "server",
+    "test_server_hardening": "server",
+    "test_server_robustness": "server",
+    "test_server_tools": "server",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        layer = LAYERS.get(item.module.__name__.rpartition(".")[2]) if item.module else None
+        if layer:
+            item.add_marker(getattr(pytest.mark, layer))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
