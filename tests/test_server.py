@@ -374,3 +374,25 @@ def test_a_full_queue_answers_503_with_retry_after(chat_server):
             stream.close()
     wait_idle(chat_server)
     assert request(chat_server.port, "POST", "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_truncate_history_leaves_out_the_oldest_turns_and_says_how_many(chat_server):
+    """What the web page sends: a conversation past the context keeps its newest turns, and the
+    reply gets the room left, instead of a 400 at every send."""
+    long = "tell me about the lighthouse keeper and the sea " * 30
+    messages = [
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": long},
+        {"role": "user", "content": "and then?"},
+    ]
+    asked = {"model": "tiny-qwen2-chat", "messages": messages, "max_tokens": 64}
+    refused = request(chat_server.port, "POST", "/v1/chat/completions", asked)
+    assert refused[0] == 400 and error_of(refused[2])["code"] == "context_length_exceeded"
+    status, _, raw = request(chat_server.port, "POST", "/v1/chat/completions", {**asked, "truncate_history": True})
+    assert status == 200, raw
+    usage = json.loads(raw)["usage"]
+    assert usage["dropped_turns"] == 1 and usage["prompt_tokens"] + usage["completion_tokens"] <= 512
+    plain = request(chat_server.port, "POST", "/v1/chat/completions", GOOD)
+    assert "dropped_turns" not in json.loads(plain[2])["usage"]  # only for requests that ask for it
+    bad = request(chat_server.port, "POST", "/v1/chat/completions", {**GOOD, "truncate_history": "yes"})
+    assert bad[0] == 400 and error_of(bad[2])["param"] == "truncate_history"

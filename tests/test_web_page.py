@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -306,3 +307,19 @@ def test_a_tool_call_is_shown_as_text_with_its_markup_literal(tool_server, page)
     [call] = sent_back["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "<b>Paris</b>"}'}
     assert page.locator(".msg.error").count() == 0 and page.locator("b").count() == 0 and page.errors == []
+
+
+def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so(chat_server, page):
+    _open(page, chat_server)
+    page.fill("#maxtokens", "150")
+    page.fill("#temperature", "0")
+    long = "tell me about the lighthouse keeper and the sea " * 15
+    for turn in (1, 2):
+        _send(page, f"{turn}: {long}")
+        _wait_reply_done(page, turn)
+    meta = _assistant(page).nth(1).locator(".meta").inner_text()
+    assert "oldest turn left out to fit the context" in meta, meta
+    assert page.locator(".msg.error").count() == 0
+    used = int(re.search(r"context (\d+)/512 tokens", page.locator("#context").inner_text())[1])
+    assert used <= 512
+    assert page.errors == []

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from ..engine import (
     API_FIT,
+    REPL_FIT,
     ChatSession,
     FitPolicy,
     GenerateRequest,
@@ -77,7 +78,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, str(error), param="messages") from None
     _refuse_tools_without_syntax(state_of(request).require_model(body.model), messages, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(request, body, conversation, max_tokens, "chat", force_call)
+    fit = REPL_FIT if body.truncate_history else None
+    return await _respond(request, body, conversation, max_tokens, "chat", force_call, fit)
 
 
 def _refuse_tools_without_syntax(status: ModelStatus, messages: list[dict], tools: list[dict] | None) -> None:
@@ -121,6 +123,7 @@ async def _respond(
     max_tokens: int | None,
     kind: Literal["chat", "text"],
     force_call: str | None = None,
+    fit: FitPolicy | None = None,
 ):
     state = state_of(request)
     status = state.require_model(body.model)
@@ -130,7 +133,7 @@ async def _respond(
     sampling = state.sampling_for(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
-    fit = API_FIT if max_tokens is not None else FitPolicy(drop_oldest=False, shorten_reply=True)
+    fit = fit or (API_FIT if max_tokens is not None else FitPolicy(drop_oldest=False, shorten_reply=True))
     reply = await state.plan(
         GenerateRequest(conversation, sampling, tuple(stops), fit, completion=completion, force_call=force_call)
     )
@@ -139,12 +142,12 @@ async def _respond(
         # Generation starts now: the pump owns the reply even if the response is never sent.
         deltas = stream_deltas(reply, state.executor)
         return StreamingResponse(
-            _events(request, reply, deltas, shape, include_usage, lambda: _calls_of(body, reply)),
+            _events(request, reply, deltas, shape, include_usage, lambda: _calls_of(body, reply), fit is REPL_FIT),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     text = await state.collect(reply, request)
-    return shape.complete(
+    answer = shape.complete(
         text,
         reply.finish_reason,
         reply.prompt_tokens,
@@ -152,6 +155,13 @@ async def _respond(
         reply.stats.reused_tokens,
         tool_calls=_calls_of(body, reply),
     )
+    return _with_dropped_turns(answer, reply) if fit is REPL_FIT else answer
+
+
+def _with_dropped_turns(payload: dict, reply: Reply) -> dict:
+    """usage.dropped_turns: the oldest turns left out to fit (``truncate_history``)."""
+    payload["usage"]["dropped_turns"] = reply.dropped_turns
+    return payload
 
 
 def _calls_of(body: SamplingRequest, reply: Reply) -> list[ToolCall]:
@@ -171,6 +181,7 @@ async def _events(
     shape: ResponseShape,
     include_usage: bool,
     calls_of: Callable[[], list[ToolCall]],
+    say_dropped: bool = False,
 ) -> AsyncIterator[str]:
     """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked, [DONE]."""
     try:
@@ -187,7 +198,8 @@ async def _events(
             yield _event(chunk)
         yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
         if include_usage:
-            yield _event(shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens))
+            used = shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens)
+            yield _event(_with_dropped_turns(used, reply) if say_dropped else used)
         yield "data: [DONE]\n\n"
     finally:
         reply.cancel()  # the client went away (or it already ended): stop within one token

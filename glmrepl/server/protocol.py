@@ -84,6 +84,9 @@ class ChatCompletionRequest(SamplingRequest):
     # False: a reply that makes several calls returns its first only. Strict, as a bool's
     # lax parsing would read "no" or 0 as a choice the client never spelled out.
     parallel_tool_calls: StrictBool | None = None
+    # glmrepl's own: leave out the oldest turns that do not fit and shorten the reply to the room
+    # left, as the REPL does, instead of a 400 (the web page sends it); usage says how many went.
+    truncate_history: StrictBool | None = None
 
 
 class CompletionRequest(SamplingRequest):
