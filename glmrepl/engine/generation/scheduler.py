@@ -131,7 +131,7 @@ class Scheduler:
 
     # -- changes to the model ----------------------------------------------------------
     @contextlib.contextmanager
-    def exclusive(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
+    def _exclusive(self, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
         """Wait for admitted replies to end, then hold the model alone (new ones wait).
 
         ``on_wait(n)`` is called once, before waiting, when n replies are admitted.
@@ -158,7 +158,7 @@ class Scheduler:
     def change(self, work: Callable[[], T], on_wait: Callable[[int], None] | None = None) -> T:
         """A change to the model: a task on the model thread, once the admitted replies end
         (new ones wait until it is done)."""
-        with self.exclusive(on_wait):
+        with self._exclusive(on_wait):
             return self.call(work)
 
     def enable_batching(self, max_batch: int, cache_bytes: int | None = None) -> None:
@@ -167,9 +167,9 @@ class Scheduler:
         self.cache_bytes = cache_bytes or DEFAULT_CACHE_BYTES
 
     def warm_batch(self, loaded: Any) -> None:
-        """Start the loaded model's batch now, on the model thread, rather than when replies
-        first meet (making its paged pool took about a second on a 0.5B model): nothing when
-        batching is off or the model cannot batch."""
+        """Start the loaded model's batch now, on the model thread, so that the first replies
+        that meet do not wait for its paged pool to be made: nothing when batching is off or
+        the model cannot batch."""
         if self.batching and loaded is not None and batching_refused(loaded) is None:
             self.submit(Task(lambda: self._start_batch(loaded.model)))
 
