@@ -350,3 +350,27 @@ def test_a_narrow_screen_folds_the_settings_into_a_menu_and_keeps_new_chat(chat_
         assert page.errors == []
     finally:
         page.set_viewport_size({"width": 1200, "height": 800})
+
+
+def test_a_call_is_answered_on_the_page_and_the_model_goes_on(tool_server, page):
+    _open(page, tool_server)
+    page.fill("#tools", json.dumps([WEATHER]))
+    page.fill("#temperature", "0")
+    _send(page, "weather?")
+    _wait_reply_done(page, 1)
+    assert "Result of get_weather(" in page.get_attribute("#input", "placeholder")
+    bodies: list[str] = []
+    page.on("request", lambda sent: bodies.append(sent.post_data) if sent.url.endswith("/completions") else None)
+    _send(page, "sunny, 21 degrees")
+    _wait_reply_done(page, 2)
+    result = page.locator(".msg.tool")
+    sync_api.expect(result).to_have_count(1)
+    assert result.locator(".body").inner_text() == "sunny, 21 degrees"
+    assert "result of get_weather" in result.locator(".meta").inner_text()
+    sent = json.loads(bodies[-1])["messages"]
+    [call] = sent[1]["tool_calls"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]  # no user message added
+    assert sent[2] == {"role": "tool", "content": "sunny, 21 degrees", "tool_call_id": call["id"]}
+    page.reload()  # the stored conversation keeps the result where it was
+    sync_api.expect(page.locator(".msg.tool")).to_have_count(1)
+    assert page.locator(".msg.error").count() == 0 and page.errors == []
