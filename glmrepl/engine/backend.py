@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .contract import Abilities, NextToken
 from .conversation.chat import ChatSession
@@ -19,7 +19,7 @@ from .generation.scheduler import Scheduler, scheduler_for
 from .generation.service import ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
 from .models.loading import LoadJob, LoadOptions
 from .request import GenerateRequest
-from .status import Placement
+from .status import BatchingStatus, KVStatus, Placement, RepliesStatus
 
 if TYPE_CHECKING:
     from .generation.perplexity import PerplexityJob
@@ -107,7 +107,7 @@ class LocalBackend(Abilities):
         self.prefixes.configure(entries if prefix_bytes > 0 else 0, prefix_bytes)
         self.kv_budget_bytes = budget_bytes
 
-    def kv_status(self) -> dict[str, Any]:
+    def kv_status(self) -> KVStatus:
         """For /health: the KV budget and what uses it now."""
         prefixes = self.prefixes
         return {
@@ -121,7 +121,7 @@ class LocalBackend(Abilities):
             },
         }
 
-    def batching_status(self) -> dict[str, Any]:
+    def batching_status(self) -> BatchingStatus:
         """For /health and the start line: whether replies batch, how many run, and why not."""
         scheduler = self.scheduler
         why_not = scheduler.why_not_batching(self.manager.current)
@@ -132,7 +132,7 @@ class LocalBackend(Abilities):
             "why_not": why_not,
         }
 
-    def replies_status(self) -> dict[str, Any]:
+    def replies_status(self) -> RepliesStatus:
         """For /health: replies decoding, waiting, the bound on waiting, tokens made so far."""
         scheduler = self.scheduler
         running = scheduler.running

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 
 @dataclass
@@ -82,3 +82,31 @@ class GenerationStats:
             return None
         decode_time = self.total_s - self.first_token_s
         return (self.new_tokens - 1) / decode_time if decode_time > 0 else None
+
+
+# What /health and serve's start line show of the engine, as the backend reports it.
+class PrefixCacheStatus(TypedDict):
+    entries: int
+    bytes: int
+    max_bytes: int | None
+    tokens_reused: int
+
+
+class KVStatus(TypedDict):
+    budget_bytes: int | None
+    batch_pool_bytes: int
+    prefix_cache: PrefixCacheStatus
+
+
+class BatchingStatus(TypedDict):
+    enabled: bool
+    max_batch: int
+    running: int
+    why_not: str | None
+
+
+class RepliesStatus(TypedDict):
+    running: int
+    waiting: int
+    max_waiting: int | None
+    tokens_generated: int
