@@ -246,8 +246,6 @@ def cmd_system(app: App, args: str):
 
 
 def cmd_set(app: App, args: str):
-    from ..engine import SETTINGS
-
     if not args:
         app.status()  # apply the loaded model's defaults so the listing is what replies use
         rows = [[key, _show(app.settings.get(key)), app.settings.source(key), s.help] for key, s in SETTINGS.items()]
@@ -435,8 +433,6 @@ def complete_device(app: App, prefix: str) -> list[str]:
 
 
 def complete_setting(app: App, prefix: str) -> list[str]:
-    from ..engine import SETTINGS
-
     return list(SETTINGS)
 
 

@@ -133,7 +133,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
             requested,
             drop_oldest=fit.drop_oldest,
             shorten_reply=fit.shorten_reply,
-            build=reply_ids_builder(prompt_format, replies) if reusable else None,
+            build=reply_ids_builder(loaded, prompt_format, replies),
         )
     except ContextLengthExceeded as error:
         if fit.max_length is not None and error.prompt_tokens >= fit.max_length:
@@ -195,10 +195,13 @@ def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[d
     return replace(fitted, ids=ids, max_new_tokens=room), prefix
 
 
-def reply_ids_builder(prompt_format: PromptFormat, replies: ReplyTokens) -> Callable[[list[dict]], list] | None:
+def reply_ids_builder(
+    loaded: Any, prompt_format: PromptFormat, replies: ReplyTokens
+) -> Callable[[list[dict]], list] | None:
     """Prompt ids with each remembered reply as the ids the model wrote (reply_tokens.py), for a
-    format that allows it; the fit counts these, so the turns kept are those that fit as sent."""
-    if not getattr(prompt_format, "splices_replies", False):
+    model whose caches are reused and a format that allows it (None: replies go as text); the fit
+    counts these, so the turns kept are those that fit as sent."""
+    if reuse_refused(loaded.info.family) is not None or not getattr(prompt_format, "splices_replies", False):
         return None
     return lambda dicts: splice_replies(prompt_format, dicts, prompt_format.build(dicts), replies)
 
@@ -269,9 +272,7 @@ def context_usage(
     if not session.messages:
         return 0, context_length
     try:
-        build = reply_ids_builder(loaded.prompt_format, replies) if replies is not None else None
-        if reuse_refused(loaded.info.family) is not None:
-            build = None  # its replies are sent as text (see plan_reply)
+        build = reply_ids_builder(loaded, loaded.prompt_format, replies) if replies is not None else None
         return len(session.fit(loaded.prompt_format, context_length, max_new_tokens, build).ids), context_length
     except GlmreplError:  # even the newest turn alone leaves no room: the context is full
         return context_length, context_length
