@@ -159,3 +159,74 @@ def test_a_model_change_plans_again(qwen_checkpoint, kernels, steps_taken):
     turn(backend, session, 8, fresh=False)
     assert steps_taken["n"] > taken
     assert any(isinstance(m, QuantizedLinear) for m in vars(model)["_glmrepl_decode_plan"].layers[0][1])
+
+
+def batch_logits(model, prompts, new_tokens: int = 6):
+    """Greedy replies to ``prompts`` in transformers' continuous batch, and the logits of every
+    step in which each sequence added one token (a decoding step, all rows)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    steps = []
+    forward = model.forward
+
+    def recorded(**kwargs):
+        out = forward(**kwargs)
+        if kwargs["input_ids"].shape[1] == len(prompts) and int(kwargs["cu_seq_lens_q"][-1]) == len(prompts):
+            steps.append(out.logits[0].clone())
+        return out
+
+    model.forward = recorded
+    try:
+        generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        batching = ContinuousBatchingConfig(num_blocks=32, page_size=8, max_batch_tokens=64)
+        with torch.inference_mode():
+            outputs = model.generate_batch(
+                inputs=prompts, generation_config=generation, continuous_batching_config=batching, warmup=False
+            )
+    finally:
+        model.forward = forward
+    replies = [list(output.generated_tokens) for _, output in sorted(outputs.items())]
+    return replies, steps
+
+
+@pytest.fixture
+def batch_steps_taken(monkeypatch):
+    """How many batched steps went through the fused layers."""
+    count = {"n": 0}
+    real = decode_step.DecodePlan.batch_step
+
+    def counted(self, ids, kwargs, views):
+        count["n"] += 1
+        return real(self, ids, kwargs, views)
+
+    monkeypatch.setattr(decode_step.DecodePlan, "batch_step", counted)
+    return count
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_fused_batch_steps_equal_transformers_steps(kernels, batch_steps_taken, kind):
+    """Three sequences of different lengths decode together: the fused layers read each one's
+    own positions from the paged cache (shared pages and all) and give transformers' logits."""
+    model = tiny(kind)
+    prompts = [PROMPT, PROMPT[:5] + [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70], [9, 8, 7]]
+    decode_step.enable(model)
+    with decode_step.transformers_steps(model):
+        reference_replies, reference = batch_logits(model, prompts)
+    assert batch_steps_taken["n"] == 0
+    replies, fused = batch_logits(model, prompts)
+    assert batch_steps_taken["n"] == len(fused) == len(reference) == 5  # every step after the prompts'
+    assert replies == reference_replies
+    assert torch.allclose(torch.stack(fused), torch.stack(reference), atol=2e-5, rtol=0)
+
+
+def test_batch_steps_the_fused_layers_cannot_take_go_transformers_way(kernels, batch_steps_taken):
+    """Quantized layers (their kernels read one token at a time) and sliding windows."""
+    prompts = [PROMPT, [9, 8, 7]]
+    quantized = tiny("qwen2")
+    quantize_model(quantized, 8, 32)
+    windowed = tiny("mistral", sliding_window=6)
+    for model in (quantized, windowed):
+        decode_step.enable(model)
+        replies, steps = batch_logits(model, prompts, new_tokens=4)
+        assert len(steps) == 3 and all(len(reply) == 4 for reply in replies)
+    assert batch_steps_taken["n"] == 0

@@ -169,3 +169,78 @@ extern "C" int glm_decode_layer(const GlmLayer* L, float* x, const float* cos, c
     for (int64_t i = 0; i < hidden; i++) x[i] += out[i];
     return 0;
 }
+
+// y = linear(x) for m tokens x [m, stored] into y [m, rows]: each weight row is read once for
+// all of them. Float weights only (nonzero otherwise, or when the kernel cannot read a type).
+static int glm_linear_rows(const GlmLinear& L, const float* x, int64_t m, float* y, int64_t threads) {
+    if (L.kind != 0 || float_gemm(L.weight, L.w_type, x, F32, nullptr, y, m, L.rows, L.stored, threads)) return 1;
+    if (L.bias)
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t i = 0; i < L.rows; i++) y[r * L.rows + i] += L.bias[i];
+    return 0;
+}
+
+// Attention of each row's query heads over the cache slots that row reads: the slots of row r
+// are read_slots[starts[r] .. starts[r + 1]), each slot one position of [kv_heads, dim] values.
+static void glm_attention_rows(const GlmLayer* L, const float* q, const float* keys, const float* values,
+                               const int64_t* read_slots, const int64_t* starts, int64_t m, float* out,
+                               int64_t threads) {
+    const int64_t dim = L->head_dim, per_kv = L->heads / L->kv_heads, slot = L->kv_heads * dim;
+    const int64_t pairs = m * L->heads, work = L->heads * dim * (starts[m] - starts[0]);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (work >= PARALLEL_WORK)
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t r = pair / L->heads, h = pair % L->heads, offset = (h / per_kv) * dim;
+        const int64_t* slots = read_slots + starts[r];
+        const int64_t n = starts[r + 1] - starts[r];
+        const float* query = q + pair * dim;
+        std::vector<float> scores(n);
+        float largest = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            scores[t] = glm_dot(query, keys + slots[t] * slot + offset, dim) * L->scaling;
+            largest = std::max(largest, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < n; t++) total += (scores[t] = std::exp(scores[t] - largest));
+        float* o = out + pair * dim;
+        for (int64_t i = 0; i < dim; i++) o[i] = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float p = scores[t] / total;
+            const float* V = values + slots[t] * slot + offset;
+            for (int64_t i = 0; i < dim; i++) o[i] += p * V[i];
+        }
+    }
+}
+
+// The layer for m tokens, each the next of its own sequence (a decoding step of a batch):
+// x [m, hidden] is updated in place; row r's key and value go to cache slot write_slots[r]
+// (keys and values are [slots, kv_heads, dim]), and its attention reads the slots listed for
+// it (glm_attention_rows), its own included. cos and sin are [m, head_dim], one position a
+// row. Returns 0, or 1 when a projection is not one the float kernel reads.
+extern "C" int glm_decode_rows(const GlmLayer* L, float* x, int64_t m, const float* cos, const float* sin,
+                               float* keys, float* values, const int64_t* write_slots, const int64_t* read_slots,
+                               const int64_t* starts, int64_t threads) {
+    const int64_t hidden = L->hidden, dim = L->head_dim, kv = L->kv_heads * dim, qd = L->heads * dim;
+    std::vector<float> h(m * hidden), q(m * qd), k(m * kv), v(m * kv), attended(m * qd), out(m * hidden);
+    for (int64_t r = 0; r < m; r++) glm_rms_norm(x + r * hidden, L->norm_in, L->eps_in, h.data() + r * hidden, hidden);
+    if (glm_linear_rows(L->q, h.data(), m, q.data(), threads) || glm_linear_rows(L->k, h.data(), m, k.data(), threads) ||
+        glm_linear_rows(L->v, h.data(), m, v.data(), threads))
+        return 1;
+    for (int64_t r = 0; r < m; r++) {
+        glm_rope(q.data() + r * qd, L->heads, dim, cos + r * dim, sin + r * dim);
+        glm_rope(k.data() + r * kv, L->kv_heads, dim, cos + r * dim, sin + r * dim);
+        std::copy(k.begin() + r * kv, k.begin() + (r + 1) * kv, keys + write_slots[r] * kv);
+        std::copy(v.begin() + r * kv, v.begin() + (r + 1) * kv, values + write_slots[r] * kv);
+    }
+    glm_attention_rows(L, q.data(), keys, values, read_slots, starts, m, attended.data(), threads);
+    if (glm_linear_rows(L->o, attended.data(), m, out.data(), threads)) return 1;
+    for (int64_t i = 0; i < m * hidden; i++) x[i] += out[i];
+    for (int64_t r = 0; r < m; r++) glm_rms_norm(x + r * hidden, L->norm_post, L->eps_post, h.data() + r * hidden, hidden);
+    std::vector<float> gate(m * L->intermediate), up(m * L->intermediate);
+    if (glm_linear_rows(L->gate, h.data(), m, gate.data(), threads) ||
+        glm_linear_rows(L->up, h.data(), m, up.data(), threads))
+        return 1;
+    glm_silu_times(gate.data(), up.data(), m * L->intermediate);
+    if (glm_linear_rows(L->down, gate.data(), m, out.data(), threads)) return 1;
+    for (int64_t i = 0; i < m * hidden; i++) x[i] += out[i];
+    return 0;
+}

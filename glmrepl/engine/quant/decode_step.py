@@ -37,6 +37,9 @@ LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"}
 NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}
 # Room added to a layer's cache buffer when it fills: a copy of the cache every this many tokens.
 GROWTH = 256
+# The most sequences a batched step computes fused (more: transformers' forward, whose products
+# are then matrix products anyway).
+MAX_ROWS = 16
 _TYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -115,7 +118,13 @@ def forget(model: Any) -> None:
 def _fused_step(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     ids = kwargs.get("input_ids")
-    if args or ids is None or ids.shape != (1, 1) or not _plain_step(kwargs) or torch.is_grad_enabled():
+    if args or ids is None or not _plain_step(kwargs) or torch.is_grad_enabled():
+        return None
+    if "read_index" in kwargs:  # a step of transformers' continuous batch
+        plan = _plan_for(model) if ids.dim() == 2 and 0 < ids.shape[1] <= MAX_ROWS else None
+        views = plan.batch_views(cache, kwargs) if plan is not None else None
+        return plan.batch_step(ids, kwargs, views) if plan is not None and views is not None else None
+    if ids.shape != (1, 1):
         return None
     plan = _plan_for(model)
     if plan is None or not plan.accepts(cache, kwargs):
@@ -152,6 +161,8 @@ class DecodePlan:
         self.layers = [self._layer(layer) for layer in layers]
         self.windows = [_window(layer.self_attn, model.config) for layer in layers]
         self.kv_shape = (int(self.layers[0][0].kv_heads), int(self.layers[0][0].head_dim))
+        # Batched steps multiply few rows by float weights only (the int kernels read one token).
+        self.batchable = all(getattr(struct, name).kind == 0 for struct, _ in self.layers for name in _PROJECTIONS)
 
     def _layer(self, layer: Any) -> tuple[_Layer, list]:
         attn: Any
@@ -227,6 +238,59 @@ class DecodePlan:
             layer.keys, layer.values = keys[:, :, : length + 1], values[:, :, : length + 1]
         logits = self.model.lm_head(self.body.norm(x))
         return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    def batch_views(self, cache: Any, kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
+        """Each layer's keys, values and index list in the batch's paged cache, when the step is
+        one the fused layers compute: every sequence adds one token, all layers attend fully,
+        the cache holds float32 values of the plan's shape. None otherwise."""
+        if not self.batchable or any(window is not None for window in self.windows):
+            return None
+        if type(cache).__name__ != "PagedAttentionCache" or kwargs.get("block_table") is not None:
+            return None
+        ids, starts = kwargs["input_ids"], kwargs.get("cu_seq_lens_q")
+        lengths = kwargs.get("cu_seq_lens_k")
+        if starts is None or starts.numel() != ids.shape[1] + 1 or int(starts[-1]) != ids.shape[1]:
+            return None  # a prompt (or part of one) is in the step
+        if not isinstance(lengths, dict) or "full_attention" not in lengths:
+            return None
+        views = []
+        for index in range(len(self.layers)):
+            allocator = cache.layer_to_allocator[index]
+            keys, values = getattr(allocator, "_kv_token_views", {}).get(index, (None, None))
+            if allocator.layer_type != "full_attention" or keys is None or not _float32_cpu(keys):
+                return None
+            if not _float32_cpu(values) or tuple(keys.shape[1:]) != self.kv_shape:
+                return None
+            views.append((keys, values, allocator.index))
+        return views
+
+    def batch_step(self, ids: torch.Tensor, kwargs: dict, views: list) -> Any:
+        """One token for each sequence of the batch: the layers in C++, the cache written in place."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        lib = cpu_kernels.library()
+        x = self.body.embed_tokens(ids)
+        if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        x = x.contiguous()
+        rows = ids.shape[1]
+        cos, sin = (t.contiguous() for t in self.body.rotary_emb(x, kwargs["position_ids"]))
+        starts = kwargs["cu_seq_lens_k"]["full_attention"].to(torch.int64).contiguous()
+        reads = [index.to(torch.int64).contiguous() for index in kwargs["read_index"]]
+        writes = [index.to(torch.int64).contiguous() for index in kwargs["write_index"]]
+        threads = torch.get_num_threads()
+        for (struct, _), (keys, values, slot) in zip(self.layers, views):
+            failed = lib.glm_decode_rows(
+                ctypes.addressof(struct), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                values.data_ptr(), writes[slot].data_ptr(), reads[slot].data_ptr(), starts.data_ptr(), threads,
+            )  # fmt: skip
+            if failed:
+                raise Unsupported("a kernel could not read a layer's types")
+        hidden = self.body.norm(x)
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor):
+            hidden = hidden[:, keep]
+        return CausalLMOutputWithPast(logits=self.model.lm_head(hidden))
 
     def _room(self, layer: Any, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The layer's buffers with room for position ``length``, made from its tensors if need be."""
