@@ -80,6 +80,16 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+@pytest.fixture
+def cpu_only_machine(monkeypatch):
+    """What this process's torch sees is a machine without CUDA, whatever it has (tests of the
+    CPU-only wording; a subprocess gets CUDA_VISIBLE_DEVICES="" instead)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 @pytest.fixture(scope="session")
 def isolated_home() -> Path:
     """The temporary folder holding this session's HF_HOME and XDG directories."""

@@ -32,9 +32,11 @@ def test_top_k_matches_the_per_request_warper(top_k):
 
 
 @pytest.mark.parametrize("top_p", [[1.0, 1.0, 1.0], [0.9, 0.5, 0.99], [1.0, 0.8, 1.0], [0.3, 1.0, 1.0]])
-def test_top_p_matches_the_per_request_warper(top_p):
+@pytest.mark.parametrize("vocabulary,spread", [(500, 1.0), (151936, 0.5), (151936, 4.0)])  # flat to peaked
+def test_top_p_matches_the_per_request_warper(top_p, vocabulary, spread):
     slow, fast = _pair(cb.ContinuousBatchingTopPLogitsWarper, TopPLogitsWarper(top_p=0.9999))
-    scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(int(sum(top_p) * 10)))
+    generator = torch.Generator().manual_seed(int(sum(top_p) * 10))
+    scores = torch.randn(3, vocabulary, generator=generator) * spread
     argument = torch.tensor(top_p, dtype=torch.float32).view(dtype=torch.int32)
     assert torch.equal(fast(scores.clone(), argument), slow(scores.clone(), argument))
 

@@ -114,8 +114,7 @@ def connect(server: ServerOnPort, home: Path, *flags: str) -> Terminal:
 def test_chat_interrupt_retry_and_model_listing_on_a_server(server, tmp_path):
     term = connect(server, tmp_path, "--temperature", "0", "--max-new-tokens", "20000")
     term.type("tell me a long story\r")
-    term.wait_for("tell me a long story")
-    time.sleep(2.0)  # streaming: 20000 tokens would take minutes
+    term.wait_for_output_after("tell me a long story", 40)  # streaming: 20000 tokens would take minutes
     term.type("\x03")
     term.wait_for("[reply cut: /retry generates it again]", timeout=30)
     term.wait_for("server's chat template · 1 turn")
@@ -151,8 +150,7 @@ def test_chat_interrupt_retry_and_model_listing_on_a_server(server, tmp_path):
 def test_a_server_killed_mid_reply_then_started_again(server, tmp_path):
     term = connect(server, tmp_path, "--temperature", "0", "--max-new-tokens", "20000")
     term.type("tell me a long story\r")
-    term.wait_for("tell me a long story")
-    time.sleep(2.0)
+    term.wait_for_output_after("tell me a long story", 40)  # the reply is streaming
     server.kill()
     term.wait_for("was lost mid-reply", timeout=60)
     term.wait_for("(the conversation is kept: /retry tries again)")

@@ -22,13 +22,9 @@ def test_settings_and_errors_without_hints():
     assert explain(ValueError("not ours"), flag_words) == "not ours"
 
 
-def test_the_engine_words_no_front_end():
-    import torch
-
+def test_the_engine_words_no_front_end(cpu_only_machine):
     from glmrepl.engine.devices.modes import plan_placement
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     with pytest.raises(DeviceError) as raised:
         plan_placement("gpu")
     assert "/device" not in str(raised.value) and "--device" not in str(raised.value)

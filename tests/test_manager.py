@@ -75,9 +75,7 @@ def test_move_between_float32_and_bfloat16_on_cpu(qwen_checkpoint):
     assert manager.current.info.placement.describe() == "cpu float32"
 
 
-def test_gpu_modes_without_cuda_give_a_clear_error(qwen_checkpoint):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_gpu_modes_without_cuda_give_a_clear_error(qwen_checkpoint, cpu_only_machine):
     app = loaded_app(qwen_checkpoint)
     for mode in ("gpu", "sharded"):
         with pytest.raises(DeviceError, match="needs a CUDA GPU"):

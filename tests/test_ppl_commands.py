@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import threading
-import time
 
 import pytest
 from support import drive_repl, loaded_app, make_app
@@ -18,7 +17,7 @@ from glmrepl.engine.generation.perplexity import perplexity_of_text
 from glmrepl.engine.remote.backend import RemoteBackend
 from glmrepl.repl.app import App
 from glmrepl.repl.commands import TABLE
-from glmrepl.repl.loop import run_piped
+from glmrepl.repl.loop import LineHandler, run_piped
 
 ENTER = "\r"
 RESULT = re.compile(
@@ -103,12 +102,19 @@ def test_progress_bar_and_ctrl_c_keep_the_repl(app, texts, monkeypatch):
         return job
 
     monkeypatch.setattr(app.backend, "start_perplexity", recording)
+    drawn = threading.Event()  # a bar with scored tokens is on the screen
+    show_bar = LineHandler._show_bar
+
+    def showing(self, job, shown):
+        line = show_bar(self, job, shown)
+        if line != shown and job.scored:
+            drawn.set()
+        return line
+
+    monkeypatch.setattr(LineHandler, "_show_bar", showing)
 
     def press_ctrl_c():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (started and started[0].scored):
-            time.sleep(0.02)
-        time.sleep(0.25)  # the bar is redrawn every 0.1 s
+        assert drawn.wait(60)
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()

@@ -183,11 +183,7 @@ def test_next_lists_likely_tokens_without_changing_the_conversation(qwen_checkpo
         ("/load /nonexistent/chat.json", "no such file"),
     ],
 )
-def test_bad_commands_give_one_line_errors_and_the_repl_goes_on(qwen_checkpoint, line, expected):
-    import torch
-
-    if "gpu" in line and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_bad_commands_give_one_line_errors_and_the_repl_goes_on(qwen_checkpoint, line, expected, cpu_only_machine):
     app = loaded_app(qwen_checkpoint)
     out = drive_repl(app, "hello" + ENTER + line + ENTER + "still fine" + ENTER)
     assert expected in out
@@ -285,11 +281,7 @@ def test_auto_on_a_cpu_only_torch_does_not_talk_about_cuda(qwen_checkpoint):
         assert "CUDA" not in out
 
 
-def test_a_load_that_failed_on_a_missing_gpu_is_recovered_by_device_cpu(qwen_checkpoint):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_a_load_that_failed_on_a_missing_gpu_is_recovered_by_device_cpu(qwen_checkpoint, cpu_only_machine):
     app = make_app()
     app.options.mode = "gpu"  # as with --device gpu
     app.start_load(str(qwen_checkpoint)).wait()

@@ -4,7 +4,8 @@ Its per-request warpers sort the whole vocabulary of every row at every step, ev
 greedy request (top-k 1) or one without a nucleus (top-p 1): two sorts of 8 x 152k scores
 took about 120 ms a step on two cores, as long as the model's own step for 8 requests. These
 give the same scores: rows that need no filtering are left as they are, a greedy row keeps
-its maximum, and only the rows that really filter pay for a top-k or a sort.
+its maximum, and only the rows that really filter pay for a top-k or a nucleus (without a
+sort of the vocabulary: nucleus.py).
 
 The draw after them has the same cost problem: ``torch.multinomial`` over 8 x 152k
 probabilities took longer than the rest of the step's sampling together, for rows whose
@@ -97,18 +98,22 @@ class TopK:
 
 
 class TopP:
-    """The nucleus filter on the rows whose top_p is below 1; the others have nothing to filter."""
+    """The nucleus filter on the rows whose top_p is below 1 (the others have nothing to filter),
+    deciding as transformers' warper does without sorting the vocabulary (nucleus.py)."""
+
+    filter_value: float
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        from .nucleus import nucleus_removed
+
         rows = scores.shape[0]
-        top_p = tensor_arg[:rows].view(dtype=torch.float32)
-        filtering = (top_p < 1.0).nonzero().flatten()
-        if filtering.numel() == 0:
+        top_p = tensor_arg[:rows].view(dtype=torch.float32).tolist()
+        filtering = [row for row in range(rows) if top_p[row] < 1.0]
+        if not filtering:
             return scores
-        if filtering.numel() == rows:
-            return super().__call__(scores, tensor_arg)  # type: ignore[misc]
         scores = scores.clone()
-        scores[filtering] = super().__call__(scores[filtering], tensor_arg[:rows][filtering])  # type: ignore[misc]
+        for row in filtering:
+            scores[row].masked_fill_(nucleus_removed(scores[row], top_p[row]), self.filter_value)
         return scores
 
 

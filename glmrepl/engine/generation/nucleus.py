@@ -3,15 +3,18 @@
 transformers' TopPLogitsWarper sorts every score of the step to find the nucleus: for a
 152k-token vocabulary that is most of 20 ms a token on two cores, as long as an int4 model's
 whole decoding step. The nucleus of a trained model is seldom more than a few hundred
-tokens, so this one takes the best few hundred (``torch.topk``), and only when they do not
-hold the mass ``top_p`` sorts them all, as transformers does. The
-tokens kept are the ones transformers keeps: a token stays when the tokens ranked strictly
+tokens, so this one takes the best few hundred (``torch.topk``). The tokens kept are the ones transformers keeps: a token stays when the tokens ranked strictly
 above it hold less than ``top_p``, the best token always stays.
 
 transformers applies its own warpers after the ones it is given, so this one runs before
 the temperature: it applies top-k itself (the order transformers keeps), uses the
 temperature for the probabilities, and the temperature warper then divides the kept
 scores as before (a filtered score stays -inf).
+
+A flat distribution (a nucleus of thousands of tokens) needs no full sort either
+(``nucleus_removed``): the scores are counted into value bins, the bin where the mass from the
+least likely token reaches ``1 - top_p`` is found from the bins' masses, and only that bin's
+tokens are sorted. The batch's top-p (batch_sampling.TopP) decides the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 
 FIRST_CANDIDATES = 256
+# Value bins a row's scores are counted into to find the nucleus's edge without a full sort.
+EDGE_BINS = 4096
 
 
 class NucleusFilter:
@@ -35,24 +40,52 @@ class NucleusFilter:
         if 0 < self.top_k < scores.shape[-1]:  # transformers' order: top-k, then the nucleus of what is left
             threshold = scores.topk(self.top_k, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < threshold, float("-inf"))
-        probabilities = torch.softmax(scores.float() / self.temperature, dim=-1)
-        best, indices = probabilities.topk(min(FIRST_CANDIDATES, scores.shape[-1]), dim=-1)
-        if not bool((best.sum(-1) >= self.top_p).all()):  # a flat distribution: transformers' own sort
-            return self._sorted(scores)
-        above = best.cumsum(-1) - best  # the mass of the tokens ranked strictly above each
-        keep_sorted = above < self.top_p
-        keep_sorted[..., 0] = True
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, indices, keep_sorted)
-        return scores.masked_fill(~keep, float("-inf"))
+        return scores.masked_fill(nucleus_removed(scores.float() / self.temperature, self.top_p), float("-inf"))
 
-    def _sorted(self, scores: torch.Tensor) -> torch.Tensor:
-        """TopPLogitsWarper's computation (after the temperature), so that even a nucleus of
-        100k tokens ends at the same token: its cumulative sum runs from the least likely."""
-        ascending, order = torch.sort(scores / self.temperature, descending=False)
-        remove_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - self.top_p)
-        remove_sorted[..., -1:] = False
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        return scores.masked_fill(remove, float("-inf"))
+
+def nucleus_removed(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which tokens of each row of ``scores`` [..., vocabulary] TopPLogitsWarper removes: in
+    ascending order of score, those whose cumulative probability is at most ``1 - top_p``
+    (the best token always stays)."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    removed = [_among_candidates(row, top_p) for row in rows]
+    removed = [found if found is not None else _row_removed(row, 1.0 - top_p) for found, row in zip(removed, rows)]
+    return torch.stack(removed).reshape(scores.shape)
+
+
+def _among_candidates(scores: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """``nucleus_removed`` for one row whose nucleus is among its FIRST_CANDIDATES best tokens
+    (a token stays when the tokens ranked strictly above it hold less than ``top_p``); None
+    when it is wider."""
+    probabilities = torch.softmax(scores, dim=-1)
+    best, indices = probabilities.topk(min(FIRST_CANDIDATES, scores.shape[-1]))
+    if float(best.sum()) < top_p:
+        return None
+    keep_sorted = best.cumsum(-1) - best < top_p
+    keep_sorted[0] = True
+    return torch.ones_like(scores, dtype=torch.bool).index_fill_(0, indices[keep_sorted], False)
+
+
+def _row_removed(scores: torch.Tensor, limit: float) -> torch.Tensor:
+    """``nucleus_removed`` for one row: bins of equal width over the row's finite scores, the
+    bin where the ascending cumulative mass passes ``limit``, and a sort of that bin alone."""
+    probabilities = torch.softmax(scores.double(), dim=-1)
+    finite = torch.isfinite(scores)
+    lowest, highest = float(scores[finite].min()), float(scores[finite].max())
+    scale = (EDGE_BINS - 1) / (highest - lowest) if highest > lowest else 0.0
+    bins = ((scores.double() - lowest) * scale).floor_().nan_to_num_(-1.0, -1.0, -1.0).long()
+    bins = bins.clamp_(min=-1) + 1  # bin 0: the -inf scores, which never stay
+    mass = torch.zeros(EDGE_BINS + 1, dtype=torch.float64).index_add_(0, bins, probabilities)
+    cumulative = mass.cumsum(0)
+    edge = int((cumulative <= limit).sum())  # the first bin whose cumulative mass passes the limit
+    removed = bins < edge
+    if edge <= EDGE_BINS:
+        inside = (bins == edge).nonzero().flatten()
+        order = inside[scores[inside].argsort(stable=True)]
+        below = float(cumulative[edge - 1]) if edge else 0.0
+        removed[order] = below + probabilities[order].cumsum(0) <= limit
+    removed[int(scores.argmax())] = False
+    return removed
 
 
 def cheaper_nucleus(generate_kwargs: dict[str, Any]) -> dict[str, Any]:
