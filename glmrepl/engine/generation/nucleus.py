@@ -48,9 +48,12 @@ def nucleus_removed(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     ascending order of score, those whose cumulative probability is at most ``1 - top_p``
     (the best token always stays)."""
     rows = scores.reshape(-1, scores.shape[-1])
-    removed = [_among_candidates(row, top_p) for row in rows]
-    removed = [found if found is not None else _row_removed(row, 1.0 - top_p) for found, row in zip(removed, rows)]
-    return torch.stack(removed).reshape(scores.shape)
+    return torch.stack([_row_nucleus_removed(row, top_p) for row in rows]).reshape(scores.shape)
+
+
+def _row_nucleus_removed(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    found = _among_candidates(scores, top_p)
+    return found if found is not None else _row_removed(scores, 1.0 - top_p)
 
 
 def _among_candidates(scores: torch.Tensor, top_p: float) -> torch.Tensor | None:
