@@ -161,9 +161,9 @@ def test_a_model_change_plans_again(qwen_checkpoint, kernels, steps_taken):
     assert any(isinstance(m, QuantizedLinear) for m in vars(model)["_glmrepl_decode_plan"].layers[0][1])
 
 
-def batch_logits(model, prompts, new_tokens: int = 6):
-    """Greedy replies to ``prompts`` in transformers' continuous batch, and the logits of every
-    step in which each sequence added one token (a decoding step, all rows)."""
+def batch_logits(model, prompts, new_tokens: int = 6, step_tokens: int = 64):
+    """Greedy replies to ``prompts`` in transformers' continuous batch (at most ``step_tokens``
+    a step: longer prompts are read in parts), and the logits of every step."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     steps = []
@@ -171,14 +171,13 @@ def batch_logits(model, prompts, new_tokens: int = 6):
 
     def recorded(**kwargs):
         out = forward(**kwargs)
-        if kwargs["input_ids"].shape[1] == len(prompts) and int(kwargs["cu_seq_lens_q"][-1]) == len(prompts):
-            steps.append(out.logits[0].clone())
+        steps.append(out.logits[0].clone())
         return out
 
     model.forward = recorded
     try:
         generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        batching = ContinuousBatchingConfig(num_blocks=32, page_size=8, max_batch_tokens=64)
+        batching = ContinuousBatchingConfig(num_blocks=64, page_size=8, max_batch_tokens=step_tokens)
         with torch.inference_mode():
             outputs = model.generate_batch(
                 inputs=prompts, generation_config=generation, continuous_batching_config=batching, warmup=False
@@ -205,8 +204,9 @@ def batch_steps_taken(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_fused_batch_steps_equal_transformers_steps(kernels, batch_steps_taken, kind):
-    """Three sequences of different lengths decode together: the fused layers read each one's
-    own positions from the paged cache (shared pages and all) and give transformers' logits."""
+    """Three sequences of different lengths, their prompts read together, then decoding
+    together: the fused layers read each one's own positions from the paged cache and give
+    transformers' logits at every step."""
     model = tiny(kind)
     prompts = [PROMPT, PROMPT[:5] + [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70], [9, 8, 7]]
     decode_step.enable(model)
@@ -214,9 +214,29 @@ def test_fused_batch_steps_equal_transformers_steps(kernels, batch_steps_taken, 
         reference_replies, reference = batch_logits(model, prompts)
     assert batch_steps_taken["n"] == 0
     replies, fused = batch_logits(model, prompts)
-    assert batch_steps_taken["n"] == len(fused) == len(reference) == 5  # every step after the prompts'
+    assert batch_steps_taken["n"] == len(fused) == len(reference) == 6  # the prompts' step, then 5 more
     assert replies == reference_replies
-    assert torch.allclose(torch.stack(fused), torch.stack(reference), atol=2e-5, rtol=0)
+    for ours, theirs in zip(fused, reference):
+        assert torch.allclose(ours, theirs, atol=2e-5, rtol=0)
+
+
+def test_a_prompt_read_in_parts_is_fused_where_a_step_is_small(kernels, batch_steps_taken):
+    """A 40-token prompt read 24 tokens a step: its second part attends to the cached first
+    part; a step of more tokens than MAX_ROWS goes through transformers."""
+    model = tiny("qwen2")
+    long_prompt = [(7 * i) % 290 + 3 for i in range(40)]
+    decode_step.enable(model)
+    with decode_step.transformers_steps(model):
+        reference_replies, reference = batch_logits(model, [long_prompt, PROMPT], step_tokens=24)
+    replies, fused = batch_logits(model, [long_prompt, PROMPT], step_tokens=24)
+    assert batch_steps_taken["n"] == len(fused) == len(reference)
+    assert replies == reference_replies
+    for ours, theirs in zip(fused, reference):
+        assert torch.allclose(ours, theirs, atol=2e-5, rtol=0)
+    taken = batch_steps_taken["n"]
+    wide = [[(11 * i) % 290 + 3 for i in range(decode_step.MAX_ROWS + 8)]]
+    replies, steps = batch_logits(model, wide, new_tokens=3)
+    assert batch_steps_taken["n"] == taken + len(steps) - 1  # all but the prompt's step
 
 
 def test_batch_steps_the_fused_layers_cannot_take_go_transformers_way(kernels, batch_steps_taken):
@@ -228,5 +248,5 @@ def test_batch_steps_the_fused_layers_cannot_take_go_transformers_way(kernels, b
     for model in (quantized, windowed):
         decode_step.enable(model)
         replies, steps = batch_logits(model, prompts, new_tokens=4)
-        assert len(steps) == 3 and all(len(reply) == 4 for reply in replies)
+        assert len(steps) == 4 and all(len(reply) == 4 for reply in replies)
     assert batch_steps_taken["n"] == 0

@@ -181,17 +181,19 @@ static int glm_linear_rows(const GlmLinear& L, const float* x, int64_t m, float*
 }
 
 // Attention of each row's query heads over the cache slots that row reads: the slots of row r
-// are read_slots[starts[r] .. starts[r + 1]), each slot one position of [kv_heads, dim] values.
+// are read_slots[begins[r] .. ends[r]), each slot one position of [kv_heads, dim] values.
 static void glm_attention_rows(const GlmLayer* L, const float* q, const float* keys, const float* values,
-                               const int64_t* read_slots, const int64_t* starts, int64_t m, float* out,
-                               int64_t threads) {
+                               const int64_t* read_slots, const int64_t* begins, const int64_t* ends, int64_t m,
+                               float* out, int64_t threads) {
     const int64_t dim = L->head_dim, per_kv = L->heads / L->kv_heads, slot = L->kv_heads * dim;
-    const int64_t pairs = m * L->heads, work = L->heads * dim * (starts[m] - starts[0]);
+    int64_t positions = 0;
+    for (int64_t r = 0; r < m; r++) positions += ends[r] - begins[r];
+    const int64_t pairs = m * L->heads, work = L->heads * dim * positions;
     #pragma omp parallel for num_threads(threads) schedule(static) if (work >= PARALLEL_WORK)
     for (int64_t pair = 0; pair < pairs; pair++) {
         const int64_t r = pair / L->heads, h = pair % L->heads, offset = (h / per_kv) * dim;
-        const int64_t* slots = read_slots + starts[r];
-        const int64_t n = starts[r + 1] - starts[r];
+        const int64_t* slots = read_slots + begins[r];
+        const int64_t n = ends[r] - begins[r];
         const float* query = q + pair * dim;
         std::vector<float> scores(n);
         float largest = -INFINITY;
@@ -211,14 +213,15 @@ static void glm_attention_rows(const GlmLayer* L, const float* q, const float* k
     }
 }
 
-// The layer for m tokens, each the next of its own sequence (a decoding step of a batch):
-// x [m, hidden] is updated in place; row r's key and value go to cache slot write_slots[r]
-// (keys and values are [slots, kv_heads, dim]), and its attention reads the slots listed for
-// it (glm_attention_rows), its own included. cos and sin are [m, head_dim], one position a
-// row. Returns 0, or 1 when a projection is not one the float kernel reads.
+// The layer for m tokens of a batch's step (each the next of its sequence, or a few tokens of
+// a prompt): x [m, hidden] is updated in place; row r's key and value go to cache slot
+// write_slots[r] (keys and values are [slots, kv_heads, dim]), all rows' before any attention,
+// and row r attends to the slots listed for it (glm_attention_rows), its own and those of the
+// positions before it. cos and sin are [m, head_dim], one position a row. Returns 0, or 1
+// when a projection is not one the float kernel reads.
 extern "C" int glm_decode_rows(const GlmLayer* L, float* x, int64_t m, const float* cos, const float* sin,
                                float* keys, float* values, const int64_t* write_slots, const int64_t* read_slots,
-                               const int64_t* starts, int64_t threads) {
+                               const int64_t* begins, const int64_t* ends, int64_t threads) {
     const int64_t hidden = L->hidden, dim = L->head_dim, kv = L->kv_heads * dim, qd = L->heads * dim;
     std::vector<float> h(m * hidden), q(m * qd), k(m * kv), v(m * kv), attended(m * qd), out(m * hidden);
     for (int64_t r = 0; r < m; r++) glm_rms_norm(x + r * hidden, L->norm_in, L->eps_in, h.data() + r * hidden, hidden);
@@ -231,7 +234,7 @@ extern "C" int glm_decode_rows(const GlmLayer* L, float* x, int64_t m, const flo
         std::copy(k.begin() + r * kv, k.begin() + (r + 1) * kv, keys + write_slots[r] * kv);
         std::copy(v.begin() + r * kv, v.begin() + (r + 1) * kv, values + write_slots[r] * kv);
     }
-    glm_attention_rows(L, q.data(), keys, values, read_slots, starts, m, attended.data(), threads);
+    glm_attention_rows(L, q.data(), keys, values, read_slots, begins, ends, m, attended.data(), threads);
     if (glm_linear_rows(L->o, attended.data(), m, out.data(), threads)) return 1;
     for (int64_t i = 0; i < m * hidden; i++) x[i] += out[i];
     for (int64_t r = 0; r < m; r++) glm_rms_norm(x + r * hidden, L->norm_post, L->eps_post, h.data() + r * hidden, hidden);

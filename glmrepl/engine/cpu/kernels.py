@@ -142,7 +142,7 @@ def _build() -> None:
         lib.glm_decode_layer.restype = ctypes.c_int
         lib.glm_decode_layer.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
         lib.glm_decode_rows.restype = ctypes.c_int
-        lib.glm_decode_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 7
+        lib.glm_decode_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
         lib.glm_decode_rows.argtypes += [ctypes.c_int64]
         lib.float_gemm.restype = ctypes.c_int
         lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]

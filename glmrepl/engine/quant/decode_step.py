@@ -37,9 +37,9 @@ LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"}
 NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}
 # Room added to a layer's cache buffer when it fills: a copy of the cache every this many tokens.
 GROWTH = 256
-# The most sequences a batched step computes fused (more: transformers' forward, whose products
-# are then matrix products anyway).
-MAX_ROWS = 16
+# The most tokens a step of the batch computes fused: up to about this many the few-token
+# kernel reads the weights once and beats the matrix product (more: transformers' forward).
+MAX_ROWS = 32
 _TYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -241,17 +241,14 @@ class DecodePlan:
 
     def batch_views(self, cache: Any, kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
         """Each layer's keys, values and index list in the batch's paged cache, when the step is
-        one the fused layers compute: every sequence adds one token, all layers attend fully,
-        the cache holds float32 values of the plan's shape. None otherwise."""
+        one the fused layers compute: all layers attend fully, the cache holds float32 values
+        of the plan's shape. None otherwise."""
         if not self.batchable or any(window is not None for window in self.windows):
             return None
         if type(cache).__name__ != "PagedAttentionCache" or kwargs.get("block_table") is not None:
             return None
-        ids, starts = kwargs["input_ids"], kwargs.get("cu_seq_lens_q")
-        lengths = kwargs.get("cu_seq_lens_k")
-        if starts is None or starts.numel() != ids.shape[1] + 1 or int(starts[-1]) != ids.shape[1]:
-            return None  # a prompt (or part of one) is in the step
-        if not isinstance(lengths, dict) or "full_attention" not in lengths:
+        queries, lengths = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if queries is None or not isinstance(lengths, dict) or set(lengths) != {"full_attention"}:
             return None
         views = []
         for index in range(len(self.layers)):
@@ -265,7 +262,8 @@ class DecodePlan:
         return views
 
     def batch_step(self, ids: torch.Tensor, kwargs: dict, views: list) -> Any:
-        """One token for each sequence of the batch: the layers in C++, the cache written in place."""
+        """A step of the batch (each sequence's next token, or some of a prompt's): the layers
+        in C++, the cache written in place."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         lib = cpu_kernels.library()
@@ -275,14 +273,22 @@ class DecodePlan:
         x = x.contiguous()
         rows = ids.shape[1]
         cos, sin = (t.contiguous() for t in self.body.rotary_emb(x, kwargs["position_ids"]))
-        starts = kwargs["cu_seq_lens_k"]["full_attention"].to(torch.int64).contiguous()
-        reads = [index.to(torch.int64).contiguous() for index in kwargs["read_index"]]
         writes = [index.to(torch.int64).contiguous() for index in kwargs["write_index"]]
+        # No read list when no sequence has a cached position (whole prompts): they read what they write.
+        reads = [
+            read.to(torch.int64).contiguous() if read.numel() else write
+            for read, write in zip(kwargs["read_index"], writes)
+        ]
+        begins, ends = _read_ranges(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]["full_attention"])
+        if any(write.numel() != rows for write in writes) or any(int(ends[-1]) > read.numel() for read in reads):
+            return None  # not the layout this step was written for: transformers' forward
         threads = torch.get_num_threads()
         for (struct, _), (keys, values, slot) in zip(self.layers, views):
+            read = reads[slot]
             failed = lib.glm_decode_rows(
                 ctypes.addressof(struct), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-                values.data_ptr(), writes[slot].data_ptr(), reads[slot].data_ptr(), starts.data_ptr(), threads,
+                values.data_ptr(), writes[slot].data_ptr(), read.data_ptr(), begins.data_ptr(), ends.data_ptr(),
+                threads,
             )  # fmt: skip
             if failed:
                 raise Unsupported("a kernel could not read a layer's types")
@@ -311,6 +317,19 @@ class DecodePlan:
         values[:, :, :length] = layer.values
         layer._glmrepl_buffers = (keys, values)
         return keys, values, capacity
+
+
+def _read_ranges(queries: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each token of the step reads in the step's list of cache slots: sequence s has
+    tokens queries[s]..queries[s+1] and slots lengths[s]..lengths[s+1] (its cached positions,
+    then its new ones), and a token attends to the slots up to its own."""
+    queries, lengths = queries.to(torch.int64), lengths.to(torch.int64)
+    new = queries[1:] - queries[:-1]
+    sequence = torch.repeat_interleave(torch.arange(new.numel()), new)
+    within = torch.arange(int(queries[-1])) - queries[sequence]
+    begins = lengths[sequence].contiguous()
+    ends = (lengths[sequence + 1] - new[sequence] + within + 1).contiguous()
+    return begins, ends
 
 
 def _linear(module: Any, keep: list) -> _Linear:
