@@ -11,10 +11,16 @@ one new token of one sequence, positions following the cache, a DynamicCache of 
 attention layers, float32 activations on the CPU, and layers of the known shape
 (Llama, Qwen2, Mistral: RMSNorm, rotary attention with grouped key/value heads, a SiLU
 gate) whose linears are float, int8 or int4 layers glmrepl's kernels read. Anything else
-(a prompt, a batch, an adapter, hooks, a sliding window reached, output of attentions)
-goes through transformers' forward unchanged. The cache keeps transformers' layout: each
+(a prompt, an adapter, hooks, a sliding window reached, output of attentions) goes
+through transformers' forward unchanged. The cache keeps transformers' layout: each
 layer's keys and values are views of a buffer with room for the next positions, so
 everything that reads, crops, copies or extends the cache sees plain tensors.
+
+A step of transformers' continuous batch (``batch_step``) runs fused the same way when it
+holds at most MAX_ROWS tokens (each sequence's next one, or a few of a prompt's) and the
+layers' linears are float: ``glm_decode_rows`` computes every row of a layer in one call,
+writes their keys and values into the paged cache's slots and reads each row's own slots
+back for its attention. There the eager layers cost more than the products at 4 rows.
 """
 
 from __future__ import annotations
