@@ -48,9 +48,11 @@ def pytest_unconfigure(config):
         shutil.rmtree(_sandbox, ignore_errors=True)
 
 
-# The slow layers, by module: `pytest -m "not (pty or server or browser)"` leaves them out (the
-# inner loop); `make test` runs everything.
+# The slow layers, by module: `pytest -m "not (pty or server or browser or cli)"` leaves them
+# out (the inner loop); `make test` runs everything.
 LAYERS = {
+    "test_cli": "cli",
+    "test_tiny": "cli",
     "test_e2e_pty": "pty",
     "test_connect_pty": "pty",
     "test_web_page": "browser",
