@@ -111,6 +111,26 @@ static inline float glm_dot(const float* a, const float* b, int64_t n) {
     return dot;
 }
 
+// Softmax attention of one query head over n positions: key(t) and value(t) point at
+// position t's head_dim values.
+template <class Key, class Value>
+static void glm_attend(const float* query, int64_t n, int64_t dim, float scaling, Key key, Value value, float* out) {
+    std::vector<float> scores(n);
+    float largest = -INFINITY;
+    for (int64_t t = 0; t < n; t++) {
+        scores[t] = glm_dot(query, key(t), dim) * scaling;
+        largest = std::max(largest, scores[t]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < n; t++) total += (scores[t] = std::exp(scores[t] - largest));
+    for (int64_t i = 0; i < dim; i++) out[i] = 0.f;
+    for (int64_t t = 0; t < n; t++) {
+        const float p = scores[t] / total;
+        const float* v = value(t);
+        for (int64_t i = 0; i < dim; i++) out[i] += p * v[i];
+    }
+}
+
 // Softmax attention of each query head over positions 0..n-1 of its key/value head; the
 // caches are [kv_heads, capacity, dim], query heads share a kv head in consecutive runs.
 static void glm_attention(const GlmLayer* L, const float* q, const float* keys, const float* values,
@@ -118,23 +138,11 @@ static void glm_attention(const GlmLayer* L, const float* q, const float* keys, 
     const int64_t dim = L->head_dim, per_kv = L->heads / L->kv_heads;
     #pragma omp parallel for num_threads(threads) schedule(static) if (L->heads * n * dim >= PARALLEL_WORK)
     for (int64_t h = 0; h < L->heads; h++) {
-        const float* query = q + h * dim;
         const float* K = keys + (h / per_kv) * capacity * dim;
         const float* V = values + (h / per_kv) * capacity * dim;
-        std::vector<float> scores(n);
-        float largest = -INFINITY;
-        for (int64_t t = 0; t < n; t++) {
-            scores[t] = glm_dot(query, K + t * dim, dim) * L->scaling;
-            largest = std::max(largest, scores[t]);
-        }
-        float total = 0.f;
-        for (int64_t t = 0; t < n; t++) total += (scores[t] = std::exp(scores[t] - largest));
-        float* o = out + h * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float p = scores[t] / total;
-            for (int64_t i = 0; i < dim; i++) o[i] += p * V[t * dim + i];
-        }
+        glm_attend(
+            q + h * dim, n, dim, L->scaling, [&](int64_t t) { return K + t * dim; },
+            [&](int64_t t) { return V + t * dim; }, out + h * dim);
     }
 }
 
@@ -193,23 +201,10 @@ static void glm_attention_rows(const GlmLayer* L, const float* q, const float* k
     for (int64_t pair = 0; pair < pairs; pair++) {
         const int64_t r = pair / L->heads, h = pair % L->heads, offset = (h / per_kv) * dim;
         const int64_t* slots = read_slots + begins[r];
-        const int64_t n = ends[r] - begins[r];
-        const float* query = q + pair * dim;
-        std::vector<float> scores(n);
-        float largest = -INFINITY;
-        for (int64_t t = 0; t < n; t++) {
-            scores[t] = glm_dot(query, keys + slots[t] * slot + offset, dim) * L->scaling;
-            largest = std::max(largest, scores[t]);
-        }
-        float total = 0.f;
-        for (int64_t t = 0; t < n; t++) total += (scores[t] = std::exp(scores[t] - largest));
-        float* o = out + pair * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float p = scores[t] / total;
-            const float* V = values + slots[t] * slot + offset;
-            for (int64_t i = 0; i < dim; i++) o[i] += p * V[i];
-        }
+        glm_attend(
+            q + pair * dim, ends[r] - begins[r], dim, L->scaling,
+            [&](int64_t t) { return keys + slots[t] * slot + offset; },
+            [&](int64_t t) { return values + slots[t] * slot + offset; }, out + pair * dim);
     }
 }
 
