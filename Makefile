@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 CONSTRAINTS := constraints.txt
 EXTRAS := dev,serve,adapters
 
-.PHONY: install lock test lint demo bench bench-smoke clean
+.PHONY: install lock test lint demo bench bench-env bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ bench: install
 	$(PY) benchmarks/kv_memory.py
 	$(PY) benchmarks/multiturn.py
 	$(PY) benchmarks/quant_models.py
+
+# llama.cpp, built once on this machine for `make bench` to time beside glmrepl
+# (benchmarks/llama_env.py; about 20 minutes on two cores; needs cmake and ninja).
+bench-env: install
+	$(PY) benchmarks/llama_env.py
 
 # The same scripts on a tiny checkpoint, to show they still run (benchmarks/README.md); the
 # figures they print are not measurements.

@@ -4,9 +4,8 @@
 
 llama.cpp is what CPU users pick instead of transformers, so `make bench` shows its decode speed
 beside glmrepl's when it is installed: never a dependency of glmrepl, it lives in the benchmark's
-own environment (default benchmarks/cache/llama-env, made with
-`python3 -m venv benchmarks/cache/llama-env && benchmarks/cache/llama-env/bin/pip install
-llama-cpp-python gguf numpy`), and the comparison is skipped when that is absent.
+own environment (default benchmarks/cache/llama-env, made by `make bench-env`:
+benchmarks/llama_env.py), and the comparison is skipped when that is absent.
 
 The Qwen2-0.5B-shaped checkpoint (benchmarks/checkpoint.py) is written once as a float32 GGUF
 file by ``write_gguf`` (this process: torch reads the safetensors, the ``gguf`` package writes),
