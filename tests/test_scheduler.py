@@ -4,7 +4,10 @@ model passes a gate the test opens one step at a time (gated.py): no sleeps, no 
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 
 import pytest
 from gated import StepGate
@@ -151,3 +154,17 @@ def test_a_batch_that_cannot_be_made_leaves_the_replies_decoding_alone_and_says_
         thread.join(60)
     assert [run.stats.new_ids for run in runs] == expected and all(run.error is None for run in runs)
     assert "the batch could not start (no room for a batch)" in backend.batching_status()["why_not"]
+
+
+def test_a_finished_reply_is_let_go_while_the_model_thread_waits(backend):
+    """The model thread keeps no reference to the last reply (its model, its cache) until the
+    next one arrives: a model dropped after its last reply is freed."""
+    run = make_run(backend, "hi", 3)
+    "".join(run)
+    finished = weakref.ref(run)
+    del run
+    deadline = time.monotonic() + 30
+    while finished() is not None:  # the thread is back waiting within moments of the reply's end
+        assert time.monotonic() < deadline, "the model thread still holds the finished reply"
+        gc.collect()
+        time.sleep(0.01)

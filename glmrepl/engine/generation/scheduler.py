@@ -254,6 +254,8 @@ class Scheduler:
                     item.done.set()
                 else:
                     item.finish(translate_error(error))
+            # Not kept while waiting for the next: a finished run holds its model and its cache.
+            del item
 
     def _fail_waiting(self, error: BaseException) -> None:
         with self._changed:
