@@ -117,6 +117,17 @@ def test_ctrl_c_during_a_one_shot_reply_exits_130(qwen_checkpoint, tmp_path):
     assert "[reply cut]" in err and "/retry" not in err
 
 
+def test_ctrl_c_while_serve_starts_is_one_line_and_exit_130(qwen_checkpoint):
+    import signal
+
+    child = subprocess.Popen([GLMREPL, "serve", str(qwen_checkpoint), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    assert child.stderr.readline().startswith("loading ")  # the model loads now
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert err.strip().splitlines() == ["error: interrupted"]
+
+
 @pytest.mark.parametrize("args", [["-p", "hi"], ["MODEL", "-p", ""], ["MODEL", "-p", "  "]])
 def test_one_shot_without_a_model_or_a_message_is_bad_usage(args, qwen_checkpoint):
     result = run(*[str(qwen_checkpoint) if arg == "MODEL" else arg for arg in args])

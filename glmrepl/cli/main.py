@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return dispatch(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any moment of a start-up: one line, the shell's convention
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(argv: list[str] | None = None) -> int:
+    """The command line's subcommand or the REPL."""
     stay_offline()  # before anything can import huggingface_hub
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("download", "check", "list", "quantize"):
