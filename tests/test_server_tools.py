@@ -270,6 +270,21 @@ BAD_TOOL_REQUESTS = [
         },
         "messages[1].tool_calls[0].function.arguments",
     ),
+    *[
+        (
+            {
+                "messages": [
+                    *QUESTION,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": bad}}],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0].function.arguments",
+        )
+        for bad in ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"x": NaN}', '{"x": 1e999}')
+    ],
     ({"messages": [*QUESTION, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id"),
 ]

@@ -175,6 +175,23 @@ def test_glm4_call_is_read_back():
     assert parse_reply("\nParis is sunny", "glm4", {"get_weather"}) is None
 
 
+@pytest.mark.parametrize(
+    "text, syntax",
+    [
+        ('get_weather\n{"city": "Paris", "days": NaN}', "glm4"),
+        ('get_weather\n{"city": "Paris", "days": 1e999}', "glm4"),
+        ("get_weather\n```python\ntool_call(city='Paris', days=1e999)\n```", "chatglm3"),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"days": -Infinity}}\n</tool_call>', "hermes"),
+    ],
+)
+def test_a_call_whose_arguments_are_not_strict_json_is_plain_text(text, syntax):
+    """NaN and infinities, which JavaScript's, Go's and Rust's JSON parsers refuse."""
+    assert parse_reply(text, syntax, {"get_weather"}) is None
+    assert parse_reply(
+        text.replace("NaN", "3").replace("-Infinity", "3").replace("1e999", "3"), syntax, {"get_weather"}
+    )
+
+
 # -- other syntaxes and streaming ------------------------------------------------------------
 
 

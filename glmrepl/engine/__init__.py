@@ -24,7 +24,7 @@ import os
 from .backend import LocalBackend, default_kv_budget_mb
 from .contract import ABILITIES, Backend, BackgroundTask, LoadProgress, ReplyHandle, record_reply
 from .conversation.chat import ChatSession, read_conversation, read_json_file, save_conversation
-from .conversation.tool_calls import ToolCall, normalize_tools
+from .conversation.tool_calls import ToolCall, load_arguments, normalize_tools
 from .cpu.machine import request_threads, threads_line
 from .devices.modes import DTYPES, MODES
 from .devices.placement import parse_gpu_memory
@@ -100,6 +100,7 @@ __all__ = [
     "ignored_family_override",
     "listing_cells",
     "manifest_problems",
+    "load_arguments",
     "normalize_tools",
     "parse_gpu_memory",
     "quantize_checkpoint",

@@ -9,14 +9,13 @@ there too. Responses are plain dicts shaped exactly as OpenAI's.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from ..engine import InvalidTools, normalize_tools
+from ..engine import InvalidTools, first_line, load_arguments, normalize_tools
 from .errors import APIError
 
 MAX_STOP_STRINGS = 4
@@ -236,13 +235,13 @@ def _calls(calls: list[RequestToolCall], where: str) -> list[dict]:
         if call.type != "function":
             raise APIError(400, f"'{here}.type' must be 'function', not {call.type!r}", param=f"{here}.type")
         try:
-            arguments = json.loads(call.function.arguments)
-        except json.JSONDecodeError:
-            arguments = None
-        if not isinstance(arguments, dict):
+            load_arguments(call.function.arguments)
+        except ValueError as error:
             raise APIError(
-                400, f"'{here}.function.arguments' must be a JSON object", param=f"{here}.function.arguments"
-            )
+                400,
+                f"'{here}.function.arguments' must be a JSON object ({first_line(error)})",
+                param=f"{here}.function.arguments",
+            ) from None
         out.append({"id": call.id, "name": call.function.name, "arguments": call.function.arguments})
     return out
 

@@ -34,6 +34,8 @@ from typing import Any
 from ..errors import InvalidTools
 
 MAX_TOOLS = 128
+# Levels of arrays and objects a call's arguments may nest (a client's deeper ones are a 400).
+MAX_NESTING = 64
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,9 @@ class ToolCall:
 
     def parsed_arguments(self) -> dict:
         try:
-            value = json.loads(self.arguments)
-        except json.JSONDecodeError:
+            return load_arguments(self.arguments)
+        except ValueError:
             return {}
-        return value if isinstance(value, dict) else {}
 
 
 def new_call_id() -> str:
@@ -58,7 +59,49 @@ def new_call_id() -> str:
 
 
 def make_call(name: str, arguments: Any) -> ToolCall:
-    return ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
+    """A call with these arguments as strict JSON (ValueError for NaN or an infinity, which
+    JavaScript's, Go's and Rust's parsers refuse: the reply is then plain text)."""
+    return ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False, allow_nan=False))
+
+
+def load_arguments(text: str) -> dict:
+    """A call's arguments read as strict JSON: an object, without NaN or infinities, nested at
+    most MAX_NESTING levels (checked before parsing: the parser recurses). ValueError otherwise."""
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING:
+        raise ValueError(f"nested {depth} levels deep, more than {MAX_NESTING}")
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON text (strings skipped), without recursing."""
+    depth = deepest = 0
+    quoted = escaped = False
+    for char in text:
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            quoted = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is too large for a float")
+    return value
 
 
 # -- the tool list ------------------------------------------------------------------
@@ -164,8 +207,8 @@ def glm_messages(messages: list[dict], family: str, tools_text) -> list[dict]:
 def glm_call_text(call: dict, family: str) -> str:
     """A call's arguments as the model writes them after its name line."""
     try:
-        arguments = json.loads(call["arguments"])
-    except (TypeError, json.JSONDecodeError):
+        arguments = load_arguments(call["arguments"])
+    except (TypeError, ValueError):
         arguments = {}
     if family == "glm4":
         return json.dumps(arguments, ensure_ascii=False)
