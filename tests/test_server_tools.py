@@ -252,6 +252,12 @@ def test_parallel_tool_calls_must_be_a_boolean(two_call_server, value):
     assert error["param"] == "parallel_tool_calls" and "parallel_tool_calls" in error["message"]
 
 
+def CALLED(name: str) -> dict:  # noqa: N802 - reads as the constants around it
+    """An assistant message of the history that called ``name`` (id "c")."""
+    call = {"id": "c", "type": "function", "function": {"name": name, "arguments": "{}"}}
+    return {"role": "assistant", "tool_calls": [call]}
+
+
 BAD_TOOL_REQUESTS = [
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
@@ -286,6 +292,16 @@ BAD_TOOL_REQUESTS = [
         for bad in ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"x": NaN}', '{"x": 1e999}')
     ],
     ({"messages": [*QUESTION, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+    ({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "c", "content": "x"}]}, "messages[1].role"),
+    (
+        {
+            "tools": [WEATHER],
+            "messages": [*QUESTION, CALLED("get_weather"), {"role": "tool", "tool_call_id": "other", "content": "x"}],
+        },
+        "messages[2].tool_call_id",
+    ),
+    ({"tools": [WEATHER], "messages": [*QUESTION, CALLED("get_time")]}, "messages[1].tool_calls[0].function.name"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id"),
 ]
 

@@ -32,6 +32,7 @@ from .protocol import (
     CompletionRequest,
     ResponseShape,
     SamplingRequest,
+    check_tool_history,
     chosen_tools,
     message_dicts,
     refuse_invalid_text,
@@ -72,6 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     refuse_unsupported(body)
     messages = message_dicts(body.messages)
     tools, force_call = chosen_tools(body)
+    check_tool_history(messages, body)
     try:
         conversation = conversation_from_messages(messages, tools)
     except GlmreplError as error:

@@ -221,6 +221,32 @@ def _message_dict(message: ChatMessage, role: str, where: str) -> dict:
     return {**out, "tool_call_id": message.tool_call_id} if role == "tool" else out
 
 
+def check_tool_history(messages: list[dict], request: ChatCompletionRequest) -> None:
+    """A 400 naming the field for a tool message that answers no call of the assistant message
+    before it, and for a history call of a function that the request's tools do not list."""
+    listed = {tool["name"] for tool in normalize_tools(request.tools)} if request.tools else set()
+    open_calls: set[str] = set()
+    for index, message in enumerate(messages):
+        if message["role"] == "tool":
+            where = f"messages[{index}]"
+            if not open_calls:
+                raise APIError(
+                    400, f"'{where}' is a tool message but no assistant message before it makes a call",
+                    param=f"{where}.role",
+                )  # fmt: skip
+            if message["tool_call_id"] not in open_calls:
+                raise APIError(
+                    400, f"'{where}.tool_call_id' answers no call of the assistant message before it",
+                    param=f"{where}.tool_call_id",
+                )  # fmt: skip
+            continue
+        open_calls = {call["id"] for call in message.get("tool_calls") or ()}
+        for number, call in enumerate(message.get("tool_calls") or ()):
+            if listed and call["name"] not in listed:
+                field = f"messages[{index}].tool_calls[{number}].function.name"
+                raise APIError(400, f"'{field}' names {call['name']!r}, which 'tools' does not list", param=field)
+
+
 def _role_of(field: str) -> str:
     return "assistant" if field == "tool_calls" else "tool"
 
@@ -262,7 +288,9 @@ def chosen_tools(request: ChatCompletionRequest) -> tuple[list[dict] | None, str
         functions = normalize_tools(request.tools)
     except InvalidTools as error:
         raise APIError(400, str(error), param=error.where) from None
-    if choice in (None, "auto", "none") or not functions:
+    if choice not in (None, "auto", "none") and not functions:
+        raise APIError(400, "'tool_choice' asks for a call but 'tools' lists no function", param="tool_choice")
+    if choice in (None, "auto", "none"):
         return (functions or None) if choice != "none" else None, None
     if choice == "required":
         return functions, ""
