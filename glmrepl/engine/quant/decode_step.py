@@ -20,7 +20,8 @@ A step of transformers' continuous batch (``batch_step``) runs fused the same wa
 holds at most MAX_ROWS tokens (each sequence's next one, or a few of a prompt's) and the
 layers' linears are float: ``glm_decode_rows`` computes every row of a layer in one call,
 writes their keys and values into the paged cache's slots and reads each row's own slots
-back for its attention. There the eager layers cost more than the products at 4 rows.
+back for its attention. Around products of a few rows, transformers' eager operations and
+the paged cache's gather were a third of such a step (benchmarks/README.md, Serving).
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ class DecodePlan:
             for read, write in zip(kwargs["read_index"], writes)
         ]
         begins, ends = _read_ranges(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]["full_attention"])
-        if any(write.numel() != rows for write in writes) or any(int(ends[-1]) > read.numel() for read in reads):
+        mismatched = begins.numel() != rows or any(write.numel() != rows for write in writes)
+        if mismatched or any(int(ends.max()) > read.numel() for read in reads):
             return None  # not the layout this step was written for: transformers' forward
         threads = torch.get_num_threads()
         for (struct, _), (keys, values, slot) in zip(self.layers, views):
