@@ -345,6 +345,24 @@ def test_a_chunked_body_over_the_limit_is_413_request_too_large(keyed_server):
     assert ask(port, "GET", "/v1/models", headers=AUTH)[0] == 200
 
 
+@pytest.mark.parametrize("media", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_json_body_sent_without_its_content_type_is_told_the_header(keyed_server, media):
+    """curl -d sends a form's type; the header is required, not guessed (a page on another site
+    can send forms and plain text to a local server without asking, but not JSON)."""
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    connection = http.client.HTTPConnection("127.0.0.1", keyed_server.port, timeout=60)
+    try:
+        headers = {**AUTH, **({"Content-Type": media} if media else {})}
+        connection.request("POST", "/v1/chat/completions", body=body.encode(), headers=headers)
+        response = connection.getresponse()
+        status, raw = response.status, response.read()
+    finally:
+        connection.close()
+    assert status == 400, raw
+    message = error_of(raw)["message"]
+    assert "'Content-Type: application/json'" in message and (media or "none") in message
+
+
 # -- starting up -----------------------------------------------------------------------------------
 
 

@@ -145,6 +145,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and media != "application/json":
+            # Required, not guessed: a page on another site can send a form or plain text to a
+            # local server without asking, but not JSON (curl -d sends a form's type).
+            sent = f"'{media[:60]}'" if media else "none"
+            message = f"send the body as JSON with the header 'Content-Type: application/json' (it was {sent})"
+            return error_response(400, message, None)
         message, param = describe_validation_error(error.errors())
         return error_response(400, message, param)
 
