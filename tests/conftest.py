@@ -164,3 +164,38 @@ def kernels():
         pytest.fail(f"the kernels did not build with the compiler present: {cpu_kernels.status()}")
     yield lib
     cpu_kernels.reset()
+
+
+# -- the fused decoding steps (decode_step.py): how many steps took them ------------------------
+
+
+@pytest.fixture
+def steps_taken(monkeypatch):
+    """How many steps went through the fused path."""
+    count = {"n": 0}
+    from glmrepl.engine.quant.decode_step import DecodePlan
+
+    real = DecodePlan.step
+
+    def counted(self, ids, cache):
+        count["n"] += 1
+        return real(self, ids, cache)
+
+    monkeypatch.setattr(DecodePlan, "step", counted)
+    return count
+
+
+@pytest.fixture
+def batch_steps_taken(monkeypatch):
+    """How many batched steps went through the fused layers."""
+    count = {"n": 0}
+    from glmrepl.engine.quant.decode_step import DecodePlan
+
+    real = DecodePlan.batch_step
+
+    def counted(self, ids, kwargs, views):
+        count["n"] += 1
+        return real(self, ids, kwargs, views)
+
+    monkeypatch.setattr(DecodePlan, "batch_step", counted)
+    return count

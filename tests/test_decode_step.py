@@ -38,20 +38,6 @@ def tiny(kind: str, **extra):
     return model.float().eval()
 
 
-@pytest.fixture
-def steps_taken(monkeypatch):
-    """How many steps went through the fused path."""
-    count = {"n": 0}
-    real = decode_step.DecodePlan.step
-
-    def counted(self, ids, cache):
-        count["n"] += 1
-        return real(self, ids, cache)
-
-    monkeypatch.setattr(decode_step.DecodePlan, "step", counted)
-    return count
-
-
 def decode(forward, steps: int = 10, fed: bool = False):
     """Greedy steps after a prefill of PROMPT: each step's logits, the cache (and the ids fed)."""
     cache, ids = DynamicCache(), []
@@ -186,20 +172,6 @@ def batch_logits(model, prompts, new_tokens: int = 6, step_tokens: int = 64):
         model.forward = forward
     replies = [list(output.generated_tokens) for _, output in sorted(outputs.items())]
     return replies, steps
-
-
-@pytest.fixture
-def batch_steps_taken(monkeypatch):
-    """How many batched steps went through the fused layers."""
-    count = {"n": 0}
-    real = decode_step.DecodePlan.batch_step
-
-    def counted(self, ids, kwargs, views):
-        count["n"] += 1
-        return real(self, ids, kwargs, views)
-
-    monkeypatch.setattr(decode_step.DecodePlan, "batch_step", counted)
-    return count
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])

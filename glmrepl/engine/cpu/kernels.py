@@ -131,24 +131,29 @@ def reset() -> None:
 def _build() -> None:
     try:
         lib = ctypes.CDLL(str(_built_library()))
-        for name in ("int8_gemv", "int4_gemv"):
-            getattr(lib, name).restype = ctypes.c_int
-            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-            getattr(lib, name).argtypes += [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
-        lib.float_gemv.restype = ctypes.c_int
-        # Declared, so that a call passes plain ints without building ctypes objects (it runs per layer).
-        lib.float_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        lib.float_gemv.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-        lib.glm_decode_layer.restype = ctypes.c_int
-        lib.glm_decode_layer.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
-        lib.glm_decode_rows.restype = ctypes.c_int
-        lib.glm_decode_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
-        lib.glm_decode_rows.argtypes += [ctypes.c_int64]
-        lib.float_gemm.restype = ctypes.c_int
-        lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]
+        declare(lib)
         _state["library"] = lib
     except Exception as error:  # a broken compiler, OpenMP missing, an unwritable cache...
         _state["reason"] = f"kernel build failed: {first_line(error)}"
+
+
+def declare(lib) -> None:
+    """The C functions' argument types, so that a call passes plain ints without building
+    ctypes objects (they run per layer)."""
+    for name in ("int8_gemv", "int4_gemv"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        getattr(lib, name).argtypes += [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
+    lib.float_gemv.restype = ctypes.c_int
+    lib.float_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.float_gemv.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.glm_decode_layer.restype = ctypes.c_int
+    lib.glm_decode_layer.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
+    lib.glm_decode_rows.restype = ctypes.c_int
+    lib.glm_decode_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
+    lib.glm_decode_rows.argtypes += [ctypes.c_int64]
+    lib.float_gemm.restype = ctypes.c_int
+    lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]
 
 
 def cache_folder() -> Path:
