@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_speed.py [--threads 2] [--rounds 7] [--best] [--dtype float32] [--rows 1,2,4,8,16,32]
     python benchmarks/kernel_speed.py --batching [--requests 1,4,8] [--new-tokens 32]
+    python benchmarks/kernel_speed.py --int [--threads 2] [--rounds 7] [--best]
 
 Layers: random weights of Qwen2-0.5B's linear shapes (q/o 896->896, k/v 896->128,
 gate/up 896->4864, down 4864->896, lm_head 896->151936). For each shape and row count M
@@ -18,12 +19,18 @@ transformers' continuous batching with 1, 4 and 8 greedy requests of a short pro
 the aggregate tokens/s (all new tokens over the wall time, the short prefills included),
 with the few-token kernel ("after") and with the kernel for single tokens only ("before").
 
+Integer (--int): int8 and int4 products of one token, glmrepl's kernels, for the 0.5B
+model's linears in groups of 32 columns (Q4_0's and Q8_0's blocks) and for a ChatGLM2-6B
+layer's with one scale a row (THUDM's int4/int8 releases); beside each, the float32 kernel on
+the same shape in the same run, and the bytes read per second.
+
 Figures only: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -57,6 +64,12 @@ def outgrow_caches_bytes() -> int:
 
 
 PROMPT_TOKENS = 16
+CHATGLM2_LAYER = {  # name: (in_features, out_features), one layer of ChatGLM2-6B
+    "query_key_value": (4096, 4608),
+    "dense": (4096, 4096),
+    "dense_h_to_4h": (4096, 27392),
+    "dense_4h_to_h": (13696, 4096),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", default="1,2,4,8,16,32", help="row counts M, comma-separated")
     parser.add_argument("--best", action="store_true", help="the best round, not the median (a busy machine)")
     parser.add_argument("--batching", action="store_true", help="time continuous batching instead of layers")
+    parser.add_argument("--int", action="store_true", help="time the int8/int4 products instead")
     parser.add_argument("--requests", default="1,4,8", help="concurrent requests, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
@@ -154,6 +168,50 @@ def layer_figures(lib, name: str, dtype, counts: list[int], args) -> dict:
     return figures
 
 
+def time_integer(args) -> None:
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+
+    lib = cpu_kernels.wait_until_built()
+    if lib is None:
+        raise SystemExit(f"no kernels: {cpu_kernels.status()}")
+    print(f"one token, {args.threads} threads, {'best' if args.best else 'median'} of {args.rounds} (ms)")
+    small = {name: shape for name, shape in SHAPES.items() if name != "lm_head"}
+    for title, shapes, group in (
+        ("0.5B, groups of 32", small, 32),
+        ("ChatGLM2-6B, one scale a row", CHATGLM2_LAYER, 0),
+    ):
+        print(title)
+        for name, (cols, rows) in shapes.items():
+            float_ms = integer_ms(lib, rows, cols, 32, 0, args)
+            line = f"  {name:<22} float32 {float_ms:7.3f}"
+            for bits in (8, 4):
+                ms = integer_ms(lib, rows, cols, bits, group, args)
+                read = rows * cols * bits / 8 / (ms / 1000) / 1e9
+                line += f"   int{bits} {ms:7.3f} ({float_ms / ms:4.2f}x, {read:4.1f} GB/s)"
+            print(line, flush=True)
+
+
+def integer_ms(lib, rows: int, cols: int, bits: int, group: int, args) -> float:
+    """One token through glmrepl's kernel for a weight of this shape (bits 32: float32)."""
+    import torch
+
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    copies = max(2, outgrow_caches_bytes() * 8 // (rows * cols * bits))
+    x, threads = torch.randn(cols), torch.get_num_threads()
+    calls = []
+    for _ in range(copies):
+        linear = torch.nn.Linear(cols, rows, bias=False)
+        if bits == 32:
+            calls.append(functools.partial(cpu_kernels.float_gemv, lib, linear.weight.detach(), x, None, threads))
+            continue
+        layer = QuantizedLinear.from_linear(linear, bits, group)
+        product = cpu_kernels.int8_gemv if bits == 8 else cpu_kernels.int4_gemv
+        calls.append(functools.partial(product, lib, layer.weight, x, layer.weight_scale, group or cols, threads))
+    return round_ms(calls, args.rounds, args.best)
+
+
 def time_batching(args) -> None:
     import torch
     from checkpoint import ensure_checkpoint
@@ -214,6 +272,8 @@ def main() -> None:
     with torch.inference_mode():
         if args.batching:
             time_batching(args)
+        elif args.int:
+            time_integer(args)
         else:
             time_layers(args)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from chatglm_reference import load_reference, reference_logits
+from rounding import activation_block, rounding_bound
 
 
 @pytest.fixture
@@ -40,10 +41,14 @@ def test_fused_gemv_matches_dequantized_matmul(kernels, bits, shape):
     torch.manual_seed(bits)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=True), bits)
     x = torch.randn(1, 1, shape[1])
-    reference = F.linear(x, layer.dequantized(), layer.bias)
+    weight = layer.dequantized()
+    reference = F.linear(x, weight, layer.bias)
     output = layer(x)
     assert output.shape == reference.shape and output.dtype == torch.float32
-    assert torch.allclose(output, reference, atol=1e-5, rtol=1e-5)
+    # A row as wide as a whole number of blocks runs the integer loops (activations rounded to
+    # 16 bits a block); other rows the float loops.
+    bound = rounding_bound(x, weight, activation_block(layer.group_size, shape[1]))
+    assert ((output - reference).abs() <= bound + 1e-5 * reference.abs() + 1e-5).all()
     bf16 = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=False).bfloat16(), bits)
     half_out = bf16(x.bfloat16())
     assert half_out.dtype == torch.bfloat16
@@ -75,7 +80,13 @@ def test_decoding_through_the_kernels_matches_reference_logits(kernels, name):
         prefill = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
     assert cpu_kernels.status() == "fused kernels (compiled)"
-    assert torch.allclose(step.logits[0, -1], reference["logits"][0, -1], atol=1e-4, rtol=0)
+    # The prompt (torch's float products) meets the reference within 1e-4; the kernels round the
+    # activations to 16 bits a block, each product off by up to about 3e-5 here (the bound
+    # test_fused_gemv_matches_dequantized_matmul checks), and the twelve products of the step
+    # leave its logits (up to about 2.2) within 2e-4, their order unchanged.
+    assert torch.allclose(prefill.logits[0], reference["logits"][0, :-1], atol=1e-4, rtol=0)
+    assert torch.allclose(step.logits[0, -1], reference["logits"][0, -1], atol=2e-4, rtol=0)
+    assert torch.equal(step.logits[0, -1].argsort()[-5:], reference["logits"][0, -1].argsort()[-5:])
 
 
 def test_no_compiler_keeps_the_torch_path_and_says_why(no_compiler):

@@ -52,6 +52,24 @@ def test_float_products_equal_torchs(older_kernels, dtype, rows):
     assert torch.allclose(ours, theirs[0] if rows == 1 else theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [0, 32, 128])  # one scale a row (blocks of 128), or per group
+def test_integer_products_equal_dequantized_products(older_kernels, bits, group):
+    from rounding import activation_block, rounding_bound
+
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    torch.manual_seed(bits + group)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(512, 70, bias=False), bits, group)
+    weight, x = layer.dequantized(torch.float32), torch.randn(512)
+    product = cpu_kernels.int8_gemv if bits == 8 else cpu_kernels.int4_gemv
+    scale = layer.weight_scale.float()  # float16 needs F16C, which x86-64 lacks (torch then computes)
+    ours = product(older_kernels, layer.weight, x, scale, group or 512, 2)
+    theirs = F.linear(x, weight)
+    bound = rounding_bound(x, weight, activation_block(group, 512))
+    assert ((ours - theirs).abs() <= bound + 1e-5 * theirs.abs() + 1e-5).all()
+
+
 def test_fused_steps_equal_transformers_steps(use_older_kernels, steps_taken):
     model = tiny("qwen2")
     assert decode_step.enable(model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from rounding import activation_block, rounding_bound
 
 # -- the group-wise layout ---------------------------------------------------------
 
@@ -97,16 +98,8 @@ def test_group_kernels_match_dequantized_matmul(kernels, bits, group, shape):
         reference = F.linear(x, weight, layer.bias)
         output = layer(x)
         assert output.shape == reference.shape and output.dtype == torch.float32
-        # One token runs in the kernel, whose activations are rounded to 16 bits a group: each
-        # by at most 1/65534 of its group's largest (cpu_kernels.cpp), so a row's error is
-        # bounded by its weights' magnitudes times that (and float rounding).
-        groups = x.reshape(-1, shape[1]).abs()
-        column_groups = torch.arange(shape[1]) // group
-        largest = torch.zeros(groups.shape[0], int(column_groups.max()) + 1).index_reduce_(
-            1, column_groups, groups, "amax"
-        )
-        step = largest[:, column_groups] / 65534
-        bound = (step @ weight.abs().T).reshape(reference.shape)
+        # One token runs in the kernel, whose activations are rounded to 16 bits a group.
+        bound = rounding_bound(x, weight, activation_block(group, shape[1]))
         assert ((output - reference).abs() <= bound + 1e-5 * reference.abs() + 2e-5).all()
     half = layer(torch.randn(1, 1, shape[1]).bfloat16())
     assert half.dtype == torch.bfloat16

@@ -1,4 +1,4 @@
-"""Fused matrix-vector kernels for decoding one token on the CPU (cpu_kernels.cpp).
+"""Fused matrix-vector kernels for decoding one token on the CPU (the .cpp files beside this one).
 
 Decoding one token multiplies every weight by one activation vector, so its
 speed is set by how many bytes are read and how much work is done per byte.
@@ -6,9 +6,10 @@ These kernels read each weight once, convert it to float in registers and
 accumulate in float32 (four accumulators, so the additions do not wait on each
 other); nothing the size of a float weight is ever written.
 - int8 / int4 in glmrepl.engine.quant.layers's layout, with one scale per row or per
-  group of input columns (summed per group in vector lanes, scaled once a
-  group): for int4 the high nibbles meet the even inputs and the low nibbles
-  the odd ones, so only the activation vector is split (in C++), never the weight;
+  group of input columns (int_kernels.cpp): the activations rounded to 16 bits in blocks
+  of 32 to 128 values, each block's products summed in integers and scaled once; for
+  int4 the high nibbles meet the even inputs and the low nibbles the odd ones, so only
+  the activation vector is split (in C++), never the weight;
 - float32 / bfloat16 / float16 weights (glmrepl.engine.cpu.float_linear), where
   torch's one-row matmul reads float32 weights at about half the bandwidth;
   and the same for a few tokens at once (a step of batched decoding, one token
@@ -47,7 +48,7 @@ from ..errors import first_line
 # decoder layer (decode_layer.cpp, for decode_step.py) calls the kernels, so it follows them.
 _SOURCE = "\n".join(
     (Path(__file__).parent / name).read_text(encoding="utf-8")
-    for name in ("cpu_kernels.cpp", "float_kernels.cpp", "decode_layer.cpp")
+    for name in ("cpu_kernels.cpp", "int_kernels.cpp", "float_kernels.cpp", "decode_layer.cpp")
 )
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
