@@ -261,7 +261,9 @@ def test_quantized_perplexity_stays_near_the_float_one(trained, trained_checkpoi
 
     quantized = loaded(trained_checkpoint, quantize=bits)
     assert quantized.info.placement.describe() == f"cpu float32 int{bits}"
-    layers = [m for m in quantized.model.modules() if isinstance(m, QuantizedLinear)]
+    layers = [
+        m for m in quantized.model.modules() if isinstance(m, QuantizedLinear) and m is not quantized.model.lm_head
+    ]
     assert layers and all(layer.bits == bits and layer.group_size > 0 for layer in layers)  # group-wise
     float_result = perplexity_of_text(trained.model, trained.tokenizer, HELD_OUT, 64, 32)
     result = perplexity_of_text(quantized.model, quantized.tokenizer, HELD_OUT, 64, 32)
@@ -277,6 +279,27 @@ def test_quantized_perplexity_stays_near_the_float_one(trained, trained_checkpoi
     random.Random(5).shuffle(shuffled)
     prefix = text_prefix(quantized.tokenizer)
     assert result.perplexity * 10 < perplexity_of_ids(quantized.model, shuffled, prefix, 64, 32).perplexity
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_int8_head_scores_within_one_percent_of_the_float_head(trained_checkpoint, bits):
+    """A quantized model's head is int8 on the CPU unless --float-head (LoadRequest.float_head)."""
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    float_head = loaded(trained_checkpoint, quantize=bits, float_head=True)
+    assert not isinstance(float_head.model.lm_head, QuantizedLinear)
+    float_result = perplexity_of_text(float_head.model, float_head.tokenizer, HELD_OUT, 64, 32)
+    int8_head = loaded(trained_checkpoint, quantize=bits)
+    head = int8_head.model.lm_head
+    assert isinstance(head, QuantizedLinear) and (head.bits, head.group_size) == (8, 32)
+    result = perplexity_of_text(int8_head.model, int8_head.tokenizer, HELD_OUT, 64, 32)
+    assert result.tokens == float_result.tokens
+    assert result.perplexity != float_result.perplexity  # the head did change
+    assert result.perplexity == pytest.approx(float_result.perplexity, rel=0.01)
+    with torch.no_grad():
+        head.weight_scale.mul_(1.5)  # damaged scales: the same comparison fails
+    damaged = perplexity_of_text(int8_head.model, int8_head.tokenizer, HELD_OUT, 64, 32)
+    assert damaged.perplexity != pytest.approx(float_result.perplexity, rel=0.01)
 
 
 # -- progress, cancelling, bad input -----------------------------------------------------

@@ -214,9 +214,34 @@ def test_quantize_on_load_takes_other_architectures_too(gpt2_checkpoint):
     from glmrepl.engine.quant.layers import QuantizedLinear
 
     loaded = load_model(LoadRequest(path=gpt2_checkpoint, name="tiny-gpt2", mode="cpu", quantize=4))
-    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear) and m.bits == 4]
     assert len(layers) == 8 and all(m.group_size == 32 for m in layers)  # GPT-2's Conv1D projections
     assert loaded.info.placement.describe() == "cpu float32 int4"
+
+
+def test_a_tied_head_in_int8_is_also_the_embedding_table(gpt2_checkpoint):
+    import torch
+
+    from glmrepl.engine.models.manager import LoadRequest, load_model
+    from glmrepl.engine.quant.int8_head import Int8Embedding
+    from glmrepl.engine.quant.layers import QuantizedLinear, dequantize
+
+    int8 = load_model(LoadRequest(path=gpt2_checkpoint, name="tiny-gpt2", mode="cpu", quantize=4))
+    float_head = load_model(LoadRequest(path=gpt2_checkpoint, name="f", mode="cpu", quantize=4, float_head=True))
+    head, embeddings = int8.model.get_output_embeddings(), int8.model.get_input_embeddings()
+    assert isinstance(head, QuantizedLinear) and isinstance(embeddings, Int8Embedding) and embeddings.head is head
+    vocab, hidden = head.out_features, head.in_features
+    assert not any(p.is_floating_point() and p.shape == (vocab, hidden) for p in int8.model.parameters())
+    rows = dequantize(head.weight, head.weight_scale, 8, torch.float32, 32)
+    ids = torch.tensor([[3, 10, 20], [4, 4, 0]])
+    assert torch.equal(embeddings(ids), rows[ids])
+    table = float_head.model.get_input_embeddings().weight
+    half_step = head.weight_scale.float().repeat_interleave(32, dim=1) / 2
+    assert ((rows - table).abs() <= half_step + 1e-6).all()  # each value the nearest step of its group
+    with torch.no_grad():
+        ours, theirs = int8.model(ids).logits, float_head.model(ids).logits
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=0.05)
+    assert int8.model.config.tie_word_embeddings is False  # transformers will not tie them back
 
 
 def test_manager_quantize_in_place_and_describe():

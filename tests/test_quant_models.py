@@ -277,8 +277,9 @@ def test_quantized_folder_loads_as_it_was_quantized(request, tmp_path, source):
     saved = load_model(LoadRequest(path=dest, name="int4", mode="cpu"))
     on_load = load_model(LoadRequest(path=folder, name="float", mode="cpu", quantize=4))
     assert saved.info.placement.describe() == "cpu float32 int4"
-    layers = [m for m in saved.model.modules() if isinstance(m, QuantizedLinear)]
-    assert layers and all(m.weight.dtype == torch.int8 for m in layers)
+    layers = [m for m in saved.model.modules() if isinstance(m, QuantizedLinear) and m is not saved.model.lm_head]
+    assert layers and all(m.weight.dtype == torch.int8 and m.bits == 4 for m in layers)
+    assert isinstance(saved.model.lm_head, QuantizedLinear) and saved.model.lm_head.bits == 8  # int8 on the CPU
     packed = sum(p.numel() * p.element_size() for m in layers for p in m.parameters())
     floats = sum(m.in_features * m.out_features * 4 for m in layers)
     assert packed < floats / 6  # stored packed, no float copy beside it

@@ -53,6 +53,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --quantize: input columns sharing one scale (default 32 for int4, 64 for int8)",
     )
     parser.add_argument(
+        "--float-head",
+        action="store_true",
+        help="keep a quantized model's output head float on the CPU (default: int8, "
+        "a tied embedding reading the same bytes)",
+    )
+    parser.add_argument(
         "--adapter", metavar="DIR", help="a LoRA (PEFT) or ChatGLM P-tuning v2 folder to put on the model"
     )
     parser.add_argument(
@@ -111,6 +117,7 @@ def load_options(args, config):
         offload=args.offload,
         quantize=args.quantize,
         group_size=args.group_size,
+        float_head=args.float_head,
         adapter=Path(args.adapter).expanduser() if args.adapter else None,
         merge_adapter=args.merge_adapter,
     )

@@ -110,6 +110,7 @@ class LoadOptions:
     offload: bool = False  # sharded: layers that fit no GPU may stay on the CPU
     quantize: int | None = None  # --quantize: 4 or 8 bits for a float checkpoint's linears
     group_size: int | None = None  # with quantize: columns a scale (None: the default for the bits)
+    float_head: bool = False  # --float-head: a quantized model's head stays float (else int8 on the CPU)
     adapter: Path | None = None  # --adapter: a LoRA or P-tuning v2 folder put on the model (see adapters.py)
     merge_adapter: bool = False  # --merge-adapter: fold a LoRA into the weights
 

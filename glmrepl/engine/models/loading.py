@@ -99,6 +99,8 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
             )
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
+        if not request.float_head:
+            quantize_head(model)
     else:
         job.stage = "loading tokenizer"
         tokenizer = load_tokenizer(info, request.trust_remote_code)
@@ -116,7 +118,8 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
                 job.stage = f"quantizing to int{request.quantize}"
                 quantize_loaded(model, request)
         placement.quant_bits = _quant_bits(model)
-        keep_stored_head(model, info.dtype)
+        if request.float_head or not quantize_head(model):
+            keep_stored_head(model, info.dtype)
         native_format = None
     use_float_kernels(model)
     adapter = attach_requested_adapter(model, request, job)
@@ -133,6 +136,12 @@ def fuse_decode_steps(model: Any) -> None:
     from ..quant.decode_step import enable
 
     enable(model)
+
+
+def quantize_head(model: Any) -> bool:
+    from .quantize import quantize_head as to_int8
+
+    return to_int8(model)
 
 
 def keep_stored_head(model: Any, stored_dtype: str | None) -> None:

@@ -157,6 +157,34 @@ def _text_config(model: nn.Module) -> Any:
     return getter() if getter else model.config
 
 
+def quantize_head(model: nn.Module) -> bool:
+    """Put a quantized model's float CPU head in int8 (quant/int8_head.py), its tied embeddings
+    reading the same bytes; True when done. Left alone: a model without quantized layers, a head
+    already quantized, on another device, with a bias, or rows not a whole number of groups."""
+    from ..cpu.float_linear import KernelLinear
+    from ..quant.int8_head import HEAD_GROUP, Int8Embedding, quantized_head
+
+    head, embeddings = output_head(model), _call(model, "get_input_embeddings")
+    if not model_bits(model) or type(head) not in (nn.Linear, KernelLinear):
+        return False
+    weight: torch.Tensor = getattr(head, "weight")  # noqa: B009
+    if weight.device.type != "cpu" or getattr(head, "bias", None) is not None or weight.shape[1] % HEAD_GROUP:
+        return False
+    tied = embeddings is not None and embeddings.weight is weight
+    if tied and type(embeddings) is not nn.Embedding:
+        return False  # a scaled or otherwise special embedding: leave the pair as it is
+    names = {id(module): name for name, module in model.named_modules()}
+    int8 = quantized_head(weight.detach())
+    _set_submodule(model, names[id(head)], int8)
+    if tied:
+        untie_head(model)
+        compute = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+        _set_submodule(model, names[id(embeddings)], Int8Embedding(int8, compute, embeddings.padding_idx))
+    del weight, head, embeddings
+    release_freed_memory()  # the float table's pages go back now, not at some later trim
+    return True
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

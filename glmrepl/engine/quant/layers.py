@@ -156,7 +156,8 @@ def dequantize(
 
 def model_bits(model: nn.Module) -> int:
     """The bits of a model's quantized layers, 0 when it has none (shown by /device)."""
-    return next((m.bits for m in model.modules() if isinstance(m, QuantizedLinear)), 0)
+    # The fewest: an int4 model's head is int8 (int8_head.py).
+    return min((m.bits for m in model.modules() if isinstance(m, QuantizedLinear)), default=0)
 
 
 class QuantizedLinear(nn.Module):
