@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help="close a connection that has not sent a whole request this long after connecting or after "
-        f"its last answer (default {DEFAULT_IDLE_TIMEOUT:g})",
+        help="a connection must send a whole request head this long after connecting or after its last "
+        f"answer, and the body this long after its head, else 408 (default {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-connections",
@@ -241,7 +241,9 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
     from ..server.state import ServerState
 
     hosts = HostRule(bind_name(args.host), args.allow_host)
-    config = uvicorn_config(create_app(ServerState(backend, settings), api_key=api_key, hosts=hosts), args)
+    state = ServerState(backend, settings)
+    app = create_app(state, api_key=api_key, hosts=hosts, body_timeout=args.idle_timeout)
+    config = uvicorn_config(app, args)
     port = sockets[0].getsockname()[1]  # the port asked for, or the one given for --port 0
     line = start_line(status, f"http://{shown_host(args.host)}:{port}", api_key, backend.batching_status())
     server = AnnouncedServer(config, line)
