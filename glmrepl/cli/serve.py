@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         metavar="N",
-        help=f"connections open at once; a request on one more gets 503 (default {MIN_MAX_CONNECTIONS}, "
-        "or --max-queue + 16 when that is more)",
+        help="requests answered at once, each from its whole arrival to the end of its answer: idle and "
+        "slow connections never count; one more gets 503, /health excepted. Idle connections are held "
+        f"up to 16 per N, the longest idle closed first (default {MIN_MAX_CONNECTIONS}, or --max-queue + 16 "
+        "when that is more)",
     )
     parser.add_argument(
         "--max-batch",
@@ -261,15 +263,11 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
 def uvicorn_config(app, args):
     import uvicorn
 
-    from ..server.listening import guarded_protocol, too_many_connections
-    from ..server.middleware import AccessLog
+    from ..server.listening import guarded_settings
 
-    refusal = AccessLog(too_many_connections(args.max_connections))
     return uvicorn.Config(
         app,
-        http=guarded_protocol(args.idle_timeout, args.max_connections, refusal),
-        ws="none",  # no route is a WebSocket, and an upgrade would leave the guarded protocol
-        timeout_keep_alive=math.ceil(args.idle_timeout),
+        **guarded_settings(args.idle_timeout, args.max_connections),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
