@@ -1,12 +1,14 @@
-"""`glmrepl serve`'s connection policy against idle and slow clients: idle sockets
-never turn a request away, a request body has a deadline, and idle connections past the ceiling
-make room.
+"""`glmrepl serve`'s connection policy against idle, slow and non-reading clients: idle sockets
+never turn a request away, a request body has a deadline, an answer its client leaves unread is
+cut off (its reply leaving the scheduler), and idle connections past the ceiling make room.
 
 Real servers on free loopback ports: a `glmrepl serve` process, and uvicorn in this process with
 the same guards where the test holds the model's steps (tests/gated.py)."""
 
 from __future__ import annotations
 
+import errno
+import json
 import socket
 import time
 
@@ -166,6 +168,50 @@ def test_a_body_must_arrive_within_the_idle_timeout_of_its_head(server, trickle)
     error = error_of(body)
     assert error["code"] == "request_timeout" and "--idle-timeout" in error["message"]
     assert request(server.port, "GET", "/health")[0] == 200
+
+
+# -- an answer its client does not read ------------------------------------------------------------
+
+
+def reset_by_server(sock: socket.socket, limit: float) -> bool:
+    """Whether the server resets ``sock`` within ``limit`` seconds (its error, read without reading data)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stream_its_client_does_not_read_is_cancelled_and_its_connection_reset(scripted_backend):
+    idle_timeout = 1.0
+    backend = scripted_backend
+    before = backend.replies_status()["tokens_generated"]
+    with StepGate(backend.manager.current.model) as gate, guarded(backend, idle_timeout, 8) as server:
+        body = json.dumps(
+            {"model": "tiny-long-pieces", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        ).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, fixed before connecting
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        # 40 of the 60 tokens, 400 KB: more than the buffers hold. The reply then waits at the gate.
+        gate.release(40)
+        gate.wait_for(lambda: gate.steps >= 40 and gate.waiting > 0)
+        assert backend.replies_status()["running"] == 1
+        assert reset_by_server(sock, idle_timeout + 10), "the server still holds the unread stream"
+        sock.close()
+        gate.release(100)  # the model's next step finds the reply cancelled
+        deadline = time.monotonic() + 60
+        while backend.replies_status()["running"]:
+            assert time.monotonic() < deadline, "the cancelled reply still runs"
+            time.sleep(0.02)
+        generated = backend.replies_status()["tokens_generated"] - before
+        assert generated < 45, f"{generated} tokens: the reply ran on after its client was cut off"
+        assert request(server.port, "GET", "/health")[0] == 200
 
 
 # -- the ceiling on open connections ---------------------------------------------------------------

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="a connection must send a whole request head this long after connecting or after its last "
-        f"answer, and the body this long after its head, else 408 (default {DEFAULT_IDLE_TIMEOUT:g})",
+        "answer, and the body this long after its head (else 408); an answer its client leaves unread "
+        f"this long is cut off (default {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-connections",

@@ -2,9 +2,10 @@
 
 uvicorn closes a kept-alive connection that stays silent, but not one that never sends
 a request, nor one that sends its request head a byte at a time (each byte restarts its
-timer); and its connection cap counts idle sockets, so that a few dozen silent ones would
-turn every other client away. The protocol here gives each request head a deadline that no
-trickle extends, caps only the requests being answered (answering over the cap in JSON), and
+timer), nor one that never reads its answer; and its connection cap counts idle sockets,
+so that a few dozen silent ones would turn every other client away. The protocol here gives
+each request head a deadline that no trickle extends, cuts off a client that leaves its
+answer unread, caps only the requests being answered (answering over the cap in JSON), and
 bounds the idle connections by closing the one that has waited longest for a request.
 """
 
@@ -14,6 +15,7 @@ import asyncio
 import math
 import os
 import socket
+import struct
 import sys
 from typing import Any, ClassVar
 
@@ -49,6 +51,10 @@ def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, Any]]:
     return [(family, address) for address, family in unique.items()]
 
 
+# A connection's answer waits in the server (uvicorn's buffer) once the system's buffer is full.
+# Kept small, so that a client that stops reading is noticed after a few replies' worth of bytes,
+# not after the megabytes the system would otherwise take on loopback.
+SEND_BUFFER_BYTES = 64 * 1024
 OPEN_PER_ANSWERED = 16  # idle connections held open for each request that may be answered at once
 FILES_KEPT_FOR_THE_PROCESS = 128  # of the file limit: model files, threads' pipes, logs
 ALWAYS_ANSWERED = ("/health",)  # over the cap too: it is cheap, and how a balancer sees the server
@@ -58,6 +64,8 @@ class GuardedProtocol(H11Protocol):
     """uvicorn's h11 protocol with deadlines, a cap on requests being answered and a ceiling on connections.
 
     - A request head must arrive within ``idle_timeout`` of connecting or of the last answer.
+    - An answer the client leaves unread (the buffers full) for ``idle_timeout`` is cut off: the
+      connection is reset, so a streamed reply is cancelled and leaves the scheduler.
     - A request is answered over the cap only on ``ALWAYS_ANSWERED`` paths; the others get 503.
       A request counts from its whole arrival (head and body) to the end of its answer, so idle
       connections and slow senders never count (the body's own deadline is ``LimitBody``'s).
@@ -77,9 +85,13 @@ class GuardedProtocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_deadline: asyncio.TimerHandle | None = None
+        self.write_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         if len(self.connections) > self.max_open:
             self._make_room()
         if not transport.is_closing():
@@ -87,6 +99,7 @@ class GuardedProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        self._drop_write_deadline()
         self.answering.discard(self)
         super().connection_lost(exc)
 
@@ -99,8 +112,19 @@ class GuardedProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self.answering.discard(self)
+        # Armed even when the connection is closing: a close waits for the client to read what is
+        # left, and the deadline resets a connection whose client never does.
         self._await_head()
         super().on_response_complete()  # may parse a pipelined request, which stops the wait
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_deadline is None:
+            self.write_deadline = self.loop.call_later(self.idle_timeout, self._reset)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._drop_write_deadline()
 
     async def _over_the_cap(self, scope, receive, send) -> None:
         answer = self.config.loaded_app if scope.get("path") in ALWAYS_ANSWERED else self.refusal
@@ -130,13 +154,29 @@ class GuardedProtocol(H11Protocol):
     def _close_if_waiting(self) -> None:
         self.head_deadline = None
         self.awaiting_head.pop(self, None)
-        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self._reset()  # its last answer is still unread: a close would wait for it
+        else:
+            self.transport.close()
+
+    def _reset(self) -> None:
+        """Close at once, dropping what the client has not read (a close would wait for it to)."""
+        self.write_deadline = None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _stop_waiting(self) -> None:
         self.awaiting_head.pop(self, None)
         if self.head_deadline is not None:
             self.head_deadline.cancel()
             self.head_deadline = None
+
+    def _drop_write_deadline(self) -> None:
+        if self.write_deadline is not None:
+            self.write_deadline.cancel()
+            self.write_deadline = None
 
 
 def open_ceiling(max_connections: int) -> int:
