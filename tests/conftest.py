@@ -59,6 +59,7 @@ LAYERS = {
     "test_server": "server",
     "test_server_chatglm3_tools": "server",
     "test_server_concurrency": "server",
+    "test_server_connections": "server",
     "test_server_hardening": "server",
     "test_server_robustness": "server",
     "test_server_tools": "server",

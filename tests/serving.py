@@ -102,14 +102,15 @@ class ServerProcess:
 
 
 class InProcessServer:
-    """uvicorn in a thread of this process, for tests that also drive the backend directly."""
+    """uvicorn in a thread of this process, for tests that also drive the backend directly;
+    ``settings`` go to uvicorn.Config (``listening.guarded_settings`` for glmrepl serve's guards)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **settings):
         import uvicorn
 
         self.port = free_port()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, **settings)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

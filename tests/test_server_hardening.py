@@ -1,7 +1,8 @@
 """`glmrepl serve` against hostile clients: foreign Host names (DNS rebinding), terminal escapes in
-the access log, idle and trickling connections, too many connections, and the small HTTP details
-(the auth scheme's case, Allow, HEAD, the documented 400, a chunked 413). Real server processes on
-free loopback ports, driven by http.client and raw sockets so any Host and any path can be sent."""
+the access log, idle and trickling request heads, and the small HTTP details (the auth scheme's
+case, Allow, HEAD, the documented 400, a chunked 413); the connection policy has its own file,
+test_server_connections.py. Real server processes on free loopback ports, driven by http.client
+and raw sockets so any Host and any path can be sent."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ pytest.importorskip("fastapi")
 KEY = "hardening-key-41c2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 IDLE_TIMEOUT = 1.0  # the guarded server's --idle-timeout
-MAX_CONNECTIONS = 3  # and its --max-connections
 ANSI_AND_FORGERY = (
     "/%1b%5b2J%1b%5d0;pwned%07%1b%5d52;c;ZXZpbA==%07%0d%0a"
     "POST%20/v1/forged%20200%201%20tokens%200.001s%e2%80%a8%e2%80%ae%c2%9b"
@@ -48,8 +48,6 @@ def guarded_server(gpt2_checkpoint, tmp_path_factory):
             "glmrepl.test",
             "--idle-timeout",
             str(IDLE_TIMEOUT),
-            "--max-connections",
-            str(MAX_CONNECTIONS),
         ],
         tmp_path_factory.mktemp("serve") / "guarded.log",
     )
@@ -216,7 +214,7 @@ def test_an_unexpected_error_is_one_escaped_line_and_a_json_500(caplog):
     assert not [record for record in uvicorn_records if record.exc_info], "uvicorn logged a traceback"
 
 
-# -- idle connections and the connection cap -------------------------------------------------------
+# -- idle connections -------------------------------------------------------------------------------
 
 
 def test_idle_and_trickling_connections_are_closed_within_the_idle_timeout(guarded_server):
@@ -233,41 +231,6 @@ def test_idle_and_trickling_connections_are_closed_within_the_idle_timeout(guard
         assert kept.recv(65536).startswith(b"HTTP/1.1 200")
         assert seconds_until_closed(kept) < IDLE_TIMEOUT + 4
     assert ask(port, "GET", "/health")[0] == 200
-
-
-def _hold(port: int) -> socket.socket:
-    """A connection busy with a request: its head sent, its body awaited (the server's 100 Continue)."""
-    for _ in range(50):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 64\r\nExpect: 100-continue\r\n\r\n"
-        )
-        answer = sock.recv(65536)
-        if answer.startswith(b"HTTP/1.1 100"):
-            return sock
-        sock.close()  # the previous probe's connection may not be counted out yet: try again
-        time.sleep(0.1)
-    raise AssertionError(f"no 100 Continue: {answer[:200]!r}")
-
-
-def test_connections_over_the_cap_get_a_json_503_and_the_server_serves_after(guarded_server):
-    port = guarded_server.port
-    held = [_hold(port) for _ in range(MAX_CONNECTIONS - 1)]
-    try:
-        assert ask(port, "GET", "/health")[0] == 200  # the last one allowed
-        held.append(_hold(port))
-        status, headers, raw = ask(port, "GET", "/health")
-        assert status == 503 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
-        assert error_of(raw)["code"] == "too_many_connections"
-    finally:
-        for sock in held:
-            sock.close()
-    deadline = time.monotonic() + 10
-    while ask(port, "GET", "/health")[0] != 200:  # the held connections are counted out as they close
-        assert time.monotonic() < deadline, "the server still refuses after the connections closed"
-        time.sleep(0.1)
-    assert re.search(r"^GET /health 503 ", guarded_server.output(), re.M)
 
 
 # -- HTTP details ----------------------------------------------------------------------------------

@@ -57,15 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help="close a connection that has not sent a whole request this long after connecting or after "
-        f"its last answer (default {DEFAULT_IDLE_TIMEOUT:g})",
+        help="a connection must send a whole request head this long after connecting or after its last "
+        "answer, and the body this long after its head (else 408); an answer its client leaves unread "
+        f"this long is cut off (default {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-connections",
         type=int,
         metavar="N",
-        help=f"connections open at once; a request on one more gets 503 (default {MIN_MAX_CONNECTIONS}, "
-        "or --max-queue + 16 when that is more)",
+        help="requests answered at once, each from its whole arrival to the end of its answer: idle and "
+        "slow connections never count; one more gets 503, /health excepted. Idle connections are held "
+        f"up to 16 per N, the longest idle closed first (default {MIN_MAX_CONNECTIONS}, or --max-queue + 16 "
+        "when that is more)",
     )
     parser.add_argument(
         "--max-batch",
@@ -241,7 +244,9 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
     from ..server.state import ServerState
 
     hosts = HostRule(bind_name(args.host), args.allow_host)
-    config = uvicorn_config(create_app(ServerState(backend, settings), api_key=api_key, hosts=hosts), args)
+    state = ServerState(backend, settings)
+    app = create_app(state, api_key=api_key, hosts=hosts, body_timeout=args.idle_timeout)
+    config = uvicorn_config(app, args)
     port = sockets[0].getsockname()[1]  # the port asked for, or the one given for --port 0
     line = start_line(status, f"http://{shown_host(args.host)}:{port}", api_key, backend.batching_status())
     server = AnnouncedServer(config, line)
@@ -259,15 +264,11 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
 def uvicorn_config(app, args):
     import uvicorn
 
-    from ..server.listening import guarded_protocol, too_many_connections
-    from ..server.middleware import AccessLog
+    from ..server.listening import guarded_settings
 
-    refusal = AccessLog(too_many_connections(args.max_connections))
     return uvicorn.Config(
         app,
-        http=guarded_protocol(args.idle_timeout, args.max_connections, refusal),
-        ws="none",  # no route is a WebSocket, and an upgrade would leave the guarded protocol
-        timeout_keep_alive=math.ceil(args.idle_timeout),
+        **guarded_settings(args.idle_timeout, args.max_connections),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -25,8 +25,10 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     log_stream: TextIO | None = None,
     hosts: HostRule | None = None,
+    body_timeout: float | None = None,
 ) -> FastAPI:
-    """The app; ``hosts`` defaults to the loopback rule (a server bound to 127.0.0.1)."""
+    """The app; ``hosts`` defaults to the loopback rule (a server bound to 127.0.0.1), and a body
+    has ``body_timeout`` seconds after its head to arrive (None: as long as it takes)."""
     app = FastAPI(
         title="glmrepl",
         version=__version__,
@@ -45,7 +47,7 @@ def create_app(
     install_error_handlers(app)
     document_errors_as_answered(app)
     # Added last is outermost: the log sees every answer, including 403, 401, 413 and 500.
-    app.add_middleware(LimitBody, limit=max_body_bytes)
+    app.add_middleware(LimitBody, limit=max_body_bytes, timeout=body_timeout)
     app.add_middleware(RequireApiKey, api_key=api_key)
     app.add_middleware(CheckHost, rule=hosts or HostRule("127.0.0.1"))
     app.add_middleware(ContainErrors)

@@ -1,9 +1,9 @@
 """Every error the server answers, as JSON in the OpenAI error shape.
 
 ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status that
-fits: 400 bad input, 401 key, 403 host name, 404 route or model, 405 method, 413
-body too large, 503 the queue or the connections are full, 500 what failed, in one
-line. No traceback ever reaches a client, and nothing a client wrote reaches the
+fits: 400 bad input, 401 key, 403 host name, 404 route or model, 405 method, 408
+body too slow, 413 body too large, 503 the queue or the connections are full, 500 what
+failed, in one line. No traceback ever reaches a client, and nothing a client wrote reaches the
 log or an error message with its control characters live.
 """
 
@@ -40,6 +40,7 @@ ERROR_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "server_overloaded",
     500: "server_error",
@@ -131,6 +132,9 @@ def request_words(hint) -> str:
     return f"glmrepl serve --{hint.action} {hint.value}".rstrip()
 
 
+HTTP_ERROR_CODES = {408: "request_timeout", 413: "request_too_large"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -167,7 +171,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 code="method_not_allowed",
                 headers={"Allow": ", ".join(allowed_methods(request))},
             )
-        code = "request_too_large" if error.status_code == 413 else None  # a chunked body over the limit
+        code = HTTP_ERROR_CODES.get(error.status_code)  # a chunked body over the limit, a body too slow
         headers = dict(error.headers) if error.headers else None
         return error_response(error.status_code, str(error.detail), code=code, headers=headers)
 

@@ -7,6 +7,7 @@ through and a client's disconnect reaches the route at once.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -146,12 +147,25 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than {limit} bytes")
 
 
-class LimitBody:
-    """Refuse bodies over ``limit`` bytes: at once from Content-Length, else while reading."""
+class BodyTooSlow(HTTPException):
+    def __init__(self, seconds: float):
+        message = f"the request body did not all arrive within {seconds:g} s of its head (--idle-timeout)"
+        # The rest of the body may still be coming: the connection cannot carry another request.
+        super().__init__(408, message, headers={"Connection": "close"})
 
-    def __init__(self, app, limit: int):
+
+class LimitBody:
+    """Refuse bodies over ``limit`` bytes (at once from Content-Length, else while reading), and
+    bodies not all arrived ``timeout`` seconds after their head.
+
+    The deadline is for the whole body, not for each gap in it: a client trickling a byte now
+    and then cannot hold its request, and its connection, any longer than one that stops.
+    """
+
+    def __init__(self, app, limit: int, timeout: float | None = None):
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -162,17 +176,30 @@ class LimitBody:
                 send, 413, f"the request body is larger than {self.limit} bytes", "request_too_large"
             )
         received = 0
+        # The app is called as soon as the head has arrived (uvicorn): the body's clock starts now.
+        deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
 
         async def counted_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline
+            message = await self._before(deadline, receive)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     raise BodyTooLarge(self.limit)
+                if not message.get("more_body", False):
+                    deadline = None  # the body is whole: later receives wait for a disconnect
             return message
 
         return await self.app(scope, counted_receive, send)
+
+    async def _before(self, deadline: float | None, receive):
+        if deadline is None:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await receive()
+        except TimeoutError:
+            raise BodyTooSlow(self.timeout or 0) from None
 
 
 class AccessLog:
