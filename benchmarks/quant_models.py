@@ -1,17 +1,19 @@
-"""int4 / int8 against float32 on the Qwen2-0.5B-shaped checkpoint: decode speed, resident memory.
+"""int4 / int8 / bfloat16 against float32 and llama.cpp on the Qwen2-0.5B-shaped checkpoint.
 
     python benchmarks/quant_models.py [--threads 2] [--repeats 3] [--new-tokens 64] [--no-llamacpp] [--smoke]
 
 The checkpoint (benchmarks/checkpoint.py, bfloat16 safetensors) is quantized
 once into benchmarks/cache by ``glmrepl quantize``: int8 and int4 at their
-default group sizes, each with the output head left float (the default) and
-with ``--head``. Then, each in a child process: float32 (the source at
-``--dtype float32``) and the four quantized folders loaded side by side by
-path, as ``glmrepl DST`` loads them, and decoded in turns through
-GenerationRun (medians; the machine's other load hits every variant alike);
-and each variant alone in a fresh process for its resident memory against the
-bytes of its parameters. llama.cpp's Q8_0 / Q4_0 of the same checkpoint are
-printed beside when its environment exists (benchmarks/llamacpp.py).
+default group sizes, each with the output head stored float (made int8 when it
+loads on the CPU, the default) and with ``--head``. Then, each in a child
+process: float32 and bfloat16 (the source at ``--dtype float32`` / ``bfloat16``)
+and the four quantized folders loaded side by side by path, as ``glmrepl DST``
+loads them, and decoded in turns through GenerationRun (medians; the machine's
+other load hits every variant alike); and each variant alone in a fresh process
+for its resident memory against the bytes of its parameters, and the load's
+peak against where it settles. llama.cpp's float32 / bfloat16 / Q8_0 / Q4_0 of
+the same checkpoint follow when its environment exists (benchmarks/llamacpp.py),
+and glmrepl's speed over llama.cpp's, precision by precision.
 Figures, not a test: nothing here fails on a slow machine. ``--smoke`` runs all of it on a
 tiny checkpoint (benchmarks/smoke.py).
 """
@@ -36,6 +38,8 @@ ROOT = HERE.parent
 # label -> (bits, quantize the head too)
 VARIANTS = {"int8": (8, False), "int4": (4, False), "int8 +head": (8, True), "int4 +head": (4, True)}
 TARGETS = {"int8": 2.5, "int4": 3.0}
+FLOAT_VARIANTS = ("float32", "bfloat16")
+LLAMA_CPP_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "int8": "int8 (Q8_0)", "int4": "int4 (Q4_0)"}
 GIB = 1 << 30
 
 
@@ -56,11 +60,11 @@ def quantized_folders(cache: Path, smoke_run: bool = False) -> tuple[Path, dict[
     return source, folders
 
 
-def load(path: Path):
+def load(path: Path, dtype: str = "float32"):
     from glmrepl.engine.cpu.machine import release_thread_pool
     from glmrepl.engine.models.loading import LoadRequest, load_model
 
-    loaded = load_model(LoadRequest(path=path, name=path.name, mode="cpu", dtype="float32"))
+    loaded = load_model(LoadRequest(path=path, name=path.name, mode="cpu", dtype=dtype))
     # The REPL loads in a thread that ends, taking its OpenMP threads with it; loading here
     # keeps this thread's, and two pools on two cores slow every decode step (cpu.py).
     release_thread_pool()
@@ -82,7 +86,7 @@ def speed_child(paths: dict, threads: int, repeats: int, new_tokens: int) -> dic
 
     cpu.request_threads(threads)
     cpu.apply_threads()
-    models = {label: load(Path(path)) for label, path in paths.items()}
+    models = {label: load(Path(path), dtype) for label, (path, dtype) in paths.items()}
     built = cpu_kernels.wait_until_built() is not None
     ids = speed.prompt_ids(models["float32"].model.config.vocab_size)[:16]
     for loaded in models.values():  # warm-up: pages read in, thread pools built
@@ -107,9 +111,10 @@ def speed_child(paths: dict, threads: int, repeats: int, new_tokens: int) -> dic
     }
 
 
-def memory_child(path: str, threads: int) -> dict:
-    """In a fresh child: resident memory growth of a load and a short reply."""
+def memory_child(path: str, dtype: str, threads: int) -> dict:
+    """In a fresh child: resident memory growth of a load and a short reply, and its peak."""
     import gc
+    import resource
 
     import transformers.modeling_utils  # noqa: F401  (the libraries a load imports are the baseline)
 
@@ -121,10 +126,11 @@ def memory_child(path: str, threads: int) -> dict:
     cpu.request_threads(threads)
     cpu.apply_threads()
     baseline = resident_memory_bytes() or 0
-    loaded = load(Path(path))
+    loaded = load(Path(path), dtype)
     generation(loaded, [3, 4, 5, 6], 2)
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in loaded.model.parameters()}
     grown = (resident_memory_bytes() or 0) - baseline
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # kilobytes on Linux
     # What the model itself holds: what dropping it (and nothing else) gives back. The growth
     # also holds fixed costs (the 151936-token tokenizer, the modules a load imports, thread
     # pools) that weigh more beside a smaller model.
@@ -133,7 +139,12 @@ def memory_child(path: str, threads: int) -> dict:
     gc.collect()
     release_freed_memory()
     held = before_drop - (resident_memory_bytes() or 0)
-    return {"rss_growth_bytes": grown, "model_bytes": held, "parameter_bytes": sum(unique.values())}
+    return {
+        "rss_growth_bytes": grown,
+        "peak_growth_bytes": peak,
+        "model_bytes": held,
+        "parameter_bytes": sum(unique.values()),
+    }
 
 
 def child(*args: str) -> dict:
@@ -146,12 +157,13 @@ def child(*args: str) -> dict:
 
 def measure(args) -> dict:
     source, folders = quantized_folders(args.cache, args.smoke)
-    paths = {"float32": str(source)} | {label: str(folder) for label, folder in folders.items()}
+    paths = {"float32": [str(source), "float32"], "bfloat16": [str(source), "bfloat16"]}
+    paths |= {label: [str(folder), "float32"] for label, folder in folders.items()}
     results: dict = {"load_average_before": os.getloadavg()}
     print("[quant_models] decode, all variants in turns ...", flush=True)
     results["speed"] = child("--speed", json.dumps(paths), str(args.threads), str(args.repeats), str(args.new_tokens))
     print("[quant_models] resident memory, each alone ...", flush=True)
-    results["memory"] = {label: child("--memory", path, str(args.threads)) for label, path in paths.items()}
+    results["memory"] = {label: child("--memory", *place, str(args.threads)) for label, place in paths.items()}
     results["load_average_after"] = os.getloadavg()
     if not args.no_llamacpp:
         import llamacpp
@@ -168,7 +180,7 @@ def table(results: dict) -> str:
     for label, figures in variants.items():
         memory = results["memory"][label]
         ratio = memory["model_bytes"] / memory["parameter_bytes"]
-        target = TARGETS.get(label.split()[0]) if label != "float32" else None
+        target = TARGETS.get(label.split()[0]) if label not in FLOAT_VARIANTS else None
         rows.append(
             (
                 label,
@@ -176,8 +188,8 @@ def table(results: dict) -> str:
                 f"{figures['decode_tokens_per_s'] / base:.2f}x",
                 f">= {target}x" if target else "",
                 f"{memory['model_bytes'] / GIB:.2f} / {memory['parameter_bytes'] / GIB:.2f} GiB = {ratio:.2f}x"
-                + ("" if label == "float32" else " (<= 1.2x)")
-                + f"; load grew {memory['rss_growth_bytes'] / GIB:.2f}",
+                + ("" if label in FLOAT_VARIANTS else " (<= 1.2x)")
+                + f"; load grew {memory['rss_growth_bytes'] / GIB:.2f}, peak {peak_ratio(memory):.2f}x of it",
                 figures["path"],
             )
         )
@@ -192,7 +204,28 @@ def table(results: dict) -> str:
         import llamacpp
 
         lines.append(llamacpp.table(results["llama_cpp"]))
+        lines += beside_llamacpp(variants, results["llama_cpp"])
     return "\n".join(lines)
+
+
+def peak_ratio(memory: dict) -> float:
+    """The load's peak growth over its settled growth (target <= 1.3 for quantized folders)."""
+    return memory.get("peak_growth_bytes", 0) / max(1, memory["rss_growth_bytes"])
+
+
+def beside_llamacpp(variants: dict, figures: dict) -> list[str]:
+    """glmrepl's decode speed over llama.cpp's, precision by precision, from the same run."""
+    if "results" not in figures:
+        return []
+    lines = ["glmrepl / llama.cpp decode (targets: >= 1.0 int4, int8, float32; >= 0.95 bfloat16):"]
+    for ours, theirs in LLAMA_CPP_NAMES.items():
+        found = figures["results"].get(theirs, {})
+        if ours in variants and "decode_tokens_per_s" in found:
+            rate = variants[ours]["decode_tokens_per_s"]
+            lines.append(
+                f"  {ours:<9} {rate:6.2f} / {found['decode_tokens_per_s']:6.2f} = {rate / found['decode_tokens_per_s']:.2f}"
+            )
+    return lines
 
 
 def main() -> None:
@@ -209,7 +242,7 @@ def main() -> None:
         print(json.dumps(speed_child(json.loads(paths), int(threads), int(repeats), int(new_tokens))))
         return
     if sys.argv[1:2] == ["--memory"]:
-        print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]))))
+        print(json.dumps(memory_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     args = parser.parse_args()
     if args.smoke:

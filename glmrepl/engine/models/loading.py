@@ -99,8 +99,8 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
             )
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
-        if not request.float_head:
-            quantize_head(model)
+        if not request.float_head and placement.device_map == "cpu":
+            quantize_head(model, torch_dtype(placement.dtype))
     else:
         job.stage = "loading tokenizer"
         tokenizer = load_tokenizer(info, request.trust_remote_code)
@@ -118,7 +118,10 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
                 job.stage = f"quantizing to int{request.quantize}"
                 quantize_loaded(model, request)
         placement.quant_bits = _quant_bits(model)
-        if request.float_head or not quantize_head(model):
+        compute = torch_dtype(placement.dtype)
+        int8_head = not request.float_head and placement.device_map == "cpu" and quantize_head(model, compute)
+        widen_vocabulary(model, compute)
+        if not int8_head:
             keep_stored_head(model, info.dtype)
         native_format = None
     use_float_kernels(model)
@@ -138,10 +141,19 @@ def fuse_decode_steps(model: Any) -> None:
     enable(model)
 
 
-def quantize_head(model: Any) -> bool:
+def quantize_head(model: Any, compute) -> bool:
     from .quantize import quantize_head as to_int8
 
-    return to_int8(model)
+    return to_int8(model, compute)
+
+
+def widen_vocabulary(model: Any, compute) -> None:
+    """Embeddings or a head read in their stored 16 bits (for an int8 head) and left float: to
+    the model's compute type, as every other float tensor."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.is_floating_point() and weight.dtype != compute:
+            weight.data = weight.data.to(compute)
 
 
 def keep_stored_head(model: Any, stored_dtype: str | None) -> None:

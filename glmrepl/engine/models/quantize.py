@@ -157,9 +157,9 @@ def _text_config(model: nn.Module) -> Any:
     return getter() if getter else model.config
 
 
-def quantize_head(model: nn.Module) -> bool:
+def quantize_head(model: nn.Module, compute: torch.dtype = torch.float32) -> bool:
     """Put a quantized model's float CPU head in int8 (quant/int8_head.py), its tied embeddings
-    reading the same bytes; True when done. Left alone: a model without quantized layers, a head
+    reading the same bytes and giving rows of ``compute``, the model's type; True when done. Left alone: a model without quantized layers, a head
     already quantized, on another device, with a bias, or rows not a whole number of groups."""
     from ..cpu.float_linear import KernelLinear
     from ..quant.int8_head import HEAD_GROUP, Int8Embedding, quantized_head
@@ -178,7 +178,6 @@ def quantize_head(model: nn.Module) -> bool:
     _set_submodule(model, names[id(head)], int8)
     if tied:
         untie_head(model)
-        compute = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
         _set_submodule(model, names[id(embeddings)], Int8Embedding(int8, compute, embeddings.padding_idx))
     del weight, head, embeddings
     release_freed_memory()  # the float table's pages go back now, not at some later trim

@@ -17,7 +17,7 @@ from .layers import QuantizedLinear, quantize_weight
 
 HEAD_BITS = 8
 HEAD_GROUP = 32
-_ROWS_AT_ONCE = 8192  # rows quantized together: a few MB of float32 temporaries at a time
+_ROWS_AT_ONCE = 1024  # rows quantized together: a few MB of float32 temporaries at a time
 
 
 class Int8Embedding(nn.Module):
