@@ -70,6 +70,19 @@ def test_integer_products_equal_dequantized_products(older_kernels, bits, group)
     assert ((ours - theirs).abs() <= bound + 1e-5 * theirs.abs() + 1e-5).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [0, 32])
+def test_rows_dequantized_for_prompts_equal_torchs(older_kernels, bits, group):
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    torch.manual_seed(bits + group)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(96, 40, bias=False), bits, group)
+    scale = layer.weight_scale.float()
+    out = torch.full((13, 96), float("nan"))
+    assert cpu_kernels.dequantize_rows(older_kernels, layer.weight, scale, bits, group or 96, 20, out, 2)
+    assert torch.equal(out, layer.dequantized(torch.float32)[20:33])
+
+
 def test_fused_steps_equal_transformers_steps(use_older_kernels, steps_taken):
     model = tiny("qwen2")
     assert decode_step.enable(model)

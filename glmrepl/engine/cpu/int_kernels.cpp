@@ -330,3 +330,48 @@ extern "C" int int4_gemv(const int8_t* w, const void* x, int x_type, const void*
     }
     return 0;
 }
+
+// ---- prompts: rows dequantized for torch's matmul -----------------------------------------
+//
+// A prompt multiplies every weight by many tokens, which a float matmul does best; the weight
+// is dequantized a block of rows at a time into a buffer that stays in the cache. In torch
+// that took several passes over the block (widen, unpack the nibbles, scale) and two half-width
+// products for int4, about as long as the products themselves at 64 tokens.
+
+template <int BITS>
+static void dequantize_row(const int8_t* w, const float* s, int64_t values, int64_t group, float* out) {
+    for (int64_t g = 0, start = 0; start < values; g++, start += group) {
+        const int64_t end = start + group < values ? start + group : values;
+        const float scale = s[g];
+        if (BITS == 8) {
+            for (int64_t j = start; j < end; j++) out[j] = (float)w[j] * scale;
+        } else {
+            for (int64_t j = start; j < end; j += 2) {
+                const int8_t b = w[j / 2];
+                out[j] = (float)(b >> 4) * scale;
+                out[j + 1] = (float)((int8_t)(b << 4) >> 4) * scale;
+            }
+        }
+    }
+}
+
+// Rows [first, first + count) of an int8 or int4 weight of `values` columns as float32, into
+// out [count, values]. Returns 0, or 1 for what this build cannot read (the caller uses torch).
+extern "C" int dequantize_rows(const int8_t* w, int bits, const void* scale, int s_type, float* out, int64_t first,
+                               int64_t count, int64_t values, int64_t group, int64_t threads) {
+    if (!known(s_type) || group < 1 || (bits != 8 && bits != 4) || (bits == 4 && (values % 2 || group % 2)))
+        return 1;
+    const int64_t stored = bits == 4 ? values / 2 : values, groups = (values + group - 1) / group;
+    const int64_t s_size = s_type == F32 ? 4 : 2;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (count * values >= PARALLEL_WORK)
+    for (int64_t r = 0; r < count; r++) {
+        std::vector<float> s(groups);
+        widen_scales((const char*)scale + (first + r) * groups * s_size, s_type, groups, s.data());
+        const int8_t* row = w + (first + r) * stored;
+        if (bits == 8)
+            dequantize_row<8>(row, s.data(), values, group, out + r * values);
+        else
+            dequantize_row<4>(row, s.data(), values, group, out + r * values);
+    }
+    return 0;
+}

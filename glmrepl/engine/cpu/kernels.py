@@ -153,6 +153,9 @@ def declare(lib) -> None:
     lib.glm_decode_rows.restype = ctypes.c_int
     lib.glm_decode_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
     lib.glm_decode_rows.argtypes += [ctypes.c_int64]
+    lib.dequantize_rows.restype = ctypes.c_int
+    lib.dequantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.dequantize_rows.argtypes += [ctypes.c_int64] * 5
     lib.float_gemm.restype = ctypes.c_int
     lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]
 
@@ -221,6 +224,26 @@ def _int_product(kernel, packed, x, scale, group: int, threads: int):
         threads,
     )
     return None if failed else out
+
+
+def dequantize_rows(lib, packed, scale, bits: int, group: int, first: int, out, threads: int) -> bool:
+    """Rows [first, first + len(out)) of an int8/int4 weight as float32 into ``out`` [rows, values]
+    (contiguous); False when this build cannot read the scale's type."""
+    codes = _type_codes()
+    count, values = out.shape
+    failed = lib.dequantize_rows(
+        packed.data_ptr(),
+        bits,
+        scale.data_ptr(),
+        codes[scale.dtype],
+        out.data_ptr(),
+        first,
+        count,
+        values,
+        group,
+        threads,
+    )
+    return not failed
 
 
 # The codes the C++ side reads the float types by (cpu_kernels.cpp's ``Type``), by torch dtype name.

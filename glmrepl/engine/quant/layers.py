@@ -273,6 +273,12 @@ def blocked_linear(
     """x @ dequantized.T, dequantizing one block of rows at a time (see the module docstring)."""
     rows, in_features = packed.shape[0], packed.shape[1] * 8 // bits
     block = max(1, _CPU_BLOCK_VALUES // in_features)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        lib = cpu_kernels.library()
+        if lib is not None and packed.is_contiguous():
+            output = _kernel_blocks(lib, x, packed, scale.contiguous(), bits, group_size or in_features, block)
+            if output is not None:
+                return output
     scale = scale.to(x.dtype)
     output = x.new_empty(*x.shape[:-1], rows)
     if bits == 4:
@@ -290,6 +296,21 @@ def blocked_linear(
         high, low = unpack_int4(part)
         out.copy_(F.linear(even, scaled(high.to(x.dtype), part_scale, group_size // 2)))
         out.add_(F.linear(odd, scaled(low.to(x.dtype), part_scale, group_size // 2)))
+    return output
+
+
+def _kernel_blocks(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, group: int, block: int):
+    """``blocked_linear`` with each block dequantized by the C++ kernel; None when it cannot read
+    the scale's type."""
+    rows, in_features = packed.shape[0], packed.shape[1] * 8 // bits
+    buffer = torch.empty(min(block, rows), in_features)
+    output = x.new_empty(*x.shape[:-1], rows)
+    threads = torch.get_num_threads()
+    for start in range(0, rows, block):
+        part = buffer[: min(block, rows - start)]
+        if not cpu_kernels.dequantize_rows(lib, packed, scale, bits, group, start, part, threads):
+            return None
+        output[..., start : start + len(part)] = F.linear(x, part)
     return output
 
 
