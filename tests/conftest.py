@@ -57,6 +57,7 @@ LAYERS = {
     "test_connect_pty": "pty",
     "test_web_page": "browser",
     "test_server": "server",
+    "test_server_cache_namespaces": "server",
     "test_server_chatglm3_tools": "server",
     "test_server_concurrency": "server",
     "test_server_connections": "server",

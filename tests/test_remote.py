@@ -398,3 +398,16 @@ def test_a_conversation_saved_with_a_local_folder_loads_on_the_server_serving_th
     out = drive_repl(app, f"/load {other}\n")
     assert "loaded 1 turn from" in out and "error" not in out  # a local folder is not looked for on the server
     assert "it was saved with /models/elsewhere; the server's model is stub-model (/model NAME picks one)" in out
+
+
+def test_connect_sends_the_first_of_the_keys_the_environment_holds_for_a_server(monkeypatch):
+    import argparse
+
+    from glmrepl.cli.main import LOCAL_ONLY_FLAGS, build_backend
+
+    args = argparse.Namespace(connect="http://127.0.0.1:8000", api_key=None, **dict.fromkeys(LOCAL_ONLY_FLAGS))
+    monkeypatch.setenv("GLMREPL_API_KEY", "first-key, second-key")  # as `glmrepl serve` takes several
+    assert build_backend(args).api_key == "first-key"
+    monkeypatch.setenv("GLMREPL_API_KEY", "")
+    assert build_backend(args).api_key is None
+    assert build_backend(argparse.Namespace(**{**vars(args), "api_key": "given,key"})).api_key == "given,key"

@@ -144,7 +144,8 @@ def build_backend(args) -> Backend:
         raise ValueError(f"{used[0]} cannot be used with --connect: the server loads and places the model")
     from ..engine import RemoteBackend
 
-    return RemoteBackend(args.connect, args.api_key or os.environ.get("GLMREPL_API_KEY"))
+    # The variable may hold several keys for `glmrepl serve` (separated by commas): the first is this client's.
+    return RemoteBackend(args.connect, args.api_key or os.environ.get("GLMREPL_API_KEY", "").split(",")[0].strip())
 
 
 def _warn_if_family_ignored(app, target: str, family: str) -> None:

@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument(
         "--api-key",
+        action="append",
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (default: $GLMREPL_API_KEY; none on loopback)",
+        help="require 'Authorization: Bearer KEY'; repeatable, any of the keys is accepted and the requests of "
+        "one key never reuse the caches of another's (default: $GLMREPL_API_KEY, several separated by commas; "
+        "none on loopback)",
     )
     parser.add_argument(
         "--max-queue",
@@ -123,8 +126,8 @@ def is_loopback(host: str) -> bool:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("GLMREPL_API_KEY") or None
-    if not is_loopback(args.host) and not api_key:
+    api_keys = api_keys_of(args.api_key, os.environ.get("GLMREPL_API_KEY"))
+    if not is_loopback(args.host) and not api_keys:
         print(
             f"error: refusing to serve on {args.host} without an API key: set --api-key or $GLMREPL_API_KEY, "
             "or keep 127.0.0.1 and forward the port over SSH",
@@ -151,7 +154,14 @@ def main(argv: list[str]) -> int:
         options = load_options(args, config)
     except ValueError as error:
         parser.error(str(error))
-    return serve(args, options, settings, api_key, config)
+    return serve(args, options, settings, api_keys, config)
+
+
+def api_keys_of(given: list[str] | None, environment: str | None) -> list[str]:
+    """The keys to accept: each --api-key, else those of $GLMREPL_API_KEY (separated by commas);
+    blank ones dropped (``--api-key ''`` asks for none), each once, in order: a key's place is its cache's name."""
+    keys = given if given is not None else (environment or "").split(",")
+    return list(dict.fromkeys(key.strip() for key in keys if key.strip()))
 
 
 def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -173,7 +183,7 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--max-batch must be 1 or more")
 
 
-def serve(args, options, settings, api_key: str | None, config) -> int:
+def serve(args, options, settings, api_keys: list[str], config) -> int:
     from pathlib import Path
 
     from ..engine import GlmreplError, LocalBackend, default_kv_budget_mb, resolve_model
@@ -201,7 +211,7 @@ def serve(args, options, settings, api_key: str | None, config) -> int:
     except GlmreplError as error:
         return load_failed(error)
     backend.warm_batch()
-    return run_server(backend, settings, api_key, args, sockets, status)
+    return run_server(backend, settings, api_keys, args, sockets, status)
 
 
 def load_failed(error) -> int:
@@ -237,7 +247,7 @@ def cannot_listen(host: str, port: int, error: OSError) -> None:
     print(f"error: cannot listen on {shown_host(host)}:{port}: {reason[:1].lower()}{reason[1:]}", file=sys.stderr)
 
 
-def run_server(backend, settings, api_key, args, sockets, status) -> int:
+def run_server(backend, settings, api_keys: list[str], args, sockets, status) -> int:
     from ..server.app import create_app
     from ..server.listening import AnnouncedServer
     from ..server.middleware import HostRule
@@ -245,10 +255,10 @@ def run_server(backend, settings, api_key, args, sockets, status) -> int:
 
     hosts = HostRule(bind_name(args.host), args.allow_host)
     state = ServerState(backend, settings)
-    app = create_app(state, api_key=api_key, hosts=hosts, body_timeout=args.idle_timeout)
+    app = create_app(state, api_keys=api_keys, hosts=hosts, body_timeout=args.idle_timeout)
     config = uvicorn_config(app, args)
     port = sockets[0].getsockname()[1]  # the port asked for, or the one given for --port 0
-    line = start_line(status, f"http://{shown_host(args.host)}:{port}", api_key, backend.batching_status())
+    line = start_line(status, f"http://{shown_host(args.host)}:{port}", api_keys, backend.batching_status())
     server = AnnouncedServer(config, line)
     if not listen(sockets, config.backlog, args.host, port):
         return 1
@@ -275,12 +285,18 @@ def uvicorn_config(app, args):
     )
 
 
-def start_line(status, url: str, api_key: str | None, batching: dict) -> str:
+def start_line(status, url: str, api_keys: list[str], batching: dict) -> str:
     return (
         f"serving {status.name} ({status.placement.describe()}, {status.format_name}) on {url} "
         f"· chat page at / · OpenAI API at /v1 · ChatGLM api.py at POST / · "
-        f"{'API key required' if api_key else 'no API key'} · {batching_words(batching)}"
+        f"{key_words(api_keys)} · {batching_words(batching)}"
     )
+
+
+def key_words(api_keys: list[str]) -> str:
+    if len(api_keys) > 1:
+        return f"API key required (any of {len(api_keys)}, each with caches of its own)"
+    return "API key required" if api_keys else "no API key"
 
 
 def batching_words(batching: dict) -> str:

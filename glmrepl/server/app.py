@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any, TextIO
@@ -21,14 +22,15 @@ MAX_BODY_BYTES = 4 * 2**20
 
 def create_app(
     state: ServerState,
-    api_key: str | None = None,
+    api_keys: Sequence[str] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
     log_stream: TextIO | None = None,
     hosts: HostRule | None = None,
     body_timeout: float | None = None,
 ) -> FastAPI:
     """The app; ``hosts`` defaults to the loopback rule (a server bound to 127.0.0.1), and a body
-    has ``body_timeout`` seconds after its head to arrive (None: as long as it takes)."""
+    has ``body_timeout`` seconds after its head to arrive (None: as long as it takes). With
+    ``api_keys``, a request needs one of them, and each key's requests share no cache with another's."""
     app = FastAPI(
         title="glmrepl",
         version=__version__,
@@ -48,7 +50,7 @@ def create_app(
     document_errors_as_answered(app)
     # Added last is outermost: the log sees every answer, including 403, 401, 413 and 500.
     app.add_middleware(LimitBody, limit=max_body_bytes, timeout=body_timeout)
-    app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(RequireApiKey, api_keys=api_keys)
     app.add_middleware(CheckHost, rule=hosts or HostRule("127.0.0.1"))
     app.add_middleware(ContainErrors)
     app.add_middleware(AccessLog, stream=log_stream)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from ..engine import ChatSession, FitPolicy, GenerateRequest
 from .errors import APIError
 from .protocol import ChatGLMRequest, refuse_invalid_text
-from .state import state_of
+from .state import cache_namespace, state_of
 
 router = APIRouter()
 
@@ -43,7 +43,7 @@ async def chatglm_api(body: ChatGLMRequest, request: Request) -> dict:
     )
     # The prompt is built and counted once, in the pool: a long history never holds the event loop.
     fit = FitPolicy(drop_oldest=False, shorten_reply=True, max_length=max_length)
-    reply = await state.plan(GenerateRequest(conversation, sampling, fit=fit))
+    reply = await state.plan(GenerateRequest(conversation, sampling, fit=fit, cache_namespace=cache_namespace(request)))
     response = await state.collect(reply, request)
     return {
         "response": response,

@@ -1,4 +1,4 @@
-"""ASGI middleware: the Host check, the API key, the body size limit, one access-log line per
+"""ASGI middleware: the Host check, the API keys, the body size limit, one access-log line per
 request, and a one-line answer for any exception a route lets through.
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass straight
@@ -8,13 +8,14 @@ through and a client's disconnect reaches the route at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import json
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from starlette.exceptions import HTTPException
@@ -110,15 +111,18 @@ class CheckHost:
 
 
 class RequireApiKey:
-    """With a key set, every path but /health needs ``Authorization: Bearer KEY`` (the scheme in any case)."""
+    """With keys set, every path but /health needs ``Authorization: Bearer KEY`` (the scheme in any
+    case) with one of them; which one (its index) goes to ``scope["state"]["api_key_index"]``, so
+    that each key's requests get caches of their own (see ``state.cache_namespace``)."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_keys: Sequence[str] = ()):
         self.app = app
-        self.expected = api_key.encode() if api_key else None
+        # Compared as digests: equal lengths, so the comparison cannot even tell a key's length.
+        self.expected = [_digest(key.encode()) for key in api_keys if key]
 
     async def __call__(self, scope, receive, send):
         if (
-            self.expected is None
+            not self.expected
             or scope["type"] != "http"
             or scope["path"] in OPEN_PATHS
             or (scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PAGES)
@@ -134,12 +138,27 @@ class RequireApiKey:
                 {"WWW-Authenticate": "Bearer"},
             )
         scheme, _, token = given.partition(" ")
-        # Constant time: the comparison must not tell how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.expected):
+        index = self._matching(token.strip().encode("latin-1")) if scheme.lower() == "bearer" else None
+        if index is None:
             return await send_error(
                 send, 401, "Incorrect API key provided", "invalid_api_key", {"WWW-Authenticate": "Bearer"}
             )
+        scope.setdefault("state", {})["api_key_index"] = index
         return await self.app(scope, receive, send)
+
+    def _matching(self, token: bytes) -> int | None:
+        """The index of the key ``token`` is, or None. Constant time: every key is compared, to the
+        end, so the time tells neither how much of a guess was right nor which key it was near."""
+        given = _digest(token)
+        found = None
+        for index, expected in enumerate(self.expected):
+            if hmac.compare_digest(given, expected) and found is None:
+                found = index
+        return found
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 class BodyTooLarge(HTTPException):

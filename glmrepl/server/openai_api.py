@@ -39,7 +39,7 @@ from .protocol import (
     refuse_unsupported,
     stop_strings,
 )
-from .state import ServerState, state_of
+from .state import ServerState, cache_namespace, state_of
 from .streaming import stream_deltas
 
 router = APIRouter()
@@ -136,8 +136,17 @@ async def _respond(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
     fit = fit or (API_FIT if max_tokens is not None else FitPolicy(drop_oldest=False, shorten_reply=True))
+    namespace = cache_namespace(request, body.cache_salt)
     reply = await state.plan(
-        GenerateRequest(conversation, sampling, tuple(stops), fit, completion=completion, force_call=force_call)
+        GenerateRequest(
+            conversation,
+            sampling,
+            tuple(stops),
+            fit,
+            completion=completion,
+            force_call=force_call,
+            cache_namespace=namespace,
+        )
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

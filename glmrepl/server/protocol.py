@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from ..engine import InvalidTools, first_line, load_arguments, normalize_tools
 from .errors import APIError
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARACTERS = 1024  # per string: a stop string is a marker, not a document
+MAX_CACHE_SALT_CHARACTERS = 256  # a secret (vLLM suggests 43 base64 characters), not a document
 
 
 class TextPart(BaseModel):
@@ -69,6 +70,8 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
     user: str | None = None
+    # vLLM's: requests with different salts never reuse each other's caches (state.cache_namespace).
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARACTERS)] | None = None
     # OpenAI parameters glmrepl accepts only at their neutral value (see NEUTRAL)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

@@ -140,5 +140,15 @@ def _close_if_planned(future) -> None:
         future.result().close()
 
 
+def cache_namespace(request: Request, salt: str | None = None) -> str:
+    """Whose caches a request may reuse: those of requests with its API key (named by its index,
+    never the key) and its ``cache_salt``. Else a client could tell what another's prompt begins
+    with from the cached tokens reported, or from how soon the first token comes. "" with neither."""
+    key_index = getattr(request.state, "api_key_index", None)
+    if key_index is None and salt is None:
+        return ""
+    return f"{'' if key_index is None else key_index}\0{salt or ''}"
+
+
 def state_of(request: Request) -> ServerState:
     return request.app.state.glmrepl

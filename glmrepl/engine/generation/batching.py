@@ -3,8 +3,9 @@
 Decoding is memory-bound: a step for eight replies reads the weights once,
 as a step for one does. The scheduler hands concurrent replies to one
 ``ContinuousBatchingManager`` per loaded model (paged KV cache, requests
-joining and leaving the batch between steps, shared prefix blocks); a reply
-that runs alone keeps the one-at-a-time path (``run.decode_alone``).
+joining and leaving the batch between steps, shared prefix blocks, never shared
+across cache namespaces: block_namespaces.py); a reply that runs alone keeps the
+one-at-a-time path (``run.decode_alone``).
 
 Seeds and repetition penalties are per request in the batch
 (batch_sampling.py), so such replies batch like any other. A model that cannot
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..cpu.machine import release_thread_pool
 from ..errors import GenerationError
+from .block_namespaces import BlockNamespaces, namespaces_supported, separate_namespaces
 from .run import GenerationRun
 
 PAGE_SIZE = 32  # tokens a KV block holds: small, so that a shared system prompt shares whole blocks
@@ -97,6 +99,7 @@ class Batcher:
         self._on_change = on_change
         self._manager: Any = None
         self._runs: dict[str, _Route] = {}
+        self._namespaces = BlockNamespaces()  # of the requests in the batch, whose blocks are kept apart
         self._lock = threading.Lock()
         self._dispatcher: threading.Thread | None = None
 
@@ -147,6 +150,7 @@ class Batcher:
             sampling = batch_sampling(run.generate_kwargs, self.model, run.seed if self.per_request else None)
             if "seed" in sampling and run.rng_state is not None:
                 self._processors[1].start_from(request_id, run.rng_state[0])  # it decoded alone until now
+            self._namespaces.add(request_id, run.cache_namespace)  # before the batch's thread can see it
             added = self._manager.add_request(
                 run.prompt_ids + run.made,
                 request_id=request_id,
@@ -156,6 +160,7 @@ class Batcher:
                 **sampling,
             )
             if added is None:
+                self._forget(request_id)
                 raise GenerationError("generation failed: the batch is not running")
             self._runs[request_id] = _Route(run)
         run.cache = None  # its blocks are the batch's from now on
@@ -211,6 +216,7 @@ class Batcher:
         with self._lock:
             manager, self._manager = self._manager, None
             routes, self._runs = self._runs, {}
+            self._namespaces.clear()
         if manager is not None:
             manager.stop(block=True, timeout=30, hard_stop=True)
         for route in routes.values():
@@ -234,7 +240,10 @@ class Batcher:
         generation = GenerationConfig(
             do_sample=True, temperature=0.999, top_k=vocabulary, top_p=0.9999, eos_token_id=-1, pad_token_id=0
         )
+        # Blocks are shared only where they can be kept apart by namespace: else never.
+        separable = namespaces_supported()
         batching = ContinuousBatchingConfig(
+            allow_block_sharing=separable,
             num_blocks=self.num_blocks,
             page_size=PAGE_SIZE,
             max_batch_tokens=MAX_BATCH_TOKENS,
@@ -243,6 +252,8 @@ class Batcher:
             seed=None,  # a seed here would reseed the whole process
         )
         manager = self.model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
+        if separable:
+            separate_namespaces(manager, self._namespaces)
         speed_up_warpers(manager)
         speed_up_draws(manager)
         release_pool_when_parked(manager)
@@ -277,6 +288,7 @@ class Batcher:
                 self._on_change()  # a first token: a run waiting for the newcomers' prefill may join
 
     def _forget(self, request_id: str) -> None:
+        self._namespaces.forget(request_id)
         for keeper in self._processors or ():
             keeper.forget(request_id)
 
@@ -287,6 +299,7 @@ class Batcher:
             self.broken = f"the batch failed ({failure})"
             self._manager = None
             routes, self._runs = self._runs, {}
+            self._namespaces.clear()
         for route in routes.values():
             route.run.finish(GenerationError(f"generation failed: {failure}"))
         self._on_change()

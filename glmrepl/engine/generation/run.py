@@ -86,11 +86,13 @@ class GenerationRun:
         seed: int | None = None,
         reuse: Any = None,
         scheduler: RunQueue | None = None,
+        cache_namespace: str = "",
     ):
         """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids, or
         a function that finds one (called when the run starts decoding alone: a run that goes
         to the batch, or never starts, copies no cache).
-        ``scheduler``: who decodes it (scheduler.private_scheduler() for a run of its own)."""
+        ``scheduler``: who decodes it (scheduler.private_scheduler() for a run of its own).
+        ``cache_namespace``: whose blocks it may share in the batch (request.GenerateRequest's)."""
         self.model = model
         self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_ids = prompt_ids
@@ -102,6 +104,7 @@ class GenerationRun:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.reuse = reuse
         self.scheduler = scheduler
+        self.cache_namespace = cache_namespace
         self.may_batch = False  # the scheduler may decode it in a batch (its model can batch)
         self.cache: Any = None  # the model's cache after the reply, when it ended alone without an error
         # The scheduler's side: ids made so far, the random state of a seeded run between stretches.

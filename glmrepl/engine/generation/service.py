@@ -156,6 +156,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         seed=request.sampling.seed,
         reuse=(lambda: prefixes.take(fitted.ids, request.cache_namespace)) if reusable else None,
         scheduler=scheduler,
+        cache_namespace=request.cache_namespace,
     )
     run.may_batch = scheduler.why_not_batching(loaded) is None
 
