@@ -89,3 +89,20 @@ def test_a_request_s_namespace_reaches_its_run(backend):
     asked = dataclasses.replace(request(session, Settings({"max_new_tokens": 2})), cache_namespace="2\0salt")
     with backend.generate(asked) as reply:
         assert reply.run.cache_namespace == "2\0salt"
+
+
+def test_with_the_prefix_caches_off_the_batch_shares_no_blocks(backend):
+    """`--prefix-cache-mb 0` (a prefix cap of 0 bytes) turns every reuse off, the batch's too."""
+    backend.set_kv_budget(64 * 2**20, 0)
+    try:
+        assert backend.scheduler.share_prompt_blocks is False
+        batcher = Batcher(
+            backend.manager.current.model, 8 * 2**20, 4, lambda: None, backend.scheduler.share_prompt_blocks
+        )
+        try:
+            assert decode_in_batch(backend, batcher, prompt_ids(backend), "") == set()
+        finally:
+            batcher.stop()
+    finally:
+        backend.set_kv_budget(64 * 2**20, None)
+    assert backend.scheduler.share_prompt_blocks is True

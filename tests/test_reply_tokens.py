@@ -226,3 +226,23 @@ def test_a_reply_cut_inside_a_character_keeps_its_ids_up_to_the_cut():
     kept = reply_ids(tokenizer, generated, [], text)
     assert kept is not None and decoded(tokenizer, kept) == text
     assert kept[:-1] == generated[:-1]  # only the cut id is rebuilt
+
+
+def test_a_reply_is_spliced_only_into_prompts_of_its_own_cache_namespace(qwen_checkpoint):
+    """The ids a reply was written as shorten a prompt that sends it back: across clients that
+    would tell one that another received the very text it guessed."""
+    backend = load(qwen_checkpoint, "qwen")
+    prompt_format = backend.manager.current.prompt_format
+    tokenizer = backend.manager.current.tokenizer
+    text = "hello there"
+    written = [i for c in text for i in tokenizer.encode(c, add_special_tokens=False)]  # as a model may write it
+    assert written != tokenizer.encode(text, add_special_tokens=False)
+    memory = ReplyTokens()
+    memory.remember(text, written, "key 0")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]
+    fresh = prompt_format.build(messages)
+    assert memory.lookup(text, "key 1") is None and memory.lookup(text) is None
+    assert splice_replies(prompt_format, messages, fresh, memory, "key 1") is fresh
+    assert splice_replies(prompt_format, messages, fresh, memory) is fresh
+    spliced = splice_replies(prompt_format, messages, fresh, memory, "key 0")
+    assert spliced != fresh and tokenizer.decode(spliced) == tokenizer.decode(fresh)

@@ -105,6 +105,8 @@ class LocalBackend(Abilities):
         if prefix_cap_bytes is not None:
             prefix_bytes = min(prefix_bytes, prefix_cap_bytes)
         self.prefixes.configure(entries if prefix_bytes > 0 else 0, prefix_bytes)
+        # No reuse asked for (--prefix-cache-mb 0): the batch shares no prompt blocks either.
+        self.scheduler.share_prompt_blocks = prefix_cap_bytes != 0
         self.kv_budget_bytes = budget_bytes
 
     def kv_status(self) -> KVStatus:

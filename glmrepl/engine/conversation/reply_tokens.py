@@ -28,34 +28,35 @@ MAX_TRAILING_IDS = 48
 
 
 class ReplyTokens:
-    """Recent replies' text and the ids that made it, least recently used dropped first."""
+    """Recent replies' text and the ids that made it, least recently used dropped first, by cache
+    namespace: a client never learns from a prompt's length that another received some text."""
 
     def __init__(self, max_ids: int = DEFAULT_MAX_IDS):
         self.max_ids = max_ids
-        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._replies: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._replies)
 
-    def remember(self, text: str, ids: list[int]) -> None:
+    def remember(self, text: str, ids: list[int], namespace: str = "") -> None:
         if not text or not ids or len(ids) > self.max_ids:
             return
         with self._lock:
-            old = self._replies.pop(text, None)
+            old = self._replies.pop((namespace, text), None)
             self._held -= len(old) if old else 0
-            self._replies[text] = tuple(ids)
+            self._replies[namespace, text] = tuple(ids)
             self._held += len(ids)
             while self._held > self.max_ids:
                 _, dropped = self._replies.popitem(last=False)
                 self._held -= len(dropped)
 
-    def lookup(self, text: str) -> tuple[int, ...] | None:
+    def lookup(self, text: str, namespace: str = "") -> tuple[int, ...] | None:
         with self._lock:
-            ids = self._replies.get(text)
+            ids = self._replies.get((namespace, text))
             if ids is not None:
-                self._replies.move_to_end(text)
+                self._replies.move_to_end((namespace, text))
             return ids
 
     def clear(self) -> None:
@@ -88,10 +89,12 @@ def reply_ids(tokenizer: Any, new_ids: list[int], stop_ids: list[int], text: str
     return None
 
 
-def splice_replies(prompt_format: Any, messages: list[dict], fresh: list[int], memory: ReplyTokens) -> list[int]:
-    """``fresh`` (the prompt built from ``messages``) with each remembered reply as the ids the
-    model generated; ``fresh`` itself unless the result decodes to the same text."""
-    known = [memory.lookup(m["content"]) if m.get("role") == "assistant" else None for m in messages]
+def splice_replies(
+    prompt_format: Any, messages: list[dict], fresh: list[int], memory: ReplyTokens, namespace: str = ""
+) -> list[int]:
+    """``fresh`` (the prompt built from ``messages``) with each remembered reply of ``namespace`` as
+    the ids the model generated; ``fresh`` itself unless the result decodes to the same text."""
+    known = [memory.lookup(m["content"], namespace) if m.get("role") == "assistant" else None for m in messages]
     replies = [ids for ids in known if ids]
     if not replies:
         return fresh

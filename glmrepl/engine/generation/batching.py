@@ -80,9 +80,12 @@ class Batcher:
     """One continuous-batching manager for the loaded model, and a thread routing its outputs
     to the runs that are in the batch. ``on_change`` is called whenever a run leaves it."""
 
-    def __init__(self, model: Any, cache_bytes: int, max_batch: int, on_change: Callable[[], None]):
+    def __init__(
+        self, model: Any, cache_bytes: int, max_batch: int, on_change: Callable[[], None], share_blocks: bool = True
+    ):
         self.model = model
         self.max_batch = max_batch
+        self.share_blocks = share_blocks
         per_token = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
         blocks = cache_bytes // (per_token * PAGE_SIZE)
         context = context_tokens(model.config)
@@ -243,7 +246,7 @@ class Batcher:
         # Blocks are shared only where they can be kept apart by namespace: else never.
         separable = namespaces_supported()
         batching = ContinuousBatchingConfig(
-            allow_block_sharing=separable,
+            allow_block_sharing=separable and self.share_blocks,
             num_blocks=self.num_blocks,
             page_size=PAGE_SIZE,
             max_batch_tokens=MAX_BATCH_TOKENS,

@@ -71,6 +71,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.max_batch = 1  # replies that decode together (more than one once batching is on)
         self.cache_bytes = DEFAULT_CACHE_BYTES
+        self.share_prompt_blocks = True  # replies in the batch may share their prompts' blocks
         self.batching = False
         self.tokens_generated = 0  # by the replies that ended, for /health and the tests
         self.mean_reply_s: float | None = None  # moving average of a reply's time
@@ -389,7 +390,7 @@ class Scheduler:
     def _batcher_of(self, model: Any) -> Batcher:
         if self._batcher is None or self._batcher.model is not model:
             self.stop_batch()
-            self._batcher = Batcher(model, self.cache_bytes, self.max_batch, self._wake)
+            self._batcher = Batcher(model, self.cache_bytes, self.max_batch, self._wake, self.share_prompt_blocks)
         return self._batcher
 
     def _start_batch(self, model: Any) -> None:

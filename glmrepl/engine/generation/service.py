@@ -133,7 +133,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
             requested,
             drop_oldest=fit.drop_oldest,
             shorten_reply=fit.shorten_reply,
-            build=reply_ids_builder(loaded, prompt_format, replies),
+            build=reply_ids_builder(loaded, prompt_format, replies, request.cache_namespace),
         )
     except ContextLengthExceeded as error:
         if fit.max_length is not None and error.prompt_tokens >= fit.max_length:
@@ -172,7 +172,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         for text in dict.fromkeys((reply.text, reply.streamed_text)):
             ids = reply_ids(loaded.tokenizer, run.stats.new_ids, prompt_format.stop_token_ids, text)
             if ids:
-                replies.remember(text, ids)
+                replies.remember(text, ids, request.cache_namespace)
 
     return Reply(run, fitted, requested, prompt_format, request.stop, release, keep_cache, tools, prefix)
 
@@ -197,14 +197,14 @@ def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[d
 
 
 def reply_ids_builder(
-    loaded: Any, prompt_format: PromptFormat, replies: ReplyTokens
+    loaded: Any, prompt_format: PromptFormat, replies: ReplyTokens, namespace: str = ""
 ) -> Callable[[list[dict]], list] | None:
     """Prompt ids with each remembered reply as the ids the model wrote (reply_tokens.py), for a
     model whose caches are reused and a format that allows it (None: replies go as text); the fit
     counts these, so the turns kept are those that fit as sent."""
     if reuse_refused(loaded.info.family) is not None or not getattr(prompt_format, "splices_replies", False):
         return None
-    return lambda dicts: splice_replies(prompt_format, dicts, prompt_format.build(dicts), replies)
+    return lambda dicts: splice_replies(prompt_format, dicts, prompt_format.build(dicts), replies, namespace)
 
 
 def _max_length_exceeded(prompt_tokens: int, max_length: int) -> MaxLengthExceeded:
