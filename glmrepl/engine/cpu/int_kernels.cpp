@@ -338,6 +338,19 @@ extern "C" int int4_gemv(const int8_t* w, const void* x, int x_type, const void*
 // that took several passes over the block (widen, unpack the nibbles, scale) and two half-width
 // products for int4, about as long as the products themselves at 64 tokens.
 
+#ifdef GLMREPL_INT512
+// 16 int4 bytes into 32 floats in column order: each byte's high nibble, then its low one.
+static inline void int4_values16(const int8_t* w, __m512 scale, float* out) {
+    const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w));
+    const __m512 high = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), scale);
+    const __m512 low = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), scale);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    _mm512_storeu_ps(out, _mm512_permutex2var_ps(high, first, low));
+    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(high, second, low));
+}
+#endif
+
 template <int BITS>
 static void dequantize_row(const int8_t* w, const float* s, int64_t values, int64_t group, float* out) {
     for (int64_t g = 0, start = 0; start < values; g++, start += group) {
@@ -346,7 +359,11 @@ static void dequantize_row(const int8_t* w, const float* s, int64_t values, int6
         if (BITS == 8) {
             for (int64_t j = start; j < end; j++) out[j] = (float)w[j] * scale;
         } else {
-            for (int64_t j = start; j < end; j += 2) {
+            int64_t j = start;
+#ifdef GLMREPL_INT512
+            for (; j + 32 <= end; j += 32) int4_values16(w + j / 2, _mm512_set1_ps(scale), out + j);
+#endif
+            for (; j < end; j += 2) {
                 const int8_t b = w[j / 2];
                 out[j] = (float)(b >> 4) * scale;
                 out[j + 1] = (float)((int8_t)(b << 4) >> 4) * scale;
