@@ -172,3 +172,19 @@ def test_the_load_report_note_names_the_reason_only_when_the_kernels_cannot_run(
     assert quant.fallback_note(model) == (
         "int4 layers decode with torch ops, slower: no C++ compiler: /nonexistent/bin/g++ not found"
     )
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group, columns", [(0, 96), (0, 80), (32, 96), (64, 192)])  # 32-value steps, a tail
+def test_rows_dequantized_for_prompts_equal_the_layout(kernels, bits, group, columns):
+    import torch
+
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    torch.manual_seed(bits + columns)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(columns, 40, bias=False), bits, group)
+    out = torch.full((13, columns), float("nan"))
+    lib = cpu_kernels.library()
+    assert cpu_kernels.dequantize_rows(lib, layer.weight, layer.weight_scale, bits, group or columns, 20, out, 2)
+    assert torch.equal(out, layer.dequantized(torch.float32)[20:33])
