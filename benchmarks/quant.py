@@ -102,19 +102,10 @@ def ensure_checkpoint(cache: Path, layers: int, hidden: int, ffn: int, vocab: in
 
 
 def load(folder: Path, bits: int):
-    import torch
+    """The checkpoint as ``glmrepl DIR [--quantize BITS]`` loads it on the CPU (the int8 head included)."""
+    from glmrepl.engine.models.loading import LoadRequest, load_model
 
-    from glmrepl.engine.families import detect_family, load_family
-
-    match = detect_family(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    return load_family(
-        folder,
-        match,
-        weight_files=[folder / "model.safetensors"],
-        dtype=torch.float32,
-        device_map="cpu",
-        quantize=bits or None,
-    )
+    return load_model(LoadRequest(path=folder, name=folder.name, mode="cpu", dtype="float32", quantize=bits or None))
 
 
 def generation(parts, prompt_tokens: int, new_tokens: int) -> dict:
