@@ -280,6 +280,8 @@ def test_quantized_folder_loads_as_it_was_quantized(request, tmp_path, source):
     layers = [m for m in saved.model.modules() if isinstance(m, QuantizedLinear) and m is not saved.model.lm_head]
     assert layers and all(m.weight.dtype == torch.int8 and m.bits == 4 for m in layers)
     assert isinstance(saved.model.lm_head, QuantizedLinear) and saved.model.lm_head.bits == 8  # int8 on the CPU
+    tied = source == "gpt2_checkpoint"  # its head is quantized from the stored table, read a block at a time
+    assert (type(saved.model.get_input_embeddings()).__name__ == "Int8Embedding") == tied
     packed = sum(p.numel() * p.element_size() for m in layers for p in m.parameters())
     floats = sum(m.in_features * m.out_features * 4 for m in layers)
     assert packed < floats / 6  # stored packed, no float copy beside it

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from glmrepl.engine.errors import CheckpointError
 from glmrepl.engine.models.quantized_folder import read_tensors
+from glmrepl.engine.models.tensor_file import StoredRows
 from glmrepl.engine.models.tensor_file import read_tensors as tensors_of
 
 TENSORS = {
@@ -35,13 +36,25 @@ def test_every_tensor_equals_safetensors_own_reading(tmp_path):
         assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
 
 
-def test_the_folder_reader_widens_floats_and_keeps_what_it_is_told(tmp_path):
+def test_the_folder_reader_widens_floats_and_skips_what_it_is_told(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file(TENSORS, str(path))
     state = read_tensors(tmp_path, [path], torch.float32, {"b.weight"})
-    assert state["b.weight"].dtype == torch.bfloat16  # kept as stored
+    assert "b.weight" not in state
     assert state["a.weight"].dtype == torch.float32 and state["c.weight_scale"].dtype == torch.float16
     assert state["d.weight"].dtype == torch.int8
+
+
+def test_stored_rows_are_the_tensors_rows_read_a_block_at_a_time(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(TENSORS, str(path))
+    for name in ("a.weight", "b.weight", "d.weight"):
+        rows, tensor = StoredRows(path, name), TENSORS[name]
+        assert rows.shape == tuple(tensor.shape) and rows.dtype == tensor.dtype
+        for block in (slice(0, 2), slice(2, 3), slice(1, 100), slice(5, 5)):
+            assert torch.equal(rows[block], tensor[block]), (name, block)
+    with pytest.raises(ValueError, match="not in the file"):
+        StoredRows(path, "z.weight")
 
 
 def header_file(tmp_path, header: object, data: bytes = b"", length: int | None = None):

@@ -120,7 +120,6 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
         placement.quant_bits = _quant_bits(model)
         compute = torch_dtype(placement.dtype)
         int8_head = not request.float_head and placement.device_map == "cpu" and quantize_head(model, compute)
-        widen_vocabulary(model, compute)
         if not int8_head:
             keep_stored_head(model, info.dtype)
         native_format = None
@@ -145,15 +144,6 @@ def quantize_head(model: Any, compute) -> bool:
     from .quantize import quantize_head as to_int8
 
     return to_int8(model, compute)
-
-
-def widen_vocabulary(model: Any, compute) -> None:
-    """Embeddings or a head read in their stored 16 bits (for an int8 head) and left float: to
-    the model's compute type, as every other float tensor."""
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.is_floating_point() and weight.dtype != compute:
-            weight.data = weight.data.to(compute)
 
 
 def keep_stored_head(model: Any, stored_dtype: str | None) -> None:

@@ -157,10 +157,12 @@ def _text_config(model: nn.Module) -> Any:
     return getter() if getter else model.config
 
 
-def quantize_head(model: nn.Module, compute: torch.dtype = torch.float32) -> bool:
+def quantize_head(model: nn.Module, compute: torch.dtype = torch.float32, stored: Any = None) -> bool:
     """Put a quantized model's float CPU head in int8 (quant/int8_head.py), its tied embeddings
-    reading the same bytes and giving rows of ``compute``, the model's type; True when done. Left alone: a model without quantized layers, a head
-    already quantized, on another device, with a bias, or rows not a whole number of groups."""
+    reading the same bytes and giving rows of ``compute``, the model's type; True when done.
+    ``stored``: the head's rows still in the checkpoint (a model not yet loaded, on the meta
+    device). Left alone: a model without quantized layers, a head already quantized, on another
+    device, with a bias, or rows not a whole number of groups."""
     from ..cpu.float_linear import KernelLinear
     from ..quant.int8_head import HEAD_GROUP, Int8Embedding, quantized_head
 
@@ -168,13 +170,14 @@ def quantize_head(model: nn.Module, compute: torch.dtype = torch.float32) -> boo
     if not model_bits(model) or type(head) not in (nn.Linear, KernelLinear):
         return False
     weight: torch.Tensor = getattr(head, "weight")  # noqa: B009
-    if weight.device.type != "cpu" or getattr(head, "bias", None) is not None or weight.shape[1] % HEAD_GROUP:
+    device = "cpu" if stored is None else "meta"
+    if weight.device.type != device or getattr(head, "bias", None) is not None or weight.shape[1] % HEAD_GROUP:
         return False
     tied = embeddings is not None and embeddings.weight is weight
     if tied and type(embeddings) is not nn.Embedding:
         return False  # a scaled or otherwise special embedding: leave the pair as it is
     names = {id(module): name for name, module in model.named_modules()}
-    int8 = quantized_head(weight.detach())
+    int8 = quantized_head(weight.detach() if stored is None else stored)
     _set_submodule(model, names[id(head)], int8)
     if tied:
         untie_head(model)

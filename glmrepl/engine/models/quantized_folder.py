@@ -65,10 +65,10 @@ def load_quantized(info: Any, placement: Any, request: Any, layout: QuantizedLay
         raise QuantizeError(f"{info.path.name} is quantized: load it on one device (--device cpu or gpu)")
     dtype = torch_dtype(placement.dtype)
     model = empty_quantized_model(info.path, layout, dtype, request.trust_remote_code)
-    # A head made int8 on the CPU is quantized from the stored 16 bits: a float32 copy of the
-    # vocabulary first would be the load's peak (twice the int4 layers of Qwen2-0.5B).
-    as_stored = vocabulary_tensors(model) if placement.device_map == "cpu" and not request.float_head else set()
-    state = read_tensors(info.path, info.weight_files, dtype, as_stored)
+    # A head made int8 on the CPU is quantized from the file a block of rows at a time, first:
+    # the whole table read (in float32, or even as stored) beside the rest was the load's peak.
+    made = placement.device_map == "cpu" and not request.float_head and _int8_head_from_file(model, info, dtype)
+    state = read_tensors(info.path, info.weight_files, dtype, skip=made or set())
     assign_tensors(model, state, info.path.name)
     model.eval()
     if placement.device_map != "cpu":
@@ -104,23 +104,45 @@ def empty_quantized_model(folder: Path, layout: QuantizedLayout, dtype, trust_re
     return model
 
 
-def vocabulary_tensors(model) -> set[str]:
-    """The names of the input embeddings' and the output head's weights."""
-    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    return {f"{name}.weight" for name, module in model.named_modules() if id(module) in wanted}
+def _int8_head_from_file(model, info: Any, dtype) -> set[str]:
+    """Quantize the still empty model's head to int8 from its stored rows (a tied one from the
+    embeddings' table, which its embeddings then read); the names of the tensors it replaced, or
+    an empty set when the head stays float (quantize.quantize_head says which)."""
+    from .quantize import quantize_head
+    from .tensor_file import StoredRows
+
+    model.tie_weights()  # a tied head is the embeddings' table on the meta device too
+    names = {id(module): name for name, module in model.named_modules()}
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = embeddings is not None and head is not None and head.weight is embeddings.weight
+    source = f"{names[id(embeddings if tied else head)]}.weight" if head is not None else ""
+    found = next((file for file in info.weight_files if source and _holds(file, source)), None)
+    if found is None or not quantize_head(model, dtype, StoredRows(found, source)):
+        return set()
+    return {source, f"{names[id(head)]}.weight"}
 
 
-def read_tensors(folder: Path, files: list[Path], dtype, as_stored: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
-    """Every stored tensor; float ones other than the scales and ``as_stored`` at the placement's
-    dtype. Read with plain reads into each tensor's memory (tensor_file.py), so that nothing of
-    the file stays resident beside the tensors."""
+def _holds(file: Path, name: str) -> bool:
+    from .tensor_file import StoredRows
+
+    try:
+        StoredRows(file, name)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def read_tensors(folder: Path, files: list[Path], dtype, skip: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
+    """Every stored tensor but ``skip``; float ones other than the scales at the placement's dtype.
+    Read with plain reads into each tensor's memory (tensor_file.py), so that nothing of the file
+    stays resident beside the tensors."""
     from .tensor_file import read_tensors as tensors_of
 
     state = {}
     for file in files:
         try:
-            for name, tensor in tensors_of(file):
-                keep = not tensor.is_floating_point() or name.endswith(".weight_scale") or name in as_stored
+            for name, tensor in tensors_of(file, skip):
+                keep = not tensor.is_floating_point() or name.endswith(".weight_scale")
                 state[name] = tensor if keep or tensor.dtype == dtype else tensor.to(dtype)
                 del tensor
         except (ValueError, OSError) as error:

@@ -27,9 +27,9 @@ def tensor_types() -> dict[str, Any]:
     return {code: getattr(torch, name) for code, name in names.items()}
 
 
-def read_tensors(path: Path) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) for each tensor of the file, in file order; ValueError for a malformed file
-    (OSError when it cannot be read)."""
+def read_tensors(path: Path, skip: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for each tensor of the file but ``skip`` (never read), in file order;
+    ValueError for a malformed file (OSError when it cannot be read)."""
     import torch
 
     types = tensor_types()
@@ -38,6 +38,8 @@ def read_tensors(path: Path) -> Iterator[tuple[str, Any]]:
         start, entries = _header(stream, size)
         for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype, shape, (begin, end) = _checked(name, entry, types, size - start)
+            if name in skip:
+                continue
             data = torch.empty(end - begin, dtype=torch.uint8)
             stream.seek(start + begin)
             if stream.readinto(data.numpy().data) != end - begin:
@@ -78,3 +80,37 @@ def _checked(name: str, entry: Any, types: dict, data_bytes: int) -> tuple[Any, 
     if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * itemsize:
         raise ValueError(f"{name}'s byte range does not match its shape or the file")
     return dtype, shape, (begin, end)
+
+
+class StoredRows:
+    """One tensor of a file read a block of rows (its first dimension) at a time: ``rows[a:b]``.
+    A vocabulary-sized table is quantized from it block by block, never held whole."""
+
+    def __init__(self, path: Path, name: str):
+        with open(path, "rb") as stream:
+            start, entries = _header(stream, path.stat().st_size)
+            if name not in entries:
+                raise ValueError(f"{name} is not in the file")
+            dtype, shape, (begin, _) = _checked(name, entries[name], tensor_types(), path.stat().st_size - start)
+        if not shape:
+            raise ValueError(f"{name} has no rows")
+        self.path, self.offset, self.dtype, self.shape = path, start + begin, dtype, tuple(shape)
+        self.row_bytes = dtype.itemsize * _count(shape[1:])
+
+    def __getitem__(self, rows: slice) -> Any:
+        import torch
+
+        first, stop, _ = rows.indices(self.shape[0])
+        count = max(0, stop - first)
+        data = torch.empty(count * self.row_bytes, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as stream:
+            stream.seek(self.offset + first * self.row_bytes)
+            if stream.readinto(data.numpy().data) != len(data):
+                raise ValueError("the file ends inside a tensor")
+        return data.view(self.dtype).reshape(count, *self.shape[1:])
+
+
+def _count(shape) -> int:
+    import math
+
+    return math.prod(shape)

@@ -10,6 +10,8 @@ only the rows looked up, and the 16-bit table is freed: the vocabulary is held o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -48,8 +50,10 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the int8 head"
 
 
-def quantized_head(weight: torch.Tensor) -> QuantizedLinear:
-    """An int8 head of a float [vocabulary, hidden] weight, quantized a block of rows at a time."""
+def quantized_head(weight: Any) -> QuantizedLinear:
+    """An int8 head of a float [vocabulary, hidden] weight, quantized a block of rows at a time:
+    a tensor, or anything with its ``shape`` whose ``weight[a:b]`` gives those rows (a table
+    still in its file, models/tensor_file.py)."""
     rows, columns = weight.shape
     layer = QuantizedLinear(columns, rows, HEAD_BITS, bias=False, dtype=torch.float32, group_size=HEAD_GROUP)
     packed = torch.empty(rows, columns, dtype=torch.int8)
