@@ -109,6 +109,20 @@ def test_auto_dtype_on_cpu(monkeypatch, native, stored, expected, why):
     assert plan_placement("cpu", "float32", stored).dtype == "float32"  # an explicit dtype is kept
 
 
+def test_auto_dtype_of_a_quantized_model_is_float32_for_its_fused_layers(monkeypatch, qwen_checkpoint):
+    from glmrepl.engine.cpu import machine as cpu
+    from glmrepl.engine.devices.modes import plan_placement
+    from glmrepl.engine.models.checkpoint import inspect_checkpoint
+    from glmrepl.engine.models.loading import LoadRequest, placement_for
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: "AMX")
+    placement = plan_placement("cpu", "auto", "bfloat16", quantized=True)
+    assert placement.dtype == "float32" and "quantized" in placement.reason
+    assert plan_placement("cpu", "bfloat16", "bfloat16", quantized=True).dtype == "bfloat16"  # asked for: kept
+    info = inspect_checkpoint(qwen_checkpoint)
+    assert placement_for(LoadRequest(path=qwen_checkpoint, mode="cpu", quantize=4), info).dtype == "float32"
+
+
 def test_native_bf16_is_read_from_the_processor_flags(monkeypatch):
     import torch
 

@@ -2,6 +2,7 @@
 
 ``cpu`` keeps float32, or bfloat16 when asked, or for ``auto`` when the
 processor computes bfloat16 natively and the checkpoint is stored in 16 bits
+and not quantized
 (glmrepl.engine.cpu.machine); half precision matmuls are not implemented for CPU
 tensors. ``gpu`` is float16 on one CUDA device (bfloat16
 when the checkpoint is stored so and the GPU supports it). ``sharded`` splits
@@ -40,6 +41,7 @@ def plan_placement(
     gpus: list[int] | None = None,
     max_gpu_memory: str | None = None,
     offload: bool = False,
+    quantized: bool = False,
 ) -> Placement:
     """Resolve a requested mode and dtype into a placement, or raise DeviceError.
 
@@ -60,7 +62,7 @@ def plan_placement(
     else:
         reason = ""
     if mode == "cpu":
-        cpu_dtype, why = _cpu_dtype(dtype, stored_dtype)
+        cpu_dtype, why = _cpu_dtype(dtype, stored_dtype, quantized)
         return Placement("cpu", cpu_dtype, "cpu", "; ".join(part for part in (reason, why) if part))
     if count == 0:
         raise DeviceError(f"{mode} mode needs a CUDA GPU and torch sees none on this machine", Hint("device", "cpu"))
@@ -149,7 +151,7 @@ def weights_bytes_at(param_count: int | None, weight_bytes: int, stored_dtype: s
     return int(weight_bytes * size.get(dtype, 4) / size.get(stored_dtype or "float32", 4))
 
 
-def _cpu_dtype(dtype: str, stored_dtype: str | None) -> tuple[str, str]:
+def _cpu_dtype(dtype: str, stored_dtype: str | None, quantized: bool = False) -> tuple[str, str]:
     """(dtype, why it was chosen: only for auto)."""
     if dtype == "float16":
         raise DeviceError(
@@ -157,6 +159,8 @@ def _cpu_dtype(dtype: str, stored_dtype: str | None) -> tuple[str, str]:
         )
     if dtype != "auto":
         return dtype, ""
+    if quantized:  # the weights are int8/int4 whatever the dtype: it is the activations' type
+        return "float32", "float32: the weights are quantized, and their kernels decode whole layers in float32"
     if stored_dtype is None:  # nothing known of the checkpoint: float32, nothing worth saying
         return "float32", ""
     from ..cpu.machine import auto_dtype

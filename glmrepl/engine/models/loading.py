@@ -220,6 +220,9 @@ def placement_for(request: LoadRequest, info: CheckpointInfo) -> Placement:
         gpus=request.gpus,
         max_gpu_memory=request.max_gpu_memory,
         offload=request.offload,
+        quantized=bool(request.quantize)
+        or stored_layout(info) is not None
+        or bool(info.config.get("quantization_bit")),
     )
 
 
