@@ -31,6 +31,21 @@ def test_incremental_decoder_never_splits_a_character(gpt2):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_invalid_bytes_are_let_go_after_a_few_tokens_not_held_for_ever(gpt2):
+    """A model writing bytes that never complete a character (a random or broken one) must not
+    make each later token decode a longer window."""
+    tokenizer = gpt2.tokenizer
+    lone = next(i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd")  # a continuation byte
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = []
+    for _ in range(40):
+        deltas.append(decoder.push([lone]))
+        assert len(decoder.ids) - decoder.prefix_offset <= 2 * IncrementalDecoder.MAX_HELD_IDS
+    assert deltas[: IncrementalDecoder.MAX_HELD_IDS - 1] == [""] * (IncrementalDecoder.MAX_HELD_IDS - 1)
+    assert "\ufffd" in deltas[IncrementalDecoder.MAX_HELD_IDS - 1]  # shown as what it is, then on
+    assert sum(d.count("\ufffd") for d in deltas + [decoder.flush()]) >= 30
+
+
 def test_streamed_greedy_reply_equals_raw_generate(qwen):
     prompt = qwen.prompt_format.build([{"role": "user", "content": "Hello there"}])
     run = GenerationRun(

@@ -38,8 +38,12 @@ class IncrementalDecoder:
     ones) and emits the difference, so spacing rules of the tokenizer (e.g.
     sentencepiece's leading "▁") come out right. A window that ends in an
     incomplete multi-byte character decodes to U+FFFD; it is held back until
-    the following tokens complete it.
+    the following tokens complete it, or until MAX_HELD_IDS tokens have not and
+    it holds bytes that cannot be: a model that writes invalid bytes (a random
+    or broken one) made every later token decode a growing window.
     """
+
+    MAX_HELD_IDS = 8
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -51,11 +55,21 @@ class IncrementalDecoder:
         self.ids.extend(new_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset :])
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+        if len(full_text) > len(prefix_text) and self._settled(full_text[len(prefix_text) :]):
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             return full_text[len(prefix_text) :]
         return ""
+
+    def _settled(self, new: str) -> bool:
+        """Whether the new text can be shown: it ends in a whole character, or MAX_HELD_IDS tokens
+        have not completed it and it holds bytes no later token can (a U+FFFD before its end, or
+        more at its end than a character's 3 missing bytes)."""
+        whole = new.rstrip("\ufffd")
+        if whole == new:
+            return True
+        hopeless = "\ufffd" in whole or len(new) - len(whole) > 3
+        return hopeless and len(self.ids) - self.read_offset >= self.MAX_HELD_IDS
 
     def flush(self) -> str:
         """Whatever is still held back when generation ends (even if incomplete)."""
