@@ -138,9 +138,9 @@ def sse_events(port: int, path: str, body: dict, headers: dict | None = None) ->
     return [line[len("data: ") :] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
 
 
-def started_server(args: list[str], log_path: Path) -> ServerProcess:
+def started_server(args: list[str], log_path: Path, env: dict | None = None) -> ServerProcess:
     """A `glmrepl serve` process that answers /health ready (stopped again if it never does)."""
-    server = ServerProcess(args, log_path)
+    server = ServerProcess(args, log_path, env)
     try:
         server.wait_ready()
     except BaseException:

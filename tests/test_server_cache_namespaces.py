@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from serving import ServerProcess, error_of, request
+from serving import ServerProcess, error_of, request, started_server
 
 pytest.importorskip("fastapi")
 
@@ -18,13 +18,7 @@ MODEL = "tiny-qwen2-chat"
 
 
 def start(args: list[str], log_path, env: dict | None = None) -> ServerProcess:
-    server = ServerProcess([*args, "--device", "cpu", "--temperature", "0", "--no-batching"], log_path, env)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return started_server([*args, "--device", "cpu", "--temperature", "0", "--no-batching"], log_path, env)
 
 
 @pytest.fixture(scope="module")
