@@ -9,6 +9,8 @@ security scheme, when the server has keys), and the refusals of the middleware a
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from fastapi import FastAPI
@@ -100,9 +102,8 @@ def as_answered(document: dict[str, Any], keyed: bool = False) -> dict[str, Any]
                 operation["security"] = [{SECURITY_SCHEME: []}] if needs_key(method.upper(), path) else []
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    for unused in ("HTTPValidationError", "ValidationError"):  # referred to by the 422s only
-        schemas.pop(unused, None)
     schemas["Error"] = ERROR_SCHEMA
+    _drop_unreferenced(schemas, document)
     if keyed:
         components["securitySchemes"] = {
             SECURITY_SCHEME: {"type": "http", "scheme": "bearer", "description": "one of the keys of --api-key"}
@@ -120,3 +121,14 @@ def _refusals_outside_the_route(method: str, path: str, has_body: bool, keyed: b
     if path not in ALWAYS_ANSWERED:
         statuses.append(503)  # over --max-connections
     return statuses
+
+
+_REFERENCE = re.compile(r'"#/components/schemas/([^"]+)"')
+
+
+def _drop_unreferenced(schemas: dict[str, Any], document: dict[str, Any]) -> None:
+    """Leave out the schemas nothing refers to: the 422's, and the models of fields whose schema
+    request_schemas writes (a reader would take them for what the server checks)."""
+    while unused := set(schemas) - set(_REFERENCE.findall(json.dumps(document))):
+        for name in unused:
+            del schemas[name]
