@@ -8,8 +8,10 @@ the same guards where the test holds the model's steps (tests/gated.py)."""
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import socket
+import statistics
 import time
 
 import pytest
@@ -117,6 +119,22 @@ def test_idle_sockets_past_the_cap_turn_no_request_away(server):
     finally:
         for sock in [first, *silent, *halfway]:
             sock.close()
+
+
+def test_answers_on_a_kept_alive_connection_go_out_at_once(server):
+    # Held by Nagle's algorithm, each answer's body would wait for the client to acknowledge its
+    # head, which clients delay by up to 40 ms: every request after a connection's first.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    took = []
+    try:
+        for _ in range(15):
+            started = time.perf_counter()
+            connection.request("GET", "/health")
+            assert connection.getresponse().read()
+            took.append(time.perf_counter() - started)
+    finally:
+        connection.close()
+    assert statistics.median(took[1:]) < 0.02, took
 
 
 def test_requests_over_the_cap_get_a_json_503_and_health_still_answers(scripted_backend):

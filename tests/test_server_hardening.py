@@ -287,6 +287,17 @@ def test_the_openapi_document_says_400_in_the_error_shape_where_422_was(keyed_se
     assert status == 400 and set(json.loads(raw)["error"]) == set(fields)
 
 
+def test_the_openapi_document_asks_for_the_key_where_the_server_does(keyed_server):
+    document = json.loads(ask(keyed_server.port, "GET", "/openapi.json", headers=AUTH)[2])
+    (scheme,) = document["components"]["securitySchemes"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            needed = operation["security"] == [{scheme: []}]
+            assert needed == ("401" in operation["responses"]), (method, path)
+            assert ask(keyed_server.port, method.upper(), path)[0] != 401 or needed, (method, path)
+    assert document["paths"]["/health"]["get"]["security"] == [] and document["paths"]["/"]["get"]["security"] == []
+
+
 def test_a_chunked_body_over_the_limit_is_413_request_too_large(keyed_server):
     port = keyed_server.port
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)

@@ -195,3 +195,38 @@ def test_a_message_name_is_refused_rather_than_dropped(qwen_server):
     assert status == 400
     error = error_of(raw)
     assert error["param"] == "messages[0].name" and error["code"] == "unsupported_parameter"
+
+
+# -- 8. what /openapi.json says a value is ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"max_tokens": "1"}, "max_tokens"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"stream": "false"}, "stream"),
+        ({"stream": 0}, "stream"),
+    ],
+)
+def test_a_value_must_have_the_type_the_document_gives(qwen_server, change, param):
+    status, _, raw = request(qwen_server.port, "POST", "/v1/chat/completions", {**GOOD, **change})
+    assert status == 400 and error_of(raw)["param"] == param, raw[:300]
+
+
+def test_an_integral_number_is_an_integer_and_an_unknown_null_is_left_out(qwen_server):
+    body = {**GOOD, "max_tokens": 1.0, "seed": 7.0, "metadata": None, "stream_options": None}
+    assert request(qwen_server.port, "POST", "/v1/chat/completions", body)[0] == 200
+    streamed = {**GOOD, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": None}}
+    assert request(qwen_server.port, "POST", "/v1/chat/completions", streamed)[0] == 200
+    status, _, raw = request(qwen_server.port, "POST", "/v1/chat/completions", {**GOOD, "metadata": {"a": "b"}})
+    assert status == 400 and error_of(raw)["code"] == "unsupported_parameter"
+
+
+def test_an_empty_chatglm_prompt_is_refused_whatever_the_prompt_format_adds(qwen_server):
+    status, _, raw = request(qwen_server.port, "POST", "/", {"prompt": ""})
+    assert status == 400
+    error = error_of(raw)
+    assert error["param"] == "prompt" and "empty" in error["message"]

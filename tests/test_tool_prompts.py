@@ -237,6 +237,7 @@ def test_tool_lists_are_validated():
         ([{"type": "function"}], "tools[0].function"),
         ([{"type": "retrieval"}], "tools[0].type"),
         ([{"name": "bad name"}], "tools[0].name"),
+        ([{"name": "name_then_a_line\n"}], "tools[0].name"),  # a name is one line of a prompt
         ([{"name": "f", "parameters": "x"}], "tools[0].parameters"),
         ([WEATHER, WEATHER], "tools"),
     ]:

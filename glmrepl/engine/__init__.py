@@ -24,7 +24,7 @@ import os
 from .backend import LocalBackend, default_kv_budget_mb
 from .contract import ABILITIES, Backend, BackgroundTask, LoadProgress, ReplyHandle, record_reply
 from .conversation.chat import ChatSession, read_conversation, read_json_file, save_conversation
-from .conversation.tool_calls import ToolCall, load_arguments, normalize_tools
+from .conversation.tool_calls import MAX_TOOLS, TOOL_NAME_PATTERN, ToolCall, load_arguments, normalize_tools
 from .cpu.machine import request_threads, threads_line
 from .devices.modes import DTYPES, MODES
 from .devices.placement import parse_gpu_memory
@@ -58,6 +58,7 @@ __all__ = [
     "API_FIT",
     "DTYPES",
     "LISTING_COLUMNS",
+    "MAX_TOOLS",
     "MODES",
     "SETTINGS",
     "Backend",
@@ -88,6 +89,7 @@ __all__ = [
     "SamplingParams",
     "ServerJob",
     "Settings",
+    "TOOL_NAME_PATTERN",
     "ToolCall",
     "ToolsUnsupported",
     "conversation_from_messages",

@@ -14,7 +14,7 @@ from .. import __version__
 from . import chatglm_api, openai_api
 from .errors import install_error_handlers
 from .middleware import AccessLog, CheckHost, ContainErrors, HostRule, LimitBody, RequireApiKey
-from .openapi import document_errors_as_answered
+from .openapi import document_as_answered
 from .state import ServerState, state_of
 
 MAX_BODY_BYTES = 4 * 2**20
@@ -44,10 +44,11 @@ def create_app(
     app.add_api_route("/health", health, methods=["GET"])
     # HEAD answers as GET does, headers only (the server drops the body); left out of the document.
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
-    app.add_api_route("/", chat_page, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route("/", chat_page, methods=["GET"], response_class=HTMLResponse, summary="The chat page")
+    app.add_api_route("/", chat_page, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/favicon.ico", no_icon, methods=["GET", "HEAD"], include_in_schema=False)
     install_error_handlers(app)
-    document_errors_as_answered(app)
+    document_as_answered(app, keyed=any(api_keys))
     # Added last is outermost: the log sees every answer, including 403, 401, 413 and 500.
     app.add_middleware(LimitBody, limit=max_body_bytes, timeout=body_timeout)
     app.add_middleware(RequireApiKey, api_keys=api_keys)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from ..engine import ChatSession, FitPolicy, GenerateRequest
 from .errors import APIError
+from .openapi import answers
 from .protocol import ChatGLMRequest, refuse_invalid_text
 from .state import cache_namespace, state_of
 
@@ -24,7 +25,7 @@ DEFAULT_TOP_P = 0.7
 DEFAULT_TEMPERATURE = 0.95
 
 
-@router.post("/")
+@router.post("/", responses=answers(500))
 async def chatglm_api(body: ChatGLMRequest, request: Request) -> dict:
     refuse_invalid_text(body.model_dump(exclude_none=True))
     for name, value in (body.model_extra or {}).items():

@@ -216,6 +216,10 @@ def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
     param = _dotted(location)
     if kind == "missing":
         return f"missing required parameter '{param}'", param
+    if kind == "string_too_short" and first.get("ctx", {}).get("min_length") == 1:
+        return f"'{param}' must not be an empty string", param
+    if kind == "string_unicode":  # a field with a length bound: pydantic counts, and so refuses, first
+        return f"'{param}' holds a lone UTF-16 surrogate: send valid Unicode", param
     return f"invalid value for '{param}': {first.get('msg', 'invalid')}", param
 
 

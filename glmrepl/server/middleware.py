@@ -27,6 +27,11 @@ OPEN_PATHS = ("/health",)  # answered without a key: load balancers and `curl /h
 OPEN_PAGES = ("/", "/favicon.ico")
 
 
+def needs_key(method: str, path: str) -> bool:
+    """Whether a request needs the key, where the server has keys."""
+    return path not in OPEN_PATHS and not (method in ("GET", "HEAD") and path in OPEN_PAGES)
+
+
 async def send_error(send, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -121,12 +126,7 @@ class RequireApiKey:
         self.expected = [_digest(key.encode()) for key in api_keys if key]
 
     async def __call__(self, scope, receive, send):
-        if (
-            not self.expected
-            or scope["type"] != "http"
-            or scope["path"] in OPEN_PATHS
-            or (scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PAGES)
-        ):
+        if not self.expected or scope["type"] != "http" or not needs_key(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         given = header(scope, b"authorization")
         if given is None:

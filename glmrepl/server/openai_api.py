@@ -27,6 +27,7 @@ from ..engine import (
     first_line,
 )
 from .errors import APIError, error_body
+from .openapi import STREAMED, answers
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,7 +54,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", responses=answers(404))
 async def retrieve_model(model: str, request: Request) -> dict:
     state = state_of(request)
     return _model_card(state, state.require_model(model))
@@ -67,7 +68,7 @@ def _model_card(state: ServerState, status: ModelStatus) -> dict:
     return card
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: STREAMED, **answers(404, 500)})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     refuse_invalid_text(body.model_dump(exclude_none=True))
     refuse_unsupported(body)
@@ -103,7 +104,7 @@ def _refuse_tools_without_syntax(status: ModelStatus, messages: list[dict], tool
             )
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: STREAMED, **answers(404, 500)})
 async def completions(body: CompletionRequest, request: Request):
     refuse_invalid_text(body.model_dump(exclude_none=True))
     refuse_unsupported(body)

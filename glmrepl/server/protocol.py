@@ -1,10 +1,11 @@
 """Request and response shapes of the OpenAI API (the subset glmrepl serves) and ChatGLM's api.py.
 
-Requests are pydantic models, so the app's OpenAPI document describes them.
+Requests are pydantic models, so the app's OpenAPI document describes them; the rules checked
+here in code are documented by request_schemas. Values have JSON's own types ("5" is no number).
 A parameter glmrepl does not implement gets a 400 naming it, never silence:
-unknown names land in ``model_extra`` and are refused by ``refuse_unsupported``,
-and the OpenAI parameters we accept only at their neutral value are checked
-there too. Responses are plain dicts shaped exactly as OpenAI's.
+unknown names land in ``model_extra`` and are refused by ``refuse_unsupported``
+(unless null), and the OpenAI parameters we accept only at their neutral value are
+checked there too. Responses are plain dicts shaped exactly as OpenAI's.
 """
 
 from __future__ import annotations
@@ -13,37 +14,65 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, WithJsonSchema
 
 from ..engine import InvalidTools, first_line, load_arguments, normalize_tools
+from . import request_schemas as documented
 from .errors import APIError
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARACTERS = 1024  # per string: a stop string is a marker, not a document
 MAX_CACHE_SALT_CHARACTERS = 256  # a secret (vLLM suggests 43 base64 characters), not a document
 
+# The value each of these may have; anything else is a feature glmrepl does not have.
+NEUTRAL: dict[str, tuple] = {
+    "n": (None, 1),
+    "frequency_penalty": (None, 0),  # 0.0 too: it equals 0, in Python as in JSON Schema's enum
+    "presence_penalty": (None, 0),
+    "logprobs": (None, False, 0),
+    "echo": (None, False),
+}
+
+STRICT = ConfigDict(extra="allow", strict=True)
+# A request, or a part of one, whose unknown fields refuse_unsupported refuses unless null.
+UNKNOWN_ONLY_AS_NULL = ConfigDict(extra="allow", strict=True, json_schema_extra=documented.UNKNOWN_ONLY_AS_NULL)
+
+
+def _integral_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Integers as JSON Schema has them: 2.0 is one (some clients' JSON writes it so), "2" and true are not.
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral_as_int)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral_as_int)]
+StopStrings = Annotated[str | list[str] | None, WithJsonSchema(documented.stop(MAX_STOP_STRINGS, MAX_STOP_CHARACTERS))]
+
+
+def neutral(name: str) -> WithJsonSchema:
+    return WithJsonSchema(documented.only(NEUTRAL[name]))
+
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     type: str
     text: str | None = None
 
 
 class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = UNKNOWN_ONLY_AS_NULL
     name: str
     arguments: str
 
 
 class RequestToolCall(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = UNKNOWN_ONLY_AS_NULL
     id: str
     type: str = "function"
     function: CalledFunction
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = UNKNOWN_ONLY_AS_NULL
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -52,37 +81,38 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = UNKNOWN_ONLY_AS_NULL
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """What chat and completions share."""
 
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
+    model_config = UNKNOWN_ONLY_AS_NULL
+    model: str = Field(description="The served model's name, its folder's, or dummy, tgi or default; else a 404")
+    max_tokens: Count | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: StopStrings = None  # checked by stop_strings
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
+    n: Annotated[Count | None, neutral("n")] = None
     user: str | None = None
     # vLLM's: requests with different salts never reuse each other's caches (state.cache_namespace).
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARACTERS)] | None = None
     # OpenAI parameters glmrepl accepts only at their neutral value (see NEUTRAL)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logprobs: Any = None
+    frequency_penalty: Annotated[float | None, neutral("frequency_penalty")] = None
+    presence_penalty: Annotated[float | None, neutral("presence_penalty")] = None
+    logprobs: Annotated[Any, neutral("logprobs")] = None
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None  # checked by tool_calls.normalize_tools, which names the bad field
-    tool_choice: str | dict[str, Any] | None = None
+    messages: Annotated[list[ChatMessage], WithJsonSchema(documented.messages())]
+    max_completion_tokens: Count | None = None
+    # Checked by normalize_tools and chosen_tools, which name the bad field.
+    tools: Annotated[list[Any] | None, WithJsonSchema(documented.tools())] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema(documented.tool_choice())] = None
     # False: a reply that makes several calls returns its first only. Strict, as a bool's
     # lax parsing would read "no" or 0 as a choice the client never spelled out.
     parallel_tool_calls: StrictBool | None = None
@@ -92,29 +122,19 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
-    echo: bool | None = None
+    prompt: Annotated[str | list[str], WithJsonSchema(documented.one_prompt())]
+    echo: Annotated[bool | None, neutral("echo")] = None
 
 
 class ChatGLMRequest(BaseModel):
     """ChatGLM's api.py: ``{"prompt", "history", "max_length", "top_p", "temperature"}``."""
 
-    model_config = ConfigDict(extra="allow")
-    prompt: str
-    history: list[list[str] | dict[str, str]] | None = None
-    max_length: int | None = Field(None, ge=1)
+    model_config = UNKNOWN_ONLY_AS_NULL
+    prompt: str = Field(min_length=1)
+    history: Annotated[list[list[str] | dict[str, str]] | None, WithJsonSchema(documented.history())] = None
+    max_length: Count | None = None
     top_p: float | None = Field(None, ge=0, le=1)
     temperature: float | None = Field(None, ge=0, le=2)
-
-
-# The value each of these may have; anything else is a feature glmrepl does not have.
-NEUTRAL: dict[str, tuple] = {
-    "n": (None, 1),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logprobs": (None, False, 0),
-    "echo": (None, False),
-}
 
 
 def refuse_unsupported(request: BaseModel) -> None:
@@ -129,13 +149,14 @@ def refuse_unsupported(request: BaseModel) -> None:
         if value is not None:
             raise APIError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
     stream_options = getattr(request, "stream_options", None)
-    for name in (stream_options.model_extra or {}) if stream_options else ():
-        raise APIError(
-            400,
-            f"unsupported parameter 'stream_options.{name}'",
-            param=f"stream_options.{name}",
-            code="unsupported_parameter",
-        )
+    for name, value in (stream_options.model_extra or {}).items() if stream_options else ():
+        if value is not None:
+            raise APIError(
+                400,
+                f"unsupported parameter 'stream_options.{name}'",
+                param=f"stream_options.{name}",
+                code="unsupported_parameter",
+            )
 
 
 def refuse_invalid_text(value: Any, where: str = "") -> None:

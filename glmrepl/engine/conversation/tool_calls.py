@@ -132,12 +132,13 @@ def normalize_tools(raw: Any, where: str = "tools") -> list[dict]:
     return functions
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # OpenAI's rule; a name is also a prompt's metadata line
+TOOL_NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"  # OpenAI's rule; a name is also a prompt's metadata line
+_NAME = re.compile(TOOL_NAME_PATTERN)
 
 
 def _function(entry: dict, where: str) -> dict:
     name = entry.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidTools(f"'{where}.name' must be 1 to 64 letters, digits, '_', '.' or '-'", f"{where}.name")
     description = entry.get("description")
     if description is not None and not isinstance(description, str):
