@@ -11,6 +11,7 @@ naming each tensor's dtype, shape and byte range, then the data.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,8 +67,6 @@ def _header(stream, size: int) -> tuple[int, dict]:
 
 def _checked(name: str, entry: Any, types: dict, data_bytes: int) -> tuple[Any, list[int], tuple[int, int]]:
     """The entry's dtype, shape and byte range, each checked against the others and the file."""
-    import math
-
     if not isinstance(entry, dict) or entry.get("dtype") not in types:
         raise ValueError(f"{name} has no dtype this reader knows")
     dtype, shape, offsets = types[entry["dtype"]], entry.get("shape"), entry.get("data_offsets")
@@ -95,7 +94,7 @@ class StoredRows:
         if not shape:
             raise ValueError(f"{name} has no rows")
         self.path, self.offset, self.dtype, self.shape = path, start + begin, dtype, tuple(shape)
-        self.row_bytes = dtype.itemsize * _count(shape[1:])
+        self.row_bytes = dtype.itemsize * math.prod(shape[1:])
 
     def __getitem__(self, rows: slice) -> Any:
         import torch
@@ -108,9 +107,3 @@ class StoredRows:
             if stream.readinto(data.numpy().data) != len(data):
                 raise ValueError("the file ends inside a tensor")
         return data.view(self.dtype).reshape(count, *self.shape[1:])
-
-
-def _count(shape) -> int:
-    import math
-
-    return math.prod(shape)
