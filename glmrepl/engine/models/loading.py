@@ -99,8 +99,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
             )
         model, tokenizer, native_format = parts.model, parts.tokenizer, parts.prompt_format
         placement.quant_bits = _quant_bits(model)
-        if not request.float_head and placement.device_map == "cpu":
-            quantize_head(model, torch_dtype(placement.dtype))
+        finish_head(model, request, placement, None)
     else:
         job.stage = "loading tokenizer"
         tokenizer = load_tokenizer(info, request.trust_remote_code)
@@ -118,10 +117,7 @@ def load_model(request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
                 job.stage = f"quantizing to int{request.quantize}"
                 quantize_loaded(model, request)
         placement.quant_bits = _quant_bits(model)
-        compute = torch_dtype(placement.dtype)
-        int8_head = not request.float_head and placement.device_map == "cpu" and quantize_head(model, compute)
-        if not int8_head:
-            keep_stored_head(model, info.dtype)
+        finish_head(model, request, placement, info.dtype)
         native_format = None
     use_float_kernels(model)
     adapter = attach_requested_adapter(model, request, job)
@@ -140,16 +136,15 @@ def fuse_decode_steps(model: Any) -> None:
     enable(model)
 
 
-def quantize_head(model: Any, compute) -> bool:
-    from .quantize import quantize_head as to_int8
-
-    return to_int8(model, compute)
-
-
-def keep_stored_head(model: Any, stored_dtype: str | None) -> None:
+def finish_head(model: Any, request: LoadRequest, placement: Placement, stored_dtype: str | None) -> None:
+    """A quantized model's float head on the CPU: int8 (a quantized folder's already is, from its
+    stored rows), else with --float-head in the checkpoint's ``stored_dtype`` when that is 16-bit."""
     from ..quant.half_head import keep_head_stored
+    from .quantize import quantize_head
 
-    keep_head_stored(model, stored_dtype)
+    on_cpu = placement.device_map == "cpu"
+    if request.float_head or not on_cpu or not quantize_head(model, torch_dtype(placement.dtype)):
+        keep_head_stored(model, stored_dtype)
 
 
 def use_float_kernels(model: Any) -> None:
