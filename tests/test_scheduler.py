@@ -49,6 +49,26 @@ def start(run: GenerationRun) -> threading.Thread:
     return thread
 
 
+def start_submitted(backend: LocalBackend, run: GenerationRun) -> threading.Thread:
+    """``start``, returning once the scheduler has the run: the steps counted from then on are
+    the scheduler's doing, not the starting thread's (which a busy machine delays)."""
+    submitted = threading.Event()
+    submit = backend.scheduler.submit
+
+    def recording(item):
+        submit(item)
+        if item is run:
+            submitted.set()
+
+    backend.scheduler.submit = recording
+    try:
+        thread = start(run)
+        assert submitted.wait(60), "the run never reached the scheduler"
+    finally:
+        del backend.scheduler.submit  # the class's own again
+    return thread
+
+
 def newcomer_beside_a_long_reply(
     backend: LocalBackend, seed: int | None = None
 ) -> tuple[GenerationRun, GenerationRun, int]:
@@ -60,7 +80,7 @@ def newcomer_beside_a_long_reply(
         threads = [start(long)]
         gate.step_until(lambda: len(long.made) >= 3, most=10)
         short = make_run(backend, "hi", 3)
-        threads.append(start(short))
+        threads.append(start_submitted(backend, short))
         steps = gate.step_until(lambda: len(short.made) >= 1, most=20)
         if backend.scheduler.batching:
             # The long reply joins the batch once the newcomer has its first token: the model
