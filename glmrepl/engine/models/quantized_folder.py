@@ -109,27 +109,30 @@ def _int8_head_from_file(model, info: Any, dtype) -> set[str]:
     embeddings' table, which its embeddings then read); the names of the tensors it replaced, or
     an empty set when the head stays float (quantize.quantize_head says which)."""
     from .quantize import quantize_head
-    from .tensor_file import StoredRows
 
     model.tie_weights()  # a tied head is the embeddings' table on the meta device too
     names = {id(module): name for name, module in model.named_modules()}
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     tied = embeddings is not None and head is not None and head.weight is embeddings.weight
-    source = f"{names[id(embeddings if tied else head)]}.weight" if head is not None else ""
-    found = next((file for file in info.weight_files if source and _holds(file, source)), None)
-    if found is None or not quantize_head(model, dtype, StoredRows(found, source)):
+    if head is None:
+        return set()
+    source = f"{names[id(embeddings if tied else head)]}.weight"
+    rows = _stored_rows(info.weight_files, source)
+    if rows is None or not quantize_head(model, dtype, rows):
         return set()
     return {source, f"{names[id(head)]}.weight"}
 
 
-def _holds(file: Path, name: str) -> bool:
+def _stored_rows(files: list[Path], name: str):
+    """The rows of tensor ``name`` in the first of ``files`` that holds it, or None."""
     from .tensor_file import StoredRows
 
-    try:
-        StoredRows(file, name)
-    except (ValueError, OSError):
-        return False
-    return True
+    for file in files:
+        try:
+            return StoredRows(file, name)
+        except (ValueError, OSError):
+            continue
+    return None
 
 
 def read_tensors(folder: Path, files: list[Path], dtype, skip: set[str] = frozenset()) -> dict:  # type: ignore[assignment]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import QuantizedLinear, quantize_weight
+from .layers import QuantizedLinear, quantize_weight, scaled
 
 HEAD_BITS = 8
 HEAD_GROUP = 32
@@ -41,10 +41,10 @@ class Int8Embedding(nn.Module):
         return torch.empty(0, dtype=self.dtype, device=self.head.weight.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        values = self.head.weight[ids].to(self.dtype)
-        scale = self.head.weight_scale[ids].to(self.dtype)
-        grouped = values.view(*ids.shape, -1, HEAD_GROUP) * scale[..., None]
-        return grouped.view(*ids.shape, self.embedding_dim)
+        rows = ids.reshape(-1)
+        values = self.head.weight[rows].to(self.dtype)
+        rows_scale = self.head.weight_scale[rows].to(self.dtype)
+        return scaled(values, rows_scale, HEAD_GROUP).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the int8 head"
