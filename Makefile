@@ -9,6 +9,9 @@ TORCH_PIN ?= torch==2.13.0
 # The versions the tests passed with; setup.cfg keeps the ranges for pip users.
 CONSTRAINTS := constraints.txt
 EXTRAS := dev,serve,adapters
+# Installed without their dependencies: xgrammar (response formats) would pull in triton, 1 GB
+# that masks tokens on GPUs only (a CUDA build of torch brings its own).
+WITHOUT_DEPS := xgrammar apache-tvm-ffi
 
 .PHONY: install lock test lint demo bench bench-env bench-smoke clean
 
@@ -19,6 +22,7 @@ $(VENV)/.installed: setup.cfg setup.py $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) pip
 	$(PIP) install --quiet -c $(CONSTRAINTS) "$(TORCH_PIN)"
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) $(WITHOUT_DEPS)
 	touch $@
 
 # Refresh the tested set on purpose: the newest releases within setup.cfg's ranges, in a
@@ -29,6 +33,7 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
 	.venv-lock/bin/python -m pip install --quiet "$(TORCH_PIN)"
 	.venv-lock/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
+	.venv-lock/bin/python -m pip install --quiet --upgrade --no-deps $(WITHOUT_DEPS)
 	.venv-lock/bin/python scripts/lock_versions.py .venv-lock $(CONSTRAINTS)
 	rm -rf .venv-lock
 

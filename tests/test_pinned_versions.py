@@ -66,6 +66,20 @@ def test_every_installed_dependency_is_pinned_at_its_installed_version():
     assert drifted == {}, f"installed vs pinned: {drifted} (run make clean install)"
 
 
+def test_what_the_makefile_installs_without_dependencies_is_pinned_and_installed():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    names = re.search(r"^WITHOUT_DEPS := (.+)$", makefile, re.M)
+    assert names is not None and "xgrammar" in names[1].split()
+    pinned = pins()
+    for name in map(canonicalize_name, names[1].split()):
+        assert name in pinned, f"{name} is not in constraints.txt"
+        assert metadata.version(name).split("+")[0] == pinned[name]
+    # Their own dependencies but triton (GPU-only, under a platform marker) come pinned with the rest.
+    requirements = [Requirement(line) for line in metadata.requires("xgrammar") or []]
+    unconditional = {canonicalize_name(requirement.name) for requirement in requirements if requirement.marker is None}
+    assert sorted(unconditional - pinned.keys()) == []
+
+
 def test_the_ranges_for_pip_users_admit_the_pinned_versions():
     pinned = pins()
     for requirement in declared():

@@ -33,6 +33,7 @@ from .errors import (
     EmptyPrompt,
     GlmreplError,
     Hint,
+    InvalidOutputFormat,
     InvalidTools,
     LoadCancelled,
     MaxLengthExceeded,
@@ -42,6 +43,8 @@ from .errors import (
     first_line,
 )
 from .families import ignored_family_override
+from .generation.grammar import check_schema
+from .generation.logprobs import MAX_TOP_LOGPROBS
 from .generation.perplexity import read_text
 from .generation.service import Reply, conversation_from_messages
 from .models.catalog import LISTING_COLUMNS, default_models_dir, find_checkpoints, listing_cells, resolve_model
@@ -49,9 +52,9 @@ from .models.checkpoint import find_problems
 from .models.download import download_checkpoint, manifest_problems
 from .models.loading import LoadJob
 from .remote.backend import RemoteBackend, ServerJob
-from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, LoadOptions, SamplingParams
+from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, LoadOptions, OutputFormat, SamplingParams
 from .settings import SETTINGS, Settings
-from .status import GenerationStats, ModelStatus, Placement
+from .status import GenerationStats, ModelStatus, Placement, TokenLogprob
 
 __all__ = [
     "ABILITIES",
@@ -59,6 +62,7 @@ __all__ = [
     "DTYPES",
     "LISTING_COLUMNS",
     "MAX_TOOLS",
+    "MAX_TOP_LOGPROBS",
     "MODES",
     "SETTINGS",
     "Backend",
@@ -71,6 +75,7 @@ __all__ = [
     "GenerationStats",
     "GlmreplError",
     "Hint",
+    "InvalidOutputFormat",
     "InvalidTools",
     "LoadCancelled",
     "LoadJob",
@@ -80,6 +85,7 @@ __all__ = [
     "MaxLengthExceeded",
     "ModelStatus",
     "NoModelLoaded",
+    "OutputFormat",
     "Placement",
     "QueueFull",
     "REPL_FIT",
@@ -90,6 +96,7 @@ __all__ = [
     "ServerJob",
     "Settings",
     "TOOL_NAME_PATTERN",
+    "TokenLogprob",
     "ToolCall",
     "ToolsUnsupported",
     "conversation_from_messages",
@@ -98,6 +105,7 @@ __all__ = [
     "download_checkpoint",
     "find_checkpoints",
     "find_problems",
+    "check_schema",
     "first_line",
     "ignored_family_override",
     "listing_cells",

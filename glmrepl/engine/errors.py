@@ -115,5 +115,13 @@ class InvalidTools(GlmreplError):
         self.where = where
 
 
+class InvalidOutputFormat(GlmreplError):
+    """A response format or JSON schema that cannot be held to; ``where`` names the field."""
+
+    def __init__(self, message: str, where: str = "response_format"):
+        super().__init__(message)
+        self.where = where
+
+
 class AdapterError(GlmreplError):
     """An adapter folder is unusable, or does not fit the loaded model."""

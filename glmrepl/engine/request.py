@@ -74,6 +74,23 @@ REPL_FIT = FitPolicy()
 API_FIT = FitPolicy(drop_oldest=False, shorten_reply=False)
 
 
+@dataclass(frozen=True)
+class OutputFormat:
+    """What the reply's text must be: any JSON object, or JSON valid under a schema.
+
+    ``schema`` is the schema's JSON text (compiled once per text: generation/grammar.py);
+    ``strict`` as OpenAI's: properties and items the schema does not name are not allowed.
+    ``where`` names the field that carried it, for errors (an API parameter, a REPL file).
+    """
+
+    schema: str | None = None  # None: any JSON object
+    strict: bool = False
+    where: str = "response_format"
+
+    def describe(self) -> str:
+        return "JSON under a schema" if self.schema is not None else "a JSON object"
+
+
 @dataclass
 class GenerateRequest:
     """One reply to ask for: the conversation, how to sample, and the front end's policy."""
@@ -87,6 +104,9 @@ class GenerateRequest:
     force_call: str | None = None
     # Whose caches a reply may reuse: requests in different namespaces never share a cached prefix.
     cache_namespace: str = ""
+    output_format: OutputFormat | None = None  # the reply's text held to JSON (None: free text)
+    # Each token's log-probability and this many alternatives (0 to 20); None: none recorded.
+    logprobs: int | None = None
 
 
 @dataclass

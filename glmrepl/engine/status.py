@@ -64,6 +64,18 @@ class ModelStatus:
     tool_syntax: str | None = None  # how the format's model writes tool calls; None: it takes no tools
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token of a reply and its log-probability under the distribution it was drawn from;
+    ``top``: the most likely tokens of that distribution, best first (OpenAI's top_logprobs)."""
+
+    token: str  # its text; bytes that are no whole character as "<0xE4>" (conversation/tokens.py)
+    token_id: int
+    logprob: float
+    bytes: tuple[int, ...]  # its UTF-8 bytes
+    top: tuple[TokenLogprob, ...] = ()
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0

@@ -24,6 +24,7 @@ from ..engine import (
     ContextLengthExceeded,
     EmptyPrompt,
     GlmreplError,
+    InvalidOutputFormat,
     InvalidTools,
     MaxLengthExceeded,
     NoModelLoaded,
@@ -104,7 +105,7 @@ def api_error_from_engine(error: GlmreplError) -> APIError:
     """Engine errors, worded by the engine, with the status each one means over HTTP."""
     if isinstance(error, ToolsUnsupported):
         return APIError(400, error.message, param="tools", code="unsupported_parameter")  # no REPL hint
-    if isinstance(error, InvalidTools):
+    if isinstance(error, (InvalidTools, InvalidOutputFormat)):
         return APIError(400, str(error), param=error.where)
     if isinstance(error, MaxLengthExceeded):
         return APIError(400, str(error), param="max_length", code="context_length_exceeded")

@@ -31,15 +31,17 @@ from .openapi import STREAMED, answers
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    ResponseShape,
     SamplingRequest,
     check_tool_history,
     chosen_tools,
+    logprobs_asked,
     message_dicts,
+    output_format,
     refuse_invalid_text,
     refuse_unsupported,
     stop_strings,
 )
+from .responses import ResponseShape
 from .state import ServerState, cache_namespace, state_of
 from .streaming import stream_deltas
 
@@ -133,6 +135,7 @@ async def _respond(
     shape = ResponseShape(kind, status.name)  # the model that answers, whatever placeholder was asked for
     completion = kind == "text"
     stops = stop_strings(body.stop)
+    held_to, logprobs = output_format(body), logprobs_asked(body)
     sampling = state.sampling_for(
         status, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
@@ -147,6 +150,8 @@ async def _respond(
             completion=completion,
             force_call=force_call,
             cache_namespace=namespace,
+            output_format=held_to,
+            logprobs=logprobs,
         )
     )
     if body.stream:
@@ -166,6 +171,7 @@ async def _respond(
         reply.stats.new_tokens,
         reply.stats.reused_tokens,
         tool_calls=_calls_of(body, reply),
+        logprobs=reply.logprobs,
     )
     return _with_dropped_turns(answer, reply) if fit is REPL_FIT else answer
 
@@ -196,19 +202,30 @@ async def _events(
     say_dropped: bool = False,
 ) -> AsyncIterator[str]:
     """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked, [DONE]."""
+    listed = 0
+
+    def new_logprobs() -> list | None:  # those of the tokens read since the chunk before
+        nonlocal listed
+        entries = reply.logprobs
+        if entries is None:
+            return None
+        listed, new = len(entries), entries[listed:]
+        return new
+
     try:
         if shape.kind == "chat":
             yield _event(shape.chunk(first=True, with_usage=include_usage))
         try:
             async for delta in deltas:
-                yield _event(shape.chunk(delta, with_usage=include_usage))
+                yield _event(shape.chunk(delta, with_usage=include_usage, logprobs=new_logprobs()))
         except GlmreplError as error:  # the status line is gone: say it in the stream, as OpenAI does
             yield _event(error_body(500, first_line(error), code="generation_failed"))
             return
         calls = calls_of() if shape.kind == "chat" else []  # read when the reply has ended, so whole
         for chunk in shape.tool_call_chunks(calls, with_usage=include_usage):
             yield _event(chunk)
-        yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage))
+        rest = new_logprobs()
+        yield _event(shape.chunk(finish_reason=reply.finish_reason, with_usage=include_usage, logprobs=rest or None))
         if include_usage:
             used = shape.usage_chunk(reply.prompt_tokens, reply.stats.new_tokens, reply.stats.reused_tokens)
             yield _event(_with_dropped_turns(used, reply) if say_dropped else used)

@@ -5,18 +5,25 @@ here in code are documented by request_schemas. Values have JSON's own types ("5
 A parameter glmrepl does not implement gets a 400 naming it, never silence:
 unknown names land in ``model_extra`` and are refused by ``refuse_unsupported``
 (unless null), and the OpenAI parameters we accept only at their neutral value are
-checked there too. Responses are plain dicts shaped exactly as OpenAI's.
+checked there too. Responses are plain dicts shaped exactly as OpenAI's (responses.py).
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, WithJsonSchema
 
-from ..engine import InvalidTools, first_line, load_arguments, normalize_tools
+from ..engine import (
+    MAX_TOP_LOGPROBS,
+    InvalidOutputFormat,
+    InvalidTools,
+    OutputFormat,
+    check_schema,
+    first_line,
+    load_arguments,
+    normalize_tools,
+)
 from . import request_schemas as documented
 from .errors import APIError
 
@@ -29,7 +36,6 @@ NEUTRAL: dict[str, tuple] = {
     "n": (None, 1),
     "frequency_penalty": (None, 0),  # 0.0 too: it equals 0, in Python as in JSON Schema's enum
     "presence_penalty": (None, 0),
-    "logprobs": (None, False, 0),
     "echo": (None, False),
 }
 
@@ -85,6 +91,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = UNKNOWN_ONLY_AS_NULL
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    # "schema" is a name pydantic's BaseModel keeps for itself: the field is read under it.
+    json_schema: Annotated[dict[str, Any] | None, WithJsonSchema(documented.json_schema())] = Field(
+        None, alias="schema"
+    )
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = UNKNOWN_ONLY_AS_NULL
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(_integral_as_int)]
+
+
 class SamplingRequest(BaseModel):
     """What chat and completions share."""
 
@@ -104,7 +130,7 @@ class SamplingRequest(BaseModel):
     # OpenAI parameters glmrepl accepts only at their neutral value (see NEUTRAL)
     frequency_penalty: Annotated[float | None, neutral("frequency_penalty")] = None
     presence_penalty: Annotated[float | None, neutral("presence_penalty")] = None
-    logprobs: Annotated[Any, neutral("logprobs")] = None
+    response_format: ResponseFormat | None = None  # checked by output_format
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -119,11 +145,14 @@ class ChatCompletionRequest(SamplingRequest):
     # glmrepl's own: leave out the oldest turns that do not fit and shorten the reply to the room
     # left, as the REPL does, instead of a 400 (the web page sends it); usage says how many went.
     truncate_history: StrictBool | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: TopLogprobs | None = None  # with logprobs: the alternatives listed for each token
 
 
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str | list[str], WithJsonSchema(documented.one_prompt())]
     echo: Annotated[bool | None, neutral("echo")] = None
+    logprobs: TopLogprobs | None = None  # the alternatives listed for each token (0: the token's own alone)
 
 
 class ChatGLMRequest(BaseModel):
@@ -157,6 +186,55 @@ def refuse_unsupported(request: BaseModel) -> None:
                 param=f"stream_options.{name}",
                 code="unsupported_parameter",
             )
+
+
+def output_format(request: SamplingRequest) -> OutputFormat | None:
+    """The engine's OutputFormat of ``response_format`` (None: free text); 400s name the field."""
+    chosen = request.response_format
+    if chosen is None or chosen.type == "text":
+        if chosen is not None and chosen.json_schema is not None:
+            raise APIError(
+                400, "'response_format.json_schema' is only for type json_schema", param="response_format.type"
+            )
+        return None
+    for name, value in (chosen.model_extra or {}).items():
+        if value is not None:
+            where = f"response_format.{name}"
+            raise APIError(400, f"unsupported parameter '{where}'", param=where, code="unsupported_parameter")
+    if chosen.type == "json_object":
+        if chosen.json_schema is not None:
+            raise APIError(
+                400, "'response_format.json_schema' is only for type json_schema", param="response_format.type"
+            )
+        return OutputFormat()
+    if chosen.json_schema is None:
+        raise APIError(
+            400, "'response_format.json_schema' is required with type json_schema", param="response_format.json_schema"
+        )
+    wanted = chosen.json_schema
+    for name, value in (wanted.model_extra or {}).items():
+        if value is not None:
+            where = f"response_format.json_schema.{name}"
+            raise APIError(400, f"unsupported parameter '{where}'", param=where, code="unsupported_parameter")
+    if wanted.json_schema is None:
+        return OutputFormat()
+    try:
+        text = check_schema(wanted.json_schema, "response_format.json_schema.schema")
+    except InvalidOutputFormat as error:
+        raise APIError(400, str(error), param=error.where) from None
+    return OutputFormat(text, strict=bool(wanted.strict))
+
+
+def logprobs_asked(request: SamplingRequest) -> int | None:
+    """How many alternatives each token lists (None: no logprobs); chat's top_logprobs needs logprobs."""
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    chat = request if isinstance(request, ChatCompletionRequest) else None
+    if chat is None or not chat.logprobs:
+        if chat is not None and chat.top_logprobs is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs' = true", param="top_logprobs")
+        return None
+    return chat.top_logprobs or 0
 
 
 def refuse_invalid_text(value: Any, where: str = "") -> None:
@@ -353,114 +431,3 @@ def _text_content(content: str | list[TextPart] | None, where: str) -> str:
             )
         texts.append(part.text)
     return "".join(texts)
-
-
-# -- responses ------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage, with the prompt tokens whose KV came from an earlier request's cache."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-class ResponseShape:
-    """Builds the bodies and stream chunks of one chat or completions response."""
-
-    def __init__(self, kind: Literal["chat", "text"], model: str):
-        self.kind = kind
-        self.model = model
-        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        self.created = int(time.time())
-
-    def _envelope(self, object_name: str, choices: list) -> dict[str, Any]:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
-
-    def complete(
-        self,
-        text: str,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cached_tokens: int = 0,
-        tool_calls: list | None = None,
-    ) -> dict:
-        if self.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if tool_calls:  # OpenAI's shape: content null when the reply is only calls
-                message = {"role": "assistant", "content": text or None, "tool_calls": _calls_out(tool_calls)}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-            body = self._envelope("chat.completion", [choice])
-        else:
-            body = self._envelope(
-                "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
-            )
-        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-        return body
-
-    def chunk(
-        self,
-        delta: str | None = None,
-        *,
-        first: bool = False,
-        finish_reason: str | None = None,
-        with_usage: bool = False,
-    ) -> dict:
-        """One streamed chunk: the role first (chat), then content deltas, then the finish reason."""
-        if self.kind == "chat":
-            content: dict[str, Any] = {}
-            if first:
-                content = {"role": "assistant", "content": ""}
-            elif delta is not None:
-                content = {"content": delta}
-            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
-            body = self._envelope("chat.completion.chunk", [choice])
-        else:
-            body = self._envelope(
-                "text_completion", [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}]
-            )
-        if with_usage:
-            body["usage"] = None  # every chunk carries it when asked; only the last one has figures
-        return body
-
-    def tool_call_chunks(self, tool_calls: list, with_usage: bool = False) -> list[dict]:
-        """The calls in OpenAI's incremental shape: for each, a first delta with its index, id, type
-        and name (arguments empty), then one with its arguments, which clients append by index.
-
-        The arguments come whole: a reply is known to make a call only once it has ended and
-        parsed (text that looks like a call may not be one), so there is nothing to send earlier.
-        """
-        chunks = []
-        for index, call in enumerate(_calls_out(tool_calls)):
-            name = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
-            arguments = {"function": {"arguments": call["function"]["arguments"]}}
-            chunks += [self._tool_call_chunk({"index": index, **part}, with_usage) for part in (name, arguments)]
-        return chunks
-
-    def _tool_call_chunk(self, delta: dict, with_usage: bool) -> dict:
-        choice = {"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
-        body = self._envelope("chat.completion.chunk", [choice])
-        if with_usage:
-            body["usage"] = None
-        return body
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-        object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        body = self._envelope(object_name, [])
-        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-        return body
-
-
-def _calls_out(tool_calls: list) -> list[dict]:
-    return [
-        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-        for call in tool_calls
-    ]

@@ -173,3 +173,12 @@ def history() -> Schema:
         **nullable({"type": "array", "items": {"anyOf": [pair, message]}}),
         "description": "Earlier turns: [query, response] pairs, or {role, content} messages",
     }
+
+
+def json_schema() -> Schema:
+    return {
+        **nullable({"type": "object"}),
+        "description": "A JSON Schema the reply is held to while it is written. Keywords that cannot be held to "
+        "that way (allOf, not, if/then/else, dependentSchemas) are refused, as are schemas the grammar "
+        "engine cannot compile; the error names the keyword.",
+    }

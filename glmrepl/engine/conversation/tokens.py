@@ -43,6 +43,39 @@ def token_bytes(tokenizer, token_id: int) -> bytes | None:
     return None
 
 
+def piece_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token adds to the text, for each token of a reply (logprobs' ``bytes``): its
+    own bytes where the vocabulary keeps them (GLM-4's, ChatGLM's sentencepiece pieces), its
+    byte-level piece's bytes, a sentencepiece piece with its "▁" as a space; else its text alone."""
+    own = getattr(tokenizer, "id_to_bytes", None)
+    raw = own(int(token_id)) if own is not None else _vocabulary_piece_bytes(tokenizer, int(token_id))
+    if raw is not None:
+        return raw
+    return tokenizer.decode([int(token_id)], skip_special_tokens=False).encode("utf-8")
+
+
+def _vocabulary_piece_bytes(tokenizer, token_id: int) -> bytes | None:
+    try:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+    except Exception:  # noqa: BLE001 - a tokenizer without pieces: its text decoded alone
+        return None
+    if not isinstance(piece, str) or not piece or token_id in set(getattr(tokenizer, "all_special_ids", ()) or ()):
+        return None
+    match = _BYTE_PIECE.fullmatch(piece)
+    if match:
+        return bytes([int(match[1], 16)])
+    table = _byte_level_alphabet()
+    if _byte_level(tokenizer) and all(char in table for char in piece):
+        return bytes(table[char] for char in piece)
+    return piece.replace("\u2581", " ").encode("utf-8") if "\u2581" in piece else None
+
+
+def _byte_level(tokenizer) -> bool:
+    """Whether the tokenizer's pieces stand for bytes (GPT-2's alphabet: "Ġ" is a space)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and "ByteLevel" in str(getattr(backend, "decoder", ""))
+
+
 def escape_partial_characters(raw: bytes) -> str:
     """Decode UTF-8, writing each byte that is not part of a whole character as ``<0xE4>``."""
     parts = []

@@ -372,4 +372,8 @@ def unbatchable(run: GenerationRun, per_request: bool = True) -> str | None:
         return "a repetition penalty"
     if "min_new_tokens" in run.generate_kwargs:
         return "a minimum length"
+    if run.processors:
+        return "a response format (its mask follows one reply)"
+    if run.recorder is not None:
+        return "logprobs"
     return None

@@ -14,6 +14,7 @@ from ..conversation.stops import StopStrings
 from ..conversation.tool_calls import ParsedReply, ToolCall, ToolStream, parse_reply
 from ..errors import GlmreplError
 from ..protocols import PromptFormat
+from ..status import TokenLogprob
 
 
 class Reply:
@@ -116,6 +117,15 @@ class Reply:
     @property
     def stats(self):
         return self.run.stats
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """The reply's tokens read so far, each with its log-probability (None: not asked for).
+        The end-of-turn token is no part of the text and is not listed."""
+        if self.run.recorder is None:
+            return None
+        entries = self.run.token_logprobs[: len(self.stats.new_ids)]
+        return [entry for entry in entries if entry is not None and entry.token_id not in self.run.stop_ids]
 
     @property
     def stopped_by_string(self) -> bool:

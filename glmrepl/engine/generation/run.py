@@ -101,12 +101,16 @@ class GenerationRun:
         reuse: Any = None,
         scheduler: RunQueue | None = None,
         cache_namespace: str = "",
+        processors: list | None = None,
+        recorder: Any = None,
     ):
         """``reuse``: a prefix_cache.Reuse whose cache holds the first ``reuse.tokens`` prompt ids, or
         a function that finds one (called when the run starts decoding alone: a run that goes
         to the batch, or never starts, copies no cache).
         ``scheduler``: who decodes it (scheduler.private_scheduler() for a run of its own).
-        ``cache_namespace``: whose blocks it may share in the batch (request.GenerateRequest's)."""
+        ``cache_namespace``: whose blocks it may share in the batch (request.GenerateRequest's).
+        ``processors``: logits processors of its own (a format's mask: grammar.GrammarMask), which
+        keep it out of the batch; ``recorder``: a logprobs.LogprobRecorder, likewise."""
         self.model = model
         self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_ids = prompt_ids
@@ -120,6 +124,9 @@ class GenerationRun:
         self.scheduler = scheduler
         self.cache_namespace = cache_namespace
         self.may_batch = False  # the scheduler may decode it in a batch (its model can batch)
+        self.processors = list(processors or ())
+        self.recorder = recorder
+        self.token_logprobs: list = []  # with a recorder: one status.TokenLogprob a token made
         self.cache: Any = None  # the model's cache after the reply, when it ended alone without an error
         # The scheduler's side: ids made so far, the random state of a seeded run between stretches.
         self.made: list[int] = []
@@ -248,8 +255,11 @@ class _RunStreamer:
         if not self.saw_prompt:
             self.saw_prompt = True
             return
+        ids = value.reshape(-1).tolist()
+        if self.run.recorder is not None:  # before the token reaches the consumer, which reads both
+            self.run.token_logprobs.extend(self.run.recorder.entry(int(token)) for token in ids)
         # Stamped here, where the token is made: the consumer may wake later.
-        self.run.emit(value.reshape(-1).tolist(), time.perf_counter())
+        self.run.emit(ids, time.perf_counter())
 
     def end(self) -> None:
         pass
@@ -310,6 +320,7 @@ def _generate_stretch(run: GenerationRun, should_yield: Callable[[int], bool]) -
     if "min_new_tokens" in kwargs:
         kwargs["min_new_tokens"] = max(0, kwargs["min_new_tokens"] - len(run.made))
     pad = run.stop_ids[0] if run.stop_ids else None
+    kwargs = _with_run_processors(run, cheaper_nucleus(kwargs) if run.recorder is None else kwargs)
     with torch.inference_mode():
         output = run.model.generate(
             input_ids=input_ids,
@@ -320,7 +331,7 @@ def _generate_stretch(run: GenerationRun, should_yield: Callable[[int], bool]) -
             pad_token_id=pad,
             return_dict_in_generate=True,
             **continued,
-            **cheaper_nucleus(kwargs),
+            **kwargs,
         )
     if first:
         run.stats.reused_tokens = run.reuse.tokens if cache is not None else 0
@@ -328,6 +339,20 @@ def _generate_stretch(run: GenerationRun, should_yield: Callable[[int], bool]) -
     if run.seed is not None:
         run.rng_state = _random_state()
     run.note_path(decode_path(run.model))  # after: a kernel failing mid-reply changes it
+
+
+def _with_run_processors(run: GenerationRun, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """generate's arguments with the run's own processors first (a format's mask, before the
+    sampling filters) and its logprobs recorder after everything that shapes the draw."""
+    if not run.processors and run.recorder is None:
+        return kwargs
+    from transformers import LogitsProcessorList
+
+    from .logprobs import recording_processors
+
+    processors = [*run.processors, *(kwargs.get("logits_processor") or ())]
+    kwargs = {**kwargs, "logits_processor": LogitsProcessorList(processors)}
+    return recording_processors(kwargs, run.recorder) if run.recorder is not None else kwargs
 
 
 def _restore_random_state(run: GenerationRun, first: bool) -> None:

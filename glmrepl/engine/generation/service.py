@@ -144,6 +144,10 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
     prefix = ""
     if tools and request.force_call is not None:
         fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, request.force_call)
+    grammar, started = None, False
+    if request.output_format is not None:
+        grammar = _compiled_format(loaded, request, prefix)
+        fitted, started = _with_reply_start(loaded, prompt_format, fitted)
     if fit.max_length is not None:
         fitted = _within_max_length(fitted, fit.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
@@ -157,7 +161,12 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         reuse=(lambda: prefixes.take(fitted.ids, request.cache_namespace)) if reusable else None,
         scheduler=scheduler,
         cache_namespace=request.cache_namespace,
+        recorder=_recorder(loaded, request),
     )
+    if grammar is not None:
+        from .grammar import GrammarMask
+
+        run.processors.append(GrammarMask(grammar, prompt_format.stop_token_ids, logits_width(loaded.model), run.made))
     run.may_batch = scheduler.why_not_batching(loaded) is None
 
     def keep_cache(reply: Reply) -> None:  # called while the reply still holds the model: all is for this model
@@ -165,7 +174,9 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
             return
         if run.cache is not None:
             prefixes.put(run.cached_ids(), run.cache, len(fitted.ids), request.cache_namespace)
-        if reply.tool_calls or prefix:  # the next prompt renders the calls, never the text they came as
+        # The next prompt renders calls, never the text they came as; a reply begun in the prompt
+        # (a call's start, a format's first line) is not the ids the model wrote.
+        if reply.tool_calls or prefix or started:
             return
         # A stop string cut the text short of the ids: reply_ids keeps those up to the cut.
         # As kept (tidied) and as streamed: an API client sends back the text it was given.
@@ -175,6 +186,44 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
                 replies.remember(text, ids, request.cache_namespace)
 
     return Reply(run, fitted, requested, prompt_format, request.stop, release, keep_cache, tools, prefix)
+
+
+def _compiled_format(loaded: Any, request: GenerateRequest, forced_prefix: str) -> Any:
+    from ..errors import InvalidOutputFormat
+    from .grammar import compile_format
+
+    output_format = request.output_format
+    assert output_format is not None
+    if forced_prefix:
+        raise InvalidOutputFormat(
+            f"'{output_format.where}' cannot be combined with a forced tool call ('tool_choice')", output_format.where
+        )
+    return compile_format(loaded.tokenizer, logits_width(loaded.model), output_format)
+
+
+def _with_reply_start(loaded: Any, prompt_format: PromptFormat, fitted: FittedPrompt) -> tuple[FittedPrompt, bool]:
+    """The prompt with the format's first line of a reply written after it (ChatGLM3's and GLM-4's
+    empty metadata line), so that the held reply is the content alone; and whether one was."""
+    start = getattr(prompt_format, "reply_start", "")
+    if not start or fitted.max_new_tokens < 2:
+        return fitted, False
+    ids = list(loaded.tokenizer.encode(start, add_special_tokens=False))
+    return replace(fitted, ids=fitted.ids + ids, max_new_tokens=fitted.max_new_tokens - len(ids)), True
+
+
+def _recorder(loaded: Any, request: GenerateRequest) -> Any:
+    if request.logprobs is None:
+        return None
+    from .logprobs import LogprobRecorder
+
+    return LogprobRecorder(loaded.tokenizer, request.logprobs)
+
+
+def logits_width(model: Any) -> int:
+    """How many scores a step gives: the model's vocabulary (often padded past the tokenizer's)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "padded_vocab_size", None) or text.vocab_size)
 
 
 def _with_forced_call(loaded, prompt_format, fitted: FittedPrompt, tools: list[dict], force: str):

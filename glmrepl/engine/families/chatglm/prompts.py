@@ -126,6 +126,9 @@ class ChatGLM3Format:
     name = "ChatGLM3 roles"
     is_chat = True
     tool_syntax = "chatglm3"
+    # A reply begins with its metadata line, empty but for a tool call: a reply held to a
+    # format (generation/grammar.py) is begun with it in the prompt.
+    reply_start = "\n"
     prefix_tokens = ("[gMASK]", "sop")
     stop_roles = ("<|user|>", "<|observation|>")
 

@@ -100,6 +100,25 @@ class _SentencePieceBase:
     def batch_decode(self, sequences: Iterable, **kwargs) -> list[str]:
         return [self.decode(ids, **kwargs) for ids in sequences]
 
+    def id_to_bytes(self, index: int) -> bytes | None:
+        """The bytes a token adds to the text; None for a special or control token (none)."""
+        piece_id = self._piece_id(int(index))
+        if piece_id is None or index in self.all_special_ids:
+            return None
+        if self.sp.is_control(piece_id) or self.sp.is_unknown(piece_id):
+            return None
+        piece = self.sp.id_to_piece(piece_id)
+        if self.sp.is_byte(piece_id):
+            return bytes([int(piece[3:5], 16)])
+        return self._piece_text(piece).encode("utf-8")
+
+    def _piece_id(self, index: int) -> int | None:
+        """The sentencepiece id of a token (None: a token outside sentencepiece's vocabulary)."""
+        return index if 0 <= index < self.sp.get_piece_size() else None
+
+    def _piece_text(self, piece: str) -> str:
+        return piece.replace("\u2581", " ")
+
 
 class ChatGLM1Tokenizer(_SentencePieceBase):
     """ChatGLM-6B's ``ice_text.model`` tokenizer."""
@@ -134,6 +153,12 @@ class ChatGLM1Tokenizer(_SentencePieceBase):
 
     def _token_to_id(self, token: str) -> int:
         return self.sp.piece_to_id(token) + self.num_image_tokens
+
+    def _piece_id(self, index: int) -> int | None:
+        return super()._piece_id(index - self.num_image_tokens)
+
+    def _piece_text(self, piece: str) -> str:
+        return _glm1_postprocess(super()._piece_text(piece))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = [i + self.num_image_tokens for i in self.sp.encode(_glm1_preprocess(text))]
