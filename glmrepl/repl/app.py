@@ -21,6 +21,7 @@ from ..engine import (
     GlmreplError,
     Hint,
     LoadOptions,
+    OutputFormat,
     ReplyHandle,
     SamplingParams,
     Settings,
@@ -35,6 +36,7 @@ class App:
     models_dir: Path | None = None
     options: LoadOptions = field(default_factory=LoadOptions)
     last_stats: GenerationStats | None = None  # of the last reply, for /stats
+    output_format: OutputFormat | None = None  # /format: replies held to JSON
     notify: Callable[[str], None] = lambda message: None  # the front end's way to say "waiting..."
     _defaults_applied_for: Any = None
     _saved: dict | None = None  # the conversation as last saved or loaded
@@ -95,7 +97,8 @@ class App:
     def plan_reply(self) -> ReplyHandle:
         """The REPL's policy: drop the oldest turns that no longer fit (and say so)."""
         self.require_model()
-        return self.backend.generate(GenerateRequest(self.session, SamplingParams.from_settings(self.settings)))
+        sampling = SamplingParams.from_settings(self.settings)
+        return self.backend.generate(GenerateRequest(self.session, sampling, output_format=self.output_format))
 
     def context_usage(self) -> tuple[int, int | None] | None:
         """Tokens of the conversation as the next reply will send it (old turns that no longer fit left out)."""

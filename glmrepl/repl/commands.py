@@ -14,6 +14,7 @@ from pathlib import Path
 from ..common.units import counted
 from ..engine import SETTINGS, GlmreplError, LoadCancelled
 from .app import App
+from .format_commands import cmd_format
 from .hints import explain, slash_words
 from .reply_commands import cmd_copy, cmd_next, cmd_ppl, cmd_stats, require_ability
 from .results import Error, Exit, Generate, Table, Text, WaitForLoad
@@ -513,6 +514,14 @@ for _command in (
         cmd_tools,
         (),
         lambda app, prefix: ["off"],
+    ),
+    Command(
+        "format",
+        "/format [json|FILE|off]",
+        "hold replies to JSON: any object, or the JSON Schema in FILE; off frees them",
+        cmd_format,
+        (),
+        lambda app, prefix: ["json", "off"],
     ),
     Command("observe", "/observe TEXT", "answer the model's tool call with its result (then it replies)", cmd_observe),
     Command("history", "/history", "show the conversation", cmd_history),

@@ -219,7 +219,7 @@ def output_format(request: SamplingRequest) -> OutputFormat | None:
     if wanted.json_schema is None:
         return OutputFormat()
     try:
-        text = check_schema(wanted.json_schema, "response_format.json_schema.schema")
+        text = check_schema(wanted.json_schema, "response_format.json_schema.schema", bool(wanted.strict))
     except InvalidOutputFormat as error:
         raise APIError(400, str(error), param=error.where) from None
     return OutputFormat(text, strict=bool(wanted.strict))

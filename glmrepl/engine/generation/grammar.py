@@ -16,6 +16,7 @@ import json
 import re
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import GenerationError, InvalidOutputFormat
@@ -41,16 +42,30 @@ _JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
-def check_schema(schema: Any, where: str) -> str:
-    """The schema's JSON text, after refusing what the mask cannot hold to (InvalidOutputFormat
-    naming the field)."""
+def check_schema(schema: Any, where: str, strict: bool = False) -> str:
+    """The schema's JSON text, after refusing what the mask cannot hold to, or what the grammar
+    engine cannot read (InvalidOutputFormat naming the field)."""
     if not isinstance(schema, dict):
         raise InvalidOutputFormat(f"'{where}' must be a JSON object (a JSON Schema)", where)
     _refuse_unenforced(schema, where, 0)
     text = json.dumps(schema, ensure_ascii=False)
     if len(text) > MAX_SCHEMA_CHARACTERS:
         raise InvalidOutputFormat(f"'{where}' must be at most {MAX_SCHEMA_CHARACTERS} characters of JSON", where)
+    _converted(lambda: _json_grammar(text, strict), where)
     return text
+
+
+def _converted(convert: Callable[[], Any], where: str) -> Any:
+    """What ``convert`` returns; an error of the grammar engine as InvalidOutputFormat naming ``where``."""
+    try:
+        return convert()
+    except ImportError:
+        raise InvalidOutputFormat(
+            "response formats need the xgrammar package: pip install 'glmrepl[structured]'", where
+        ) from None
+    except RuntimeError as error:
+        message = _XGRAMMAR_PREFIX.sub("", str(error).strip().splitlines()[0]).strip()
+        raise InvalidOutputFormat(f"'{where}' cannot be used: {message}", where) from None
 
 
 def _refuse_unenforced(schema: Any, where: str, depth: int) -> None:
@@ -101,12 +116,7 @@ def _json_grammar(schema: str, strict: bool) -> str:
 
 
 def _compiler_for(tokenizer: Any, vocab_size: int) -> Any:
-    try:
-        import xgrammar
-    except ImportError:
-        raise InvalidOutputFormat(
-            "response formats need the xgrammar package: pip install 'glmrepl[structured]'"
-        ) from None
+    import xgrammar
 
     with _COMPILERS_LOCK:
         known = _COMPILERS.get(tokenizer)

@@ -17,6 +17,7 @@ environment proxies, netrc and OpenAI environment settings are ignored.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -30,7 +31,7 @@ from ..contract import Abilities, NextToken
 from ..conversation.chat import ChatSession
 from ..conversation.tool_calls import wire_messages
 from ..errors import GlmreplError, LoadCancelled
-from ..request import GenerateRequest, LoadOptions, SamplingParams
+from ..request import GenerateRequest, LoadOptions, OutputFormat, SamplingParams
 from ..status import ModelStatus
 from .errors import ContextRefusal, RemoteError, explain
 from .reply import RemoteReply
@@ -279,6 +280,8 @@ class RemoteBackend(Abilities):
             params["tools"] = tools
         if request.stop:
             params["stop"] = list(request.stop)
+        if request.output_format is not None:
+            params["response_format"] = response_format(request.output_format)
         sent_at = time.perf_counter()
         stream, sent = self._open_fitted_stream(messages, params)
         requested = request.sampling.max_new_tokens
@@ -378,6 +381,14 @@ class RemoteBackend(Abilities):
         if key in SENT_SETTINGS or key in LOCAL_ONLY_SETTINGS:
             return None
         return "not sent to a remote server: the OpenAI chat API has no field for it"
+
+
+def response_format(output_format: OutputFormat) -> dict[str, Any]:
+    """OpenAI's response_format for the format (the server holds the reply to it)."""
+    if output_format.schema is None:
+        return {"type": "json_object"}
+    schema = {"name": "reply", "schema": json.loads(output_format.schema), "strict": output_format.strict}
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def request_params(sampling: SamplingParams, context_length: int | None = None) -> dict:
