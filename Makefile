@@ -58,6 +58,7 @@ bench: install
 	$(PY) benchmarks/kv_memory.py
 	$(PY) benchmarks/multiturn.py
 	$(PY) benchmarks/quant_models.py
+	$(PY) benchmarks/structured.py
 
 # llama.cpp, built once on this machine for `make bench` to time beside glmrepl
 # (benchmarks/llama_env.py; about 20 minutes on two cores; needs cmake and ninja).
@@ -73,6 +74,7 @@ bench-smoke: install
 	$(PY) benchmarks/quant_models.py --smoke
 	$(PY) benchmarks/scheduling.py --smoke
 	$(PY) benchmarks/kv_memory.py --smoke
+	$(PY) benchmarks/structured.py --smoke
 
 clean:
 	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache

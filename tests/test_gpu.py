@@ -66,3 +66,22 @@ def test_chatglm_fixtures_in_gpu_mode(family):
     app.options.mode = "gpu"
     app.manager.load(app.load_request(str(DATA / f"{family}-tiny")))
     assert reply(app, "你好").new_tokens > 0
+
+
+def test_a_reply_held_to_a_schema_and_its_logprobs_on_the_gpu(qwen_checkpoint):
+    """The mask is filled on the CPU and applied to the GPU's logits; logprobs read them there."""
+    import json
+
+    from glmrepl.engine import GenerateRequest, OutputFormat, SamplingParams
+
+    app = make_app()
+    app.options.mode = "gpu"
+    app.manager.load(app.load_request(str(qwen_checkpoint)))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    app.session.add_user("a number")
+    sampling = SamplingParams(max_new_tokens=40, do_sample=False)
+    request = GenerateRequest(app.session, sampling, output_format=OutputFormat(json.dumps(schema)), logprobs=3)
+    with app.backend.generate(request) as held:
+        "".join(held)
+    assert held.finish_reason == "stop" and 0 <= json.loads(held.text)["n"] <= 9
+    assert held.logprobs and all(entry.logprob <= 0 for entry in held.logprobs)
