@@ -299,3 +299,21 @@ def test_a_length_limited_string_admits_no_control_character(qwen_checkpoint):
     for text, whole in (('{"a": "ab\x0e', False), ('{"a": "ab\x7f"}', True), ('{"a": "abcde"}', False)):
         matcher = xgrammar.GrammarMatcher(compiled)
         assert (matcher.accept_string(text) and matcher.is_completed()) is whole, text
+
+
+@pytest.mark.parametrize("family", ["chatglm3", "glm4"])
+def test_chatglm_servers_hold_replies_to_a_schema(family, tmp_path):
+    server = started_server([str(DATA / f"{family}-tiny"), "--device", "cpu"], tmp_path / "serve.log")
+    try:
+        client = _client(server)
+        for stream in (False, True):
+            created = client.chat.completions.create(
+                model="default", messages=ASK, response_format=FORMAT, max_tokens=200, seed=1, stream=stream
+            )
+            if stream:
+                text = "".join(chunk.choices[0].delta.content or "" for chunk in created if chunk.choices)
+            else:
+                text = created.choices[0].message.content
+            assert _valid(text, SCHEMA), text
+    finally:
+        server.stop()
