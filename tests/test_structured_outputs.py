@@ -317,3 +317,15 @@ def test_chatglm_servers_hold_replies_to_a_schema(family, tmp_path):
             assert _valid(text, SCHEMA), text
     finally:
         server.stop()
+
+
+def test_a_length_past_any_reply_is_refused_before_any_work(server):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**9}}}
+    body = {
+        "model": "default",
+        "messages": ASK,
+        "max_tokens": 4,
+        "response_format": {**FORMAT, "json_schema": {"name": "x", "schema": schema}},
+    }
+    status, _, raw = request(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and error_of(raw)["param"] == "response_format.json_schema.schema.properties.a.maxLength"

@@ -80,7 +80,7 @@ class OutputFormat:
 
     ``schema`` is the schema's JSON text (compiled once per text: generation/grammar.py);
     ``strict`` as OpenAI's: properties and items the schema does not name are not allowed.
-    ``where`` names the field that carried it, for errors (an API parameter, a REPL file).
+    ``where`` names what carried the schema (or the format), for errors: an API field, a REPL file.
     """
 
     schema: str | None = None  # None: any JSON object

@@ -218,11 +218,12 @@ def output_format(request: SamplingRequest) -> OutputFormat | None:
             raise APIError(400, f"unsupported parameter '{where}'", param=where, code="unsupported_parameter")
     if wanted.json_schema is None:
         return OutputFormat()
-    try:
-        text = check_schema(wanted.json_schema, "response_format.json_schema.schema", bool(wanted.strict))
+    where = "response_format.json_schema.schema"
+    try:  # the grammar engine reads it when the reply is planned, in the pool (a 400 naming it too)
+        text = check_schema(wanted.json_schema, where, bool(wanted.strict), convert=False)
     except InvalidOutputFormat as error:
         raise APIError(400, str(error), param=error.where) from None
-    return OutputFormat(text, strict=bool(wanted.strict))
+    return OutputFormat(text, strict=bool(wanted.strict), where=where)
 
 
 def logprobs_asked(request: SamplingRequest) -> int | None:

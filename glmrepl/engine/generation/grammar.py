@@ -29,6 +29,9 @@ _SUBSCHEMA = ("items", "additionalProperties", "contains", "propertyNames", "une
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 MAX_SCHEMA_DEPTH = 64
+# Lengths and counts past any reply's length: the grammar engine builds a repetition that long.
+MAX_COUNT = 1_000_000
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 MAX_SCHEMA_CHARACTERS = 100_000
 
 _COMPILERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -42,16 +45,18 @@ _JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
-def check_schema(schema: Any, where: str, strict: bool = False) -> str:
-    """The schema's JSON text, after refusing what the mask cannot hold to, or what the grammar
-    engine cannot read (InvalidOutputFormat naming the field)."""
+def check_schema(schema: Any, where: str, strict: bool = False, convert: bool = True) -> str:
+    """The schema's JSON text, after refusing what the mask cannot hold to, or (``convert``) what
+    the grammar engine cannot read (InvalidOutputFormat naming the field). The server leaves the
+    conversion, which can take a while, to the reply's compile in its pool."""
     if not isinstance(schema, dict):
         raise InvalidOutputFormat(f"'{where}' must be a JSON object (a JSON Schema)", where)
     _refuse_unenforced(schema, where, 0)
     text = json.dumps(schema, ensure_ascii=False)
     if len(text) > MAX_SCHEMA_CHARACTERS:
         raise InvalidOutputFormat(f"'{where}' must be at most {MAX_SCHEMA_CHARACTERS} characters of JSON", where)
-    _converted(lambda: _json_grammar(text, strict), where)
+    if convert:
+        _converted(lambda: _json_grammar(text, strict), where)
     return text
 
 
@@ -73,6 +78,10 @@ def _refuse_unenforced(schema: Any, where: str, depth: int) -> None:
         return  # true/false, or a value the compiler words its own error for
     if depth > MAX_SCHEMA_DEPTH:
         raise InvalidOutputFormat(f"'{where}' is nested more than {MAX_SCHEMA_DEPTH} schemas deep", where)
+    for keyword in _COUNTS:
+        value = schema.get(keyword)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_COUNT:
+            raise InvalidOutputFormat(f"'{where}.{keyword}' must be at most {MAX_COUNT}", f"{where}.{keyword}")
     for keyword in UNENFORCED:
         if keyword in schema:
             raise InvalidOutputFormat(
@@ -94,16 +103,10 @@ def _refuse_unenforced(schema: Any, where: str, depth: int) -> None:
 
 def compile_format(tokenizer: Any, vocab_size: int, output_format: OutputFormat) -> Any:
     """The compiled grammar of ``output_format`` for this tokenizer (cached by the schema's text)."""
-    compiler = _compiler_for(tokenizer, vocab_size)
     schema = output_format.schema if output_format.schema is not None else '{"type": "object"}'
-    where = f"{output_format.where}.json_schema.schema" if output_format.schema is not None else output_format.where
-    try:
-        return compiler.compile_grammar(
-            _json_grammar(schema, output_format.strict and output_format.schema is not None)
-        )
-    except RuntimeError as error:
-        message = _XGRAMMAR_PREFIX.sub("", str(error).strip().splitlines()[0]).strip()
-        raise InvalidOutputFormat(f"'{where}' cannot be used: {message}", where) from None
+    strict = output_format.strict and output_format.schema is not None
+    compiler = _converted(lambda: _compiler_for(tokenizer, vocab_size), output_format.where)
+    return _converted(lambda: compiler.compile_grammar(_json_grammar(schema, strict)), output_format.where)
 
 
 def _json_grammar(schema: str, strict: bool) -> str:
