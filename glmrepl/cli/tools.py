@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from ..common.units import counted
 
@@ -133,12 +134,18 @@ def run_check(args, out, err) -> int:
     if stray and not getattr(args, "ppl", None):
         print(f"error: --{stray[0]} goes with --ppl FILE (it is about loading the model)", file=err)
         return 2
+    misplaced = misplaced_compare_flag(args)
+    if misplaced:
+        print(f"error: {misplaced}", file=err)
+        return 2
     problems = folder_problems(args.folder, trust_remote_code=args.trust_remote_code)
     for problem in problems:
         print(problem, file=out)
     if problems:
         return 1
     print("ready", file=out)
+    if getattr(args, "compare", None):
+        return run_comparison(args, out, err)
     return run_perplexity(args, out, err) if getattr(args, "ppl", None) else 0
 
 
@@ -146,6 +153,7 @@ def run_check(args, out, err) -> int:
 
 
 PERPLEXITY_FLAGS = ("window", "stride", "device", "dtype", "quantize", "adapter")
+COMPARE_FLAGS = ("compare_quantize", "compare_dtype", "compare_adapter")
 
 
 def add_perplexity_arguments(check: argparse.ArgumentParser) -> None:
@@ -163,6 +171,18 @@ def add_perplexity_arguments(check: argparse.ArgumentParser) -> None:
     )
     scoring.add_argument("--quantize", type=int, choices=(4, 8), help="quantize ChatGLM layers to int4 or int8")
     scoring.add_argument("--adapter", metavar="DIR", help="a LoRA or P-tuning v2 folder to put on the model")
+    comparing = check.add_argument_group("comparison on the --ppl text (loads both models)")
+    comparing.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="print the KL divergence per token and the same top-1 share of another checkpoint folder "
+        "(or of the same one with --compare-quantize, --compare-dtype or --compare-adapter) against the model",
+    )
+    comparing.add_argument("--compare-quantize", type=int, choices=(4, 8), help="quantize the other model")
+    comparing.add_argument(
+        "--compare-dtype", choices=("auto", "float32", "bfloat16", "float16"), help="the other model's precision"
+    )
+    comparing.add_argument("--compare-adapter", metavar="DIR", help="an adapter to put on the other model")
 
 
 def _positive(text: str) -> int:
@@ -175,22 +195,83 @@ def run_perplexity(args, out, err) -> int:
     """Load the folder as the REPL would and print its perplexity on ``args.ppl``; 130 on Ctrl-C."""
     from pathlib import Path
 
-    from ..engine import GlmreplError, LoadOptions, LocalBackend, read_text
+    from ..engine import GlmreplError, LocalBackend, read_text
     from ..repl.hints import explain, flag_words
 
     folder = Path(args.folder)
-    options = LoadOptions(
+    options = check_load_options(args)
+    backend = LocalBackend()
+    try:
+        read_text(args.ppl)  # a bad file is said before the model loads
+        backend.load_and_wait(options.for_model(folder, folder.name))
+        job = backend.start_perplexity(Path(args.ppl), args.window, args.stride)
+        _wait_with_progress(job, err)
+    except GlmreplError as error:
+        print(f"error: {explain(error, flag_words)}", file=err)
+        return 1
+    except KeyboardInterrupt:  # while loading: the shell's convention for an interrupted command
+        print("error: interrupted", file=err)
+        return 130
+    if job.error is not None:
+        print(f"error: {explain(job.error, flag_words)}", file=err)
+        return 130 if job.cancel_event.is_set() else 1
+    assert job.result is not None  # a job that ended without an error has its result
+    print(job.result.describe(), file=out)
+    return 0
+
+
+def check_load_options(args):
+    """How ``check --ppl`` loads the model: --device, --dtype, --quantize, --adapter."""
+    from pathlib import Path
+
+    from ..engine import LoadOptions
+
+    return LoadOptions(
         mode=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
         quantize=args.quantize,
         adapter=Path(args.adapter).expanduser() if args.adapter else None,
     )
-    backend = LocalBackend()
+
+
+# -- check --ppl FILE --compare DIR: the two models on one text ----------------------
+
+
+def misplaced_compare_flag(args) -> str | None:
+    """Why the comparison flags cannot be used as given, or None."""
+    if getattr(args, "compare", None) and not getattr(args, "ppl", None):
+        return "--compare goes with --ppl FILE (the text the two models are compared on)"
+    stray = [flag for flag in COMPARE_FLAGS if getattr(args, flag, None) is not None]
+    if stray and not getattr(args, "compare", None):
+        return f"--{stray[0].replace('_', '-')} goes with --compare DIR (it is about the other model)"
+    return None
+
+
+def run_comparison(args, out, err) -> int:
+    """Load the folder, then the --compare one, and print their figures on ``args.ppl``; 130 on Ctrl-C."""
+    from pathlib import Path
+
+    from ..engine import GlmreplError, LocalBackend, Variant, read_text
+    from ..repl.hints import explain, flag_words
+
+    other = Path(args.compare).expanduser()
+    problems = folder_problems(other, trust_remote_code=args.trust_remote_code)
+    if problems:
+        print(f"error: --compare {args.compare}: {problems[0]}", file=err)
+        return 1
+    options = check_load_options(args)
+    variant = Variant(
+        options=replace(options, quantize=None, adapter=None).for_model(other, other.name),
+        quantize=args.compare_quantize,
+        dtype=args.compare_dtype,
+        adapter=Path(args.compare_adapter).expanduser() if args.compare_adapter else None,
+    )
+    folder, backend = Path(args.folder), LocalBackend()
     try:
-        read_text(args.ppl)  # a bad file is said before the model loads
+        read_text(args.ppl)  # a bad file is said before a model loads
         backend.load_and_wait(options.for_model(folder, folder.name))
-        job = backend.start_perplexity(Path(args.ppl), args.window, args.stride)
+        job = backend.start_compare_text(variant, Path(args.ppl), args.window, args.stride)
         _wait_with_progress(job, err)
     except GlmreplError as error:
         print(f"error: {explain(error, flag_words)}", file=err)

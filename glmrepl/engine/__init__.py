@@ -52,7 +52,7 @@ from .models.checkpoint import find_problems
 from .models.download import download_checkpoint, manifest_problems
 from .models.loading import LoadJob
 from .remote.backend import RemoteBackend, ServerJob
-from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, LoadOptions, OutputFormat, SamplingParams
+from .request import API_FIT, REPL_FIT, FitPolicy, GenerateRequest, LoadOptions, OutputFormat, SamplingParams, Variant
 from .settings import SETTINGS, Settings
 from .status import GenerationStats, ModelStatus, Placement, TokenLogprob
 
@@ -95,6 +95,7 @@ __all__ = [
     "SamplingParams",
     "ServerJob",
     "Settings",
+    "Variant",
     "TOOL_NAME_PATTERN",
     "TokenLogprob",
     "ToolCall",

@@ -18,10 +18,11 @@ from .generation.prefix_cache import PrefixCache
 from .generation.scheduler import Scheduler, scheduler_for
 from .generation.service import ModelStatus, Reply, context_usage, fit_prompt, plan_reply, status_of
 from .models.loading import LoadJob, LoadOptions
-from .request import GenerateRequest
+from .request import GenerateRequest, Variant
 from .status import BatchingStatus, KVStatus, Placement, RepliesStatus
 
 if TYPE_CHECKING:
+    from .generation.comparing import CompareJob
     from .generation.perplexity import PerplexityJob
     from .models.manager import ModelManager
 
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 class LocalBackend(Abilities):
     """The engine in this process: one ModelManager, and the scheduler that owns its model."""
 
-    abilities = frozenset({"move", "quantize", "adapters", "prompt_mode", "next_tokens", "perplexity", "memory_report"})
+    abilities = frozenset(
+        {"move", "quantize", "adapters", "prompt_mode", "next_tokens", "perplexity", "compare", "memory_report"}
+    )
 
     def __init__(self, manager: ModelManager | None = None, max_queue: int | None = None):
         if manager is None:
@@ -214,6 +217,25 @@ class LocalBackend(Abilities):
                     loaded.model, loaded.tokenizer, text, window, stride, job.cancel_event, job.progress
                 )
             )
+
+    def start_compare(self, variant: Variant, conversation: ChatSession, max_new_tokens: int) -> CompareJob:
+        """Compare the replies of the loaded model and of ``variant`` to the conversation's last
+        message, in the background (generation/comparing.py); the conversation is only read."""
+        from .generation.comparing import compare_replies
+
+        return compare_replies(self, variant, conversation, max_new_tokens)
+
+    def start_compare_text(
+        self, variant: Variant, path: Path, window: int | None = None, stride: int | None = None
+    ) -> CompareJob:
+        """Compare the two models' predictions on a text file, in perplexity's windows. A file or
+        window that cannot be used raises PerplexityError here, before anything runs."""
+        from .generation.comparing import compare_on_text
+        from .generation.perplexity import choose_window, read_text
+
+        text = read_text(path)
+        window, stride = choose_window(self._require_model().info.context_length, window, stride)
+        return compare_on_text(self, variant, text, window, stride)
 
     def memory_report(self) -> list[tuple[str, str]]:
         from .devices.modes import memory_report

@@ -19,7 +19,7 @@ from typing import Protocol
 from .conversation.chat import ChatSession
 from .conversation.tool_calls import ToolCall
 from .errors import GlmreplError
-from .request import GenerateRequest, LoadOptions
+from .request import GenerateRequest, LoadOptions, Variant
 from .status import GenerationStats, ModelStatus, Placement
 
 # What a backend may be able to do, and the words a refusal uses for it.
@@ -30,6 +30,7 @@ ABILITIES = {
     "prompt_mode": "changing the prompt mode",
     "next_tokens": "the next-token table",
     "perplexity": "perplexity",
+    "compare": "comparing with another model",
     "memory_report": "the memory report",
     "server_models": "choosing among a server's models",
 }
@@ -166,6 +167,12 @@ class Backend(Protocol):
 
     def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> BackgroundTask: ...
 
+    def start_compare(self, variant: Variant, conversation: ChatSession, max_new_tokens: int) -> BackgroundTask: ...
+
+    def start_compare_text(
+        self, variant: Variant, path: Path, window: int | None = None, stride: int | None = None
+    ) -> BackgroundTask: ...
+
     def memory_report(self) -> list[tuple[str, str]]: ...
 
 
@@ -216,6 +223,14 @@ class Abilities:
 
     def start_perplexity(self, path: Path, window: int | None = None, stride: int | None = None) -> BackgroundTask:
         raise self._refuse("perplexity")
+
+    def start_compare(self, variant: Variant, conversation: ChatSession, max_new_tokens: int) -> BackgroundTask:
+        raise self._refuse("compare")
+
+    def start_compare_text(
+        self, variant: Variant, path: Path, window: int | None = None, stride: int | None = None
+    ) -> BackgroundTask:
+        raise self._refuse("compare")
 
     def memory_report(self) -> list[tuple[str, str]]:
         return []

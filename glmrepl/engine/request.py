@@ -136,3 +136,16 @@ class LoadOptions:
 
     def for_model(self, path: Path, name: str) -> LoadOptions:
         return replace(self, path=Path(path), name=name)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What the loaded model is compared with (``/compare``): another checkpoint (``options``, made
+    by the front end as for a load) or, without one, the loaded model's own options; then the
+    changes asked for (models/variants.py)."""
+
+    options: LoadOptions | None = None
+    quantize: int | None = None  # 4 or 8
+    dtype: str | None = None
+    adapter: Path | None = None
+    no_adapter: bool = False  # the same model without its adapter

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..common.units import counted
 from ..engine import SETTINGS, GlmreplError, LoadCancelled
 from .app import App
+from .compare_command import cmd_compare
 from .format_commands import cmd_format
 from .hints import explain, slash_words
 from .reply_commands import cmd_copy, cmd_next, cmd_ppl, cmd_stats, require_ability
@@ -540,6 +541,16 @@ for _command in (
         cmd_ppl,
         (),
         complete_path,
+    ),
+    Command(
+        "compare",
+        "/compare MODEL|--quantize 4|8|--dtype|--adapter",
+        "another model (a name or DIR) or a variant (--quantize 4|8, --dtype D, --adapter DIR|off): both "
+        "greedy replies to the last message, the share of tokens that agree, the KL divergence per token "
+        "(Ctrl-C stops)",
+        cmd_compare,
+        (),
+        complete_model,
     ),
     Command("copy", "/copy", "send the last reply to the terminal's clipboard (OSC 52, works over SSH)", cmd_copy),
     Command("exit", "/exit", "leave glmrepl (Ctrl-D does too)", cmd_exit, ("quit", "q")),

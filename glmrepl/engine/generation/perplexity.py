@@ -183,15 +183,15 @@ def window_nll(model: Any, prefix: list[int], ids: list[int], window: Window) ->
     import torch.nn.functional as F
 
     fed = prefix + ids[window.begin : window.end]
-    device = _input_device(model)
+    device = input_device(model)
     input_ids = torch.tensor([fed], dtype=torch.long, device=device)
     kept = window.targets + 1  # logits of the positions that predict the targets (and the last, unused)
-    logits = _last_logits(model, input_ids, kept)[0, -kept:-1]
+    logits = last_logits(model, input_ids, kept)[0, -kept:-1]
     targets = torch.tensor(ids[window.first_target : window.end], dtype=torch.long, device=logits.device)
     return float(F.cross_entropy(logits.float(), targets, reduction="sum"))
 
 
-def _last_logits(model: Any, input_ids: Any, kept: int) -> Any:
+def last_logits(model: Any, input_ids: Any, kept: int) -> Any:
     """Logits of at least the last ``kept`` positions: only those when the model can skip the others
     (a vocabulary-wide row per position is most of a forward's memory); a checkpoint's own code
     that lacks ``logits_to_keep`` gives them all."""
@@ -249,7 +249,7 @@ def perplexity_of_text(
     )
 
 
-def _input_device(model: Any):
+def input_device(model: Any):
     """Inputs go where the embeddings are (the first device of a sharded model)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return embeddings.weight.device if embeddings is not None else model.device

@@ -136,7 +136,19 @@ class ModelManager:
         free_memory()
 
     def unload(self) -> None:
+        if self.job is not None and self.job.result is self.current:  # the finished load would keep it alive
+            self.job.result = None
         self._install(None)
+
+    def reload(self, request: LoadRequest, job: LoadJob | None = None) -> LoadedModel:
+        """Load ``request`` on this thread and install it, with no load job for front ends to report
+        (a model given back after a comparison made room for another, see generation/comparing.py)."""
+        try:
+            loaded = load_model(request, job)
+        except BaseException as error:
+            raise error if isinstance(error, GlmreplError) else _as_load_error(error, request) from None
+        self._install(loaded)
+        return loaded
 
     # -- changes to the loaded model -----------------------------------------
     def set_prompt_mode(self, mode: str | None) -> str:
@@ -145,6 +157,8 @@ class ModelManager:
         def choose() -> str:
             loaded = self._require_model()
             loaded.prompt_format = choose_format(loaded.tokenizer, loaded.native_format, mode, loaded.extra_stop_ids)
+            if loaded.request is not None:  # a reload brings the same mode back
+                loaded.request = replace(loaded.request, prompt_mode=mode)
             return loaded.prompt_format.name
 
         return self._change(choose)
@@ -201,8 +215,11 @@ class ModelManager:
             refused = self._quantize_refusal(bits, quantize_refusal)
             if refused is not None:
                 raise refused
+            float_before = not loaded.info.placement.quant_bits
             quantize_model(loaded.model, bits, group_size)
             loaded.info.placement.quant_bits = bits
+            if loaded.request is not None and float_before:  # a reload quantizes it the same way
+                loaded.request = replace(loaded.request, quantize=bits, group_size=group_size)
             return loaded.info.placement
 
         placement = self._change(quantize, on_wait)
