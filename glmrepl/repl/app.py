@@ -93,6 +93,12 @@ class App:
             raise GlmreplError("no model is loaded", Hint("model", sentence="choose one with {}"))
         return status
 
+    def waiting_message(self, doing: str) -> Callable[[int], None]:
+        """What a move, quantize or adapter change says while replies still run."""
+        return lambda running: self.notify(
+            f"waiting for {running} running repl{'y' if running == 1 else 'ies'} to finish before {doing} the model"
+        )
+
     # -- replies -------------------------------------------------------------
     def plan_reply(self) -> ReplyHandle:
         """The REPL's policy: drop the oldest turns that no longer fit (and say so)."""

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.units import counted
 from ..engine import SETTINGS, GlmreplError, LoadCancelled
 from .app import App
 from .compare_command import cmd_compare
+from .conversation_commands import cmd_load, cmd_load_over, cmd_save, cmd_save_over
 from .format_commands import cmd_format
 from .hints import explain, slash_words
 from .reply_commands import cmd_copy, cmd_next, cmd_ppl, cmd_stats, require_ability
@@ -188,7 +188,7 @@ def cmd_device(app: App, args: str):
     if _already_on(status.placement, mode, dtype):
         return Text(f"already on {status.placement.describe()}", "dim")
     require_ability(app, "move", "/device")
-    placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=_waiting_message(app, "moving"))
+    placement = app.backend.move(mode or status.placement.mode, dtype, on_wait=app.waiting_message("moving"))
     app.options.mode, app.options.dtype = placement.mode, dtype
     return Text(f"model now on {placement.describe()}; conversation kept")
 
@@ -199,9 +199,9 @@ def cmd_adapter(app: App, args: str):
         return Text(f"adapter: {status.adapter}" if status.adapter else "no adapter (/adapter DIR puts one on)")
     require_ability(app, "adapters", "/adapter")
     if args == "off":
-        app.backend.set_adapter(None, on_wait=_waiting_message(app, "taking the adapter off"))
+        app.backend.set_adapter(None, on_wait=app.waiting_message("taking the adapter off"))
         return Text(f"adapter {status.adapter} off: the base model again; conversation kept")
-    adapter = app.backend.set_adapter(Path(args).expanduser(), on_wait=_waiting_message(app, "putting the adapter on"))
+    adapter = app.backend.set_adapter(Path(args).expanduser(), on_wait=app.waiting_message("putting the adapter on"))
     return Text(f"adapter {adapter} on {status.name}; conversation kept")
 
 
@@ -228,14 +228,8 @@ def cmd_quantize(app: App, args: str):
         return Error("/quantize needs 4 or 8 (bits per weight)")
     app.require_model()
     require_ability(app, "quantize", "/quantize")
-    placement = app.backend.quantize(int(args), on_wait=_waiting_message(app, "quantizing"))
+    placement = app.backend.quantize(int(args), on_wait=app.waiting_message("quantizing"))
     return Text(f"model now on {placement.describe()}; conversation kept")
-
-
-def _waiting_message(app: App, doing: str):
-    return lambda running: app.notify(
-        f"waiting for {running} running repl{'y' if running == 1 else 'ies'} to finish before {doing} the model"
-    )
 
 
 def cmd_system(app: App, args: str):
@@ -303,104 +297,6 @@ def cmd_retry(app: App, args: str):
     app.require_model()
     app.session.prepare_retry()
     return Generate()
-
-
-def cmd_save(app: App, args: str, overwrite: bool = False):
-
-    from ..engine import save_conversation
-
-    if not args:
-        return Error("usage: /save FILE")
-    target = Path(args).expanduser()
-    if not target.parent.is_dir():
-        return Error(f"{target.parent} is not a folder: create it first, or save somewhere else")
-    if target.is_dir():
-        return Error(f"{target} is a folder: give a file name")
-    if target.exists() and not overwrite:
-        return Error(f"{target} exists: /save! {args} replaces it")
-    loaded = app.status()
-    model = str(loaded.path) if loaded else None
-    adapter = str(loaded.adapter_path) if loaded and loaded.adapter_path else None
-    try:
-        path = save_conversation(args, app.session, app.settings.chosen(), model, adapter)
-    except OSError as error:
-        return Error(f"{args}: cannot write it ({error.strerror or error})")
-    app.mark_saved()
-    return Text(f"saved {counted(app.session.turns, 'turn')} to {path}", "dim")
-
-
-def cmd_save_over(app: App, args: str):
-    return cmd_save(app, args, overwrite=True)
-
-
-def cmd_load(app: App, args: str, replace: bool = False):
-    from ..engine import read_conversation
-
-    if not args:
-        return Error("usage: /load FILE")
-    data = read_conversation(args)
-    unsaved = app.unsaved_turns()
-    if unsaved and not replace:
-        return Error(
-            f"the conversation has {counted(unsaved, 'unsaved turn')}: /save FILE keeps it, /load! {args} replaces it"
-        )
-    app.session.restore(data)
-    app.mark_saved()
-    said: list = [Text(f"loaded {counted(app.session.turns, 'turn')} from {args}", "dim")]
-    said += [Text(f"setting {key} skipped: {why}", "warning") for key, why in _restore_settings(app, data)]
-    saved_model, saved_adapter = data.get("model"), data.get("adapter")
-    loaded = app.status()
-    if saved_model and not _same_model(app, loaded, saved_model) and app.backend.can("server_models"):
-        serving = loaded.name if loaded is not None else "no model yet"
-        return [
-            *said,
-            Text(f"it was saved with {saved_model}; the server's model is {serving} (/model NAME picks one)", "dim"),
-        ]
-    if saved_model and not _same_model(app, loaded, saved_model):
-        app.options.adapter = Path(saved_adapter) if saved_adapter else None  # goes on with the model
-        try:
-            return WaitForLoad(app.start_load(saved_model), then=said)
-        except GlmreplError as error:
-            app.options.adapter = None
-            return [*said, Error(f"the conversation's model is not available ({error}); keeping the current one")]
-    current_adapter = str(loaded.adapter_path) if loaded is not None and loaded.adapter_path else None
-    if saved_adapter and loaded is not None and current_adapter != saved_adapter and app.backend.can("adapters"):
-        try:
-            adapter = app.backend.set_adapter(
-                Path(saved_adapter), on_wait=_waiting_message(app, "putting the adapter on")
-            )
-        except GlmreplError as error:
-            return [*said, Error(f"the conversation's adapter is not available ({error})")]
-        return [*said, Text(f"adapter {adapter} on, as when it was saved", "dim")]
-    return said
-
-
-def cmd_load_over(app: App, args: str):
-    return cmd_load(app, args, replace=True)
-
-
-def _restore_settings(app: App, data: dict) -> list[tuple[str, str]]:
-    """Apply the file's settings; (key, why) for each one skipped (the current value stays)."""
-    skipped = []
-    settings = data.get("settings")
-    for key, value in (settings if isinstance(settings, dict) else {}).items():
-        try:
-            app.settings.set(key, value)
-        except KeyError:
-            skipped.append((key, "not a setting of this glmrepl"))
-        except (TypeError, ValueError) as error:
-            skipped.append((key, f"{error}; keeping {app.settings.get(key)}" if key in SETTINGS else str(error)))
-    return skipped
-
-
-def _same_model(app: App, loaded, saved_model: str) -> bool:
-    """Whether the conversation's model is the one in use: the same folder, or on a server, the
-    served model named as the folder is (as --connect URL MODEL matches it)."""
-    if loaded is None:
-        return False
-    if str(loaded.path) == saved_model:
-        return True
-    return app.backend.can("server_models") and Path(saved_model).name.casefold() == loaded.name.casefold()
 
 
 def cmd_mode(app: App, args: str):
