@@ -195,16 +195,22 @@ def run_perplexity(args, out, err) -> int:
     """Load the folder as the REPL would and print its perplexity on ``args.ppl``; 130 on Ctrl-C."""
     from pathlib import Path
 
+    return _text_job(args, lambda backend: backend.start_perplexity(Path(args.ppl), args.window, args.stride), out, err)
+
+
+def _text_job(args, start, out, err) -> int:
+    """Load the folder, run ``start(backend)``'s job over ``args.ppl`` with a progress bar and print
+    its result; 1 on an error, 130 on Ctrl-C (a bad text file is said before the model loads)."""
+    from pathlib import Path
+
     from ..engine import GlmreplError, LocalBackend, read_text
     from ..repl.hints import explain, flag_words
 
-    folder = Path(args.folder)
-    options = check_load_options(args)
-    backend = LocalBackend()
+    folder, backend = Path(args.folder), LocalBackend()
     try:
-        read_text(args.ppl)  # a bad file is said before the model loads
-        backend.load_and_wait(options.for_model(folder, folder.name))
-        job = backend.start_perplexity(Path(args.ppl), args.window, args.stride)
+        read_text(args.ppl)
+        backend.load_and_wait(check_load_options(args).for_model(folder, folder.name))
+        job = start(backend)
         _wait_with_progress(job, err)
     except GlmreplError as error:
         print(f"error: {explain(error, flag_words)}", file=err)
@@ -252,8 +258,7 @@ def run_comparison(args, out, err) -> int:
     """Load the folder, then the --compare one, and print their figures on ``args.ppl``; 130 on Ctrl-C."""
     from pathlib import Path
 
-    from ..engine import GlmreplError, LocalBackend, Variant, read_text
-    from ..repl.hints import explain, flag_words
+    from ..engine import Variant
 
     other = Path(args.compare).expanduser()
     problems = folder_problems(other, trust_remote_code=args.trust_remote_code)
@@ -267,24 +272,9 @@ def run_comparison(args, out, err) -> int:
         dtype=args.compare_dtype,
         adapter=Path(args.compare_adapter).expanduser() if args.compare_adapter else None,
     )
-    folder, backend = Path(args.folder), LocalBackend()
-    try:
-        read_text(args.ppl)  # a bad file is said before a model loads
-        backend.load_and_wait(options.for_model(folder, folder.name))
-        job = backend.start_compare_text(variant, Path(args.ppl), args.window, args.stride)
-        _wait_with_progress(job, err)
-    except GlmreplError as error:
-        print(f"error: {explain(error, flag_words)}", file=err)
-        return 1
-    except KeyboardInterrupt:  # while loading: the shell's convention for an interrupted command
-        print("error: interrupted", file=err)
-        return 130
-    if job.error is not None:
-        print(f"error: {explain(job.error, flag_words)}", file=err)
-        return 130 if job.cancel_event.is_set() else 1
-    assert job.result is not None  # a job that ended without an error has its result
-    print(job.result.describe(), file=out)
-    return 0
+    return _text_job(
+        args, lambda backend: backend.start_compare_text(variant, Path(args.ppl), args.window, args.stride), out, err
+    )
 
 
 def _wait_with_progress(job, err) -> None:
