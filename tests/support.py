@@ -56,3 +56,30 @@ def drive_repl(app: App, keys: str, color: bool = False, history_path: Path | No
         pipe.close()
         Repl(app, out=out, input=pipe, output=DummyOutput(), color=color, history_path=history_path).run()
     return out.getvalue()
+
+
+def ctrl_c_once_a_bar_shows(monkeypatch, progressed) -> None:
+    """A real SIGINT to this process once the REPL has drawn a progress bar whose job
+    ``progressed(job)`` says has made progress (so the Ctrl-C lands while the job runs)."""
+    import os
+    import signal
+    import threading
+
+    from glmrepl.repl.loop import LineHandler
+
+    drawn = threading.Event()
+    show_bar = LineHandler._show_bar
+
+    def showing(self, job, shown):
+        line = show_bar(self, job, shown)
+        if line != shown and progressed(job):
+            drawn.set()
+        return line
+
+    monkeypatch.setattr(LineHandler, "_show_bar", showing)
+
+    def press_ctrl_c():
+        assert drawn.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()

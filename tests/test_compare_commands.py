@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import drive_repl, loaded_app, make_app
+from support import ctrl_c_once_a_bar_shows, drive_repl, loaded_app, make_app
 from trained import grammar_text
 
 from glmrepl.cli.main import main
@@ -20,7 +20,7 @@ from glmrepl.engine.generation import comparing
 from glmrepl.engine.remote.backend import RemoteBackend
 from glmrepl.repl.app import App
 from glmrepl.repl.commands import TABLE
-from glmrepl.repl.loop import LineHandler, run_piped
+from glmrepl.repl.loop import run_piped
 
 ENTER = "\r"
 DATA = Path(__file__).parent / "data" / "chatglm"
@@ -148,22 +148,7 @@ def slow_steps(monkeypatch):
 @pytest.mark.usefixtures("slow_steps")
 def test_progress_bar_and_ctrl_c_keep_the_repl(app, monkeypatch):
     """Ctrl-C (a real SIGINT) during /compare cancels it; the conversation and the model stay."""
-    drawn = threading.Event()  # a bar with progress is on the screen
-    show_bar = LineHandler._show_bar
-
-    def showing(self, job, shown):
-        line = show_bar(self, job, shown)
-        if line != shown and job.done_count:
-            drawn.set()
-        return line
-
-    monkeypatch.setattr(LineHandler, "_show_bar", showing)
-
-    def press_ctrl_c():
-        assert drawn.wait(60)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    ctrl_c_once_a_bar_shows(monkeypatch, lambda job: job.done_count)
     app.settings.set("max_new_tokens", 40)
     out = drive_repl(app, "The small cat" + ENTER + "/compare --quantize 8" + ENTER + "/history" + ENTER, color=True)
     plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out).replace("\r", "\n")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import signal
-import threading
 
 import pytest
-from support import drive_repl, loaded_app, make_app
+from support import ctrl_c_once_a_bar_shows, drive_repl, loaded_app, make_app
 from trained import grammar_text
 
 from glmrepl.cli.main import main
@@ -17,7 +14,7 @@ from glmrepl.engine.generation.perplexity import perplexity_of_text
 from glmrepl.engine.remote.backend import RemoteBackend
 from glmrepl.repl.app import App
 from glmrepl.repl.commands import TABLE
-from glmrepl.repl.loop import LineHandler, run_piped
+from glmrepl.repl.loop import run_piped
 
 ENTER = "\r"
 RESULT = re.compile(
@@ -102,22 +99,7 @@ def test_progress_bar_and_ctrl_c_keep_the_repl(app, texts, monkeypatch):
         return job
 
     monkeypatch.setattr(app.backend, "start_perplexity", recording)
-    drawn = threading.Event()  # a bar with scored tokens is on the screen
-    show_bar = LineHandler._show_bar
-
-    def showing(self, job, shown):
-        line = show_bar(self, job, shown)
-        if line != shown and job.scored:
-            drawn.set()
-        return line
-
-    monkeypatch.setattr(LineHandler, "_show_bar", showing)
-
-    def press_ctrl_c():
-        assert drawn.wait(60)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    ctrl_c_once_a_bar_shows(monkeypatch, lambda job: job.scored)
     out = drive_repl(app, f"/ppl {texts / 'long.txt'}" + ENTER + f"/ppl {texts / 'held-out.txt'}" + ENTER, color=True)
     job = started[0]
     assert job.cancel_event.is_set() and job.done.is_set() and job.result is None
