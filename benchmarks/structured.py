@@ -1,6 +1,6 @@
 """What a response format's mask and logprobs cost a decoded token: part of `make bench`.
 
-    python benchmarks/structured.py [--repeats 3] [--new-tokens 64] [--threads N] [--smoke]
+    python benchmarks/structured.py [--repeats 3] [--new-tokens 64] [--quantize 4|8] [--threads N] [--smoke]
 
 On the Qwen2-0.5B-shaped checkpoint (benchmarks/checkpoint.py, a 151,936-token vocabulary), in
 this process through ``LocalBackend.generate`` as the REPL and the server ask for a reply,
@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the three variants")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens each reply generates")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), help="load int4 or int8 (default float32)")
     parser.add_argument("--threads", type=int, help="compute threads (default: the physical cores)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the checkpoint is built")
     parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results)")
@@ -96,7 +97,8 @@ def measure(args: argparse.Namespace) -> dict:
         request_threads(args.threads)
     path = ensure_checkpoint(args.cache, args.smoke)
     backend = LocalBackend()
-    backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(path, path.name))
+    options = LoadOptions(mode="cpu", dtype="float32", quantize=args.quantize)
+    backend.load_and_wait(options.for_model(path, path.name))
     try:
         results: dict = {"load_average_before": os.getloadavg(), "compile": compile_times(backend)}
         decode_rate(backend, "schema", 4)  # warm: kernels, the schema's grammar
@@ -138,10 +140,12 @@ def main() -> None:
     results = measure(args)
     results["date"] = datetime.date.today().isoformat()
     results["args"] = {"repeats": args.repeats, "new_tokens": args.new_tokens, "threads": args.threads}
+    results["args"]["quantize"] = args.quantize
     print(report(results) + (f"\n{smoke.NOTE}" if args.smoke else ""))
     folder = smoke.results_folder(args, HERE / "results")
     folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{results['date']}-structured.json"
+    precision = f"-int{args.quantize}" if args.quantize else ""
+    out = folder / f"{results['date']}-structured{precision}.json"
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"results: {out}")
 

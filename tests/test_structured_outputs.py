@@ -248,7 +248,9 @@ def test_the_api_lists_logprobs_in_openais_shape_streamed_or_not(server):
         )
     )
     streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
-    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    assert [i.token for i in streamed] == [i.token for i in content]
+    # within float noise: the second request reads its prompt from the first one's cache
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)
     completion = client.completions.create(model="default", prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
     listed = completion.choices[0].logprobs
     assert len(listed.tokens) == len(listed.token_logprobs) == len(listed.top_logprobs) == 4

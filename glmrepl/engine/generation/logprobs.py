@@ -19,33 +19,38 @@ MAX_TOP_LOGPROBS = 20
 
 
 class LogprobRecorder:
-    """A logits processor that keeps the step's log-softmax; ``entry`` turns it into the drawn
-    token's TokenLogprob once the token is known (transformers' streamer gets it next)."""
+    """A logits processor that keeps the step's scores and their log-sum-exp (a log-softmax
+    without writing one: only the drawn token and the best few are read); ``entry`` turns them
+    into the drawn token's TokenLogprob once the token is known (transformers' streamer gets it
+    next, before the following step makes new scores)."""
 
     def __init__(self, tokenizer: Any, top: int):
         self.tokenizer = tokenizer
         self.top = max(0, min(top, MAX_TOP_LOGPROBS))
         self.row: Any = None
+        self.total: Any = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        self.row = torch.log_softmax(scores[-1].float(), dim=-1)
+        self.row = scores[-1].float()
+        self.total = torch.logsumexp(self.row, dim=-1)
         return scores
 
     def entry(self, token_id: int) -> TokenLogprob | None:
         if self.row is None:
             return None
-        row, self.row = self.row, None
+        row, total, self.row = self.row, float(self.total), None
         top: tuple[TokenLogprob, ...] = ()
         if self.top:
             values, indices = row.topk(min(self.top, row.shape[-1]))
+            values = values - total
             top = tuple(
                 self._logprob(int(index), float(value))
                 for value, index in zip(values.tolist(), indices.tolist())
                 if value != float("-inf")  # a token the filters removed is no alternative
             )
-        chosen = self._logprob(token_id, float(row[token_id]))
+        chosen = self._logprob(token_id, float(row[token_id]) - total)
         return TokenLogprob(chosen.token, token_id, chosen.logprob, chosen.bytes, top)
 
     def _logprob(self, token_id: int, logprob: float) -> TokenLogprob:
