@@ -193,3 +193,15 @@ def test_a_finished_reply_is_let_go_while_the_model_thread_waits(backend):
         assert time.monotonic() < deadline, "the model thread still holds the finished reply"
         gc.collect()
         time.sleep(0.01)
+
+
+def test_a_reply_that_leaves_the_model_idle_hands_freed_memory_back(backend, monkeypatch):
+    """A quantized prompt's scratch would stay in glibc's heap: the scheduler trims it when a run
+    ends and nothing waits, before the run is done (so resident memory is measured after it)."""
+    from glmrepl.engine.generation import scheduler as scheduler_module
+
+    trims: list[bool] = []
+    run = make_run(backend, "hello", 3)
+    monkeypatch.setattr(scheduler_module, "release_freed_memory", lambda: trims.append(run.done.is_set()))
+    "".join(run)
+    assert trims == [False]  # once, before the run was finished

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from ..cpu.machine import release_thread_pool
+from ..cpu.machine import release_freed_memory, release_thread_pool
 from ..errors import QueueFull, first_line
 from .batching import DEFAULT_CACHE_BYTES, Batcher, batching_refused, unbatchable
 from .run import GenerationRun, decode_alone, translate_error
@@ -345,6 +345,10 @@ class Scheduler:
         finally:
             self._decoding_alone = False
         if ended:
+            if not self._inbox and not self._alone and (self._batcher is None or not self._batcher.active):
+                # Nothing waits: the prompt's scratch (a quantized layer's dequantized blocks)
+                # goes back to the OS now, not when glibc next trims its heap (it may never).
+                release_freed_memory()
             run.finish(run.error)
             return
         with self._changed:
