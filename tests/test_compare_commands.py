@@ -160,7 +160,7 @@ def test_progress_bar_and_ctrl_c_keep_the_repl(app, monkeypatch):
 
 
 def test_help_lists_it_and_tab_completes_models(app):
-    assert "/compare MODEL|--quantize 4|8|--dtype|--adapter" in piped(app, "/help compare")[1]
+    assert "/compare MODEL|VARIANT" in piped(app, "/help compare")[1]
     assert TABLE.find("compare").complete_args is not None
 
 

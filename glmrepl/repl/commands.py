@@ -440,10 +440,9 @@ for _command in (
     ),
     Command(
         "compare",
-        "/compare MODEL|--quantize 4|8|--dtype|--adapter",
-        "another model (a name or DIR) or a variant (--quantize 4|8, --dtype D, --adapter DIR|off): both "
-        "greedy replies to the last message, the share of tokens that agree, the KL divergence per token "
-        "(Ctrl-C stops)",
+        "/compare MODEL|VARIANT",
+        "the last message's greedy reply beside another model's or a variant's (--quantize 4|8, --dtype D, "
+        "--adapter DIR): agreement and KL divergence",
         cmd_compare,
         (),
         complete_model,
