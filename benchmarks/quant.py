@@ -168,6 +168,7 @@ def resident(folder: str, bits: int, threads: int) -> dict:
     from glmrepl.engine.devices.modes import resident_memory_bytes
     from glmrepl.engine.families.chatglm import load as _loader  # noqa: F401
 
+    cpu.use_one_heap()  # as glmrepl's entry points do
     cpu.request_threads(threads)
     baseline = resident_memory_bytes()
     parts = load(Path(folder), bits)

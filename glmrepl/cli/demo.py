@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..common.paths import xdg_dir
-from ..engine import stay_offline
+from ..engine import stay_offline, use_one_heap
 
 # The demo model's context is 512 tokens: replies of at most 128 leave room for a few turns
 # (the usual 512 would leave out the whole history at every turn). Flags given after win.
@@ -22,6 +22,7 @@ DEMO_FLAGS = ["--device", "cpu", "--max-new-tokens", "128"]
 
 def main(argv: list[str] | None = None) -> int:
     stay_offline()  # before the demo checkpoint is built with transformers
+    use_one_heap()  # before any compute thread starts
     folder = xdg_dir("XDG_CACHE_HOME", ".cache") / "demo-checkpoint"
     if not (folder / "config.json").exists():
         print(f"building a tiny random checkpoint in {folder} ...", flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..engine import stay_offline
+from ..engine import stay_offline, use_one_heap
 
 if TYPE_CHECKING:
     from ..engine import Backend
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(argv: list[str] | None = None) -> int:
     """The command line's subcommand or the REPL."""
     stay_offline()  # before anything can import huggingface_hub
+    use_one_heap()  # before any compute thread starts
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("download", "check", "list", "quantize"):
         from . import tools

@@ -25,7 +25,7 @@ from .backend import LocalBackend, default_kv_budget_mb
 from .contract import ABILITIES, Backend, BackgroundTask, LoadProgress, ReplyHandle, record_reply
 from .conversation.chat import ChatSession, read_conversation, read_json_file, save_conversation
 from .conversation.tool_calls import MAX_TOOLS, TOOL_NAME_PATTERN, ToolCall, load_arguments, normalize_tools
-from .cpu.machine import request_threads, threads_line
+from .cpu.machine import request_threads, threads_line, use_one_heap
 from .devices.modes import DTYPES, MODES
 from .devices.placement import parse_gpu_memory
 from .errors import (
@@ -124,6 +124,7 @@ __all__ = [
     "save_conversation",
     "stay_offline",
     "threads_line",
+    "use_one_heap",
 ]
 
 # huggingface_hub and transformers read these once, when they are imported.

@@ -168,6 +168,27 @@ def _openmp_pause():
     return pause
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def use_one_heap() -> None:
+    """Make every thread allocate from glibc's one main heap (no per-thread arenas).
+
+    A compute helper thread that allocates gets a heap of its own, whose freed memory
+    malloc_trim does not hand back: after a quantized prompt, the second of two threads
+    kept about 30 MB resident, 12% of an int4 model's weights. Called by the entry points
+    before any thread starts; decoding speed is the same either way. Elsewhere than glibc
+    there is nothing to do.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(_M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim).
 
