@@ -331,3 +331,52 @@ def test_a_length_past_any_reply_is_refused_before_any_work(server):
     }
     status, _, raw = request(server.port, "POST", "/v1/chat/completions", body)
     assert status == 400 and error_of(raw)["param"] == "response_format.json_schema.schema.properties.a.maxLength"
+
+
+# -- a forced tool call's arguments ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_caller(tmp_path_factory):
+    """The random tiny Qwen2 with a chat template in Qwen2.5's tool format (Hermes calls)."""
+    from scripted import TOOLS_TEMPLATE
+
+    from glmrepl.tiny import build_qwen2_chat
+
+    folder = build_qwen2_chat(tmp_path_factory.mktemp("checkpoints") / "random-caller")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file.write_text(json.dumps({**config, "chat_template": TOOLS_TEMPLATE}), encoding="utf-8")
+    return folder
+
+
+def test_a_forced_call_of_a_random_model_has_arguments_its_schema_accepts(random_caller, tmp_path):
+    parameters = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 8},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": parameters}}
+    server = started_server([str(random_caller), "--device", "cpu"], tmp_path / "serve.log")
+    try:
+        client = _client(server)
+        for seed in range(4):
+            answer = client.chat.completions.create(
+                model="default",
+                messages=ASK,
+                tools=[tool],
+                tool_choice={"type": "function", "function": {"name": "forecast"}},
+                max_tokens=80,
+                seed=seed,
+            )
+            choice = answer.choices[0]
+            assert choice.finish_reason == "tool_calls", choice.message.content
+            call = choice.message.tool_calls[0]
+            assert call.function.name == "forecast" and _valid(call.function.arguments, parameters)
+    finally:
+        server.stop()

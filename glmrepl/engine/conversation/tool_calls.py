@@ -474,3 +474,22 @@ def forced_prefix(syntax: str, force: str, functions: list[dict]) -> str:
             "tool_choice",
         )
     return f"{name}\n"
+
+
+# What closes a forced call after its arguments, where those are one JSON object: "json"
+# templates write {"name", "parameters"} (closed by a brace), Hermes templates close the tag too.
+# GLM-4 writes the arguments' JSON after the name's line; ChatGLM3's are Python (no entry).
+_CALL_ENDS = {"hermes": "}\n" + HERMES_CLOSE, "json": "}", "glm4": ""}
+
+
+def forced_arguments(syntax: str, force: str, functions: list[dict]) -> tuple[dict, str] | None:
+    """(the JSON Schema of the forced call's arguments, the text that closes the call after them)
+    where the forced prefix names the function and the syntax writes its arguments as JSON; None
+    elsewhere (the call then goes unheld, as before)."""
+    name = force or (functions[0]["name"] if len(functions) == 1 else "")
+    end = _CALL_ENDS.get(syntax)
+    function = next((f for f in functions if f["name"] == name), None)
+    if not name or end is None or function is None:
+        return None
+    parameters = function.get("parameters")
+    return (parameters if isinstance(parameters, dict) else {"type": "object"}), end

@@ -109,6 +109,23 @@ def compile_format(tokenizer: Any, vocab_size: int, output_format: OutputFormat)
     return _converted(lambda: compiler.compile_grammar(_json_grammar(schema, strict)), output_format.where)
 
 
+def compile_call(tokenizer: Any, vocab_size: int, arguments: dict, end: str) -> Any | None:
+    """The compiled grammar of a forced tool call's rest: its arguments as JSON valid under their
+    schema, then ``end`` (what closes the call). None where the schema cannot be held to: the call
+    is then written unheld, as a call without a schema is."""
+    import xgrammar
+
+    try:
+        text = check_schema(arguments, "parameters")
+        compiler = _compiler_for(tokenizer, vocab_size)
+        grammar = xgrammar.Grammar.from_ebnf(_json_grammar(text, False))
+        if end:
+            grammar = xgrammar.Grammar.concat(grammar, xgrammar.Grammar.from_ebnf(f"root ::= {json.dumps(end)}"))
+        return compiler.compile_grammar(grammar)
+    except (InvalidOutputFormat, RuntimeError):
+        return None
+
+
 def _json_grammar(schema: str, strict: bool) -> str:
     """The EBNF text of the schema's grammar, its length-limited strings mended (see above)."""
     import xgrammar

@@ -148,6 +148,8 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
     if request.output_format is not None:
         grammar = _compiled_format(loaded, request, prefix)
         fitted, started = _with_reply_start(loaded, prompt_format, fitted)
+    elif prefix and tools:
+        grammar = _forced_call_grammar(loaded, prompt_format, tools, request.force_call or "")
     if fit.max_length is not None:
         fitted = _within_max_length(fitted, fit.max_length)
     kwargs["max_new_tokens"] = fitted.max_new_tokens
@@ -199,6 +201,18 @@ def _compiled_format(loaded: Any, request: GenerateRequest, forced_prefix: str) 
             f"'{output_format.where}' cannot be combined with a forced tool call ('tool_choice')", output_format.where
         )
     return compile_format(loaded.tokenizer, logits_width(loaded.model), output_format)
+
+
+def _forced_call_grammar(loaded: Any, prompt_format: PromptFormat, tools: list[dict], force: str) -> Any:
+    """A forced call's arguments held to their function's schema, where its syntax writes them as
+    JSON (tool_calls.forced_arguments); None elsewhere."""
+    from ..conversation.tool_calls import forced_arguments
+    from .grammar import compile_call
+
+    rest = forced_arguments(str(getattr(prompt_format, "tool_syntax", "")), force, tools)
+    if rest is None:
+        return None
+    return compile_call(loaded.tokenizer, logits_width(loaded.model), *rest)
 
 
 def _with_reply_start(loaded: Any, prompt_format: PromptFormat, fitted: FittedPrompt) -> tuple[FittedPrompt, bool]:
