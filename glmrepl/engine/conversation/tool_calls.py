@@ -462,7 +462,7 @@ def forced_prefix(syntax: str, force: str, functions: list[dict]) -> str:
     """The start of the reply that makes it a call (``force``: a function's name, or "" for any
     listed one), written into the prompt after the assistant's turn begins, so the model goes on
     with the call. InvalidTools where the format's syntax cannot begin a call without its name."""
-    name = force or (functions[0]["name"] if len(functions) == 1 else "")
+    name = _forced_name(force, functions)
     if syntax == "hermes":
         return f'{HERMES_OPEN}\n{{"name": "{name}", "arguments": ' if name else f"{HERMES_OPEN}\n"
     if syntax_kind(syntax) != "glm":
@@ -476,6 +476,11 @@ def forced_prefix(syntax: str, force: str, functions: list[dict]) -> str:
     return f"{name}\n"
 
 
+def _forced_name(force: str, functions: list[dict]) -> str:
+    """The function a forced call names: the one asked for, or the only one listed ("": any)."""
+    return force or (functions[0]["name"] if len(functions) == 1 else "")
+
+
 # What closes a forced call after its arguments, where those are one JSON object: "json"
 # templates write {"name", "parameters"} (closed by a brace), Hermes templates close the tag too.
 # GLM-4 writes the arguments' JSON after the name's line; ChatGLM3's are Python (no entry).
@@ -486,7 +491,7 @@ def forced_arguments(syntax: str, force: str, functions: list[dict]) -> tuple[di
     """(the JSON Schema of the forced call's arguments, the text that closes the call after them)
     where the forced prefix names the function and the syntax writes its arguments as JSON; None
     elsewhere (the call then goes unheld, as before)."""
-    name = force or (functions[0]["name"] if len(functions) == 1 else "")
+    name = _forced_name(force, functions)
     end = _CALL_ENDS.get(syntax)
     function = next((f for f in functions if f["name"] == name), None)
     if not name or end is None or function is None:

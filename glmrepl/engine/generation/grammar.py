@@ -116,7 +116,7 @@ def compile_call(tokenizer: Any, vocab_size: int, arguments: dict, end: str) -> 
     import xgrammar
 
     try:
-        text = check_schema(arguments, "parameters")
+        text = check_schema(arguments, "parameters", convert=False)  # converted once, below
         compiler = _compiler_for(tokenizer, vocab_size)
         grammar = xgrammar.Grammar.from_ebnf(_json_grammar(text, False))
         if end:
