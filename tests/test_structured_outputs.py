@@ -185,48 +185,48 @@ def _model_logprobs(checkpoint: Path, prompt_ids: list[int], reply_ids: list[int
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def test_greedy_logprobs_are_the_models_log_softmax(qwen_checkpoint):
+@pytest.fixture(scope="module")
+def qwen_backend(qwen_checkpoint):
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(qwen_checkpoint, "q"))
-    try:
-        conversation = ChatSession()
-        conversation.add_user("Hello there")
-        with backend.generate(
-            GenerateRequest(conversation, SamplingParams(max_new_tokens=8, do_sample=False), logprobs=5)
-        ) as reply:
-            "".join(reply)
-            entries, prompt_ids = reply.logprobs, reply.prompt_ids
-        expected = _model_logprobs(qwen_checkpoint, prompt_ids, [e.token_id for e in entries])
-        for step, entry in enumerate(entries):
-            assert entry.logprob == pytest.approx(float(expected[step, entry.token_id]), abs=1e-4)
-            best = expected[step].topk(5)
-            assert [other.token_id for other in entry.top] == best.indices.tolist()
-            assert [other.logprob for other in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
-            assert entry.top[0].token_id == entry.token_id  # greedy: the best one was drawn
-        table = backend.next_tokens(conversation, 5)  # /next: the same first distribution
-        assert [token_id for _, token_id, _ in table] == [other.token_id for other in entries[0].top]
-        assert [p for _, _, p in table] == pytest.approx([math.exp(o.logprob) for o in entries[0].top], abs=1e-4)
-    finally:
-        backend.stop()
+    yield backend
+    backend.stop()
 
 
-def test_sampled_logprobs_are_those_of_the_filtered_distribution(qwen_checkpoint):
+def test_greedy_logprobs_are_the_models_log_softmax(qwen_backend, qwen_checkpoint):
+    backend = qwen_backend
+    conversation = ChatSession()
+    conversation.add_user("Hello there")
+    with backend.generate(
+        GenerateRequest(conversation, SamplingParams(max_new_tokens=8, do_sample=False), logprobs=5)
+    ) as reply:
+        "".join(reply)
+        entries, prompt_ids = reply.logprobs, reply.prompt_ids
+    expected = _model_logprobs(qwen_checkpoint, prompt_ids, [e.token_id for e in entries])
+    for step, entry in enumerate(entries):
+        assert entry.logprob == pytest.approx(float(expected[step, entry.token_id]), abs=1e-4)
+        best = expected[step].topk(5)
+        assert [other.token_id for other in entry.top] == best.indices.tolist()
+        assert [other.logprob for other in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert entry.top[0].token_id == entry.token_id  # greedy: the best one was drawn
+    table = backend.next_tokens(conversation, 5)  # /next: the same first distribution
+    assert [token_id for _, token_id, _ in table] == [other.token_id for other in entries[0].top]
+    assert [p for _, _, p in table] == pytest.approx([math.exp(o.logprob) for o in entries[0].top], abs=1e-4)
+
+
+def test_sampled_logprobs_are_those_of_the_filtered_distribution(qwen_backend):
     """top_k 3: every listed alternative is one of the 3 kept, their probabilities sum to 1."""
-    backend = LocalBackend()
-    backend.load_and_wait(LoadOptions(mode="cpu", dtype="float32").for_model(qwen_checkpoint, "q"))
-    try:
-        conversation = ChatSession()
-        conversation.add_user("Hello there")
-        sampling = SamplingParams(max_new_tokens=6, do_sample=True, temperature=0.7, top_k=3, top_p=1.0, seed=3)
-        with backend.generate(GenerateRequest(conversation, sampling, logprobs=10)) as reply:
-            "".join(reply)
-            entries = reply.logprobs
-        assert entries
-        for entry in entries:
-            assert len(entry.top) == 3 and entry.token_id in [other.token_id for other in entry.top]
-            assert sum(math.exp(other.logprob) for other in entry.top) == pytest.approx(1.0, abs=1e-5)
-    finally:
-        backend.stop()
+    backend = qwen_backend
+    conversation = ChatSession()
+    conversation.add_user("Hello there")
+    sampling = SamplingParams(max_new_tokens=6, do_sample=True, temperature=0.7, top_k=3, top_p=1.0, seed=3)
+    with backend.generate(GenerateRequest(conversation, sampling, logprobs=10)) as reply:
+        "".join(reply)
+        entries = reply.logprobs
+    assert entries
+    for entry in entries:
+        assert len(entry.top) == 3 and entry.token_id in [other.token_id for other in entry.top]
+        assert sum(math.exp(other.logprob) for other in entry.top) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_the_api_lists_logprobs_in_openais_shape_streamed_or_not(server):

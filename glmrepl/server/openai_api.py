@@ -206,10 +206,8 @@ async def _events(
 
     def new_logprobs() -> list | None:  # those of the tokens read since the chunk before
         nonlocal listed
-        entries = reply.logprobs
-        if entries is None:
-            return None
-        listed, new = len(entries), entries[listed:]
+        new = reply.logprobs_after(listed)
+        listed += len(new or ())
         return new
 
     try:

@@ -174,18 +174,16 @@ def refuse_unsupported(request: BaseModel) -> None:
             raise APIError(
                 400, f"'{name}' = {value!r} is not supported{reason}", param=name, code="unsupported_parameter"
             )
-    for name, value in (request.model_extra or {}).items():
+    refuse_unknown(request)
+    refuse_unknown(getattr(request, "stream_options", None), "stream_options")
+
+
+def refuse_unknown(part: BaseModel | None, where: str = "") -> None:
+    """A 400 naming the first field of ``part`` (at ``where``) that the API does not know, unless null."""
+    for name, value in (part.model_extra or {}).items() if part is not None else ():
         if value is not None:
-            raise APIError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
-    stream_options = getattr(request, "stream_options", None)
-    for name, value in (stream_options.model_extra or {}).items() if stream_options else ():
-        if value is not None:
-            raise APIError(
-                400,
-                f"unsupported parameter 'stream_options.{name}'",
-                param=f"stream_options.{name}",
-                code="unsupported_parameter",
-            )
+            field = f"{where}.{name}" if where else name
+            raise APIError(400, f"unsupported parameter '{field}'", param=field, code="unsupported_parameter")
 
 
 def output_format(request: SamplingRequest) -> OutputFormat | None:
@@ -197,10 +195,7 @@ def output_format(request: SamplingRequest) -> OutputFormat | None:
                 400, "'response_format.json_schema' is only for type json_schema", param="response_format.type"
             )
         return None
-    for name, value in (chosen.model_extra or {}).items():
-        if value is not None:
-            where = f"response_format.{name}"
-            raise APIError(400, f"unsupported parameter '{where}'", param=where, code="unsupported_parameter")
+    refuse_unknown(chosen, "response_format")
     if chosen.type == "json_object":
         if chosen.json_schema is not None:
             raise APIError(
@@ -212,10 +207,7 @@ def output_format(request: SamplingRequest) -> OutputFormat | None:
             400, "'response_format.json_schema' is required with type json_schema", param="response_format.json_schema"
         )
     wanted = chosen.json_schema
-    for name, value in (wanted.model_extra or {}).items():
-        if value is not None:
-            where = f"response_format.json_schema.{name}"
-            raise APIError(400, f"unsupported parameter '{where}'", param=where, code="unsupported_parameter")
+    refuse_unknown(wanted, "response_format.json_schema")
     if wanted.json_schema is None:
         return OutputFormat()
     where = "response_format.json_schema.schema"
@@ -284,14 +276,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     out = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
-        for name, value in (message.model_extra or {}).items():
-            if value is not None:
-                raise APIError(
-                    400,
-                    f"unsupported parameter '{where}.{name}'",
-                    param=f"{where}.{name}",
-                    code="unsupported_parameter",
-                )
+        refuse_unknown(message, where)
         role = "system" if message.role == "developer" else message.role
         # A tool message's name is its function's, which the call it answers already gives.
         if message.name is not None and role != "tool":  # no prompt format glmrepl builds has a place for it

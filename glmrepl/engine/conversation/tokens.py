@@ -28,19 +28,8 @@ def token_bytes(tokenizer, token_id: int) -> bytes | None:
     own = getattr(tokenizer, "id_to_bytes", None)  # a tokenizer that keeps its tokens as bytes (GLM-4's)
     if own is not None:
         return own(int(token_id))
-    try:
-        piece = tokenizer.convert_ids_to_tokens(int(token_id))
-    except Exception:  # noqa: BLE001 - a tokenizer without pieces keeps the decoded text
-        return None
-    if not isinstance(piece, str) or not piece:
-        return None
-    match = _BYTE_PIECE.fullmatch(piece)
-    if match:
-        return bytes([int(match[1], 16)])
-    table = _byte_level_alphabet()
-    if all(char in table for char in piece):
-        return bytes(table[char] for char in piece)
-    return None
+    piece = _piece(tokenizer, int(token_id))
+    return None if piece is None else _raw_bytes(piece, byte_level=True)
 
 
 def piece_bytes(tokenizer, token_id: int) -> bytes:
@@ -55,19 +44,33 @@ def piece_bytes(tokenizer, token_id: int) -> bytes:
 
 
 def _vocabulary_piece_bytes(tokenizer, token_id: int) -> bytes | None:
+    piece = _piece(tokenizer, token_id)
+    if piece is None or token_id in (getattr(tokenizer, "all_special_ids", None) or ()):
+        return None
+    raw = _raw_bytes(piece, byte_level=_byte_level(tokenizer))
+    if raw is None and "\u2581" in piece:
+        return piece.replace("\u2581", " ").encode("utf-8")
+    return raw
+
+
+def _piece(tokenizer, token_id: int) -> str | None:
+    """The token's piece in the vocabulary, or None (a tokenizer without pieces, an empty one)."""
     try:
         piece = tokenizer.convert_ids_to_tokens(token_id)
-    except Exception:  # noqa: BLE001 - a tokenizer without pieces: its text decoded alone
+    except Exception:  # noqa: BLE001 - a tokenizer without pieces keeps the decoded text
         return None
-    if not isinstance(piece, str) or not piece or token_id in set(getattr(tokenizer, "all_special_ids", ()) or ()):
-        return None
+    return piece if isinstance(piece, str) and piece else None
+
+
+def _raw_bytes(piece: str, byte_level: bool) -> bytes | None:
+    """A byte-fallback piece's byte ("<0xE4>"), or (``byte_level``) a byte-level piece's bytes."""
     match = _BYTE_PIECE.fullmatch(piece)
     if match:
         return bytes([int(match[1], 16)])
     table = _byte_level_alphabet()
-    if _byte_level(tokenizer) and all(char in table for char in piece):
+    if byte_level and all(char in table for char in piece):
         return bytes(table[char] for char in piece)
-    return piece.replace("\u2581", " ").encode("utf-8") if "\u2581" in piece else None
+    return None
 
 
 def _byte_level(tokenizer) -> bool:

@@ -122,9 +122,14 @@ class Reply:
     def logprobs(self) -> list[TokenLogprob] | None:
         """The reply's tokens read so far, each with its log-probability (None: not asked for).
         The end-of-turn token is no part of the text and is not listed."""
+        return self.logprobs_after(0)
+
+    def logprobs_after(self, listed: int) -> list[TokenLogprob] | None:
+        """``logprobs`` past the first ``listed`` of them (a stream's next chunk reads only those).
+        Only a reply's last token can be an end-of-turn one, so the listed keep their positions."""
         if self.run.recorder is None:
             return None
-        entries = self.run.token_logprobs[: len(self.stats.new_ids)]
+        entries = self.run.token_logprobs[listed : len(self.stats.new_ids)]
         return [entry for entry in entries if entry is not None and entry.token_id not in self.run.stop_ids]
 
     @property

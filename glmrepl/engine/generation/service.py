@@ -30,7 +30,7 @@ from ..errors import (
     ToolsUnsupported,
 )
 from ..protocols import PromptFormat
-from ..request import GenerateRequest
+from ..request import GenerateRequest, OutputFormat
 from ..status import ModelStatus
 from .prefix_cache import PrefixCache, reuse_refused
 from .reply import Reply
@@ -146,7 +146,7 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
         fitted, prefix = _with_forced_call(loaded, prompt_format, fitted, tools, request.force_call)
     grammar, started = None, False
     if request.output_format is not None:
-        grammar = _compiled_format(loaded, request, prefix)
+        grammar = _compiled_format(loaded, request.output_format, prefix)
         fitted, started = _with_reply_start(loaded, prompt_format, fitted)
     elif prefix and tools:
         grammar = _forced_call_grammar(loaded, prompt_format, tools, request.force_call or "")
@@ -190,12 +190,10 @@ def _plan(loaded: Any, request: GenerateRequest, release: Callable[..., None], b
     return Reply(run, fitted, requested, prompt_format, request.stop, release, keep_cache, tools, prefix)
 
 
-def _compiled_format(loaded: Any, request: GenerateRequest, forced_prefix: str) -> Any:
+def _compiled_format(loaded: Any, output_format: OutputFormat, forced_prefix: str) -> Any:
     from ..errors import InvalidOutputFormat
     from .grammar import compile_format
 
-    output_format = request.output_format
-    assert output_format is not None
     if forced_prefix:
         raise InvalidOutputFormat(
             f"'{output_format.where}' cannot be combined with a forced tool call ('tool_choice')", output_format.where
