@@ -5,8 +5,7 @@ only: they never hold the model, its tokenizer or its prompt format.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,7 +193,7 @@ class LocalBackend(Abilities):
         ids = fit_prompt(conversation, loaded.prompt_format, loaded.info.context_length, 1).ids
         if not ids:
             raise GlmreplError("the conversation is empty: there is nothing to continue")
-        with self._reading():
+        with self.scheduler.reading():
             table = self.scheduler.call(lambda: next_token_distribution(loaded.model, loaded.tokenizer, ids, k))
         return [(token_label(loaded.tokenizer, token_id, text), token_id, p) for text, token_id, p in table]
 
@@ -210,7 +209,7 @@ class LocalBackend(Abilities):
     def _perplexity(self, job, text: str, window: int, stride: int):
         from .generation.perplexity import perplexity_of_text
 
-        with self._reading():  # a move or swap waits for the run to end
+        with self.scheduler.reading():  # a move or swap waits for the run to end
             loaded = self._require_model()
             return self.scheduler.call(
                 lambda: perplexity_of_text(
@@ -242,15 +241,6 @@ class LocalBackend(Abilities):
 
         loaded = self.manager.current
         return memory_report(loaded.model if loaded is not None else None)
-
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        """A place with the scheduler for work other than a reply (never refused by the queue bound)."""
-        self.scheduler.admit(bounded=False)
-        try:
-            yield
-        finally:
-            self.scheduler.leave()
 
     def _require_model(self):
         loaded = self.manager.current

@@ -16,10 +16,9 @@ cancelled between two tokens or two windows, and while the other model loads.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -27,6 +26,7 @@ from ...common.units import human_bytes
 from ..conversation.chat import ChatSession, FittedPrompt
 from ..errors import GlmreplError, first_line
 from ..models.loading import LoadedModel, LoadJob, LoadOptions
+from ..models.manager import fits_beside
 from ..models.variants import variant_label, variant_request
 from ..request import Variant
 from .compare import (
@@ -226,7 +226,7 @@ def _replies(
         check_rows_fit(len(ids), model)
         return ids, log_prob_rows(model, prompt.ids + ids, len(ids))
 
-    with reading(owner.scheduler):
+    with owner.scheduler.reading():
         ids, rows = owner.scheduler.call(reference_side)
 
     def other_side(other: LoadedModel):
@@ -289,7 +289,7 @@ def _text(
             progress(sum(len(r) for r in rows), total)
         return ids, prefix, plan, rows, step
 
-    with reading(owner.scheduler):
+    with owner.scheduler.reading():
         ids, prefix, plan, rows, step = owner.scheduler.call(reference_side)
 
     def other_side(other: LoadedModel):
@@ -355,14 +355,6 @@ def on_other_model(
     return ("beside" if beside else "after"), result, tokenizer
 
 
-def fits_beside(current: LoadedModel, request: LoadOptions) -> bool:
-    """The manager's swap policy: the other model's weights in ``ROOM_FACTOR`` of the memory free now."""
-    from ..models.manager import ROOM_FACTOR, available_bytes, estimated_bytes
-
-    needed = estimated_bytes(request)
-    return needed is None or needed <= available_bytes(current.info.placement) * ROOM_FACTOR
-
-
 def make_room(manager: Any, job: CompareJob) -> LoadOptions:
     """Unload the loaded model; returns the options to load it again as it is. Nothing here keeps
     a reference to it: the manager frees its memory."""
@@ -400,13 +392,3 @@ def run_on_other(request: LoadOptions, job: CompareJob, work: Callable[[LoadedMo
     finally:
         other = None
         free_memory()
-
-
-@contextlib.contextmanager
-def reading(scheduler: Scheduler) -> Iterator[None]:
-    """A place with the scheduler for work other than a reply (a model change waits for it)."""
-    scheduler.admit(bounded=False)
-    try:
-        yield
-    finally:
-        scheduler.leave()

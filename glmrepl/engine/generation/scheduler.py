@@ -125,6 +125,16 @@ class Scheduler:
                 self.mean_reply_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
             self._changed.notify_all()
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A place for work other than a reply (/next, perplexity, a comparison): a model change
+        waits for it, and the queue's bound never refuses it."""
+        self.admit(bounded=False)
+        try:
+            yield
+        finally:
+            self.leave()
+
     def retry_after_s(self) -> int:
         """Seconds until a place is likely free: one reply's time at the recent pace (1 to 600)."""
         pace = self.mean_reply_s if self.mean_reply_s is not None else 1.0

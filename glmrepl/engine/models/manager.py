@@ -112,8 +112,7 @@ class ModelManager:
         current = self.current
         if current is None or current.request is None:
             return None
-        needed = estimated_bytes(job.request)
-        if needed is None or needed <= available_bytes(current.info.placement) * ROOM_FACTOR:
+        if fits_beside(current, job.request):
             return None
         job.stage = f"unloading {current.info.name} to make room"
         self.unload()
@@ -261,6 +260,13 @@ class ModelManager:
 
 
 ROOM_FACTOR = 0.8
+
+
+def fits_beside(current: LoadedModel, request: LoadRequest) -> bool:
+    """The swap policy's test: the other model's weights in ``ROOM_FACTOR`` of the memory free now
+    (unknown: assumed to fit)."""
+    needed = estimated_bytes(request)
+    return needed is None or needed <= available_bytes(current.info.placement) * ROOM_FACTOR
 
 
 def estimated_bytes(request: LoadRequest) -> int | None:
