@@ -112,17 +112,17 @@ def compile_format(tokenizer: Any, vocab_size: int, output_format: OutputFormat)
 def compile_call(tokenizer: Any, vocab_size: int, arguments: dict, end: str) -> Any | None:
     """The compiled grammar of a forced tool call's rest: its arguments as JSON valid under their
     schema, then ``end`` (what closes the call). None where the schema cannot be held to: the call
-    is then written unheld, as a call without a schema is."""
-    import xgrammar
-
+    is then written unheld, as a call without a schema is (and where xgrammar is not installed)."""
     try:
+        import xgrammar
+
         text = check_schema(arguments, "parameters", convert=False)  # converted once, below
         compiler = _compiler_for(tokenizer, vocab_size)
         grammar = xgrammar.Grammar.from_ebnf(_json_grammar(text, False))
         if end:
             grammar = xgrammar.Grammar.concat(grammar, xgrammar.Grammar.from_ebnf(f"root ::= {json.dumps(end)}"))
         return compiler.compile_grammar(grammar)
-    except (InvalidOutputFormat, RuntimeError):
+    except (ImportError, InvalidOutputFormat, RuntimeError):
         return None
 
 
