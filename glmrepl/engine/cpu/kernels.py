@@ -10,6 +10,9 @@ other); nothing the size of a float weight is ever written.
   of 32 to 128 values, each block's products summed in integers and scaled once; for
   int4 the high nibbles meet the even inputs and the low nibbles the odd ones, so only
   the activation vector is split (in C++), never the weight;
+- many tokens (a prompt) through an int8 / int4 weight with one scale a row
+  (prompt_kernels.cpp): the activations rounded to 16 bits in blocks of up to 1024
+  values and multiplied as two bytes by VNNI's 8-bit products, where the CPU has them;
 - float32 / bfloat16 / float16 weights (glmrepl.engine.cpu.float_linear), where
   torch's one-row matmul reads float32 weights at about half the bandwidth;
   and the same for a few tokens at once (a step of batched decoding, one token
@@ -48,7 +51,7 @@ from ..errors import first_line
 # decoder layer (decode_layer.cpp, for decode_step.py) calls the kernels, so it follows them.
 _SOURCE = "\n".join(
     (Path(__file__).parent / name).read_text(encoding="utf-8")
-    for name in ("cpu_kernels.cpp", "int_kernels.cpp", "float_kernels.cpp", "decode_layer.cpp")
+    for name in ("cpu_kernels.cpp", "int_kernels.cpp", "float_kernels.cpp", "prompt_kernels.cpp", "decode_layer.cpp")
 )
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -156,6 +159,9 @@ def declare(lib) -> None:
     lib.dequantize_rows.restype = ctypes.c_int
     lib.dequantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.dequantize_rows.argtypes += [ctypes.c_int64] * 5
+    lib.prompt_gemm.restype = ctypes.c_int
+    lib.prompt_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.prompt_gemm.argtypes += [ctypes.c_void_p] + [ctypes.c_int64] * 4
     lib.float_gemm.restype = ctypes.c_int
     lib.float_gemm.argtypes = lib.float_gemv.argtypes[:6] + [ctypes.c_int64] + lib.float_gemv.argtypes[6:]
 
@@ -244,6 +250,31 @@ def dequantize_rows(lib, packed, scale, bits: int, group: int, first: int, out, 
         threads,
     )
     return not failed
+
+
+def prompt_gemm(lib, packed, scale, bits: int, x, threads: int):
+    """``x @ dequantized.T`` for many tokens (a prompt) through an int8/int4 weight with one scale a
+    row, in 8-bit integer products (prompt_kernels.cpp): x float32 [..., values], the result float32
+    [..., rows]; None when this build or shape cannot (the caller dequantizes instead)."""
+    import torch
+
+    rows, stored = packed.shape
+    values = stored * 8 // bits
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+    failed = lib.prompt_gemm(
+        packed.data_ptr(),
+        bits,
+        scale.data_ptr(),
+        _type_codes()[scale.dtype],
+        x.data_ptr(),
+        out.data_ptr(),
+        x.numel() // values,
+        rows,
+        values,
+        threads,
+    )
+    return None if failed else out
 
 
 # The codes the C++ side reads the float types by (cpu_kernels.cpp's ``Type``), by torch dtype name.
