@@ -83,6 +83,19 @@ def test_rows_dequantized_for_prompts_equal_torchs(older_kernels, bits, group):
     assert torch.equal(out, layer.dequantized(torch.float32)[20:33])
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prompts_of_per_row_layers_dequantize_without_vnni(use_older_kernels, bits):
+    """The integer prompt kernel needs AVX512-VNNI: these builds decline it, and a per-row
+    layer's prompt is the product of its dequantized rows, as before it existed."""
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    torch.manual_seed(bits)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 40), bits, 0)
+    x = torch.randn(6, 256)
+    assert cpu_kernels.prompt_gemm(use_older_kernels, layer.weight, layer.weight_scale, bits, x, 2) is None
+    assert torch.allclose(layer(x), F.linear(x, layer.dequantized(), layer.bias), atol=1e-5, rtol=0)
+
+
 def test_fused_steps_equal_transformers_steps(use_older_kernels, steps_taken):
     model = tiny("qwen2")
     assert decode_step.enable(model)
