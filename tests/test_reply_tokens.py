@@ -17,7 +17,13 @@ import pytest
 from test_prefix_reuse import load, turn
 
 from glmrepl.engine.conversation.chat import ChatSession
-from glmrepl.engine.conversation.reply_tokens import MARKER, ReplyTokens, reply_ids, splice_replies
+from glmrepl.engine.conversation.reply_tokens import (
+    DEFAULT_MAX_REPLIES,
+    MARKER,
+    ReplyTokens,
+    reply_ids,
+    splice_replies,
+)
 
 MESSAGES = ["hello there", "tell me more about it, please", "and then what happened", "ok, one more"]
 
@@ -192,6 +198,18 @@ def test_the_memory_keeps_recent_replies_within_its_budget():
     assert memory.lookup("b") is None and memory.lookup("a") and memory.lookup("c")
     memory.remember("huge", list(range(11)))
     assert memory.lookup("huge") is None and len(memory) == 2
+
+
+def test_short_replies_in_many_namespaces_are_bounded_by_their_count_too():
+    # A one-token reply costs a few hundred bytes (its text, key and entry) for one id: counted by
+    # ids alone, a million of them, one a cache_salt, would fit the default budget.
+    memory = ReplyTokens()
+    for i in range(DEFAULT_MAX_REPLIES + 100):
+        memory.remember(f"reply {i}", [i], namespace=f"salt {i}")
+    assert len(memory) == DEFAULT_MAX_REPLIES
+    assert memory.lookup("reply 99", "salt 99") is None  # the oldest went first
+    last = DEFAULT_MAX_REPLIES + 99
+    assert memory.lookup(f"reply {last}", f"salt {last}") == (last,)
 
 
 def test_a_model_change_forgets_the_replies(qwen_checkpoint):

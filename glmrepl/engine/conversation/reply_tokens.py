@@ -22,7 +22,10 @@ from typing import Any
 # Stands for a reply while the prompt is built: a plane-15 private-use character, never in real
 # text, which byte-level tokenizers keep apart from the template's text around it.
 MARKER = "\U000f0000"
-DEFAULT_MAX_IDS = 1 << 20  # about 8 MB of Python ints: a few thousand replies
+DEFAULT_MAX_IDS = 1 << 20  # 4096 replies of 256 ids, with their texts: about 46 MB
+# Each reply also costs its text, its key and its entry, a few hundred bytes however few its ids:
+# bounded by ids alone, a million one-token replies (one a cache namespace) would hold 350-600 MB.
+DEFAULT_MAX_REPLIES = 4096
 # How far back from a reply's end to look for ids that end where its text does.
 MAX_TRAILING_IDS = 48
 
@@ -31,8 +34,9 @@ class ReplyTokens:
     """Recent replies' text and the ids that made it, least recently used dropped first, by cache
     namespace: a client never learns from a prompt's length that another received some text."""
 
-    def __init__(self, max_ids: int = DEFAULT_MAX_IDS):
+    def __init__(self, max_ids: int = DEFAULT_MAX_IDS, max_replies: int = DEFAULT_MAX_REPLIES):
         self.max_ids = max_ids
+        self.max_replies = max_replies
         self._replies: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
@@ -48,7 +52,7 @@ class ReplyTokens:
             self._held -= len(old) if old else 0
             self._replies[namespace, text] = tuple(ids)
             self._held += len(ids)
-            while self._held > self.max_ids:
+            while self._held > self.max_ids or len(self._replies) > self.max_replies:
                 _, dropped = self._replies.popitem(last=False)
                 self._held -= len(dropped)
 
