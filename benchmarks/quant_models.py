@@ -92,9 +92,12 @@ def speed_child(paths: dict, threads: int, repeats: int, new_tokens: int) -> dic
     for loaded in models.values():  # warm-up: pages read in, thread pools built
         generation(loaded, ids, 4)
     runs: dict = {label: [] for label in models}
+    prompts: dict = {label: [] for label in models}  # llama.cpp's prompt: the 64 ids, one new token
+    long_ids = speed.prompt_ids(models["float32"].model.config.vocab_size)
     for _ in range(repeats):
         for label, loaded in models.items():
             runs[label].append(generation(loaded, ids, new_tokens))
+            prompts[label].append(generation(loaded, long_ids, 1)["first_token_s"])
     return {
         "kernels_built": built,
         "threads": threads,
@@ -103,6 +106,7 @@ def speed_child(paths: dict, threads: int, repeats: int, new_tokens: int) -> dic
         "variants": {
             label: {
                 "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in found),
+                "first_token_s": statistics.median(prompts[label]),
                 "runs": [round(r["decode_tokens_per_s"], 2) for r in found],
                 "path": found[-1]["path"],
             }
@@ -225,6 +229,12 @@ def beside_llamacpp(variants: dict, figures: dict) -> list[str]:
             lines.append(
                 f"  {ours:<9} {rate:6.2f} / {found['decode_tokens_per_s']:6.2f} = {rate / found['decode_tokens_per_s']:.2f}"
             )
+    lines.append("glmrepl / llama.cpp prompt speed, first token of the same 64 ids (target: >= 1.0):")
+    for ours, theirs in LLAMA_CPP_NAMES.items():
+        found = figures["results"].get(theirs, {})
+        if "first_token_s" in variants.get(ours, {}) and "first_token_s" in found:
+            mine, other = variants[ours]["first_token_s"], found["first_token_s"]
+            lines.append(f"  {ours:<9} {mine:6.3f} s / {other:6.3f} s: {other / mine:.2f}")
     return lines
 
 
