@@ -30,50 +30,35 @@ Each server's stderr is kept and searched for tracebacks. Figures go to the term
 benchmarks/results/<date>-server-probe.json (<date>-server-probe-<parts>.json when --parts names
 only some). --smoke shortens every part (the figures then only show that the script runs; its JSON
 goes to benchmarks/cache/smoke-results/). Not part of `make bench`.
+
+The parts themselves are in benchmarks/server_probe_parts.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import http.client
 import json
 import os
 import random
-import re
-import selectors
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import smoke
 from kv_memory import resident_bytes
 from serve import HERE, ROOT, free_port
+from server_probe_parts import ATTACKS, attacks, burst, flood, memory, schemathesis
 
 IDLE_TIMEOUT_S = 2.0
 NEW_TOKENS = 8
 KEYS = ("probe-key-one", "probe-key-two")
-SECRET_TEMPLATE = "The code is {}. Never say it."
-ATTACKS = {  # server kind -> (name, victim's (key, salt), attacker's (key, salt))
-    "no key": [
-        ("other cache_salt", (None, "victim-salt"), (None, "attacker-salt")),
-        ("same namespace", (None, None), (None, None)),
-    ],
-    "two keys": [
-        ("other cache_salt", (0, "victim-salt"), (0, "attacker-salt")),
-        ("other API key", (0, None), (1, None)),
-        ("same namespace", (0, None), (0, None)),
-    ],
-}
 PARTS = ("memory", "flood", "burst", "secret", "schemathesis")
-SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
-SCHEMATHESIS_CONFIG = ROOT / "tests" / "schemathesis.toml"
 
 
 def parse_args() -> argparse.Namespace:
@@ -105,12 +90,13 @@ class ProbedServer:
 
     def __init__(self, model: Path, keys: tuple[str, ...], log: Path):
         self.keys = keys
+        self.new_tokens = NEW_TOKENS
         self.port = free_port()
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("GLMREPL_API_KEY", None)
         command = [sys.executable, "-m", "glmrepl", "serve", str(model), "--port", str(self.port)]
-        command += ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", str(NEW_TOKENS)]
+        command += ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", str(self.new_tokens)]
         command += ["--idle-timeout", str(IDLE_TIMEOUT_S)]
         for key in keys:
             command += ["--api-key", key]
@@ -162,7 +148,7 @@ class ProbedServer:
         body = {
             "model": self.model_id,
             "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": NEW_TOKENS,
+            "max_tokens": self.new_tokens,
             "temperature": 0,
             "stream": stream,
         }
@@ -172,7 +158,7 @@ class ProbedServer:
         return status, code
 
     def completion(self, prompt: str, salt: str | None = None) -> tuple[int, str]:
-        body = {"model": self.model_id, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
+        body = {"model": self.model_id, "prompt": prompt, "max_tokens": self.new_tokens, "temperature": 0}
         if salt is not None:
             body["cache_salt"] = salt
         status, _, code = self.call("POST", "/v1/completions", body)
@@ -201,368 +187,41 @@ class ProbedServer:
             self.process.wait()
 
 
-# -- 1. memory ------------------------------------------------------------------------------
+# -- the run -----------------------------------------------------------------------------------
 
 
-def memory(server: ProbedServer, requests: int, settle_s: float) -> dict:
-    """Resident memory before and after ``requests`` requests of three kinds, and after a settle."""
-    readings = {"ready": server.rss()}
-
-    def one(i: int) -> tuple[int, str]:
-        prompt = f"Request {i}: tell me about the sea, the ships and the lighthouse number {i % 17}."
-        salt = f"probe-salt-{i}" if i % 3 == 2 else None  # a namespace of its own
-        kind = i % 3
-        if kind == 0:
-            return server.chat(prompt, salt=salt)
-        if kind == 1:
-            return server.chat(prompt, stream=True, salt=salt)
-        return server.completion(prompt, salt=salt)
-
-    for i in range(12):  # warm-up: kernels chosen, first allocations made
-        one(-1 - i)
-    readings["before"] = server.rss()
-    statuses: collections.Counter = collections.Counter()
-    steps = []
-    started = time.perf_counter()
-    for i in range(requests):
-        status, code = one(i)
-        statuses[f"{status} {code}".strip()] += 1
-        if (i + 1) % 50 == 0 or i + 1 == requests:
-            steps.append({"requests": i + 1, "rss_bytes": server.rss()})
-    readings["after"] = server.rss()
-    seconds = time.perf_counter() - started
-    time.sleep(settle_s)
-    readings["settled"] = server.rss()
-    return {
-        "requests": requests,
-        "seconds": seconds,
-        "statuses": dict(statuses),
-        "rss_bytes": readings,
-        "rss_every_50": steps,
-        "settle_s": settle_s,
-    }
-
-
-# -- 2. silent sockets ------------------------------------------------------------------------
-
-
-class SilentFlood:
-    """``count`` connections that never send a byte, each reopened as soon as the server closes it."""
-
-    def __init__(self, port: int, count: int):
-        self.port = port
-        self.count = count
-        self.selector = selectors.DefaultSelector()
-        self.opened = 0
-        self.closed_by_server = 0
-        self.connect_errors = 0
-        self.open_samples: list[int] = []
-        self.stopping = threading.Event()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> SilentFlood:
-        self.thread.start()
-        self.ready.wait(60)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        self.thread.join(30)
-
-    def open_now(self) -> int:
-        return len(self.selector.get_map())
-
-    def _open(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        try:
-            sock.connect(("127.0.0.1", self.port))
-        except OSError:
-            self.connect_errors += 1
-            sock.close()
-            return
-        sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ)
-        self.opened += 1
-
-    def _run(self) -> None:
-        for _ in range(self.count):
-            self._open()
-        self.ready.set()
-        while not self.stopping.is_set():
-            for key, _ in self.selector.select(0.1):
-                sock = key.fileobj
-                try:
-                    if sock.recv(4096):  # type: ignore[union-attr]
-                        continue  # the server said something: keep listening
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    pass  # reset
-                self.selector.unregister(sock)
-                sock.close()  # type: ignore[union-attr]
-                self.closed_by_server += 1
-            while self.open_now() < self.count and not self.stopping.is_set():
-                before = self.connect_errors
-                self._open()
-                if self.connect_errors > before:
-                    time.sleep(0.05)
-                    break
-        for key in list(self.selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        self.selector.close()
-
-
-def flood(server: ProbedServer, count: int, seconds: float) -> dict:
-    """A chat request and a /health request each second while ``count`` silent sockets are held."""
-    good: list[dict] = []
-    health: list[dict] = []
-    lock = threading.Lock()
-
-    def timed(results: list[dict], call) -> None:
-        started = time.perf_counter()
-        try:
-            status, code = call()
-        except OSError as error:
-            status, code = 0, type(error).__name__
-        with lock:
-            results.append({"status": status, "code": code, "seconds": time.perf_counter() - started})
-
-    def ask_health() -> tuple[int, str]:
-        status, _, code = server.call("GET", "/health", timeout=10)
-        return status, code
-
-    with SilentFlood(server.port, count) as silent:
-        threads = []
-        started = time.perf_counter()
-        tick = 0
-        while time.perf_counter() - started < seconds:
-            silent.open_samples.append(silent.open_now())
-            prompt = f"Flood check {tick}: one short line, please."
-            for results, call in (
-                (good, lambda prompt=prompt: server.chat(prompt, timeout=10)),
-                (health, ask_health),
-            ):
-                thread = threading.Thread(target=timed, args=(results, call))
-                thread.start()
-                threads.append(thread)
-            tick += 1
-            time.sleep(max(0.0, started + tick - time.perf_counter()))
-        for thread in threads:
-            thread.join(30)
-        figures = {
-            "silent_sockets": count,
-            "seconds": time.perf_counter() - started,
-            "silent_opened": silent.opened,
-            "silent_closed_by_server": silent.closed_by_server,
-            "silent_connect_errors": silent.connect_errors,
-            "silent_open_min": min(silent.open_samples),
-        }
-    for name, results in (("good", good), ("health", health)):
-        figures[name] = {
-            "sent": len(results),
-            "ok": sum(r["status"] == 200 for r in results),
-            "statuses": dict(collections.Counter(f"{r['status']} {r['code']}".strip() for r in results)),
-            "max_seconds": max(r["seconds"] for r in results),
-        }
+def run_parts(server: ProbedServer, kind: str, args: argparse.Namespace, folder: Path, rng: random.Random) -> dict:
+    """The parts that --parts names, in their order, memory first (on a fresh server)."""
+    figures: dict = {}
+    if "memory" in args.parts:
+        print(f"[{kind}] memory over {args.requests} requests ...", flush=True)
+        figures["memory"] = memory(server, args.requests, settle_s=2.0 if args.smoke else 5.0)
+    if "flood" in args.parts:
+        figures["flood"] = []
+        for count in args.flood:
+            print(f"[{kind}] {count} silent sockets for {args.flood_seconds:g} s ...", flush=True)
+            figures["flood"].append(flood(server, count, args.flood_seconds))
+    if "burst" in args.parts:
+        print(f"[{kind}] a burst of {args.burst} clients ...", flush=True)
+        figures["burst"] = burst(server, args.burst, with_retries=False)
+        figures["burst_with_retries"] = burst(server, args.burst, with_retries=True)
+    if "secret" in args.parts:
+        print(f"[{kind}] cache probing ...", flush=True)
+        figures["secret"] = attacks(server, kind, rng)
+    if "schemathesis" in args.parts:
+        print(f"[{kind}] schemathesis ...", flush=True)
+        figures["schemathesis"] = schemathesis(server, args.examples, folder)
     return figures
 
 
-# -- 3. a burst --------------------------------------------------------------------------------
-
-
-def burst(server: ProbedServer, clients: int, with_retries: bool) -> dict:
-    """``clients`` chat requests at once: their statuses, on the first answer or with openai's retries."""
-    results: list[str] = []
-    lock = threading.Lock()
-    gate = threading.Barrier(clients)
-
-    def one(i: int) -> None:
-        prompt = f"Burst client {i}: say something short."
-        if with_retries:
-            from openai import APIStatusError
-
-            client = server.openai_client(max_retries=2)  # openai's default: a 503 is retried after Retry-After
-            gate.wait()
-            try:
-                client.chat.completions.create(
-                    model=server.model_id,
-                    messages=[{"role": "user", "content": prompt}],
-                    max_tokens=NEW_TOKENS,
-                    temperature=0,
-                )
-                outcome = "200"
-            except APIStatusError as error:
-                outcome = f"{error.status_code} {getattr(error, 'code', '') or ''}".strip()
-            except Exception as error:  # noqa: BLE001 - counted, not raised: a refused connection is a figure
-                outcome = type(error).__name__
-        else:
-            gate.wait()
-            try:
-                status, code = server.chat(prompt, timeout=120)
-                outcome = f"{status} {code}".strip()
-            except OSError as error:
-                outcome = type(error).__name__
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    counts = collections.Counter(results)
-    return {
-        "clients": clients,
-        "retries": "openai client, max_retries=2" if with_retries else "none",
-        "ok": counts.get("200", 0),
-        "outcomes": dict(counts),
-        "seconds": time.perf_counter() - started,
-    }
-
-
-# -- 4. cache probing ----------------------------------------------------------------------------
-
-
-def attack(server: ProbedServer, secret: str, victim: tuple, attacker: tuple) -> dict:
-    """Recover ``secret`` from a victim's system prompt a digit at a time through cached_tokens.
-
-    ``victim`` and ``attacker``: (key index or None, cache_salt or None). The attacker first sends
-    a request whose system prompt stops before the secret, so that its own namespace holds that
-    much and a wrong guess reuses exactly as much as any other; then, for each digit, guesses 0-9
-    in turn until one guess reuses a different number of tokens than another (the larger one is
-    the digit), and stops at a digit where all ten reuse the same."""
-
-    def ask(who: tuple, system: str, user: str) -> int:
-        key, salt = who
-        client = server.openai_client(key)
-        reply = client.chat.completions.create(
-            model=server.model_id,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-            max_tokens=1,
-            temperature=0,
-            extra_body={"cache_salt": salt} if salt else None,
-        )
-        details = reply.usage.prompt_tokens_details
-        return (details.cached_tokens or 0) if details else 0
-
-    ask(victim, SECRET_TEMPLATE.format(secret), "What can you do for me?")
-    prefix = SECRET_TEMPLATE.split("{}")[0]
-    requests = 1
-    ask(attacker, prefix, "hello")  # the attacker's own baseline
-    known = ""
-    guesses = []
-    for _ in secret:
-        seen: dict[str, int] = {}
-        found = None
-        for digit in "0123456789":
-            seen[digit] = ask(attacker, prefix + known + digit, "hello")
-            requests += 1
-            if len(set(seen.values())) > 1:
-                found = max(seen, key=seen.__getitem__)
-                break
-        guesses.append(seen)
-        if found is None:
-            break
-        known += found
-    correct = 0
-    for got, real in zip(known, secret):
-        if got != real:
-            break
-        correct += 1
-    # The control: the victim's own namespace still reuses its prompt through the secret, so an
-    # attacker that learned nothing was refused the cache, not left without one.
-    control = ask(victim, prefix + secret, "hello")
-    most = max(max(seen.values()) for seen in guesses)
-    return {
-        "secret": secret,
-        "recovered": known,
-        "digits_recovered": correct,
-        "requests": requests,
-        "cached_tokens_by_guess": guesses,
-        "victim_namespace_cached_tokens": control,
-        "victim_cache_held": control >= most + len(secret) - correct,
-    }
-
-
-def attacks(server: ProbedServer, kind: str, rng: random.Random) -> list[dict]:
-    results = []
-    for name, victim, attacker in ATTACKS[kind]:
-        secret = f"{rng.randrange(10000):04d}"
-        results.append(
-            {"attack": name, "victim": victim, "attacker": attacker, **attack(server, secret, victim, attacker)}
-        )
-    return results
-
-
-# -- 5. schemathesis --------------------------------------------------------------------------------
-
-
-def schemathesis(server: ProbedServer, examples: int, folder: Path) -> dict:
-    """schemathesis against the server's document, a bounded number of examples, seed 1: once with
-    ``--checks all`` on the command line (which enables every check on every operation, over what
-    tests/schemathesis.toml leaves out), and once as tests/test_server_concurrency.py runs it (every
-    check but those the file leaves out, on the operations it names)."""
-    if SCHEMATHESIS is None:
-        return {"skipped": "schemathesis is not installed (dev extra)"}
-    runs = {}
-    for name, checks in (("checks_all", ["--checks", "all"]), ("as_the_tests_run_it", [])):
-        command = [SCHEMATHESIS, "--config-file", str(SCHEMATHESIS_CONFIG), "run"]
-        command += [f"http://127.0.0.1:{server.port}/openapi.json", *checks]
-        command += ["--max-examples", str(examples), "--seed", "1", "--no-shrink", "--workers", "1"]
-        if server.keys:
-            command += ["--header", f"Authorization: Bearer {server.keys[0]}"]
-        started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=folder)
-        output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-        runs[name] = {
-            "returncode": result.returncode,
-            "seconds": time.perf_counter() - started,
-            **schemathesis_counts(output),
-            "summary": output[output.rfind("SUMMARY") :] if "SUMMARY" in output else output[-3000:],
-        }
-    return runs
-
-
-def schemathesis_counts(output: str) -> dict:
-    """What schemathesis 4 prints: test cases generated, failing, skipped (and so passed), unique
-    failures, errors, and each failure's operation and check."""
-    summary = output[output.rfind("SUMMARY") :]
-    counts: dict = {"generated": 0, "failing": 0, "skipped": 0, "failures": 0, "errors": 0}
-    cases = re.search(r"Test cases:\s*([^\n]+)", summary)
-    if cases:
-        line = cases.group(1)
-        for key, pattern in (
-            ("generated", r"(\d+) generated"),
-            ("failing", r"(\d+) found"),
-            ("failures", r"(\d+) unique failures?"),
-            ("skipped", r"(\d+) skipped"),
-        ):
-            found = re.search(pattern, line)
-            counts[key] = int(found.group(1)) if found else 0
-    errors = re.search(r"(\d+) errors?\b", summary.splitlines()[-1] if summary.strip() else "")
-    counts["errors"] = int(errors.group(1)) if errors else 0
-    counts["passed"] = counts["generated"] - counts["failing"] - counts["skipped"]
-    failed = []
-    section = output[output.find("= FAILURES =") : output.rfind("SUMMARY")] if "= FAILURES =" in output else ""
-    operation = None
-    for line in section.splitlines():
-        heading = re.match(r"_+ (.+?) _+$", line)
-        if heading:
-            operation = heading.group(1)
-        check = re.match(r"- (ST\d+ .+)$", line.strip())
-        if check and operation:
-            failed.append(f"{operation}: {check.group(1)}")
-        message = re.search(r'"message":"(.*?)"', line)
-        if message and failed and " -> " not in failed[-1]:  # the answer's message, once a failure
-            failed[-1] += f" -> {message.group(1)}"
-    counts["failed_checks"] = failed
-    return counts
-
-
-# -- the run -----------------------------------------------------------------------------------
+def server_state(server: ProbedServer) -> dict:
+    """After the parts: its /health, the tracebacks in its stderr (and the log's tail if any), alive."""
+    state: dict = {"health_after": json.loads(server.call("GET", "/health")[1])}
+    state["server_tracebacks"] = server.tracebacks()
+    if state["server_tracebacks"]:
+        state["server_log_tail"] = server.log.read_text(errors="replace")[-4000:]
+    state["server_alive"] = server.process.poll() is None
+    return state
 
 
 def probe(model: Path, kind: str, args: argparse.Namespace, folder: Path, rng: random.Random) -> dict:
@@ -572,32 +231,16 @@ def probe(model: Path, kind: str, args: argparse.Namespace, folder: Path, rng: r
     server = ProbedServer(model, keys, log)
     try:
         figures: dict = {"keys": len(keys)}
-        if "memory" in args.parts:  # first, on a fresh server
-            print(f"[{kind}] memory over {args.requests} requests ...", flush=True)
-            figures["memory"] = memory(server, args.requests, settle_s=2.0 if args.smoke else 5.0)
-        if "flood" in args.parts:
-            figures["flood"] = []
-            for count in args.flood:
-                print(f"[{kind}] {count} silent sockets for {args.flood_seconds:g} s ...", flush=True)
-                figures["flood"].append(flood(server, count, args.flood_seconds))
-        if "burst" in args.parts:
-            print(f"[{kind}] a burst of {args.burst} clients ...", flush=True)
-            figures["burst"] = burst(server, args.burst, with_retries=False)
-            figures["burst_with_retries"] = burst(server, args.burst, with_retries=True)
-        if "secret" in args.parts:
-            print(f"[{kind}] cache probing ...", flush=True)
-            figures["secret"] = attacks(server, kind, rng)
-        if "schemathesis" in args.parts:
-            print(f"[{kind}] schemathesis ...", flush=True)
-            figures["schemathesis"] = schemathesis(server, args.examples, folder)
-        figures["health_after"] = json.loads(server.call("GET", "/health")[1])
-        figures["server_tracebacks"] = server.tracebacks()
-        if figures["server_tracebacks"]:
-            figures["server_log_tail"] = log.read_text(errors="replace")[-4000:]
-        figures["server_alive"] = server.process.poll() is None
+        figures.update(run_parts(server, kind, args, folder, rng))
+        figures.update(server_state(server))
     finally:
         server.stop()
     return figures
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+Row = tuple[str, ...]
 
 
 def mib(value: int) -> str:
@@ -627,78 +270,131 @@ def fuzz_cell(server: dict, run: str) -> str:
     fuzz = server["schemathesis"]
     if "skipped" in fuzz:
         return "skipped"
-    s = fuzz[run]
-    return f"{s['generated']} cases, {s['passed']} passed, {s['failures']} failures, {s['errors']} errors"
+    counts = fuzz[run]
+    return f"{counts['generated']} cases, {counts['passed']} passed, {counts['failures']} failures, {counts['errors']} errors"
 
 
-def table(results: dict) -> str:
-    servers = results["servers"]
-    rows: list[tuple[str, ...]] = [("figure", *servers)]
+def row(label: str, servers: dict, cell: Callable[[dict], str]) -> Row:
+    """``label``, then ``cell`` of each server's figures."""
+    return (label, *(cell(server) for server in servers.values()))
 
-    def row(label: str, cell) -> None:
-        rows.append((label, *(cell(server) for server in servers.values())))
 
-    parts = results["parts"]
-    for i, count in enumerate(results["flood"] if "flood" in parts else []):
-        flood_of = [server["flood"][i] for server in servers.values()]
-        rows.append(
-            (
-                f"{count} silent sockets: chat requests 200",
-                *(f"{f['good']['ok']}/{f['good']['sent']}" for f in flood_of),
-            )
-        )
-        rows.append(("  /health 200", *(f"{f['health']['ok']}/{f['health']['sent']}" for f in flood_of)))
-        rows.append(("  slowest chat request", *(f"{f['good']['max_seconds']:.2f} s" for f in flood_of)))
-        rows.append(
-            (
+def ok_of(answers: dict, total: str) -> str:
+    return f"{answers['ok']}/{answers[total]}"
+
+
+def flood_rows(results: dict) -> list[Row]:
+    rows = []
+    for i, count in enumerate(results["flood"]):
+        runs = {kind: server["flood"][i] for kind, server in results["servers"].items()}
+        rows += [
+            row(f"{count} silent sockets: chat requests 200", runs, lambda run: ok_of(run["good"], "sent")),
+            row("  /health 200", runs, lambda run: ok_of(run["health"], "sent")),
+            row("  slowest chat request", runs, lambda run: f"{run['good']['max_seconds']:.2f} s"),
+            row(
                 "  silent sockets closed by the server",
-                *(f"{f['silent_closed_by_server']} (min held {f['silent_open_min']})" for f in flood_of),
-            )
-        )
-    if "burst" in parts:
-        row(f"burst of {results['burst']}, first answer: 200", lambda s: f"{s['burst']['ok']}/{s['burst']['clients']}")
+                runs,
+                lambda run: f"{run['silent_closed_by_server']} (min held {run['silent_open_min']})",
+            ),
+        ]
+    return rows
+
+
+def burst_others(burst: dict) -> str:
+    """The first answers other than 200: how many of each."""
+    others = [f"{count} {outcome}" for outcome, count in sorted(burst["outcomes"].items()) if outcome != "200"]
+    return ", ".join(others) or "-"
+
+
+def burst_rows(results: dict) -> list[Row]:
+    servers, clients = results["servers"], results["burst"]
+    return [
+        row(f"burst of {clients}, first answer: 200", servers, lambda server: ok_of(server["burst"], "clients")),
+        row("  the others", servers, lambda server: burst_others(server["burst"])),
         row(
-            "  the others",
-            lambda s: ", ".join(f"{n} {o}" for o, n in sorted(s["burst"]["outcomes"].items()) if o != "200") or "-",
-        )
-        row(
-            f"burst of {results['burst']}, openai retries: 200",
-            lambda s: f"{s['burst_with_retries']['ok']}/{s['burst_with_retries']['clients']}",
-        )
-    for name, _, _ in ATTACKS["two keys"] if "secret" in parts else []:
+            f"burst of {clients}, openai retries: 200",
+            servers,
+            lambda server: ok_of(server["burst_with_retries"], "clients"),
+        ),
+    ]
+
+
+def secret_rows(results: dict) -> list[Row]:
+    rows = []
+    for name, _, _ in ATTACKS["two keys"]:
         label = "secret, same namespace" if name == "same namespace" else f"secret, attacker with {name}"
-        rows.append((label, *(secret_cell(server, name) for server in servers.values())))
-    if "schemathesis" in parts:
-        row("schemathesis --checks all", lambda s: fuzz_cell(s, "checks_all"))
-        row("  as the tests run it (schemathesis.toml)", lambda s: fuzz_cell(s, "as_the_tests_run_it"))
-    if "memory" in parts:
+        rows.append(row(label, results["servers"], partial(secret_cell, name=name)))
+    return rows
+
+
+def schemathesis_rows(results: dict) -> list[Row]:
+    servers = results["servers"]
+    return [
+        row("schemathesis --checks all", servers, partial(fuzz_cell, run="checks_all")),
+        row("  as the tests run it (schemathesis.toml)", servers, partial(fuzz_cell, run="as_the_tests_run_it")),
+    ]
+
+
+def rss_before_after(memory: dict) -> str:
+    return " -> ".join(mib(memory["rss_bytes"][reading]) for reading in ("before", "after", "settled"))
+
+
+def memory_rows(results: dict) -> list[Row]:
+    servers = results["servers"]
+    return [
         row(
             f"RSS MiB: before, after {results['requests']}, settled",
-            lambda s: " -> ".join(mib(s["memory"]["rss_bytes"][k]) for k in ("before", "after", "settled")),
-        )
-        row("  along the run (requests: MiB)", lambda s: along(s["memory"]["rss_every_50"]))
-    row("server tracebacks", lambda s: str(s["server_tracebacks"]))
+            servers,
+            lambda server: rss_before_after(server["memory"]),
+        ),
+        row("  along the run (requests: MiB)", servers, lambda server: along(server["memory"]["rss_every_50"])),
+    ]
+
+
+TABLE_PARTS = {  # in the table's order
+    "flood": flood_rows,
+    "burst": burst_rows,
+    "secret": secret_rows,
+    "schemathesis": schemathesis_rows,
+    "memory": memory_rows,
+}
+
+
+def aligned(rows: list[Row]) -> list[str]:
+    """The rows in columns, a rule under the first."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def schemathesis_failures(servers: dict) -> list[str]:
+    lines = []
     for kind, server in servers.items():
         fuzz = server.get("schemathesis", {})
         for run, label in (("checks_all", "--checks all"), ("as_the_tests_run_it", "as the tests run it")):
             for failed in fuzz.get(run, {}).get("failed_checks", []):
                 lines.append(f"schemathesis failure ({kind}, {label}): {failed}")
-    return "\n".join(lines)
+    return lines
 
 
-def main() -> int:
-    args = parse_args()
+def table(results: dict) -> str:
+    servers = results["servers"]
+    rows: list[Row] = [("figure", *servers)]
+    for part, part_rows in TABLE_PARTS.items():
+        if part in results["parts"]:
+            rows += part_rows(results)
+    rows.append(row("server tracebacks", servers, lambda server: str(server["server_tracebacks"])))
+    return "\n".join(aligned(rows) + schemathesis_failures(servers))
+
+
+# -- the JSON ----------------------------------------------------------------------------------
+
+
+def run_settings(args: argparse.Namespace) -> dict:
     import machine
 
-    if args.model is None:
-        import checkpoint
-
-        args.model = checkpoint.ensure_checkpoint(args.cache, smoke=True)
-    print(f"server probe on {args.model.name} (cpu float32, --idle-timeout {IDLE_TIMEOUT_S:g}) ...", flush=True)
-    results: dict = {
+    return {
         "machine": machine.describe_machine(),
         "model": args.model.name,
         "idle_timeout_s": IDLE_TIMEOUT_S,
@@ -712,6 +408,24 @@ def main() -> int:
         "load_average_before": os.getloadavg(),
         "servers": {},
     }
+
+
+def write_results(results: dict, args: argparse.Namespace) -> Path:
+    args.results.mkdir(parents=True, exist_ok=True)
+    some = "" if args.parts == list(PARTS) else "-" + "-".join(args.parts)  # a partial run keeps its own file
+    path = args.results / f"{datetime.date.today().isoformat()}-server-probe{some}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def main() -> int:
+    args = parse_args()
+    if args.model is None:
+        import checkpoint
+
+        args.model = checkpoint.ensure_checkpoint(args.cache, smoke=True)
+    print(f"server probe on {args.model.name} (cpu float32, --idle-timeout {IDLE_TIMEOUT_S:g}) ...", flush=True)
+    results = run_settings(args)
     rng = random.Random(4817)  # the secrets, the same each run
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="server-probe-") as folder:
@@ -723,10 +437,7 @@ def main() -> int:
     if args.smoke:
         print(smoke.NOTE)
     print(table(results))
-    args.results.mkdir(parents=True, exist_ok=True)
-    some = "" if args.parts == list(PARTS) else "-" + "-".join(args.parts)  # a partial run keeps its own file
-    path = args.results / f"{datetime.date.today().isoformat()}-server-probe{some}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    path = write_results(results, args)
     print(f"\nwritten: {path} ({results['seconds']:.0f} s)")
     if args.smoke:
         print(smoke.NOTE)
