@@ -3,6 +3,7 @@
     python benchmarks/kernel_speed.py [--threads 2] [--rounds 7] [--best] [--dtype float32] [--rows 1,2,4,8,16,32]
     python benchmarks/kernel_speed.py --batching [--requests 1,4,8] [--new-tokens 32]
     python benchmarks/kernel_speed.py --int [--threads 2] [--rounds 7] [--best]
+    python benchmarks/kernel_speed.py --prompt [--rows 2,4,8,16,64,256] [--threads 2] [--rounds 7] [--best]
 
 Layers: random weights of Qwen2-0.5B's linear shapes (q/o 896->896, k/v 896->128,
 gate/up 896->4864, down 4864->896, lm_head 896->151936). For each shape and row count M
@@ -23,6 +24,11 @@ Integer (--int): int8 and int4 products of one token, glmrepl's kernels, for the
 model's linears in groups of 32 columns (Q4_0's and Q8_0's blocks) and for a ChatGLM2-6B
 layer's with one scale a row (THUDM's int4/int8 releases); beside each, the float32 kernel on
 the same shape in the same run, and the bytes read per second.
+
+Prompt (--prompt): M tokens through each ChatGLM2-6B layer with one scale a row, int8 and int4:
+the integer prompt kernel (16-bit activations as two bytes, VNNI), the dequantized blocks of rows
+that prompts and batched steps took before it (as they still do without VNNI), and torch's float32
+``F.linear`` on the same shape.
 
 Figures only: nothing is asserted.
 """
@@ -81,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--best", action="store_true", help="the best round, not the median (a busy machine)")
     parser.add_argument("--batching", action="store_true", help="time continuous batching instead of layers")
     parser.add_argument("--int", action="store_true", help="time the int8/int4 products instead")
+    parser.add_argument("--prompt", action="store_true", help="time many tokens through per-row int8/int4 layers")
     parser.add_argument("--requests", default="1,4,8", help="concurrent requests, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="where the benchmark checkpoint is built")
@@ -212,6 +219,42 @@ def integer_ms(lib, rows: int, cols: int, bits: int, group: int, args) -> float:
     return round_ms(calls, args.rounds, args.best)
 
 
+def time_prompts(args) -> None:
+    import torch
+
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+
+    lib = cpu_kernels.wait_until_built()
+    if lib is None:
+        raise SystemExit(f"no kernels: {cpu_kernels.status()}")
+    print(f"M tokens, {args.threads} threads, {'best' if args.best else 'median'} of {args.rounds} (ms)")
+    for name, (cols, rows) in CHATGLM2_LAYER.items():
+        weight = torch.randn(rows, cols)
+        for count in (int(m) for m in args.rows.split(",")):
+            x = torch.randn(count, cols)
+            float_ms = round_ms([functools.partial(torch.nn.functional.linear, x, weight)], args.rounds, args.best)
+            line = f"  {name:<22} M={count:<4} float32 {float_ms:8.2f}"
+            for bits in (8, 4):
+                integer, blocks = prompt_ms(lib, weight, x, bits, args)
+                line += f"   int{bits} {integer:8.2f} ({float_ms / integer:4.2f}x; dequantized {blocks:8.2f})"
+            print(line, flush=True)
+
+
+def prompt_ms(lib, weight, x, bits: int, args) -> tuple[float, float]:
+    """x through a per-row int8/int4 copy of weight: the prompt kernel, then the dequantized blocks."""
+    import torch
+
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant import layers
+
+    packed, scale = layers.quantize_weight(weight, bits)
+    scale, threads = scale.half(), torch.get_num_threads()  # the released checkpoints' scale type
+    block = max(1, layers._CPU_BLOCK_VALUES // weight.shape[1])
+    kernel = [lambda: cpu_kernels.prompt_gemm(lib, packed, scale, bits, x, threads)]
+    blocks = [lambda: layers._kernel_blocks(lib, x, packed, scale, bits, weight.shape[1], block)]
+    return round_ms(kernel, args.rounds, args.best), round_ms(blocks, args.rounds, args.best)
+
+
 def time_batching(args) -> None:
     import torch
     from checkpoint import ensure_checkpoint
@@ -274,6 +317,8 @@ def main() -> None:
             time_batching(args)
         elif args.int:
             time_integer(args)
+        elif args.prompt:
+            time_prompts(args)
         else:
             time_layers(args)
 
