@@ -252,3 +252,19 @@ def test_prompts_of_per_row_layers_take_the_prompt_kernel(kernels, monkeypatch):
         layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 12), 4, group)
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantized(), layer.bias), atol=2e-3)
     assert calls == [4]  # the group-wise layer never asks it
+
+
+def test_a_prompt_kernel_failing_at_run_time_dequantizes_instead(kernels, monkeypatch):
+    import torch
+
+    from glmrepl.engine.cpu import kernels as cpu_kernels
+    from glmrepl.engine.quant.layers import QuantizedLinear
+
+    def broken(*args, **kwargs):
+        raise OSError("illegal instruction")
+
+    monkeypatch.setattr(cpu_kernels, "prompt_gemm", broken)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 12), 8, 0)
+    x = torch.randn(5, 256)
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantized(), layer.bias), atol=1e-5)
+    assert "prompt kernel failed: illegal instruction" in cpu_kernels.status()

@@ -254,8 +254,9 @@ def dequantize_rows(lib, packed, scale, bits: int, group: int, first: int, out, 
 
 def prompt_gemm(lib, packed, scale, bits: int, x, threads: int):
     """``x @ dequantized.T`` for many tokens (a prompt) through an int8/int4 weight with one scale a
-    row, in 8-bit integer products (prompt_kernels.cpp): x float32 [..., values], the result float32
-    [..., rows]; None when this build or shape cannot (the caller dequantizes instead)."""
+    row, x rounded to 16 bits a block and multiplied in integers (prompt_kernels.cpp): x float32
+    [..., values], the result float32 [..., rows]; None when this build or shape cannot (the
+    caller dequantizes instead)."""
     import torch
 
     rows, stored = packed.shape

@@ -21,12 +21,13 @@ once they are built in the background. Many tokens (prompts, batched steps)
 through a per-row layer: an integer matrix product where the CPU has
 AVX512-VNNI (prompt_kernels.cpp), faster than a float matmul. Otherwise (no
 kernels yet, no C++ compiler, no VNNI, group-wise scales): the weight stays
-packed in memory and is dequantized a block of rows at a time inside ``forward``; for 4 bits the high and low nibbles are
-multiplied with the even and odd inputs separately, which skips
-re-interleaving them (the costliest step). Measured on a 4096x4096 layer
-for one token: about 1.25x the time of a float32 matmul, where dequantizing the
-whole matrix per call took about 20x (benchmarks/quant.py). A cached float copy
-would be faster but costs the float32 memory that int4 is chosen to avoid.
+packed in memory and is dequantized a block of rows at a time inside
+``forward``; for 4 bits the high and low nibbles are multiplied with the even
+and odd inputs separately, which skips re-interleaving them (the costliest
+step). Measured on a 4096x4096 layer for one token: about 1.25x the time of a
+float32 matmul, where dequantizing the whole matrix per call took about 20x
+(benchmarks/quant.py). A cached float copy would be faster but costs the
+float32 memory that int4 is chosen to avoid.
 
 GPU: per-row layers through a dequantization kernel compiled through
 cpm_kernels (the ``quant`` extra) when it is installed and works, group-wise
@@ -259,13 +260,17 @@ _KERNEL_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _fused_gemv(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, group: int):
     """One token through the fused kernel; None (and the kernels off) if it fails."""
-    threads = torch.get_num_threads()
+    product = cpu_kernels.int8_gemv if bits == 8 else cpu_kernels.int4_gemv
+    return _kernel_or_none("fused kernel", product, lib, packed, x, scale, group, torch.get_num_threads())
+
+
+def _kernel_or_none(name: str, kernel, *args):
+    """A kernel's result, or None with the kernels turned off when a library that loaded cannot
+    run here: the reply goes on through torch."""
     try:
-        if bits == 8:
-            return cpu_kernels.int8_gemv(lib, packed, x, scale, group, threads)
-        return cpu_kernels.int4_gemv(lib, packed, x, scale, group, threads)
-    except Exception as error:  # a library that loaded but cannot run here: keep the reply going
-        cpu_kernels.disable(f"fused kernel failed: {first_line(error)}")
+        return kernel(*args)
+    except Exception as error:
+        cpu_kernels.disable(f"{name} failed: {first_line(error)}")
         return None
 
 
@@ -278,9 +283,10 @@ def blocked_linear(
     if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
         lib = cpu_kernels.library()
         if lib is not None and packed.is_contiguous():
-            output = _integer_product(lib, x, packed, scale.contiguous(), bits, group_size)
+            scale = scale.contiguous()
+            output = _integer_product(lib, x, packed, scale, bits, group_size)
             if output is None:
-                output = _kernel_blocks(lib, x, packed, scale.contiguous(), bits, group_size or in_features, block)
+                output = _kernel_blocks(lib, x, packed, scale, bits, group_size or in_features, block)
             if output is not None:
                 return output
     scale = scale.to(x.dtype)
@@ -308,11 +314,9 @@ def _integer_product(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     that kernel cannot run (group-wise scales, no VNNI, odd widths): the caller dequantizes."""
     if group_size:
         return None
-    try:
-        return cpu_kernels.prompt_gemm(lib, packed, scale, bits, x, torch.get_num_threads())
-    except Exception as error:  # a library that loaded but cannot run here: keep the reply going
-        cpu_kernels.disable(f"prompt kernel failed: {first_line(error)}")
-        return None
+    return _kernel_or_none(
+        "prompt kernel", cpu_kernels.prompt_gemm, lib, packed, scale, bits, x, torch.get_num_threads()
+    )
 
 
 def _kernel_blocks(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, group: int, block: int):
