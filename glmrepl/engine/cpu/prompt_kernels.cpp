@@ -40,8 +40,9 @@ static inline void dot_bytes(__m512i& acc, __m512i a, __m512i b) {
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
 }
 
-// v in lane 0, zeros elsewhere.
-static inline __m512i lane0(int32_t v) { return _mm512_zextsi128_si512(_mm_cvtsi32_si128(v)); }
+// v in lane 0, zeros elsewhere (from a register: a masked load of a value just stored waits for
+// the store to reach the cache).
+static inline __m512i lane0(int32_t v) { return _mm512_inserti32x4(_mm512_setzero_si512(), _mm_cvtsi32_si128(v), 0); }
 
 // 16 values' q + 32768 as bytes into the two planes.
 static inline void store_planes(__m512i q, uint8_t* hi, uint8_t* lo) {
