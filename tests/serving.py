@@ -138,6 +138,13 @@ def sse_events(port: int, path: str, body: dict, headers: dict | None = None) ->
     return [line[len("data: ") :] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
 
 
+def openai_client(server, key: str = "unused"):
+    """The openai client for a server these tests started: no retries, so a test sees every answer."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
 def started_server(args: list[str], log_path: Path, env: dict | None = None) -> ServerProcess:
     """A `glmrepl serve` process that answers /health ready (stopped again if it never does)."""
     server = ServerProcess(args, log_path, env)

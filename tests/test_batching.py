@@ -164,9 +164,9 @@ def test_a_move_stops_the_batch_and_the_next_ones_batch_again(qwen_checkpoint):
 
 
 def test_concurrent_clients_through_the_server_each_get_their_own_reply(qwen_checkpoint, tmp_path):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    from serving import ServerProcess, open_chat_stream
+    from serving import ServerProcess, open_chat_stream, openai_client
 
     alone_backend = load(qwen_checkpoint, "qwen")
     expected = {q: answer(alone_backend, q, new_tokens=24)[1] for q in QUESTIONS}  # as streamed
@@ -175,7 +175,7 @@ def test_concurrent_clients_through_the_server_each_get_their_own_reply(qwen_che
         server.wait_ready()
         assert "up to 4 replies decoded together" in server.output()
         assert server.health()["batching"] == {"enabled": True, "max_batch": 4, "why_not": None}
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(server)
         leaver = open_chat_stream(server.port, "Tell me a long story", 400)
         got: dict = {}
 

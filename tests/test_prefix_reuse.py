@@ -206,16 +206,16 @@ def test_stats_show_the_reused_and_read_prompt_tokens(qwen_checkpoint):
 
 
 def test_an_openai_client_resending_its_history_gets_the_saving_and_the_same_replies(qwen_checkpoint, tmp_path):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    from serving import ServerProcess
+    from serving import ServerProcess, openai_client
 
     from glmrepl.engine.generation.service import conversation_from_messages
 
     server = ServerProcess([str(qwen_checkpoint), "--device", "cpu"], tmp_path / "serve.log")
     try:
         server.wait_ready()
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(server)
         alone = load(qwen_checkpoint, "qwen")  # fresh prefills, for the replies each request would get
         messages: list[dict] = []
         for index, text in enumerate(["hello there", "tell me more about it", "and then?"]):

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from serving import ServerProcess, error_of, open_chat_stream, request, sse_events, wait_idle
+from serving import ServerProcess, error_of, open_chat_stream, openai_client, request, sse_events, wait_idle
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -52,18 +52,14 @@ def base_server(gpt2_checkpoint, tmp_path_factory):
         server.stop()
 
 
-def client(server, key: str = "unused"):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-
 def chat(server, text: str, **kwargs):
-    return client(server).chat.completions.create(
+    return openai_client(server).chat.completions.create(
         model="tiny-qwen2-chat", messages=[{"role": "user", "content": text}], **kwargs
     )
 
 
 def test_models_and_health(chat_server):
-    models = client(chat_server).models.list()
+    models = openai_client(chat_server).models.list()
     assert [m.id for m in models.data] == ["tiny-qwen2-chat"]
     health = chat_server.health()
     assert health["status"] == "ready" and health["model"] == "tiny-qwen2-chat" and health["device"] == "cpu float32"
@@ -159,7 +155,7 @@ def test_the_chatglm_api_py_curl_command_works_verbatim(chat_server):
 
 
 def test_completions_continue_a_base_models_text(base_server):
-    base = client(base_server, KEY)
+    base = openai_client(base_server, KEY)
     whole = base.completions.create(model="tiny-gpt2", prompt="Once upon a time", max_tokens=6, temperature=0)
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
     assert whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
@@ -194,7 +190,7 @@ def test_an_api_key_guards_every_endpoint_but_health(base_server):
     assert request(base_server.port, "GET", "/favicon.ico")[0] == 204  # no icon: not a 404 in the log per page
     assert request(base_server.port, "POST", "/favicon.ico")[0] == 401
     with pytest.raises(openai.AuthenticationError):
-        client(base_server, "nope").models.list()
+        openai_client(base_server, "nope").models.list()
     assert request(base_server.port, "POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}"})[0] == 200
 
 

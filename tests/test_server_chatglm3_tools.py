@@ -17,6 +17,7 @@ import json
 
 import pytest
 from scripted import build_scripted_chatglm3
+from serving import openai_client
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -59,13 +60,9 @@ def served(tmp_path_factory):
         yield server, backend, sent
 
 
-def _client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def test_a_chatglm3_call_comes_back_as_tool_calls(served):
     server, _, _ = served
-    answer = _client(server).chat.completions.create(
+    answer = openai_client(server).chat.completions.create(
         model="chatglm3-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0
     )
     choice = answer.choices[0]
@@ -78,7 +75,7 @@ def test_a_chatglm3_call_comes_back_as_tool_calls(served):
 
 def test_a_streamed_chatglm3_call_shows_no_text(served):
     server, _, _ = served
-    stream = _client(server).chat.completions.create(
+    stream = openai_client(server).chat.completions.create(
         model="chatglm3-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0, stream=True
     )
     chunks = [chunk for chunk in stream if chunk.choices]
@@ -91,7 +88,7 @@ def test_a_streamed_chatglm3_call_shows_no_text(served):
 
 def test_without_tools_the_call_syntax_is_text(served):
     server, _, _ = served
-    answer = _client(server).chat.completions.create(
+    answer = openai_client(server).chat.completions.create(
         model="chatglm3-caller", messages=QUESTION, max_tokens=16, temperature=0
     )
     assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
@@ -105,7 +102,7 @@ def test_the_tool_result_is_an_observation_in_the_next_prompt(served):
     from glmrepl.engine.conversation.tool_calls import normalize_tools
 
     server, backend, sent = served
-    client = _client(server)
+    client = openai_client(server)
     first = client.chat.completions.create(model="chatglm3-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16)
     call = first.choices[0].message.tool_calls[0]
     follow_up = [

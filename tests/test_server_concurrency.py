@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving import InProcessServer, ServerProcess
+from serving import InProcessServer, ServerProcess, openai_client
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -29,7 +29,7 @@ def test_eight_clients_get_their_own_replies_and_a_move_waits_for_them(qwen_chec
     backend = LocalBackend()
     backend.load_and_wait(LoadOptions(mode="cpu").for_model(qwen_checkpoint, "tiny-qwen"))
     with InProcessServer(create_app(ServerState(backend))) as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(server)
 
         def ask(i: int) -> str:
             messages = [{"role": "user", "content": f"Question number {i}: what is {i * 7} plus {i}?"}]
@@ -122,7 +122,7 @@ def test_chatglm_families_serve_with_their_own_format_and_stop_ids(family):
         expected = "".join(reply)
         expected_text = reply.text
     with InProcessServer(create_app(state)) as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(server)
         answer = client.chat.completions.create(model=family, messages=messages, max_tokens=6, temperature=0)
         assert answer.choices[0].message.content == expected_text
         assert answer.usage.prompt_tokens == backend.context_usage(conversation)[0]  # the family's own prompt

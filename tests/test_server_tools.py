@@ -11,7 +11,7 @@ import json
 
 import pytest
 from scripted import TOOLS_TEMPLATE, build_scripted_qwen2
-from serving import error_of, request, started_server, wait_idle
+from serving import error_of, openai_client, request, started_server, wait_idle
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -47,12 +47,8 @@ def tool_server(tool_checkpoint, tmp_path_factory):
     server.stop()
 
 
-def _client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def test_a_call_comes_back_as_tool_calls(tool_server):
-    answer = _client(tool_server).chat.completions.create(
+    answer = openai_client(tool_server).chat.completions.create(
         model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0
     )
     choice = answer.choices[0]
@@ -64,7 +60,7 @@ def test_a_call_comes_back_as_tool_calls(tool_server):
 
 
 def test_a_streamed_call_never_shows_its_syntax_as_text(tool_server):
-    stream = _client(tool_server).chat.completions.create(
+    stream = openai_client(tool_server).chat.completions.create(
         model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0, stream=True
     )
     chunks = list(stream)
@@ -87,7 +83,7 @@ def test_a_streamed_call_never_shows_its_syntax_as_text(tool_server):
 
 def test_the_openai_stream_helper_assembles_the_call(tool_server):
     """The client's own accumulator (chat.completions.stream) reads the deltas back into the call."""
-    with _client(tool_server).chat.completions.stream(
+    with openai_client(tool_server).chat.completions.stream(
         model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16, temperature=0
     ) as stream:
         done = [event for event in stream if event.type == "tool_calls.function.arguments.done"]
@@ -100,12 +96,12 @@ def test_the_openai_stream_helper_assembles_the_call(tool_server):
 
 
 def test_without_tools_the_same_reply_is_text(tool_server):
-    answer = _client(tool_server).chat.completions.create(
+    answer = openai_client(tool_server).chat.completions.create(
         model="tiny-caller", messages=QUESTION, max_tokens=16, temperature=0
     )
     assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
     assert "<tool_call>" in answer.choices[0].message.content
-    none = _client(tool_server).chat.completions.create(
+    none = openai_client(tool_server).chat.completions.create(
         model="tiny-caller", messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=16, temperature=0
     )
     assert none.choices[0].finish_reason == "stop" and not none.choices[0].message.tool_calls
@@ -115,7 +111,7 @@ def test_without_tools_the_same_reply_is_text(tool_server):
     "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"]
 )
 def test_a_forced_call_begins_in_the_prompt(tool_server, choice):
-    client = _client(tool_server)
+    client = openai_client(tool_server)
     free = client.chat.completions.create(model="tiny-caller", messages=QUESTION, tools=[WEATHER], temperature=0)
     forced = client.chat.completions.create(
         model="tiny-caller", messages=QUESTION, tools=[WEATHER], tool_choice=choice, temperature=0
@@ -131,7 +127,7 @@ def test_a_forced_call_begins_in_the_prompt(tool_server, choice):
 
 def test_a_call_of_an_unlisted_function_is_text(tool_server):
     other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
-    answer = _client(tool_server).chat.completions.create(
+    answer = openai_client(tool_server).chat.completions.create(
         model="tiny-caller", messages=QUESTION, tools=[other], max_tokens=16, temperature=0
     )
     assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
@@ -159,7 +155,7 @@ def test_the_tool_result_goes_into_the_next_prompt(tool_checkpoint):
 
     backend.generate = recording_plan
     with InProcessServer(create_app(ServerState(backend))) as server:
-        client = _client(server)
+        client = openai_client(server)
         first = client.chat.completions.create(model="tiny-caller", messages=QUESTION, tools=[WEATHER], max_tokens=16)
         call = first.choices[0].message.tool_calls[0]
         follow_up = [
@@ -208,7 +204,7 @@ def two_call_server(tmp_path_factory):
 
 def _two_call_request(server, stream: bool, **extra):
     """(finish_reason, [(name, arguments)], ids) of a reply that writes two calls."""
-    answer = _client(server).chat.completions.create(
+    answer = openai_client(server).chat.completions.create(
         model="tiny-two", messages=QUESTION, tools=[WEATHER, TIME], max_tokens=16, temperature=0, stream=stream, **extra
     )
     if not stream:
@@ -371,11 +367,11 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
         {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
     ]
     with InProcessServer(create_app(ServerState(backend))) as server:
-        answer = _client(server).chat.completions.create(
+        answer = openai_client(server).chat.completions.create(
             model=family, messages=messages, tools=[small_weather], max_tokens=8, temperature=0
         )
         named = {"type": "function", "function": {"name": "get_weather"}}
-        _client(server).chat.completions.create(
+        openai_client(server).chat.completions.create(
             model=family, messages=QUESTION, tools=[small_weather], tool_choice=named, max_tokens=8, temperature=0
         )
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")  # random weights: any reply
@@ -397,7 +393,7 @@ def test_chatglm_tool_requests_build_the_familys_prompt(family):
 
 
 def test_a_forced_call_cut_short_is_the_same_text_streamed_or_not(tool_server):
-    client = _client(tool_server)
+    client = openai_client(tool_server)
     asked = {"model": "tiny-caller", "messages": QUESTION, "tools": [WEATHER], "tool_choice": "required"}
     whole = client.chat.completions.create(**asked, temperature=0, max_tokens=2)
     stream = client.chat.completions.create(**asked, temperature=0, max_tokens=2, stream=True)

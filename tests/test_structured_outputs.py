@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jsonschema_rs
 import pytest
-from serving import error_of, request, started_server
+from serving import error_of, openai_client, request, started_server
 
 from glmrepl.engine import ChatSession, GenerateRequest, LoadOptions, LocalBackend, OutputFormat, SamplingParams
 
@@ -53,17 +53,13 @@ def server(qwen_checkpoint, tmp_path_factory):
     server.stop()
 
 
-def _client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def _valid(text: str, schema: dict) -> bool:
     return jsonschema_rs.validator_for(schema).is_valid(json.loads(text))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_every_reply_under_a_schema_parses_and_validates(server, seed):
-    client = _client(server)
+    client = openai_client(server)
     answer = client.chat.completions.create(
         model="default", messages=ASK, response_format=FORMAT, max_tokens=200, temperature=1.0, seed=seed
     )
@@ -78,7 +74,7 @@ def test_every_reply_under_a_schema_parses_and_validates(server, seed):
 
 
 def test_without_the_format_the_same_model_writes_no_json(server):
-    answer = _client(server).chat.completions.create(model="default", messages=ASK, max_tokens=40, temperature=0)
+    answer = openai_client(server).chat.completions.create(model="default", messages=ASK, max_tokens=40, temperature=0)
     with pytest.raises(ValueError):
         json.loads(answer.choices[0].message.content)
 
@@ -93,7 +89,7 @@ def test_the_openai_parse_helper_reads_a_pydantic_model(server):
         legs: int = Field(ge=0, le=8)
         tame: bool
 
-    answer = _client(server).chat.completions.parse(
+    answer = openai_client(server).chat.completions.parse(
         model="default", messages=ASK, response_format=Pet, max_tokens=100, temperature=0
     )
     pet = answer.choices[0].message.parsed
@@ -101,7 +97,7 @@ def test_the_openai_parse_helper_reads_a_pydantic_model(server):
 
 
 def test_json_object_is_any_object_and_completions_take_it_too(server):
-    client = _client(server)
+    client = openai_client(server)
     for seed in range(3):
         answer = client.chat.completions.create(
             model="default", messages=ASK, response_format={"type": "json_object"}, max_tokens=120, seed=seed
@@ -118,7 +114,7 @@ def test_json_object_is_any_object_and_completions_take_it_too(server):
 
 
 def test_a_reply_cut_by_max_tokens_ends_with_length_streamed_or_not(server):
-    client = _client(server)
+    client = openai_client(server)
     answer = client.chat.completions.create(
         model="default", messages=ASK, response_format=FORMAT, max_tokens=6, temperature=0
     )
@@ -230,7 +226,7 @@ def test_sampled_logprobs_are_those_of_the_filtered_distribution(qwen_backend):
 
 
 def test_the_api_lists_logprobs_in_openais_shape_streamed_or_not(server):
-    client = _client(server)
+    client = openai_client(server)
     answer = client.chat.completions.create(
         model="default", messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
     )
@@ -307,7 +303,7 @@ def test_a_length_limited_string_admits_no_control_character(qwen_checkpoint):
 def test_chatglm_servers_hold_replies_to_a_schema(family, tmp_path):
     server = started_server([str(DATA / f"{family}-tiny"), "--device", "cpu"], tmp_path / "serve.log")
     try:
-        client = _client(server)
+        client = openai_client(server)
         for stream in (False, True):
             created = client.chat.completions.create(
                 model="default", messages=ASK, response_format=FORMAT, max_tokens=200, seed=1, stream=stream
@@ -364,7 +360,7 @@ def test_a_forced_call_of_a_random_model_has_arguments_its_schema_accepts(random
     tool = {"type": "function", "function": {"name": "forecast", "parameters": parameters}}
     server = started_server([str(random_caller), "--device", "cpu"], tmp_path / "serve.log")
     try:
-        client = _client(server)
+        client = openai_client(server)
         for seed in range(4):
             answer = client.chat.completions.create(
                 model="default",
